@@ -1,0 +1,88 @@
+"""Double quantization: storing the per-block absmax in 8 bits instead of 32 (QLoRA, section 3).
+
+With blocks of 64, a float32 absmax costs 32/64 = 0.5 bits per parameter. Double quantization
+quantizes those absmax values again, blockwise, with an 8-bit code, bringing the cost to
+8/64 + 32/(64*256) = 0.127 bits per parameter.
+
+Rules (names as in :class:`reflora.state.NestedState`):
+
+1. ``offset`` = the mean of absmax, rounded once to float32 (:func:`mean_f32`). absmax values are all
+   positive, so subtracting the mean centres them and lets a *signed* code spend its range well.
+2. ``c = f32(absmax - offset)``, one float32 subtraction per value.
+3. c is quantized blockwise (:mod:`reflora.blockwise`) in groups of ``blocksize2`` = 256 with
+   bitsandbytes' signed dynamic map (:data:`reflora.codebooks.DYNAMIC_MAP`): ``absmax2`` = max |c| per
+   group, ``absmax_q`` = nearest map value to c/absmax2, ties to the lower index. A group whose c are
+   all zero has absmax2 = 0 and codes 127 (the map's 0.0).
+4. Reconstruction: ``absmax = f32(f32(code2[absmax_q] * absmax2) + offset)``: a float32 multiply,
+   then a float32 add, two roundings in that order (a fused multiply-add would round once and can
+   differ by one ulp).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from reflora import blockwise
+from reflora.codebooks import DYNAMIC_MAP
+from reflora.state import NestedState
+
+__all__ = ["dequantize", "mean_f32", "quantize"]
+
+BLOCKSIZE2 = 256
+
+
+def mean_f32(values: np.ndarray) -> np.float32:
+    """The exact mean of float32 ``values`` (1-D, non-empty, finite), rounded once to float32.
+
+    Sums in floating point depend on their order; this one does not. Each float32 is m * 2**e with an
+    integer m of at most 24 bits, so the sum is an exact (big) integer times 2**e_min. The division by
+    n is then done in integers with *round-to-odd* at 53 bits (truncate, and set the last bit if
+    anything was cut off); rounding that to float32 (24 bits) is then a single correct rounding of the
+    exact mean, because round-to-odd keeps the information a later rounding to fewer bits needs.
+    """
+    v = np.asarray(values, dtype=np.float32).astype(np.float64)
+    if v.size == 0:
+        raise ValueError("mean of an empty array")
+    mant, exp = np.frexp(v)  # v = mant * 2**exp, 0.5 <= |mant| < 1 (or 0)
+    ints = (mant * 2.0**24).astype(np.int64)  # exact: float32 has 24 significant bits
+    exps = exp.astype(np.int64) - 24
+    e_min = int(exps.min())
+    total = 0
+    for e in np.unique(exps):
+        total += int(ints[exps == e].sum()) << (int(e) - e_min)  # int64 sum: |ints| < 2**24, n < 2**39
+    if total == 0:
+        return np.float32(0.0)
+    sign, num, den = (-1 if total < 0 else 1), abs(total), v.size
+    # Scale so that the integer quotient q lies in [2**51, 2**53): exact as a float64, and far more
+    # than the 24 + 2 bits round-to-odd needs. Then round to odd.
+    shift = 52 - (num.bit_length() - den.bit_length())
+    q, r = divmod(num << shift if shift >= 0 else num, den if shift >= 0 else den << -shift)
+    q |= 1 if r else 0
+    return np.float32(sign * math.ldexp(float(q), e_min - shift))  # float(q) is exact: q < 2**53
+
+
+def quantize(absmax: np.ndarray, blocksize2: int = BLOCKSIZE2, *, offset: float | None = None) -> NestedState:
+    """Double-quantize ``absmax`` (float32 (n_blocks,)). Returns a :class:`NestedState`.
+
+    ``offset`` replaces the exact mean of rule 1 when given; use it to replay another implementation's
+    state (bitsandbytes takes a float32 torch mean, which can differ from the exact one by an ulp).
+    """
+    absmax = np.asarray(absmax, dtype=np.float32)
+    if absmax.ndim != 1 or absmax.size == 0:
+        raise ValueError(f"absmax must be a non-empty 1-D array, got shape {absmax.shape}")
+    if not np.isfinite(absmax).all():
+        raise ValueError(f"absmax[{int(np.flatnonzero(~np.isfinite(absmax))[0])}] is not finite")
+    off = mean_f32(absmax) if offset is None else np.float32(offset)
+    centred = absmax - off  # float32 - float32: one rounding per value
+    absmax2 = blockwise.block_absmax(centred, blocksize2)
+    absmax_q = blockwise.encode(centred, absmax2, blocksize2, DYNAMIC_MAP)
+    return NestedState(absmax_q, absmax2, DYNAMIC_MAP.values, off, blocksize2)
+
+
+def dequantize(nested: NestedState) -> np.ndarray:
+    """float32 (n_blocks,): the absmax values rebuilt by rule 4."""
+    group = np.arange(nested.absmax_q.size) // nested.blocksize2
+    scaled = nested.code2[nested.absmax_q] * nested.absmax2[group]  # float32 * float32 -> float32
+    return scaled + nested.offset  # float32 + float32 scalar -> float32, a second rounding

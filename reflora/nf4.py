@@ -1,0 +1,129 @@
+"""4-bit blockwise quantization: NF4 (QLoRA's NormalFloat) and FP4, as bitsandbytes stores them.
+
+Notation: ``x`` the input of any shape with n elements, ``blocksize`` elements a block, ``absmax`` the
+float32 scale of each block, ``code`` the 16-entry table (:mod:`reflora.codebooks`), ``q`` the 4-bit
+codes, ``packed`` two codes a byte.
+
+The canonical rules, each a guarantee of :func:`quantize` and :func:`dequantize`:
+
+* **Input.** float32, float16 or bfloat16, any shape, at least one element. Blocks run over the
+  row-major flattening of the logical array, whatever its strides (a transposed view is quantized as
+  the matrix it shows, not as its memory).
+* **Non-finite input** (NaN, +inf, -inf) raises ValueError naming the first bad index. No output is
+  ever produced from it.
+* **blocksize** is one of 32, 64, 128, ..., 4096; anything else raises ValueError.
+* **absmax**, **zero blocks** and the **ragged tail**: :mod:`reflora.blockwise`.
+* **Code**: the nearest table value to x/absmax in exact arithmetic, a tie going to the lower value
+  (for NF4, the lower code); :mod:`reflora.codebooks`.
+* **Packing**: element 2j in the high nibble, element 2j+1 in the low nibble; an odd n pads the last
+  low nibble with the zero code (7 for NF4, 0 for FP4).
+* **Dequantize**: ``out = dtype(f32(code[q] * absmax))``: one float32 multiply, then one
+  round-to-nearest-even conversion to the output dtype. A zero block gives +0.0. (Converting a float32
+  state to float16 may overflow to inf, as any such conversion does.)
+* **Double quantization** of absmax: :mod:`reflora.double_quant`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from reflora import blockwise, codebooks
+from reflora.double_quant import dequantize as dequantize_absmax
+from reflora.double_quant import quantize as quantize_absmax
+from reflora.dtypes import as_dtype, dtype_name
+from reflora.state import BLOCKSIZES, QuantState
+
+__all__ = ["block_scales", "check_input", "dequantize", "pack", "quantize", "unpack"]
+
+
+def check_input(x: np.ndarray) -> np.ndarray:
+    """``x`` as a numpy array after checking the input rules; raises TypeError or ValueError."""
+    x = np.asarray(x)
+    dtype_name(x.dtype)  # TypeError unless float32 / float16 / bfloat16
+    if x.size == 0:
+        raise ValueError(f"cannot quantize an empty array (shape {x.shape})")
+    finite = np.isfinite(x.astype(np.float32, copy=False))
+    if not finite.all():
+        flat = int(np.flatnonzero(~finite.reshape(-1))[0])
+        where = np.unravel_index(flat, x.shape) if x.ndim else ()
+        value = float(x.reshape(-1)[flat])
+        raise ValueError(
+            f"input is not finite at index {tuple(int(i) for i in where)} (flat index {flat}): {value}; "
+            "NaN and inf have no 4-bit code"
+        )
+    return x
+
+
+def _check_blocksize(blocksize: int) -> None:
+    if blocksize not in BLOCKSIZES:
+        raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
+
+
+def pack(q: np.ndarray, pad: int) -> np.ndarray:
+    """uint8 (ceil(n/2),): codes q (uint8 (n,)) two a byte, element 2j high; an odd n pads with ``pad``."""
+    if q.size % 2:
+        q = np.append(q, np.uint8(pad))
+    return (q[0::2] << 4) | q[1::2]
+
+
+def unpack(packed: np.ndarray, n: int) -> np.ndarray:
+    """uint8 (n,): the codes of :func:`pack`, in element order, without the padding nibble."""
+    q = np.empty(packed.size * 2, dtype=np.uint8)
+    q[0::2] = packed >> 4
+    q[1::2] = packed & 0x0F
+    return q[:n]
+
+
+def quantize(
+    x: np.ndarray, blocksize: int = 64, *, quant_type: str = "nf4", double_quant: bool = False
+) -> QuantState:
+    """Quantize ``x`` to 4 bits, blockwise, by the module's rules.
+
+    x: float32 / float16 / ml_dtypes.bfloat16 array, any shape, finite, non-empty.
+    blocksize: elements per block, one of 32 ... 4096 (default 64, as Hugging Face always uses).
+    quant_type: "nf4" or "fp4".
+    double_quant: also quantize the block scales (:mod:`reflora.double_quant`).
+
+    Returns a :class:`reflora.QuantState` whose ``dtype`` and ``shape`` are those of ``x``.
+    """
+    x = check_input(x)
+    _check_blocksize(blocksize)
+    codebook = codebooks.get(quant_type)
+    flat = x.reshape(-1).astype(np.float32, copy=False)  # logical row-major order; exact widening
+    absmax = blockwise.block_absmax(flat, blocksize)
+    q = blockwise.encode(flat, absmax, blocksize, codebook)
+    nested = quantize_absmax(absmax) if double_quant else None
+    return QuantState(
+        packed=pack(q, codebook.zero_code),
+        absmax=None if double_quant else absmax,
+        shape=x.shape,
+        dtype=x.dtype,
+        blocksize=blocksize,
+        quant_type=quant_type,
+        code=codebook.values,
+        nested=nested,
+    )
+
+
+def block_scales(state: QuantState) -> np.ndarray:
+    """float32 (n_blocks,): the absmax of each block, rebuilt from the nested state if double-quantized."""
+    return state.absmax if state.nested is None else dequantize_absmax(state.nested)
+
+
+def dequantize(state: QuantState, dtype: str | np.dtype | None = None) -> np.ndarray:
+    """The tensor a :class:`QuantState` stands for: ``dtype(f32(code[q] * absmax))``.
+
+    dtype: the output dtype ("float32", "float16", "bfloat16" or a numpy dtype); default ``state.dtype``.
+    Returns an array of ``state.shape``.
+    """
+    out_dtype = state.dtype if dtype is None else as_dtype(dtype)
+    n, bs = state.numel, state.blocksize
+    # A byte decodes to two table values at once: pairs[b] = (code[b >> 4], code[b & 15]).
+    pairs = np.stack([np.repeat(state.code, 16), np.tile(state.code, 16)], axis=1)
+    values = np.take(pairs, state.packed, axis=0).reshape(-1)[:n]  # float32 (n,)
+    absmax = block_scales(state)
+    whole = n // bs * bs
+    block_view = values[:whole].reshape(-1, bs)  # (blocks, bs) *= (blocks, 1), in float32
+    np.multiply(block_view, absmax[: whole // bs, None], out=block_view)
+    values[whole:] *= absmax[-1]
+    return values.astype(out_dtype, copy=False).reshape(state.shape)

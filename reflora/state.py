@@ -1,0 +1,155 @@
+"""The quantization state: everything needed to rebuild a blockwise-quantized tensor.
+
+Names follow bitsandbytes' ``QuantState`` and its state-dict keys so that interop reads naturally:
+
+* ``packed``     uint8 (ceil(n/2),): two 4-bit codes a byte, element 2j in the high nibble.
+* ``absmax``     float32 (n_blocks,): the scale of each block, when not double-quantized.
+* ``code``       float32 (16,): the 4-bit table (``quant_map`` in a state dict).
+* ``nested``     the double-quantized absmax (:class:`NestedState`), or None.
+* ``shape``, ``dtype``: the original tensor's shape and dtype; ``blocksize``; ``quant_type``.
+
+Both classes are frozen and their arrays read-only: a state is a value. ``==`` compares every field
+bit for bit (NaN payloads included), which is what "byte-identical" means in reflora's tests.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from reflora.dtypes import dtype_name
+
+__all__ = ["BLOCKSIZES", "NestedState", "QuantState"]
+
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def _frozen(a: np.ndarray, dtype: type, name: str, ndim: int = 1) -> np.ndarray:
+    a = np.asarray(a)
+    if a.dtype != np.dtype(dtype):
+        raise TypeError(f"{name} must be {np.dtype(dtype).name}, got {a.dtype}")
+    if a.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {a.shape}")
+    a = np.ascontiguousarray(a).copy() if a.flags.writeable else a
+    a.setflags(write=False)
+    return a
+
+
+def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+@dataclass(frozen=True, eq=False)
+class NestedState:
+    """Double quantization of the per-block absmax (QLoRA's "quantizing the quantization constants").
+
+    absmax_q:  uint8 (n_blocks,), an 8-bit code per absmax, in the dynamic map ``code2``.
+    absmax2:   float32 (ceil(n_blocks/blocksize2),), max |absmax - offset| over each group.
+    code2:     float32 (256,), the 8-bit table.
+    offset:    float32 scalar, the mean that was subtracted from absmax before quantizing.
+    blocksize2: int, absmax values a group (256).
+
+    Reconstruction: absmax[i] = f32(f32(code2[absmax_q[i]] * absmax2[i // blocksize2]) + offset).
+    """
+
+    absmax_q: np.ndarray
+    absmax2: np.ndarray
+    code2: np.ndarray
+    offset: np.float32
+    blocksize2: int = 256
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "absmax_q", _frozen(self.absmax_q, np.uint8, "absmax_q"))
+        object.__setattr__(self, "absmax2", _frozen(self.absmax2, np.float32, "absmax2"))
+        object.__setattr__(self, "code2", _frozen(self.code2, np.float32, "code2"))
+        if self.code2.size != 256:
+            raise ValueError(f"code2 must have 256 entries, got {self.code2.size}")
+        object.__setattr__(self, "offset", np.float32(self.offset))
+        expected = math.ceil(self.absmax_q.size / self.blocksize2)
+        if self.absmax2.size != expected:
+            raise ValueError(
+                f"absmax2 has {self.absmax2.size} entries; {self.absmax_q.size} codes in groups of "
+                f"{self.blocksize2} need {expected}"
+            )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, NestedState):
+            return NotImplemented
+        return (
+            self.blocksize2 == other.blocksize2
+            and self.offset.tobytes() == other.offset.tobytes()
+            and all(_same_bits(getattr(self, k), getattr(other, k)) for k in ("absmax_q", "absmax2", "code2"))
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+@dataclass(frozen=True, eq=False)
+class QuantState:
+    """A 4-bit blockwise-quantized tensor. See the module docstring for the fields."""
+
+    packed: np.ndarray
+    absmax: np.ndarray | None
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    blocksize: int
+    quant_type: str
+    code: np.ndarray
+    nested: NestedState | None = None
+    _n: int = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        shape = tuple(int(d) for d in self.shape)
+        object.__setattr__(self, "shape", shape)
+        object.__setattr__(self, "dtype", np.dtype(self.dtype))
+        dtype_name(self.dtype)  # raises for a dtype reflora does not quantize
+        if self.blocksize not in BLOCKSIZES:
+            raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {self.blocksize}")
+        if self.quant_type not in ("nf4", "fp4"):
+            raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {self.quant_type!r}")
+        n = math.prod(shape)
+        object.__setattr__(self, "_n", n)
+        object.__setattr__(self, "packed", _frozen(self.packed, np.uint8, "packed"))
+        object.__setattr__(self, "code", _frozen(self.code, np.float32, "code"))
+        if self.packed.size != (n + 1) // 2:
+            raise ValueError(f"packed has {self.packed.size} bytes; shape {shape} needs {(n + 1) // 2}")
+        if self.code.size != 16:
+            raise ValueError(f"code must have 16 entries, got {self.code.size}")
+        if (self.absmax is None) == (self.nested is None):
+            raise ValueError("exactly one of absmax (plain) and nested (double-quantized) must be given")
+        if self.absmax is not None:
+            object.__setattr__(self, "absmax", _frozen(self.absmax, np.float32, "absmax"))
+        n_absmax = self.absmax.size if self.absmax is not None else self.nested.absmax_q.size
+        if n_absmax != self.n_blocks:
+            raise ValueError(f"{n_absmax} block scales for {self.n_blocks} blocks of {self.blocksize}")
+
+    @property
+    def numel(self) -> int:
+        return self._n
+
+    @property
+    def n_blocks(self) -> int:
+        return math.ceil(self._n / self.blocksize)
+
+    @property
+    def double_quant(self) -> bool:
+        return self.nested is not None
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, QuantState):
+            return NotImplemented
+        same_absmax = (self.absmax is None and other.absmax is None) or (
+            self.absmax is not None and other.absmax is not None and _same_bits(self.absmax, other.absmax)
+        )
+        return (
+            (self.shape, self.dtype, self.blocksize, self.quant_type)
+            == (other.shape, other.dtype, other.blocksize, other.quant_type)
+            and _same_bits(self.packed, other.packed)
+            and _same_bits(self.code, other.code)
+            and same_absmax
+            and self.nested == other.nested
+        )
+
+    __hash__ = None  # type: ignore[assignment]
