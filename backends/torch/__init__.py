@@ -1,0 +1,1 @@
+"""reflora.backends.torch: eager torch ops, the torch-side QuantState, and drop-in LoRA/QLoRA modules."""

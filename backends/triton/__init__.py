@@ -1,0 +1,1 @@
+"""reflora.backends.triton: fused NF4 and QLoRA Triton kernels."""
