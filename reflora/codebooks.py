@@ -14,8 +14,10 @@ Rules stated once, used by every quantizer in reflora:
   :func:`count_below`).
 * **Ties go to the lower value.** A scaled value exactly on a midpoint takes the smaller of the two
   table values. For NF4 and the dynamic map, whose tables are sorted, that is also the lower index.
-* **Zero.** FP4 has two zero codes (nibble 0 is +0, nibble 8 is -0): a value that rounds to zero takes
-  nibble 8 if it is negative (``x < 0``) and nibble 0 otherwise, so the sign survives in the code.
+* **One code for zero.** FP4's nibble 8 is a second zero (bitsandbytes' table holds +0.0 there). Every
+  value that rounds to zero, negative or not, takes nibble 0, so that a code is a function of the
+  value and quantizing a dequantized tensor gives back the same bytes. (bitsandbytes' CUDA kernel puts
+  small negatives in nibble 8, its CPU path small positives: see reflora.dialects.)
 """
 
 from __future__ import annotations
@@ -49,9 +51,9 @@ class Codebook:
 
     values:     float32 (2**bits,), indexed by the stored code, in the order the format defines.
     thresholds: float64 (k-1,), the exact midpoints between the k distinct values sorted ascending.
-    sorted_codes: uint8 (k,), the code of the j-th smallest distinct value (for FP4, +0 stands for zero).
-    negative_zero_code: the code given to negative values that round to zero, or None if the table
-        has a single zero.
+    sorted_codes: uint8 (k,), the code of the j-th smallest distinct value (the first code holding it).
+    negative_zero_code: a code for negative values that round to zero, for tables that keep the sign
+        of zero (dialects); None (the canonical rule) gives every zero the first zero code.
     """
 
     name: str
@@ -115,14 +117,13 @@ NF4 = Codebook.from_values(
 )
 
 # FP4 (e2m1 with a subnormal of 0.0625/12), in bitsandbytes' nibble order: bit 3 is the sign, and
-# nibble 8 holds +0.0 because bitsandbytes writes it as the Python integer literal -0.
+# nibble 8 holds +0.0 because bitsandbytes writes it as the Python integer literal -0. Zero is coded 0.
 FP4 = Codebook.from_values(
     "fp4",
     _from_hex(
         "00000000 3baaaaab 3f2aaaab 3f800000 3eaaaaab 3f000000 3e2aaaab 3e800000"
         " 00000000 bbaaaaab bf2aaaab bf800000 beaaaaab bf000000 be2aaaab be800000"
     ),
-    negative_zero_code=8,
 )
 
 # bitsandbytes' signed dynamic 8-bit map (create_dynamic_map(signed=True)): 127 negative values, 0.0 at

@@ -1,0 +1,47 @@
+"""The ``reflora`` command: plug-in subcommands and ``reflora explain``."""
+
+import shutil
+import subprocess
+from importlib.metadata import EntryPoint
+
+import numpy as np
+import pytest
+
+from reflora import cli, codebooks
+
+
+def test_explain_nf4_prints_table_thresholds_derivation_and_bits(capsys):
+    assert cli.main(["explain", "nf4"]) == 0
+    out = capsys.readouterr().out
+    for v in codebooks.NF4.values:
+        assert f"{int(np.float32(v).view(np.uint32)):08x}" in out
+    assert sum(line.endswith("*") for line in out.splitlines()) == 9  # float32 midpoints that are not exact
+    assert "16/16 values bit-identical" in out
+    assert "= 4.500 bits" in out and "= 4.127 bits" in out
+
+
+@pytest.mark.parametrize("topic", ["fp4", "dq"])
+def test_explain_other_topics(topic, capsys):
+    assert cli.main(["explain", topic]) == 0
+    assert capsys.readouterr().out.strip()
+
+
+def test_console_script_is_installed():
+    exe = shutil.which("reflora")
+    assert exe, "the reflora console script is not on PATH"
+    out = subprocess.run([exe, "explain", "dq"], capture_output=True, text=True, check=True).stdout
+    assert "4.1270 bits/parameter" in out
+
+
+def test_no_command_prints_help_and_fails(capsys):
+    assert cli.main([]) == 2
+    assert "explain" in capsys.readouterr().out
+
+
+def test_a_broken_plugin_is_listed_and_explains_itself(monkeypatch, capsys):
+    broken = EntryPoint("broken", "reflora_missing_module:add_parser", "reflora.commands")
+    real = cli.entry_points(group="reflora.commands")
+    monkeypatch.setattr(cli, "entry_points", lambda group: [*real, broken])
+    assert cli.main(["broken"]) == 2
+    assert "reflora_missing_module" in capsys.readouterr().err
+    assert cli.main(["explain", "nf4"]) == 0  # the others still work

@@ -1,0 +1,137 @@
+"""Double quantization: the exact mean, the 8-bit codes, the two-rounding reconstruction."""
+
+from fractions import Fraction
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from reflora import codebooks, double_quant, nf4
+from reflora.memory import bits_per_parameter
+
+
+def _round_to_f32(r: Fraction) -> np.float32:
+    """The float32 nearest to the rational r, ties to even, by checking the neighbours of a guess."""
+    guess = np.float32(float(r))
+    cands = [np.nextafter(guess, np.float32(-np.inf)), guess, np.nextafter(guess, np.float32(np.inf))]
+    return min(cands, key=lambda c: (abs(Fraction(float(c)) - r), int(np.float32(c).view(np.uint32)) & 1))
+
+
+positive_f32 = st.floats(0, 2.0**127, width=32, allow_subnormal=True)
+
+
+@given(
+    v=hnp.arrays(np.float32, st.integers(1, 400), elements=positive_f32),
+    shift=st.integers(-140, 0),
+)
+def test_mean_f32_is_the_exact_mean_rounded_once(v, shift):
+    v = np.ldexp(v, shift).astype(np.float32)  # many magnitudes, subnormals included
+    exact = sum(Fraction(float(a)) for a in v) / v.size
+    assert double_quant.mean_f32(v).tobytes() == _round_to_f32(exact).tobytes()
+
+
+def test_mean_f32_resolves_a_double_rounding_trap():
+    # exact mean = 1 + 2**-24 + 2**-55/3: just above the midpoint between the float32 numbers 1 and
+    # 1 + 2**-23, so the right answer is 1 + 2**-23. Summing in float64 drops the 2**-55 and lands exactly
+    # on the midpoint, which then rounds to even: 1.0.
+    v = np.array([2 + 2.0**-22, 1 - 2.0**-24, 2.0**-55], dtype=np.float32)
+    naive = np.float32(v.astype(np.float64).sum() / v.size)
+    assert naive == np.float32(1.0)
+    assert double_quant.mean_f32(v) == np.float32(1 + 2.0**-23)
+
+
+absmaxes = hnp.arrays(
+    np.float32, st.integers(1, 1100), elements=st.floats(0, 1e4, width=32, allow_subnormal=False)
+)
+
+
+@given(absmax=absmaxes)
+def test_codes_are_nearest_in_the_dynamic_map_with_ties_low(absmax):
+    nested = double_quant.quantize(absmax)
+    centred = absmax - nested.offset
+    group = np.arange(absmax.size) // 256
+    scale = nested.absmax2[group].astype(np.float64)
+    scale[scale == 0] = 1
+    r = centred.astype(np.float64) / scale
+    values = codebooks.DYNAMIC_MAP.values.astype(np.float64)
+    chosen = values[nested.absmax_q]
+    # no other map value is strictly nearer, and on a tie the chosen one is the lower
+    dist = np.abs(values[None, :] - r[:, None])
+    best = dist.min(axis=1)
+    assert np.all(np.abs(chosen - r) == best)
+    assert np.all(chosen == values[np.argmax(dist == best[:, None], axis=1)])
+
+
+@given(absmax=absmaxes)
+def test_reconstruction_is_a_multiply_then_an_add_in_float32(absmax):
+    nested = double_quant.quantize(absmax)
+    prod = np.float32(1) * nested.code2[nested.absmax_q] * np.repeat(nested.absmax2, 256)[: absmax.size]
+    expected = (prod + nested.offset).astype(np.float32)
+    assert double_quant.dequantize(nested).tobytes() == expected.tobytes()
+
+
+def test_two_roundings_differ_from_a_fused_multiply_add():
+    # The rule names the order of roundings because a fused multiply-add (one rounding) gives a
+    # different float32 for some blocks; count them on a realistic absmax vector.
+    rng = np.random.default_rng(0)
+    absmax = nf4.quantize((rng.standard_normal(64 * 20000) * 0.02).astype(np.float32)).absmax
+    nested = double_quant.quantize(absmax)
+    scaled = nested.code2[nested.absmax_q].astype(np.float64) * np.repeat(nested.absmax2, 256)[: absmax.size]
+    fused = (scaled + np.float64(nested.offset)).astype(np.float32)  # exact product, one rounding
+    two = double_quant.dequantize(nested)
+    differ = np.count_nonzero(fused != two)
+    assert 0 < differ < absmax.size // 5
+    assert np.all(np.abs(fused.view(np.int32) - two.view(np.int32)) <= 1)  # at most one ulp apart
+
+
+def test_constant_absmax_gives_a_zero_group_and_exact_reconstruction():
+    absmax = np.full(300, 0.75, dtype=np.float32)
+    nested = double_quant.quantize(absmax)
+    assert nested.offset == np.float32(0.75)
+    assert nested.absmax2.tolist() == [0.0, 0.0]
+    assert np.all(nested.absmax_q == 127)
+    assert np.all(double_quant.dequantize(nested) == absmax)
+
+
+def test_offset_can_be_given_to_replay_another_implementation():
+    absmax = np.array([0.5, 1.0, 1.5, 3.0], dtype=np.float32)
+    off = np.nextafter(double_quant.mean_f32(absmax), np.float32(1))
+    nested = double_quant.quantize(absmax, offset=off)
+    assert nested.offset == off
+
+
+def test_largest_absmax_of_each_group_is_reconstructed_exactly_in_the_code():
+    # max |c| maps to +-1 of the map: 1.0 exists, -1.0 does not (the map's minimum is -0.99296874),
+    # so a negative extreme is coded as -0.99296874 * absmax2.
+    absmax = np.array([1.0, 1.0, 1.0, 9.0], dtype=np.float32)  # offset 3: c = -2, -2, -2, 6
+    nested = double_quant.quantize(absmax)
+    assert nested.absmax2.tolist() == [6.0]
+    assert nested.absmax_q[3] == 255 and double_quant.dequantize(nested)[3] == 9.0
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_absmax_is_refused(bad):
+    with pytest.raises(ValueError, match=r"absmax\[1\]"):
+        double_quant.quantize(np.array([1.0, bad], dtype=np.float32))
+
+
+def test_state_with_double_quant_dequantizes_through_the_rebuilt_absmax():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((37, 129)).astype(np.float32)
+    plain, dq = nf4.quantize(x, 64), nf4.quantize(x, 64, double_quant=True)
+    assert np.array_equal(plain.packed, dq.packed)  # the codes do not depend on how absmax is stored
+    assert dq.absmax is None and dq.nested.absmax_q.size == plain.absmax.size
+    rebuilt = double_quant.dequantize(dq.nested)
+    q = nf4.unpack(dq.packed, x.size)
+    expected = dq.code[q] * np.repeat(rebuilt, 64)[: x.size]
+    assert np.array_equal(nf4.dequantize(dq).reshape(-1), expected)
+
+
+def test_bits_per_parameter():
+    assert bits_per_parameter(64) == 4.5
+    assert round(bits_per_parameter(64, double_quant=True), 3) == 4.127
+    # the QLoRA paper's saving: 0.373 bits per parameter, about 3 GB on a 65B model
+    saving = bits_per_parameter(64) - bits_per_parameter(64, double_quant=True)
+    assert round(saving, 3) == 0.373 and round(saving * 65e9 / 8 / 1e9) == 3
