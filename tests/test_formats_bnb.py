@@ -8,6 +8,7 @@ transformers' loader.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -18,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from reflora import nf4
+from reflora.double_quant import quantize as double_quantize
 from reflora.dtypes import as_dtype
 from reflora.formats import bnb as fb
 from reflora.formats import safetensors as sft
@@ -214,6 +216,9 @@ CORRUPT = {
         r"\(17,\)",
     ),
     "dtype unknown": (lambda: with_json(good(), dtype="float8"), QS, "dtype 'float8'"),
+    "dtype a list": (lambda: with_json(good(), dtype=["bfloat16"]), QS, "dtype"),
+    "quant_type a list": (lambda: with_json(good(), quant_type=["nf4"]), QS, "quant_type"),
+    "nested_offset an int": (lambda: with_json(good(), nested_offset=3), QS, "float32 value"),
     "nested_blocksize not allowed": (
         lambda: with_json(good(), nested_blocksize=100),
         QS,
@@ -243,6 +248,13 @@ def test_corrupt_state_dict_names_the_key(case: str) -> None:
         fb.from_state_dict(make(), PREFIX)
     assert info.value.key == key
     assert repr(key) in str(info.value)
+
+
+def test_writer_refuses_a_nested_blocksize_bnb_cannot_hold() -> None:
+    state = nf4.quantize(sample((33, 65), "float32", 5), 64, double_quant=True)
+    odd = dataclasses.replace(state, nested=double_quantize(nf4.block_scales(state), blocksize2=100))
+    with pytest.raises(ValueError, match="nested blocksize 100"):
+        fb.to_state_dict(odd)
 
 
 def test_unrelated_keys_are_ignored() -> None:

@@ -58,7 +58,7 @@ QUANT_STATE = "quant_state.bitsandbytes__"
 _PLAIN_FIELDS = ("quant_type", "blocksize", "dtype", "shape")
 _NESTED_FIELDS = ("nested_blocksize", "nested_dtype", "nested_offset")
 _STATS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
-_QS_KEY = re.compile(r"^(?P<prefix>.+)\.quant_state\.(?P<tail>.*)$", re.DOTALL)
+_QS_KEY = re.compile(r"(?P<prefix>.+)\.quant_state\.", re.DOTALL)
 
 
 class StateDictError(ValueError):
@@ -85,7 +85,12 @@ def quant_state_json(state: QuantState) -> bytes:
 
 
 def to_state_dict(state: QuantState, prefix: str = "weight") -> dict[str, np.ndarray]:
-    """The keys and arrays (fresh copies) bitsandbytes writes for ``state`` at ``prefix``; see the table."""
+    """The keys and arrays (fresh copies) bitsandbytes writes for ``state`` at ``prefix``; see the table.
+
+    Raises ValueError for the one state bitsandbytes cannot hold: a nested blocksize2 outside BLOCKSIZES.
+    """
+    if state.nested is not None and state.nested.blocksize2 not in BLOCKSIZES:
+        raise ValueError(f"nested blocksize {state.nested.blocksize2} is not one of {BLOCKSIZES}")
     out = {prefix: state.packed.reshape(-1, 1).copy()}
     if state.nested is None:
         out[f"{prefix}.absmax"] = state.absmax.copy()
@@ -168,11 +173,11 @@ def _read_json(d: Mapping[str, Any], prefix: str) -> tuple[str, dict[str, Any]]:
             f"unknown {unknown}, missing {missing}",
         )
     qt = fields["quant_type"]
-    if qt not in ("nf4", "fp4") or key != f"{prefix}.{QUANT_STATE}{qt}":
+    if not (isinstance(qt, str) and qt in ("nf4", "fp4") and key == f"{prefix}.{QUANT_STATE}{qt}"):
         raise StateDictError(key, f"quant_type {qt!r} must be 'nf4' or 'fp4' and match the key's suffix")
     if not (_int_field(fields, "blocksize") and fields["blocksize"] in BLOCKSIZES):
         raise StateDictError(key, f"blocksize {fields['blocksize']!r} is not one of {BLOCKSIZES}")
-    if fields["dtype"] not in DTYPES:
+    if not (isinstance(fields["dtype"], str) and fields["dtype"] in DTYPES):
         raise StateDictError(key, f"dtype {fields['dtype']!r} is not one of {sorted(DTYPES)}")
     shape = fields["shape"]
     if not (
@@ -190,12 +195,8 @@ def _read_json(d: Mapping[str, Any], prefix: str) -> tuple[str, dict[str, Any]]:
         if fields["nested_dtype"] != "float32":
             raise StateDictError(key, f"nested_dtype {fields['nested_dtype']!r} must be 'float32'")
         off = fields["nested_offset"]
-        if not (
-            isinstance(off, int | float)
-            and not isinstance(off, bool)
-            and math.isfinite(off)
-            and float(np.float32(off)) == off
-        ):
+        # bitsandbytes writes a float32's Python float: anything else would not survive a round trip
+        if not (isinstance(off, float) and math.isfinite(off) and float(np.float32(off)) == off):
             raise StateDictError(key, f"nested_offset {off!r} is not a finite float32 value")
     return key, fields
 
@@ -210,6 +211,8 @@ def from_state_dict(d: Mapping[str, np.ndarray], prefix: str = "weight") -> Quan
     parse, lacks or adds fields, or disagrees with the key or the arrays; a quant_map or
     nested_quant_map other than bitsandbytes' tables; a non-finite or negative block scale.
     """
+    if not (isinstance(prefix, str) and prefix):
+        raise StateDictError(str(prefix), "the prefix must be a non-empty str")
     qs_key, fields = _read_json(d, prefix)
     shape, blocksize = tuple(fields["shape"]), fields["blocksize"]
     n = math.prod(shape)
