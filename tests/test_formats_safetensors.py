@@ -291,6 +291,10 @@ def test_load_metadata_validates_the_header(tmp_path) -> None:
     path.write_bytes(CORRUPT["header length beyond file"][0])
     with pytest.raises(SafetensorsError, match="beyond"):
         sft.load_metadata(path)
+    for case in ("header length over the limit", "file shorter than 8 bytes", "header not JSON"):
+        path.write_bytes(CORRUPT[case][0])
+        with pytest.raises(SafetensorsError, match=CORRUPT[case][2]):
+            sft.load_metadata(path)
 
 
 @pytest.mark.parametrize(

@@ -272,8 +272,8 @@ def load_metadata(path: str | os.PathLike) -> dict[str, str]:
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         first = f.read(8)
-        if len(first) == 8:
-            first += f.read(min(struct.unpack("<Q", first)[0], MAX_HEADER + 1))
+        if len(first) == 8 and struct.unpack("<Q", first)[0] <= MAX_HEADER:  # else _split refuses it unread
+            first += f.read(struct.unpack("<Q", first)[0])
         head, n_data = _split(first, size)
     metadata, _ = _parse_header(head, n_data)
     return dict(metadata or {})
