@@ -312,3 +312,12 @@ def test_writer_rejects_what_the_format_cannot_hold(tensors, metadata, key, word
     with pytest.raises(SafetensorsError, match=words) as info:
         sft.to_bytes(tensors, metadata)
     assert info.value.key == key
+
+
+def test_formats_never_import_torch() -> None:
+    # reflora.formats is part of the oracle: reading and writing files must not pull torch in
+    import subprocess
+    import sys
+
+    code = "import sys, reflora.formats; sys.exit('torch' in sys.modules or 'safetensors' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
