@@ -88,10 +88,14 @@ def underflow_eta(dtype) -> float:
 
 
 def overflow_threshold(dtype) -> float:
-    """The smallest |v| that rounds to inf: max + ulp(max)/2 = 2^(emax+1)·(1 - u) (the tie goes to
-    the even neighbour, which is inf). float16: 65520."""
+    """The smallest |v| that rounds to inf: max + ulp(max)/2 with max = 2^(emax+1)·(1 - u) and
+    ulp(max) = 2^(emax+1)·u, so 2^(emax+1)·(1 - u/2) (that tie goes to the even neighbour, inf).
+    float16: 65520. For float64, whose threshold is not a float64, the largest float64 (which flags
+    slightly more values than necessary, the safe side)."""
     fi = ml_dtypes.finfo(_dtype(dtype))
-    return math.ldexp(1.0 - unit_roundoff(dtype), int(fi.maxexp))
+    if _dtype(dtype) == np.float64:
+        return float(fi.max)
+    return math.ldexp(1.0 - unit_roundoff(dtype) / 2, int(fi.maxexp))
 
 
 def gamma(n: int, u: float) -> float:

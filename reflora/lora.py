@@ -273,9 +273,8 @@ def init_lora(
         raise TypeError(f"dtype must be float64, float32, float16 or bfloat16, got {dt}")
     if method == "kaiming":
         bound = 1.0 / math.sqrt(in_features)
-        A = round_to(rng.uniform(-bound, bound, size=(r, in_features)), dt)
-        limit = _largest_at_most(bound, dt)
-        A = np.clip(A, -limit, limit)
+        limit = float(_largest_at_most(bound, dt))
+        A = round_to(np.clip(rng.uniform(-bound, bound, size=(r, in_features)), -limit, limit), dt)
     elif method == "gaussian":
         A = round_to(rng.normal(0.0, 1.0 / r, size=(r, in_features)), dt)
     else:
