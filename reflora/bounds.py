@@ -106,7 +106,8 @@ def gamma(n: int, u: float) -> float:
 
 
 def round_to(v: np.ndarray, dtype) -> np.ndarray:
-    """fl_d(v): ``v`` rounded once to ``dtype``, to nearest with ties to even, as an array of dtype.
+    """fl_d(v): ``v`` rounded once to ``dtype``, to nearest with ties to even, as an array of dtype
+    (±inf beyond the overflow threshold).
 
     numpy rounds float64 to float32 and float16 correctly. ml_dtypes converts float64 to bfloat16 by
     way of float32, which is a double rounding and wrong near ties (1 + 2^-8 + 2^-40 becomes 1). So
@@ -115,9 +116,10 @@ def round_to(v: np.ndarray, dtype) -> np.ndarray:
     """
     dt = _dtype(dtype)
     v = np.asarray(v)
-    if dt != np.dtype(ml_dtypes.bfloat16) or v.dtype != np.float64:
-        return v.astype(dt)
-    r = v.astype(np.float32)
+    with np.errstate(over="ignore"):  # overflow gives ±inf, as IEEE rounding does
+        if dt != np.dtype(ml_dtypes.bfloat16) or v.dtype != np.float64:
+            return v.astype(dt)
+        r = v.astype(np.float32)
     inexact = np.isfinite(r) & (r.astype(np.float64) != v)
     even = (r.view(np.uint32) & 1) == 0
     toward = np.where(v > r, np.float32(np.inf), np.float32(-np.inf))
@@ -340,7 +342,7 @@ def lora_forward_bound(x, W, A, B, scaling: float, arith: Arithmetic, *, bias=No
         y   = [out][acc](b + l)
 
     Paths and their roundings: base and bias terms x_k W_ik: in + 2 of acc, 2 of out;
-    LoRA terms s x_k m_k A_jk B_ij: in + r + 4 of acc (+1 with a mask), 3 of mid, 1 of out
+    LoRA terms s x_k m_k A_jk B_ij: in + r + 3 of acc (+1 with a mask), 3 of mid, 1 of out
     (+1 of op with a mask). Hence, with θ from the Lemma,
 
         |ŷ - y| <= θ_base·(|x||W|ᵀ + |bias|) + θ_lora·|s|·(|x_d||A|ᵀ)|B|ᵀ + E,
@@ -351,10 +353,7 @@ def lora_forward_bound(x, W, A, B, scaling: float, arith: Arithmetic, *, bias=No
     from reflora.lora import check_shapes
 
     x_shape = np.shape(x)
-    out_f, n_in, _ = check_shapes(
-        x_shape, np.shape(W), np.shape(A), np.shape(B), None if bias is None else np.shape(bias),
-        None if dropout_mask is None else np.shape(dropout_mask),
-    )  # fmt: skip
+    out_f, n_in, _ = check_shapes(x, W, A, B, bias, dropout_mask)
     op = arith.operand
     x64 = _operand("x", x, op).reshape(-1, n_in)
     W64, A64, B64 = _operand("W", W, op), _operand("A", A, op), _operand("B", B, op)
@@ -393,8 +392,9 @@ def lora_backward_bound(grad_y, x, W, A, B, scaling: float, arith: Arithmetic, *
         grad_A = [out](grad_tᵀ x_d), K = N
         grad_x = [out][acc]( [out](g W) + [op][acc]([mid](grad_t A) ⊙ mask) ),  K = out and r
 
-    Paths: grad_B: s g_ni x_dk A_jk, with in + N + 3 (+1) of acc, 2 of mid, 1 of out (+1 of op);
-    grad_A: s g_ni B_ij x_dk, with out + N + 3 (+1) of acc, 2 of mid, 1 of out (+1 of op);
+    Paths (the "+1"s apply with a mask): grad_B: s g_ni x_dk A_jk, with in + N + 2 (+1) of acc,
+    2 of mid, 1 of out (+1 of op); grad_A: s g_ni B_ij x_dk, with out + N + 2 (+1) of acc, 2 of mid,
+    1 of out (+1 of op);
     grad_x: g_ni W_ik with out + 1 of acc and 2 of out, and s g_ni B_ij A_jk m_k with
     out + r + 3 (+1) of acc, 3 of mid, 1 of out (+1 of op). The absolute-value expressions are
     |s|·|g|ᵀ(|x_d||A|ᵀ), |s|·(|g||B|)ᵀ|x_d|, and |g||W| + |s|·((|g||B|)|A|) ⊙ |m|.
@@ -403,12 +403,7 @@ def lora_backward_bound(grad_y, x, W, A, B, scaling: float, arith: Arithmetic, *
     from reflora.lora import check_shapes
 
     x_shape = np.shape(x)
-    out_f, n_in, _ = check_shapes(
-        x_shape, np.shape(W), np.shape(A), np.shape(B), None,
-        None if dropout_mask is None else np.shape(dropout_mask),
-    )  # fmt: skip
-    if np.shape(grad_y) != (*x_shape[:-1], out_f):
-        raise ValueError(f"grad_y has shape {np.shape(grad_y)}, expected {(*x_shape[:-1], out_f)}")
+    out_f, n_in, _ = check_shapes(x, W, A, B, None, dropout_mask, grad_y)
     op = arith.operand
     g64 = _operand("grad_y", grad_y, op).reshape(-1, out_f)
     x64 = _operand("x", x, op).reshape(-1, n_in)
@@ -435,7 +430,9 @@ def _merge_inputs(W, A, B, arith: Arithmetic, fan_in_fan_out: bool):
     W64, A64, B64 = (_operand(n, a, arith.operand) for n, a in (("W", W), ("A", A), ("B", B)))
     expected = (B64.shape[0], A64.shape[1])
     if A64.shape[0] != B64.shape[1] or W64.shape != (expected[::-1] if fan_in_fan_out else expected):
-        raise ValueError(f"W {W64.shape}, A {A64.shape}, B {B64.shape} do not fit (fan_in_fan_out={fan_in_fan_out})")
+        raise ValueError(
+            f"W {W64.shape}, A {A64.shape}, B {B64.shape} do not fit (fan_in_fan_out={fan_in_fan_out})"
+        )
     return W64, A64, B64
 
 
@@ -450,7 +447,9 @@ def merge_bound(W, A, B, scaling: float, arith: Arithmetic, *, fan_in_fan_out: b
     """
     W64, A64, B64 = _merge_inputs(W, A, B, arith, fan_in_fan_out)
     ref = Arithmetic(arith.operand, "float64", "float64", _dtype(np.asarray(W).dtype).name)
-    return sum(_merged_model(W64, A64, B64, float(scaling), ar, fan_in_fan_out).error() for ar in (arith, ref))
+    return sum(
+        _merged_model(W64, A64, B64, float(scaling), ar, fan_in_fan_out).error() for ar in (arith, ref)
+    )
 
 
 def merge_roundtrip_bound(

@@ -75,8 +75,10 @@ def _check_scaling(s: float) -> float:
     return float(s)
 
 
-def check_shapes(x_shape, W_shape, A_shape, B_shape, bias_shape=None, mask_shape=None) -> tuple[int, int, int]:
-    """(out, in, r) after checking that the shapes fit together; ValueError naming them otherwise."""
+def check_shapes(x, W, A, B, bias=None, dropout_mask=None, grad_y=None) -> tuple[int, int, int]:
+    """(out, in, r) after checking that the arrays' shapes fit together (None: not given); ValueError
+    naming the shapes otherwise. Only shapes are read, so this is cheap to call before any work."""
+    x_shape, W_shape, A_shape, B_shape = (np.shape(a) for a in (x, W, A, B))
     if len(W_shape) != 2 or len(A_shape) != 2 or len(B_shape) != 2:
         raise ValueError(f"W, A and B must be 2-D, got shapes W {W_shape}, A {A_shape}, B {B_shape}")
     (out, n_in), (r, a_in), (b_out, b_r) = W_shape, A_shape, B_shape
@@ -88,11 +90,17 @@ def check_shapes(x_shape, W_shape, A_shape, B_shape, bias_shape=None, mask_shape
             f"got A {A_shape}, B {B_shape}"
         )
     if len(x_shape) < 1 or x_shape[-1] != n_in:
-        raise ValueError(f"x has shape {x_shape}; its last dimension must be in_features = {n_in} (W {W_shape})")
-    if bias_shape is not None and tuple(bias_shape) != (out,):
-        raise ValueError(f"bias has shape {bias_shape}, expected ({out},) for W {W_shape}")
-    if mask_shape is not None and tuple(mask_shape) != tuple(x_shape):
-        raise ValueError(f"dropout_mask has shape {mask_shape}, expected x's shape {x_shape}")
+        raise ValueError(
+            f"x has shape {x_shape}; its last dimension must be in_features = {n_in} (W {W_shape})"
+        )
+    if bias is not None and np.shape(bias) != (out,):
+        raise ValueError(f"bias has shape {np.shape(bias)}, expected ({out},) for W {W_shape}")
+    if dropout_mask is not None and np.shape(dropout_mask) != x_shape:
+        raise ValueError(f"dropout_mask has shape {np.shape(dropout_mask)}, expected x's shape {x_shape}")
+    if grad_y is not None and np.shape(grad_y) != (*x_shape[:-1], out):
+        raise ValueError(
+            f"grad_y has shape {np.shape(grad_y)}, expected {(*x_shape[:-1], out)} for x {x_shape}"
+        )
     return out, n_in, r
 
 
@@ -111,10 +119,7 @@ def forward(
     x (..., in), W (out, in), A (r, in), B (out, r), bias (out,) or None, dropout_mask x's shape or
     None (no dropout); any of float64 / float32 / float16 / bfloat16. scaling: a finite real.
     """
-    check_shapes(
-        np.shape(x), np.shape(W), np.shape(A), np.shape(B),
-        None if bias is None else np.shape(bias), None if dropout_mask is None else np.shape(dropout_mask),
-    )  # fmt: skip
+    check_shapes(x, W, A, B, bias, dropout_mask)
     s = _check_scaling(scaling)
     x64, W64, A64, B64 = (as_float64(n, a) for n, a in (("x", x), ("W", W), ("A", A), ("B", B)))
     x_d = x64 if dropout_mask is None else x64 * as_float64("dropout_mask", dropout_mask)
@@ -161,12 +166,7 @@ def backward(
     order that :func:`reflora.bounds.lora_backward_bound` models for the reference.
     """
     x_shape = np.shape(x)
-    out, n_in, r = check_shapes(
-        x_shape, np.shape(W), np.shape(A), np.shape(B), None,
-        None if dropout_mask is None else np.shape(dropout_mask),
-    )  # fmt: skip
-    if np.shape(grad_y) != (*x_shape[:-1], out):
-        raise ValueError(f"grad_y has shape {np.shape(grad_y)}, expected {(*x_shape[:-1], out)} for x {x_shape}")
+    out, n_in, _ = check_shapes(x, W, A, B, None, dropout_mask, grad_y)
     s = _check_scaling(scaling)
     g = as_float64("grad_y", grad_y).reshape(-1, out)
     x64 = as_float64("x", x).reshape(-1, n_in)
@@ -191,7 +191,9 @@ def delta(A: np.ndarray, B: np.ndarray, scaling: float, *, fan_in_fan_out: bool 
     return d.T if fan_in_fan_out else d
 
 
-def _merge(W: np.ndarray, A: np.ndarray, B: np.ndarray, s: float, fan_in_fan_out: bool, sign: int) -> np.ndarray:
+def _merge(
+    W: np.ndarray, A: np.ndarray, B: np.ndarray, s: float, fan_in_fan_out: bool, sign: int
+) -> np.ndarray:
     W = np.asarray(W)
     W64 = as_float64("W", W)
     d = delta(A, B, s, fan_in_fan_out=fan_in_fan_out)

@@ -111,7 +111,8 @@ class MergeReport:
         ]
         if self.quant_error_fro is not None:
             lines.append(
-                f"  base quantization error  ‖W - Ŵ‖_F = {self.quant_error_fro:.4g}  (max {self.quant_error_max:.4g})"
+                f"  base quantization error  ‖W - Ŵ‖_F = {self.quant_error_fro:.4g}"
+                f"  (max {self.quant_error_max:.4g})"
             )
         lines += [
             f"  adapter delta            ‖ΔW‖_F    = {self.delta_fro:.4g}  (max {self.delta_max:.4g})",

@@ -33,7 +33,9 @@ def _within(out, ref, bound) -> bool:
 def small_case(draw):
     """Odd and degenerate shapes on purpose: one row, rank 1, in = 1."""
     lead = draw(st.sampled_from([(1,), (3,), (2, 3)]), label="leading dims")
-    n_in, out, r = (draw(st.sampled_from(v), label=n) for n, v in (("in", [1, 3, 7]), ("out", [1, 5]), ("r", [1, 2, 3])))
+    n_in, out, r = (
+        draw(st.sampled_from(v), label=n) for n, v in (("in", [1, 3, 7]), ("out", [1, 5]), ("r", [1, 2, 3]))
+    )
     seed = draw(st.integers(0, 2**32 - 1), label="seed")
     rng = np.random.default_rng(seed)
 
@@ -74,7 +76,9 @@ def test_backward_matches_central_differences(case):
     for name, p, grad, gbound in (("x", x, gx, bx), ("A", A, gA, bA), ("B", B, gB, bB)):
         # The forward bound grows with |inputs| only, so one bound with |p| + h covers every p ± h e_i.
         big = {"x": x, "A": A, "B": B} | {name: np.abs(p) + h}
-        fb = bounds.lora_forward_bound(big["x"], W, big["A"], big["B"], s, REFERENCE, bias=bias, dropout_mask=mask)
+        fb = bounds.lora_forward_bound(
+            big["x"], W, big["A"], big["B"], s, REFERENCE, bias=bias, dropout_mask=mask
+        )
         for i in np.ndindex(p.shape):
             plus, minus = p.copy(), p.copy()
             plus[i] += h
@@ -90,8 +94,10 @@ def test_backward_matches_central_differences(case):
 
 
 def _torch_reference(x, W, A, B, s, bias, mask, G):
-    t = {k: torch.tensor(v, dtype=torch.float64, requires_grad=k in "xAB") for k, v in
-         (("x", x), ("W", W), ("A", A), ("B", B))}  # fmt: skip
+    t = {
+        k: torch.tensor(v, dtype=torch.float64, requires_grad=k in "xAB")
+        for k, v in (("x", x), ("W", W), ("A", A), ("B", B))
+    }
     x_d = t["x"] if mask is None else t["x"] * torch.tensor(mask)
     y = t["x"] @ t["W"].T + s * ((x_d @ t["A"].T) @ t["B"].T)
     if bias is not None:
@@ -105,8 +111,11 @@ def _torch_reference(x, W, A, B, s, bias, mask, G):
 def test_forward_and_backward_match_torch_autograd(case):
     x, W, A, B, s, bias, mask, G = case
     y_t, gx_t, gA_t, gB_t = _torch_reference(x, W, A, B, s, bias, mask, G)
-    assert _within(y_t, lora.forward(x, W, A, B, s, bias=bias, dropout_mask=mask),
-                   bounds.lora_forward_bound(x, W, A, B, s, REFERENCE, bias=bias, dropout_mask=mask))  # fmt: skip
+    assert _within(
+        y_t,
+        lora.forward(x, W, A, B, s, bias=bias, dropout_mask=mask),
+        bounds.lora_forward_bound(x, W, A, B, s, REFERENCE, bias=bias, dropout_mask=mask),
+    )
     ours = lora.backward(G, x, W, A, B, s, dropout_mask=mask)
     bds = bounds.lora_backward_bound(G, x, W, A, B, s, REFERENCE, dropout_mask=mask)
     for theirs, mine, bd in zip((gx_t, gA_t, gB_t), ours, bds, strict=True):
@@ -126,8 +135,14 @@ def _peft_layer(n_in, out, r, alpha, *, rslora=False, fan_in_fan_out=False, drop
         torch.nn.init.normal_(base.bias)
     else:
         base = torch.nn.Linear(n_in, out)
-    cfg = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=["0"], use_rslora=rslora,
-                          fan_in_fan_out=fan_in_fan_out, lora_dropout=dropout)  # fmt: skip
+    cfg = peft.LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        target_modules=["0"],
+        use_rslora=rslora,
+        fan_in_fan_out=fan_in_fan_out,
+        lora_dropout=dropout,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = peft.get_peft_model(torch.nn.Sequential(base), cfg).to(dtype)
@@ -138,8 +153,12 @@ def _peft_layer(n_in, out, r, alpha, *, rslora=False, fan_in_fan_out=False, drop
 
 def _weights(layer):
     get = lambda t: t.detach().numpy().astype(np.float64)  # noqa: E731
-    return (get(layer.base_layer.weight), get(layer.base_layer.bias),
-            get(layer.lora_A["default"].weight), get(layer.lora_B["default"].weight))  # fmt: skip
+    return (
+        get(layer.base_layer.weight),
+        get(layer.base_layer.bias),
+        get(layer.lora_A["default"].weight),
+        get(layer.lora_B["default"].weight),
+    )
 
 
 @pytest.mark.parametrize("rslora", [False, True])
@@ -154,7 +173,11 @@ def test_forward_matches_peft(rslora, dtype):
     y_peft = model(x).detach().numpy()
     arith = REFERENCE if dtype == torch.float64 else F32_ARITH
     x64 = x.numpy().astype(np.float64)
-    assert _within(y_peft, lora.forward(x64, W, A, B, s, bias=b), bounds.lora_forward_bound(x64, W, A, B, s, arith, bias=b))
+    assert _within(
+        y_peft,
+        lora.forward(x64, W, A, B, s, bias=b),
+        bounds.lora_forward_bound(x64, W, A, B, s, arith, bias=b),
+    )
 
 
 def test_dropout_applies_to_the_lora_branch_only_as_in_peft():
@@ -172,7 +195,9 @@ def test_dropout_applies_to_the_lora_branch_only_as_in_peft():
     W, b, A, B = _weights(layer)
     x64, s = x.numpy(), lora.scaling(16, r)
     ours = lora.forward(x64, W, A, B, s, bias=b, dropout_mask=mask)
-    assert _within(y_peft, ours, bounds.lora_forward_bound(x64, W, A, B, s, REFERENCE, bias=b, dropout_mask=mask))
+    assert _within(
+        y_peft, ours, bounds.lora_forward_bound(x64, W, A, B, s, REFERENCE, bias=b, dropout_mask=mask)
+    )
     dropped_base = lora.forward(x64 * mask, W, A, B, s, bias=b, dropout_mask=np.ones_like(mask))
     assert not _within(y_peft, dropped_base, 1e-3)  # dropping the base input too would be visibly wrong
 
@@ -202,14 +227,20 @@ def test_merge_and_unmerge_match_peft(fan_in_fan_out, rslora, dtype):
     x64, zero_A, zero_B = x.numpy().astype(np.float64), np.zeros_like(A), np.zeros_like(B)
     y_merged = model(x).detach().numpy()
     fwd_bound = bounds.lora_forward_bound(x64, W_out_in, zero_A, zero_B, s, arith, bias=b)
-    assert _within(y_merged, lora.forward(x64, W_out_in, zero_A, zero_B, s, bias=b),
-                   fwd_bound + np.abs(x64) @ bound_out_in.T)  # fmt: skip
+    assert _within(
+        y_merged,
+        lora.forward(x64, W_out_in, zero_A, zero_B, s, bias=b),
+        fwd_bound + np.abs(x64) @ bound_out_in.T,
+    )
     # Unmerge from PEFT's merged weight: W' - ΔW, the same model with ΔW's sign flipped.
     layer.unmerge()
     unmerged_peft = layer.base_layer.weight.detach().numpy()
     unmerged = lora.unmerge(merged_peft, A, B, s, fan_in_fan_out=fan_in_fan_out)
-    assert _within(unmerged_peft, unmerged.astype(np.float64),
-                   bounds.merge_bound(merged_peft, A, B, s, arith, fan_in_fan_out=fan_in_fan_out))  # fmt: skip
+    assert _within(
+        unmerged_peft,
+        unmerged.astype(np.float64),
+        bounds.merge_bound(merged_peft, A, B, s, arith, fan_in_fan_out=fan_in_fan_out),
+    )
 
 
 # ---- Merge rules -----------------------------------------------------------------------------------
@@ -227,7 +258,10 @@ def test_merge_rounds_once_to_w_dtype():
 def test_merge_then_unmerge_in_bfloat16_is_not_the_identity():
     rng = np.random.default_rng(0)
     W = (rng.standard_normal((64, 48)) * 0.02).astype(BF16)
-    A, B = (rng.standard_normal((4, 48)) * 0.01).astype(BF16), (rng.standard_normal((64, 4)) * 0.01).astype(BF16)
+    A, B = (
+        (rng.standard_normal((4, 48)) * 0.01).astype(BF16),
+        (rng.standard_normal((64, 4)) * 0.01).astype(BF16),
+    )
     back = lora.unmerge(lora.merge(W, A, B, 2.0), A, B, 2.0)
     changed = back != W
     assert changed.any()  # a real loss...
