@@ -143,15 +143,21 @@ def rounding_bound(v: np.ndarray, dtype) -> np.ndarray:
 
 @dataclass(frozen=True)
 class _Fmt:
-    """A rounding step: unit roundoff u (times a declared slack), η, and overflow threshold."""
+    """A rounding step: unit roundoff u (times a declared slack), the absolute error η of a rounding in
+    the subnormal range, that of an addition (0 with gradual underflow), and the overflow threshold."""
 
     u: float
     eta: float
+    add_eta: float
     threshold: float
 
 
-def _fmt(dtype, slack: float = 1.0) -> _Fmt:
-    return _Fmt(slack * unit_roundoff(dtype), slack * underflow_eta(dtype), overflow_threshold(dtype))
+def _fmt(dtype, slack: float = 1.0, flush_to_zero: bool = False) -> _Fmt:
+    u, threshold = slack * unit_roundoff(dtype), overflow_threshold(dtype)
+    if flush_to_zero:  # a result below the smallest normal number may become 0: it errs by less than that
+        tiny = float(ml_dtypes.finfo(_dtype(dtype)).smallest_normal)
+        return _Fmt(u, tiny, tiny, threshold)
+    return _Fmt(u, slack * underflow_eta(dtype), 0.0, threshold)
 
 
 def _theta(counts: tuple[tuple[float, int], ...]) -> float:
@@ -229,7 +235,8 @@ def _matmul(p: _Tracked, q: _Tracked, acc: _Fmt) -> _Tracked:
     groups = tuple(
         (_plus(_plus(cp, cq), ((acc.u, k),)), ap @ aq) for cp, ap in p.groups for cq, aq in q.groups
     )
-    eta = (p.eta @ mq + mp @ q.eta + p.eta @ q.eta + k * acc.eta) * (1 + gamma(k, acc.u))
+    underflow = k * acc.eta + max(k - 1, 0) * acc.add_eta  # K products and K - 1 additions
+    eta = (p.eta @ mq + mp @ q.eta + p.eta @ q.eta + underflow) * (1 + gamma(k, acc.u))
     # inf·0 is NaN, so an overflowed operand poisons its whole row or column, whatever it meets.
     overflow = (p.overflow.any(axis=-1, keepdims=True) | q.overflow.any(axis=0, keepdims=True)) & np.ones(
         eta.shape, dtype=bool
@@ -246,7 +253,9 @@ def _add(p: _Tracked, q: _Tracked, acc: _Fmt) -> _Tracked:
     return _round(_Tracked(tuple(groups.items()), p.eta + q.eta, p.overflow | q.overflow), acc)
 
 
-def matmul_bound(a: np.ndarray, b: np.ndarray, accumulate, *, slack: float = 1.0) -> np.ndarray:
+def matmul_bound(
+    a: np.ndarray, b: np.ndarray, accumulate, *, slack: float = 1.0, flush_to_zero: bool = False
+) -> np.ndarray:
     """|fl(a @ b) - a @ b| <= γ_K(u)·(|a| @ |b|) + K·η·(1 + γ_K(u)), for every summation order.
 
     a (..., K) and b (K, m), exact (float64 holding the operands); accumulate: the dtype that holds
@@ -262,9 +271,13 @@ def matmul_bound(a: np.ndarray, b: np.ndarray, accumulate, *, slack: float = 1.0
     Lemma, |fl(a·b) - a·b| <= γ_K Σ|a_i b_i| + Σ|η_i|(1 + γ_K). A fused multiply-add skips the product's
     rounding: fewer factors, same bound. Partial sums stay below the final absolute-value bound, so
     the result is inf (no bound) only where that bound reaches the overflow threshold.
+
+    ``flush_to_zero`` (CUDA's --use_fast_math): a subnormal product or sum may become 0, an absolute
+    error below the smallest normal number, and additions lose their exactness there; the underflow
+    term becomes (2K - 1)·tiny·(1 + γ_K), tiny the smallest normal number of the dtype.
     """
     pa, pb = _exact(np.asarray(a, dtype=np.float64)), _exact(np.asarray(b, dtype=np.float64))
-    return _matmul(pa, pb, _fmt(accumulate, slack)).error()
+    return _matmul(pa, pb, _fmt(accumulate, slack, flush_to_zero)).error()
 
 
 # ---- How a backend computes ------------------------------------------------------------------------
@@ -282,6 +295,8 @@ class Arithmetic:
     output: the dtype of the results.
     acc_slack: each accumulation step errs by at most acc_slack·u_accumulate relative to the sum of
         the absolute values of its inputs: 1 for round to nearest, 2 for truncation.
+    flush_to_zero: subnormal results (of any step) may be flushed to zero, as CUDA's fast-math mode
+        does: every underflow error grows from half the smallest subnormal to the smallest normal.
     """
 
     operand: str = "float32"
@@ -289,6 +304,7 @@ class Arithmetic:
     intermediate: str = "float32"
     output: str = "float32"
     acc_slack: float = 1.0
+    flush_to_zero: bool = False
 
     def __post_init__(self) -> None:
         for name in ("operand", "accumulate", "intermediate", "output"):
@@ -298,8 +314,14 @@ class Arithmetic:
 
     def formats(self) -> tuple[_Fmt, _Fmt, _Fmt, _Fmt]:
         """(acc, mid, op, out) rounding steps."""
-        acc = _fmt(self.accumulate, self.acc_slack)
-        return acc, _fmt(self.intermediate), _fmt(self.operand), _fmt(self.output)
+        ftz = self.flush_to_zero
+        acc = _fmt(self.accumulate, self.acc_slack, ftz)
+        return (
+            acc,
+            _fmt(self.intermediate, 1.0, ftz),
+            _fmt(self.operand, 1.0, ftz),
+            _fmt(self.output, 1.0, ftz),
+        )
 
 
 REFERENCE = Arithmetic("float64", "float64", "float64", "float64")
