@@ -120,10 +120,10 @@ def round_to(v: np.ndarray, dtype) -> np.ndarray:
         if dt != np.dtype(ml_dtypes.bfloat16) or v.dtype != np.float64:
             return v.astype(dt)
         r = v.astype(np.float32)
-    inexact = np.isfinite(r) & (r.astype(np.float64) != v)
-    even = (r.view(np.uint32) & 1) == 0
-    toward = np.where(v > r, np.float32(np.inf), np.float32(-np.inf))
-    return np.where(inexact & even, np.nextafter(r, toward), r).astype(dt)
+        inexact = np.isfinite(r) & (r.astype(np.float64) != v)
+        even = (r.view(np.uint32) & 1) == 0
+        toward = np.where(v > r, np.float32(np.inf), np.float32(-np.inf))
+        return np.where(inexact & even, np.nextafter(r, toward), r).astype(dt)
 
 
 def rounding_bound(v: np.ndarray, dtype) -> np.ndarray:
@@ -372,7 +372,7 @@ def lora_forward_bound(x, W, A, B, scaling: float, arith: Arithmetic, *, bias=No
     E the subnormal terms. The bound returned is that of the backend plus that of the reference
     (the same model with every dtype float64), because |out - ref| <= |out - y| + |y - ref|.
     """
-    from reflora.lora import check_shapes
+    from reflora.lora import check_shapes  # here, not at the top: reflora.lora imports this module
 
     x_shape = np.shape(x)
     out_f, n_in, _ = check_shapes(x, W, A, B, bias, dropout_mask)

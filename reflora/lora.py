@@ -17,6 +17,10 @@ The rules, each a guarantee of the functions below:
   float64 and everything is computed in float64; results are float64 (merge rounds once to W's dtype).
   The float64 result still carries rounding errors, which :func:`reflora.bounds.lora_forward_bound`
   accounts for: its model of the reference is exactly the operation order written here.
+* **Merge.** W' = W ± scaling·B A formed in float64 and rounded once to W's dtype (:func:`merge`);
+  in a low precision, merge then unmerge does not give W back (bounded in :mod:`reflora.bounds`).
+* **Init.** PEFT's defaults from an explicit ``numpy.random.Generator``: A kaiming-uniform or
+  gaussian, B exactly zero (:func:`init_lora`).
 * **Bad input.** Shapes that do not fit raise ValueError naming the shapes; non-finite values raise
   ValueError naming the array and the first bad index; other dtypes raise TypeError.
 """
@@ -30,7 +34,17 @@ import numpy as np
 from reflora.bounds import round_to
 from reflora.dtypes import bfloat16
 
-__all__ = ["backward", "delta", "forward", "init_lora", "merge", "scaling", "unmerge"]
+__all__ = [
+    "as_float64",
+    "backward",
+    "check_shapes",
+    "delta",
+    "forward",
+    "init_lora",
+    "merge",
+    "scaling",
+    "unmerge",
+]
 
 _FLOATS = (np.dtype(np.float64), np.dtype(np.float32), np.dtype(np.float16), bfloat16)
 
