@@ -17,7 +17,18 @@ from importlib.metadata import entry_points
 
 from reflora.backends.protocol import DTYPES, OPS, Backend, BaseBackend
 
-__all__ = ["DTYPES", "GROUP", "OPS", "Backend", "BackendError", "BaseBackend", "Status", "get", "names", "status"]
+__all__ = [
+    "DTYPES",
+    "GROUP",
+    "OPS",
+    "Backend",
+    "BackendError",
+    "BaseBackend",
+    "Status",
+    "get",
+    "names",
+    "status",
+]
 
 GROUP = "reflora.backends"
 
