@@ -62,8 +62,26 @@ def thread_ranges(n: int, host: Host) -> list[tuple[int, int]]:
     return [(b, min(n, b + chunk)) for b in range(0, n, chunk)]
 
 
+def _add(a: np.ndarray, b: np.ndarray, right_wins: bool = False) -> np.ndarray:
+    """float32 a + b, with the NaN payload x86 returns: the winning operand's NaN, quieted.
+
+    Which operand wins depends on how the compiler ordered that particular addition in torch's
+    kernel: the accumulator (left) everywhere except the loop that adds up the lanes (right).
+    """
+    first, second = (b, a) if right_wins else (a, b)
+    with np.errstate(invalid="ignore", over="ignore"):
+        total = np.add(a, b, dtype=np.float32)
+    quiet = np.uint32(0x00400000)
+    for nan_src in (second, first):  # first written last, so it wins
+        src = np.asarray(nan_src, dtype=np.float32)
+        if np.isnan(src).any():
+            payload = (np.broadcast_to(src, np.shape(total)).view(np.uint32) | quiet).view(np.float32)
+            total = np.where(np.isnan(src), payload, total)
+    return np.asarray(total, dtype=np.float32)
+
+
 def _multi_row_sum(regs: np.ndarray) -> np.ndarray:
-    """(4, lanes) float32: the cascade sum of ``regs`` (steps, 4, lanes), each of the 4 rows apart."""
+    """(4, width) float32: the cascade sum of ``regs`` (steps, 4, width), each of the 4 rows apart."""
     steps = regs.shape[0]
     ceil_log2 = 1 if steps <= 2 else (steps - 1).bit_length()
     power = max(4, ceil_log2 // _LEVELS)
@@ -72,17 +90,17 @@ def _multi_row_sum(regs: np.ndarray) -> np.ndarray:
     i = 0
     while i + step <= steps:
         for r in regs[i : i + step]:  # sequential: float addition is not associative
-            acc[0] += r
+            acc[0] = _add(acc[0], r)
         i += step
         for level in range(1, _LEVELS):  # carry into the next level when this one completes
-            acc[level] += acc[level - 1]
+            acc[level] = _add(acc[level], acc[level - 1])
             acc[level - 1] = 0
             if i & (mask << (level * power)):
                 break
     for r in regs[i:]:
-        acc[0] += r
+        acc[0] = _add(acc[0], r)
     for level in range(1, _LEVELS):
-        acc[0] += acc[level]
+        acc[0] = _add(acc[0], acc[level])
     return acc[0]
 
 
@@ -92,9 +110,9 @@ def _row_sum(regs: np.ndarray) -> np.ndarray:
     whole = count // _ILP
     part = _multi_row_sum(regs[: whole * _ILP].reshape(whole, _ILP, regs.shape[1]))
     for r in regs[whole * _ILP :]:
-        part[0] += r
+        part[0] = _add(part[0], r)
     for k in range(1, _ILP):
-        part[0] += part[k]
+        part[0] = _add(part[0], part[k])
     return part[0]
 
 
@@ -106,23 +124,22 @@ def _range_sum(x: np.ndarray, lanes: int) -> np.float32:
     part = _row_sum(x[: whole * lanes].reshape(whole, lanes))
     total = np.float32(0)
     for v in x[whole * lanes :]:  # the leftover elements first, then the lanes in order
-        total = np.float32(total + v)
+        total = np.float32(_add(total, v))
     for v in part:
-        total = np.float32(total + v)
+        total = np.float32(_add(total, v, right_wins=True))
     return total
 
 
 def sum_f32(values: np.ndarray, host: Host = DEFAULT_HOST) -> np.float32:
     """``torch.sum`` of a contiguous float32 vector on the CPU, bit for bit. values: float32 (n,)."""
     x = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
-    with np.errstate(invalid="ignore", over="ignore"):
-        sums = [np.float32(0) + _range_sum(x[b:e], host.lanes) for b, e in thread_ranges(x.size, host)]
-        if len(sums) == 1:
-            return np.float32(sums[0])
-        # Each thread wrote its own slot (unused slots stay 0), then the slots are summed as a tensor.
-        slots = np.zeros(host.threads, dtype=np.float32)
-        slots[: len(sums)] = sums
-        return np.float32(np.float32(0) + _range_sum(slots, host.lanes))
+    sums = [_range_sum(x[b:e], host.lanes) for b, e in thread_ranges(x.size, host)]
+    if len(sums) == 1:
+        return np.float32(_add(np.float32(0), sums[0]))  # the output starts at 0 and is added to
+    # Each thread wrote its own slot (unused slots stay 0), then the slots are summed as a tensor.
+    slots = np.zeros(host.threads, dtype=np.float32)
+    slots[: len(sums)] = [_add(np.float32(0), v) for v in sums]
+    return np.float32(_add(np.float32(0), _range_sum(slots, host.lanes)))
 
 
 def mean_f32(values: np.ndarray, host: Host = DEFAULT_HOST) -> np.float32:
