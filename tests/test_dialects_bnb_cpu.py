@@ -204,6 +204,12 @@ def _adversarial() -> dict[str, np.ndarray]:
     x = np.zeros(256, dtype=np.float32)
     x[-1] = F32(1.4e-45)
     cases["smallest subnormal"] = x
+    x = base(198) * F32(1e-6)
+    cases["float16 subnormal range"] = x
+    x = np.full(134, F32(65504))
+    x[::5] *= -1
+    x[7] = F32(65519.996)  # rounds to float16 max, one ulp more overflows
+    cases["near float16 max"] = x
     x = np.full(134, F32(3.4e38))
     x[::3] *= -1
     cases["near float32 max"] = x
