@@ -59,7 +59,7 @@ def eager_bnb():
 
 
 def to_torch(x: np.ndarray) -> torch.Tensor:
-    x = np.ascontiguousarray(x)
+    x = np.array(x, order="C")  # a C-contiguous copy that keeps 0-d arrays 0-d
     if x.dtype == BF16:
         return torch.from_numpy(x.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(x)
