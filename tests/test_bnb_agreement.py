@@ -198,6 +198,30 @@ def test_random_data(dtype, quant_type):
     report(f"random {dtype} {quant_type}: canonical vs bnb codes", stats)
 
 
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_planted_midpoint_windows(quant_type):
+    """Quotients planted strictly between a float32 midpoint and the exact one: differences must appear
+    there, and every one must pass :func:`explained` (one step, inside the window)."""
+    rng = np.random.default_rng(29)
+    values = np.unique(codebooks.get(quant_type).values.astype(np.float64))
+    exact = (values[:-1] + values[1:]) / 2
+    m32 = ((values[:-1].astype(F32) + values[1:].astype(F32)) / F32(2)).astype(np.float64)
+    blocks = []
+    while len(blocks) < 300:
+        a, i = F32(rng.uniform(0.01, 100)), rng.integers(exact.size)
+        lo, hi = sorted((exact[i], m32[i]))
+        x = F32(exact[i] * a)
+        for cand in (x, np.nextafter(x, F32(np.inf)), np.nextafter(x, F32(-np.inf))):
+            if lo * a < float(cand) < hi * a:  # exact: m * a has at most 49 significant bits
+                block = (rng.uniform(-0.9, 0.9, 64) * a).astype(F32)
+                block[0], block[1] = a, cand
+                blocks.append(block)
+    stats: dict = {}
+    compare(np.concatenate(blocks), 64, quant_type, stats)
+    assert stats["differ"] - stats["zero codes"] > 0
+    report(f"planted windows {quant_type}", stats)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_random_double_quant(dtype):
     rng = np.random.default_rng(23)
