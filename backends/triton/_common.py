@@ -145,6 +145,17 @@ def launch_options(ts: TorchQuantState | None = None) -> dict:
     return {"enable_fp_fusion": False}
 
 
+def scale_mode(k: int, blocksize: int, tile_cols: int) -> int:
+    """w_tile's SCALE_MODE for W with k columns read in tiles tile_cols wide (a power of two).
+
+    1: one absmax per tile row; 2: tile_cols // blocksize per row; 0: one per element (needed when a
+    block can straddle two rows, i.e. k is not a multiple of blocksize).
+    """
+    if k % blocksize:
+        return 0
+    return 1 if blocksize % tile_cols == 0 else 2
+
+
 def next_pow2(n: int, at_least: int = 1) -> int:
     return max(at_least, triton.next_power_of_2(int(n)))
 
@@ -245,7 +256,7 @@ def w_tile(
     BLOCKSIZE2: tl.constexpr,
     DOUBLE_QUANT: tl.constexpr,
     PAIRED: tl.constexpr,  # K even: a row starts on a byte, so bytes load whole and split in two
-    ROW_SCALE: tl.constexpr,  # K % BLOCKSIZE == 0 and BC divides BLOCKSIZE: one absmax per tile row
+    SCALE_MODE: tl.constexpr,  # how absmax is gathered; scale_mode() below
 ):
     """float32 (BR, BC): f32(code[q] * absmax) for W[rows, col0:col0+BC]; 0.0 outside W.
 
@@ -266,13 +277,25 @@ def w_tile(
         byte = tl.load(packed_ptr + elem // 2, mask=inside, other=0)
         nib = (byte >> (4 - 4 * (elem % 2)).to(tl.uint8)) & 15
         value = tl.load(code_ptr + nib.to(tl.int32))
-    if ROW_SCALE:
+    if SCALE_MODE == 1:
+        # The tile's columns lie in one block of each row: one scale a row.
         blk = (rows * K + col0) // BLOCKSIZE
         scale = absmax_of(
             blk, absmax_ptr, absmax_q_ptr, absmax2_ptr, code2_ptr, offset, rows < N, DOUBLE_QUANT, BLOCKSIZE2
         )
         w = value * scale[:, None]
+    elif SCALE_MODE == 2:
+        # The tile's columns are BC // BLOCKSIZE whole blocks of each row: one scale a block.
+        PER_ROW: tl.constexpr = BC // BLOCKSIZE
+        blk = (rows[:, None] * K + col0) // BLOCKSIZE + tl.arange(0, PER_ROW)[None, :]
+        ok = (rows[:, None] < N) & (col0 + tl.arange(0, PER_ROW)[None, :] * BLOCKSIZE < K)
+        scale = absmax_of(
+            blk, absmax_ptr, absmax_q_ptr, absmax2_ptr, code2_ptr, offset, ok, DOUBLE_QUANT, BLOCKSIZE2
+        )
+        by_block = tl.reshape(value, (value.shape[0], PER_ROW, BLOCKSIZE))
+        w = tl.reshape(by_block * scale[:, :, None], value.shape)
     else:
+        # General: blocks may straddle rows (K not a multiple of blocksize); one gather an element.
         blk = (rows[:, None] * K + cols[None, :]) // BLOCKSIZE
         scale = absmax_of(
             blk, absmax_ptr, absmax_q_ptr, absmax2_ptr, code2_ptr, offset, inside, DOUBLE_QUANT, BLOCKSIZE2
