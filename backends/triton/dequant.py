@@ -87,7 +87,7 @@ def _dequant_kernel(
 def _block_bytes(n_bytes: int) -> int:
     # 2048 bytes -> 4096 outputs a program: enough bytes in flight per SM on a GPU; under the
     # interpreter, small blocks keep several programs (and their boundaries) in every test.
-    return 64 if INTERPRET else min(2048, triton.next_power_of_2(n_bytes))
+    return 128 if INTERPRET else min(2048, triton.next_power_of_2(n_bytes))
 
 
 def dequantize_launch(ts: TorchQuantState, out: torch.Tensor, *, block: int | None = None) -> torch.Tensor:
