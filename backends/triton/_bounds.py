@@ -119,40 +119,40 @@ def bound(ref: np.ndarray, groups: Sequence[Terms], arith: Arithmetic) -> np.nda
 
 
 def linear_forward_terms(x, w, a=None, b=None, scaling=0.0, bias=None, mask=None) -> list[Terms]:
-    """Term groups of y = x W^T + scaling ((x*mask) A^T) B^T + bias (float64 arrays, 2-D x).
+    """Term groups of y = x W^T + scaling ((x*mask) A^T) B^T + bias, for 2-D float64 x.
 
     Roundings per term: base x W^T: K (dot) + 2 (low-rank add, bias add). Low-rank: 1 (mask
     product) + K (t) + r (epilogue dot) + 2 (scaling rounded to float32, scaling multiply) + 1 (add to
-    the accumulator) + 1 (bias add). Bias: 2 adds.
+    the accumulator) + 1 (bias add). Bias: 2 adds. Arrays may be numpy or torch (float64): only
+    ``abs``, ``@``, ``*``, ``.T`` and ``.sum`` are used; magnitudes broadcast to the output shape.
     """
-    ax, aw = np.abs(x), np.abs(w)
+    ax, aw = abs(x), abs(w)
     k = x.shape[1]
-    l1 = np.broadcast_to(ax.sum(1, keepdims=True), (x.shape[0], w.shape[0]))  # sum_k |x[m, k]|
-    groups = [Terms(ax @ aw.T, k + 2, operand_l1=l1)]
+    groups = [Terms(ax @ aw.T, k + 2, operand_l1=ax.sum(1)[:, None])]  # l1: sum_k |x[m, k]|
     if a is not None:
-        axm = ax if mask is None else ax * np.abs(mask)
-        groups.append(Terms(abs(scaling) * (axm @ np.abs(a).T) @ np.abs(b).T, k + a.shape[0] + 5))
+        axm = ax if mask is None else ax * abs(mask)
+        groups.append(Terms(abs(scaling) * (axm @ abs(a).T) @ abs(b).T, k + a.shape[0] + 5))
     if bias is not None:
-        groups.append(Terms(np.broadcast_to(np.abs(bias), (x.shape[0], w.shape[0])), 2))
+        groups.append(Terms(abs(bias)[None, :], 2))
     return groups
 
 
 def linear_backward_terms(x, w, g, a=None, b=None, scaling=0.0, mask=None) -> dict[str, list[Terms]]:
-    """Term groups of grad_x, grad_A, grad_B (float64 arrays, 2-D x and grad_y g); see qlora.py.
+    """Term groups of grad_x, grad_A, grad_B for 2-D float64 x and grad_y g (numpy or torch).
 
     grad_x: base g W: N + 1; low-rank: N (u) + r + 2 (scaling) + 1 (mask) + 1 (add).
     grad_A = s (g B)^T (x*mask): N (u) + 1 (mask) + M (dot, split partials included) + 2 (scaling).
     grad_B = s g^T ((x*mask) A^T): 1 (mask) + K (t) + M + 2 (scaling).
     """
-    ag, ax, aw = np.abs(g), np.abs(x), np.abs(w)
+    ag, ax = abs(g), abs(x)
     m, n = g.shape
-    k = x.shape[1]
-    out = {"grad_x": [Terms(ag @ aw, n + 1, operand_l1=np.broadcast_to(ag.sum(1, keepdims=True), (m, k)))]}
+    out = {"grad_x": [Terms(ag @ abs(w), n + 1, operand_l1=ag.sum(1)[:, None])]}
     if a is not None:
         r = a.shape[0]
-        am = np.ones_like(ax) if mask is None else np.abs(mask)
-        agb = ag @ np.abs(b)  # (M, r)
-        out["grad_x"].append(Terms(abs(scaling) * (agb @ np.abs(a)) * am, n + r + 5))
-        out["grad_A"] = [Terms(abs(scaling) * agb.T @ (ax * am), n + m + 3)]
-        out["grad_B"] = [Terms(abs(scaling) * ag.T @ ((ax * am) @ np.abs(a).T), k + m + 3)]
+        axm = ax if mask is None else ax * abs(mask)
+        agb = ag @ abs(b)  # (M, r)
+        low = abs(scaling) * (agb @ abs(a))
+        out["grad_x"].append(Terms(low if mask is None else low * abs(mask), n + r + 5))
+        out["grad_A"] = [Terms(abs(scaling) * agb.T @ axm, n + m + 3)]
+        out["grad_B"] = [Terms(abs(scaling) * ag.T @ (axm @ abs(a).T), x.shape[1] + m + 3)]
     return out

@@ -95,6 +95,7 @@ def _nf4_gemm_kernel(
     BQ: tl.constexpr,
     BR: tl.constexpr,  # R padded to a power of two >= 16
     GROUP_M: tl.constexpr,  # M tiles walked together, so that W tiles are reused from L2
+    DOT_PRECISION: tl.constexpr,  # "ieee" for float32 operands (never tf32); moot for 16-bit ones
     EMULATE_BF16: tl.constexpr,
 ):
     # Grouped ordering: consecutive programs share W columns (the 4-bit operand) across GROUP_M rows.
@@ -163,8 +164,8 @@ def _nf4_gemm_kernel(
                 )
             )
         # The one rounding of W: to the activation dtype, as reflora.nf4.dequantize(state, dtype).
-        w = round_to(w, dtype, EMULATE_BF16)
-        acc = tl.dot(dot_operand(a, EMULATE_BF16), dot_operand(w, EMULATE_BF16), acc, input_precision="ieee")
+        w = dot_operand(round_to(w, dtype, EMULATE_BF16), EMULATE_BF16)
+        acc = tl.dot(dot_operand(a, EMULATE_BF16), w, acc, input_precision=DOT_PRECISION)
 
     if HAS_LORA:
         rr = tl.arange(0, BR)
@@ -306,6 +307,7 @@ def nf4_gemm(
         BQ=cfg.bq,
         BR=next_pow2(r, 16),
         GROUP_M=cfg.group_m,
+        DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         EMULATE_BF16=INTERPRET,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
