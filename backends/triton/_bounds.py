@@ -137,8 +137,11 @@ def linear_forward_terms(x, w, a=None, b=None, scaling=0.0, bias=None, mask=None
     return groups
 
 
-def linear_backward_terms(x, w, g, a=None, b=None, scaling=0.0, mask=None) -> dict[str, list[Terms]]:
-    """Term groups of grad_x, grad_A, grad_B for 2-D float64 x and grad_y g (numpy or torch).
+def linear_backward_terms(
+    x, w, g, a=None, b=None, scaling=0.0, mask=None, parts=("grad_x", "grad_A", "grad_B")
+) -> dict[str, list[Terms]]:
+    """Term groups of grad_x, grad_A, grad_B (those named in ``parts``) for 2-D float64 x and grad_y g,
+    numpy or torch. ``w`` is read only for grad_x.
 
     grad_x: base g W: N + 1; low-rank: N (u) + r + 2 (scaling) + 1 (mask) + 1 (add).
     grad_A = s (g B)^T (x*mask): N (u) + 1 (mask) + M (dot, split partials included) + 2 (scaling).
@@ -146,13 +149,18 @@ def linear_backward_terms(x, w, g, a=None, b=None, scaling=0.0, mask=None) -> di
     """
     ag, ax = abs(g), abs(x)
     m, n = g.shape
-    out = {"grad_x": [Terms(ag @ abs(w), n + 1, operand_l1=ag.sum(1)[:, None])]}
+    out = {}
+    if "grad_x" in parts:
+        out["grad_x"] = [Terms(ag @ abs(w), n + 1, operand_l1=ag.sum(1)[:, None])]
     if a is not None:
         r = a.shape[0]
         axm = ax if mask is None else ax * abs(mask)
         agb = ag @ abs(b)  # (M, r)
-        low = abs(scaling) * (agb @ abs(a))
-        out["grad_x"].append(Terms(low if mask is None else low * abs(mask), n + r + 5))
-        out["grad_A"] = [Terms(abs(scaling) * agb.T @ axm, n + m + 3)]
-        out["grad_B"] = [Terms(abs(scaling) * ag.T @ (axm @ abs(a).T), x.shape[1] + m + 3)]
+        if "grad_x" in parts:
+            low = abs(scaling) * (agb @ abs(a))
+            out["grad_x"].append(Terms(low if mask is None else low * abs(mask), n + r + 5))
+        if "grad_A" in parts:
+            out["grad_A"] = [Terms(abs(scaling) * agb.T @ axm, n + m + 3)]
+        if "grad_B" in parts:
+            out["grad_B"] = [Terms(abs(scaling) * ag.T @ (axm @ abs(a).T), x.shape[1] + m + 3)]
     return out
