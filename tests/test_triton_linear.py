@@ -275,6 +275,10 @@ def test_qlora_forward_and_backward_within_bound(m, n, k, r, bs, dq, dt, adt, sc
     check_bound("grad_A", a.grad, want["grad_A"], terms["grad_A"], arithmetic_lowrank(adt))
     check_bound("grad_B", b.grad, want["grad_B"], terms["grad_B"], arithmetic_lowrank(adt))
     assert (x.grad.dtype, a.grad.dtype, b.grad.dtype) == (x.dtype, a.dtype, b.dtype)
+    # Non-zero exactly where the float64 gradient is (dropped inputs give exact zeros in grad_A).
+    for name, grad in (("grad_x", x.grad), ("grad_A", a.grad), ("grad_B", b.grad)):
+        assert np.array_equal(f64(grad) != 0, want[name] != 0), f"{name}: zero pattern differs"
+        assert (want[name] != 0).any()
     if bias_t is not None:
         g_terms = [Terms(np.abs(f64(g)).sum(0), m)]
         check_bound("grad_bias", bias_t.grad, want["grad_bias"], g_terms, arithmetic_lowrank(dt))

@@ -76,13 +76,17 @@ def check_device(*tensors: torch.Tensor | None) -> None:
 
 
 def check_float(name: str, t: torch.Tensor, ndim: int | None = None) -> None:
-    """ValueError unless ``t`` is a float32/float16/bfloat16 tensor (of ``ndim`` dimensions if given)."""
+    """ValueError unless ``t`` is a float32/float16/bfloat16 tensor (of ``ndim`` dimensions if given)
+    whose elements the kernels can address with int32 offsets."""
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in _FLOATS:
         raise ValueError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
     if ndim is not None and t.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    reach = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride(), strict=True))
+    if reach >= 2**31 or t.numel() >= 2**31:
+        raise ValueError(f"{name} spans {reach + 1} elements; the kernels index with int32 (< 2**31)")
 
 
 def check_state(ts: TorchQuantState, *, matrix: bool) -> None:
