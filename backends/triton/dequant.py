@@ -12,8 +12,11 @@ two roundings, never a fused multiply-add (``launch_options``). The table ``code
 state, so FP4 states are served by the same kernel.
 
 Layout: each program decodes BLOCK packed bytes into 2*BLOCK consecutive outputs. A byte's two
-elements are 2j and 2j+1, and blocksize is even, so both share one absmax: the scale is gathered
-once a byte, and the two nibbles are decoded side by side and interleaved into one contiguous store.
+elements are 2j and 2j+1, and blocksize is even, so both share one absmax. When a program covers
+whole blocks (BLOCK >= blocksize / 2) each scale is loaded once and broadcast over its block's bytes;
+otherwise once a byte. The table is read with ``tl.gather`` (shared memory on a GPU) rather than a
+global-memory gather a nibble. The two nibbles are decoded side by side and interleaved into one
+contiguous store.
 """
 
 from __future__ import annotations
@@ -65,20 +68,43 @@ def _dequant_kernel(
     n_bytes = (n + 1) // 2
     valid = byte_idx < n_bytes
     byte = tl.load(packed_ptr + byte_idx, mask=valid, other=0)
-    # Element 2j lies in block 2j // BLOCKSIZE = j // (BLOCKSIZE // 2), as does element 2j + 1.
-    scale = absmax_of(
-        byte_idx // (BLOCKSIZE // 2),
-        absmax_ptr,
-        absmax_q_ptr,
-        absmax2_ptr,
-        code2_ptr,
-        offset,
-        valid,
-        DOUBLE_QUANT,
-        BLOCKSIZE2,
-    )
-    hi = tl.load(code_ptr + (byte >> 4).to(tl.int32)) * scale
-    lo = tl.load(code_ptr + (byte & 15).to(tl.int32)) * scale
+    # The 16 table values held on chip; tl.gather reads them from shared memory, not from L1.
+    table = tl.load(code_ptr + tl.arange(0, 16))
+    hi = tl.gather(table, (byte >> 4).to(tl.int32), 0)
+    lo = tl.gather(table, (byte & 15).to(tl.int32), 0)
+    # Element 2j lies in block 2j // BLOCKSIZE = j // HALF, as does element 2j + 1.
+    HALF: tl.constexpr = BLOCKSIZE // 2  # bytes a block
+    if BLOCK >= HALF:
+        # The program covers whole blocks: one scale a block, broadcast over its HALF bytes.
+        ROWS: tl.constexpr = BLOCK // HALF
+        blk = pid * ROWS + tl.arange(0, ROWS)
+        scale = absmax_of(
+            blk,
+            absmax_ptr,
+            absmax_q_ptr,
+            absmax2_ptr,
+            code2_ptr,
+            offset,
+            blk * HALF < n_bytes,
+            DOUBLE_QUANT,
+            BLOCKSIZE2,
+        )
+        hi = tl.reshape(tl.reshape(hi, (ROWS, HALF)) * scale[:, None], (BLOCK,))
+        lo = tl.reshape(tl.reshape(lo, (ROWS, HALF)) * scale[:, None], (BLOCK,))
+    else:
+        scale = absmax_of(
+            byte_idx // HALF,
+            absmax_ptr,
+            absmax_q_ptr,
+            absmax2_ptr,
+            code2_ptr,
+            offset,
+            valid,
+            DOUBLE_QUANT,
+            BLOCKSIZE2,
+        )
+        hi = hi * scale
+        lo = lo * scale
     values = round_to(tl.interleave(hi, lo), OUT_DTYPE, EMULATE_BF16)  # (2*BLOCK,)
     elem = pid * 2 * BLOCK + tl.arange(0, 2 * BLOCK)
     tl.store(out_ptr + elem, values, mask=elem < n)  # an odd n drops the padding nibble here

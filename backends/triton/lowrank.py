@@ -118,10 +118,13 @@ def default_config(p: int, q: int, k: int) -> LowRankConfig:
         return LowRankConfig(bp=next_pow2(min(p, 32), 16), bq=next_pow2(min(q, 32), 16), bk=16)
     bp = next_pow2(min(p, 64), 16)
     bq = next_pow2(min(q, 64), 16)
+    # bk 32: the float32 dot runs on CUDA cores with its operands in registers; at bk 64 a 16x64 tile
+    # spills at 4 warps on sm_90 (benchmarks/_gpu_compile_check.py: 255 registers, 400 B of stack).
+    bk = 32
     tiles = triton.cdiv(p, bp) * triton.cdiv(q, bq)
     # Aim for a few hundred programs on a ~132-SM GPU; never split below 8 k-steps a program.
-    split = max(1, min(256 // max(tiles, 1), triton.cdiv(k, 8 * 64)))
-    return LowRankConfig(bp=bp, bq=bq, bk=64, split=split)
+    split = max(1, min(256 // max(tiles, 1), triton.cdiv(k, 8 * bk)))
+    return LowRankConfig(bp=bp, bq=bq, bk=bk, split=split)
 
 
 def lowrank_matmul(
