@@ -126,7 +126,8 @@ def _state(out_f: int, in_f: int) -> TorchQuantState:
 
 def harness_launches(tokens: int = 8192, hidden: int = 4096, inter: int = 11008, rank: int = 16) -> list:
     """The launches of benchmarks/gpu.py: dequantize, batch-1 GEMV, and one QLoRA layer fwd + bwd in
-    both MLP orientations (the gate/up shape and the down shape), bf16 activations, bf16 LoRA."""
+    both MLP orientations (the gate/up shape and the down shape), bf16 activations, bf16 LoRA; then
+    the masked (LoRA dropout) and biased variants."""
     meta = dict(device="meta")
 
     def run():
@@ -145,6 +146,18 @@ def harness_launches(tokens: int = 8192, hidden: int = 4096, inter: int = 11008,
             nf4_gemm.nf4_gemm(g, w, transposed=True, lora=(u, a, 2.0))
             lowrank.lowrank_matmul(u.t(), x)
             lowrank.lowrank_matmul(g.t(), t)
+        # With LoRA dropout (a mask on the LoRA branch) and a bias, as PEFT training often runs.
+        w = _state(inter, hidden)
+        x = torch.empty(tokens, hidden, dtype=torch.bfloat16, **meta)
+        mask = torch.empty_like(x)
+        a = torch.empty(rank, hidden, dtype=torch.bfloat16, **meta)
+        b = torch.empty(inter, rank, dtype=torch.bfloat16, **meta)
+        bias = torch.empty(inter, dtype=torch.bfloat16, **meta)
+        _, t = qlora_mod._forward(x, a, b, bias, mask, qlora_mod.LinearConfig(weight=w, scaling=2.0))
+        g = torch.empty(tokens, inter, dtype=torch.bfloat16, **meta)
+        u = lowrank.lowrank_matmul(g, b)
+        nf4_gemm.nf4_gemm(g, w, transposed=True, lora=(u, a, 2.0), mask=mask)
+        lowrank.lowrank_matmul(u.t(), x, mask=mask, mask_on="right")
 
     return _record(run)
 
@@ -179,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     target = GPUTarget("cuda", args.arch, 32)
     failures = []
     seen = set()
-    print(f"{'kernel variant':<58} {'regs':>4} {'stack':>5} {'smem':>6} " + " ".join(f"{o:>5}" for o in OPS))
+    print(f"{'kernel variant':<72} {'regs':>4} {'stack':>5} {'smem':>6} " + " ".join(f"{o:>5}" for o in OPS))
     for fn, call_args, kwargs in harness_launches():
         sig, consts, attrs = _signature(fn, call_args, kwargs)
         key = (fn.__name__, tuple(sorted((k, str(v)) for k, v in consts.items())), tuple(sorted(attrs)))
@@ -196,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         name = f"{fn.__name__}[{','.join(flags)}]"
         c = census(kernel, workdir, f"{fn.__name__}_{len(seen)}")
         print(
-            f"{name[:58]:<58} {c['regs']:>4} {c['stack']:>5} {c['dyn_shared']:>6} "
+            f"{name[:72]:<72} {c['regs']:>4} {c['stack']:>5} {c['dyn_shared']:>6} "
             + " ".join(f"{c[o]:>5}" for o in OPS)
         )
         if c["ftz_in_ptx"]:
