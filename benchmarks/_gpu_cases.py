@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from reflora import nf4
 from reflora.backends.torch.quant_state import TorchQuantState, numpy_to_torch
 from reflora.backends.triton import (
     dequantize_nf4,
@@ -27,8 +29,6 @@ from reflora.backends.triton._bounds import (
     linear_backward_terms,
     linear_forward_terms,
 )
-
-from reflora import nf4
 from reflora.state import NestedState, QuantState
 
 QUANTILES = [0.5, 0.2, 0.8]

@@ -29,9 +29,10 @@ os.environ.pop("TRITON_INTERPRET", None)  # compile, do not interpret: decided w
 
 import torch
 import triton
-from reflora.backends.torch.quant_state import TorchQuantState
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+
+from reflora.backends.torch.quant_state import TorchQuantState
 
 # The modules, not the functions of the same names that the package re-exports.
 _common, dequant, gemv, lowrank, nf4_gemm, qlora_mod = (

@@ -115,7 +115,7 @@ def _version(module: str) -> str | None:
 
 def environment(torch, device) -> dict:
     env = {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "host": platform.node(),
         "python": platform.python_version(),
         "torch": torch.__version__,

@@ -13,9 +13,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton", reason="triton is not installed")
 
-from reflora.backends.torch.quant_state import TorchQuantState, numpy_to_torch  # noqa: E402
-
 from reflora import nf4  # noqa: E402
+from reflora.backends.torch.quant_state import TorchQuantState, numpy_to_torch  # noqa: E402
 from reflora.codebooks import DYNAMIC_MAP  # noqa: E402
 from reflora.dtypes import DTYPES  # noqa: E402
 from reflora.state import NestedState, QuantState  # noqa: E402

@@ -22,9 +22,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton", reason="triton is not installed")
 
-from reflora.backends.torch.quant_state import TorchQuantState  # noqa: E402
-
 from reflora import nf4  # noqa: E402
+from reflora.backends.torch.quant_state import TorchQuantState  # noqa: E402
 
 INTERPRET = os.environ["TRITON_INTERPRET"] == "1"
 if not INTERPRET and not torch.cuda.is_available():

@@ -20,6 +20,7 @@ from collections import Counter
 import torch
 import triton
 import triton.language as tl
+
 from reflora.backends.torch.quant_state import TorchQuantState
 
 __all__ = [

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from reflora.backends.torch.quant_state import TorchQuantState, torch_dtype
 from reflora.backends.triton._common import (
     INTERPRET,

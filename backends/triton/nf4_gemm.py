@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
 from reflora.backends.torch.quant_state import TorchQuantState
 from reflora.backends.triton._common import (
     INTERPRET,

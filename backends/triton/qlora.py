@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from reflora.backends.torch.quant_state import TorchQuantState
 from reflora.backends.triton._common import check_float, check_state
 from reflora.backends.triton.gemv import GEMV_MAX_M, GemvConfig, nf4_gemv
