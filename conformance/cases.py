@@ -149,7 +149,9 @@ def _near_overflow(dtype, rng):
 def _large_block(dtype, rng):
     x = _normal(rng, 2 * 4096 + 100, 0.02)
     x[4095] = x[2 * 4096 - 1] = 1.0  # each full block's absmax sits in its last element
-    return _q(x, dtype, blocksize=4096, note="blocksize 4096, the absmax of each full block in its last element")
+    return _q(
+        x, dtype, blocksize=4096, note="blocksize 4096, the absmax of each full block in its last element"
+    )
 
 
 def _q_case(build_x: Callable, **kw):
@@ -182,7 +184,9 @@ def _tie_cases() -> list[Case]:
                 continue
             lo, hi = (int(np.flatnonzero(book.values == v)[0]) for v in distinct[i : i + 2])
             name = f"{quant_type} x exactly at threshold {lo}|{hi}"
-            cases.append(Case("quantize_4bit", name, "quantize", _exact_ties(quant_type, i, float(m)), dtypes))
+            cases.append(
+                Case("quantize_4bit", name, "quantize", _exact_ties(quant_type, i, float(m)), dtypes)
+            )
     return cases
 
 
@@ -318,9 +322,11 @@ CASES: tuple[Case, ...] = (
     # quantize_4bit: the canonical rules' corners
     Case("quantize_4bit", "one element", "quantize", _q_case(lambda rng: [0.7])),
     Case("quantize_4bit", "one row", "quantize", _q_case(lambda rng: _normal(rng, 100).reshape(1, 100))),
-    Case("quantize_4bit", "odd n", "quantize", _q_case(lambda rng: _normal(rng, 65), note="the last low nibble pads")),
+    Case("quantize_4bit", "odd n", "quantize",
+         _q_case(lambda rng: _normal(rng, 65), note="the last low nibble pads")),
     Case("quantize_4bit", "ragged tail", "quantize", _ragged),
-    Case("quantize_4bit", "ragged tail of one element", "quantize", _q_case(lambda rng: _normal(rng, 2 * 64 + 1))),
+    Case("quantize_4bit", "ragged tail of one element", "quantize",
+         _q_case(lambda rng: _normal(rng, 2 * 64 + 1))),
     Case("quantize_4bit", "all-zero block", "quantize", _zero_block),
     Case("quantize_4bit", "all-zero tail", "quantize", _zero_tail),
     Case("quantize_4bit", "all zeros", "quantize", _q_case(lambda rng: np.zeros((3, 70)))),
@@ -331,7 +337,8 @@ CASES: tuple[Case, ...] = (
     Case("quantize_4bit", "fp4 small values take the zero code", "quantize", _fp4_small),
     Case("quantize_4bit", "subnormal block", "quantize", _subnormal),
     Case("quantize_4bit", "near overflow", "quantize", _near_overflow),
-    Case("quantize_4bit", "blocksize 32", "quantize", _q_case(lambda rng: _normal(rng, 5 * 32 + 3), blocksize=32)),
+    Case("quantize_4bit", "blocksize 32", "quantize",
+         _q_case(lambda rng: _normal(rng, 5 * 32 + 3), blocksize=32)),
     Case("quantize_4bit", "blocksize 4096, absmax in the last element", "quantize", _large_block),
     Case("quantize_4bit", "blocksize 2048, ragged", "quantize",
          _q_case(lambda rng: _normal(rng, 2 * 2048 + 1000), blocksize=2048)),
@@ -339,8 +346,10 @@ CASES: tuple[Case, ...] = (
          _q_case(lambda rng: _normal(rng, 37 * 20).reshape(37, 20), recipe=(("T",),))),
     Case("quantize_4bit", "strided view, NaN in the skipped memory", "quantize",
          _q_case(lambda rng: _normal(rng, 30 * 50).reshape(30, 50), recipe=(("step", 1, 3),))),
-    Case("quantize_4bit", "3-D input", "quantize", _q_case(lambda rng: _normal(rng, 105).reshape(3, 5, 7), blocksize=32)),
-    Case("quantize_4bit", "double quant, one block", "quantize", _q_case(lambda rng: _normal(rng, 50), double_quant=True)),
+    Case("quantize_4bit", "3-D input", "quantize",
+         _q_case(lambda rng: _normal(rng, 105).reshape(3, 5, 7), blocksize=32)),
+    Case("quantize_4bit", "double quant, one block", "quantize",
+         _q_case(lambda rng: _normal(rng, 50), double_quant=True)),
     Case("quantize_4bit", "double quant, 257 blocks", "quantize",
          _q_case(lambda rng: _normal(rng, 257 * 32), blocksize=32, double_quant=True)),
     Case("quantize_4bit", "double quant, equal absmax", "quantize",
@@ -356,12 +365,13 @@ CASES: tuple[Case, ...] = (
     # dequantize_4bit
     Case("dequantize_4bit", "all-zero block -> +0.0", "dequantize", lambda d, rng: _q(
         np.r_[np.zeros(64), _normal(rng, 64)], d, check="dequantize")),
-    Case("dequantize_4bit", "odd n", "dequantize", lambda d, rng: _q(_normal(rng, 65), d, check="dequantize")),
+    Case("dequantize_4bit", "odd n", "dequantize",
+         lambda d, rng: _q(_normal(rng, 65), d, check="dequantize")),
     Case("dequantize_4bit", "ragged tail", "dequantize", lambda d, rng: _q(_normal(rng, 3 * 64 + 17), d,
                                                                            check="dequantize")),
     Case("dequantize_4bit", "double quant, 600 blocks", "dequantize",
-         lambda d, rng: _q(_normal(rng, 600 * 32) * np.repeat(2.0 ** rng.uniform(-8, 2, 600), 32), d, blocksize=32,
-                           double_quant=True, check="dequantize")),
+         lambda d, rng: _q(_normal(rng, 600 * 32) * np.repeat(2.0 ** rng.uniform(-8, 2, 600), 32), d,
+                           blocksize=32, double_quant=True, check="dequantize")),
     Case("dequantize_4bit", "output float16", "dequantize",
          lambda d, rng: _q(_normal(rng, 3 * 64, 3.0), d, out_dtype="float16", check="dequantize")),
     Case("dequantize_4bit", "output bfloat16", "dequantize",
@@ -372,7 +382,8 @@ CASES: tuple[Case, ...] = (
          lambda d, rng: _q(family_values("mixed", rng, 2 * 4096 + 9, d, 4096, "nf4").astype(np.float64), d,
                            blocksize=4096, check="dequantize")),
     Case("dequantize_4bit", "own state round trip, double quant, ragged", "roundtrip",
-         lambda d, rng: _q(_normal(rng, 300 * 32 + 5), d, blocksize=32, double_quant=True, check="roundtrip")),
+         lambda d, rng: _q(_normal(rng, 300 * 32 + 5), d, blocksize=32, double_quant=True,
+                           check="roundtrip")),
     # LoRA
     *_lora_cases("lora_forward"),
     *_lora_cases("lora_backward"),

@@ -81,7 +81,9 @@ def load(path: str | Path) -> list[Deviation]:
         if not isinstance(entry, dict):
             raise DeviationsError(f"{where}: not a table")
         if set(entry) - _KEYS:
-            raise DeviationsError(f"{where}: unknown keys {sorted(set(entry) - _KEYS)} (allowed: {sorted(_KEYS)})")
+            raise DeviationsError(
+                f"{where}: unknown keys {sorted(set(entry) - _KEYS)} (allowed: {sorted(_KEYS)})"
+            )
         for key in ("test", "reason"):
             if not isinstance(entry.get(key), str) or not entry[key].strip():
                 raise DeviationsError(f"{where}: '{key}' must be a non-empty string")

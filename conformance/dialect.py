@@ -41,7 +41,9 @@ class _CanonicalModule:
     def quantize(x, blocksize=64, *, quant_type="nf4", double_quant=False, offset=None):
         if offset is not None and not double_quant:
             raise ValueError("offset is the double-quantization offset; it needs double_quant=True")
-        state = nf4.quantize(x, blocksize, quant_type=quant_type, double_quant=double_quant and offset is None)
+        state = nf4.quantize(
+            x, blocksize, quant_type=quant_type, double_quant=double_quant and offset is None
+        )
         if offset is None:
             return state
         return dataclasses.replace(state, absmax=None, nested=quantize_absmax(state.absmax, offset=offset))
@@ -94,7 +96,9 @@ class Dialect:
     def native_is_quant_state(self) -> bool:
         """Whether this dialect's own states are QuantStates: False when the module defines a state
         class of its own (one with ``to_quant_state``, as torchao's NF4Tensor form)."""
-        return not any(isinstance(v, type) and hasattr(v, "to_quant_state") for v in vars(self.module).values())
+        return not any(
+            isinstance(v, type) and hasattr(v, "to_quant_state") for v in vars(self.module).values()
+        )
 
     def allowed_codes(self, x: np.ndarray, blocksize: int, quant_type: str) -> tuple[np.ndarray, ...] | None:
         """Alternative codes the dialect declares (bnb-cuda's fast-math reciprocal: the codes with the

@@ -76,7 +76,9 @@ class Tally:
     max_abs_difference: float = 0.0
     max_rel_to_absmax: float = 0.0
 
-    def add(self, dialect: Dialect, x: np.ndarray, blocksize: int, quant_type: str, double_quant: bool, native):
+    def add(
+        self, dialect: Dialect, x: np.ndarray, blocksize: int, quant_type: str, double_quant: bool, native
+    ):
         canonical = nf4.quantize(x, blocksize, quant_type=quant_type, double_quant=double_quant)
         theirs = dialect.as_quant_state(native)
         n = x.size
@@ -141,7 +143,9 @@ class Findings:
                     native = self.dialect.quantize(x, 64, "nf4", dq)
                 except (ValueError, TypeError, AssertionError):
                     continue
-                self.tallies.setdefault(("natural", dtype), Tally()).add(self.dialect, x, 64, "nf4", dq, native)
+                self.tallies.setdefault(("natural", dtype), Tally()).add(
+                    self.dialect, x, 64, "nf4", dq, native
+                )
 
     def as_list(self) -> list[dict]:
         """One dict per (sample, dtype), with rates and intervals: for JSON and the reports."""

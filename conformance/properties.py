@@ -81,7 +81,9 @@ def _arithmetic(ctx: Context, op: str, dtype: str) -> bounds.Arithmetic:
 def _array(op: str, output: str, value: Any, context: dict) -> np.ndarray:
     a = np.asarray(value)
     if a.dtype == object:
-        raise Mismatch(op, output, None, type(value).__name__, "a numpy array", "numpy at the boundary", context)
+        raise Mismatch(
+            op, output, None, type(value).__name__, "a numpy array", "numpy at the boundary", context
+        )
     return a
 
 
@@ -96,7 +98,8 @@ def _codes_detail(x: np.ndarray, scales: np.ndarray, blocksize: int):
         block = i // blocksize
         a = float(scales[block])
         ratio = f", x/absmax = {float(flat[i]) / a:.9g}" if a else ""
-        return f"x{fmt_index(index)} = {fmt_value(flat[i])} (flat {i}) in block {block}, absmax {fmt_value(a)}{ratio}"
+        where = f"x{fmt_index(index)} = {fmt_value(flat[i])} (flat {i})"
+        return f"{where} in block {block}, absmax {fmt_value(a)}{ratio}"
 
     return detail
 
@@ -150,7 +153,9 @@ def _compare_native(op, actual, expected, quant_state: QuantState, x, context) -
     for f in dataclasses.fields(expected):
         va, ve = getattr(actual, f.name), getattr(expected, f.name)
         if f.name in ("quantized_data", "packed"):
-            _compare_codes(op, np.asarray(va), np.asarray(ve), x, scales, quant_state.blocksize, context, None)
+            _compare_codes(
+                op, np.asarray(va), np.asarray(ve), x, scales, quant_state.blocksize, context, None
+            )
         if isinstance(ve, np.ndarray):
             tol.expect_bits(op, f"state.{f.name}", np.asarray(va), ve, context)
         else:
@@ -184,7 +189,8 @@ def _check_offset(ctx: Context, inputs: Inputs, state, x, context) -> np.ndarray
     mean, limit = tol.offset_bound(absmax, offset_dtype)
     delta = abs(float(offset) - mean)
     if not delta <= limit:
-        raise Mismatch("quantize_4bit", "nested.offset", None, fmt_value(offset), f"{mean:.9g} (the exact mean)",
+        raise Mismatch("quantize_4bit", "nested.offset", None, fmt_value(offset),
+                       f"{mean:.9g} (the exact mean)",
                        f"|Δ| = {delta:.3g} > BOUND = {limit:.3g}, offset_bound", context)  # fmt: skip
     return offset
 
@@ -202,7 +208,8 @@ def check_quantize(ctx: Context, inputs: Inputs) -> None:
         except Exception:
             return  # rejected, as its dialect rejects it
         raise Mismatch("quantize_4bit", "result", None, "a state",
-                       f"an error, as dialect {ctx.dialect.name} raises {type(rejected).__name__}: {rejected}",
+                       f"an error, as dialect {ctx.dialect.name} raises "
+                       f"{type(rejected).__name__}: {rejected}",
                        "held to the dialect", context) from None  # fmt: skip
     state = _call(ctx, inputs, "quantize_4bit", *args, **kwargs)
     if ctx.findings is not None:
@@ -231,9 +238,13 @@ def check_dequantize(ctx: Context, inputs: Inputs) -> None:
         return  # not a state of this dialect: nothing to dequantize
     state = ctx.dialect.as_quant_state(native)
     out_dtype = p.get("out_dtype")
-    out = _array("dequantize_4bit", "out", _call(ctx, inputs, "dequantize_4bit", state, dtype=out_dtype), context)
+    out = _array(
+        "dequantize_4bit", "out", _call(ctx, inputs, "dequantize_4bit", state, dtype=out_dtype), context
+    )
     expected = ctx.dialect.dequantize(native, out_dtype)
-    tol.expect_ulp("dequantize_4bit", "out", out, expected, tol.entry("dequantize_4bit", "out").tolerance.n, context)
+    tol.expect_ulp(
+        "dequantize_4bit", "out", out, expected, tol.entry("dequantize_4bit", "out").tolerance.n, context
+    )
 
 
 def check_roundtrip(ctx: Context, inputs: Inputs) -> None:
@@ -246,7 +257,9 @@ def check_roundtrip(ctx: Context, inputs: Inputs) -> None:
         return  # the dialect has no state for these inputs; check_quantize covers the rejection
     state = _call(ctx, inputs, "quantize_4bit", x, **kwargs)
     out_dtype = p.get("out_dtype")
-    out = _array("dequantize_4bit", "out", _call(ctx, inputs, "dequantize_4bit", state, dtype=out_dtype), context)
+    out = _array(
+        "dequantize_4bit", "out", _call(ctx, inputs, "dequantize_4bit", state, dtype=out_dtype), context
+    )
     try:
         expected = ctx.dialect.dequantize(state, out_dtype)
     except Exception as exc:
@@ -267,12 +280,15 @@ def _bound(op: str, context: dict, fn, *args, **kwargs):
         return fn(*args, **kwargs)
     except ValueError as exc:  # operands not representable in the declared operand dtype
         raise Mismatch(op, "arithmetic()", None, str(exc), "operands of the declared operand dtype",
-                       "the backend's declared arithmetic must describe its inputs", context) from exc  # fmt: skip
+                       "the backend's declared arithmetic must describe its inputs",
+                       context) from exc  # fmt: skip
 
 
 def _base_state(inputs: Inputs) -> QuantState:
     p = inputs.params
-    return nf4.quantize(inputs["W"], p["blocksize"], quant_type=p["quant_type"], double_quant=p["double_quant"])
+    return nf4.quantize(
+        inputs["W"], p["blocksize"], quant_type=p["quant_type"], double_quant=p["double_quant"]
+    )
 
 
 def _forward(ctx: Context, inputs: Inputs) -> None:
@@ -282,15 +298,21 @@ def _forward(ctx: Context, inputs: Inputs) -> None:
     if op == "qlora_forward":
         state = _base_state(inputs)
         W = qlora.dequantized_base(state)
-        y = _call(ctx, inputs, op, o["x"], state, o["A"], o["B"], s, bias=o["bias"], dropout_mask=o["dropout_mask"])
+        y = _call(
+            ctx, inputs, op, o["x"], state, o["A"], o["B"], s, bias=o["bias"], dropout_mask=o["dropout_mask"]
+        )
     else:
         W = o["W"]
-        y = _call(ctx, inputs, op, o["x"], W, o["A"], o["B"], s, bias=o["bias"], dropout_mask=o["dropout_mask"])
+        y = _call(
+            ctx, inputs, op, o["x"], W, o["A"], o["B"], s, bias=o["bias"], dropout_mask=o["dropout_mask"]
+        )
     ref = lora.forward(o["x"], W, o["A"], o["B"], s, bias=o["bias"], dropout_mask=o["dropout_mask"])
     arith = _arithmetic(ctx, op, inputs.dtype)
     limit = _bound(op, context, bounds.lora_forward_bound, o["x"], W, o["A"], o["B"], s, arith,
                    bias=o["bias"], dropout_mask=o["dropout_mask"])  # fmt: skip
-    tol.expect_bound(op, "y", _array(op, "y", y, context), ref, limit, context, "lora_forward_bound (bounds.md §6)")
+    tol.expect_bound(
+        op, "y", _array(op, "y", y, context), ref, limit, context, "lora_forward_bound (bounds.md §6)"
+    )
 
 
 def _backward(ctx: Context, inputs: Inputs) -> None:
@@ -300,10 +322,14 @@ def _backward(ctx: Context, inputs: Inputs) -> None:
     if op == "qlora_backward":
         state = _base_state(inputs)
         W = qlora.dequantized_base(state)
-        grads = _call(ctx, inputs, op, o["grad_y"], o["x"], state, o["A"], o["B"], s, dropout_mask=o["dropout_mask"])
+        grads = _call(
+            ctx, inputs, op, o["grad_y"], o["x"], state, o["A"], o["B"], s, dropout_mask=o["dropout_mask"]
+        )
     else:
         W = o["W"]
-        grads = _call(ctx, inputs, op, o["grad_y"], o["x"], W, o["A"], o["B"], s, dropout_mask=o["dropout_mask"])
+        grads = _call(
+            ctx, inputs, op, o["grad_y"], o["x"], W, o["A"], o["B"], s, dropout_mask=o["dropout_mask"]
+        )
     refs = lora.backward(o["grad_y"], o["x"], W, o["A"], o["B"], s, dropout_mask=o["dropout_mask"])
     if not isinstance(grads, (tuple, list)) or len(grads) != 3:
         raise Mismatch(op, "result", None, type(grads).__name__, "(grad_x, grad_A, grad_B)", "EXACT", context)
@@ -311,7 +337,9 @@ def _backward(ctx: Context, inputs: Inputs) -> None:
     limits = _bound(op, context, bounds.lora_backward_bound, o["grad_y"], o["x"], W, o["A"], o["B"], s, arith,
                     dropout_mask=o["dropout_mask"])  # fmt: skip
     for name, g, r, b in zip(("grad_x", "grad_A", "grad_B"), grads, refs, limits, strict=True):
-        tol.expect_bound(op, name, _array(op, name, g, context), r, b, context, "lora_backward_bound (bounds.md §7)")
+        tol.expect_bound(
+            op, name, _array(op, name, g, context), r, b, context, "lora_backward_bound (bounds.md §7)"
+        )
 
 
 def check_lora_merge(ctx: Context, inputs: Inputs) -> None:
@@ -326,7 +354,17 @@ def check_lora_merge(ctx: Context, inputs: Inputs) -> None:
                                                fan_in_fan_out=fan), context)  # fmt: skip
     tol.expect_equal("lora_merge", "W'.dtype", str(merged.dtype), str(o["W"].dtype), context)
     arith = _arithmetic(ctx, "lora_merge", inputs.dtype)
-    limit = _bound("lora_merge", context, bounds.merge_bound, o["W"], o["A"], o["B"], p["scaling"], arith, fan_in_fan_out=fan)
+    limit = _bound(
+        "lora_merge",
+        context,
+        bounds.merge_bound,
+        o["W"],
+        o["A"],
+        o["B"],
+        p["scaling"],
+        arith,
+        fan_in_fan_out=fan,
+    )
     tol.expect_bound("lora_merge", "W'", merged, ref, limit, context, "merge_bound (bounds.md §8)")
 
 
@@ -373,8 +411,8 @@ def check_rejects(ctx: Context, inputs: Inputs) -> None:
         index = tuple(p["bad_index"])
         raise Mismatch(op, "x", index, f"{p['bad']} (accepted: a state was returned)", "an error",
                        "non-finite input has no 4-bit code and must raise", context)  # fmt: skip
-    raise Mismatch(op, "result", None, "a result (accepted)", "an error", f"bad input must raise: {inputs.note}",
-                   context)  # fmt: skip
+    raise Mismatch(op, "result", None, "a result (accepted)", "an error",
+                   f"bad input must raise: {inputs.note}", context)  # fmt: skip
 
 
 def _flat_state(inputs: Inputs) -> QuantState:

@@ -34,10 +34,20 @@ from reflora.conformance.dialect import get as get_dialect
 from reflora.conformance.findings import Findings
 from reflora.conformance.mismatch import Declined, Mismatch
 from reflora.conformance.properties import Context, run_check
+from reflora.conformance.replay import replay_command
 from reflora.conformance.strategies import INPUT_RULES, InputRules
 from reflora.conformance.suite import DTYPES, OPS, Test, tests
 
-__all__ = ["Report", "TestResult", "markdown", "matrix_text", "resolve_seed", "run", "run_backend", "run_test"]
+__all__ = [
+    "Report",
+    "TestResult",
+    "markdown",
+    "matrix_text",
+    "resolve_seed",
+    "run",
+    "run_backend",
+    "run_test",
+]
 
 FAILED = ("fail", "error")
 
@@ -134,7 +144,7 @@ def _save(m: Mismatch, ctx: Context, profile: str, seed: int, bundle_dir: Path, 
                 dialect=ctx.dialect.name, profile=profile, seed=seed, hypothesis=notes,
                 message=m.headline())  # fmt: skip
     m.bundle = str(path)
-    m.replay = f"reflora replay {path} --backend {ctx.name}"
+    m.replay = replay_command(path, ctx.name)
 
 
 def run_test(ctx: Context, test: Test, profile: profiles.Profile, seed: int, bundle_dir: Path) -> TestResult:
@@ -219,7 +229,9 @@ def _deviation_warnings(results: list[TestResult], entries: list[_deviations.Dev
             continue
         ran = [r for r in results if d.matches(r.id)]
         if ran and not any(r.status == "declared" for r in ran):
-            warnings.append(f"deviation {d.test!r} ({d.source}) matched {len(ran)} tests, none of which failed")
+            warnings.append(
+                f"deviation {d.test!r} ({d.source}) matched {len(ran)} tests, none of which failed"
+            )
     return warnings
 
 
@@ -233,11 +245,13 @@ def run_backend(
     progress: Callable[[str], None] | None = None,
     select: Iterable[str] = (),
     entries: list[_deviations.Deviation] | None = None,
+    on_test: Callable[[TestResult, int, int], None] | None = None,
 ) -> Report:
     """Run the suite against ``backend`` (asked for as ``spec``), with ``profile`` and ``seed``.
 
     select: test-id patterns (``*`` wildcards); only matching tests run. entries: the known deviations
     (default: the backend's own file). progress: called with a line after each op × dtype.
+    on_test: called as ``on_test(result, done, total)`` after each test (a progress bar's hook).
     """
     start = time.perf_counter()
     dialect = get_dialect(backend.dialect)
@@ -256,9 +270,13 @@ def run_backend(
             if not cell:
                 continue
             t0 = time.perf_counter()
-            cell_results = [run_test(ctx, t, profile, seed, bundle_dir) for t in cell]
+            cell_results = []
+            for t in cell:
+                cell_results.append(run_test(ctx, t, profile, seed, bundle_dir))
+                _declare(cell_results[-1:], entries)
+                if on_test is not None:
+                    on_test(cell_results[-1], len(results) + len(cell_results), len(chosen))
             results += cell_results
-            _declare(cell_results, entries)
             text, _ = _cell_text(cell_results)
             say(f"  {op:<16} {dtype:<9} {text:<28} {time.perf_counter() - t0:6.1f} s")
     warnings = _deviation_warnings(results, entries)
@@ -285,7 +303,11 @@ def run(
     if not specs:
         specs = []
         for status in backends.status():
-            (specs.append(status.name) if status.available else unavailable.append((status.name, status.reason)))
+            (
+                specs.append(status.name)
+                if status.available
+                else unavailable.append((status.name, status.reason))
+            )
     chosen = [(spec, backends.get(spec)) for spec in specs]  # raises, listing what is installed
     reports = [run_backend(b, spec, prof, seed, **kwargs) for spec, b in chosen]
     return reports, unavailable, seed
@@ -324,7 +346,7 @@ def matrix_text(report: Report) -> str:
     lines = [
         f"{report.backend} (dialect {report.dialect}): {verdict}  [profile {report.profile}, seed "
         f"{report.seed}, {len(report.results)} tests, {report.seconds:.1f} s]",
-        f"  {'op':<16}" + "".join(f"{d:<30}" for d in DTYPES),
+        (f"  {'op':<16}" + "".join(f"{d:<30}" for d in DTYPES)).rstrip(),
     ]
     notes: list[str] = []
     for op in OPS:
@@ -387,8 +409,8 @@ def markdown(reports: list[Report], unavailable: list[tuple[str, str]], seed: in
             out += ["", "### Warnings", "", *(f"- {w}" for w in rep.warnings)]
         out += ["", "### Findings", ""]
         if rep.findings:
-            out += ["| sample | dtype | codes differ | rate (95% CI) | draws differing | scales differ | max abs Δ "
-                    "(of absmax) |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+            out += ["| sample | dtype | codes differ | rate (95% CI) | draws differing | scales differ "
+                    "| max abs Δ (of absmax) |", "|---|---|---|---|---|---|---|"]  # fmt: skip
             for f in rep.findings:
                 lo, hi = f["code_rate_95"]
                 out.append(

@@ -235,7 +235,9 @@ def draw_quantize(data, test_id: str, check: str, dtype: str, profile: Profile, 
     params = {"blocksize": blocksize, "quant_type": quant_type, "double_quant": double_quant,
               "values": family, "seed": seed}  # fmt: skip
     if check == "dequantize":
-        params["out_dtype"] = data.draw(st.sampled_from([None, "float32", "float16", "bfloat16"]), label="out dtype")
+        params["out_dtype"] = data.draw(
+            st.sampled_from([None, "float32", "float16", "bfloat16"]), label="out dtype"
+        )
     inputs = Inputs(test_id, test_id.split("[")[0], check, dtype, params=params)
     inputs.put("x", x, _view_recipe(data, x.ndim, "x"))
     return inputs
@@ -264,7 +266,9 @@ def _dim(data, hi: int, label: str) -> int:
     return data.draw(st.one_of(st.sampled_from(special), st.integers(1, hi)), label=label)
 
 
-def lora_values(family: str, rng: np.random.Generator, shape: tuple[int, ...], scale: float, dtype) -> np.ndarray:
+def lora_values(
+    family: str, rng: np.random.Generator, shape: tuple[int, ...], scale: float, dtype
+) -> np.ndarray:
     """Values of ``dtype`` and ``shape`` from a LoRA value family, typical magnitude ``scale``."""
     dtype = as_dtype(dtype)
     n = math.prod(shape)
@@ -344,7 +348,9 @@ def draw_lora(data, test_id: str, op: str, dtype: str, profile: Profile) -> Inpu
 def draw_qlora(data, test_id: str, op: str, dtype: str, profile: Profile) -> Inputs:
     """Inputs of qlora_forward / qlora_backward: as :func:`draw_lora`, and the base weight W (out, in)
     with the blocksize, quant_type and double_quant the check quantizes it with (canonical rules)."""
-    inputs = draw_lora(data, test_id, "lora_backward" if op == "qlora_backward" else "lora_forward", dtype, profile)
+    inputs = draw_lora(
+        data, test_id, "lora_backward" if op == "qlora_backward" else "lora_forward", dtype, profile
+    )
     inputs.op, inputs.check = op, op
     W = inputs["W"]
     inputs.views.pop("W", None)

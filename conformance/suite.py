@@ -103,7 +103,13 @@ PROPERTIES = (
     ("quantize_4bit", "random", "quantize", (), _quantize("quantize")),
     ("quantize_4bit", "random non-finite weight -> error", "rejects", (), _quantize("rejects")),
     ("dequantize_4bit", "random", "dequantize", (), _quantize("dequantize")),
-    ("dequantize_4bit", "random own state round trip", "roundtrip", ("quantize_4bit",), _quantize("roundtrip")),
+    (
+        "dequantize_4bit",
+        "random own state round trip",
+        "roundtrip",
+        ("quantize_4bit",),
+        _quantize("roundtrip"),
+    ),
     *(
         entry
         for op in OPS[2:]
@@ -122,7 +128,9 @@ def tests(ops: tuple[str, ...] = OPS, dtypes: tuple[str, ...] = DTYPES) -> list[
         for dtype in dtypes:
             for p_op, name, check, extra, draw in PROPERTIES:
                 if p_op == op:
-                    out.append(Test(make_id(op, name, dtype), op, dtype, "property", check, (op, *extra), draw))
+                    out.append(
+                        Test(make_id(op, name, dtype), op, dtype, "property", check, (op, *extra), draw)
+                    )
             for case, case_dtype in _cases.cases_for(op):
                 if case_dtype == dtype:
                     requires = (op, "quantize_4bit") if case.check == "roundtrip" else (op,)

@@ -7,7 +7,8 @@ Four classes, and nothing hand-picked:
             compared as numbers (+0 == -0; NaN matches NaN). n comes from :func:`reflora.bounds.dequant_ulps`,
             which proves n = 0 for a conforming dequantization.
 ``BOUND``   arithmetic: elementwise |out - ref64| <= bound, the bound derived by :mod:`reflora.bounds`
-            from the backend's declared :class:`reflora.bounds.Arithmetic` (``backend.arithmetic(op, dtype)``).
+            from the backend's declared :class:`reflora.bounds.Arithmetic`
+            (``backend.arithmetic(op, dtype)``).
             Where the bound is inf (a rounding may have overflowed) nothing is required.
 ``STAT``    statistical facts, reported as findings with a confidence bound, never a pass/fail:
             how often a dialect's codes differ from the canonical ones.
@@ -66,7 +67,7 @@ BOUND = Tolerance("BOUND")
 STAT = Tolerance("STAT")
 
 
-def ULP(n: int) -> Tolerance:  # noqa: N802 - reads as the class name it builds
+def ULP(n: int) -> Tolerance:
     """ULP(n): within n units in the last place of the output dtype."""
     return Tolerance("ULP", int(n))
 
@@ -88,7 +89,8 @@ _Q = "docs/spec.md, 4-bit quantization"
 TABLE: tuple[Entry, ...] = (
     Entry("quantize_4bit", "codes", EXACT, "every 4-bit code equals the claimed dialect's code",
           f"{_Q}: Code, Ties, Exactness; the dialect module's rules (reflora.dialects)"),
-    Entry("quantize_4bit", "packed", EXACT, "element 2j high nibble, 2j+1 low; odd n pads the last low nibble",
+    Entry("quantize_4bit", "packed", EXACT,
+          "element 2j high nibble, 2j+1 low; odd n pads the last low nibble",
           f"{_Q}: Packing, Odd n"),
     Entry("quantize_4bit", "absmax", EXACT, "float32 bits of each block's absmax equal the dialect's",
           f"{_Q}: absmax, Ragged tail, All-zero block"),
@@ -106,7 +108,8 @@ TABLE: tuple[Entry, ...] = (
           "dtype(f32(code[q] · absmax)): one multiply, one conversion, both correctly rounded",
           "docs/bounds.md §9 'Dequantization is exact: 0 ulp' (bounds.dequant_ulps)"),
     Entry("dequantize_4bit", "out of the backend's own state (round trip)", EXACT,
-          "the backend's dequantize of its own state equals the oracle's dequantize of that state, bit for bit",
+          "the backend's dequantize of its own state equals the oracle's dequantize of that state, "
+          "bit for bit",
           "docs/bounds.md §9 (0 ulp), so bits: the same state must give the same bytes"),
     Entry("lora_forward", "y", BOUND, "|y - ref| <= lora_forward_bound(x, W, A, B, s, arithmetic)",
           "docs/bounds.md §6"),
@@ -191,7 +194,11 @@ def _bits(a: np.ndarray) -> np.ndarray:
 def _show(v: Any, dtype: np.dtype) -> str:
     if dtype.kind in "iub":
         return fmt_value(v)
-    bits = int(np.asarray(v, dtype=dtype).reshape(1).view({2: np.uint16, 4: np.uint32, 8: np.uint64}[dtype.itemsize])[0])
+    bits = int(
+        np.asarray(v, dtype=dtype)
+        .reshape(1)
+        .view({2: np.uint16, 4: np.uint32, 8: np.uint64}[dtype.itemsize])[0]
+    )
     return f"{fmt_value(v)} (0x{bits:0{2 * dtype.itemsize}x})"
 
 
@@ -228,9 +235,7 @@ def ulp(values: np.ndarray, dtype: np.dtype | str) -> np.ndarray:
     return np.maximum(np.ldexp(1.0, e - 1 - int(fi.nmant)), float(fi.smallest_subnormal))
 
 
-def expect_ulp(
-    op: str, output: str, actual: np.ndarray, expected: np.ndarray, n: int, context: dict
-) -> None:
+def expect_ulp(op: str, output: str, actual: np.ndarray, expected: np.ndarray, n: int, context: dict) -> None:
     """ULP(n): same dtype and shape; |actual - expected| <= n ulps of the dtype at expected, as numbers
     (+0 == -0, NaN matches NaN, inf matches the same inf)."""
     actual, expected = np.asarray(actual), np.asarray(expected)
@@ -253,7 +258,13 @@ def expect_ulp(
 
 
 def expect_bound(
-    op: str, output: str, actual: np.ndarray, reference: np.ndarray, bound: np.ndarray, context: dict, source: str
+    op: str,
+    output: str,
+    actual: np.ndarray,
+    reference: np.ndarray,
+    bound: np.ndarray,
+    context: dict,
+    source: str,
 ) -> None:
     """BOUND: same shape; wherever ``bound`` is finite, ``actual`` is finite and
     |actual - reference| <= bound (float64 arithmetic on float64 copies; the bound already includes

@@ -48,7 +48,11 @@ class NibbleOrder(_Mutant):
 
 
 class TiesUp(_Mutant):
-    name, ops, bug = "mutant-ties-up", ("quantize_4bit",), "a value exactly on a threshold takes the upper code"
+    name, ops, bug = (
+        "mutant-ties-up",
+        ("quantize_4bit",),
+        "a value exactly on a threshold takes the upper code",
+    )
 
     def quantize_4bit(self, x, *, blocksize=64, quant_type="nf4", double_quant=False):
         book = codebooks.get(quant_type)
@@ -71,7 +75,11 @@ class AbsmaxBfloat16(_Mutant):
 
 
 class DequantTruncates(_Mutant):
-    name, ops, bug = "mutant-dequant-truncates", ("dequantize_4bit",), "f32 -> f16/bf16 by truncation, not RNE"
+    name, ops, bug = (
+        "mutant-dequant-truncates",
+        ("dequantize_4bit",),
+        "f32 -> f16/bf16 by truncation, not RNE",
+    )
 
     def dequantize_4bit(self, state, *, dtype=None):
         wide = nf4.dequantize(state, "float32")
@@ -103,7 +111,11 @@ class DequantFMA(_Mutant):
 
 
 class DQDrift(_Mutant):
-    name, ops, bug = "mutant-dq-drift", ("dequantize_4bit",), "DQ rebuild multiplies by absmax2 held in float16"
+    name, ops, bug = (
+        "mutant-dq-drift",
+        ("dequantize_4bit",),
+        "DQ rebuild multiplies by absmax2 held in float16",
+    )
 
     def dequantize_4bit(self, state, *, dtype=None):
         if state.nested is None:
@@ -116,7 +128,11 @@ class DQDrift(_Mutant):
 
 
 class RaggedTail(_Mutant):
-    name, ops, bug = "mutant-ragged-tail", ("quantize_4bit",), "the tail's absmax is taken over the last blocksize elements"
+    name, ops, bug = (
+        "mutant-ragged-tail",
+        ("quantize_4bit",),
+        "the tail's absmax is taken over the last blocksize elements",
+    )
 
     def quantize_4bit(self, x, *, blocksize=64, quant_type="nf4", double_quant=False):
         def absmax(f, bs):
@@ -129,7 +145,11 @@ class RaggedTail(_Mutant):
 
 
 class LargeBlocks(_Mutant):
-    name, ops, bug = "mutant-large-blocks", ("quantize_4bit",), "absmax over the first 1024 elements of blocks >= 2048"
+    name, ops, bug = (
+        "mutant-large-blocks",
+        ("quantize_4bit",),
+        "absmax over the first 1024 elements of blocks >= 2048",
+    )
 
     def quantize_4bit(self, x, *, blocksize=64, quant_type="nf4", double_quant=False):
         def absmax(f, bs):
@@ -152,7 +172,11 @@ class AcceptsNaN(_Mutant):
 
 
 class MemoryOrder(_Mutant):
-    name, ops, bug = "mutant-memory-order", ("quantize_4bit",), "blocks cut from memory order, not logical order"
+    name, ops, bug = (
+        "mutant-memory-order",
+        ("quantize_4bit",),
+        "blocks cut from memory order, not logical order",
+    )
 
     def quantize_4bit(self, x, *, blocksize=64, quant_type="nf4", double_quant=False):
         state = _quantize(x, blocksize, quant_type, double_quant, flat=lambda a: a.ravel(order="K"))
@@ -201,14 +225,18 @@ class QLoRAGradXBaseOnly(_Mutant):
     name, ops, bug = "mutant-qlora-grad-x", ("qlora_backward",), "QLoRA grad_x misses the low-rank path"
 
     def qlora_backward(self, grad_y, x, state, A, B, scaling, *, dropout_mask=None):
-        gx, gA, gB = qlora.backward(grad_y, x, state, A, B, scaling, dropout_mask=dropout_mask)
+        _, gA, gB = qlora.backward(grad_y, x, state, A, B, scaling, dropout_mask=dropout_mask)
         W = qlora.dequantized_base(state).astype(np.float64)
         g = np.asarray(grad_y).astype(np.float64)
         return (g.reshape(-1, W.shape[0]) @ W).reshape(np.shape(x)), gA, gB
 
 
 class ScalingTruncated(_Mutant):
-    name, ops, bug = "mutant-scaling-int", ("lora_forward",), "scaling truncated to an int (rsLoRA's 16/sqrt(8) -> 5)"
+    name, ops, bug = (
+        "mutant-scaling-int",
+        ("lora_forward",),
+        "scaling truncated to an int (rsLoRA's 16/sqrt(8) -> 5)",
+    )
 
     def lora_forward(self, x, W, A, B, scaling, *, bias=None, dropout_mask=None):
         return lora.forward(x, W, A, B, float(int(scaling)), bias=bias, dropout_mask=dropout_mask)
@@ -230,7 +258,11 @@ class BiasIgnored(_Mutant):
 
 
 class DequantIgnoresDtype(_Mutant):
-    name, ops, bug = "mutant-dequant-dtype", ("dequantize_4bit",), "dtype= ignored: output in the state's dtype"
+    name, ops, bug = (
+        "mutant-dequant-dtype",
+        ("dequantize_4bit",),
+        "dtype= ignored: output in the state's dtype",
+    )
 
     def dequantize_4bit(self, state, *, dtype=None):
         return nf4.dequantize(state)
