@@ -1,0 +1,238 @@
+"""``reflora conform`` and ``reflora replay``: the conformance suite on the command line.
+
+``reflora conform [--backend NAME|module:attr ...] [--profile ci|audit] [--seed N] [--json FILE]
+[--markdown FILE] [--bundle-dir DIR]`` runs the suite against each backend named (default: every
+registered backend available here; the others are listed with their reason, not failed). It prints
+the seed first, progress while it runs (a status line on a terminal, one line per op × dtype
+otherwise, both on stderr), then for each backend the support matrix, every failure with its message,
+bundle and replay command, the declared deviations with their reasons, warnings about deviation
+entries that match nothing, and the findings. Exit status: 0 when every test a backend supports
+passes, 1 when one fails, 2 when the run cannot start (an unknown or broken backend, a bad option).
+
+``reflora replay FILE [--backend NAME]`` runs the check saved in a bundle again (default: against the
+backend it was recorded against) and prints the same message: exit 1 on a mismatch, 0 when it passes
+now, 2 when it cannot run (not a bundle, unknown backend, op unsupported).
+
+Both register through the entry-point group ``reflora.commands``; nothing heavy is imported until a
+command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+__all__ = ["add_conform_parser", "add_replay_parser", "conform", "replay"]
+
+
+class _Progress:
+    """Progress on ``stream``: on a terminal one status line rewritten after every test; otherwise
+    the runner's line per op × dtype, which also reaches a log a few lines at a time."""
+
+    def __init__(self, stream: TextIO, tty: bool | None = None) -> None:
+        self.stream = stream
+        self.tty = stream.isatty() if tty is None else tty
+        self.failed = 0
+        self.start = time.perf_counter()
+        self._status = False
+
+    def _clear(self) -> None:
+        if self._status:
+            self.stream.write("\r\033[K")
+            self._status = False
+
+    def line(self, text: str) -> None:
+        if self.tty and text.startswith("  "):  # a cell summary: the status line already says it
+            return
+        self._clear()
+        print(text, file=self.stream, flush=True)
+        self.failed = 0
+        self.start = time.perf_counter()
+
+    def test(self, result: Any, done: int, total: int) -> None:
+        self.failed += result.status in ("fail", "error")
+        if not self.tty:
+            return
+        width = 24
+        bar = "#" * (width * done // max(total, 1))
+        fails = f", {self.failed} failed" if self.failed else ""
+        text = (
+            f"\r\033[K[{bar:<{width}}] {done}/{total}{fails} {time.perf_counter() - self.start:5.1f} s  "
+            f"{result.id[:60]}"
+        )
+        self.stream.write(text)
+        self.stream.flush()
+        self._status = True
+        if done == total:
+            self._clear()
+
+    def close(self) -> None:
+        self._clear()
+
+
+def conform(
+    backends: list[str] | None,
+    *,
+    profile: str = "ci",
+    seed: int | None = None,
+    json_path: str | None = None,
+    markdown_path: str | None = None,
+    bundle_dir: str = "reflora-failures",
+    select: list[str] | None = None,
+    deviations: str | None = None,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+    tty: bool | None = None,
+) -> int:
+    """Run the suite as ``reflora conform`` does; returns the exit status (0 pass, 1 fail, 2 no run).
+
+    backends: registered names or ``module:attr`` (None or empty: every available registered backend);
+    select: test-id patterns to run (``*`` wildcards; default all); deviations: a deviations file used
+    instead of each backend's own; out / err: where the report and the progress go (default stdout /
+    stderr); tty: force the progress style (default: whether ``err`` is a terminal).
+    """
+    from reflora.backends import BackendError
+    from reflora.conformance import deviations as _deviations
+    from reflora.conformance import profiles, runner
+
+    out = out or sys.stdout
+    err = err or sys.stderr
+    try:
+        prof = profiles.get(profile)
+        entries = _deviations.load(deviations) if deviations else None
+    except ValueError as exc:
+        print(f"reflora conform: {exc}", file=err)
+        return 2
+    seed = runner.resolve_seed(prof, seed)
+    print(f"reflora conform: profile {prof.name}, seed {seed} (repeat this run with --seed {seed})", file=out,
+          flush=True)  # fmt: skip
+    progress = _Progress(err, tty)
+    try:
+        reports, unavailable, seed = runner.run(
+            backends or None, prof.name, seed, bundle_dir=bundle_dir, progress=progress.line,
+            on_test=progress.test, select=select or (), entries=entries,
+        )  # fmt: skip
+    except BackendError as exc:
+        progress.close()
+        print(f"reflora conform: {exc}", file=err)
+        return 2
+    progress.close()
+    for name, reason in unavailable:
+        print(f"{name}: unavailable here, not run: {reason}", file=out)
+    for rep in reports:
+        print("", file=out)
+        print(runner.matrix_text(rep), file=out)
+    ok = bool(reports) and all(r.ok for r in reports)
+    if json_path:
+        record = {
+            "profile": prof.name,
+            "seed": seed,
+            "ok": ok,
+            "unavailable": [{"name": n, "reason": r} for n, r in unavailable],
+            "reports": [r.as_dict() for r in reports],
+        }
+        Path(json_path).write_text(json.dumps(record, indent=1, default=str) + "\n", encoding="utf-8")
+    if markdown_path:
+        Path(markdown_path).write_text(
+            runner.markdown(reports, unavailable, seed, prof.name), encoding="utf-8"
+        )
+    if not reports:
+        print("reflora conform: no backend is available to run (see `reflora backends`)", file=err)
+        return 2
+    print("", file=out)
+    for rep in reports:
+        failed = len(rep.by_status("fail", "error"))
+        counts = f"{failed} failed, " if failed else ""
+        declared = len(rep.by_status("declared"))
+        print(f"{'PASS' if rep.ok else 'FAIL'} {rep.backend}: {counts}{len(rep.by_status('pass'))} passed, "
+              f"{declared} declared, {len(rep.by_status('unsupported'))} unsupported, {rep.seconds:.1f} s",
+              file=out)  # fmt: skip
+    return 0 if ok else 1
+
+
+def _run_conform(args: argparse.Namespace) -> int:
+    return conform(args.backend, profile=args.profile, seed=args.seed, json_path=args.json,
+                   markdown_path=args.markdown, bundle_dir=args.bundle_dir, select=args.select,
+                   deviations=args.deviations)  # fmt: skip
+
+
+def add_conform_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "conform",
+        help="hold backends to the oracle: run the conformance suite",
+        description="Run the conformance suite against backends and print a support matrix (op × dtype), "
+        "failures with reproducers, declared deviations and findings.",
+    )
+    p.add_argument(
+        "--backend",
+        action="append",
+        metavar="NAME|module:attr",
+        help="a registered backend or module:attr (repeatable; default: every available one)",
+    )
+    p.add_argument(
+        "--profile",
+        default="ci",
+        choices=("ci", "audit"),
+        help="ci: bounded and reproducible (seed 0); audit: thorough, a fresh seed (default: ci)",
+    )
+    p.add_argument("--seed", type=int, help="the run's seed (default: the profile's; printed either way)")
+    p.add_argument("--json", metavar="FILE", help="write every result, the matrix and the findings as JSON")
+    p.add_argument("--markdown", metavar="FILE", help="write the report as Markdown")
+    p.add_argument(
+        "--bundle-dir",
+        default="reflora-failures",
+        metavar="DIR",
+        help="where failing inputs are saved as .npz bundles (default: reflora-failures)",
+    )
+    p.add_argument(
+        "-k",
+        "--select",
+        action="append",
+        metavar="PATTERN",
+        help="run only tests whose id matches PATTERN ('*' wildcards, e.g. 'lora_merge[*')",
+    )
+    p.add_argument("--deviations", metavar="FILE",
+                   help="a deviations file (TOML) to use instead of each backend's own")  # fmt: skip
+    p.set_defaults(func=_run_conform)
+
+
+def replay(
+    path: str, backend: str | None = None, *, out: TextIO | None = None, err: TextIO | None = None
+) -> int:
+    """``reflora replay``: 0 when the check passes now, 1 on a mismatch or an error, 2 when it cannot run."""
+    from reflora.backends import BackendError
+    from reflora.conformance.replay import replay as run_replay
+
+    out = out or sys.stdout
+    err = err or sys.stderr
+    try:
+        result = run_replay(path, backend)
+    except (OSError, ValueError, KeyError, BackendError) as exc:
+        print(f"reflora replay: {exc}", file=err)
+        return 2
+    print(result.header(), file=out)
+    print("", file=out)
+    if result.status == "pass":
+        print(f"PASS: {result.message}", file=out)
+        return 0
+    if result.status == "unsupported":
+        print(f"UNSUPPORTED: {result.backend} does not run this check: {result.message}", file=out)
+        return 2
+    print(f"{result.status.upper()}: {result.message}", file=out)
+    return 1
+
+
+def add_replay_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "replay",
+        help="run a saved conformance failure (.npz bundle) again",
+        description="Re-run the check saved in a bundle by `reflora conform` against any backend.",
+    )
+    p.add_argument("file", metavar="FILE", help="the .npz bundle")
+    p.add_argument("--backend", metavar="NAME|module:attr",
+                   help="the backend to run it against (default: the one it ran against)")  # fmt: skip
+    p.set_defaults(func=lambda args: replay(args.file, args.backend))

@@ -1,0 +1,96 @@
+"""Replaying a saved failure: load an ``.npz`` bundle and run its check again, against any backend.
+
+A bundle (:mod:`reflora.conformance.bundle`) holds the exact inputs of one failing example, the check it
+ran and the backend it ran against. :func:`replay` runs that same check through the same function the
+suite uses (:func:`reflora.conformance.properties.run_check`), so the message is the one the run
+printed, and the result says whether the backend now passes. ``reflora replay FILE [--backend NAME]``
+is this function on the command line.
+"""
+
+from __future__ import annotations
+
+import shlex
+import traceback
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from reflora.conformance.bundle import load
+from reflora.conformance.dialect import get as get_dialect
+from reflora.conformance.mismatch import Declined, Mismatch
+from reflora.conformance.properties import Context, run_check
+
+__all__ = ["ReplayResult", "replay", "replay_command"]
+
+
+def replay_command(path: str | Path, backend: str) -> str:
+    """The one-line shell command that replays the bundle at ``path`` against ``backend``."""
+    return f"reflora replay {shlex.quote(str(path))} --backend {shlex.quote(backend)}"
+
+
+@dataclass
+class ReplayResult:
+    """status: "pass" (the check holds now), "fail" (a mismatch, as recorded or a new one),
+    "unsupported" (the backend does not support the op or declined the inputs) or "error" (the suite
+    could not run the check); message: what the suite says; meta: the bundle's record."""
+
+    status: str
+    backend: str
+    test_id: str
+    message: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "pass"
+
+    def header(self) -> str:
+        """Where the bundle comes from, as a few lines."""
+        m = self.meta
+        lines = [
+            f"replay {m.get('test_id')} ({m.get('check')} check, dtype {m.get('dtype')}) "
+            f"against {self.backend}",
+            f"  recorded against {m.get('backend_target', m.get('backend'))} (dialect {m.get('dialect')}), "
+            f"profile {m.get('profile')}, seed {m.get('seed')}, reflora {m.get('reflora')}",
+        ]
+        if m.get("note"):
+            lines.append(f"  inputs: {m['note']}")
+        for note in m.get("hypothesis") or []:
+            lines.extend("  " + line for line in str(note).splitlines())
+        return "\n".join(lines)
+
+
+def replay(path: str | Path, backend: str | None = None) -> ReplayResult:
+    """Run the check saved in the bundle at ``path`` against ``backend`` (a registered name or
+    ``module:attr``; default: the backend the bundle was recorded against).
+
+    Raises ValueError for a file that is not a bundle and :class:`reflora.backends.BackendError` for a
+    backend that cannot be had; every outcome of the check itself is a :class:`ReplayResult`.
+    """
+    from reflora import backends
+
+    try:
+        inputs, meta = load(path)
+    except (ValueError, EOFError, zipfile.BadZipFile) as exc:  # np.load's ways of refusing a non-bundle
+        raise ValueError(f"{path} is not a reflora conformance bundle (.npz): {exc}") from None
+    spec = backend or meta.get("backend_target") or meta.get("backend")
+    if not spec:
+        raise ValueError(f"{path}: the bundle names no backend; pass one with --backend")
+    impl = backends.get(spec)
+    for op in {inputs.op, *(("quantize_4bit",) if inputs.check == "roundtrip" else ())}:
+        verdict = impl.supports(op, inputs.dtype) if hasattr(impl, "supports") else True
+        if verdict is not True:
+            return ReplayResult("unsupported", spec, inputs.test_id, f"{op}: {verdict}", meta)
+    ctx = Context(impl, spec, get_dialect(impl.dialect), None)
+    try:
+        run_check(ctx, inputs)
+    except Declined as d:
+        return ReplayResult("unsupported", spec, inputs.test_id, str(d), meta)
+    except Mismatch as m:
+        m.bundle, m.replay = str(path), replay_command(path, spec)
+        return ReplayResult("fail", spec, inputs.test_id, m.message(), meta)
+    except Exception as exc:
+        text = f"{inputs.test_id}: the suite raised {type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+        return ReplayResult("error", spec, inputs.test_id, text, meta)
+    return ReplayResult("pass", spec, inputs.test_id, f"{inputs.test_id}: {spec} meets the check", meta)
