@@ -16,11 +16,10 @@ from pathlib import Path
 import pytest
 
 from reflora import backends
-from reflora.conformance import deviations, profiles, runner
+from reflora.conformance import deviations, profiles, runner, suite
 from reflora.conformance.dialect import get as get_dialect
 from reflora.conformance.properties import Context
 from reflora.conformance.pytest_plugin import RESULTS, SEED
-from reflora.conformance.suite import tests
 
 _CONTEXTS: dict[str, tuple[Context, list]] = {}
 
@@ -44,7 +43,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     params = []
     for spec, reason in _backends(metafunc.config):
         marks = [pytest.mark.skip(reason=f"backend {spec} is unavailable here: {reason}")] if reason else []
-        params += [pytest.param((spec, t), id=f"{spec}-{t.id}", marks=marks) for t in tests()]
+        params += [pytest.param((spec, t), id=f"{spec}-{t.id}", marks=marks) for t in suite.tests()]
     metafunc.parametrize("conformance_test", params)
 
 

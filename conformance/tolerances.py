@@ -185,7 +185,7 @@ def expect_equal(op: str, output: str, actual: Any, expected: Any, context: dict
 
 
 def _bits(a: np.ndarray) -> np.ndarray:
-    a = np.ascontiguousarray(a)
+    a = np.ascontiguousarray(a).reshape(np.shape(a))  # ascontiguousarray makes a 0-d array 1-d
     if a.dtype.kind == "f" or a.dtype == bfloat16:
         return a.view({2: np.uint16, 4: np.uint32, 8: np.uint64}[a.dtype.itemsize])
     return a
