@@ -1,0 +1,165 @@
+"""``reflora conform``, ``reflora replay`` and ``pytest --pyargs reflora.conformance``: exit codes, outputs,
+reports, progress, and the errors a user meets first."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from reflora import backends, cli
+from reflora.conformance import cli as conform_cli
+from reflora.conformance import runner
+
+TESTS = Path(__file__).resolve().parent
+MERGE = "lora_merge[*"  # a cheap slice of the suite (36 tests, well under a second)
+
+
+def _conform(capsys, *args: str) -> tuple[int, str, str]:
+    rc = cli.main(["conform", *args])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def test_conform_passes_reference_and_prints_seed_matrix_and_summary(capsys, tmp_path):
+    rc, out, err = _conform(capsys, "--backend", "reference", "-k", MERGE, "--bundle-dir", str(tmp_path))
+    assert rc == 0
+    lines = out.splitlines()
+    assert lines[0] == "reflora conform: profile ci, seed 0 (repeat this run with --seed 0)"
+    assert "reference (dialect reflora): PASS  [profile ci, seed 0, 36 tests" in out
+    assert any(line.split()[:3] == ["lora_merge", "pass", "12/12"] for line in lines)
+    assert "PASS reference: 36 passed, 0 declared, 0 unsupported" in out
+    assert "lora_merge       float32   pass 12/12" in err  # non-TTY progress: a line per op × dtype
+    assert not list(tmp_path.iterdir())  # nothing failed, nothing saved
+
+
+def test_conform_fails_a_mutant_with_message_bundle_and_replay_line(capsys, tmp_path):
+    rc, out, _ = _conform(capsys, "--backend", "mutants:TiesUp", "-k", "quantize_4bit[nf4 x exactly at*",
+                          "--bundle-dir", str(tmp_path))  # fmt: skip
+    assert rc == 1
+    assert "mutants:TiesUp (dialect reflora): FAIL" in out and "FAIL mutants:TiesUp: " in out
+    assert "FAIL quantize_4bit[nf4 x exactly at threshold 2|3, float32]" in out
+    assert "quantize_4bit: code[0] = 3, expected 2 (EXACT)" in out
+    assert "Mismatched elements: " in out and "Max absolute difference: " in out
+    bundles = sorted(tmp_path.glob("*.npz"))
+    assert bundles and all(f"Bundle: {b}" in out for b in bundles)
+    assert f"Reproduce: reflora replay {bundles[0]} --backend mutants:TiesUp" in out
+
+
+def test_json_and_markdown_reports(capsys, tmp_path):
+    j, md = tmp_path / "r.json", tmp_path / "r.md"
+    rc, _, _ = _conform(capsys, "--backend", "mutants:RankOneDropsAdapter", "-k", "lora_forward[rank 1*",
+                        "--seed", "7", "--json", str(j), "--markdown", str(md),
+                        "--bundle-dir", str(tmp_path))  # fmt: skip
+    assert rc == 1
+    record = json.loads(j.read_text())
+    assert record["seed"] == 7 and record["profile"] == "ci" and record["ok"] is False
+    (rep,) = record["reports"]
+    assert rep["backend"] == "mutants:RankOneDropsAdapter" and rep["ok"] is False
+    assert rep["matrix"]["lora_forward"] == {d: "FAIL 1 of 1" for d in ("float32", "float16", "bfloat16")}
+    fails = [r for r in rep["results"] if r["status"] == "fail"]
+    assert len(fails) == 3 and all(Path(r["bundle"]).is_file() and r["replay"] for r in fails)
+    assert fails[0]["message"].startswith("lora_forward: y[0, 0] = ")
+    text = md.read_text()
+    assert "Profile `ci`, seed 7." in text
+    assert "## `mutants:RankOneDropsAdapter` (dialect `reflora`): FAIL" in text
+    assert "| lora_forward | FAIL 1 of 1 | FAIL 1 of 1 | FAIL 1 of 1 |" in text
+    assert "#### `lora_forward[rank 1, float32]`" in text
+
+
+def test_unknown_backend_lists_the_installed_ones(capsys):
+    rc, _, err = _conform(capsys, "--backend", "no-such-backend")
+    assert rc == 2
+    assert "unknown backend 'no-such-backend'" in err
+    assert "installed backends:" in err and "reference" in err and "available" in err
+
+
+def test_broken_module_attr_backend_is_an_error_not_a_fallback(capsys):
+    rc, _, err = _conform(capsys, "--backend", "reflora_no_such_module:Backend")
+    assert rc == 2 and "failed to load" in err and "installed backends:" in err
+
+
+def test_bad_profile_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["conform", "--profile", "thorough"])
+    assert exc.value.code == 2
+
+
+def test_default_runs_every_available_backend_and_lists_the_unavailable(capsys, monkeypatch, tmp_path):
+    real = backends.status()
+    fake = backends.Status("gpu-only", "somewhere:Backend", "reflora", False, "needs CUDA")
+    monkeypatch.setattr(backends, "status", lambda: [*real, fake])
+    rc, out, _ = _conform(capsys, "-k", MERGE, "--bundle-dir", str(tmp_path))
+    assert rc == 0  # unavailable is listed, not failed
+    assert "gpu-only: unavailable here, not run: needs CUDA" in out
+    for s in real:
+        if s.available:
+            assert f"PASS {s.name}: " in out
+
+
+def test_progress_on_a_terminal_is_one_rewritten_status_line(tmp_path):
+    out, err = io.StringIO(), io.StringIO()
+    rc = conform_cli.conform(
+        ["reference"], select=[MERGE], bundle_dir=str(tmp_path), out=out, err=err, tty=True
+    )
+    assert rc == 0
+    progress = err.getvalue()
+    assert "\r\033[K[" in progress and "36/36" in progress and "lora_merge[" in progress
+    assert "lora_merge       float32" not in progress  # the per-cell lines are for logs, not terminals
+    assert progress.endswith("\r\033[K")  # the status line is cleared before the report
+
+
+def test_replay_of_something_that_is_not_a_bundle(capsys, tmp_path):
+    (tmp_path / "x.npz").write_bytes(b"not a zip")
+    assert cli.main(["replay", str(tmp_path / "x.npz")]) == 2
+    assert "is not a reflora conformance bundle" in capsys.readouterr().err
+    assert cli.main(["replay", str(tmp_path / "missing.npz")]) == 2
+
+
+def test_replay_against_an_unknown_backend(capsys, tmp_path):
+    one = "quantize_4bit[nf4 x exactly at threshold 2|3, float32]"
+    reports, _, _ = runner.run(["mutants:TiesUp"], select=[one], bundle_dir=tmp_path)
+    bundle = reports[0].by_status("fail")[0].bundle
+    assert cli.main(["replay", bundle, "--backend", "nope"]) == 2
+    assert "unknown backend 'nope'" in capsys.readouterr().err
+
+
+def _pytest(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "--pyargs",
+        "reflora.conformance",
+        "-p",
+        "no:cacheprovider",
+        *args,
+    ]
+    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+
+
+@pytest.mark.slow
+def test_the_suite_runs_under_pytest_with_the_same_messages(tmp_path):
+    ok = _pytest("--reflora-backend", "reference", "-k", "lora_merge", cwd=tmp_path)
+    assert ok.returncode == 0, ok.stdout[-3000:]
+    assert "reflora conformance: profile ci, seed 0" in ok.stdout
+    assert "36 passed" in ok.stdout
+    bad = _pytest(
+        "--reflora-backend", "mutants:TiesUp", "-k", "exactly and threshold and float32", cwd=tmp_path
+    )
+    assert bad.returncode == 1
+    assert (
+        "FAILED test_backends.py::test_conformance[mutants:TiesUp-quantize_4bit[nf4 x exactly at threshold"
+        in (bad.stdout)
+    )
+    assert "quantize_4bit: code[0] = 3, expected 2 (EXACT)" in bad.stdout
+    assert "Reproduce: reflora replay reflora-failures/mutant-ties-up-" in bad.stdout
+    unknown = _pytest("--reflora-backend", "nope", cwd=tmp_path)
+    assert unknown.returncode != 0  # a collection error, not tests that silently ran on something else
+    assert "unknown backend 'nope'" in unknown.stdout and "installed backends:" in unknown.stdout
