@@ -1,0 +1,123 @@
+"""Known-deviation files: a declared failure is listed with its reason, not counted; an entry that
+matches nothing, or only passing tests, draws a warning; a malformed file is an error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mutants import TiesUp
+
+from reflora import cli
+from reflora.conformance import deviations, profiles, runner
+
+TIES = "quantize_4bit[nf4 x exactly at threshold *, float32]"
+SELECT = ["quantize_4bit[nf4 x exactly at threshold *", "quantize_4bit[one row, *"]
+
+
+def _file(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "deviations.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+GOOD = f"""
+# the mutant's known bug, declared
+[[deviation]]
+test = "{TIES}"
+reason = "rounds ties up"
+upstream = "https://example.org/issue/1"
+
+[[deviation]]
+test = "quantize_4bit[no such case, *]"
+reason = "stale entry"
+
+[[deviation]]
+test = "quantize_4bit[one row, *]"
+reason = "fixed long ago"
+"""
+
+
+def _run(backend, entries, tmp_path) -> runner.Report:
+    prof = profiles.get("ci")
+    return runner.run_backend(
+        backend, "mutants:TiesUp", prof, 0, bundle_dir=tmp_path, select=SELECT, entries=entries
+    )
+
+
+def test_declared_failures_are_listed_not_counted_and_stale_entries_warn(tmp_path):
+    entries = deviations.load(_file(tmp_path, GOOD))
+    assert [e.test for e in entries] == [TIES, "quantize_4bit[no such case, *]", "quantize_4bit[one row, *]"]
+    undeclared = _run(TiesUp(), [], tmp_path)
+    assert not undeclared.ok
+    failed = {r.id for r in undeclared.by_status("fail")}
+    rep = _run(TiesUp(), entries, tmp_path)
+    assert rep.ok  # every failure is declared
+    assert {r.id for r in rep.by_status("declared")} == failed
+    assert all(r.deviation["reason"] == "rounds ties up" for r in rep.by_status("declared"))
+    where = tmp_path / "deviations.toml"
+    assert rep.warnings == [
+        f"deviation 'quantize_4bit[no such case, *]' ({where}) matches no test id of the suite",
+        f"deviation 'quantize_4bit[one row, *]' ({where}) matched 3 tests, none of which failed",
+    ]
+    text = runner.matrix_text(rep)
+    assert "Declared deviations (known, not counted as failures):" in text
+    assert "rounds ties up (https://example.org/issue/1)" in text
+    n = sum(r.dtype == "float32" for r in rep.results)
+    assert f"pass {n - len(failed)}/{n}, {len(failed)} declared" in text
+    assert "WARNING: deviation 'quantize_4bit[no such case, *]'" in text
+    md = runner.markdown([rep], [], 0, "ci")
+    assert "### Declared deviations" in md and "### Warnings" in md
+
+
+def test_a_failure_the_file_does_not_name_still_fails(tmp_path):
+    only16 = TIES.replace("float32", "float16")  # the mutant fails in float32
+    entries = deviations.load(_file(tmp_path, f'[[deviation]]\ntest = "{only16}"\nreason = "r"\n'))
+    rep = _run(TiesUp(), entries, tmp_path)
+    assert not rep.ok and not rep.by_status("declared")
+
+
+def test_the_backend_owns_its_file(tmp_path):
+    backend = TiesUp()
+    backend.deviations = _file(tmp_path, GOOD)
+    rep = runner.run_backend(
+        backend, "mutants:TiesUp", profiles.get("ci"), 0, bundle_dir=tmp_path, select=SELECT
+    )
+    assert rep.ok and rep.by_status("declared")
+
+
+def test_conform_takes_a_deviations_file_and_exits_0_when_all_failures_are_declared(tmp_path, capsys):
+    args = ["conform", "--backend", "mutants:TiesUp", "--bundle-dir", str(tmp_path)]
+    for pattern in SELECT:
+        args += ["-k", pattern]
+    assert cli.main([*args, "--deviations", str(_file(tmp_path, GOOD))]) == 0
+    out = capsys.readouterr().out
+    assert "Declared deviations" in out and "WARNING: deviation 'quantize_4bit[one row, *]'" in out
+
+
+@pytest.mark.parametrize(
+    "text, error",
+    [
+        ('[[deviation]]\ntset = "x[*]"\nreason = "r"\n', "unknown keys ['tset']"),
+        ('[[deviation]]\ntest = "x[*]"\n', "'reason' must be a non-empty string"),
+        ('[deviation]\ntest = "x[*]"\nreason = "r"\n', "array of tables"),
+        ('[[deviations]]\ntest = "x"\n', "unknown top-level keys"),
+        ("[[deviation]\n", "deviations.toml"),
+    ],
+)
+def test_a_malformed_file_is_an_error_naming_file_and_entry(tmp_path, capsys, text, error):
+    path = _file(tmp_path, text)
+    with pytest.raises(deviations.DeviationsError, match=r"deviations\.toml") as exc:
+        deviations.load(path)
+    assert error in str(exc.value)
+    assert cli.main(["conform", "--backend", "reference", "--deviations", str(path)]) == 2
+    assert error in capsys.readouterr().err
+
+
+def test_patterns_are_literal_but_for_the_star():
+    match = deviations.pattern_regex("quantize_4bit[random, *]").match
+    assert match("quantize_4bit[random, float32]")
+    assert not match("quantize_4bit[random non-finite weight -> error, float32]")
+    assert not match("dequantize_4bit[random, float32]")  # anchored at both ends
+    assert deviations.pattern_regex("*[*.*]").match("lora_merge[x.y]")
+    assert not deviations.pattern_regex("a.c").match("abc")
