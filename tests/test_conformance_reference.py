@@ -1,0 +1,66 @@
+"""The oracle as a backend passes its own suite: 100% of the ci profile, every cell of the matrix."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from reflora.conformance import runner, suite, tolerances
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> runner.Report:
+    reports, _, seed = runner.run(["reference"], "ci", bundle_dir=tmp_path_factory.mktemp("b"))
+    assert seed == 0 and len(reports) == 1
+    return reports[0]
+
+
+@pytest.mark.slow
+def test_reference_passes_every_ci_test(report):
+    bad = report.by_status("fail", "error", "declared", "unsupported")
+    assert not bad, bad[0].message or bad[0].reason
+    assert report.ok and len(report.results) == len(suite.tests())
+    props = [r for r in report.results if r.kind == "property"]
+    # every property ran the profile's examples (none declined, none skipped)
+    assert all(r.examples == 12 and not r.declined for r in props), [(r.id, r.examples) for r in props]
+
+
+@pytest.mark.slow
+def test_the_matrix_shows_every_op_and_dtype_passing(report):
+    text = runner.matrix_text(report)
+    assert text.startswith("reference (dialect reflora): PASS  [profile ci, seed 0, ")
+    for op in suite.OPS:
+        row = next(line for line in text.splitlines() if line.strip().startswith(op + " "))
+        cells = re.findall(r"pass (\d+)/(\d+)", row)
+        assert len(cells) == 3 and all(a == b for a, b in cells), row
+    d = report.as_dict()
+    assert d["ok"] and set(d["matrix"]) == set(suite.OPS)
+
+
+def test_test_ids_are_unique_parseable_and_cover_every_op_and_dtype():
+    tests = suite.tests()
+    assert len({t.id for t in tests}) == len(tests)
+    for t in tests:
+        assert suite.parse_id(t.id) == (t.op, t.id[len(t.op) + 1 : t.id.rindex(",")], t.dtype)
+    assert {(t.op, t.dtype) for t in tests} == {(o, d) for o in suite.OPS for d in suite.DTYPES}
+    # each op has a random property, a bad-input test and special cases in every dtype
+    for op in suite.OPS:
+        for dtype in suite.DTYPES:
+            cell = [t for t in tests if t.op == op and t.dtype == dtype]
+            assert any(t.kind == "property" for t in cell) and any(t.kind == "case" for t in cell)
+            if op != "dequantize_4bit":
+                assert any(t.check == "rejects" for t in cell), (op, dtype)
+    with pytest.raises(ValueError, match="not a test id"):
+        suite.parse_id("quantize_4bit[random]")
+
+
+def test_docs_carry_the_tolerance_table_verbatim():
+    doc = (ROOT / "docs" / "conformance.md").read_text(encoding="utf-8")
+    assert tolerances.markdown_table() in doc
+    for e in tolerances.TABLE:
+        assert e.source and e.rule
+    assert {str(e.tolerance).split("(")[0] for e in tolerances.TABLE} == {"EXACT", "ULP", "BOUND", "STAT"}
