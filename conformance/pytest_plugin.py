@@ -62,7 +62,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def _conformance_session(config: pytest.Config) -> bool:
-    return bool(config.getoption("reflora_backend")) or any("conformance" in str(a) for a in config.args)
+    asked = config.option.pyargs and any(str(a).startswith("reflora.conformance") for a in config.args)
+    return bool(config.getoption("reflora_backend")) or asked
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
