@@ -14,17 +14,26 @@ Public functions (torch tensors in and out; a backend class converts to and from
 
 Kernels run on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (set before this package
 is imported). Each kernel module names its reference function and tolerance class (``REFERENCE``,
-``TOLERANCE``); the BOUND class's arithmetic is declared in :mod:`._bounds`.
+``TOLERANCE``); the BOUND class's arithmetic is declared by the conformance backend
+(:meth:`.backend.TritonBackend.arithmetic`, in :mod:`reflora.bounds` terms).
 """
 
-from reflora.backends.triton._common import launch_counts, reset_launch_counts
-from reflora.backends.triton.dequant import dequantize
-from reflora.backends.triton.gemv import GEMV_MAX_M, nf4_gemv
-from reflora.backends.triton.lowrank import lowrank_matmul
-from reflora.backends.triton.nf4_gemm import nf4_gemm
-from reflora.backends.triton.qlora import LinearConfig, nf4_matmul, qlora_linear
-
-dequantize_nf4 = dequantize
+# Nothing is imported until a name is asked for (PEP 562): importing this package, e.g. to load the
+# ``triton`` conformance backend (:mod:`.backend`) for ``reflora backends``, must not import Triton,
+# because Triton chooses between the CPU interpreter and CUDA (TRITON_INTERPRET) when its kernels are
+# first decorated, and a command that wants the interpreter has to set the variable before that.
+_EXPORTS = {
+    "launch_counts": "_common",
+    "reset_launch_counts": "_common",
+    "dequantize": "dequant",
+    "GEMV_MAX_M": "gemv",
+    "nf4_gemv": "gemv",
+    "lowrank_matmul": "lowrank",
+    "nf4_gemm": "nf4_gemm",
+    "LinearConfig": "qlora",
+    "nf4_matmul": "qlora",
+    "qlora_linear": "qlora",
+}
 
 __all__ = [
     "GEMV_MAX_M",
@@ -39,3 +48,16 @@ __all__ = [
     "qlora_linear",
     "reset_launch_counts",
 ]
+
+
+def __getattr__(name: str):
+    import importlib
+
+    module = _EXPORTS.get("dequantize" if name == "dequantize_nf4" else name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(
+        importlib.import_module(f"{__name__}.{module}"), "dequantize" if name == "dequantize_nf4" else name
+    )
+    globals()[name] = value
+    return value

@@ -1,0 +1,228 @@
+"""bitsandbytes as a conformance backend: its 4-bit quantizer, dequantizer and 4-bit matmul, held to the
+dialect that models it bit for bit ("bnb-cpu" on the CPU, "bnb-cuda" on CUDA; docs/dialects.md).
+
+The adapter only converts. Inputs go to ``bitsandbytes.functional`` as torch tensors over the suite's own
+memory, strides kept (:func:`reflora.backends._tensors.view`), so a non-contiguous view reaches bnb as a
+non-contiguous tensor. bnb's ``QuantState`` maps field for field onto :class:`reflora.QuantState`:
+
+=============================  =========================================================
+bnb                            reflora
+=============================  =========================================================
+packed tensor ((n+1)//2, 1)    ``packed`` (flattened; the bytes are the same)
+``absmax`` float32             ``absmax`` (plain)
+``absmax`` uint8 (nested)      ``nested.absmax_q``
+``state2.absmax`` / ``.code``  ``nested.absmax2`` / ``nested.code2``
+``offset`` (0-d float32)       ``nested.offset``
+``state2.blocksize``           ``nested.blocksize2``
+``code``, ``shape``,           ``code``, ``shape``, ``dtype``, ``blocksize``, ``quant_type``
+``dtype``, ``blocksize``,
+``quant_type``
+=============================  =========================================================
+
+Two facts of bnb's API are handled here and reported as findings, not hidden: ``dequantize_4bit`` returns
+some shapes differently from the state's (a 1-D even-length tensor as (1, n); n <= 2 transposed;
+``reflora.dialects.bnb_cpu.output_shape``), which the adapter reshapes back after checking that it is one
+of those; and bnb dequantizes to ``QuantState.dtype``, so an output dtype is asked for by setting it there.
+
+bitsandbytes has no LoRA: lora_forward/backward/merge are unsupported (the ``peft`` backend runs PEFT's
+LoRA layers). QLoRA runs the frozen base through ``bitsandbytes.matmul_4bit`` (its training path:
+``MatMul4Bit``, dequantize then ``torch.nn.functional.linear``, and ``grad_output @ dequantize(W)`` for
+grad_x) and the low-rank term in eager torch, in the input dtype, as PEFT's ``Linear4bit`` does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from reflora.backends._tensors import import_error, to_numpy, torch_dtype, view
+from reflora.backends.protocol import BaseBackend
+from reflora.state import NestedState, QuantState
+
+__all__ = ["BitsandbytesBackend", "lora_term", "one_byte_backward", "to_bnb", "to_reflora", "torch_qlora"]
+
+_NO_LORA = "bitsandbytes has no LoRA layers (the peft backend runs PEFT's LoRA over torch.nn.Linear)"
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def to_reflora(packed, qs) -> QuantState:
+    """A :class:`reflora.QuantState` with the bytes of bnb's (packed, QuantState), field for field."""
+    nested = None
+    absmax = to_numpy(qs.absmax)
+    if qs.nested:
+        nested = NestedState(
+            absmax_q=absmax,
+            absmax2=to_numpy(qs.state2.absmax),
+            code2=to_numpy(qs.state2.code),
+            offset=np.float32(to_numpy(qs.offset).reshape(())),
+            blocksize2=int(qs.state2.blocksize),
+        )
+        absmax = None
+    return QuantState(
+        packed=to_numpy(packed).reshape(-1),
+        absmax=absmax,
+        shape=tuple(qs.shape),
+        dtype=str(qs.dtype).removeprefix("torch."),
+        blocksize=int(qs.blocksize),
+        quant_type=qs.quant_type,
+        code=to_numpy(qs.code),
+        nested=nested,
+    )
+
+
+def to_bnb(state: QuantState, device: str, dtype: Any = None):
+    """(packed ((n+1)//2, 1) uint8, bnb QuantState) holding ``state``'s bytes; ``dtype`` overrides the
+    state's dtype (bnb dequantizes to ``QuantState.dtype``)."""
+    import torch
+    from bitsandbytes.functional import QuantState as BnbState
+
+    def t(a):
+        return torch.from_numpy(np.array(a)).to(device)
+
+    state2, offset = None, None
+    if state.nested is not None:
+        n = state.nested
+        state2 = BnbState(absmax=t(n.absmax2), code=t(n.code2), blocksize=n.blocksize2, dtype=torch.float32)
+        offset, absmax = t(np.float32(n.offset)), t(n.absmax_q)
+    else:
+        absmax = t(state.absmax)
+    qs = BnbState(
+        absmax=absmax,
+        shape=torch.Size(state.shape),
+        code=t(state.code),
+        blocksize=state.blocksize,
+        quant_type=state.quant_type,
+        dtype=torch_dtype(state.dtype if dtype is None else dtype),
+        offset=offset,
+        state2=state2,
+    )
+    return t(state.packed).reshape(-1, 1), qs
+
+
+def lora_term(x, A, B, scaling: float, mask=None):
+    """scaling · ((x ⊙ mask) Aᵀ) Bᵀ in eager torch, every intermediate in the input dtype, in PEFT's
+    order: ``lora_B(lora_A(dropout(x))) * scaling``. x (..., in), A (r, in), B (out, r)."""
+    xd = x if mask is None else x * mask
+    return ((xd @ A.T) @ B.T) * scaling  # (..., in) @ (in, r) @ (r, out) -> (..., out)
+
+
+def torch_qlora(base, x, A, B, scaling, *, bias=None, dropout_mask=None, grad_y=None, device="cpu"):
+    """y = base(x, bias) + lora_term(...), or with ``grad_y`` the gradients (grad_x, grad_A, grad_B) by
+    autograd. ``base(x_t, bias_t)`` is the library's frozen-base product. Arrays in and out are numpy."""
+    import torch
+
+    xt = view(x, device).detach().requires_grad_(grad_y is not None)
+    At = view(A, device).detach().requires_grad_(grad_y is not None)
+    Bt = view(B, device).detach().requires_grad_(grad_y is not None)
+    bt = None if bias is None else view(bias, device)
+    mt = None if dropout_mask is None else view(dropout_mask, device)
+    with torch.enable_grad() if grad_y is not None else torch.no_grad():
+        y = base(xt, bt) + lora_term(xt, At, Bt, scaling, mt)
+        if grad_y is None:
+            return to_numpy(y)
+        gx, gA, gB = torch.autograd.grad(y, (xt, At, Bt), view(grad_y, device))
+    return to_numpy(gx), to_numpy(gA), to_numpy(gB)
+
+
+ONE_BYTE_BACKWARD = (
+    "bitsandbytes cannot backpropagate through a 4-bit weight of at most 2 elements: MatMul4Bit.backward "
+    "dequantizes it with functional.dequantize_4bit, whose compatibility shim transposes the result when the "
+    "packed weight is a single byte, and the product then fails ({exc})"
+)
+
+
+def one_byte_backward(state: QuantState, exc: Exception) -> Exception:
+    """NotImplementedError (the example is declined) when ``exc`` is bnb's failure on a one-byte weight
+    in the backward pass, else ``exc`` itself. docs/findings.md records it as a bitsandbytes bug."""
+    if isinstance(exc, RuntimeError) and (state.numel + 1) // 2 == 1:
+        return NotImplementedError(ONE_BYTE_BACKWARD.format(exc=exc))
+    return exc
+
+
+class BitsandbytesBackend(BaseBackend):
+    """bitsandbytes 0.50: ``bitsandbytes.functional.quantize_4bit`` / ``dequantize_4bit`` and
+    ``bitsandbytes.matmul_4bit``, on CUDA when torch sees a GPU, else on the CPU."""
+
+    name = "bitsandbytes"
+    deviations = "deviations/bitsandbytes.toml"
+
+    @property
+    def dialect(self) -> str:
+        try:
+            return "bnb-cuda" if _device() == "cuda" else "bnb-cpu"
+        except ImportError:
+            return "bnb-cpu"
+
+    def available(self) -> bool | str:
+        return import_error("torch", "bitsandbytes") or True
+
+    def supports(self, op: str, dtype: str) -> bool | str:
+        if op.startswith("lora_"):
+            return _NO_LORA
+        return super().supports(op, dtype)
+
+    def quantize_4bit(self, x, *, blocksize=64, quant_type="nf4", double_quant=False):
+        import bitsandbytes.functional as F
+
+        packed, qs = F.quantize_4bit(
+            view(x, _device()), blocksize=blocksize, compress_statistics=double_quant, quant_type=quant_type
+        )
+        return to_reflora(packed, qs)
+
+    def dequantize_4bit(self, state, *, dtype=None):
+        import bitsandbytes.functional as F
+
+        from reflora.dialects.bnb_cpu import output_shape
+
+        packed, qs = to_bnb(state, _device(), dtype)
+        try:
+            out = F.dequantize_4bit(packed, qs)
+        except RuntimeError as exc:
+            try:
+                output_shape(state.shape)
+            except ValueError as predicted:  # the bnb-cpu dialect says bnb cannot return this shape
+                raise NotImplementedError(f"bitsandbytes fails here ({exc}): {predicted}") from exc
+            raise
+        quirk = output_shape(state.shape) if _device() == "cpu" else state.shape
+        if tuple(out.shape) not in (tuple(state.shape), quirk):
+            raise AssertionError(f"bnb dequantized {state.shape} to shape {tuple(out.shape)}")
+        # bnb's transposes of n <= 2 elements and its (1, n) rows hold the elements in order
+        return to_numpy(out).reshape(state.shape)
+
+    def _base(self, state: QuantState):
+        import bitsandbytes as bnb
+
+        packed, qs = to_bnb(state, _device())
+        if len(state.shape) != 2:
+            raise ValueError(f"a QLoRA base weight is 2-D (out, in); the state holds shape {state.shape}")
+        return lambda x, bias: bnb.matmul_4bit(x, packed.t(), qs, bias=bias)
+
+    def qlora_forward(self, x, state, A, B, scaling, *, bias=None, dropout_mask=None):
+        _check_qlora(x, state, A, B, bias, dropout_mask)
+        return torch_qlora(self._base(state), x, A, B, scaling, bias=bias, dropout_mask=dropout_mask,
+                           device=_device())  # fmt: skip
+
+    def qlora_backward(self, grad_y, x, state, A, B, scaling, *, dropout_mask=None):
+        _check_qlora(x, state, A, B, None, dropout_mask, grad_y)
+        try:
+            return torch_qlora(self._base(state), x, A, B, scaling, dropout_mask=dropout_mask, grad_y=grad_y,
+                               device=_device())  # fmt: skip
+        except RuntimeError as exc:
+            raise one_byte_backward(state, exc) from exc
+
+
+def _check_qlora(x, state, A, B, bias, mask, grad_y=None) -> None:
+    """The low-rank term is the adapter's own torch code, whose broadcasting would accept some broken
+    shapes (a mask of one row): reflora's shape check rejects them before anything runs."""
+    from reflora.lora import check_shapes
+
+    if not isinstance(state, QuantState) or len(state.shape) != 2:
+        raise ValueError("state must be a 2-D reflora.QuantState")
+    W = np.broadcast_to(np.zeros((), dtype=state.dtype), state.shape)
+    check_shapes(x, W, A, B, bias, mask, grad_y)

@@ -1,0 +1,109 @@
+"""The third-party backends pass the ci profile against the dialects they claim, apart from exactly
+their declared deviations; each is registered, and one whose library is missing is listed as
+unavailable with a reason instead of breaking the registry.
+
+Measured on the 2-core CI machine (ci profile, seed 0): bitsandbytes about 21 s, torchao about 14 s,
+peft about 30 s (the triton backend is in tests/test_triton_backend.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from reflora import backends, lora
+from reflora.conformance import runner
+from reflora.conformance.suite import tests as suite_tests
+
+THIRD_PARTY = ("bitsandbytes", "torchao", "peft", "triton")
+
+
+def _ci_report(name: str, tmp_path):
+    backend = backends.status()
+    row = next(s for s in backend if s.name == name)
+    if not row.available:
+        pytest.skip(f"{name}: {row.reason}")
+    reports, unavailable, seed = runner.run([name], profile="ci", bundle_dir=tmp_path)
+    assert not unavailable and seed == 0
+    (report,) = reports
+    return report
+
+
+def _ids(op: str, pattern: str) -> set[str]:
+    return {t.id for t in suite_tests() if t.op == op and pattern in t.id}
+
+
+def test_registry_lists_the_third_party_backends():
+    assert set(THIRD_PARTY) <= set(backends.names())
+    rows = {s.name: s for s in backends.status()}
+    for name in THIRD_PARTY:
+        assert rows[name].available or rows[name].reason, name  # never unavailable without a reason
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("name", "library", "dialect", "declared"),
+    [
+        # bitsandbytes quantizes NaN and inf instead of raising: every "-> error" quantize test
+        ("bitsandbytes", "bitsandbytes", "bnb-cpu", _ids("quantize_4bit", "-> error")),
+        ("torchao", "torchao", "torchao", set()),
+        ("peft", "peft", "bnb-cpu", set()),
+    ],
+)
+def test_backend_passes_the_ci_profile_apart_from_its_declared_deviations(name, library, dialect, declared,
+                                                                          tmp_path):  # fmt: skip
+    pytest.importorskip(library)
+    report = _ci_report(name, tmp_path)
+    assert report.dialect == dialect
+    assert report.ok, runner.matrix_text(report)
+    assert {r.id for r in report.by_status("declared")} == declared
+    assert not report.warnings, report.warnings
+    ran = [r for r in report.results if r.status == "pass"]
+    assert len(ran) >= 90, f"{name} ran only {len(ran)} tests"  # the backend was really exercised
+
+
+def test_peft_use_rslora_scales_by_alpha_over_sqrt_r():
+    """The scaling the peft backend hands PEFT directly is what PEFT computes itself for rsLoRA."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    from peft import LoraConfig
+    from peft.tuners.lora import Linear
+
+    for r, alpha in ((1, 16.0), (4, 8.0), (7, 3.0), (64, 16.0)):
+        config = LoraConfig(r=r, lora_alpha=alpha, use_rslora=True)
+        layer = Linear(torch.nn.Linear(8, 5), "default", config, r=r, lora_alpha=alpha, use_rslora=True)
+        assert layer.scaling["default"] == lora.scaling(alpha, r, True) == alpha / math.sqrt(r)
+        plain = Linear(
+            torch.nn.Linear(8, 5), "default", LoraConfig(r=r, lora_alpha=alpha), r=r, lora_alpha=alpha
+        )
+        assert plain.scaling["default"] == lora.scaling(alpha, r, False)
+
+
+def test_peft_applies_the_explicit_dropout_mask_to_the_lora_branch_only():
+    pytest.importorskip("peft")
+    backend = backends.get("peft")
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((6, 9)).astype(np.float32)
+    W = rng.standard_normal((4, 9)).astype(np.float32)
+    A = rng.standard_normal((2, 9)).astype(np.float32)
+    B = rng.standard_normal((4, 2)).astype(np.float32)
+    mask = np.where(rng.random(x.shape) < 0.5, 0.0, 2.0).astype(np.float32)
+    y = backend.lora_forward(x, W, A, B, 1.5, dropout_mask=mask)
+    ref = lora.forward(x, W, A, B, 1.5, dropout_mask=mask)
+    base_masked = lora.forward(x * mask, W, A, B, 1.5)
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+    assert np.abs(y - base_masked).max() > 1e-2  # the base path saw the undropped x
+
+
+def test_a_backend_whose_library_is_missing_is_listed_unavailable(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torchao.quantization.quantize_.workflows.nf4.nf4_tensor", None)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    rows = {s.name: s for s in backends.status()}
+    for name in ("torchao", "bitsandbytes", "peft"):
+        assert not rows[name].available and "cannot import" in rows[name].reason, rows[name]
+    with pytest.raises(backends.BackendError, match="unavailable here"):
+        backends.get("bitsandbytes")
