@@ -154,7 +154,17 @@ def conform(
     return 0 if ok else 1
 
 
+def _choose_triton_mode() -> None:
+    """Decide Triton's interpreter before any backend loads: whether a ``@triton.jit`` function is
+    interpreted is fixed when it is decorated, and bitsandbytes imports Triton on its own import. Without
+    CUDA the triton backend then runs under the CPU interpreter; an explicit TRITON_INTERPRET wins."""
+    from reflora.backends.triton.backend import use_interpreter  # imports neither torch nor triton
+
+    use_interpreter()
+
+
 def _run_conform(args: argparse.Namespace) -> int:
+    _choose_triton_mode()
     return conform(args.backend, profile=args.profile, seed=args.seed, json_path=args.json,
                    markdown_path=args.markdown, bundle_dir=args.bundle_dir, select=args.select,
                    deviations=args.deviations)  # fmt: skip
@@ -235,4 +245,9 @@ def add_replay_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("file", metavar="FILE", help="the .npz bundle")
     p.add_argument("--backend", metavar="NAME|module:attr",
                    help="the backend to run it against (default: the one it ran against)")  # fmt: skip
-    p.set_defaults(func=lambda args: replay(args.file, args.backend))
+    p.set_defaults(func=_run_replay)
+
+
+def _run_replay(args: argparse.Namespace) -> int:
+    _choose_triton_mode()
+    return replay(args.file, args.backend)

@@ -57,6 +57,11 @@ def _seed(config: pytest.Config) -> int:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    if _conformance_session(config):
+        # Before collection imports any backend (bitsandbytes imports Triton): see cli._choose_triton_mode.
+        from reflora.backends.triton.backend import use_interpreter
+
+        use_interpreter()
     config.stash[SEED] = _seed(config)  # one seed for the whole session, printed in the header
     config.stash[RESULTS] = {}
 
