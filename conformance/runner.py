@@ -365,10 +365,13 @@ def matrix_text(report: Report) -> str:
     declared = report.by_status("declared")
     if declared:
         lines += ["", "Declared deviations (known, not counted as failures):"]
+        by_entry: dict[tuple[str, str], list[TestResult]] = {}  # one reason, printed once, for its tests
         for r in declared:
-            up = f" ({r.deviation['upstream']})" if r.deviation.get("upstream") else ""
-            lines.append(f"  {r.id}: {r.deviation['reason']}{up}")
-            lines.append("    " + r.message.splitlines()[0])
+            by_entry.setdefault((r.deviation["reason"], r.deviation.get("upstream") or ""), []).append(r)
+        for (reason, upstream), results in by_entry.items():
+            lines.append(f"  {reason}" + (f" ({upstream})" if upstream else ""))
+            for r in results:
+                lines.append(f"    {r.id}: " + r.message.splitlines()[0])
     partial = [r for r in report.results if r.status == "pass" and r.declined]
     if partial:
         lines += ["", "Examples the backend declined (NotImplementedError):"]
