@@ -144,7 +144,8 @@ class NF4Linear(nn.Module):
         dq = ", double_quant" if self.double_quant else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, {self.quant_type}, blocksize={self.blocksize}{dq}, dtype={self.dtype}"
+            f"bias={self.bias is not None}, {self.quant_type}, blocksize={self.blocksize}{dq}, "
+            f"dtype={self.dtype}"
         )
 
 
