@@ -112,14 +112,15 @@ def _encode(
     scale = absmax.to(torch.float64)
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     n = flat.numel()
-    codes = torch.empty(n, dtype=torch.uint8, device=flat.device)
-    step = max(1, _CHUNK // blocksize) * blocksize  # whole blocks per chunk
-    for start in range(0, n, step):
-        stop = min(n, start + step)
-        block = torch.arange(start, stop, device=flat.device) // blocksize
-        scaled = flat[start:stop].to(torch.float64) / scale[block]
-        codes[start:stop] = sorted_codes[torch.bucketize(scaled, thresholds, right=False)]
-    return codes
+    n_blocks = scale.numel()
+    padded = F.pad(flat, (0, n_blocks * blocksize - n)).view(n_blocks, blocksize)
+    codes = torch.empty(n_blocks, blocksize, dtype=torch.uint8, device=flat.device)
+    step = max(1, _CHUNK // blocksize)  # whole blocks per chunk
+    for b in range(0, n_blocks, step):
+        # (k, blocksize) / (k, 1): every element divided by its own block's absmax, in float64
+        scaled = padded[b : b + step].to(torch.float64) / scale[b : b + step, None]
+        codes[b : b + step] = sorted_codes[torch.bucketize(scaled, thresholds, right=False)]
+    return codes.view(-1)[:n]
 
 
 def _pack(q: torch.Tensor, pad: int) -> torch.Tensor:
@@ -205,8 +206,9 @@ def dequantize_4bit(ts: TorchQuantState, dtype: torch.dtype | None = None) -> to
         raise TypeError(f"dtype must be float32, float16 or bfloat16, got {out_dtype}")
     n, bs = ts.numel, ts.blocksize
     n_blocks = math.ceil(n / bs)
-    q = torch.stack([ts.packed.reshape(-1) >> 4, ts.packed.reshape(-1) & 0x0F], dim=1).reshape(-1)
-    values = ts.code[q.long()]  # float32 (2 * bytes,), element order
+    # A byte decodes to two table values at once: pairs[b] = (code[b >> 4], code[b & 15]).
+    pairs = torch.stack([ts.code.repeat_interleave(16), ts.code.repeat(16)], dim=1)  # (256, 2)
+    values = pairs[ts.packed.reshape(-1).long()].reshape(-1)  # float32 (2 * bytes,), element order
     values = F.pad(values, (0, n_blocks * bs - values.numel()))
     values = values.view(n_blocks, bs) * block_scales(ts)[:, None]  # (blocks, bs) * (blocks, 1), float32
     return values.reshape(-1)[:n].to(out_dtype).reshape(ts.shape)
