@@ -58,11 +58,17 @@ def quantize_model(
 ) -> list[str]:
     """Replace ``model``'s ``nn.Linear`` layers by frozen :class:`NF4Linear` ones, in place (what
     transformers' ``load_in_4bit`` does). target_modules: None for every linear layer, else PEFT's
-    matching rule (:func:`.modules.apply_lora`). Returns the paths replaced."""
+    matching rule (:func:`.modules.apply_lora`). Layers inside LoRA wrappers (adapters and their
+    bases) are left alone: quantize those through ``apply_lora(quantize=...)``. Returns the paths
+    replaced."""
+    wrapped = tuple(f"{n}." for n in lora_modules(model))
     chosen = [
         n
         for n, m in model.named_modules()
-        if isinstance(m, nn.Linear) and n and (target_modules is None or _matches(n, target_modules))
+        if isinstance(m, nn.Linear)
+        and n
+        and not n.startswith(wrapped)
+        and (target_modules is None or _matches(n, target_modules))
     ]
     for name in chosen:
         linear = model.get_submodule(name)
