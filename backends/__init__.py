@@ -1,3 +1,122 @@
-"""backends."""
+"""reflora.backends: the Backend protocol and the registry of implementations.
 
-X = 1
+Backends are registered as entry points in the group ``reflora.backends`` (name = "module:attr", the
+attribute a backend instance, or a class or factory taking no arguments), so a third party plugs in from
+its own package without editing reflora. Nothing is imported until a backend is asked for.
+
+``get("torch")`` returns a registered backend, ``get("mypkg.mod:MyBackend")`` one that is not registered.
+An unknown, broken or unavailable backend raises :class:`BackendError` with the list of installed
+backends and why each one is or is not available: there is no silent fallback.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+
+from reflora.backends.protocol import DTYPES, OPS, Backend, BaseBackend
+
+__all__ = [
+    "DTYPES",
+    "GROUP",
+    "OPS",
+    "Backend",
+    "BackendError",
+    "BaseBackend",
+    "Status",
+    "get",
+    "names",
+    "status",
+]
+
+GROUP = "reflora.backends"
+
+
+class BackendError(LookupError):
+    """A backend that cannot be had: unknown, failing to load, or unavailable here."""
+
+
+@dataclass(frozen=True)
+class Status:
+    """One registered backend: its name, where it comes from, and whether it can run here."""
+
+    name: str
+    target: str
+    dialect: str | None
+    available: bool
+    reason: str = ""
+
+    def line(self) -> str:
+        state = "available" if self.available else f"unavailable: {self.reason}"
+        dialect = f" (dialect {self.dialect})" if self.dialect else ""
+        return f"{self.name:<14} {state}{dialect}  [{self.target}]"
+
+
+def _entry_points() -> dict[str, str]:
+    return {ep.name: ep.value for ep in entry_points(group=GROUP)}
+
+
+def names() -> list[str]:
+    """The names of the registered backends, sorted."""
+    return sorted(_entry_points())
+
+
+def _load(target: str) -> Backend:
+    module, _, attr = target.partition(":")
+    if not attr:
+        raise BackendError(f"{target!r} is not of the form 'module:attr'")
+    obj = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    # A class or a factory is called to make the backend; an instance is used as it is.
+    backend = obj() if isinstance(obj, type) or (callable(obj) and not hasattr(obj, "dialect")) else obj
+    missing = [m for m in ("name", "dialect", "supports", *OPS) if not hasattr(backend, m)]
+    if missing:
+        raise BackendError(f"{target} does not implement the Backend protocol: missing {', '.join(missing)}")
+    return backend
+
+
+def _availability(backend: Backend) -> tuple[bool, str]:
+    check = getattr(backend, "available", None)
+    verdict = check() if callable(check) else True
+    return (True, "") if verdict is True else (False, str(verdict))
+
+
+def status() -> list[Status]:
+    """Load every registered backend and report whether it can run here (for ``reflora backends``)."""
+    rows = []
+    for name, target in sorted(_entry_points().items()):
+        try:
+            backend = _load(target)
+            ok, reason = _availability(backend)
+            rows.append(Status(name, target, backend.dialect, ok, reason))
+        except Exception as exc:  # a broken plug-in is reported, not raised, in a listing
+            rows.append(Status(name, target, None, False, f"{type(exc).__name__}: {exc}"))
+    return rows
+
+
+def _listing() -> str:
+    rows = status()
+    body = "\n".join("  " + r.line() for r in rows) if rows else "  (none: is reflora installed?)"
+    return f"installed backends:\n{body}"
+
+
+def get(name: str) -> Backend:
+    """The backend registered as ``name``, or loaded from ``module:attr``; raises :class:`BackendError`."""
+    registered = _entry_points()
+    target = registered.get(name, name if ":" in name else None)
+    if target is None:
+        raise BackendError(f"unknown backend {name!r}\n{_listing()}")
+    try:
+        backend = _load(target)
+    except BackendError as exc:
+        raise BackendError(f"{exc}\n{_listing()}") from None
+    except Exception as exc:
+        raise BackendError(
+            f"backend {name!r} failed to load: {type(exc).__name__}: {exc}\n{_listing()}"
+        ) from exc
+    ok, reason = _availability(backend)
+    if not ok:
+        raise BackendError(f"backend {name!r} is unavailable here: {reason}\n{_listing()}")
+    return backend

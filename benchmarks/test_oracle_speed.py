@@ -25,7 +25,7 @@ def weight():
 def bnb(weight):
     torch = pytest.importorskip("torch", reason="torch is needed for the bitsandbytes side")
     F = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes not installed")
-    return torch, F, torch.from_numpy(weight)
+    return F, torch.from_numpy(weight)
 
 
 @pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "dq"])
@@ -37,7 +37,7 @@ def test_quantize_reflora(benchmark, weight, double_quant):
 @pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "dq"])
 @pytest.mark.benchmark(group="quantize")
 def test_quantize_bitsandbytes(benchmark, bnb, double_quant):
-    torch, F, w = bnb
+    F, w = bnb
     kwargs = {"blocksize": 64, "quant_type": "nf4", "compress_statistics": double_quant}
     benchmark.pedantic(F.quantize_4bit, (w,), kwargs, rounds=5, warmup_rounds=1)
 
@@ -52,6 +52,6 @@ def test_dequantize_reflora(benchmark, weight, double_quant):
 @pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "dq"])
 @pytest.mark.benchmark(group="dequantize")
 def test_dequantize_bitsandbytes(benchmark, bnb, double_quant):
-    torch, F, w = bnb
+    F, w = bnb
     q, st = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=double_quant)
     benchmark.pedantic(F.dequantize_4bit, (q, st), rounds=10, warmup_rounds=2)

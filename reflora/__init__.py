@@ -8,9 +8,19 @@ Modules: :mod:`reflora.nf4` (quantize / dequantize), :mod:`reflora.double_quant`
 bounds), :mod:`reflora.formats` (bitsandbytes / PEFT / safetensors files).
 """
 
-from reflora import codebooks, double_quant, nf4
+from reflora import bounds, codebooks, double_quant, lora, nf4, qlora
 from reflora.state import NestedState, QuantState
 
 __version__ = "0.1.0"
 
-__all__ = ["NestedState", "QuantState", "__version__", "codebooks", "double_quant", "nf4"]
+__all__ = [
+    "NestedState",
+    "QuantState",
+    "__version__",
+    "bounds",
+    "codebooks",
+    "double_quant",
+    "lora",
+    "nf4",
+    "qlora",
+]

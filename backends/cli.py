@@ -1,0 +1,23 @@
+"""``reflora backends``: the registered backends and whether each can run here."""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["add_parser"]
+
+
+def _run(args: argparse.Namespace) -> int:
+    from reflora.backends import status
+
+    rows = status()
+    for row in rows:
+        print(row.line())
+    if not rows:
+        print("no backends are registered: is reflora installed (pip install -e .)?")
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("backends", help="list the registered backends and whether each is available")
+    p.set_defaults(func=_run)

@@ -1,0 +1,309 @@
+"""Shared pieces of the Triton kernels: the launch registry, input checks and the jit helpers that
+decode NF4/FP4 tiles and round to bfloat16.
+
+Why the bfloat16 helpers exist. Triton 3.9's CPU interpreter (``TRITON_INTERPRET=1``, what CI runs)
+gets bfloat16 wrong in three places, measured here: ``x.to(tl.bfloat16)`` truncates instead of
+rounding to nearest even; ``bf16.to(tl.float32)`` mis-decodes subnormals; and ``tl.dot`` on bfloat16
+operands multiplies the raw 16-bit patterns as integers. On a GPU all three are correct (``cvt.rn``,
+a shift, tensor cores). So when a kernel runs under the interpreter (the ``EMULATE_BF16`` constexpr)
+it converts with exact integer bit arithmetic instead, and feeds the dot float32 operands holding the
+same bfloat16 values: the products of bfloat16 values are exact in float32 either way, so the result
+is the same function of the same inputs. On a GPU the native instructions are used.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+
+import torch
+import triton
+import triton.language as tl
+
+from reflora.backends.torch.quant_state import TorchQuantState
+
+__all__ = [
+    "INTERPRET",
+    "check_float",
+    "check_state",
+    "launch_counts",
+    "record_launch",
+    "reset_launch_counts",
+]
+
+# Read once, at import, because @triton.jit makes the same choice at decoration time: a kernel
+# decorated while TRITON_INTERPRET=1 is an interpreted function for the life of the process.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_LAUNCHES: Counter[str] = Counter()
+
+
+def record_launch(kernel: str) -> None:
+    """Count one launch of ``kernel`` (its module-qualified name) in the registry."""
+    _LAUNCHES[kernel] += 1
+
+
+def launch_counts() -> dict[str, int]:
+    """A copy of the launch registry: kernel name -> launches since import or the last reset.
+
+    This is how a caller proves which implementation served a call, e.g. that ``qlora_linear`` ran
+    ``nf4_gemm`` rather than a torch fallback (there is none: every op here launches a kernel or
+    raises).
+    """
+    return dict(_LAUNCHES)
+
+
+def reset_launch_counts() -> None:
+    """Empty the launch registry."""
+    _LAUNCHES.clear()
+
+
+def check_device(*tensors: torch.Tensor | None) -> None:
+    """ValueError unless all tensors share one device that can run the kernels here."""
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devices)}")
+    device = devices.pop()
+    if INTERPRET:
+        if device.type != "cpu":
+            raise ValueError(f"under TRITON_INTERPRET=1 the kernels take CPU tensors, got {device}")
+    elif device.type != "cuda":
+        raise ValueError(
+            f"Triton kernels need CUDA tensors (got {device}); on a CPU set TRITON_INTERPRET=1 before "
+            "importing reflora.backends.triton"
+        )
+
+
+def check_float(name: str, t: torch.Tensor, ndim: int | None = None) -> None:
+    """ValueError unless ``t`` is a float32/float16/bfloat16 tensor (of ``ndim`` dimensions if given)
+    whose elements the kernels can address with int32 offsets."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOATS:
+        raise ValueError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if ndim is not None and t.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    reach = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride(), strict=True))
+    if reach >= 2**31 or t.numel() >= 2**31:
+        raise ValueError(f"{name} spans {reach + 1} elements; the kernels index with int32 (< 2**31)")
+
+
+def check_state(ts: TorchQuantState, *, matrix: bool) -> None:
+    """ValueError unless ``ts`` is a well-formed 4-bit state the kernels can read (a matrix if asked)."""
+    if not isinstance(ts, TorchQuantState):
+        raise ValueError(f"expected a TorchQuantState, got {type(ts).__name__}")
+    if matrix and len(ts.shape) != 2:
+        raise ValueError(f"the quantized weight must be 2-D (out, in), got shape {ts.shape}")
+    n = ts.numel
+    if n == 0:
+        raise ValueError("the quantized tensor is empty")
+    if n >= 2**31:
+        raise ValueError(f"{n} elements: the kernels index with int32 and take fewer than 2**31")
+    if ts.blocksize & (ts.blocksize - 1) or not 32 <= ts.blocksize <= 4096:
+        raise ValueError(f"blocksize must be a power of two in 32..4096, got {ts.blocksize}")
+    want = {
+        "packed": (ts.packed, torch.uint8, (n + 1) // 2),
+        "code": (ts.code, torch.float32, 16),
+    }
+    n_blocks = math.ceil(n / ts.blocksize)
+    if ts.double_quant:
+        if ts.blocksize2 & (ts.blocksize2 - 1):
+            raise ValueError(f"blocksize2 must be a power of two, got {ts.blocksize2}")
+        want["absmax_q"] = (ts.absmax_q, torch.uint8, n_blocks)
+        want["absmax2"] = (ts.absmax2, torch.float32, math.ceil(n_blocks / ts.blocksize2))
+        want["code2"] = (ts.code2, torch.float32, 256)
+    else:
+        want["absmax"] = (ts.absmax, torch.float32, n_blocks)
+    for field, (t, dtype, size) in want.items():
+        if t is None:
+            raise ValueError(f"state.{field} is missing")
+        if t.dtype != dtype or t.ndim != 1 or t.numel() != size or not t.is_contiguous():
+            raise ValueError(
+                f"state.{field} must be a contiguous 1-D {dtype} tensor of {size} elements, got "
+                f"{t.dtype} shape {tuple(t.shape)} strides {t.stride()}"
+            )
+
+
+def state_args(ts: TorchQuantState) -> tuple:
+    """The kernels' W-state arguments: packed, absmax, absmax_q, absmax2, code, code2, offset.
+
+    Pointers a state does not have are filled with ``packed``: the DOUBLE_QUANT constexpr guarantees
+    they are never read.
+    """
+    if ts.double_quant:
+        return (ts.packed, ts.packed, ts.absmax_q, ts.absmax2, ts.code, ts.code2, float(ts.offset))
+    return (ts.packed, ts.absmax, ts.packed, ts.packed, ts.code, ts.packed, 0.0)
+
+
+def launch_options(ts: TorchQuantState | None = None) -> dict:
+    """Compile options every launch passes.
+
+    ``enable_fp_fusion=False``: the double-quant reconstruction ``f32(f32(code2[q] * absmax2) + offset)``
+    rounds twice; with fusion on, LLVM and ptxas may contract it into one FMA, which rounds once and
+    changes ~6.5% of absmax values by an ulp (SPEC §4.4). Turning fusion off per launch is Triton's
+    own switch for this (it also passes ``--fmad=false`` to ptxas). It is passed explicitly on every
+    launch so that the kernels do not depend on Triton's default, which changes in 3.10.
+    """
+    del ts  # one policy for every state: contraction is never wanted in these kernels
+    return {"enable_fp_fusion": False}
+
+
+def scale_mode(k: int, blocksize: int, tile_cols: int) -> int:
+    """w_tile's SCALE_MODE for W with k columns read in tiles tile_cols wide (a power of two).
+
+    1: one absmax per tile row; 2: tile_cols // blocksize per row; 0: one per element (needed when a
+    block can straddle two rows, i.e. k is not a multiple of blocksize).
+    """
+    if k % blocksize:
+        return 0
+    return 1 if blocksize % tile_cols == 0 else 2
+
+
+def next_pow2(n: int, at_least: int = 1) -> int:
+    return max(at_least, triton.next_power_of_2(int(n)))
+
+
+# ---------------------------------------------------------------------------------------------
+# jit helpers
+
+
+@triton.jit
+def bf16_to_f32(v):
+    """bfloat16 tensor -> float32, exactly, by moving the 16 bits to the top of a float32."""
+    bits = v.to(tl.uint16, bitcast=True).to(tl.uint32)
+    return (bits << 16).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def f32_to_bf16(v):
+    """float32 tensor -> bfloat16, round to nearest, ties to even; NaN stays a quiet NaN.
+
+    Adding 0x7FFF plus the lowest kept bit, then truncating, is round-to-nearest-even on the bit
+    pattern; a carry out of the mantissa moves into the exponent, which is the right answer (up to
+    inf at the top of the range).
+    """
+    bits = v.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    bits = tl.where(v != v, 0x7FC0, bits)
+    return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def load_f32(v, EMULATE_BF16: tl.constexpr):
+    """A loaded float tensor widened to float32 (exact for every input dtype)."""
+    if EMULATE_BF16 and v.dtype == tl.bfloat16:
+        return bf16_to_f32(v)
+    return v.to(tl.float32)
+
+
+@triton.jit
+def round_to(v, dtype: tl.constexpr, EMULATE_BF16: tl.constexpr):
+    """float32 tensor -> ``dtype``, one round-to-nearest-even."""
+    if dtype == tl.float32:
+        return v
+    elif EMULATE_BF16 and dtype == tl.bfloat16:
+        return f32_to_bf16(v)
+    else:
+        return v.to(dtype)
+
+
+@triton.jit
+def dot_operand(v, EMULATE_BF16: tl.constexpr):
+    """A tl.dot operand: itself, or under the interpreter a bfloat16 tile as float32 (same values)."""
+    if EMULATE_BF16 and v.dtype == tl.bfloat16:
+        return bf16_to_f32(v)
+    return v
+
+
+@triton.jit
+def absmax_of(
+    blk,  # int tensor: block indices, any shape
+    absmax_ptr,  # float32 (n_blocks,): plain absmax
+    absmax_q_ptr,  # uint8 (n_blocks,): double-quant codes
+    absmax2_ptr,  # float32 (ceil(n_blocks / BLOCKSIZE2),): double-quant group scales
+    code2_ptr,  # float32 (256,): the 8-bit dynamic map
+    offset,  # float32 scalar: the mean subtracted before double quantization
+    mask,  # bool tensor like blk: which indices are real
+    DOUBLE_QUANT: tl.constexpr,
+    BLOCKSIZE2: tl.constexpr,
+):
+    """float32 absmax of each block index in ``blk``: stored, or f32(f32(code2[q] * absmax2) + offset).
+
+    The reconstruction is written as a multiply then an add; the launch's enable_fp_fusion=False keeps
+    them two roundings (see launch_options).
+    """
+    if DOUBLE_QUANT:
+        q = tl.load(absmax_q_ptr + blk, mask=mask, other=0)
+        scale2 = tl.load(absmax2_ptr + blk // BLOCKSIZE2, mask=mask, other=0.0)
+        value2 = tl.load(code2_ptr + q.to(tl.int32), mask=mask, other=0.0)
+        return value2 * scale2 + offset
+    else:
+        return tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+
+
+@triton.jit
+def w_tile(
+    packed_ptr,  # uint8 (ceil(N*K/2),): codes, element 2j in the high nibble
+    absmax_ptr,
+    absmax_q_ptr,
+    absmax2_ptr,
+    code_ptr,  # float32 (16,): the 4-bit table
+    code2_ptr,
+    offset,
+    rows,  # int32 (BR,): row indices of W (out dimension)
+    col0,  # int32 scalar: first column of the tile (a multiple of BC)
+    N,  # rows of W
+    K,  # columns of W
+    BC: tl.constexpr,  # columns in the tile
+    BLOCKSIZE: tl.constexpr,
+    BLOCKSIZE2: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+    PAIRED: tl.constexpr,  # K even: a row starts on a byte, so bytes load whole and split in two
+    SCALE_MODE: tl.constexpr,  # how absmax is gathered; scale_mode() below
+):
+    """float32 (BR, BC): f32(code[q] * absmax) for W[rows, col0:col0+BC]; 0.0 outside W.
+
+    This is the value :func:`reflora.nf4.dequantize` computes before its final cast, element for
+    element, so casting it once gives the oracle's bits.
+    """
+    cols = col0 + tl.arange(0, BC)
+    inside = (rows[:, None] < N) & (cols[None, :] < K)
+    if PAIRED:
+        pair = col0 // 2 + tl.arange(0, BC // 2)
+        byte_ok = (rows[:, None] < N) & (pair[None, :] < K // 2)
+        byte = tl.load(packed_ptr + rows[:, None] * (K // 2) + pair[None, :], mask=byte_ok, other=0)
+        hi = tl.load(code_ptr + (byte >> 4).to(tl.int32))
+        lo = tl.load(code_ptr + (byte & 15).to(tl.int32))
+        value = tl.interleave(hi, lo)  # (BR, BC): element 2j from the high nibble
+    else:
+        elem = rows[:, None] * K + cols[None, :]
+        byte = tl.load(packed_ptr + elem // 2, mask=inside, other=0)
+        nib = (byte >> (4 - 4 * (elem % 2)).to(tl.uint8)) & 15
+        value = tl.load(code_ptr + nib.to(tl.int32))
+    if SCALE_MODE == 1:
+        # The tile's columns lie in one block of each row: one scale a row.
+        blk = (rows * K + col0) // BLOCKSIZE
+        scale = absmax_of(
+            blk, absmax_ptr, absmax_q_ptr, absmax2_ptr, code2_ptr, offset, rows < N, DOUBLE_QUANT, BLOCKSIZE2
+        )
+        w = value * scale[:, None]
+    elif SCALE_MODE == 2:
+        # The tile's columns are BC // BLOCKSIZE whole blocks of each row: one scale a block.
+        PER_ROW: tl.constexpr = BC // BLOCKSIZE
+        blk = (rows[:, None] * K + col0) // BLOCKSIZE + tl.arange(0, PER_ROW)[None, :]
+        ok = (rows[:, None] < N) & (col0 + tl.arange(0, PER_ROW)[None, :] * BLOCKSIZE < K)
+        scale = absmax_of(
+            blk, absmax_ptr, absmax_q_ptr, absmax2_ptr, code2_ptr, offset, ok, DOUBLE_QUANT, BLOCKSIZE2
+        )
+        by_block = tl.reshape(value, (value.shape[0], PER_ROW, BLOCKSIZE))
+        w = tl.reshape(by_block * scale[:, :, None], value.shape)
+    else:
+        # General: blocks may straddle rows (K not a multiple of blocksize); one gather an element.
+        blk = (rows[:, None] * K + cols[None, :]) // BLOCKSIZE
+        scale = absmax_of(
+            blk, absmax_ptr, absmax_q_ptr, absmax2_ptr, code2_ptr, offset, inside, DOUBLE_QUANT, BLOCKSIZE2
+        )
+        w = value * scale
+    return tl.where(inside, w, 0.0)

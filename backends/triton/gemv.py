@@ -1,0 +1,227 @@
+"""Batch-1 / small-batch NF4 GEMV for decoding, with the same LoRA and bias epilogue as the GEMM.
+
+Reference: ``x @ dequantize(W)^T`` in float64 (:func:`reflora.qlora.forward` for M <= 4 rows).
+Tolerance class: BOUND (``_bounds.arithmetic_gemm``: the same arithmetic as :mod:`nf4_gemm`).
+
+With one to four rows of x the product is bound by reading W once (N*K/2 bytes of codes plus the
+scales), not by arithmetic, so there is no tensor-core dot: each program streams a BN-row stripe of
+W along K in BK-wide steps, decodes it in registers (:func:`_common.w_tile`), rounds it once to the
+activation dtype (the operand rule of the GEMM, so both paths compute the same function), and
+accumulates x * w in float32 with a sum over the step. The whole reduction for an output element
+stays in one program, so the low-rank term and the bias are added before the single rounding to the
+output dtype, as in the GEMM's epilogue. The stripe height BN is chosen so that a 4096x11008 matrix
+still gives several programs per SM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from reflora.backends.torch.quant_state import TorchQuantState
+from reflora.backends.triton._common import (
+    INTERPRET,
+    check_device,
+    check_float,
+    check_state,
+    launch_options,
+    load_f32,
+    next_pow2,
+    record_launch,
+    round_to,
+    scale_mode,
+    state_args,
+    w_tile,
+)
+
+__all__ = ["GEMV_MAX_M", "GemvConfig", "nf4_gemv"]
+
+KERNEL = "nf4_gemv"
+TOLERANCE = "BOUND"
+REFERENCE = "reflora.qlora.forward (float64 x @ dequantize(W)^T), M <= 4"
+
+GEMV_MAX_M = 4
+
+
+@triton.jit
+def _nf4_gemv_kernel(
+    x_ptr,  # (M, K) activation dtype, strided
+    packed_ptr,  # W state (N, K): see _common.w_tile
+    absmax_ptr,
+    absmax_q_ptr,
+    absmax2_ptr,
+    code_ptr,
+    code2_ptr,
+    offset,
+    l_ptr,  # float32 (M, R) contiguous: t = (x * mask) A^T (read when HAS_LORA)
+    rt_ptr,  # (R, N) float, strided: B^T (read when HAS_LORA)
+    bias_ptr,  # (N,) float, contiguous (read when HAS_BIAS)
+    out_ptr,  # (M, N) activation dtype, contiguous
+    M,
+    N,
+    K,
+    R,
+    scaling,  # float32
+    stride_xm,
+    stride_xk,
+    stride_rtr,
+    stride_rtn,
+    HAS_LORA: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCKSIZE: tl.constexpr,
+    BLOCKSIZE2: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+    PAIRED: tl.constexpr,
+    SCALE_MODE: tl.constexpr,
+    BM: tl.constexpr,  # M padded to a power of two
+    BN: tl.constexpr,  # rows of W a program
+    BK: tl.constexpr,  # columns a step
+    BR: tl.constexpr,  # R padded to a power of two
+    EMULATE_BF16: tl.constexpr,
+):
+    rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    rm = tl.arange(0, BM)
+    dtype = x_ptr.dtype.element_ty
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        rk = k0 + tl.arange(0, BK)
+        x = tl.load(
+            x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
+            mask=(rm[:, None] < M) & (rk[None, :] < K),
+            other=0.0,
+        )
+        w = w_tile(
+            packed_ptr,
+            absmax_ptr,
+            absmax_q_ptr,
+            absmax2_ptr,
+            code_ptr,
+            code2_ptr,
+            offset,
+            rn,
+            k0,
+            N,
+            K,
+            BK,
+            BLOCKSIZE,
+            BLOCKSIZE2,
+            DOUBLE_QUANT,
+            PAIRED,
+            SCALE_MODE,
+        )
+        w = load_f32(round_to(w, dtype, EMULATE_BF16), EMULATE_BF16)  # the GEMM's operand rounding
+        acc += tl.sum(load_f32(x, EMULATE_BF16)[:, None, :] * w[None, :, :], axis=2)  # (BM, BN)
+    if HAS_LORA:
+        rr = tl.arange(0, BR)
+        lr_ok = (rm[:, None] < M) & (rr[None, :] < R)
+        lt = tl.load(l_ptr + rm[:, None] * R + rr[None, :], mask=lr_ok, other=0.0)
+        rt = tl.load(
+            rt_ptr + rr[:, None] * stride_rtr + rn[None, :] * stride_rtn,
+            mask=(rr[:, None] < R) & (rn[None, :] < N),
+            other=0.0,
+        )
+        acc += tl.sum(lt[:, :, None] * load_f32(rt, EMULATE_BF16)[None, :, :], axis=1) * scaling
+    if HAS_BIAS:
+        acc += load_f32(tl.load(bias_ptr + rn, mask=rn < N, other=0.0), EMULATE_BF16)[None, :]
+    out = round_to(acc, out_ptr.dtype.element_ty, EMULATE_BF16)
+    tl.store(out_ptr + rm[:, None] * N + rn[None, :], out, mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """W rows a program (bn) and columns a step (bk), powers of two."""
+
+    bn: int
+    bk: int
+    num_warps: int = 4
+
+
+def default_config(m: int, n: int, k: int) -> GemvConfig:
+    """About 4 programs per SM on a 132-SM GPU, and a BM*BN*BK product tile of 4096 elements (32
+    registers a thread at 4 warps). Under the interpreter: tiles of 8 x 32 so tests cross edges."""
+    if INTERPRET:
+        return GemvConfig(bn=8, bk=32)
+    bn = max(4, min(64, triton.next_power_of_2(max(1, n // 528))))
+    bk = max(32, min(512, 4096 // (next_pow2(m) * bn)))
+    return GemvConfig(bn=bn, bk=bk)
+
+
+def nf4_gemv(
+    x: torch.Tensor,
+    ts: TorchQuantState,
+    *,
+    lora: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+    bias: torch.Tensor | None = None,
+    config: GemvConfig | None = None,
+) -> torch.Tensor:
+    """``x @ W^T [+ scaling * (t @ rt)] [+ bias]`` for at most GEMV_MAX_M rows of x.
+
+    x: (M, K) float32/float16/bfloat16, 1 <= M <= 4, any strides. ts: W (N, K) as a 2-D state.
+    lora: (t, rt, scaling): t float32 (M, r), rt (r, N) any float dtype and strides.
+    bias: (N,) float. config: default :func:`default_config`.
+    Returns a new contiguous (M, N) tensor in x's dtype.
+    """
+    check_state(ts, matrix=True)
+    check_float("x", x, ndim=2)
+    n, k = ts.shape
+    m = x.shape[0]
+    if not 1 <= m <= GEMV_MAX_M:
+        raise ValueError(f"nf4_gemv takes 1..{GEMV_MAX_M} rows, got {m}; use nf4_gemm")
+    if x.shape[1] != k:
+        raise ValueError(f"x has {x.shape[1]} columns; W {ts.shape} needs {k}")
+    dummy = ts.packed
+    t, rt, scaling, r = dummy, dummy, 0.0, 1
+    if lora is not None:
+        t, rt, scaling = lora
+        check_float("lora right factor", rt, ndim=2)
+        if t.dtype != torch.float32 or t.ndim != 2 or t.shape[0] != m or rt.shape != (t.shape[1], n):
+            raise ValueError(
+                f"lora factors must be float32 (M={m}, r) and (r, N={n}), got {tuple(t.shape)} {t.dtype} "
+                f"and {tuple(rt.shape)}"
+            )
+        t = t.contiguous()
+        r = t.shape[1]
+    if bias is not None:
+        check_float("bias", bias, ndim=1)
+        if bias.shape[0] != n:
+            raise ValueError(f"bias must have {n} elements, got {bias.shape[0]}")
+        bias = bias.contiguous()
+    check_device(x, ts.packed, None if lora is None else t, None if lora is None else rt, bias)
+    cfg = config or default_config(m, n, k)
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    _nf4_gemv_kernel[(triton.cdiv(n, cfg.bn),)](
+        x,
+        *state_args(ts),
+        t,
+        rt,
+        bias if bias is not None else dummy,
+        out,
+        m,
+        n,
+        k,
+        r,
+        float(scaling),
+        x.stride(0),
+        x.stride(1),
+        rt.stride(0) if lora is not None else 0,
+        rt.stride(1) if lora is not None else 0,
+        HAS_LORA=lora is not None,
+        HAS_BIAS=bias is not None,
+        BLOCKSIZE=ts.blocksize,
+        BLOCKSIZE2=ts.blocksize2,
+        DOUBLE_QUANT=ts.double_quant,
+        PAIRED=k % 2 == 0,
+        SCALE_MODE=scale_mode(k, ts.blocksize, cfg.bk),
+        BM=next_pow2(m),
+        BN=cfg.bn,
+        BK=cfg.bk,
+        BR=next_pow2(r),
+        EMULATE_BF16=INTERPRET,
+        num_warps=cfg.num_warps,
+        **launch_options(ts),
+    )
+    record_launch(KERNEL)
+    return out

@@ -1,0 +1,318 @@
+"""NF4 matmul with in-tile dequantization, and its low-rank (LoRA) epilogue.
+
+Reference: ``x @ dequantize(W)^T`` in float64 (:func:`reflora.qlora.forward`, and ``grad_y @ W`` for
+:func:`reflora.qlora.backward`'s grad_x). Tolerance class: BOUND (see ``_bounds.arithmetic_gemm``).
+
+One kernel, two orientations of the same frozen W (out=N, in=K), stored 4-bit:
+
+    forward  (W_T=False):  out (M, N) = a (M, K) @ W^T          + scaling * (l (M, r) @ rt (r, N)) + bias
+    grad_x   (W_T=True):   out (M, K) = a (M, N) @ W            + scaling * (l (M, r) @ rt (r, K)) * mask
+
+with l = t = (x * mask) A^T, rt = B^T in the forward and l = u = grad_y B, rt = A for grad_x. Writing P
+for the output columns and Q for the reduction, each program owns a (BM, BP) output tile and walks Q
+in BQ steps: it loads the packed bytes of a W tile, decodes them with their block scales
+(:func:`_common.w_tile`; the double-quant reconstruction included), rounds the tile once to the
+activation dtype -- exactly ``reflora.nf4.dequantize(state, dtype)`` -- and feeds it to ``tl.dot``
+with float32 accumulation. W is never written to global memory. The low-rank term is one more small
+dot (r padded to 16) added to the float32 accumulator before the single rounding to the output
+dtype: no second pass over the output.
+
+Arithmetic: operands in the activation dtype (float32 operands use an IEEE dot, not tf32), float32
+accumulation, t/u kept in float32, one final rounding. No division anywhere, so no fast-math
+reciprocal; launches use enable_fp_fusion=False (``_common.launch_options``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from reflora.backends.torch.quant_state import TorchQuantState
+from reflora.backends.triton._common import (
+    INTERPRET,
+    check_device,
+    check_float,
+    check_state,
+    dot_operand,
+    launch_options,
+    load_f32,
+    next_pow2,
+    record_launch,
+    round_to,
+    scale_mode,
+    state_args,
+    w_tile,
+)
+
+__all__ = ["GemmConfig", "nf4_gemm"]
+
+KERNEL = "nf4_gemm"
+TOLERANCE = "BOUND"
+REFERENCE = "reflora.qlora.forward / backward (float64 x @ dequantize(W)^T, grad_y @ dequantize(W))"
+
+
+@triton.jit
+def _nf4_gemm_kernel(
+    a_ptr,  # (M, Q) activation dtype, strided: x (forward) or grad_y (grad_x)
+    packed_ptr,  # W state: see _common.w_tile
+    absmax_ptr,
+    absmax_q_ptr,
+    absmax2_ptr,
+    code_ptr,
+    code2_ptr,
+    offset,
+    l_ptr,  # float32 (M, R) contiguous: t or u (read when HAS_LORA)
+    rt_ptr,  # (R, P) float, strided: B^T or A (read when HAS_LORA)
+    mask_ptr,  # (M, P) float, strided: dropout mask on the low-rank term (read when HAS_MASK)
+    bias_ptr,  # (P,) float, contiguous (read when HAS_BIAS)
+    out_ptr,  # (M, P) activation dtype, contiguous
+    M,
+    P,  # output columns: N (forward) or K (grad_x)
+    Q,  # reduction length: K (forward) or N (grad_x)
+    R,  # LoRA rank
+    N_W,  # rows of W
+    K_W,  # columns of W
+    scaling,  # float32 LoRA scaling
+    stride_am,
+    stride_aq,
+    stride_rtr,
+    stride_rtp,
+    stride_mm,
+    stride_mp,
+    W_T: tl.constexpr,  # False: out = a @ W^T; True: out = a @ W
+    HAS_LORA: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCKSIZE: tl.constexpr,
+    BLOCKSIZE2: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+    PAIRED: tl.constexpr,  # K_W even (see w_tile)
+    SCALE_MODE: tl.constexpr,  # absmax gather pattern (see w_tile)
+    BM: tl.constexpr,
+    BP: tl.constexpr,
+    BQ: tl.constexpr,
+    BR: tl.constexpr,  # R padded to a power of two >= 16
+    GROUP_M: tl.constexpr,  # M tiles walked together, so that W tiles are reused from L2
+    DOT_PRECISION: tl.constexpr,  # "ieee" for float32 operands (never tf32); moot for 16-bit ones
+    EMULATE_BF16: tl.constexpr,
+):
+    # Grouped ordering: consecutive programs share W columns (the 4-bit operand) across GROUP_M rows.
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BM)
+    tiles_p = tl.cdiv(P, BP)
+    per_group = GROUP_M * tiles_p
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_p = (pid % per_group) // group_rows
+
+    rm = pid_m * BM + tl.arange(0, BM)
+    rp = pid_p * BP + tl.arange(0, BP)
+    dtype = a_ptr.dtype.element_ty
+    acc = tl.zeros((BM, BP), dtype=tl.float32)
+    for q0 in range(0, Q, BQ):
+        rq = q0 + tl.arange(0, BQ)
+        a = tl.load(
+            a_ptr + rm[:, None] * stride_am + rq[None, :] * stride_aq,
+            mask=(rm[:, None] < M) & (rq[None, :] < Q),
+            other=0.0,
+        )
+        if W_T:
+            # W rows are the reduction: tile (BQ, BP) = W[rq, rp], already the dot's (Q, P) layout.
+            w = w_tile(
+                packed_ptr,
+                absmax_ptr,
+                absmax_q_ptr,
+                absmax2_ptr,
+                code_ptr,
+                code2_ptr,
+                offset,
+                rq,
+                pid_p * BP,
+                N_W,
+                K_W,
+                BP,
+                BLOCKSIZE,
+                BLOCKSIZE2,
+                DOUBLE_QUANT,
+                PAIRED,
+                SCALE_MODE,
+            )
+        else:
+            # W rows are the output columns: tile (BP, BQ) = W[rp, rq], transposed for the dot.
+            w = tl.trans(
+                w_tile(
+                    packed_ptr,
+                    absmax_ptr,
+                    absmax_q_ptr,
+                    absmax2_ptr,
+                    code_ptr,
+                    code2_ptr,
+                    offset,
+                    rp,
+                    q0,
+                    N_W,
+                    K_W,
+                    BQ,
+                    BLOCKSIZE,
+                    BLOCKSIZE2,
+                    DOUBLE_QUANT,
+                    PAIRED,
+                    SCALE_MODE,
+                )
+            )
+        # The one rounding of W: to the activation dtype, as reflora.nf4.dequantize(state, dtype).
+        w = dot_operand(round_to(w, dtype, EMULATE_BF16), EMULATE_BF16)
+        acc = tl.dot(dot_operand(a, EMULATE_BF16), w, acc, input_precision=DOT_PRECISION)
+
+    if HAS_LORA:
+        rr = tl.arange(0, BR)
+        lr_ok = (rm[:, None] < M) & (rr[None, :] < R)
+        lt = tl.load(l_ptr + rm[:, None] * R + rr[None, :], mask=lr_ok, other=0.0)
+        rt = tl.load(
+            rt_ptr + rr[:, None] * stride_rtr + rp[None, :] * stride_rtp,
+            mask=(rr[:, None] < R) & (rp[None, :] < P),
+            other=0.0,
+        )
+        low = tl.dot(lt, load_f32(rt, EMULATE_BF16), input_precision="ieee") * scaling
+        if HAS_MASK:
+            m = tl.load(
+                mask_ptr + rm[:, None] * stride_mm + rp[None, :] * stride_mp,
+                mask=(rm[:, None] < M) & (rp[None, :] < P),
+                other=0.0,
+            )
+            low = low * load_f32(m, EMULATE_BF16)
+        acc += low
+    if HAS_BIAS:
+        acc += load_f32(tl.load(bias_ptr + rp, mask=rp < P, other=0.0), EMULATE_BF16)[None, :]
+    out = round_to(acc, out_ptr.dtype.element_ty, EMULATE_BF16)
+    tl.store(out_ptr + rm[:, None] * P + rp[None, :], out, mask=(rm[:, None] < M) & (rp[None, :] < P))
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """Tile sizes (powers of two, >= 16), the L2 grouping, and launch resources."""
+
+    bm: int
+    bp: int
+    bq: int
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def default_config(m: int, p: int, q: int, blocksize: int) -> GemmConfig:
+    """Heuristic tiles. On a GPU: 128x128 output tiles (64 rows for small M), 64-wide reduction steps
+    but never wider than a quantization block, so each W-tile row has one absmax. Under the
+    interpreter: 16-32 wide tiles, so that test shapes cross several tiles and ragged edges."""
+    if INTERPRET:
+        return GemmConfig(bm=next_pow2(min(m, 32), 16), bp=32, bq=16, group_m=2)
+    bm = 128 if m > 64 else next_pow2(m, 16)
+    return GemmConfig(bm=bm, bp=128, bq=min(64, blocksize), group_m=8, num_warps=8 if bm == 128 else 4)
+
+
+def nf4_gemm(
+    a: torch.Tensor,
+    ts: TorchQuantState,
+    *,
+    transposed: bool = False,
+    lora: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+    mask: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    config: GemmConfig | None = None,
+) -> torch.Tensor:
+    """``a @ W^T`` (or ``a @ W`` when ``transposed``) with W dequantized tile by tile, plus epilogues.
+
+    a: (M, Q) float32/float16/bfloat16, any strides; Q = in (W^T) or out (W) features of W (out, in).
+    ts: the 4-bit W, a 2-D :class:`TorchQuantState` (NF4 or FP4, plain or double-quantized).
+    lora: (l, rt, scaling): l float32 (M, r) (made contiguous), rt (r, P) any float dtype and strides;
+      adds ``scaling * (l @ rt)`` to each output tile before its rounding.
+    mask: (M, P) float, any strides: multiplies the low-rank term elementwise (needs ``lora``).
+    bias: (P,) float: added in float32 before the rounding.
+    config: tiles; default :func:`default_config`.
+    Returns a new contiguous (M, P) tensor in a's dtype.
+    """
+    check_state(ts, matrix=True)
+    check_float("a", a, ndim=2)
+    n_w, k_w = ts.shape
+    q, p = (n_w, k_w) if transposed else (k_w, n_w)
+    if a.shape[1] != q:
+        op = "a @ W" if transposed else "a @ W^T"
+        raise ValueError(f"a has {a.shape[1]} columns; W {ts.shape} needs {q} for {op}")
+    m = a.shape[0]
+    dummy = ts.packed
+    l_t, rt, scaling, r = dummy, dummy, 0.0, 1
+    if lora is not None:
+        l_t, rt, scaling = lora
+        check_float("lora right factor", rt, ndim=2)
+        if l_t.dtype != torch.float32 or l_t.ndim != 2 or l_t.shape[0] != m or rt.shape != (l_t.shape[1], p):
+            raise ValueError(
+                f"lora factors must be float32 (M={m}, r) and (r, P={p}), got {tuple(l_t.shape)} "
+                f"{l_t.dtype} and {tuple(rt.shape)}"
+            )
+        l_t = l_t.contiguous()
+        r = l_t.shape[1]
+    if mask is not None:
+        if lora is None:
+            raise ValueError("mask applies to the low-rank term and needs lora")
+        check_float("mask", mask, ndim=2)
+        if mask.shape != (m, p):
+            raise ValueError(f"mask must be ({m}, {p}), got {tuple(mask.shape)}")
+    if bias is not None:
+        check_float("bias", bias, ndim=1)
+        if bias.shape[0] != p:
+            raise ValueError(f"bias must have {p} elements, got {bias.shape[0]}")
+        bias = bias.contiguous()
+    check_device(a, ts.packed, None if lora is None else l_t, None if lora is None else rt, mask, bias)
+
+    cfg = config or default_config(m, p, q, ts.blocksize)
+    w_cols = cfg.bp if transposed else cfg.bq  # the W-tile width along W's columns
+    out = torch.empty((m, p), dtype=a.dtype, device=a.device)
+    m_arg = mask if mask is not None else dummy
+    grid = (triton.cdiv(m, cfg.bm) * triton.cdiv(p, cfg.bp),)
+    _nf4_gemm_kernel[grid](
+        a,
+        *state_args(ts),
+        l_t,
+        rt,
+        m_arg,
+        bias if bias is not None else dummy,
+        out,
+        m,
+        p,
+        q,
+        r,
+        n_w,
+        k_w,
+        float(scaling),
+        a.stride(0),
+        a.stride(1),
+        rt.stride(0) if lora is not None else 0,
+        rt.stride(1) if lora is not None else 0,
+        m_arg.stride(0) if mask is not None else 0,
+        m_arg.stride(1) if mask is not None else 0,
+        W_T=transposed,
+        HAS_LORA=lora is not None,
+        HAS_MASK=mask is not None,
+        HAS_BIAS=bias is not None,
+        BLOCKSIZE=ts.blocksize,
+        BLOCKSIZE2=ts.blocksize2,
+        DOUBLE_QUANT=ts.double_quant,
+        PAIRED=k_w % 2 == 0,
+        SCALE_MODE=scale_mode(k_w, ts.blocksize, w_cols),
+        BM=cfg.bm,
+        BP=cfg.bp,
+        BQ=cfg.bq,
+        BR=next_pow2(r, 16),
+        GROUP_M=cfg.group_m,
+        DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+        EMULATE_BF16=INTERPRET,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+        **launch_options(ts),
+    )
+    record_launch(KERNEL)
+    return out

@@ -1,0 +1,169 @@
+"""QLoRA linear layer on the Triton kernels: a thin torch.autograd.Function and the public functions.
+
+Reference: :func:`reflora.qlora.forward` / :func:`reflora.qlora.backward` (float64). Tolerance
+class: BOUND (``_bounds``). Notation as in the papers: W (out=N, in=K) frozen and 4-bit; A (r, K);
+B (N, r); ``scaling`` (alpha / r, or alpha / sqrt(r) for rsLoRA); an optional dropout ``mask``
+(shaped like x, e.g. 0 or 1/(1-p)) that multiplies x in the LoRA branch only:
+
+    y      = x W^T + scaling * ((x * mask) A^T) B^T + bias
+    grad_x = grad_y W + scaling * ((grad_y B) A) * mask
+    grad_A = scaling * (grad_y B)^T (x * mask)
+    grad_B = scaling * grad_y^T ((x * mask) A^T)
+    grad_bias = sum over rows of grad_y;  W gets no gradient.
+
+Kernels per call (each visible in :func:`launch_counts`): forward = ``lowrank`` (t = (x*mask) A^T,
+float32, kept for backward) then ``nf4_gemm`` (or ``nf4_gemv`` for at most 4 rows) with t B^T added
+in the output tile's epilogue. Backward = ``lowrank`` (u = grad_y B), ``nf4_gemm`` in its W
+orientation with scaling * (u A) * mask in the epilogue, and ``lowrank`` twice for grad_A and grad_B.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from reflora.backends.torch.quant_state import TorchQuantState
+from reflora.backends.triton._common import check_float, check_state
+from reflora.backends.triton.gemv import GEMV_MAX_M, GemvConfig, nf4_gemv
+from reflora.backends.triton.lowrank import LowRankConfig, lowrank_matmul
+from reflora.backends.triton.nf4_gemm import GemmConfig, nf4_gemm
+
+__all__ = ["LinearConfig", "nf4_matmul", "qlora_linear"]
+
+
+@dataclass(frozen=True, eq=False)
+class LinearConfig:
+    """Everything about a call that is not a differentiable tensor.
+
+    weight: the frozen 4-bit W. scaling: the LoRA scaling (unused without A, B).
+    gemm / gemv / lowrank: tile overrides (None: the kernels' heuristics).
+    gemv: None chooses the GEMV for at most GEMV_MAX_M rows; True / False forces it / the GEMM.
+    """
+
+    weight: TorchQuantState
+    scaling: float = 0.0
+    use_gemv: bool | None = None
+    gemm: GemmConfig | None = None
+    gemv: GemvConfig | None = None
+    lowrank: LowRankConfig | None = None
+
+
+def _forward(x2, a, b, bias, mask, cfg: LinearConfig):
+    """(y (M, N), t (M, r) float32 or None) for 2-D x."""
+    t = None
+    lora = None
+    if a is not None:
+        t = lowrank_matmul(x2, a.t(), mask=mask, mask_on=None if mask is None else "left", config=cfg.lowrank)
+        lora = (t, b.t(), cfg.scaling)
+    use_gemv = x2.shape[0] <= GEMV_MAX_M if cfg.use_gemv is None else cfg.use_gemv
+    if use_gemv:
+        y = nf4_gemv(x2, cfg.weight, lora=lora, bias=bias, config=cfg.gemv)
+    else:
+        y = nf4_gemm(x2, cfg.weight, lora=lora, bias=bias, config=cfg.gemm)
+    return y, t
+
+
+class _NF4LinearFn(torch.autograd.Function):
+    """y = x W^T [+ scaling ((x*mask) A^T) B^T] [+ bias] for 2-D x; gradients for x, A, B, bias."""
+
+    @staticmethod
+    def forward(ctx, x2, a, b, bias, mask, cfg: LinearConfig):
+        y, t = _forward(x2, a, b, bias, mask, cfg)
+        ctx.save_for_backward(x2, a, b, mask, t)
+        ctx.cfg = cfg
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x2, a, b, mask, t = ctx.saved_tensors
+        cfg: LinearConfig = ctx.cfg
+        need_x, need_a, need_b, need_bias = ctx.needs_input_grad[:4]
+        # Gradients are always new tensors; nothing saved is written to.
+        g = grad_y if grad_y.dtype == x2.dtype else grad_y.to(x2.dtype)
+        grad_x = grad_a = grad_b = grad_bias = None
+        u = None
+        if a is not None and (need_x or need_a):
+            u = lowrank_matmul(g, b, config=cfg.lowrank)  # (M, N) @ (N, r) -> (M, r) float32
+        if need_x:
+            lora = None if a is None else (u, a, cfg.scaling)
+            grad_x = nf4_gemm(g, cfg.weight, transposed=True, lora=lora, mask=mask, config=cfg.gemm)
+        if need_a:
+            # (r, M) @ (M, K): u^T (x * mask)
+            grad_a = lowrank_matmul(
+                u.t(), x2, mask=mask, mask_on=None if mask is None else "right", config=cfg.lowrank
+            )
+            grad_a = (grad_a * cfg.scaling).to(a.dtype)
+        if need_b:
+            grad_b = lowrank_matmul(g.t(), t, config=cfg.lowrank)  # (N, M) @ (M, r)
+            grad_b = (grad_b * cfg.scaling).to(b.dtype)
+        if need_bias:
+            grad_bias = g.sum(dim=0, dtype=torch.float32).to(ctx.bias_dtype)
+        return grad_x, grad_a, grad_b, grad_bias, None, None
+
+
+def _apply(x, ts, a, b, scaling, bias, mask, cfg_overrides):
+    check_state(ts, matrix=True)
+    check_float("x", x)
+    n, k = ts.shape
+    if x.ndim == 0 or x.shape[-1] != k:
+        raise ValueError(f"x must have shape (..., {k}) for W {ts.shape}, got {tuple(x.shape)}")
+    if a is not None:
+        check_float("A", a, ndim=2)
+        check_float("B", b, ndim=2)
+        r = a.shape[0]
+        if a.shape != (r, k) or b.shape != (n, r) or r == 0:
+            raise ValueError(f"A must be (r, {k}), B ({n}, r), r >= 1; got {tuple(a.shape)} {tuple(b.shape)}")
+    if bias is not None:
+        check_float("bias", bias, ndim=1)
+        if bias.shape != (n,):
+            raise ValueError(f"bias must be ({n},), got {tuple(bias.shape)}")
+    if mask is not None:
+        check_float("dropout_mask", mask)
+        if mask.shape != x.shape:
+            raise ValueError(f"dropout_mask must have x's shape {tuple(x.shape)}, got {tuple(mask.shape)}")
+    lead = x.shape[:-1]
+    # reshape is a view when the strides allow it and a copy otherwise; the kernels take any strides.
+    x2 = x.reshape(-1, k)
+    mask2 = None if mask is None else mask.reshape(-1, k)
+    if x2.shape[0] == 0:
+        raise ValueError(f"x has no rows (shape {tuple(x.shape)})")
+    cfg = LinearConfig(weight=ts, scaling=float(scaling), **cfg_overrides)
+    y = _NF4LinearFn.apply(x2, a, b, bias, mask2, cfg)
+    return y.reshape(*lead, n)
+
+
+def qlora_linear(
+    x: torch.Tensor,
+    ts: TorchQuantState,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scaling: float,
+    bias: torch.Tensor | None = None,
+    dropout_mask: torch.Tensor | None = None,
+    **config,
+) -> torch.Tensor:
+    """The QLoRA linear layer, ``x W^T + scaling * ((x * dropout_mask) A^T) B^T + bias``, differentiable.
+
+    x: (..., K) float32/float16/bfloat16, any strides; the output has x's dtype.
+    ts: W (N, K) as a 2-D :class:`TorchQuantState` (NF4 or FP4, plain or double-quantized); frozen.
+    A: (r, K), B: (N, r): float32/float16/bfloat16, any strides; gradients come back in their dtypes.
+    scaling: alpha / r (or alpha / sqrt(r) for rsLoRA); applied in float32.
+    bias: (N,) or None. dropout_mask: x's shape or None; multiplies x in the LoRA branch only.
+    config: optional ``use_gemv``, ``gemm``, ``gemv``, ``lowrank`` overrides (:class:`LinearConfig`).
+    Returns (..., N). The result is within the derived bound of the float64 reference
+    (``_bounds.linear_forward_terms``); W is dequantized inside the kernels' tiles, never in memory.
+    """
+    return _apply(x, ts, A, B, scaling, bias, dropout_mask, config)
+
+
+def nf4_matmul(
+    x: torch.Tensor, ts: TorchQuantState, bias: torch.Tensor | None = None, **config
+) -> torch.Tensor:
+    """``x @ dequantize(W)^T (+ bias)`` with W dequantized tile by tile; differentiable in x and bias.
+
+    x: (..., K) float32/float16/bfloat16, any strides. ts: W (N, K), 2-D state. bias: (N,) or None.
+    config: as for :func:`qlora_linear`. Returns (..., N) in x's dtype.
+    """
+    return _apply(x, ts, None, None, 0.0, bias, None, config)

@@ -1,0 +1,598 @@
+"""The cases of benchmarks/gpu.py: problem construction, baselines, and the conformance checks that run
+before anything is timed. Imported by gpu.py after it has decided between a CUDA run and a dry run
+(the Triton interpreter must be chosen before reflora.backends.triton is imported).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from reflora import nf4
+from reflora.backends.torch.quant_state import TorchQuantState, numpy_to_torch
+from reflora.backends.triton import (
+    dequantize_nf4,
+    launch_counts,
+    nf4_matmul,
+    qlora_linear,
+    reset_launch_counts,
+)
+from reflora.backends.triton._bounds import (
+    Terms,
+    arithmetic_gemm,
+    arithmetic_lowrank,
+    bound,
+    linear_backward_terms,
+    linear_forward_terms,
+)
+from reflora.state import NestedState, QuantState
+
+QUANTILES = [0.5, 0.2, 0.8]
+
+
+class ConformanceError(AssertionError):
+    """One of our kernels disagreed with the oracle or left its bound: nothing gets timed."""
+
+
+# ------------------------------------------------------------------------------------------ shapes
+
+
+@dataclass(frozen=True)
+class Shapes:
+    w_out: int = 4096  # the 4096 x 11008 matrix of the dequantize and GEMV cases (Llama-7B down_proj)
+    w_in: int = 11008
+    hidden: int = 4096  # Llama-7B MLP
+    inter: int = 11008
+    tokens: int = 8192
+    rank: int = 16
+    alpha: float = 32.0
+    copy_bytes: int = 1 << 30
+    mm: int = 8192
+    check_rows: int = 128  # rows of the MLP layers compared with float64 (the full grads are checked)
+
+
+DRY_SHAPES = Shapes(
+    w_out=64,
+    w_in=256,
+    hidden=64,
+    inter=96,
+    tokens=40,
+    rank=4,
+    alpha=8.0,
+    copy_bytes=1 << 20,
+    mm=64,
+    check_rows=8,
+)
+
+
+# ------------------------------------------------------------------------------------------ timing
+
+
+@dataclass
+class Timer:
+    """Medians and p20/p80 in ms: triton.testing.do_bench (or its CUDA-graph variant for us-scale
+    kernels) on a GPU; a few wall-clock runs in a dry run, which are not measurements."""
+
+    dry_run: bool
+    rep_ms: int = 200
+
+    def __call__(self, fn, *, graph: bool = False, grad_to_none=None) -> tuple[float, float, float]:
+        if self.dry_run:
+            times = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+            return tuple(float(v) for v in np.quantile(times, QUANTILES))
+        import triton.testing
+
+        if graph:
+            out = triton.testing.do_bench_cudagraph(
+                fn, rep=self.rep_ms, grad_to_none=grad_to_none, quantiles=QUANTILES
+            )
+        else:
+            out = triton.testing.do_bench(
+                fn, warmup=25, rep=self.rep_ms, grad_to_none=grad_to_none, quantiles=QUANTILES
+            )
+        return tuple(float(v) for v in out)
+
+
+class Rotation:
+    """Calls fns[0], fns[1], ... in turn, so that repeated runs do not find their inputs in L2.
+
+    Captured in a CUDA graph, the n unrolled calls keep this order on every replay."""
+
+    def __init__(self, fns):
+        self.fns, self.i = list(fns), 0
+
+    def __call__(self):
+        fn = self.fns[self.i]
+        self.i = (self.i + 1) % len(self.fns)
+        return fn()
+
+
+def copies_to_defeat_l2(bytes_per_call: int, device) -> int:
+    if device.type != "cuda":
+        return 2
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size
+    return max(2, min(8, math.ceil(2 * l2 / max(bytes_per_call, 1)) + 1))
+
+
+@dataclass
+class Row:
+    case: str
+    impl: str
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    bytes: int | None = None
+    flops: float | None = None
+    check: str = ""
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def gbps(self) -> float | None:
+        return None if self.bytes is None else self.bytes / (self.median_ms * 1e-3) / 1e9
+
+    def tflops(self) -> float | None:
+        return None if self.flops is None else self.flops / (self.median_ms * 1e-3) / 1e12
+
+
+def unavailable(case: str, impl: str, why: str) -> Row:
+    return Row(case, impl, math.nan, math.nan, math.nan, check="not run", note=why)
+
+
+# ------------------------------------------------------------------------------------------ checks
+
+
+def check_exact(what: str, got: torch.Tensor, want: np.ndarray) -> str:
+    want_t = numpy_to_torch(want)
+    view = torch.int32 if got.dtype == torch.float32 else torch.int16
+    a = got.detach().cpu().contiguous().view(view).reshape(-1)
+    b = want_t.contiguous().view(view).reshape(-1)
+    bad = int((a != b).sum())
+    if bad:
+        i = int(torch.nonzero(a != b)[0])
+        raise ConformanceError(
+            f"{what}: {bad} of {a.numel()} elements differ from reflora.nf4.dequantize; first at flat index "
+            f"{i}: got {got.reshape(-1)[i].item()!r}, expected {want_t.reshape(-1)[i].item()!r}"
+        )
+    return "exact"
+
+
+def _np(a):
+    return a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else a
+
+
+def bound_ratio(
+    what: str, got: torch.Tensor, ref: torch.Tensor, groups, arith, *, ours: bool = True
+) -> float:
+    """max |got - ref| / bound (<= 1: within the derived bound). Raises ConformanceError for our
+    kernels when it is above 1 or not finite; returns it for baselines."""
+    groups = [
+        Terms(_np(g.magnitude), g.roundings, None if g.operand_l1 is None else _np(g.operand_l1))
+        for g in groups
+    ]
+    ref_np = _np(ref)
+    got_np = got.detach().double().cpu().numpy()
+    b = bound(ref_np, groups, arith)
+    err = np.abs(got_np - ref_np)
+    ratio = float(np.max(err / b)) if np.isfinite(got_np).all() else math.inf
+    if ours and not ratio <= 1.0:
+        raise ConformanceError(f"{what}: |computed - float64| reaches {ratio:.3g} x the derived bound")
+    return ratio
+
+
+def check_within(what: str, got, ref, groups, arith, *, ours: bool = True) -> str:
+    ratio = bound_ratio(what, got, ref, groups, arith, ours=ours)
+    inside = "within" if ratio <= 1 else "OUTSIDE"
+    return f"{inside} reflora's bound (max |Δ|/bound {ratio:.3g})"
+
+
+# ------------------------------------------------------------------------------------------ weights
+
+
+@dataclass
+class Weight:
+    """One quantized matrix, in bitsandbytes' and in reflora's form (the same bytes)."""
+
+    dense: torch.Tensor  # bf16 (out, in), the matrix before quantization
+    ts: TorchQuantState
+    bnb: tuple | None  # (packed (n/2, 1) uint8, bnb QuantState) or None without bitsandbytes
+
+
+def quantize_weight(out_f: int, in_f: int, device, seed: int) -> Weight:
+    """N(0, 0.02) bf16, NF4, blocksize 64, double quantization: bitsandbytes' quantizer when installed
+    (so its kernels run on their own state), else reflora's; reflora reads either bit for bit."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    dense = (torch.randn(out_f, in_f, generator=g) * 0.02).to(torch.bfloat16).to(device)
+    try:
+        import bitsandbytes.functional as bnbf
+    except ImportError:
+        state = nf4.quantize(_np(dense.float()).astype(np.float32), 64, double_quant=True)
+        return Weight(dense, TorchQuantState.from_state(state, device), None)
+    packed, qs = bnbf.quantize_4bit(dense, blocksize=64, compress_statistics=True, quant_type="nf4")
+    ts = TorchQuantState(
+        packed=packed.reshape(-1),
+        absmax=None,
+        code=qs.code.float().contiguous(),
+        shape=tuple(qs.shape),
+        dtype=torch.bfloat16,
+        blocksize=qs.blocksize,
+        quant_type="nf4",
+        absmax_q=qs.absmax.contiguous(),
+        absmax2=qs.state2.absmax.float().contiguous(),
+        code2=qs.state2.code.float().contiguous(),
+        offset=float(qs.offset),
+        blocksize2=qs.state2.blocksize,
+    )
+    return Weight(dense, ts, (packed, qs))
+
+
+def oracle_state(ts: TorchQuantState) -> QuantState:
+    state = ts.to_state()
+    assert state.nested is None or isinstance(state.nested, NestedState)
+    return state
+
+
+def nf4_bytes(ts: TorchQuantState) -> int:
+    """Bytes a reader of the 4-bit state must move: codes, scales (8-bit + group scales), tables."""
+    n = ts.packed.numel() + ts.code.numel() * 4
+    if ts.double_quant:
+        n += ts.absmax_q.numel() + ts.absmax2.numel() * 4 + ts.code2.numel() * 4
+    else:
+        n += ts.absmax.numel() * 4
+    return n
+
+
+def torch_eager_dequantize(ts: TorchQuantState, dtype: torch.dtype) -> torch.Tensor:
+    """The obvious eager-torch dequantize (several kernels, intermediates in memory): the baseline a
+    user writes without a fused kernel. Same arithmetic as the oracle."""
+    q = torch.stack([ts.packed >> 4, ts.packed & 15], dim=-1).reshape(-1)[: ts.numel].long()
+    values = ts.code[q]
+    if ts.double_quant:
+        groups = torch.arange(ts.absmax_q.numel(), device=q.device) // ts.blocksize2
+        absmax = ts.code2[ts.absmax_q.long()] * ts.absmax2[groups]
+        absmax = absmax + ts.offset
+    else:
+        absmax = ts.absmax
+    return (values.view(-1, ts.blocksize) * absmax[:, None]).to(dtype).reshape(ts.shape)
+
+
+# ------------------------------------------------------------------------------------------ cases
+
+
+def ceilings(timer: Timer, shapes: Shapes, device) -> list[Row]:
+    n = shapes.copy_bytes // 4
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    med, p20, p80 = timer(lambda: dst.copy_(src))
+    rows = [Row("ceiling", "HBM copy (device-to-device)", med, p20, p80, bytes=2 * n * 4, check="-")]
+    a = torch.randn(shapes.mm, shapes.mm, device=device).to(torch.bfloat16)
+    b = torch.randn(shapes.mm, shapes.mm, device=device).to(torch.bfloat16)
+    med, p20, p80 = timer(lambda: a @ b)
+    rows.append(Row("ceiling", "bf16 matmul (torch)", med, p20, p80, flops=2.0 * shapes.mm**3, check="-"))
+    return rows
+
+
+def dequant_case(timer: Timer, shapes: Shapes, device) -> list[Row]:
+    case = f"dequantize {shapes.w_out}x{shapes.w_in} -> bf16"
+    n = shapes.w_out * shapes.w_in
+    k = copies_to_defeat_l2(n // 2 + 2 * n, device)
+    weights = [quantize_weight(shapes.w_out, shapes.w_in, device, seed=i) for i in range(k)]
+    out_bytes = 2 * n
+    rows = []
+
+    # Ours: checked bit for bit against the oracle on the first matrix, for bf16 and float32.
+    ts0 = weights[0].ts
+    state0 = oracle_state(ts0)
+    check = check_exact(
+        "dequantize bf16", dequantize_nf4(ts0, torch.bfloat16), nf4.dequantize(state0, "bfloat16")
+    )
+    check_exact("dequantize f32", dequantize_nf4(ts0, torch.float32), nf4.dequantize(state0, "float32"))
+    reset_launch_counts()
+    dequantize_nf4(ts0, torch.bfloat16)
+    assert launch_counts() == {"dequant": 1}, launch_counts()
+    fns = [lambda w=w: dequantize_nf4(w.ts, torch.bfloat16) for w in weights]
+    med, p20, p80 = timer(Rotation(fns), graph=True)
+    rows.append(Row(case, "reflora triton", med, p20, p80, bytes=nf4_bytes(ts0) + out_bytes, check=check))
+
+    if weights[0].bnb is not None:
+        import bitsandbytes.functional as bnbf
+
+        got = bnbf.dequantize_4bit(*weights[0].bnb)
+        try:
+            check = check_exact("bnb dequantize_4bit", got, nf4.dequantize(state0, "bfloat16"))
+        except ConformanceError as e:
+            check = f"differs from oracle: {e}"
+        fns = [lambda w=w: bnbf.dequantize_4bit(*w.bnb) for w in weights]
+        med, p20, p80 = timer(Rotation(fns), graph=True)
+        rows.append(
+            Row(case, "bitsandbytes dequantize_4bit", med, p20, p80, nf4_bytes(ts0) + out_bytes, check=check)
+        )
+    else:
+        rows.append(unavailable(case, "bitsandbytes dequantize_4bit", "bitsandbytes not installed"))
+
+    check = check_exact(
+        "torch eager", torch_eager_dequantize(ts0, torch.bfloat16), nf4.dequantize(state0, "bfloat16")
+    )
+    fns = [lambda w=w: torch_eager_dequantize(w.ts, torch.bfloat16) for w in weights]
+    med, p20, p80 = timer(Rotation(fns), graph=True)
+    rows.append(Row(case, "torch eager", med, p20, p80, nf4_bytes(ts0) + out_bytes, check=check))
+
+    rows.append(_torchao_dequant(timer, case, weights))
+    return rows
+
+
+def _torchao_dequant(timer: Timer, case: str, weights: list[Weight]) -> Row:
+    try:
+        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+    except ImportError as e:
+        return unavailable(case, "torchao NF4Tensor", f"torchao not importable: {e}")
+    tensors = [to_nf4(w.dense) for w in weights]  # torchao's own format: it re-quantizes the bf16 W
+    t0 = tensors[0]
+    stored = sum(
+        getattr(t0, a).numel() * getattr(t0, a).element_size()
+        for a in ("quantized_data", "quantized_scalers", "quantization_factor", "scaler_mean", "nf4")
+    )
+    deq = t0.get_original_weight()
+    # Not comparable bit for bit (own codebook, bf16 arithmetic, int8 scalers: SPEC §6); record how
+    # far it lands from the unquantized W next to ours, as information.
+    ours = dequantize_nf4(weights[0].ts, torch.bfloat16).float()
+    dense = weights[0].dense.float()
+    rel = lambda d: float((d.float() - dense).norm() / dense.norm())  # noqa: E731
+    check = f"own format; ‖W−deq‖/‖W‖ {rel(deq):.4f} (reflora/bnb state: {rel(ours):.4f})"
+    fns = [lambda t=t: t.get_original_weight() for t in tensors]
+    med, p20, p80 = timer(Rotation(fns), graph=True)
+    return Row(case, "torchao NF4Tensor", med, p20, p80, stored + 2 * t0.numel(), check=check)
+
+
+def gemv_case(timer: Timer, shapes: Shapes, device) -> list[Row]:
+    case = f"GEMV 1x{shapes.w_in} @ ({shapes.w_out}x{shapes.w_in})^T bf16"
+    n = shapes.w_out * shapes.w_in
+    k = copies_to_defeat_l2(n // 2, device)
+    weights = [quantize_weight(shapes.w_out, shapes.w_in, device, seed=100 + i) for i in range(k)]
+    g = torch.Generator(device="cpu").manual_seed(1)
+    x = torch.randn(1, shapes.w_in, generator=g).to(torch.bfloat16).to(device)
+    io_bytes = 2 * (shapes.w_in + shapes.w_out)
+    w0 = weights[0]
+    w64 = dequantize_nf4(w0.ts, torch.float32).double()  # exact: checked against the oracle below
+    check_exact(
+        "dequantize f32 (GEMV reference)", w64.float(), nf4.dequantize(oracle_state(w0.ts), "float32")
+    )
+    x64 = x.double()
+    ref = x64 @ w64.T
+    groups = linear_forward_terms(x64, w64)
+    arith = arithmetic_gemm("bfloat16")
+    rows = []
+
+    with torch.no_grad():
+        reset_launch_counts()
+        y = nf4_matmul(x, w0.ts)
+        assert launch_counts() == {"nf4_gemv": 1}, launch_counts()
+        check = check_within("nf4 GEMV", y, ref, groups, arith)
+        fns = [lambda w=w: nf4_matmul(x, w.ts) for w in weights]
+        med, p20, p80 = timer(Rotation(fns), graph=True)
+        rows.append(Row(case, "reflora triton", med, p20, p80, nf4_bytes(w0.ts) + io_bytes, check=check))
+
+        if w0.bnb is not None:
+            import bitsandbytes as bnb
+
+            y = bnb.matmul_4bit(x, w0.bnb[0].t(), w0.bnb[1])
+            check = check_within("bnb matmul_4bit", y, ref, groups, arith, ours=False)
+            fns = [lambda w=w: bnb.matmul_4bit(x, w.bnb[0].t(), w.bnb[1]) for w in weights]
+            med, p20, p80 = timer(Rotation(fns), graph=True)
+            rows.append(
+                Row(
+                    case,
+                    "bitsandbytes matmul_4bit (inference)",
+                    med,
+                    p20,
+                    p80,
+                    nf4_bytes(w0.ts) + io_bytes,
+                    check=check,
+                )
+            )
+        else:
+            rows.append(
+                unavailable(case, "bitsandbytes matmul_4bit (inference)", "bitsandbytes not installed")
+            )
+
+        dense = [w.dense for w in weights]
+        y = torch.nn.functional.linear(x, dense[0])
+        d64 = dense[0].double()
+        check = check_within("bf16 dense", y, x64 @ d64.T, linear_forward_terms(x64, d64), arith, ours=False)
+        fns = [lambda d=d: torch.nn.functional.linear(x, d) for d in dense]
+        med, p20, p80 = timer(Rotation(fns), graph=True)
+        rows.append(Row(case, "bf16 dense (cuBLAS GEMV)", med, p20, p80, 2 * n + io_bytes, check=check))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ QLoRA MLP
+
+
+@dataclass
+class MlpParams:
+    gate: Weight
+    up: Weight
+    down: Weight
+    lora: dict  # name -> (A bf16 (r, in), B bf16 (out, r)), on the device: PEFT's dtype for bf16 bases
+    scaling: float
+
+
+def make_mlp(shapes: Shapes, device) -> MlpParams:
+    h, i, r = shapes.hidden, shapes.inter, shapes.rank
+    lora = {}
+    g = torch.Generator(device="cpu").manual_seed(7)
+    for name, (out_f, in_f) in {"gate": (i, h), "up": (i, h), "down": (h, i)}.items():
+        a = (torch.rand(r, in_f, generator=g) * 2 - 1) / math.sqrt(in_f)  # PEFT's kaiming bound
+        b = torch.randn(out_f, r, generator=g) * 0.01  # non-zero, so the LoRA path changes the numbers
+        lora[name] = (a.to(torch.bfloat16).to(device), b.to(torch.bfloat16).to(device))
+    return MlpParams(
+        quantize_weight(i, h, device, 11),
+        quantize_weight(i, h, device, 12),
+        quantize_weight(h, i, device, 13),
+        lora,
+        shapes.alpha / r,
+    )
+
+
+def ours_mlp(p: MlpParams, x: torch.Tensor, lora: dict) -> torch.Tensor:
+    gate = qlora_linear(x, p.gate.ts, *lora["gate"], p.scaling)
+    up = qlora_linear(x, p.up.ts, *lora["up"], p.scaling)
+    return qlora_linear(torch.nn.functional.silu(gate) * up, p.down.ts, *lora["down"], p.scaling)
+
+
+def check_layer(what: str, w: Weight, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float, rows: int):
+    """One qlora_linear at full size against float64: y and grad_x on the first ``rows`` rows, grad_A
+    and grad_B in full (they reduce over every row). Raises ConformanceError."""
+    x = x.detach().requires_grad_()
+    a = a.detach().requires_grad_()
+    b = b.detach().requires_grad_()
+    y = qlora_linear(x, w.ts, a, b, s)
+    gen = torch.Generator(device="cpu").manual_seed(3)
+    gy = torch.randn(y.shape, generator=gen).to(y.dtype).to(y.device)
+    y.backward(gy)
+    w64 = dequantize_nf4(w.ts, torch.float32).double()
+    x64, g64, a64, b64 = x.detach().double(), gy.double(), a.detach().double(), b.detach().double()
+    sl = slice(0, rows)
+    ref = x64[sl] @ w64.T + s * (x64[sl] @ a64.T) @ b64.T
+    dt = str(x.dtype).removeprefix("torch.")
+    out = {
+        "y": bound_ratio(
+            f"{what} y", y[sl], ref, linear_forward_terms(x64[sl], w64, a64, b64, s), arithmetic_gemm(dt)
+        )
+    }
+    u = g64 @ b64
+    terms = linear_backward_terms(x64[sl], w64, g64[sl], a64, b64, s, parts=("grad_x",))
+    ref_gx = g64[sl] @ w64 + s * (u[sl] @ a64)
+    out["grad_x"] = bound_ratio(f"{what} grad_x", x.grad[sl], ref_gx, terms["grad_x"], arithmetic_gemm(dt))
+    full = linear_backward_terms(x64, None, g64, a64, b64, s, parts=("grad_A", "grad_B"))
+    lora_arith = arithmetic_lowrank(str(a.dtype).removeprefix("torch."))
+    out["grad_A"] = bound_ratio(f"{what} grad_A", a.grad, s * u.T @ x64, full["grad_A"], lora_arith)
+    ref_gb = s * g64.T @ (x64 @ a64.T)
+    out["grad_B"] = bound_ratio(f"{what} grad_B", b.grad, ref_gb, full["grad_B"], lora_arith)
+    return f"{what}: " + ", ".join(f"{k} {v:.3g}" for k, v in out.items())
+
+
+def mlp_case(timer: Timer, shapes: Shapes, device) -> list[Row]:
+    case = f"QLoRA MLP fwd+bwd h{shapes.hidden} i{shapes.inter} {shapes.tokens} tok r{shapes.rank}"
+    p = make_mlp(shapes, device)
+    gen = torch.Generator(device="cpu").manual_seed(5)
+    x = torch.randn(shapes.tokens, shapes.hidden, generator=gen).to(torch.bfloat16).to(device)
+    gy = torch.randn(shapes.tokens, shapes.hidden, generator=gen).to(torch.bfloat16).to(device)
+    h, i, t = shapes.hidden, shapes.inter, shapes.tokens
+    flops = 4.0 * t * (3 * h * i)  # forward x W^T and backward grad_x for three layers; LoRA excluded
+    rows = []
+
+    # Conformance of every layer shape at full size, before any timing.
+    mid = torch.randn(t, i, generator=gen).to(torch.bfloat16).to(device)
+    checks = [
+        check_layer("gate", p.gate, x, *p.lora["gate"], p.scaling, shapes.check_rows),
+        check_layer("down", p.down, mid, *p.lora["down"], p.scaling, shapes.check_rows),
+    ]
+    lora = {k: (a.clone().requires_grad_(), b.clone().requires_grad_()) for k, (a, b) in p.lora.items()}
+    params = [t_ for pair in lora.values() for t_ in pair]
+    xg = x.clone().requires_grad_()
+    reset_launch_counts()
+    ours_mlp(p, xg, lora).backward(gy)
+    counts = launch_counts()
+    assert counts.get("nf4_gemm") == 6 and counts.get("lowrank") == 12, counts
+    ours_out = ours_mlp(p, x, lora).detach()
+
+    def run_ours():
+        ours_mlp(p, xg, lora).backward(gy)
+
+    med, p20, p80 = timer(run_ours, grad_to_none=[xg, *params])
+    check = "within reflora's bound, max |Δ|/bound per layer: " + "; ".join(checks)
+    rows.append(Row(case, "reflora triton", med, p20, p80, flops=flops, check=check))
+    rows.extend(_peft_rows(timer, case, shapes, p, x, gy, flops, ours_out))
+    return rows
+
+
+class _Mlp(torch.nn.Module):
+    def __init__(self, gate, up, down):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = gate, up, down
+
+    def forward(self, x):
+        return self.down_proj(torch.nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _inject_lora(model: torch.nn.Module, p: MlpParams, shapes: Shapes):
+    import peft
+
+    cfg = peft.LoraConfig(
+        r=shapes.rank,
+        lora_alpha=shapes.alpha,
+        lora_dropout=0.0,
+        target_modules=["gate_proj", "up_proj", "down_proj"],
+    )
+    model = peft.inject_adapter_in_model(cfg, model)
+    params = []
+    with torch.no_grad():
+        for name, (a, b) in p.lora.items():
+            layer = getattr(model, f"{name}_proj")
+            la, lb = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+            la.copy_(a.to(la.dtype))
+            lb.copy_(b.to(lb.dtype))
+            params += [la, lb]
+    return model, params
+
+
+def _peft_rows(timer, case, shapes, p: MlpParams, x, gy, flops, ours_out) -> list[Row]:
+    rows = []
+    try:
+        import bitsandbytes as bnb
+        import peft  # noqa: F401
+    except ImportError as e:
+        return [unavailable(case, "PEFT + bitsandbytes", f"not installed: {e}")]
+
+    def linear4(w: Weight) -> torch.nn.Module:
+        out_f, in_f = w.dense.shape
+        layer = bnb.nn.Linear4bit(
+            in_f, out_f, bias=False, compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4"
+        )
+        layer.weight = bnb.nn.Params4bit(
+            w.dense.cpu(), requires_grad=False, quant_type="nf4", compress_statistics=True
+        )
+        return layer.to(w.dense.device)
+
+    model = _Mlp(linear4(p.gate), linear4(p.up), linear4(p.down))
+    model.is_loaded_in_4bit = True  # PEFT dispatches its bnb 4-bit LoRA layer only for flagged models
+    model, params = _inject_lora(model, p, shapes)
+    impl = f"PEFT + bitsandbytes (LoRA {str(params[0].dtype).removeprefix('torch.')})"
+    rows.append(_time_module(timer, case, impl, model, params, x, gy, flops, ours_out))
+
+    def dense(w: Weight) -> torch.nn.Module:
+        out_f, in_f = w.dense.shape
+        layer = torch.nn.Linear(in_f, out_f, bias=False, device=w.dense.device, dtype=torch.bfloat16)
+        with torch.no_grad():
+            layer.weight.copy_(w.dense)
+        layer.weight.requires_grad_(False)
+        return layer
+
+    model = _Mlp(dense(p.gate), dense(p.up), dense(p.down))
+    model, params = _inject_lora(model, p, shapes)
+    impl = f"bf16 dense + PEFT LoRA ({str(params[0].dtype).removeprefix('torch.')})"
+    rows.append(_time_module(timer, case, impl, model, params, x, gy, flops, ours_out))
+    return rows
+
+
+def _time_module(timer, case, impl, model, params, x, gy, flops, ours_out) -> Row:
+    xg = x.clone().requires_grad_()
+    with torch.no_grad():
+        out = model(x).float()
+    ref = ours_out.float()
+    rel = float((out - ref).norm() / ref.norm())
+    check = f"info: ‖y−y_reflora‖/‖y_reflora‖ {rel:.2e}{' (unquantized W)' if 'dense' in impl else ''}"
+
+    def run():
+        model(xg).backward(gy)
+
+    med, p20, p80 = timer(run, grad_to_none=[xg, *params])
+    return Row(case, impl, med, p20, p80, flops=flops, check=check)

@@ -1,0 +1,231 @@
+"""Compile every kernel launch of the GPU harness for sm_90 without a GPU, and read the machine code.
+
+    python benchmarks/_gpu_compile_check.py [--arch 90] [--dump DIR]
+
+Runs the public functions on ``meta`` tensors with each Triton kernel replaced by a recorder, then
+compiles each recorded launch ahead of time (``triton.compile`` with a ``GPUTarget``, as Triton's own
+AOT tool does, 16-byte alignment hints as the JIT would give them) and disassembles it with the
+nvdisasm/cuobjdump that ship with Triton. For each kernel variant it prints registers, stack
+(spills), local loads/stores, and an instruction census, and it checks the properties the numerics
+rely on: no FFMA (fused multiply-add) in the dequantize kernel, whose double-quant reconstruction
+must round twice; no ``.ftz`` in the PTX; tensor-core MMA (HGMMA on Hopper) in the 16-bit GEMMs.
+Exit status 1 if a check fails. This is the "read what costs no device time" step: it proves the
+kernels compile for the target and shows register pressure, not how fast they run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile, do not interpret: decided when kernels are decorated
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from reflora.backends.torch.quant_state import TorchQuantState
+
+# The modules, not the functions of the same names that the package re-exports.
+_common, dequant, gemv, lowrank, nf4_gemm, qlora_mod = (
+    importlib.import_module(f"reflora.backends.triton.{m}")
+    for m in ("_common", "dequant", "gemv", "lowrank", "nf4_gemm", "qlora")
+)
+
+_PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.uint8: "*u8"}
+BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+OPS = ("HGMMA", "HMMA", "FFMA", "FMUL", "FADD", "F2FP", "LDG", "STG", "LDS", "STS", "LDL", "STL")
+
+
+class Recorder:
+    """Stands in for a @triton.jit kernel: ``kernel[grid](*args, **kwargs)`` records the call."""
+
+    def __init__(self, fn, calls: list):
+        self.fn, self.calls = fn, calls
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append((self.fn, args, kwargs))
+
+
+def _signature(fn, args, kwargs):
+    sig, consts, attrs = {}, {}, {}
+    values = dict(zip(fn.arg_names, args, strict=False))
+    values.update({k: v for k, v in kwargs.items() if k in fn.arg_names})
+    for i, (name, param) in enumerate(zip(fn.arg_names, fn.params, strict=True)):
+        v = values[name]
+        if param.is_constexpr:
+            sig[name], consts[name] = "constexpr", v
+        elif isinstance(v, torch.Tensor):
+            sig[name] = _PTR[v.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]  # the caching allocator aligns to far more than 16 B
+        elif isinstance(v, bool):
+            sig[name] = "i1"
+        elif isinstance(v, int):
+            sig[name] = "i32"
+            if v % 16 == 0 and v != 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, float):
+            sig[name] = "fp32"
+        else:
+            raise TypeError(f"{name}: cannot type {type(v).__name__}")
+    return sig, consts, attrs
+
+
+def _record(run) -> list:
+    """Calls ``run()`` with every kernel replaced by a Recorder; returns the recorded launches."""
+    calls: list = []
+    patched = [
+        (dequant, "_dequant_kernel"),
+        (nf4_gemm, "_nf4_gemm_kernel"),
+        (gemv, "_nf4_gemv_kernel"),
+        (lowrank, "_lowrank_kernel"),
+    ]
+    saved = [(m, n, getattr(m, n)) for m, n in patched]
+    saved_check = _common.check_device
+    try:
+        for m, n, fn in saved:
+            setattr(m, n, Recorder(fn, calls))
+        for m in (_common, dequant, gemv, lowrank, nf4_gemm):
+            if hasattr(m, "check_device"):
+                m.check_device = lambda *t: None  # meta tensors stand in for CUDA ones
+        run()
+    finally:
+        for m, n, fn in saved:
+            setattr(m, n, fn)
+        for m in (_common, dequant, gemv, lowrank, nf4_gemm):
+            if hasattr(m, "check_device"):
+                m.check_device = saved_check
+    return calls
+
+
+def _state(out_f: int, in_f: int) -> TorchQuantState:
+    n = out_f * in_f
+    nb = -(-n // 64)
+    meta = dict(device="meta")
+    return TorchQuantState(
+        packed=torch.empty((n + 1) // 2, dtype=torch.uint8, **meta),
+        absmax=None,
+        code=torch.empty(16, **meta),
+        shape=(out_f, in_f),
+        dtype=torch.bfloat16,
+        blocksize=64,
+        quant_type="nf4",
+        absmax_q=torch.empty(nb, dtype=torch.uint8, **meta),
+        absmax2=torch.empty(-(-nb // 256), **meta),
+        code2=torch.empty(256, **meta),
+        offset=0.01,
+    )
+
+
+def harness_launches(tokens: int = 8192, hidden: int = 4096, inter: int = 11008, rank: int = 16) -> list:
+    """The launches of benchmarks/gpu.py: dequantize, batch-1 GEMV, and one QLoRA layer fwd + bwd in
+    both MLP orientations (the gate/up shape and the down shape), bf16 activations, bf16 LoRA; then
+    the masked (LoRA dropout) and biased variants."""
+    meta = dict(device="meta")
+
+    def run():
+        ts = _state(hidden, inter)
+        dequant.dequantize(ts, torch.bfloat16)
+        qlora_mod.nf4_matmul(torch.empty(1, inter, dtype=torch.bfloat16, **meta), ts)
+        for out_f, in_f in ((inter, hidden), (hidden, inter)):
+            w = _state(out_f, in_f)
+            x = torch.empty(tokens, in_f, dtype=torch.bfloat16, **meta)
+            a = torch.empty(rank, in_f, dtype=torch.bfloat16, **meta)
+            b = torch.empty(out_f, rank, dtype=torch.bfloat16, **meta)
+            cfg = qlora_mod.LinearConfig(weight=w, scaling=2.0)
+            _, t = qlora_mod._forward(x, a, b, None, None, cfg)
+            g = torch.empty(tokens, out_f, dtype=torch.bfloat16, **meta)
+            u = lowrank.lowrank_matmul(g, b)
+            nf4_gemm.nf4_gemm(g, w, transposed=True, lora=(u, a, 2.0))
+            lowrank.lowrank_matmul(u.t(), x)
+            lowrank.lowrank_matmul(g.t(), t)
+        # With LoRA dropout (a mask on the LoRA branch) and a bias, as PEFT training often runs.
+        w = _state(inter, hidden)
+        x = torch.empty(tokens, hidden, dtype=torch.bfloat16, **meta)
+        mask = torch.empty_like(x)
+        a = torch.empty(rank, hidden, dtype=torch.bfloat16, **meta)
+        b = torch.empty(inter, rank, dtype=torch.bfloat16, **meta)
+        bias = torch.empty(inter, dtype=torch.bfloat16, **meta)
+        _, t = qlora_mod._forward(x, a, b, bias, mask, qlora_mod.LinearConfig(weight=w, scaling=2.0))
+        g = torch.empty(tokens, inter, dtype=torch.bfloat16, **meta)
+        u = lowrank.lowrank_matmul(g, b)
+        nf4_gemm.nf4_gemm(g, w, transposed=True, lora=(u, a, 2.0), mask=mask)
+        lowrank.lowrank_matmul(u.t(), x, mask=mask, mask_on="right")
+
+    return _record(run)
+
+
+def census(kernel, workdir: Path, name: str) -> dict:
+    cubin = workdir / f"{name}.cubin"
+    cubin.write_bytes(kernel.asm["cubin"])
+    (workdir / f"{name}.ptx").write_text(kernel.asm["ptx"])
+    sass = subprocess.run([BIN / "nvdisasm", "-c", cubin], capture_output=True, text=True, check=True).stdout
+    (workdir / f"{name}.sass").write_text(sass)
+    ops = Counter(re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P[T\d]\s+)?([A-Z0-9]+)", sass, re.M))
+    usage = subprocess.run(
+        [BIN / "cuobjdump", "--dump-resource-usage", cubin], capture_output=True, text=True, check=True
+    ).stdout
+    res = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
+    return {
+        "regs": int(res.get("REG", 0)),
+        "stack": int(res.get("STACK", 0)),
+        "dyn_shared": kernel.metadata.shared,
+        "ftz_in_ptx": len(re.findall(r"\.ftz", kernel.asm["ptx"])),
+        **{op: ops[op] for op in OPS},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", type=int, default=90, help="compute capability x10 (default 90: H100/H200)")
+    p.add_argument("--dump", type=Path, default=None, help="keep PTX/SASS/cubin here (default: a temp dir)")
+    args = p.parse_args(argv)
+    workdir = args.dump or Path(tempfile.mkdtemp(prefix="reflora-sass-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    target = GPUTarget("cuda", args.arch, 32)
+    failures = []
+    seen = set()
+    print(f"{'kernel variant':<72} {'regs':>4} {'stack':>5} {'smem':>6} " + " ".join(f"{o:>5}" for o in OPS))
+    for fn, call_args, kwargs in harness_launches():
+        sig, consts, attrs = _signature(fn, call_args, kwargs)
+        key = (fn.__name__, tuple(sorted((k, str(v)) for k, v in consts.items())), tuple(sorted(attrs)))
+        if key in seen:
+            continue
+        seen.add(key)
+        opts = {k: kwargs[k] for k in ("num_warps", "num_stages", "enable_fp_fusion") if k in kwargs}
+        kernel = triton.compile(ASTSource(fn, sig, consts, attrs), target=target, options=opts)
+        flags = [
+            f"{k}={v}"
+            for k, v in consts.items()
+            if k in ("W_T", "HAS_LORA", "HAS_MASK", "BM", "BP", "MASK_ON")
+        ]
+        name = f"{fn.__name__}[{','.join(flags)}]"
+        c = census(kernel, workdir, f"{fn.__name__}_{len(seen)}")
+        print(
+            f"{name[:72]:<72} {c['regs']:>4} {c['stack']:>5} {c['dyn_shared']:>6} "
+            + " ".join(f"{c[o]:>5}" for o in OPS)
+        )
+        if c["ftz_in_ptx"]:
+            failures.append(f"{name}: .ftz in PTX")
+        if fn.__name__ == "_dequant_kernel" and c["FFMA"]:
+            failures.append(f"{name}: {c['FFMA']} FFMA: the double-quant reconstruction may be contracted")
+        if fn.__name__ == "_nf4_gemm_kernel" and args.arch >= 90 and not c["HGMMA"]:
+            failures.append(f"{name}: no HGMMA: the 16-bit GEMM is not on Hopper's tensor-core path")
+        if c["stack"] or c["LDL"] or c["STL"]:
+            print(f"  note: {name} spills ({c['stack']} B stack, {c['LDL']} LDL / {c['STL']} STL)")
+    print(f"PTX/SASS in {workdir}")
+    for f in failures:
+        print("FAIL:", f, file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,293 @@
+"""GPU harness for the Triton backend (issue #4): one command, a table, and a JSON record.
+
+    python benchmarks/gpu.py               # CUDA machine: measure, print, write benchmarks/results/*.json
+    python benchmarks/gpu.py --dry-run     # any machine: tiny shapes (Triton CPU interpreter without a
+                                           # GPU) to check the harness itself; timings are not measurements
+
+What it does, in order:
+1. Ceilings: device-to-device copy bandwidth (bytes read + written) and bf16 matmul throughput.
+2. Dequantize a 4096x11008 NF4 (blocksize 64, double-quant) matrix to bf16: reflora's kernel,
+   bitsandbytes ``dequantize_4bit``, eager torch, torchao ``NF4Tensor``. GB/s and % of copy bandwidth.
+3. Batch-1 GEMV on a matrix of that shape: reflora, bitsandbytes' 4-bit inference path
+   (``matmul_4bit`` without grad), a bf16 cuBLAS GEMV. us and % of copy bandwidth.
+4. QLoRA MLP of a Llama-7B layer (hidden 4096, intermediate 11008, 8192 tokens, r=16), forward +
+   backward: reflora, PEFT + bitsandbytes, bf16 dense weights + PEFT LoRA. ms.
+
+Every reflora kernel is checked before it is timed -- dequantize bit for bit against
+``reflora.nf4.dequantize``, the matmuls within the derived bound of float64 math -- and the run stops
+with an error if any check fails: no fast number comes from a wrong kernel. Baselines get the same
+comparison, reported as information. Timing: ``triton.testing.do_bench`` (medians, p20/p80), and its
+CUDA-graph variant for the microsecond-scale cases, rotating over enough copies of the inputs that
+repeated runs cannot be served from L2.
+
+bitsandbytes may be missing on a GPU machine: ``pip install bitsandbytes`` (manylinux x86_64 wheel).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CASES = ("ceilings", "dequant", "gemv", "mlp")
+# Issue #4's H100 targets: case prefix -> (text, minimum % of copy bandwidth, {baseline impl prefix:
+# minimum speedup of reflora over it}).
+TARGETS = {
+    "dequantize": ("≥ 80% of copy bandwidth, ≥ 1.5x bitsandbytes; ideal ≈ 34 us", 80, {"bitsandbytes": 1.5}),
+    "GEMV": ("≥ 70% of copy bandwidth, ≥ 1.5x bitsandbytes; ideal ≈ 7 us", 70, {"bitsandbytes": 1.5}),
+    "QLoRA MLP": (
+        "≥ 2x PEFT + bitsandbytes, within 1.3x of bf16 dense; ideal ≈ 4.5 ms",
+        None,
+        {"PEFT + bitsandbytes": 2.0, "bf16 dense": 1 / 1.3},
+    ),
+}
+
+
+def evaluate_targets(rows: list[dict], dry_run: bool) -> dict[str, str]:
+    """'met' / 'missed (...)' / 'not evaluated (...)' for each target, from the measured rows."""
+    verdicts = {}
+    for prefix, (text, min_pct, speedups) in TARGETS.items():
+        case_rows = [d for d in rows if d["case"].startswith(prefix)]
+        ours = next((d for d in case_rows if d["impl"] == "reflora triton"), None)
+        if dry_run or ours is None:
+            verdicts[prefix] = f"not evaluated ({'dry run' if dry_run else 'case not run'}): {text}"
+            continue
+        misses, missing = [], []
+        if min_pct is not None and (ours["pct_copy_bandwidth"] or 0) < min_pct:
+            misses.append(f"{ours['pct_copy_bandwidth']:.0f}% of copy bandwidth < {min_pct}%")
+        for base, need in speedups.items():
+            d = next((d for d in case_rows if d["impl"].startswith(base)), None)
+            if d is None or d.get("reflora_speedup") is None:
+                missing.append(base)
+            elif d["reflora_speedup"] < need:
+                misses.append(f"{d['reflora_speedup']:.2f}x vs {base} (need {need:.2f}x)")
+        state = "MISSED: " + "; ".join(misses) if misses else "met"
+        if missing:
+            state += f" (no {', '.join(missing)} row to compare)"
+        verdicts[prefix] = f"{state} -- target {text}"
+    return verdicts
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="tiny shapes; runs without a GPU; not a measurement"
+    )
+    p.add_argument(
+        "--only", nargs="+", choices=CASES, default=list(CASES), help="cases to run (default: all)"
+    )
+    p.add_argument("--out", type=Path, default=None, help="JSON directory (default benchmarks/results/)")
+    p.add_argument("--rep-ms", type=int, default=200, help="do_bench repetition time per case, ms")
+    p.add_argument("--tokens", type=int, default=None, help="override the MLP token count (default 8192)")
+    return p.parse_args(argv)
+
+
+def _driver_version() -> str | None:
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        )
+        return out.stdout.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return None
+
+
+def _version(module: str) -> str | None:
+    try:
+        return __import__(module).__version__
+    except Exception:
+        return None
+
+
+def environment(torch, device) -> dict:
+    env = {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda_runtime": torch.version.cuda,
+        "triton": _version("triton"),
+        "bitsandbytes": _version("bitsandbytes"),
+        "torchao": _version("torchao"),
+        "peft": _version("peft"),
+        "reflora": _version("reflora"),
+        "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(
+            device=props.name,
+            compute_capability=f"{props.major}.{props.minor}",
+            sm_count=props.multi_processor_count,
+            memory_gib=round(props.total_memory / 2**30, 1),
+            l2_cache_mib=round(props.L2_cache_size / 2**20, 1),
+            driver=_driver_version(),
+        )
+    else:
+        env.update(device=f"cpu ({platform.processor() or platform.machine()})", driver=None)
+    return env
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def derive(rows, copy_gbps: float | None, mm_tflops: float | None) -> list[dict]:
+    """Rows as dicts with the derived figures: GB/s and % of copy bandwidth, TFLOP/s and % of the
+    matmul ceiling, and speed relative to the other implementations of the same case."""
+    out = []
+    by_case: dict[str, dict[str, float]] = {}
+    for r in rows:
+        by_case.setdefault(r.case, {})[r.impl] = r.median_ms
+    for r in rows:
+        gbps, tflops = r.gbps(), r.tflops()
+        d = {
+            "case": r.case,
+            "impl": r.impl,
+            "median_ms": r.median_ms,
+            "p20_ms": r.p20_ms,
+            "p80_ms": r.p80_ms,
+            "bytes": r.bytes,
+            "flops": r.flops,
+            "gb_per_s": gbps,
+            "pct_copy_bandwidth": None if gbps is None or not copy_gbps else 100 * gbps / copy_gbps,
+            "tflop_per_s": tflops,
+            "pct_matmul_ceiling": None if tflops is None or not mm_tflops else 100 * tflops / mm_tflops,
+            "check": r.check,
+            "note": r.note,
+        }
+        ours = by_case[r.case].get("reflora triton")
+        if ours and r.impl != "reflora triton" and not math.isnan(r.median_ms):
+            d["reflora_speedup"] = r.median_ms / ours  # > 1: reflora is faster
+        out.append(d)
+    return out
+
+
+def _time(ms: float) -> str:
+    if math.isnan(ms):
+        return "-"
+    return f"{ms * 1e3:.1f} us" if ms < 1 else f"{ms:.3f} ms"
+
+
+def print_table(rows: list[dict], env: dict, dry_run: bool) -> None:
+    print()
+    print(f"device: {env['device']}  driver: {env.get('driver')}  date {env['date']}")
+    versions = ("torch", "triton", "bitsandbytes", "torchao", "peft")
+    print("  ".join(f"{name} {env[name]}" for name in versions))
+    if dry_run:
+        print("DRY RUN: tiny shapes, wall-clock timer; the times below are not measurements.")
+    header = (
+        f"{'case':<44} {'impl':<38} {'median':>10} {'p20–p80':>21} {'GB/s':>8} {'%BW':>6} {'TF/s':>7} "
+        f"{'speedup':>8}"
+    )
+    print(header)
+    print("-" * len(header))
+    for d in rows:
+        spread = f"{_time(d['p20_ms'])}–{_time(d['p80_ms'])}"
+        speedup = d.get("reflora_speedup")
+        print(
+            f"{d['case'][:44]:<44} {d['impl'][:38]:<38} {_time(d['median_ms']):>10} {spread:>21} "
+            f"{_fmt(d['gb_per_s'], '.0f'):>8} {_fmt(d['pct_copy_bandwidth'], '.0f'):>6} "
+            f"{_fmt(d['tflop_per_s'], '.0f'):>7} {_fmt(speedup, '.2f') + 'x' if speedup else '-':>8}"
+        )
+    print()
+    print("checks (done before timing; reflora rows abort the run on failure):")
+    for d in rows:
+        note = f"  [{d['note']}]" if d["note"] else ""
+        print(f"  {d['case'][:44]:<44} {d['impl'][:38]:<38} {d['check']}{note}")
+    print("speedup: the row's median over reflora's (above 1: reflora is faster).")
+    print()
+    print("targets (issue #4, H100):")
+    for prefix, verdict in evaluate_targets(rows, dry_run).items():
+        print(f"  {prefix}: {verdict}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    if args.dry_run:
+        if not torch.cuda.is_available():
+            os.environ.setdefault("TRITON_INTERPRET", "1")  # before reflora.backends.triton is imported
+        device = torch.device("cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda")
+    else:
+        if not torch.cuda.is_available():
+            print(
+                "benchmarks/gpu.py: no CUDA device (torch.cuda.is_available() is False; torch "
+                f"{torch.__version__}, CUDA runtime {torch.version.cuda}). This harness measures GPU kernels "
+                "and needs one. Use --dry-run to check the harness on a CPU.",
+                file=sys.stderr,
+            )
+            return 2
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            print("benchmarks/gpu.py: unset TRITON_INTERPRET to time the compiled kernels.", file=sys.stderr)
+            return 2
+        device = torch.device("cuda")
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import _gpu_cases as cases
+
+    shapes = cases.DRY_SHAPES if args.dry_run else cases.Shapes()
+    if args.tokens:
+        shapes = cases.Shapes(**{**shapes.__dict__, "tokens": args.tokens})
+    timer = cases.Timer(dry_run=args.dry_run, rep_ms=args.rep_ms)
+    env = environment(torch, device)
+    torch.manual_seed(0)
+
+    rows = []
+    try:
+        if "ceilings" in args.only:
+            rows += cases.ceilings(timer, shapes, device)
+        if "dequant" in args.only:
+            rows += cases.dequant_case(timer, shapes, device)
+        if "gemv" in args.only:
+            rows += cases.gemv_case(timer, shapes, device)
+        if "mlp" in args.only:
+            rows += cases.mlp_case(timer, shapes, device)
+    except cases.ConformanceError as e:
+        print(f"benchmarks/gpu.py: CONFORMANCE FAILURE, nothing timed after it: {e}", file=sys.stderr)
+        return 1
+
+    copy = next((r for r in rows if r.impl.startswith("HBM copy")), None)
+    mm = next((r for r in rows if r.impl.startswith("bf16 matmul")), None)
+    table = derive(rows, copy.gbps() if copy else None, mm.tflops() if mm else None)
+    print_table(table, env, args.dry_run)
+
+    record = {
+        "harness": "benchmarks/gpu.py",
+        "dry_run": args.dry_run,
+        "environment": env,
+        "shapes": shapes.__dict__,
+        "timing": "triton.testing.do_bench / do_bench_cudagraph, quantiles 0.5, 0.2, 0.8; "
+        f"rep {args.rep_ms} ms"
+        if not args.dry_run
+        else "wall clock, 3 runs (dry run: not a measurement)",
+        "rows": table,
+        "targets": evaluate_targets(table, args.dry_run),
+    }
+    out_dir = args.out or (Path(tempfile.mkdtemp(prefix="reflora-gpu-dry-")) if args.dry_run else RESULTS)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    slug = "".join(c if c.isalnum() else "-" for c in env["device"].lower()).strip("-")[:40]
+    stamp = env["date"].replace(":", "").replace("+0000", "Z")
+    path = out_dir / f"{'dryrun-' if args.dry_run else ''}gpu-{slug}-{stamp}.json"
+    path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

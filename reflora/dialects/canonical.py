@@ -1,0 +1,46 @@
+"""The ``reflora`` dialect: the canonical oracle itself, behind the common dialect interface.
+
+:func:`quantize` and :func:`dequantize` are :func:`reflora.nf4.quantize` and :func:`reflora.nf4.dequantize`
+with one addition, ``offset=``: the double-quantization offset to use instead of the exactly rounded
+mean, so that a state another implementation produced (bnb takes a float32 torch mean, which can differ
+from the exact one by an ulp) can be replayed and compared code for code. Non-finite input raises, as
+the canonical rules say.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from reflora import nf4
+from reflora.double_quant import quantize as quantize_absmax
+from reflora.state import QuantState
+
+__all__ = ["DESCRIPTION", "NAME", "dequantize", "quantize"]
+
+NAME = "reflora"
+DESCRIPTION = "the canonical oracle: exact-arithmetic nearest value, ties low, exactly rounded DQ mean"
+
+
+def quantize(
+    x: np.ndarray,
+    blocksize: int = 64,
+    *,
+    quant_type: str = "nf4",
+    double_quant: bool = False,
+    offset: float | None = None,
+) -> QuantState:
+    """:func:`reflora.nf4.quantize`, with ``offset`` replacing the DQ mean when given (needs double_quant)."""
+    if offset is not None and not double_quant:
+        raise ValueError("offset is the double-quantization offset; it needs double_quant=True")
+    state = nf4.quantize(x, blocksize, quant_type=quant_type, double_quant=double_quant and offset is None)
+    if offset is None:
+        return state
+    nested = quantize_absmax(state.absmax, offset=offset)
+    return dataclasses.replace(state, absmax=None, nested=nested)
+
+
+def dequantize(state: QuantState, dtype: str | np.dtype | None = None) -> np.ndarray:
+    """:func:`reflora.nf4.dequantize`: ``dtype(f32(code[q] * absmax))`` in ``state.shape``."""
+    return nf4.dequantize(state, dtype)

@@ -1,0 +1,597 @@
+"""reflora.bounds: every bound holds on simulated low-precision arithmetic, and is not loose.
+
+A backend is simulated exactly in numpy: every product and sum is formed exactly (TwoSum) and rounded
+once, correctly, to the dtype the Arithmetic names, in one of several summation orders. Each bound is
+checked two ways: it holds on random and adversarial inputs, and adversarial inputs attain a stated
+fraction of it (so a bound inflated by mistake fails too).
+"""
+
+import math
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from reflora import bounds, codebooks, double_quant, lora, nf4
+from reflora.bounds import Arithmetic
+
+F64, F32, F16, BF16 = (np.dtype(t) for t in (np.float64, np.float32, np.float16, ml_dtypes.bfloat16))
+ORDERS = ["recursive", "reverse", "pairwise", "blocked", "fma", "blas"]
+ARITHMETICS = [
+    Arithmetic("bfloat16", "float32", "bfloat16", "bfloat16"),  # PEFT on bf16 weights
+    Arithmetic("bfloat16", "float32", "float32", "bfloat16"),  # a fused kernel keeping x Aᵀ in fp32
+    Arithmetic("float16", "float32", "float16", "float16"),
+    Arithmetic("float32", "float32", "float32", "float32"),
+    Arithmetic("bfloat16", "float32", "bfloat16", "float32"),
+]
+SLOW_SETTINGS = settings(max_examples=40, deadline=None)
+
+
+# ---- Exact simulation of a backend -----------------------------------------------------------------
+
+
+def rnd(v, dtype) -> np.ndarray:
+    """v (float64, exact) rounded correctly to dtype, returned as float64."""
+    return bounds.round_to(np.asarray(v, dtype=np.float64), dtype).astype(np.float64)
+
+
+def add_round(a, b, dtype, truncate=False) -> np.ndarray:
+    """fl(a + b) for float64 arrays a, b, rounded once to dtype (to nearest, or toward zero)."""
+    s = a + b
+    if np.dtype(dtype) == F64:
+        assert not truncate
+        return s
+    bb = s - a
+    err = (a - (s - bb)) + (b - bb)  # TwoSum: a + b = s + err exactly
+    even = (s.view(np.uint64) & 1) == 0
+    # Round to odd at 53 bits, so the one rounding to dtype below decides as on the exact sum.
+    s = np.where((err != 0) & even, np.nextafter(s, np.where(err > 0, np.inf, -np.inf)), s)
+    r = rnd(s, dtype)
+    if truncate:
+        over = np.sign((r - s) - err) == np.sign(s)  # |r| > |a + b|: step back toward zero
+        r = np.where(
+            over & (r != 0), np.nextafter(r.astype(dtype), np.zeros((), dtype)).astype(np.float64), r
+        )
+    return r
+
+
+def mul_round(a, b, dtype) -> np.ndarray:
+    """fl(a·b) for values of at most 26 bits (float32 and narrower): their product is exact in float64."""
+    return rnd(np.asarray(a) * np.asarray(b), dtype)
+
+
+def sim_matmul(P, Q, acc, order="recursive", truncate=False) -> np.ndarray:
+    """P (n, K) @ Q (K, m), products and partial sums in acc, in the given summation order."""
+    acc = np.dtype(acc)
+    if order == "blas":  # the platform's own float32/float64 GEMM (blocked, FMA), a real backend
+        return (P.astype(acc) @ Q.astype(acc)).astype(np.float64)
+    exact = P[:, :, None] * Q[None, :, :]  # (n, K, m), exact for float32 operands
+    terms = [exact[:, k, :] for k in range(exact.shape[1])]
+    if order == "fma":  # s = fl(s + a·b), one rounding a step
+        s = rnd(terms[0], acc)
+        for t in terms[1:]:
+            s = add_round(s, t, acc)
+        return s
+    terms = [rnd(t, acc) for t in terms]
+    if order == "reverse":
+        terms = terms[::-1]
+    if order == "pairwise":
+        while len(terms) > 1:
+            pairs = [add_round(terms[i], terms[i + 1], acc) for i in range(0, len(terms) - 1, 2)]
+            terms = pairs + ([terms[-1]] if len(terms) % 2 else [])
+        return terms[0]
+    if order == "blocked":  # split-K: blocks of 8 summed, then the partial sums
+        terms = [sim_matmul_sum(terms[i : i + 8], acc) for i in range(0, len(terms), 8)]
+    return sim_matmul_sum(terms, acc, truncate)
+
+
+def sim_matmul_sum(terms, acc, truncate=False):
+    s = terms[0]
+    for t in terms[1:]:
+        s = add_round(s, t, acc, truncate)
+    return s
+
+
+def sim_forward(x, W, A, B, s, ar: Arithmetic, order, bias=None, mask=None) -> np.ndarray:
+    """The forward exactly as the model of bounds.lora_forward_bound describes it."""
+    acc, mid, op, out = ar.accumulate, ar.intermediate, ar.operand, ar.output
+    x = x.reshape(-1, x.shape[-1])
+    x_d = x if mask is None else rnd(mul_round(x, mask.reshape(x.shape), acc), op)
+    t = rnd(sim_matmul(x_d, A.T, acc, order), mid)
+    z = rnd(sim_matmul(t, B.T, acc, order), mid)
+    lora_out = rnd(mul_round(z, rnd(s, acc), acc), mid)
+    b = np.zeros(W.shape[0]) if bias is None else bias
+    x1 = np.concatenate([x, np.ones((x.shape[0], 1))], axis=1)
+    base = rnd(sim_matmul(x1, np.concatenate([W, b[:, None]], axis=1).T, acc, order), out)
+    return rnd(add_round(base, lora_out, acc), out)
+
+
+def sim_backward(g, x, W, A, B, s, ar: Arithmetic, order, mask=None):
+    acc, mid, op, out = ar.accumulate, ar.intermediate, ar.operand, ar.output
+    shape = x.shape
+    g, x = g.reshape(-1, W.shape[0]), x.reshape(-1, shape[-1])
+    m = None if mask is None else mask.reshape(x.shape)
+    x_d = x if m is None else rnd(mul_round(x, m, acc), op)
+    t = rnd(sim_matmul(x_d, A.T, acc, order), mid)
+    g_s = rnd(mul_round(g, rnd(s, acc), acc), mid)
+    grad_B = rnd(sim_matmul(g_s.T, t, acc, order), out)
+    grad_t = rnd(sim_matmul(g_s, B, acc, order), mid)
+    grad_A = rnd(sim_matmul(grad_t.T, x_d, acc, order), out)
+    base = rnd(sim_matmul(g, W, acc, order), out)
+    lo = rnd(sim_matmul(grad_t, A, acc, order), mid)
+    if m is not None:
+        lo = rnd(mul_round(lo, m, acc), op)
+    return rnd(add_round(base, lo, acc), out).reshape(shape), grad_A, grad_B
+
+
+def sim_merge(W, A, B, s, ar: Arithmetic, sign=1):
+    acc, mid, out = ar.accumulate, ar.intermediate, ar.output
+    d = rnd(sim_matmul(B, A, acc, "recursive"), mid)
+    d = rnd(mul_round(d, rnd(s, acc), acc), mid)
+    return rnd(add_round(W, sign * d, acc), out)
+
+
+def ordinal(v, dtype) -> np.ndarray:
+    """Integers in the order of the floats of dtype, consecutive floats differing by 1."""
+    bits = np.asarray(v).astype(dtype).view(np.int32 if np.dtype(dtype).itemsize == 4 else np.int16)
+    bits = bits.astype(np.int64)
+    sign_bit = 1 << (8 * np.dtype(dtype).itemsize - 1)
+    return np.where(bits < 0, -(bits & (sign_bit - 1)), bits)
+
+
+def _ok(err, bound) -> bool:
+    """err <= bound elementwise; where there is no finite bound anything goes (even NaN)."""
+    return bool(np.all((err <= bound) | np.isinf(bound)))
+
+
+# ---- Strategies ------------------------------------------------------------------------------------
+
+EXP_RANGE = {F32: (-60, 20), F16: (-20, 6), BF16: (-60, 20), F64: (-60, 20)}
+
+
+def _values(rng, shape, dtype, spread):
+    """Normal values at magnitudes 2^e for e spread around a drawn centre, some exact zeros."""
+    lo, hi = EXP_RANGE[np.dtype(dtype)]
+    centre = rng.integers(lo, hi + 1)
+    e = np.clip(centre + rng.integers(-spread, spread + 1, size=shape), lo - 10, hi)
+    v = rng.standard_normal(shape) * np.ldexp(1.0, e)
+    v[rng.random(shape) < 0.1] = 0.0
+    return rnd(v, dtype)
+
+
+@st.composite
+def lora_case(draw):
+    ar = draw(st.sampled_from(ARITHMETICS), label="arithmetic")
+    order = draw(st.sampled_from(ORDERS), label="summation order")
+    lead = draw(st.sampled_from([(1,), (3,), (2, 2)]), label="leading dims")
+    n_in, out, r = (
+        draw(st.integers(1, 40), label="in"),
+        draw(st.integers(1, 7), label="out"),
+        draw(st.integers(1, 4), label="r"),
+    )
+    seed = draw(st.integers(0, 2**32 - 1), label="seed")
+    spread = draw(st.sampled_from([0, 3, 12]), label="exponent spread")
+    rng = np.random.default_rng(seed)
+    op = ar.operand
+    x = _values(rng, (*lead, n_in), op, spread)
+    W, A, B = (_values(rng, s, op, spread) for s in ((out, n_in), (r, n_in), (out, r)))
+    bias = _values(rng, (out,), op, spread) if draw(st.booleans(), label="bias") else None
+    mask = None
+    if draw(st.booleans(), label="dropout"):
+        p = draw(st.sampled_from([0.1, 0.5]), label="p")
+        mask = np.where(rng.random(x.shape) < p, 0.0, rnd(1 / (1 - p), op))
+    s = draw(st.sampled_from([1.0, 2.0, 16 / 3, 0.5, 8 / math.sqrt(7)]), label="scaling")
+    g = _values(rng, (*lead, out), op, spread)
+    return ar, order, x, W, A, B, s, bias, mask, g
+
+
+# ---- Rounding, gamma, dot products -----------------------------------------------------------------
+
+
+def test_unit_roundoff_and_gamma():
+    assert [bounds.unit_roundoff(d) for d in ("float64", "float32", "float16", "bfloat16")] == [
+        2.0**-53,
+        2.0**-24,
+        2.0**-11,
+        2.0**-8,
+    ]
+    assert bounds.gamma(3, 2.0**-10) == 3 * 2.0**-10 / (1 - 3 * 2.0**-10)
+    with pytest.raises(ValueError, match="no finite bound"):
+        bounds.gamma(256, 2.0**-8)
+    assert bounds.overflow_threshold("float16") == 65520.0
+    with np.errstate(over="ignore"):
+        assert np.isinf(np.float16(65520.0)) and np.float64(np.float16(65519.996)) == 65504.0
+
+
+def test_round_to_is_one_correct_rounding_for_bfloat16():
+    # ml_dtypes goes through float32 and rounds twice; reflora must not.
+    v = 1 + 2.0**-8 + 2.0**-40
+    assert float(np.array(v).astype(BF16)) == 1.0
+    assert float(bounds.round_to(np.float64(v), BF16)) == 1 + 2.0**-7
+    rng = np.random.default_rng(1)
+    v = rng.standard_normal(20000) * np.ldexp(1.0, rng.integers(-140, 120, 20000))
+    r = bounds.round_to(v, BF16).astype(np.float64)
+    lo = np.where(r <= v, r, np.nextafter(r.astype(BF16), np.array(-np.inf, BF16)).astype(np.float64))
+    hi = np.where(r >= v, r, np.nextafter(r.astype(BF16), np.array(np.inf, BF16)).astype(np.float64))
+    # r is one of the two neighbours of v, and no farther from v than the other one
+    assert np.all((lo <= v) & (v <= hi))
+    assert np.all(np.abs(r - v) <= np.minimum(v - lo, hi - v) + (r == v))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_rounding_bound_holds_and_is_attained_at_a_midpoint(dtype):
+    u = bounds.unit_roundoff(dtype)
+    rng = np.random.default_rng(2)
+    lo, hi = EXP_RANGE[np.dtype(dtype)]
+    v = rng.standard_normal(5000) * np.ldexp(1.0, rng.integers(lo - 30, hi, 5000))
+    assert np.all(np.abs(rnd(v, dtype) - v) <= bounds.rounding_bound(v, dtype))
+    # 1 + u is the midpoint of 1 and 1 + 2u: it rounds to 1 (even), an error of exactly u·1, so the
+    # attained/bound ratio is 1/(1 + u) minus η: the bound is tight to one part in 2^p.
+    mid = 1 + u
+    assert 1 - 2 * u < abs(rnd(mid, dtype) - mid) / bounds.rounding_bound(mid, dtype) <= 1
+    # In the subnormal range 1.5 × the smallest subnormal ties to 2 × it: an error of exactly η,
+    # against η + u·3η.
+    tiny = 3 * bounds.underflow_eta(dtype)
+    assert 1 - 4 * u < abs(rnd(tiny, dtype) - tiny) / bounds.rounding_bound(tiny, dtype) <= 1
+    assert np.isinf(bounds.rounding_bound(bounds.overflow_threshold(dtype), dtype))
+
+
+@given(st.integers(0, 2**32 - 1), st.integers(1, 300), st.sampled_from(ORDERS))
+@settings(max_examples=30, deadline=None)
+def test_matmul_bound_holds_in_every_order(seed, k, order):
+    rng = np.random.default_rng(seed)
+    a = rnd(rng.standard_normal((2, k)) * np.ldexp(1.0, rng.integers(-30, 30, (2, k))), BF16)
+    b = rnd(rng.standard_normal((k, 3)), BF16)
+    err = np.abs(sim_matmul(a, b, F32, order) - a @ b)
+    ref_err = bounds.matmul_bound(a, b, "float64")  # the float64 reference a @ b rounds too
+    assert _ok(err, bounds.matmul_bound(a, b, "float32") + ref_err)
+
+
+def test_matmul_bound_attained_by_one_plus_many_half_ulps():
+    # 1 followed by K - 1 values just under half an ulp of 1: recursive float32 summation keeps 1 at
+    # every step, losing (K - 1)·ε ≈ (K - 1)u, against a bound γ_K·(1 + (K - 1)ε) ≈ K u. With K = 16384
+    # the ratio is above 0.99; we ask for 0.95, which no bound inflated by even 5% passes.
+    k = 16384
+    eps = 2.0**-24 * (1 - 2.0**-8)  # representable in bfloat16: the operands can be bf16
+    a = np.full((1, k), eps)
+    a[0, 0] = 1.0
+    b = np.ones((k, 1))
+    s = np.float32(1.0)
+    for v in a[0, 1:].astype(np.float32):
+        s = s + v  # IEEE float32 addition, one rounding each
+    err = abs(float(s) - (1 + (k - 1) * eps))
+    bound = bounds.matmul_bound(a, b, "float32")[0, 0]
+    assert np.isfinite(bound) and 0.95 < err / bound <= 1
+
+
+def test_truncating_accumulation_needs_its_declared_slack():
+    # Truncation loses up to a whole ulp a step: 1 + (K - 1) values just under 2u all vanish.
+    k = 64
+    eps = 2.0**-23 * (1 - 2.0**-8)
+    a, b = np.full((1, k), eps), np.ones((k, 1))
+    a[0, 0] = 1.0
+    err = np.abs(sim_matmul(a, b, F32, "recursive", truncate=True) - (1 + (k - 1) * eps))
+    assert err[0, 0] > bounds.matmul_bound(a, b, "float32")[0, 0]  # round-to-nearest's bound fails
+    assert err[0, 0] <= bounds.matmul_bound(a, b, "float32", slack=2.0)[0, 0]
+    assert 0.9 < err[0, 0] / bounds.matmul_bound(a, b, "float32", slack=2.0)[0, 0] <= 1
+
+
+def test_flush_to_zero_needs_its_declaration():
+    # Products of 2^-70 · 2^-70 = 2^-140 are float32 subnormals; flushed to zero, a sum of K of them
+    # loses K·2^-140, far more than gradual underflow's K·2^-150 allows; declared, the bound holds.
+    k = 16
+    a, b = np.full((1, k), 2.0**-70), np.full((k, 1), 2.0**-70)
+    flushed = 0.0  # every product flushes to 0, so does their sum
+    err = abs(flushed - k * 2.0**-140)
+    assert err > bounds.matmul_bound(a, b, "float32")[0, 0]
+    assert err <= bounds.matmul_bound(a, b, "float32", flush_to_zero=True)[0, 0]
+
+
+# ---- LoRA forward / backward / merge ---------------------------------------------------------------
+
+
+@given(lora_case())
+@SLOW_SETTINGS
+def test_forward_bound_holds(case):
+    ar, order, x, W, A, B, s, bias, mask, _ = case
+    ref = lora.forward(x, W, A, B, s, bias=bias, dropout_mask=mask)
+    out = sim_forward(x, W, A, B, s, ar, order, bias=bias, mask=mask).reshape(ref.shape)
+    bound = bounds.lora_forward_bound(x, W, A, B, s, ar, bias=bias, dropout_mask=mask)
+    assert bound.shape == ref.shape
+    assert _ok(np.abs(out - ref), bound)
+
+
+@given(lora_case())
+@SLOW_SETTINGS
+def test_backward_bound_holds(case):
+    ar, order, x, W, A, B, s, _, mask, g = case
+    refs = lora.backward(g, x, W, A, B, s, dropout_mask=mask)
+    outs = sim_backward(g, x, W, A, B, s, ar, order, mask=mask)
+    bds = bounds.lora_backward_bound(g, x, W, A, B, s, ar, dropout_mask=mask)
+    for ref, out, bd in zip(refs, outs, bds, strict=True):
+        assert bd.shape == ref.shape
+        assert _ok(np.abs(out.reshape(ref.shape) - ref), bd)
+
+
+def _ratio(out, ref, bound):
+    """The largest attained/bound ratio: above the stated fraction (tight), at most 1 (it holds)."""
+    return float(np.max(np.abs(out - ref) / bound))
+
+
+def test_forward_bound_attained_on_the_base_path_with_k_16384():
+    # bf16 operands, fp32 accumulation, bf16 output, K = 16384 (the size the brief requires). The sum
+    # 1 + 2^-8 + (K - 2)ε is held at 1 + 2^-8 by float32 (ε under half an ulp), a bfloat16 tie that
+    # goes to 1: error 2^-8 + 2^-10 against a bound of about (2u_bf16 + K u_f32)·y = 9·2^-10.
+    # Ratio ≈ 0.55; we ask for 1/2.
+    k = 16384
+    ar = Arithmetic("bfloat16", "float32", "bfloat16", "bfloat16")
+    eps = 2.0**-24 * (1 - 2.0**-8)
+    x = np.full((1, k), eps)
+    x[0, :2] = 1.0, 2.0**-8
+    W, A, B = np.ones((1, k)), np.zeros((1, k)), np.zeros((1, 1))
+    bound = bounds.lora_forward_bound(x, W, A, B, 1.0, ar)
+    ref = lora.forward(x, W, A, B, 1.0)
+    out = sim_forward(x, W, A, B, 1.0, ar, "recursive")
+    assert np.isfinite(bound).all() and bound[0, 0] < 0.02 * abs(ref[0, 0])  # meaningful: 6 bits left
+    assert 0.5 < _ratio(out, ref, bound) <= 1
+
+
+def test_forward_bound_attained_on_the_lora_path():
+    # PEFT's bf16 chain rounds t, z = t Bᵀ and s·z to bf16: three ties broken upwards in a row
+    # (t = 1 + 2^-8 + 2^-16 -> 1 + 2^-7, 1.5·t -> a tie -> up, 1.5·z -> a tie -> up) give an error
+    # of about 2.5u·y against 4u·y: ratio ≈ 0.63; we ask for 1/2.
+    ar = Arithmetic("bfloat16", "float32", "bfloat16", "bfloat16")
+    x = np.array([[1.0, 2.0**-8, 2.0**-16]])
+    W, A, B = np.zeros((1, 3)), np.ones((1, 3)), np.array([[1.5]])
+    ref = lora.forward(x, W, A, B, 1.5)
+    out = sim_forward(x, W, A, B, 1.5, ar, "recursive")
+    assert out[0, 0] == 2.28125
+    assert 0.5 < _ratio(out, ref, bounds.lora_forward_bound(x, W, A, B, 1.5, ar)) <= 1
+
+
+def test_backward_bounds_attained_over_the_token_axis():
+    # float32 throughout; g = (1, ε, ε, ...) over N tokens, x = A = B = 1: grad_B, grad_A and (with
+    # g laid along out instead) grad_x are each 1 + (N-1)ε computed as 1. Ratio ≈ N/(N + 8) > 0.99
+    # at N = 4096; we ask for 0.9.
+    n = 4096
+    ar = Arithmetic("float32", "float32", "float32", "float32")
+    eps = 2.0**-24 * (1 - 2.0**-8)
+    g = np.full((n, 1), eps)
+    g[0] = 1.0
+    x, W, A, B = np.ones((n, 1)), np.ones((1, 1)), np.ones((1, 1)), np.ones((1, 1))
+    refs = lora.backward(g, x, W, A, B, 1.0)
+    outs = sim_backward(g, x, W, A, B, 1.0, ar, "recursive")
+    _, bA, bB = bounds.lora_backward_bound(g, x, W, A, B, 1.0, ar)
+    assert 0.9 < _ratio(outs[1], refs[1], bA) <= 1 and 0.9 < _ratio(outs[2], refs[2], bB) <= 1
+    g2, x2, W2 = g.reshape(1, n), np.zeros((1, 1)), np.ones((n, 1))
+    bx = bounds.lora_backward_bound(g2, x2, W2, np.zeros((1, 1)), np.zeros((n, 1)), 1.0, ar)[0]
+    out = sim_backward(g2, x2, W2, np.zeros((1, 1)), np.zeros((n, 1)), 1.0, ar, "recursive")[0]
+    ref = lora.backward(g2, x2, W2, np.zeros((1, 1)), np.zeros((n, 1)), 1.0)[0]
+    assert 0.9 < _ratio(out, ref, bx) <= 1
+
+
+@given(lora_case())
+@settings(max_examples=30, deadline=None)
+def test_merge_bound_holds(case):
+    ar, _, _, W, A, B, s, _, _, _ = case
+    Wd = W.astype(ar.operand)
+    bound = bounds.merge_bound(Wd, A, B, s, ar)
+    try:
+        ref = lora.merge(Wd, A, B, s).astype(np.float64)
+        back = lora.unmerge(lora.merge(Wd, A, B, s), A, B, s).astype(np.float64)
+    except ValueError as e:  # W + ΔW overflows W's dtype: the bound must know it can
+        assert "overflows" in str(e) and np.isinf(bound).any()
+        return
+    out = sim_merge(W, A, B, s, ar)
+    assert _ok(np.abs(out - ref), bound)
+    assert _ok(np.abs(back - W), bounds.merge_roundtrip_bound(Wd, A, B, s))
+    f64 = W.astype(np.float64)  # in float64 the round trip is exact up to its (tiny) bound
+    back64 = lora.unmerge(lora.merge(f64, A, B, s), A, B, s)
+    assert _ok(np.abs(back64 - f64), bounds.merge_roundtrip_bound(f64, A, B, s))
+
+
+def test_merge_bound_attained():
+    # The backend rounds B A = 2^-8 - 2^-17 up to 2^-8 in bf16; then W + ΔW = 1 + 3·2^-8 is a tie that
+    # goes up to 1 + 2^-6, while the exact sum is under the tie and the reference gives 1 + 2^-7.
+    # They differ by one ulp, 2u·|W|, against a bound of about 2u·|W'|: ratio ≈ 0.99; we ask 0.9.
+    ar = Arithmetic("bfloat16", "float32", "bfloat16", "bfloat16")
+    W = np.array([[1 + 2.0**-7]], dtype=BF16)
+    A, B = np.array([[2.0**-9], [2.0**-9 - 2.0**-17]], dtype=BF16), np.array([[1.0, 1.0]], dtype=BF16)
+    ref = lora.merge(W, A, B, 1.0).astype(np.float64)
+    out = sim_merge(W.astype(np.float64), A.astype(np.float64), B.astype(np.float64), 1.0, ar)
+    assert out[0, 0] == 1 + 2.0**-6 and ref[0, 0] == 1 + 2.0**-7
+    assert 0.9 < _ratio(out, ref, bounds.merge_bound(W, A, B, 1.0, ar)) <= 1
+
+
+def test_merge_roundtrip_bound_attained():
+    # ΔW just under half an ulp of W = 1: merge keeps 1, unmerge rounds 1 - ΔW down to 1 - 2^-8, an
+    # error of u against a bound of about u(|W| + |W + ΔW|) = 2u: ratio ≈ 1/2; we ask 0.45.
+    W = np.array([[1.0]], dtype=BF16)
+    A, B = np.array([[2.0**-8 * (1 - 2.0**-8)]], dtype=BF16), np.array([[1.0]], dtype=BF16)
+    back = lora.unmerge(lora.merge(W, A, B, 1.0), A, B, 1.0).astype(np.float64)
+    assert back[0, 0] == 1 - 2.0**-8
+    assert 0.45 < _ratio(back, 1.0, bounds.merge_roundtrip_bound(W, A, B, 1.0)) <= 1
+
+
+def test_bounds_refuse_inputs_not_in_the_operand_dtype_and_report_overflow():
+    ar = Arithmetic("bfloat16", "float32", "bfloat16", "bfloat16")
+    x, W, A, B = np.ones((1, 2)), np.ones((1, 2)), np.ones((1, 2)), np.ones((1, 1))
+    with pytest.raises(ValueError, match="not representable"):
+        bounds.lora_forward_bound(x * (1 + 2.0**-20), W, A, B, 1.0, ar)
+    f16 = Arithmetic("float16", "float32", "float16", "float16")
+    big = np.full((1, 2), 60000.0)
+    b = bounds.lora_forward_bound(big, W, A, B, 1.0, f16)
+    assert np.isinf(b).all()  # t = 120000 overflows float16: no finite bound exists
+    with pytest.raises(ValueError, match="no finite bound"):
+        bounds.lora_forward_bound(
+            np.ones((1, 300)),
+            np.ones((1, 300)),
+            np.ones((1, 300)),
+            B,
+            1.0,
+            Arithmetic("bfloat16", "bfloat16", "bfloat16", "bfloat16"),
+        )
+
+
+# ---- Quantization ----------------------------------------------------------------------------------
+
+
+@given(
+    st.integers(0, 2**32 - 1),
+    st.sampled_from(["nf4", "fp4"]),
+    st.sampled_from([F32, F16, BF16]),
+    st.booleans(),
+    st.sampled_from([32, 64, 256]),
+)
+@settings(max_examples=40, deadline=None)
+def test_quant_error_bounds_hold(seed, quant_type, dtype, dq, blocksize):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 3000))
+    x = (rng.standard_normal(n) * np.ldexp(1.0, int(rng.integers(-12, 4)))).astype(dtype)
+    state = nf4.quantize(x, blocksize, quant_type=quant_type, double_quant=dq)
+    err = np.abs(nf4.dequantize(state).astype(np.float64) - x.astype(np.float64))
+    absmax = np.abs(np.pad(x.astype(np.float64), (0, -n % blocksize))).reshape(-1, blocksize).max(axis=1)
+    e_a = 0.0
+    if dq:
+        e_a = bounds.dq_absmax_error_bound(absmax, state.nested.absmax2)
+        assert np.all(np.abs(nf4.block_scales(state) - absmax) <= e_a)
+    per_block = np.repeat(bounds.quant_error_bound(absmax, quant_type, dtype, absmax_error=e_a), blocksize)[
+        :n
+    ]
+    assert np.all(err <= per_block)
+    if not dq:
+        codes = nf4.unpack(state.packed, n)
+        assert np.all(
+            err <= bounds.code_error_bound(codes, np.repeat(absmax, blocksize)[:n], quant_type, dtype)
+        )
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", [F32, F16, BF16])
+def test_quant_error_bound_attained_next_to_the_widest_gap(quant_type, dtype):
+    # The value of dtype closest to the middle of the widest gap, on the side that is not a tie, is off
+    # by h·absmax less at most one ulp of dtype (2^-8 in bf16 near 0.85) against a bound of
+    # h + u32 + u_d with h >= 0.15: ratio > (0.15 - 2^-8)/(0.15 + 2^-8) > 0.94; we ask 0.9.
+    book = codebooks.get(quant_type)
+    v, lo, hi = bounds._intervals(book)
+    j = int(np.argmax(np.maximum(v - lo, hi - v)))
+    edge = lo[j] if v[j] - lo[j] >= hi[j] - v[j] else hi[j]
+    inside = bounds.round_to(np.float64(edge), dtype)
+    while abs(float(inside) - v[j]) >= abs(edge - v[j]):  # on the tie or beyond: step toward v[j]
+        inside = np.nextafter(inside, np.array(v[j]).astype(dtype))
+    x = np.array([1.0, float(inside)]).astype(dtype)  # absmax 1
+    state = nf4.quantize(x, 32, quant_type=quant_type)
+    err = abs(float(nf4.dequantize(state)[1]) - float(x[1]))
+    assert 0.9 < err / float(bounds.quant_error_bound(np.array([1.0]), quant_type, dtype)[0]) <= 1
+
+
+def test_per_code_bound_is_the_adjacent_half_gap():
+    nf = codebooks.NF4.values.astype(np.float64)
+    b = bounds.code_error_bound(np.arange(16), 1.0, "nf4", "float32")
+    u = bounds.unit_roundoff("float32")
+    assert b[15] == pytest.approx((1 - nf[14]) / 2 + u, rel=1e-6)
+    assert b[7] == pytest.approx(max(nf[7] - nf[6], nf[8] - nf[7]) / 2 + u, rel=1e-6)
+    assert bounds.scaled_error("nf4") == pytest.approx((nf[1] - nf[0]) / 2)
+
+
+def test_dq_absmax_bound_is_attained_on_realistic_weights():
+    # Over 16384 blocks of an N(0, 0.02) weight, some c/A lands within a hair of the middle of the
+    # dynamic map's widest gap, so the worst |â - a| nearly reaches h2·A + ulps (0.9999 of the bound
+    # with this seed); we ask 0.9.
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal((1024, 1024)) * 0.02).astype(np.float32)
+    state = nf4.quantize(w, 64, double_quant=True)
+    absmax = np.abs(w.reshape(-1, 64)).max(axis=1).astype(np.float64)
+    bound = bounds.dq_absmax_error_bound(absmax, state.nested.absmax2)
+    ratio = np.abs(double_quant.dequantize(state.nested) - absmax) / bound
+    assert ratio.max() <= 1 and ratio.max() > 0.9
+
+
+def _fma_f32(a, b, c):
+    """fl32(a·b + c) with one rounding: the float32 product is exact in float64, then TwoSum."""
+    return add_round(a.astype(np.float64) * b.astype(np.float64), c.astype(np.float64), F32).astype(
+        np.float32
+    )
+
+
+@pytest.mark.parametrize("dtype", [F32, F16, BF16])
+def test_fma_absmax_moves_dequantized_values_by_at_most_dequant_ulps(dtype):
+    rng = np.random.default_rng(4)
+    w = (rng.standard_normal((512, 512)) * 0.02).astype(dtype)
+    state = nf4.quantize(w, 64, double_quant=True)
+    nested = state.nested
+    group = np.arange(nested.absmax_q.size) // nested.blocksize2
+    fused = _fma_f32(nested.code2[nested.absmax_q], nested.absmax2[group], np.full(group.size, nested.offset))
+    two = double_quant.dequantize(nested)
+    steps = np.abs(ordinal(fused, F32) - ordinal(two, F32))
+    assert steps.max() == 1 and 0 < (steps == 1).mean() < 0.5  # SPEC §4.4: 1 ulp on a few % of blocks
+    codes = nf4.unpack(state.packed, w.size).reshape(-1, 64)
+    deq = lambda a: (state.code[codes] * a[:, None]).astype(np.float32).astype(dtype)  # noqa: E731
+    moved = np.abs(ordinal(deq(fused), dtype) - ordinal(deq(two), dtype))
+    assert moved.max() <= bounds.dequant_ulps(dtype, fma_absmax=True)
+    assert np.array_equal(deq(two), nf4.dequantize(state).reshape(-1, 64))  # 0 ulp without the FMA
+    assert bounds.dequant_ulps(dtype) == 0
+
+
+def test_two_ulps_in_float32_is_attained():
+    # NF4's 0.7229568 times two neighbouring absmax values: the exact products differ by 1.45 ulps of
+    # the product, so rounded they are 2 steps apart for a good share of absmax values.
+    rng = np.random.default_rng(5)
+    a = rng.uniform(1, 2, 4000).astype(np.float32)
+    a2 = np.nextafter(a, np.float32(3))
+    c = codebooks.NF4.values[14]
+    assert (
+        np.abs(ordinal(c * a2, F32) - ordinal(c * a, F32)).max()
+        == 2
+        == bounds.dequant_ulps("float32", fma_absmax=True)
+    )
+
+
+# ---- The closed forms in the docstrings are what the code computes -----------------------------------
+
+
+def _theta(*counts):
+    """Π_d (1 + γ_{n_d}(u_d)) - 1 over (dtype name, rounding count) pairs; a dtype playing several
+    roles (operand, intermediate and output all bf16) sums its counts."""
+    by_u = {}
+    for d, n in counts:
+        by_u[bounds.unit_roundoff(d)] = by_u.get(bounds.unit_roundoff(d), 0) + n
+    return math.prod(1 + bounds.gamma(n, u) for u, n in by_u.items() if n) - 1
+
+
+def _closed_forms(g, x, W, A, B, s, mask, ar):
+    """The bounds' docstring formulas, without the subnormal terms (negligible for values near 1)."""
+    acc, mid, op, out = ar.accumulate, ar.intermediate, ar.operand, ar.output
+    m = 0 if mask is None else 1
+    n_tok, (n_out, n_in), r = x.shape[0], W.shape, A.shape[0]
+    xa, Wa, Aa, Ba, ga = (np.abs(v) for v in (x, W, A, B, g))
+    xd = xa if mask is None else xa * np.abs(mask)
+    theta_lora = _theta((acc, n_in + r + 3 + m), (mid, 3), (op, m), (out, 1))
+    fwd = _theta((acc, n_in + 2), (out, 2)) * (xa @ Wa.T) + theta_lora * abs(s) * ((xd @ Aa.T) @ Ba.T)
+    bB = _theta((acc, n_in + n_tok + 2 + m), (mid, 2), (out, 1), (op, m)) * abs(s) * (ga.T @ (xd @ Aa.T))
+    bA = _theta((acc, n_out + n_tok + 2 + m), (mid, 2), (out, 1), (op, m)) * abs(s) * ((ga @ Ba).T @ xd)
+    lora_x = (ga @ Ba) @ Aa if mask is None else ((ga @ Ba) @ Aa) * np.abs(mask)
+    theta_x = _theta((acc, n_out + r + 3 + m), (mid, 3), (out, 1), (op, m))
+    bx = _theta((acc, n_out + 1), (out, 2)) * (ga @ Wa) + theta_x * abs(s) * lora_x
+    return fwd, bx, bA, bB
+
+
+@pytest.mark.parametrize("ar", [ARITHMETICS[0], ARITHMETICS[1], ARITHMETICS[3]])
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_lora_bounds_equal_their_documented_closed_forms(ar, with_mask):
+    rng = np.random.default_rng(7)
+    n, n_in, out, r, s = 5, 9, 4, 3, 16 / 3
+    x, W, A, B, g = (
+        rnd(rng.uniform(0.5, 2, sh) * rng.choice([-1, 1], sh), ar.operand)
+        for sh in ((n, n_in), (out, n_in), (r, n_in), (out, r), (n, out))
+    )
+    mask = np.where(rng.random(x.shape) < 0.3, 0.0, 2.0) if with_mask else None
+    fwd, bx, bA, bB = _closed_forms(g, x, W, A, B, s, mask, ar)
+    ref = _closed_forms(g, x, W, A, B, s, mask, bounds.REFERENCE)
+    got_f = bounds.lora_forward_bound(x, W, A, B, s, ar, dropout_mask=mask)
+    got_b = bounds.lora_backward_bound(g, x, W, A, B, s, ar, dropout_mask=mask)
+    for got, mine, theirs in zip((got_f, *got_b), (fwd, bx, bA, bB), ref, strict=True):
+        # (1 + 2^-20): the bound's cover for its own float64 evaluation, documented in bounds._SELF
+        np.testing.assert_allclose(got, (mine + theirs) * (1 + 2.0**-20), rtol=1e-12)

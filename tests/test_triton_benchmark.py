@@ -1,0 +1,71 @@
+"""benchmarks/gpu.py's non-GPU parts: the clear failure without CUDA, target verdicts, and a dry run
+(Triton CPU interpreter, tiny shapes) that runs the conformance checks and writes the JSON record."""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton", reason="triton is not installed")
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import gpu  # noqa: E402
+
+# torchao and bitsandbytes, imported by the dry run, warn about torch.jit on import.
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_without_cuda_exits_2_with_a_clear_message(capsys):
+    assert gpu.main([]) == 2
+    err = capsys.readouterr().err
+    assert "no CUDA device" in err and "--dry-run" in err
+
+
+def _row(case, impl, ms, pct=None, speedup=None):
+    return {
+        "case": case,
+        "impl": impl,
+        "median_ms": ms,
+        "pct_copy_bandwidth": pct,
+        **({"reflora_speedup": speedup} if speedup else {}),
+    }
+
+
+def test_targets_met_and_missed():
+    rows = [
+        _row("dequantize 4096x11008 -> bf16", "reflora triton", 0.04, pct=85),
+        _row("dequantize 4096x11008 -> bf16", "bitsandbytes dequantize_4bit", 0.07, speedup=1.75),
+        _row("GEMV 1x11008", "reflora triton", 0.01, pct=65),
+        _row("GEMV 1x11008", "bitsandbytes matmul_4bit (inference)", 0.02, speedup=2.0),
+        _row("QLoRA MLP fwd+bwd", "reflora triton", 6.0),
+        _row("QLoRA MLP fwd+bwd", "PEFT + bitsandbytes (LoRA bfloat16)", 13.0, speedup=13 / 6),
+        _row("QLoRA MLP fwd+bwd", "bf16 dense + PEFT LoRA (bfloat16)", 4.0, speedup=4 / 6),
+    ]
+    verdicts = gpu.evaluate_targets(rows, dry_run=False)
+    assert verdicts["dequantize"].startswith("met")
+    assert verdicts["GEMV"].startswith("MISSED: 65% of copy bandwidth < 70%")
+    assert verdicts["QLoRA MLP"].startswith("MISSED: 0.67x vs bf16 dense (need 0.77x)")
+    assert all(v.startswith("not evaluated (dry run)") for v in gpu.evaluate_targets(rows, True).values())
+
+
+def test_dry_run_checks_kernels_and_writes_json(tmp_path, capsys):
+    if os.environ["TRITON_INTERPRET"] != "1":
+        pytest.skip("the dry run of this test uses the interpreter")
+    assert gpu.main(["--dry-run", "--only", "dequant", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("dryrun-gpu-*.json")
+    record = json.loads(path.read_text())
+    assert record["dry_run"] is True
+    for key in ("date", "device", "torch", "triton", "bitsandbytes", "driver"):
+        assert key in record["environment"]
+    ours = next(r for r in record["rows"] if r["impl"] == "reflora triton")
+    assert ours["check"] == "exact"
+    assert {"median_ms", "p20_ms", "p80_ms", "gb_per_s"} <= ours.keys()
+    assert "DRY RUN" in capsys.readouterr().out

@@ -1,0 +1,382 @@
+"""The Triton NF4 matmul, GEMV, rank-r GEMM and fused QLoRA linear (forward and backward) stay within
+the derived error bound of float64 math on the same inputs (tolerance class BOUND).
+
+Every reference is computed in float64 from the exact inputs: x, A, B, bias, mask as stored, and W as
+``reflora.nf4.dequantize(state, "float32")`` (the exact float32 product code[q] * absmax). The bound
+comes from the kernels' declared arithmetic (``reflora.backends.triton._bounds``, a stand-in for
+``reflora.bounds``). Shapes are odd on purpose: M, N, K not multiples of any tile, K not a multiple
+of the blocksize (and odd, so rows start mid-byte), rank 1, one row.
+
+Runs under the Triton CPU interpreter unless TRITON_INTERPRET=0 is set explicitly (then on CUDA).
+"""
+
+import dataclasses
+import math
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton", reason="triton is not installed")
+
+from reflora import nf4  # noqa: E402
+from reflora.backends.torch.quant_state import TorchQuantState  # noqa: E402
+
+INTERPRET = os.environ["TRITON_INTERPRET"] == "1"
+if not INTERPRET and not torch.cuda.is_available():
+    pytest.skip("TRITON_INTERPRET=0 and no CUDA device", allow_module_level=True)
+DEVICE = "cpu" if INTERPRET else "cuda"
+
+from reflora.backends.triton import (  # noqa: E402
+    launch_counts,
+    lowrank_matmul,
+    nf4_gemm,
+    nf4_gemv,
+    nf4_matmul,
+    qlora_linear,
+    reset_launch_counts,
+)
+from reflora.backends.triton._bounds import (  # noqa: E402
+    Terms,
+    arithmetic_gemm,
+    arithmetic_lowrank,
+    bound,
+    linear_backward_terms,
+    linear_forward_terms,
+)
+from reflora.backends.triton.gemv import GemvConfig  # noqa: E402
+from reflora.backends.triton.lowrank import LowRankConfig  # noqa: E402
+from reflora.backends.triton.nf4_gemm import GemmConfig  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def make_weight(n, k, blocksize=64, dq=False, quant_type="nf4", seed=0):
+    """(TorchQuantState on DEVICE, float64 (n, k) exact dequantized W)."""
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((n, k)) * rng.uniform(0.02, 0.5, size=(n, 1))).astype(np.float32)
+    state = nf4.quantize(w, blocksize, quant_type=quant_type, double_quant=dq)
+    return TorchQuantState.from_state(state, DEVICE), nf4.dequantize(state, "float32").astype(np.float64)
+
+
+def rand(shape, dtype, scale=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * scale).to(DTYPES[dtype] if isinstance(dtype, str) else dtype)
+
+
+def f64(t):
+    return t.detach().cpu().double().numpy()
+
+
+def dname(t):
+    return str(t.dtype).removeprefix("torch.")
+
+
+def check_bound(what, got, ref, groups, arith):
+    """|got - ref| <= bound, elementwise; and the bound is tight enough to catch a real error."""
+    got64 = f64(got)
+    assert got64.shape == ref.shape, (what, got64.shape, ref.shape)
+    assert np.isfinite(got64).all(), f"{what}: non-finite output"
+    err = np.abs(got64 - ref)
+    b = bound(ref, groups, arith)
+    bad = err > b
+    if bad.any():
+        i = np.unravel_index(np.argmax(err - b), err.shape)
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {bad.size} elements outside the bound; worst {tuple(map(int, i))}: "
+            f"got {got64[i]!r}, expected {ref[i]!r} (|Δ| = {err[i]:.3e} > bound {b[i]:.3e})"
+        )
+    # A bound this loose would let an O(1) relative error through; ours is a few output ulps at most.
+    magnitude = sum(g.magnitude for g in groups)
+    assert (b <= 0.02 * magnitude + 1e-3 * np.abs(ref).max() + 1e-30).all(), f"{what}: vacuous bound"
+
+
+def reference_forward(x, w64, a=None, b=None, scaling=0.0, bias=None, mask=None):
+    """float64 y and the term groups of the bound, for 2-D tensors."""
+    x64 = f64(x)
+    y = x64 @ w64.T
+    a64 = b64 = m64 = bias64 = None
+    if a is not None:
+        a64, b64 = f64(a), f64(b)
+        m64 = None if mask is None else f64(mask)
+        xm = x64 if m64 is None else x64 * m64
+        y = y + scaling * (xm @ a64.T) @ b64.T
+    if bias is not None:
+        bias64 = f64(bias)
+        y = y + bias64
+    return y, linear_forward_terms(x64, w64, a64, b64, scaling, bias64, m64)
+
+
+# --------------------------------------------------------------------------------------------- nf4_gemm
+
+GEMM_CASES = [
+    # M, N, K, blocksize, double_quant, config: odd K (rows start mid-byte), K % blocksize != 0
+    pytest.param(37, 70, 131, 64, False, None, id="37x70x131-bs64-oddK"),
+    pytest.param(5, 33, 128, 32, True, None, id="5x33x128-bs32-dq-one-scale-per-tile-row"),
+    pytest.param(20, 40, 192, 32, True, GemmConfig(bm=16, bp=32, bq=64), id="two-scales-per-tile-row"),
+    pytest.param(1, 17, 256, 64, False, None, id="one-row"),
+    pytest.param(16, 9, 70, 32, False, GemmConfig(bm=16, bp=16, bq=32), id="evenK-blocks-straddle-rows"),
+]
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize(("m", "n", "k", "bs", "dq", "cfg"), GEMM_CASES)
+def test_gemm_forward_within_bound(m, n, k, bs, dq, cfg, dtype):
+    ts, w64 = make_weight(n, k, bs, dq, seed=m + n)
+    x = rand((m, k), dtype, seed=k)
+    y = nf4_gemm(x.to(DEVICE), ts, config=cfg)
+    assert y.dtype == x.dtype and y.shape == (m, n)
+    ref, groups = reference_forward(x, w64)
+    check_bound(f"x @ W^T [{dtype}]", y, ref, groups, arithmetic_gemm(dtype))
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize(("m", "n", "k", "bs", "dq", "cfg"), GEMM_CASES)
+def test_gemm_transposed_within_bound(m, n, k, bs, dq, cfg, dtype):
+    """The grad_x orientation, a @ W, reads W tiles with rows as the reduction."""
+    ts, w64 = make_weight(n, k, bs, dq, seed=m + n)
+    g = rand((m, n), dtype, seed=n)
+    out = nf4_gemm(g.to(DEVICE), ts, transposed=True, config=cfg)
+    g64 = f64(g)
+    groups = linear_backward_terms(f64(rand((m, k), "float32")), w64, g64)["grad_x"]
+    check_bound(f"g @ W [{dtype}]", out, g64 @ w64, groups, arithmetic_gemm(dtype))
+
+
+def test_gemm_fp4_state():
+    ts, w64 = make_weight(23, 77, 32, True, quant_type="fp4", seed=5)
+    x = rand((9, 77), "bfloat16", seed=1)
+    ref, groups = reference_forward(x, w64)
+    check_bound("fp4 x @ W^T", nf4_gemm(x.to(DEVICE), ts), ref, groups, arithmetic_gemm("bfloat16"))
+
+
+# --------------------------------------------------------------------------------------------- nf4_gemv
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize(
+    ("m", "n", "k", "bs", "dq"),
+    [(1, 37, 131, 64, True), (3, 29, 128, 32, False), (4, 16, 256, 128, True)],
+    ids=["1x37x131", "3x29x128", "4x16x256"],
+)
+def test_gemv_with_lora_and_bias_within_bound(m, n, k, bs, dq, dtype):
+    ts, w64 = make_weight(n, k, bs, dq, seed=n)
+    x = rand((m, k), dtype, seed=1)
+    a, b = rand((3, k), "float32", 0.1, seed=2), rand((n, 3), dtype, 0.1, seed=3)
+    bias = rand((n,), dtype, seed=4)
+    t = lowrank_matmul(x, a.t())
+    y = nf4_gemv(x, ts, lora=(t, b.t(), 1.5), bias=bias, config=GemvConfig(bn=8, bk=32))
+    ref, groups = reference_forward(x, w64, a, b, 1.5, bias)
+    check_bound(f"gemv [{dtype}]", y, ref, groups, arithmetic_gemm(dtype))
+    plain = nf4_gemv(x, ts)
+    ref, groups = reference_forward(x, w64)
+    check_bound(f"gemv plain [{dtype}]", plain, ref, groups, arithmetic_gemm(dtype))
+
+
+def test_gemv_rejects_too_many_rows():
+    ts, _ = make_weight(8, 64)
+    with pytest.raises(ValueError, match=r"1\.\.4 rows"):
+        nf4_gemv(torch.zeros(5, 64, device=DEVICE), ts)
+
+
+# --------------------------------------------------------------------------------------------- lowrank
+
+
+@pytest.mark.parametrize("split", [1, 3])
+def test_lowrank_strided_masked_split(split):
+    """t = (x*mask) A^T with A^T a transposed view, and u^T (x*mask) with the mask on the right."""
+    x = rand((37, 131), "bfloat16", seed=1)
+    mask = ((torch.rand(37, 131, generator=torch.Generator().manual_seed(2)) > 0.3) / 0.7).to(torch.bfloat16)
+    a = rand((5, 131), "float32", 0.1, seed=3)
+    cfg = LowRankConfig(bp=16, bq=16, bk=16, split=split)
+    t = lowrank_matmul(x, a.t(), mask=mask, mask_on="left", config=cfg)
+    x64, m64, a64 = f64(x), f64(mask), f64(a)
+    groups = [Terms(np.abs(x64 * m64) @ np.abs(a64).T, 131 + 1)]
+    check_bound("t", t, (x64 * m64) @ a64.T, groups, arithmetic_lowrank())
+    u = rand((37, 5), "float32", seed=4)
+    ga = lowrank_matmul(u.t(), x, mask=mask, mask_on="right", config=cfg)
+    u64 = f64(u)
+    groups = [Terms(np.abs(u64).T @ np.abs(x64 * m64), 37 + 1)]
+    check_bound("u^T (x*mask)", ga, u64.T @ (x64 * m64), groups, arithmetic_lowrank())
+
+
+# --------------------------------------------------------------------------------------------- qlora_linear
+
+QLORA_CASES = [
+    # M, N, K, r, blocksize, dq, x dtype, adapter dtype, scaling, bias, dropout
+    pytest.param(19, 37, 70, 4, 64, True, "bfloat16", "float32", 2.0, True, True, id="bf16-x-f32-lora-all"),
+    pytest.param(19, 37, 70, 4, 32, False, "float16", "float16", 16 / math.sqrt(4), False, True, id="rslora"),
+    pytest.param(19, 37, 131, 1, 64, True, "float32", "float32", 16 / 7**0.5, True, False, id="rank1-oddK"),
+    pytest.param(1, 21, 67, 3, 32, False, "bfloat16", "bfloat16", 0.5, True, True, id="one-row-gemv"),
+]
+
+
+def _qlora_inputs(m, n, k, r, bs, dq, dt, adt, bias, dropout, seed=0):
+    ts, w64 = make_weight(n, k, bs, dq, seed=seed)
+    x = rand((m, k), dt, seed=seed + 1).to(DEVICE)
+    a = rand((r, k), adt, 1 / math.sqrt(k), seed=seed + 2).to(DEVICE)
+    b = rand((n, r), adt, 0.2, seed=seed + 3).to(DEVICE)
+    bias_t = rand((n,), dt, seed=seed + 4).to(DEVICE) if bias else None
+    mask = None
+    if dropout:
+        keep = torch.rand((m, k), generator=torch.Generator().manual_seed(seed + 5)) > 0.25
+        mask = (keep / 0.75).to(DTYPES[dt]).to(DEVICE)
+    return ts, w64, x, a, b, bias_t, mask
+
+
+def _reference_grads(x, w64, g, a, b, scaling, bias, mask):
+    """float64 gradients by torch autograd through the dequantized weight (the gradcheck-style check)."""
+    x64 = torch.tensor(f64(x), requires_grad=True)
+    a64 = torch.tensor(f64(a), requires_grad=True)
+    b64 = torch.tensor(f64(b), requires_grad=True)
+    w = torch.tensor(w64)
+    y = x64 @ w.T
+    xm = x64 if mask is None else x64 * torch.tensor(f64(mask))
+    y = y + scaling * (xm @ a64.T) @ b64.T
+    bias64 = None
+    if bias is not None:
+        bias64 = torch.tensor(f64(bias), requires_grad=True)
+        y = y + bias64
+    y.backward(torch.tensor(f64(g)))
+    grads = {"grad_x": x64.grad.numpy(), "grad_A": a64.grad.numpy(), "grad_B": b64.grad.numpy()}
+    if bias64 is not None:
+        grads["grad_bias"] = bias64.grad.numpy()
+    return grads
+
+
+@pytest.mark.parametrize("m, n, k, r, bs, dq, dt, adt, scaling, bias, dropout", QLORA_CASES)
+def test_qlora_forward_and_backward_within_bound(m, n, k, r, bs, dq, dt, adt, scaling, bias, dropout):
+    ts, w64, x, a, b, bias_t, mask = _qlora_inputs(m, n, k, r, bs, dq, dt, adt, bias, dropout)
+    saved = [t.clone() for t in (x, a, b, bias_t, mask) if t is not None]
+    x.requires_grad_()
+    a.requires_grad_()
+    b.requires_grad_()
+    if bias_t is not None:
+        bias_t.requires_grad_()
+    y = qlora_linear(x, ts, a, b, scaling, bias=bias_t, dropout_mask=mask)
+    assert y.dtype == x.dtype and y.shape == (m, n)
+    ref, groups = reference_forward(x, w64, a, b, scaling, bias_t, mask)
+    check_bound("qlora forward", y, ref, groups, arithmetic_gemm(dt))
+
+    # A non-contiguous grad_y: the transpose of an (N, M) tensor.
+    g = rand((n, m), dt, seed=9).to(DEVICE).t()
+    y.backward(g)
+    want = _reference_grads(x, w64, g, a, b, scaling, bias_t, mask)
+    terms = linear_backward_terms(
+        f64(x), w64, f64(g), f64(a), f64(b), scaling, None if mask is None else f64(mask)
+    )
+    check_bound("grad_x", x.grad, want["grad_x"], terms["grad_x"], arithmetic_gemm(dt))
+    check_bound("grad_A", a.grad, want["grad_A"], terms["grad_A"], arithmetic_lowrank(adt))
+    check_bound("grad_B", b.grad, want["grad_B"], terms["grad_B"], arithmetic_lowrank(adt))
+    assert (x.grad.dtype, a.grad.dtype, b.grad.dtype) == (x.dtype, a.dtype, b.dtype)
+    # Non-zero exactly where the float64 gradient is (dropped inputs give exact zeros in grad_A).
+    for name, grad in (("grad_x", x.grad), ("grad_A", a.grad), ("grad_B", b.grad)):
+        assert np.array_equal(f64(grad) != 0, want[name] != 0), f"{name}: zero pattern differs"
+        assert (want[name] != 0).any()
+    if bias_t is not None:
+        g_terms = [Terms(np.abs(f64(g)).sum(0), m)]
+        check_bound("grad_bias", bias_t.grad, want["grad_bias"], g_terms, arithmetic_lowrank(dt))
+    # Gradients never land in saved inputs: every input is bit-identical after backward.
+    after = [t.detach() for t in (x, a, b, bias_t, mask) if t is not None]
+    for before, now in zip(saved, after, strict=True):
+        assert torch.equal(before.view(torch.uint8), now.view(torch.uint8))
+
+
+def test_qlora_noncontiguous_and_batched_x():
+    """A transposed-view x and a 3-D x with a permuted layout give the same function as contiguous x."""
+    ts, w64, x, a, b, bias_t, mask = _qlora_inputs(13, 29, 70, 2, 32, True, "float16", "float32", True, True)
+    y_ref, groups = reference_forward(x, w64, a, b, 3.0, bias_t, mask)
+    x_t = x.t().contiguous().t()  # same values, strides (1, 13)
+    m_t = mask.t().contiguous().t()
+    assert not x_t.is_contiguous()
+    y = qlora_linear(x_t, ts, a, b, 3.0, bias=bias_t, dropout_mask=m_t)
+    check_bound("transposed-view x", y, y_ref, groups, arithmetic_gemm("float16"))
+    # (13, 70) as (1, 13, 70) through a permuted (13, 1, 70) buffer: leading dims flattened.
+    x3 = x.reshape(13, 1, 70).permute(1, 0, 2)
+    y3 = qlora_linear(x3, ts, a, b, 3.0, bias=bias_t, dropout_mask=mask.reshape(13, 1, 70).permute(1, 0, 2))
+    assert y3.shape == (1, 13, 29)
+    check_bound("3-D x", y3[0], y_ref, groups, arithmetic_gemm("float16"))
+
+
+def test_peft_init_b_zero_gives_base_output_and_zero_grad_a():
+    """With B = 0 (PEFT's init) the low-rank term is exactly 0: y equals nf4_matmul bit for bit,
+    grad_A is exactly zero, and grad_B is not."""
+    ts, _, x, a, _, bias_t, mask = _qlora_inputs(11, 19, 64, 4, 32, False, "bfloat16", "float32", True, True)
+    b = torch.zeros(19, 4, device=DEVICE, requires_grad=True)
+    a.requires_grad_()
+    y = qlora_linear(x, ts, a, b, 2.0, bias=bias_t, dropout_mask=mask)
+    base = nf4_matmul(x, ts, bias=bias_t)
+    assert torch.equal(y.view(torch.int16), base.view(torch.int16))
+    y.backward(rand((11, 19), "bfloat16", seed=3).to(DEVICE))
+    assert torch.count_nonzero(a.grad) == 0
+    assert torch.count_nonzero(b.grad) == b.numel()
+
+
+def test_dropout_mask_applies_to_lora_branch_only():
+    """A mask column of zeros removes that input feature from the LoRA branch only: grad_A's column is
+    exactly 0, and grad_x's column is the base gradient g W alone, bit for bit."""
+    ts, _, x, a, b, _, mask = _qlora_inputs(9, 21, 64, 3, 64, True, "float32", "float32", False, True)
+    mask[:, 5] = 0
+    x.requires_grad_()
+    a.requires_grad_()
+    qlora_linear(x, ts, a, b, 2.0, dropout_mask=mask).backward(g := rand((9, 21), "float32", seed=4))
+    assert torch.count_nonzero(a.grad[:, 5]) == 0 and torch.count_nonzero(a.grad[:, 4]) > 0
+    base_grad_x = nf4_gemm(g, ts, transposed=True)
+    assert torch.equal(x.grad[:, 5], base_grad_x[:, 5])
+    assert not torch.equal(x.grad[:, 4], base_grad_x[:, 4])
+
+
+def test_nf4_matmul_grad_x_and_bias_only():
+    ts, w64 = make_weight(17, 45, 32, True)
+    x = rand((6, 45), "float32", seed=1).requires_grad_()
+    bias = rand((17,), "float32", seed=2).requires_grad_()
+    y = nf4_matmul(x, ts, bias=bias)
+    ref, groups = reference_forward(x, w64, bias=bias)
+    check_bound("nf4_matmul", y, ref, groups, arithmetic_gemm("float32"))
+    g = rand((6, 17), "float32", seed=3)
+    y.backward(g)
+    terms = linear_backward_terms(f64(x), w64, f64(g))
+    check_bound("nf4_matmul grad_x", x.grad, f64(g) @ w64, terms["grad_x"], arithmetic_gemm("float32"))
+    bias_terms = [Terms(np.abs(f64(g)).sum(0), 6)]
+    check_bound("nf4_matmul grad_bias", bias.grad, f64(g).sum(0), bias_terms, arithmetic_lowrank())
+
+
+def test_frozen_inputs_get_no_grad_and_launches_are_recorded():
+    ts, _, x, a, b, _, _ = _qlora_inputs(8, 21, 64, 2, 64, False, "bfloat16", "bfloat16", False, False)
+    b.requires_grad_()  # only B trains: no grad_x, no grad_A
+    reset_launch_counts()
+    y = qlora_linear(x, ts, a, b, 1.0)
+    assert launch_counts() == {"lowrank": 1, "nf4_gemm": 1}
+    y.sum().backward()
+    assert launch_counts() == {"lowrank": 2, "nf4_gemm": 1}  # grad_B only: one rank-r product
+    assert x.grad is None and a.grad is None and b.grad is not None
+    reset_launch_counts()
+    qlora_linear(x[:1], ts, a, b, 1.0)
+    assert launch_counts() == {"lowrank": 1, "nf4_gemv": 1}
+
+
+def test_bad_inputs_raise_clear_errors():
+    ts, _ = make_weight(8, 64)
+    x = torch.zeros(3, 64, device=DEVICE)
+    a, b = torch.zeros(2, 64, device=DEVICE), torch.zeros(8, 2, device=DEVICE)
+    with pytest.raises(ValueError, match=r"shape \(\.\.\., 64\)"):
+        qlora_linear(torch.zeros(3, 63, device=DEVICE), ts, a, b, 1.0)
+    with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
+        qlora_linear(x.double(), ts, a, b, 1.0)
+    with pytest.raises(ValueError, match="A must be"):
+        qlora_linear(x, ts, a[:, :32], b, 1.0)
+    with pytest.raises(ValueError, match="dropout_mask must have"):
+        qlora_linear(x, ts, a, b, 1.0, dropout_mask=torch.ones(3, 32, device=DEVICE))
+    with pytest.raises(ValueError, match="bias must be"):
+        qlora_linear(x, ts, a, b, 1.0, bias=torch.zeros(7, device=DEVICE))
+    with pytest.raises(ValueError, match="no rows"):
+        nf4_matmul(torch.zeros(0, 64, device=DEVICE), ts)
+    with pytest.raises(ValueError, match="needs lora"):
+        nf4_gemm(x, ts, mask=torch.ones(3, 8, device=DEVICE))
+    with pytest.raises(ValueError, match="must be 2-D"):
+        nf4_matmul(x, dataclasses.replace(ts, shape=(512,)))
