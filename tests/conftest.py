@@ -2,11 +2,31 @@
 
 ``ci`` (default) keeps every property bounded; ``thorough`` runs 20x the examples for an audit:
 ``REFLORA_HYPOTHESIS_PROFILE=thorough python -m pytest tests``. A failure prints the blob that replays it.
+
+Triton. Whether a ``@triton.jit`` function is interpreted is fixed when it is decorated, and Triton's own
+``triton.language`` helpers are decorated when anything first imports Triton (bitsandbytes does, on
+import). So the choice is made here, before any test module is collected: without CUDA the kernels run
+under the CPU interpreter (``TRITON_INTERPRET=1``); an explicit ``TRITON_INTERPRET`` in the environment
+wins.
 """
 
 import os
 
-from hypothesis import HealthCheck, settings
+
+def _choose_triton_mode() -> None:
+    if "TRITON_INTERPRET" in os.environ:
+        return
+    try:
+        import torch  # importing torch does not import triton.language
+    except ImportError:
+        return
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
+
+_choose_triton_mode()
+
+from hypothesis import HealthCheck, settings  # noqa: E402  (after the Triton choice)
 
 common = {"deadline": None, "print_blob": True, "suppress_health_check": [HealthCheck.too_slow]}
 settings.register_profile("ci", max_examples=100, **common)
