@@ -1,0 +1,394 @@
+"""Special cases as data: each is a readable name, the op and check it exercises, and the inputs.
+
+A case becomes one test per dtype, with the id ``op[name, dtype]``, e.g.
+``quantize_4bit[nf4 x exactly at threshold 3|4, float32]``. Cases pin the corners a random draw may
+miss: exact ties, zero and ragged blocks, the largest blocksizes, views, degenerate LoRA shapes, and
+each kind of bad input. Their values come from a generator seeded by the case's name, so a case is
+the same on every run and every machine.
+
+The list is :data:`CASES`; :func:`cases_for` gives the (op, name, dtype, build) of every test.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+
+from reflora import codebooks, lora
+from reflora.bounds import round_to
+from reflora.conformance.bundle import Inputs
+from reflora.conformance.strategies import _step_ulps, family_values, lora_values
+from reflora.dtypes import DTYPES, as_dtype
+
+__all__ = ["CASES", "Case", "cases_for"]
+
+ALL = tuple(DTYPES)
+
+
+@dataclass(frozen=True)
+class Case:
+    """op: the op under test; name: the readable part of the id; check: the check it runs;
+    build(dtype, rng) -> Inputs without a test id; dtypes: the dtypes it applies to."""
+
+    op: str
+    name: str
+    check: str
+    build: Callable[[str, np.random.Generator], Inputs]
+    dtypes: tuple[str, ...] = ALL
+
+
+def _rng(name: str, dtype: str) -> np.random.Generator:
+    return np.random.default_rng(zlib.crc32(f"{name}/{dtype}".encode()))
+
+
+def _cast(v, dtype: str) -> np.ndarray:
+    return round_to(np.asarray(v, dtype=np.float64), as_dtype(dtype))
+
+
+def _q(x, dtype, *, blocksize=64, quant_type="nf4", double_quant=False, recipe=(), out_dtype=None, note="",
+       check="quantize") -> Inputs:  # fmt: skip
+    """Quantization inputs: x (float64 or already of dtype) cast to dtype, seen through ``recipe``."""
+    params = {"blocksize": blocksize, "quant_type": quant_type, "double_quant": double_quant}
+    if check in ("dequantize", "roundtrip"):
+        params["out_dtype"] = out_dtype
+    inputs = Inputs("", "", check, dtype, params=params, note=note)
+    inputs.put("x", _cast(x, dtype), recipe)
+    return inputs
+
+
+def _normal(rng, n, scale=1.0):
+    return rng.standard_normal(n) * scale
+
+
+# ---- quantize_4bit -------------------------------------------------------------------------------------
+
+
+def _ragged(dtype, rng):
+    x = _normal(rng, 3 * 64 + 17)
+    x[-17:] *= 0.01  # the tail's absmax is far below the full blocks'
+    return _q(x, dtype, note="3 full blocks and a tail of 17 whose absmax is smaller")
+
+
+def _zero_block(dtype, rng):
+    x = _normal(rng, 4 * 64)
+    x[64:128] = 0.0
+    x[64:128:3] = -0.0
+    return _q(x, dtype, note="block 1 holds only +0.0 and -0.0")
+
+
+def _zero_tail(dtype, rng):
+    x = _normal(rng, 2 * 64 + 10)
+    x[128:] = 0.0
+    return _q(x, dtype, note="an all-zero ragged tail of 10")
+
+
+def _constant(dtype, rng):
+    x = np.repeat(_normal(rng, 5), 64)
+    x[::7] *= -1  # +c and -c in one block: codes 15 and 0
+    return _q(x, dtype, note="every block holds one magnitude")
+
+
+def _exact_ties(quant_type: str, i: int, threshold: float):
+    def build(dtype, rng):
+        A = np.array([1.0, 0.125, 4.0, 0.75, 3.0])
+        blocks = []
+        for a in A:
+            block = np.full(64, threshold * a)
+            block[rng.integers(0, 64)] = a * rng.choice([-1.0, 1.0])
+            blocks.append(block)
+        x = np.concatenate(blocks)
+        keep = _cast(x, dtype).astype(np.float64) == x  # only the exact ties this dtype can hold
+        x = np.where(keep, x, 0.0)
+        return _q(x, dtype, quant_type=quant_type, note=f"x/absmax == {threshold!r} exactly")
+
+    return build
+
+
+def _near_thresholds(quant_type: str):
+    def build(dtype, rng):
+        book = codebooks.get(quant_type)
+        dt = as_dtype(dtype)
+        blocks = []
+        for a in (1.0, 0.75, 3.3, 2.0**-7):
+            a = float(_cast(a, dtype))
+            m = np.repeat(book.thresholds, 5)
+            x = round_to(m * a, dt)
+            x = _step_ulps(x, np.tile(np.array([-2, -1, 0, 1, 2]), book.thresholds.size))
+            block = np.concatenate([[a], x.astype(np.float64)])
+            blocks.append(np.pad(block, (0, -block.size % 128)))
+        return _q(np.concatenate(blocks), dtype, quant_type=quant_type, blocksize=128,
+                  note="each threshold times absmax, rounded to dtype, and -2 ... +2 ulps")  # fmt: skip
+
+    return build
+
+
+def _fp4_small(dtype, rng):
+    x = np.concatenate([[1.0], rng.uniform(-0.002, 0.002, 63)])
+    return _q(x, dtype, quant_type="fp4", note="|x/absmax| <= 0.002: every one rounds to zero, code 0")
+
+
+def _subnormal(dtype, rng):
+    tiny = float(ml_dtypes.finfo(as_dtype(dtype)).smallest_normal)
+    x = rng.uniform(-tiny, tiny, 2 * 64)
+    x[64:] *= 2.0**12  # one subnormal block, one of small normal numbers
+    return _q(x, dtype, note="block 0 entirely subnormal (its absmax too)")
+
+
+def _near_overflow(dtype, rng):
+    big = float(ml_dtypes.finfo(as_dtype(dtype)).max)
+    x = rng.uniform(-big, big, 3 * 64)
+    x[[0, 64, 130]] = [big, -big, big]
+    return _q(np.clip(x, -big, big), dtype, note="values up to the dtype's largest finite number")
+
+
+def _large_block(dtype, rng):
+    x = _normal(rng, 2 * 4096 + 100, 0.02)
+    x[4095] = x[2 * 4096 - 1] = 1.0  # each full block's absmax sits in its last element
+    return _q(x, dtype, blocksize=4096, note="blocksize 4096, the absmax of each full block in its last element")
+
+
+def _q_case(build_x: Callable, **kw):
+    def build(dtype, rng):
+        return _q(build_x(rng), dtype, **kw)
+
+    return build
+
+
+def _nonfinite(value: str, recipe=()):
+    def build(dtype, rng):
+        x = _normal(rng, 6 * 50).reshape(6, 50)
+        index = (4, 37)
+        x[index] = float(value)
+        inputs = _q(x, dtype, recipe=recipe, check="rejects", note=f"x[4, 37] = {value}")
+        inputs.params.update(bad=value, bad_index=list(index))
+        return inputs
+
+    return build
+
+
+def _tie_cases() -> list[Case]:
+    cases = []
+    for quant_type in ("nf4", "fp4"):
+        book = codebooks.get(quant_type)
+        distinct = np.unique(book.values)
+        for i, m in enumerate(book.thresholds):
+            dtypes = tuple(d for d in ALL if float(_cast(m, d)) == m)
+            if not dtypes:
+                continue
+            lo, hi = (int(np.flatnonzero(book.values == v)[0]) for v in distinct[i : i + 2])
+            name = f"{quant_type} x exactly at threshold {lo}|{hi}"
+            cases.append(Case("quantize_4bit", name, "quantize", _exact_ties(quant_type, i, float(m)), dtypes))
+    return cases
+
+
+# ---- LoRA ----------------------------------------------------------------------------------------------
+
+
+def _lora(op, n_in, out, r, lead=(3,), *, alpha=16.0, rslora=False, bias=False, p=None, fan=False,
+          zero_B=False, views=(), check=None, mask_zero=False, blocksize=64, quant_type="nf4",
+          double_quant=False):  # fmt: skip
+    """A LoRA/QLoRA case builder: shapes, scaling and options; values from the case's generator."""
+
+    def build(dtype, rng):
+        dt = as_dtype(dtype)
+        x = lora_values("normal", rng, (*lead, n_in), 1.0, dt)
+        W = lora_values("normal", rng, (out, n_in), 1 / math.sqrt(n_in), dt)
+        A = lora_values("uniform", rng, (r, n_in), 1 / math.sqrt(n_in), dt)
+        B = np.zeros((out, r), dtype=dt) if zero_B else lora_values("normal", rng, (out, r), 0.1, dt)
+        params = {"in": n_in, "out": out, "r": r, "alpha": alpha, "rslora": rslora,
+                  "scaling": lora.scaling(alpha, r, rslora), "seed": 0}  # fmt: skip
+        inputs = Inputs("", op, check or op, dtype, params=params)
+        if op == "lora_merge":
+            params["fan_in_fan_out"] = fan
+            inputs.put("W", W.T.copy() if fan else W, (("T",),) if "W" in views else ())
+        else:
+            inputs.put("x", x, (("T",),) if "x" in views and x.ndim > 1 else ())
+            inputs.put("W", W, (("T",),) if "W" in views else ())
+        inputs.put("A", A)
+        inputs.put("B", B)
+        if bias:
+            inputs.put("bias", lora_values("normal", rng, (out,), 1.0, dt))
+        if p is not None or mask_zero:
+            keep = np.zeros(x.shape, dtype=bool) if mask_zero else rng.random(x.shape) >= p
+            inputs.put("dropout_mask", round_to(keep / (1 - (p or 0.0)), dt))
+        if op.endswith("backward"):
+            inputs.put("grad_y", lora_values("normal", rng, (*lead, out), 1.0, dt))
+        if op.startswith("qlora"):
+            params.update(blocksize=blocksize, quant_type=quant_type, double_quant=double_quant)
+        return inputs
+
+    return build
+
+
+def _broken(build: Callable, name: str, axis: int, *, state_1d: bool = False):
+    """A valid case with operand ``name`` grown by one along ``axis``: the op must raise."""
+
+    def broken(dtype, rng):
+        inputs = build(dtype, rng)
+        inputs.check = "rejects"
+        if state_1d:
+            inputs.params["state_1d"] = True
+            inputs.note = "the state is 1-D, not a (out, in) weight"
+            return inputs
+        a = inputs[name]
+        inputs.views.pop(name, None)
+        inputs.put(name, np.concatenate([a, np.take(a, [0], axis=axis)], axis=axis))
+        inputs.note = f"{name} has shape {inputs[name].shape}"
+        return inputs
+
+    return broken
+
+
+def _lora_cases(op: str) -> list[Case]:
+    forward = op.endswith("forward")
+    cases = [
+        Case(op, "rank 1", op, _lora(op, 24, 10, 1)),
+        Case(op, "one row", op, _lora(op, 24, 10, 4, lead=(1,))),
+        Case(op, "odd and prime dimensions", op, _lora(op, 31, 17, 5, lead=(11,))),
+        Case(op, "3-D x", op, _lora(op, 16, 9, 3, lead=(2, 5))),
+        Case(op, "rsLoRA scaling", op, _lora(op, 24, 10, 8, alpha=16.0, rslora=True)),
+        Case(op, "dropout p=0.5", op, _lora(op, 24, 10, 4, p=0.5)),
+        Case(op, "B = 0 (fresh adapter)", op, _lora(op, 24, 10, 4, zero_B=True)),
+    ]
+    if not op.startswith("qlora"):
+        cases += [
+            Case(op, "rank 256", op, _lora(op, 16, 8, 256, lead=(4,))),
+            Case(op, "transposed x and W", op, _lora(op, 24, 10, 4, lead=(7,), views=("x", "W"))),
+        ]
+    if forward:
+        cases += [
+            Case(op, "x 1-D", op, _lora(op, 24, 10, 4, lead=())),
+            Case(op, "bias", op, _lora(op, 24, 10, 4, bias=True)),
+            Case(op, "dropout mask all zero", op, _lora(op, 24, 10, 4, mask_zero=True)),
+            Case(op, "negative scaling", op, _lora(op, 24, 10, 4, alpha=-8.0)),
+        ]
+    if op.startswith("qlora"):
+        cases += [
+            Case(op, "double-quantized base", op, _lora(op, 64, 40, 4, double_quant=True, blocksize=32)),
+            Case(op, "fp4 base", op, _lora(op, 24, 10, 4, quant_type="fp4")),
+            Case(op, "ragged blocks", op, _lora(op, 13, 11, 3, blocksize=64)),
+            Case(op, "blocksize 4096 base", op, _lora(op, 96, 50, 4, blocksize=4096)),
+        ]
+    base = _lora(op, 24, 10, 4, bias=forward and not op.startswith("qlora"), p=0.1)
+    bad = [("A", -1, "A does not fit W"), ("B", 0, "B does not fit W"), ("x", -1, "x does not fit W")]
+    if op.startswith("qlora"):
+        bad = [("A", -1, "A does not fit the state"), ("x", -1, "x does not fit the state")]
+        cases.append(Case(op, "1-D state -> error", "rejects", _broken(base, "W", 0, state_1d=True)))
+    if forward and not op.startswith("qlora"):
+        bad.append(("bias", -1, "bias does not fit -> error"))
+    if not forward:
+        bad.append(("grad_y", -1, "grad_y does not fit"))
+    bad.append(("dropout_mask", -1, "dropout mask does not fit"))
+    for name, axis, text in bad:
+        title = text if text.endswith("-> error") else f"{text} -> error"
+        cases.append(Case(op, title, "rejects", _broken(base, name, axis)))
+    return cases
+
+
+def _merge_cases() -> list[Case]:
+    op = "lora_merge"
+
+    def tiny_delta(dtype, rng):
+        inputs = _lora(op, 24, 10, 4)(dtype, rng)
+        inputs.put("B", (inputs["B"].astype(np.float64) * 2.0**-14).astype(inputs["B"].dtype))
+        inputs.note = "ΔW far below half an ulp of W: W' = W"
+        return inputs
+
+    base = _lora(op, 24, 10, 4)
+    return [
+        Case(op, "fan_in_fan_out", op, _lora(op, 24, 10, 4, fan=True)),
+        Case(op, "fan_in_fan_out, square W", op, _lora(op, 12, 12, 4, fan=True)),
+        Case(op, "rank 1", op, _lora(op, 24, 10, 1)),
+        Case(op, "odd and prime dimensions", op, _lora(op, 31, 17, 5)),
+        Case(op, "rsLoRA scaling", op, _lora(op, 24, 10, 8, rslora=True)),
+        Case(op, "B = 0 (W unchanged)", op, _lora(op, 24, 10, 4, zero_B=True)),
+        Case(op, "transposed W", op, _lora(op, 24, 10, 4, views=("W",))),
+        Case(op, "tiny delta", op, tiny_delta),
+        Case(op, "W does not fit B A -> error", "rejects", _broken(base, "W", 0)),
+        Case(op, "A does not fit B -> error", "rejects", _broken(base, "A", 0)),
+    ]
+
+
+CASES: tuple[Case, ...] = (
+    # quantize_4bit: the canonical rules' corners
+    Case("quantize_4bit", "one element", "quantize", _q_case(lambda rng: [0.7])),
+    Case("quantize_4bit", "one row", "quantize", _q_case(lambda rng: _normal(rng, 100).reshape(1, 100))),
+    Case("quantize_4bit", "odd n", "quantize", _q_case(lambda rng: _normal(rng, 65), note="the last low nibble pads")),
+    Case("quantize_4bit", "ragged tail", "quantize", _ragged),
+    Case("quantize_4bit", "ragged tail of one element", "quantize", _q_case(lambda rng: _normal(rng, 2 * 64 + 1))),
+    Case("quantize_4bit", "all-zero block", "quantize", _zero_block),
+    Case("quantize_4bit", "all-zero tail", "quantize", _zero_tail),
+    Case("quantize_4bit", "all zeros", "quantize", _q_case(lambda rng: np.zeros((3, 70)))),
+    Case("quantize_4bit", "constant blocks", "quantize", _constant),
+    *_tie_cases(),
+    Case("quantize_4bit", "nf4 x within 2 ulps of every threshold", "quantize", _near_thresholds("nf4")),
+    Case("quantize_4bit", "fp4 x within 2 ulps of every threshold", "quantize", _near_thresholds("fp4")),
+    Case("quantize_4bit", "fp4 small values take the zero code", "quantize", _fp4_small),
+    Case("quantize_4bit", "subnormal block", "quantize", _subnormal),
+    Case("quantize_4bit", "near overflow", "quantize", _near_overflow),
+    Case("quantize_4bit", "blocksize 32", "quantize", _q_case(lambda rng: _normal(rng, 5 * 32 + 3), blocksize=32)),
+    Case("quantize_4bit", "blocksize 4096, absmax in the last element", "quantize", _large_block),
+    Case("quantize_4bit", "blocksize 2048, ragged", "quantize",
+         _q_case(lambda rng: _normal(rng, 2 * 2048 + 1000), blocksize=2048)),
+    Case("quantize_4bit", "transposed view", "quantize",
+         _q_case(lambda rng: _normal(rng, 37 * 20).reshape(37, 20), recipe=(("T",),))),
+    Case("quantize_4bit", "strided view, NaN in the skipped memory", "quantize",
+         _q_case(lambda rng: _normal(rng, 30 * 50).reshape(30, 50), recipe=(("step", 1, 3),))),
+    Case("quantize_4bit", "3-D input", "quantize", _q_case(lambda rng: _normal(rng, 105).reshape(3, 5, 7), blocksize=32)),
+    Case("quantize_4bit", "double quant, one block", "quantize", _q_case(lambda rng: _normal(rng, 50), double_quant=True)),
+    Case("quantize_4bit", "double quant, 257 blocks", "quantize",
+         _q_case(lambda rng: _normal(rng, 257 * 32), blocksize=32, double_quant=True)),
+    Case("quantize_4bit", "double quant, equal absmax", "quantize",
+         _q_case(lambda rng: np.tile(np.r_[1.0, np.linspace(-0.5, 0.5, 63)], 10), double_quant=True)),
+    Case("quantize_4bit", "double quant, 600 blocks of mixed scales", "quantize",
+         _q_case(lambda rng: _normal(rng, 600 * 32) * np.repeat(2.0 ** rng.uniform(-8, 2, 600), 32),
+                 blocksize=32, double_quant=True)),
+    # quantize_4bit: bad input
+    Case("quantize_4bit", "NaN weight -> error", "rejects", _nonfinite("nan")),
+    Case("quantize_4bit", "+inf weight -> error", "rejects", _nonfinite("inf")),
+    Case("quantize_4bit", "-inf weight -> error", "rejects", _nonfinite("-inf")),
+    Case("quantize_4bit", "NaN in a transposed view -> error", "rejects", _nonfinite("nan", (("T",),))),
+    # dequantize_4bit
+    Case("dequantize_4bit", "all-zero block -> +0.0", "dequantize", lambda d, rng: _q(
+        np.r_[np.zeros(64), _normal(rng, 64)], d, check="dequantize")),
+    Case("dequantize_4bit", "odd n", "dequantize", lambda d, rng: _q(_normal(rng, 65), d, check="dequantize")),
+    Case("dequantize_4bit", "ragged tail", "dequantize", lambda d, rng: _q(_normal(rng, 3 * 64 + 17), d,
+                                                                           check="dequantize")),
+    Case("dequantize_4bit", "double quant, 600 blocks", "dequantize",
+         lambda d, rng: _q(_normal(rng, 600 * 32) * np.repeat(2.0 ** rng.uniform(-8, 2, 600), 32), d, blocksize=32,
+                           double_quant=True, check="dequantize")),
+    Case("dequantize_4bit", "output float16", "dequantize",
+         lambda d, rng: _q(_normal(rng, 3 * 64, 3.0), d, out_dtype="float16", check="dequantize")),
+    Case("dequantize_4bit", "output bfloat16", "dequantize",
+         lambda d, rng: _q(_normal(rng, 3 * 64, 3.0), d, out_dtype="bfloat16", check="dequantize")),
+    Case("dequantize_4bit", "subnormal float16 outputs", "dequantize",
+         lambda d, rng: _q(_normal(rng, 2 * 64, 2e-5), d, out_dtype="float16", check="dequantize")),
+    Case("dequantize_4bit", "blocksize 4096", "dequantize",
+         lambda d, rng: _q(family_values("mixed", rng, 2 * 4096 + 9, d, 4096, "nf4").astype(np.float64), d,
+                           blocksize=4096, check="dequantize")),
+    Case("dequantize_4bit", "own state round trip, double quant, ragged", "roundtrip",
+         lambda d, rng: _q(_normal(rng, 300 * 32 + 5), d, blocksize=32, double_quant=True, check="roundtrip")),
+    # LoRA
+    *_lora_cases("lora_forward"),
+    *_lora_cases("lora_backward"),
+    *_lora_cases("qlora_forward"),
+    *_lora_cases("qlora_backward"),
+    *_merge_cases(),
+)  # fmt: skip
+
+
+def cases_for(op: str | None = None) -> list[tuple[Case, str]]:
+    """(case, dtype) for every test the cases make (of one op if given), in the order of :data:`CASES`."""
+    return [(c, d) for c in CASES if op in (None, c.op) for d in c.dtypes]
+
+
+def build(case: Case, dtype: str, test_id: str) -> Inputs:
+    """The inputs of ``case`` in ``dtype``, labelled with ``test_id``."""
+    inputs = case.build(dtype, _rng(case.name, dtype))
+    inputs.test_id, inputs.op, inputs.check = test_id, case.op, case.check
+    return inputs

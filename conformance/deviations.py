@@ -1,0 +1,106 @@
+"""Known deviations: a backend's own list of the tests it is known to fail, each with a reason.
+
+A backend points to its file with the attribute ``deviations`` (a path; a relative path is taken
+relative to the file that defines the backend's class). The file is TOML::
+
+    # Known deviations of the "bitsandbytes" backend from the dialect it claims (bnb-cpu).
+    [[deviation]]
+    test = "quantize_4bit[*non-finite* -> error, *]"
+    reason = "bitsandbytes quantizes NaN and inf instead of raising: the block's absmax becomes NaN"
+    upstream = "https://github.com/bitsandbytes-foundation/bitsandbytes/issues/0000"  # optional
+
+    [[deviation]]
+    test = "quantize_4bit[NaN weight -> error, *]"
+    reason = "..."
+
+Keys of each ``[[deviation]]`` table: ``test`` (required), a test-id pattern in which ``*`` matches any
+run of characters and everything else is literal (brackets and commas included), matched against the
+whole id; ``reason`` (required), why the backend deviates; ``upstream`` (optional), an issue or a
+document that records it. Unknown keys are an error, so a typo cannot silently disable an entry.
+
+A failing test that matches an entry is reported as *declared* (listed with its reason and message,
+not counted as a failure). An entry that matches no test id of the suite draws a warning, and so does
+one whose tests all passed (the deviation may have been fixed, or this run did not meet it).
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Deviation", "DeviationsError", "for_backend", "load", "pattern_regex"]
+
+_KEYS = {"test", "reason", "upstream"}
+
+
+class DeviationsError(ValueError):
+    """A deviations file that cannot be read or does not follow the format."""
+
+
+def pattern_regex(pattern: str) -> re.Pattern:
+    """The regex a test-id pattern stands for: ``*`` is any run of characters, the rest literal."""
+    return re.compile("^" + ".*".join(re.escape(part) for part in pattern.split("*")) + "$")
+
+
+@dataclass(frozen=True)
+class Deviation:
+    """One entry: the test-id pattern, the reason, the upstream reference, and where it was read."""
+
+    test: str
+    reason: str
+    upstream: str = ""
+    source: str = ""
+
+    def matches(self, test_id: str) -> bool:
+        return bool(pattern_regex(self.test).match(test_id))
+
+    def as_dict(self) -> dict[str, str]:
+        return {"test": self.test, "reason": self.reason, "upstream": self.upstream, "source": self.source}
+
+
+def load(path: str | Path) -> list[Deviation]:
+    """The entries of a deviations file; DeviationsError naming the file and the entry otherwise."""
+    path = Path(path)
+    try:
+        data: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise DeviationsError(f"{path}: {exc}") from exc
+    unknown = set(data) - {"deviation"}
+    if unknown:
+        raise DeviationsError(f"{path}: unknown top-level keys {sorted(unknown)}; use [[deviation]] tables")
+    entries = data.get("deviation", [])
+    if not isinstance(entries, list):
+        raise DeviationsError(f"{path}: 'deviation' must be an array of tables ([[deviation]])")
+    out = []
+    for i, entry in enumerate(entries):
+        where = f"{path}, deviation #{i + 1}"
+        if not isinstance(entry, dict):
+            raise DeviationsError(f"{where}: not a table")
+        if set(entry) - _KEYS:
+            raise DeviationsError(f"{where}: unknown keys {sorted(set(entry) - _KEYS)} (allowed: {sorted(_KEYS)})")
+        for key in ("test", "reason"):
+            if not isinstance(entry.get(key), str) or not entry[key].strip():
+                raise DeviationsError(f"{where}: '{key}' must be a non-empty string")
+        upstream = entry.get("upstream", "")
+        if not isinstance(upstream, str):
+            raise DeviationsError(f"{where}: 'upstream' must be a string")
+        out.append(Deviation(entry["test"], entry["reason"].strip(), upstream, str(path)))
+    return out
+
+
+def for_backend(backend: Any) -> list[Deviation]:
+    """The entries of ``backend.deviations`` (none if it has no such attribute or it is None)."""
+    path = getattr(backend, "deviations", None)
+    if path is None:
+        return []
+    path = Path(path)
+    if not path.is_absolute():
+        try:
+            path = Path(inspect.getfile(type(backend))).parent / path
+        except TypeError:  # a class without a source file: take the path as given
+            pass
+    return load(path)

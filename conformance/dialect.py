@@ -1,0 +1,121 @@
+"""The dialect a backend claims, as the suite uses it: the oracle it is held to for quantization.
+
+A dialect module (``reflora.dialects.get(name)``) has ``quantize(x, blocksize, *, quant_type,
+double_quant, offset)`` and ``dequantize(state, dtype)``. Most return a :class:`reflora.QuantState`;
+a dialect with a representation of its own (torchao's ``TorchaoNF4State``) provides
+``to_quant_state()`` on it, whose canonical dequantization is the dialect's bit for bit. The suite
+accepts either form from a backend: the QuantState form is compared with the dialect's state
+converted, the native form field by field.
+
+The double-quantization offset: the canonical dialect ("reflora") requires the exactly rounded mean;
+any other dialect's offset may sit within :func:`reflora.conformance.tolerances.offset_bound` of the
+exact mean (its own summation order), and the suite then replays that offset through the dialect's
+``offset=`` so that every code is still compared exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from reflora import nf4
+from reflora.double_quant import quantize as quantize_absmax
+from reflora.state import QuantState
+
+__all__ = ["CANONICAL", "Dialect", "get"]
+
+CANONICAL = "reflora"
+
+
+class _CanonicalModule:
+    """The canonical oracle behind the dialect interface (used until ``reflora.dialects`` provides it)."""
+
+    NAME = CANONICAL
+    DESCRIPTION = "the canonical oracle"
+
+    @staticmethod
+    def quantize(x, blocksize=64, *, quant_type="nf4", double_quant=False, offset=None):
+        if offset is not None and not double_quant:
+            raise ValueError("offset is the double-quantization offset; it needs double_quant=True")
+        state = nf4.quantize(x, blocksize, quant_type=quant_type, double_quant=double_quant and offset is None)
+        if offset is None:
+            return state
+        return dataclasses.replace(state, absmax=None, nested=quantize_absmax(state.absmax, offset=offset))
+
+    @staticmethod
+    def dequantize(state, dtype=None):
+        return nf4.dequantize(state, dtype)
+
+
+def _module(name: str) -> Any:
+    from reflora import dialects
+
+    if hasattr(dialects, "get"):
+        return dialects.get(name)
+    if name == CANONICAL:
+        return _CanonicalModule
+    raise ValueError(f"dialect {name!r} is not available: this reflora has no reflora.dialects registry")
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """name: the dialect's name; module: its implementation (a module or an object with the same API)."""
+
+    name: str
+    module: ModuleType | Any
+
+    @property
+    def canonical(self) -> bool:
+        return self.name == CANONICAL
+
+    def quantize(self, x, blocksize: int, quant_type: str, double_quant: bool, offset=None):
+        """The dialect's native state for ``x``; raises (ValueError, ...) where the dialect does."""
+        kwargs = {"quant_type": quant_type, "double_quant": double_quant}
+        if offset is not None:
+            kwargs["offset"] = offset
+        return self.module.quantize(x, blocksize, **kwargs)
+
+    def as_quant_state(self, native) -> QuantState:
+        """A :class:`reflora.QuantState` for a native state (itself if it is one)."""
+        return native if isinstance(native, QuantState) else native.to_quant_state()
+
+    def dequantize(self, state, dtype=None) -> np.ndarray:
+        """The dialect's dequantization of ``state``: a native state through the dialect, a QuantState
+        of a dialect whose native form differs through the canonical rule (which its
+        ``to_quant_state`` is defined to match)."""
+        if isinstance(state, QuantState) and not self.native_is_quant_state():
+            return nf4.dequantize(state, dtype)
+        return self.module.dequantize(state, dtype)
+
+    def native_is_quant_state(self) -> bool:
+        """Whether this dialect's own states are QuantStates: False when the module defines a state
+        class of its own (one with ``to_quant_state``, as torchao's NF4Tensor form)."""
+        return not any(isinstance(v, type) and hasattr(v, "to_quant_state") for v in vars(self.module).values())
+
+    def allowed_codes(self, x: np.ndarray, blocksize: int, quant_type: str) -> tuple[np.ndarray, ...] | None:
+        """Alternative codes the dialect declares (bnb-cuda's fast-math reciprocal: the codes with the
+        reciprocal one ulp down and up), or None when the codes are exactly determined."""
+        slack = getattr(self.module, "reciprocal_slack", None)
+        if slack is None:
+            return None
+        return tuple(slack(x, blocksize, quant_type=quant_type))
+
+
+def get(name: str) -> Dialect:
+    """The dialect called ``name``; ValueError if it is unknown."""
+    return Dialect(name, _module(name))
+
+
+def offset_of(state: Any) -> tuple[np.ndarray, np.dtype] | None:
+    """(offset, its dtype) of a double-quantized state in either form, or None."""
+    nested = getattr(state, "nested", None)
+    if nested is not None:
+        return np.asarray(nested.offset), np.dtype(np.float32)
+    mean = getattr(state, "scaler_mean", None)
+    if mean is not None:
+        return np.asarray(mean), np.asarray(mean).dtype
+    return None

@@ -1,0 +1,412 @@
+"""The checks: for each op, what a backend's result must satisfy on given inputs, and how it fails.
+
+Every check takes a :class:`Context` (the backend, the dialect it claims, the findings to add to) and
+an :class:`reflora.conformance.bundle.Inputs`, computes the expected result with the oracle, and
+raises :class:`reflora.conformance.mismatch.Mismatch` when the backend's result is outside the
+tolerance the table (:mod:`reflora.conformance.tolerances`) gives that output. The same function runs
+a hypothesis example, a special case, and ``reflora replay``.
+
+=================  ============================================================================
+check              the property
+=================  ============================================================================
+``quantize``       the backend's state equals its dialect's, field for field (EXACT); the DQ offset
+                   of a non-canonical dialect within :func:`~reflora.conformance.tolerances.offset_bound`
+                   and then replayed; inputs the dialect rejects must be rejected
+``dequantize``     dequantize(the dialect's state) equals the dialect's dequantization, ULP(0)
+``roundtrip``      dequantize(the backend's own state) equals the oracle's dequantization of that
+                   same state, bit for bit
+``lora_forward``   |y - ref64| <= lora_forward_bound with the backend's declared arithmetic
+``lora_backward``  the three gradients within lora_backward_bound
+``qlora_forward``  as lora_forward with W = dequantize(state), the state quantized canonically
+``qlora_backward`` as lora_backward with W = dequantize(state)
+``lora_merge``     |W' - ref| <= merge_bound, W' in W's dtype
+``rejects``        bad input (a non-finite weight, shapes that do not fit) raises
+=================  ============================================================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from reflora import blockwise, bounds, lora, nf4, qlora
+from reflora.conformance import tolerances as tol
+from reflora.conformance.bundle import Inputs
+from reflora.conformance.dialect import Dialect, offset_of
+from reflora.conformance.mismatch import Declined, Mismatch, fmt_index, fmt_value
+from reflora.double_quant import mean_f32
+from reflora.state import QuantState
+
+__all__ = ["CHECKS", "Context", "run_check"]
+
+
+@dataclass
+class Context:
+    """backend: the object under test; name: how it was asked for (a registered name or module:attr);
+    dialect: the dialect it claims; findings: where dialect-vs-canonical deviations are tallied (or None)."""
+
+    backend: Any
+    name: str
+    dialect: Dialect
+    findings: Any = None
+
+
+def _context(ctx: Context, inputs: Inputs) -> dict[str, Any]:
+    return {"backend": ctx.name, "dialect": ctx.dialect.name, "dtype": inputs.dtype, **inputs.context()}
+
+
+def _call(ctx: Context, inputs: Inputs, op: str, *args, **kwargs) -> Any:
+    """The backend's op on valid inputs: NotImplementedError declines the example, any other
+    exception is a failure (valid inputs must not raise)."""
+    try:
+        return getattr(ctx.backend, op)(*args, **kwargs)
+    except NotImplementedError as exc:
+        raise Declined(f"{op}: NotImplementedError: {exc}") from None
+    except Exception as exc:
+        raise Mismatch(op, "result", None, f"{type(exc).__name__}: {exc}", "a result",
+                       "valid inputs must not raise", _context(ctx, inputs)) from exc  # fmt: skip
+
+
+def _arithmetic(ctx: Context, op: str, dtype: str) -> bounds.Arithmetic:
+    declared = getattr(ctx.backend, "arithmetic", None)
+    if declared is None:  # the protocol's default: operands and results in dtype, float32 accumulation
+        return bounds.Arithmetic(operand=dtype, accumulate="float32", intermediate=dtype, output=dtype)
+    return declared(op, dtype)
+
+
+def _array(op: str, output: str, value: Any, context: dict) -> np.ndarray:
+    a = np.asarray(value)
+    if a.dtype == object:
+        raise Mismatch(op, output, None, type(value).__name__, "a numpy array", "numpy at the boundary", context)
+    return a
+
+
+# ---- Quantization --------------------------------------------------------------------------------------
+
+
+def _codes_detail(x: np.ndarray, scales: np.ndarray, blocksize: int):
+    flat = x.reshape(-1)
+
+    def detail(index: tuple[int, ...]) -> str:
+        i = int(np.ravel_multi_index(index, x.shape)) if x.ndim else 0
+        block = i // blocksize
+        a = float(scales[block])
+        ratio = f", x/absmax = {float(flat[i]) / a:.9g}" if a else ""
+        return f"x{fmt_index(index)} = {fmt_value(flat[i])} (flat {i}) in block {block}, absmax {fmt_value(a)}{ratio}"
+
+    return detail
+
+
+def _compare_codes(op: str, actual: np.ndarray, expected: np.ndarray, x: np.ndarray, scales, blocksize,
+                   context: dict, allowed: tuple[np.ndarray, ...] | None) -> None:  # fmt: skip
+    codes_a = nf4.unpack(actual, x.size).reshape(x.shape)
+    codes_e = nf4.unpack(expected, x.size).reshape(x.shape)
+    if allowed is not None:  # the dialect declares alternatives: a code matching any of them is right
+        ok = np.zeros(x.shape, dtype=bool)
+        for alt in allowed:
+            ok |= codes_a == alt.reshape(x.shape)
+        codes_e = np.where(ok, codes_a, codes_e)
+    tol.expect_bits(op, "code", codes_a, codes_e, context, detail=_codes_detail(x, scales, blocksize))
+
+
+def _absmax_detail(x: np.ndarray, blocksize: int):
+    def detail(index: tuple[int, ...]) -> str:
+        b = index[0]
+        stop = min(x.size, (b + 1) * blocksize)
+        ragged = " (the ragged tail)" if stop - b * blocksize < blocksize else ""
+        return f"block {b} holds flat elements {b * blocksize} ... {stop - 1}{ragged} of x {x.shape}"
+
+    return detail
+
+
+def _compare_quant_states(op, actual: QuantState, expected: QuantState, x, context, allowed) -> None:
+    for field in ("shape", "blocksize", "quant_type"):
+        tol.expect_equal(op, f"state.{field}", getattr(actual, field), getattr(expected, field), context)
+    tol.expect_equal(op, "state.dtype", np.dtype(actual.dtype).name, np.dtype(expected.dtype).name, context)
+    tol.expect_bits(op, "state.code", actual.code, expected.code, context)
+    scales = nf4.block_scales(expected)
+    _compare_codes(op, actual.packed, expected.packed, x, scales, expected.blocksize, context, allowed)
+    tol.expect_bits(op, "packed", actual.packed, expected.packed, context)  # the padding nibble
+    tol.expect_equal(op, "state.double_quant", actual.double_quant, expected.double_quant, context)
+    if expected.nested is None:
+        tol.expect_bits(op, "absmax", actual.absmax, expected.absmax, context,
+                        detail=_absmax_detail(x, expected.blocksize))  # fmt: skip
+        return
+    a, e = actual.nested, expected.nested
+    tol.expect_equal(op, "nested.blocksize2", a.blocksize2, e.blocksize2, context)
+    tol.expect_bits(op, "nested.offset", np.asarray(a.offset), np.asarray(e.offset), context)
+    tol.expect_bits(op, "nested.code2", a.code2, e.code2, context)
+    tol.expect_bits(op, "nested.absmax_q", a.absmax_q, e.absmax_q, context)
+    tol.expect_bits(op, "nested.absmax2", a.absmax2, e.absmax2, context)
+
+
+def _compare_native(op, actual, expected, quant_state: QuantState, x, context) -> None:
+    """Field by field for a dialect's own state dataclass; packed codes reported per element."""
+    scales = nf4.block_scales(quant_state)
+    for f in dataclasses.fields(expected):
+        va, ve = getattr(actual, f.name), getattr(expected, f.name)
+        if f.name in ("quantized_data", "packed"):
+            _compare_codes(op, np.asarray(va), np.asarray(ve), x, scales, quant_state.blocksize, context, None)
+        if isinstance(ve, np.ndarray):
+            tol.expect_bits(op, f"state.{f.name}", np.asarray(va), ve, context)
+        else:
+            tol.expect_equal(op, f"state.{f.name}", va, ve, context)
+
+
+def _dialect_absmax(dialect: Dialect, x: np.ndarray, blocksize: int, quant_type: str) -> np.ndarray:
+    """The block absmax values the dialect averages for its offset (its own, where it can give them)."""
+    try:
+        state = dialect.as_quant_state(dialect.quantize(x, blocksize, quant_type, False))
+        if state.absmax is not None:
+            return state.absmax
+    except (ValueError, TypeError, AssertionError):
+        pass
+    return blockwise.block_absmax(x.reshape(-1).astype(np.float32), blocksize)
+
+
+def _check_offset(ctx: Context, inputs: Inputs, state, x, context) -> np.ndarray | None:
+    """Check the backend's DQ offset and return it (to replay through the dialect), or None."""
+    found = offset_of(state)
+    if found is None:
+        return None
+    offset, offset_dtype = found
+    p = inputs.params
+    if ctx.dialect.canonical:
+        exact = mean_f32(blockwise.block_absmax(x.reshape(-1).astype(np.float32), p["blocksize"]))
+        tol.expect_bits("quantize_4bit", "nested.offset", offset.astype(np.float32).reshape(()),
+                        np.asarray(exact).reshape(()), context)  # fmt: skip
+        return offset
+    absmax = _dialect_absmax(ctx.dialect, x, p["blocksize"], p["quant_type"])
+    mean, limit = tol.offset_bound(absmax, offset_dtype)
+    delta = abs(float(offset) - mean)
+    if not delta <= limit:
+        raise Mismatch("quantize_4bit", "nested.offset", None, fmt_value(offset), f"{mean:.9g} (the exact mean)",
+                       f"|Δ| = {delta:.3g} > BOUND = {limit:.3g}, offset_bound", context)  # fmt: skip
+    return offset
+
+
+def check_quantize(ctx: Context, inputs: Inputs) -> None:
+    x, p = inputs["x"], inputs.params
+    context = _context(ctx, inputs)
+    args = (x,)
+    kwargs = {"blocksize": p["blocksize"], "quant_type": p["quant_type"], "double_quant": p["double_quant"]}
+    try:
+        expected = ctx.dialect.quantize(x, p["blocksize"], p["quant_type"], p["double_quant"])
+    except (ValueError, TypeError, AssertionError) as rejected:
+        try:
+            ctx.backend.quantize_4bit(*args, **kwargs)
+        except Exception:
+            return  # rejected, as its dialect rejects it
+        raise Mismatch("quantize_4bit", "result", None, "a state",
+                       f"an error, as dialect {ctx.dialect.name} raises {type(rejected).__name__}: {rejected}",
+                       "held to the dialect", context) from None  # fmt: skip
+    state = _call(ctx, inputs, "quantize_4bit", *args, **kwargs)
+    if ctx.findings is not None:
+        ctx.findings.record(inputs, x, expected)
+    if p["double_quant"]:
+        offset = _check_offset(ctx, inputs, state, x, context)
+        if offset is not None and not ctx.dialect.canonical:
+            expected = ctx.dialect.quantize(x, p["blocksize"], p["quant_type"], True, offset=offset)
+    native_form = not isinstance(state, QuantState)
+    if native_form and type(state) is not type(expected):
+        raise Mismatch("quantize_4bit", "result", None, type(state).__name__,
+                       f"a reflora.QuantState or a {type(expected).__name__}", "EXACT", context)  # fmt: skip
+    if native_form:
+        _compare_native("quantize_4bit", state, expected, ctx.dialect.as_quant_state(expected), x, context)
+        return
+    allowed = ctx.dialect.allowed_codes(x, p["blocksize"], p["quant_type"])
+    _compare_quant_states("quantize_4bit", state, ctx.dialect.as_quant_state(expected), x, context, allowed)
+
+
+def check_dequantize(ctx: Context, inputs: Inputs) -> None:
+    x, p = inputs["x"], inputs.params
+    context = _context(ctx, inputs)
+    try:
+        native = ctx.dialect.quantize(x, p["blocksize"], p["quant_type"], p["double_quant"])
+    except (ValueError, TypeError, AssertionError):
+        return  # not a state of this dialect: nothing to dequantize
+    state = ctx.dialect.as_quant_state(native)
+    out_dtype = p.get("out_dtype")
+    out = _array("dequantize_4bit", "out", _call(ctx, inputs, "dequantize_4bit", state, dtype=out_dtype), context)
+    expected = ctx.dialect.dequantize(native, out_dtype)
+    tol.expect_ulp("dequantize_4bit", "out", out, expected, tol.entry("dequantize_4bit", "out").tolerance.n, context)
+
+
+def check_roundtrip(ctx: Context, inputs: Inputs) -> None:
+    x, p = inputs["x"], inputs.params
+    context = _context(ctx, inputs)
+    kwargs = {"blocksize": p["blocksize"], "quant_type": p["quant_type"], "double_quant": p["double_quant"]}
+    try:
+        ctx.dialect.quantize(x, p["blocksize"], p["quant_type"], p["double_quant"])
+    except (ValueError, TypeError, AssertionError):
+        return  # the dialect has no state for these inputs; check_quantize covers the rejection
+    state = _call(ctx, inputs, "quantize_4bit", x, **kwargs)
+    out_dtype = p.get("out_dtype")
+    out = _array("dequantize_4bit", "out", _call(ctx, inputs, "dequantize_4bit", state, dtype=out_dtype), context)
+    try:
+        expected = ctx.dialect.dequantize(state, out_dtype)
+    except Exception as exc:
+        raise Mismatch("quantize_4bit", "result", None, f"a state the oracle cannot dequantize ({exc})",
+                       "a well-formed state", "EXACT", context) from exc  # fmt: skip
+    tol.expect_bits("dequantize_4bit", "out", out, expected, context)
+
+
+# ---- LoRA ---------------------------------------------------------------------------------------------
+
+
+def _operands(inputs: Inputs) -> dict[str, Any]:
+    return {k: inputs.get(k) for k in ("x", "W", "A", "B", "bias", "dropout_mask", "grad_y")}
+
+
+def _bound(op: str, context: dict, fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except ValueError as exc:  # operands not representable in the declared operand dtype
+        raise Mismatch(op, "arithmetic()", None, str(exc), "operands of the declared operand dtype",
+                       "the backend's declared arithmetic must describe its inputs", context) from exc  # fmt: skip
+
+
+def _base_state(inputs: Inputs) -> QuantState:
+    p = inputs.params
+    return nf4.quantize(inputs["W"], p["blocksize"], quant_type=p["quant_type"], double_quant=p["double_quant"])
+
+
+def _forward(ctx: Context, inputs: Inputs) -> None:
+    op, o = inputs.op, _operands(inputs)
+    s = inputs.params["scaling"]
+    context = _context(ctx, inputs)
+    if op == "qlora_forward":
+        state = _base_state(inputs)
+        W = qlora.dequantized_base(state)
+        y = _call(ctx, inputs, op, o["x"], state, o["A"], o["B"], s, bias=o["bias"], dropout_mask=o["dropout_mask"])
+    else:
+        W = o["W"]
+        y = _call(ctx, inputs, op, o["x"], W, o["A"], o["B"], s, bias=o["bias"], dropout_mask=o["dropout_mask"])
+    ref = lora.forward(o["x"], W, o["A"], o["B"], s, bias=o["bias"], dropout_mask=o["dropout_mask"])
+    arith = _arithmetic(ctx, op, inputs.dtype)
+    limit = _bound(op, context, bounds.lora_forward_bound, o["x"], W, o["A"], o["B"], s, arith,
+                   bias=o["bias"], dropout_mask=o["dropout_mask"])  # fmt: skip
+    tol.expect_bound(op, "y", _array(op, "y", y, context), ref, limit, context, "lora_forward_bound (bounds.md §6)")
+
+
+def _backward(ctx: Context, inputs: Inputs) -> None:
+    op, o = inputs.op, _operands(inputs)
+    s = inputs.params["scaling"]
+    context = _context(ctx, inputs)
+    if op == "qlora_backward":
+        state = _base_state(inputs)
+        W = qlora.dequantized_base(state)
+        grads = _call(ctx, inputs, op, o["grad_y"], o["x"], state, o["A"], o["B"], s, dropout_mask=o["dropout_mask"])
+    else:
+        W = o["W"]
+        grads = _call(ctx, inputs, op, o["grad_y"], o["x"], W, o["A"], o["B"], s, dropout_mask=o["dropout_mask"])
+    refs = lora.backward(o["grad_y"], o["x"], W, o["A"], o["B"], s, dropout_mask=o["dropout_mask"])
+    if not isinstance(grads, (tuple, list)) or len(grads) != 3:
+        raise Mismatch(op, "result", None, type(grads).__name__, "(grad_x, grad_A, grad_B)", "EXACT", context)
+    arith = _arithmetic(ctx, op, inputs.dtype)
+    limits = _bound(op, context, bounds.lora_backward_bound, o["grad_y"], o["x"], W, o["A"], o["B"], s, arith,
+                    dropout_mask=o["dropout_mask"])  # fmt: skip
+    for name, g, r, b in zip(("grad_x", "grad_A", "grad_B"), grads, refs, limits, strict=True):
+        tol.expect_bound(op, name, _array(op, name, g, context), r, b, context, "lora_backward_bound (bounds.md §7)")
+
+
+def check_lora_merge(ctx: Context, inputs: Inputs) -> None:
+    o, p = _operands(inputs), inputs.params
+    context = _context(ctx, inputs)
+    fan = p["fan_in_fan_out"]
+    try:
+        ref = lora.merge(o["W"], o["A"], o["B"], p["scaling"], fan_in_fan_out=fan)
+    except ValueError:
+        return  # the merged weight overflows W's dtype: no value to compare
+    merged = _array("lora_merge", "W'", _call(ctx, inputs, "lora_merge", o["W"], o["A"], o["B"], p["scaling"],
+                                               fan_in_fan_out=fan), context)  # fmt: skip
+    tol.expect_equal("lora_merge", "W'.dtype", str(merged.dtype), str(o["W"].dtype), context)
+    arith = _arithmetic(ctx, "lora_merge", inputs.dtype)
+    limit = _bound("lora_merge", context, bounds.merge_bound, o["W"], o["A"], o["B"], p["scaling"], arith, fan_in_fan_out=fan)
+    tol.expect_bound("lora_merge", "W'", merged, ref, limit, context, "merge_bound (bounds.md §8)")
+
+
+# ---- Bad input ----------------------------------------------------------------------------------------
+
+
+def check_rejects(ctx: Context, inputs: Inputs) -> None:
+    """The op must raise (any exception) on these inputs: a non-finite weight, or a broken shape."""
+    op, o, p = inputs.op, _operands(inputs), inputs.params
+    context = _context(ctx, inputs)
+    if op == "quantize_4bit":
+        call = lambda: ctx.backend.quantize_4bit(  # noqa: E731
+            o["x"], blocksize=p["blocksize"], quant_type=p["quant_type"], double_quant=p["double_quant"]
+        )
+    elif op == "lora_forward":
+        call = lambda: ctx.backend.lora_forward(  # noqa: E731
+            o["x"], o["W"], o["A"], o["B"], p["scaling"], bias=o["bias"], dropout_mask=o["dropout_mask"]
+        )
+    elif op == "lora_backward":
+        call = lambda: ctx.backend.lora_backward(  # noqa: E731
+            o["grad_y"], o["x"], o["W"], o["A"], o["B"], p["scaling"], dropout_mask=o["dropout_mask"]
+        )
+    elif op == "lora_merge":
+        call = lambda: ctx.backend.lora_merge(  # noqa: E731
+            o["W"], o["A"], o["B"], p["scaling"], fan_in_fan_out=p["fan_in_fan_out"]
+        )
+    elif op == "qlora_forward":
+        state = _base_state(inputs) if "state_1d" not in p else _flat_state(inputs)
+        call = lambda: ctx.backend.qlora_forward(  # noqa: E731
+            o["x"], state, o["A"], o["B"], p["scaling"], bias=o["bias"], dropout_mask=o["dropout_mask"]
+        )
+    elif op == "qlora_backward":
+        state = _base_state(inputs) if "state_1d" not in p else _flat_state(inputs)
+        call = lambda: ctx.backend.qlora_backward(  # noqa: E731
+            o["grad_y"], o["x"], state, o["A"], o["B"], p["scaling"], dropout_mask=o["dropout_mask"]
+        )
+    else:
+        raise ValueError(f"no bad-input check for {op}")
+    try:
+        call()
+    except Exception:
+        return
+    if op == "quantize_4bit" and "bad_index" in p:
+        index = tuple(p["bad_index"])
+        raise Mismatch(op, "x", index, f"{p['bad']} (accepted: a state was returned)", "an error",
+                       "non-finite input has no 4-bit code and must raise", context)  # fmt: skip
+    raise Mismatch(op, "result", None, "a result (accepted)", "an error", f"bad input must raise: {inputs.note}",
+                   context)  # fmt: skip
+
+
+def _flat_state(inputs: Inputs) -> QuantState:
+    p = inputs.params
+    W = inputs["W"].reshape(-1)
+    return nf4.quantize(W, p["blocksize"], quant_type=p["quant_type"], double_quant=p["double_quant"])
+
+
+CHECKS = {
+    "quantize": check_quantize,
+    "dequantize": check_dequantize,
+    "roundtrip": check_roundtrip,
+    "lora_forward": _forward,
+    "qlora_forward": _forward,
+    "lora_backward": _backward,
+    "qlora_backward": _backward,
+    "lora_merge": check_lora_merge,
+    "rejects": check_rejects,
+}
+
+
+def run_check(ctx: Context, inputs: Inputs) -> None:
+    """Run the check ``inputs.check`` names; raises Mismatch or Declined, returns None on success."""
+    try:
+        check = CHECKS[inputs.check]
+    except KeyError:
+        raise ValueError(f"unknown check {inputs.check!r}; known: {', '.join(CHECKS)}") from None
+    try:
+        # Overflow to inf in a conversion is a stated rule, not an accident: the checks decide.
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            check(ctx, inputs)
+    except Mismatch as m:
+        m.inputs = inputs
+        raise

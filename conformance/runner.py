@@ -1,0 +1,402 @@
+"""The runner: drives every test of the suite against a backend, outside pytest or inside it.
+
+For a property, hypothesis draws examples under the profile's settings (a fixed seed per test derived
+from the run's seed and the test id, no example database, so a run is reproducible from its seed
+alone); on a failure it shrinks to a minimal example, whose :class:`Mismatch` the runner catches,
+saves as an ``.npz`` bundle and turns into a result. A case runs once. Every result is one of
+
+``pass``         every example met its tolerance;
+``fail``         a mismatch (message, bundle, replay command);
+``declared``     a failure that matches an entry of the backend's deviations file (listed, with reason);
+``unsupported``  the backend does not support the op for this dtype (``supports`` gave a reason), or
+                 declined every example (NotImplementedError);
+``error``        the suite itself could not run the test (a traceback; counts as a failure).
+
+:func:`run` returns a :class:`Report` per backend; :func:`matrix_text`, :func:`markdown` and
+:meth:`Report.as_dict` render them. A run passes when no report has a ``fail`` or an ``error``.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import traceback
+import zlib
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from reflora.conformance import deviations as _deviations
+from reflora.conformance import profiles
+from reflora.conformance.bundle import save
+from reflora.conformance.dialect import get as get_dialect
+from reflora.conformance.findings import Findings
+from reflora.conformance.mismatch import Declined, Mismatch
+from reflora.conformance.properties import Context, run_check
+from reflora.conformance.strategies import INPUT_RULES, InputRules
+from reflora.conformance.suite import DTYPES, OPS, Test, tests
+
+__all__ = ["Report", "TestResult", "markdown", "matrix_text", "resolve_seed", "run", "run_backend", "run_test"]
+
+FAILED = ("fail", "error")
+
+
+@dataclass
+class TestResult:
+    """The outcome of one test (see the module docstring for ``status``)."""
+
+    id: str
+    op: str
+    dtype: str
+    kind: str
+    status: str
+    examples: int = 0
+    declined: int = 0
+    seconds: float = 0.0
+    message: str = ""
+    reason: str = ""
+    bundle: str | None = None
+    replay: str | None = None
+    hypothesis: list[str] = field(default_factory=list)
+    deviation: dict | None = None
+
+
+@dataclass
+class Report:
+    """Everything one backend's run produced."""
+
+    backend: str
+    name: str
+    dialect: str
+    profile: str
+    seed: int
+    results: list[TestResult]
+    findings: list[dict]
+    findings_lines: list[str]
+    warnings: list[str]
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return not any(r.status in FAILED for r in self.results)
+
+    def by_status(self, *statuses: str) -> list[TestResult]:
+        return [r for r in self.results if r.status in statuses]
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ok"] = self.ok
+        d["matrix"] = {op: {dt: _cell(self, op, dt)[0] for dt in DTYPES} for op in OPS}
+        return d
+
+
+def resolve_seed(profile: profiles.Profile, seed: int | None) -> int:
+    """The run's seed: the one given, else the profile's, else a fresh random one (printed by callers)."""
+    if seed is not None:
+        return int(seed)
+    if profile.seed is not None:
+        return profile.seed
+    return random.SystemRandom().randrange(2**32)
+
+
+def _test_seed(seed: int, test_id: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(test_id.encode())) % 2**32
+
+
+def _settings(profile: profiles.Profile):
+    from hypothesis import HealthCheck, Phase, settings
+
+    return settings(
+        max_examples=profile.max_examples,
+        deadline=None,
+        database=None,
+        derandomize=False,
+        print_blob=True,
+        report_multiple_bugs=False,
+        suppress_health_check=list(HealthCheck),
+        phases=(Phase.explicit, Phase.generate, Phase.shrink),
+    )
+
+
+def _unsupported(backend: Any, test: Test) -> str | None:
+    for op in test.requires:
+        verdict = backend.supports(op, test.dtype) if hasattr(backend, "supports") else True
+        if verdict is not True:
+            return f"{op}: {verdict}"
+    return None
+
+
+def _save(m: Mismatch, ctx: Context, profile: str, seed: int, bundle_dir: Path, notes: list[str]) -> None:
+    if m.inputs is None:
+        return
+    path = save(m.inputs, bundle_dir, backend=ctx.backend.name, backend_target=ctx.name,
+                dialect=ctx.dialect.name, profile=profile, seed=seed, hypothesis=notes,
+                message=m.headline())  # fmt: skip
+    m.bundle = str(path)
+    m.replay = f"reflora replay {path} --backend {ctx.name}"
+
+
+def run_test(ctx: Context, test: Test, profile: profiles.Profile, seed: int, bundle_dir: Path) -> TestResult:
+    """Run one test against ``ctx.backend``; never raises for a backend's failure."""
+    result = TestResult(test.id, test.op, test.dtype, test.kind, "pass")
+    reason = _unsupported(ctx.backend, test)
+    if reason:
+        result.status, result.reason = "unsupported", reason
+        return result
+    start = time.perf_counter()
+    last: dict[str, Any] = {}
+    try:
+        if test.kind == "case":
+            inputs = test.case_inputs()
+            last["inputs"] = inputs
+            result.examples = 1
+            run_check(ctx, inputs)
+        else:
+            _run_property(ctx, test, profile, _test_seed(seed, test.id), result, last)
+    except Declined as d:
+        result.status, result.reason, result.declined = "unsupported", str(d), 1
+    except Mismatch as m:
+        result.hypothesis = list(getattr(m, "__notes__", []))
+        _save(m, ctx, profile.name, seed, bundle_dir, result.hypothesis)
+        result.status, result.message, result.bundle, result.replay = "fail", m.message(), m.bundle, m.replay
+    except Exception as exc:  # the suite could not run the test: report it, do not hide it
+        result.status = "error"
+        result.message = f"{test.id}: the suite raised {type(exc).__name__}: {exc}\n" + traceback.format_exc()
+        if "inputs" in last:
+            m = Mismatch(test.op, "suite", None, type(exc).__name__, "no error", "internal error")
+            m.inputs = last["inputs"]
+            _save(m, ctx, profile.name, seed, bundle_dir, [])
+            result.bundle, result.replay = m.bundle, m.replay
+    result.seconds = time.perf_counter() - start
+    if result.status == "pass" and result.examples and result.declined == result.examples:
+        result.status = "unsupported"
+    return result
+
+
+def _run_property(ctx: Context, test: Test, profile: profiles.Profile, seed: int, result: TestResult,
+                  last: dict) -> None:  # fmt: skip
+    from hypothesis import given
+    from hypothesis import seed as fix_seed
+    from hypothesis import strategies as st
+
+    rules = INPUT_RULES.get(ctx.dialect.name, InputRules())
+
+    @fix_seed(seed)
+    @_settings(profile)
+    @given(st.data())
+    def prop(data) -> None:
+        inputs = test.draw_inputs(data, profile, rules)
+        last["inputs"] = inputs
+        result.examples += 1
+        try:
+            run_check(ctx, inputs)
+        except Declined as d:
+            result.declined += 1
+            result.reason = str(d)
+
+    prop()
+    if result.declined and result.declined < result.examples:
+        result.message = f"{result.declined} of {result.examples} examples declined: {result.reason}"
+
+
+def _declare(results: list[TestResult], entries: list[_deviations.Deviation]) -> None:
+    """Mark each failure that matches a known deviation as declared."""
+    for r in results:
+        if r.status in FAILED:
+            hit = next((d for d in entries if d.matches(r.id)), None)
+            if hit is not None:
+                r.status, r.deviation = "declared", hit.as_dict()
+
+
+def _deviation_warnings(results: list[TestResult], entries: list[_deviations.Deviation]) -> list[str]:
+    """Warnings for entries that match no test id of the suite, or only tests that did not fail."""
+    warnings = []
+    all_ids = [t.id for t in tests()]
+    for d in entries:
+        if not any(d.matches(i) for i in all_ids):
+            warnings.append(f"deviation {d.test!r} ({d.source}) matches no test id of the suite")
+            continue
+        ran = [r for r in results if d.matches(r.id)]
+        if ran and not any(r.status == "declared" for r in ran):
+            warnings.append(f"deviation {d.test!r} ({d.source}) matched {len(ran)} tests, none of which failed")
+    return warnings
+
+
+def run_backend(
+    backend: Any,
+    spec: str,
+    profile: profiles.Profile,
+    seed: int,
+    *,
+    bundle_dir: str | Path = "reflora-failures",
+    progress: Callable[[str], None] | None = None,
+    select: Iterable[str] = (),
+    entries: list[_deviations.Deviation] | None = None,
+) -> Report:
+    """Run the suite against ``backend`` (asked for as ``spec``), with ``profile`` and ``seed``.
+
+    select: test-id patterns (``*`` wildcards); only matching tests run. entries: the known deviations
+    (default: the backend's own file). progress: called with a line after each op × dtype.
+    """
+    start = time.perf_counter()
+    dialect = get_dialect(backend.dialect)
+    findings = Findings(dialect)
+    ctx = Context(backend, spec, dialect, findings)
+    patterns = [_deviations.pattern_regex(p) for p in select]
+    chosen = [t for t in tests() if not patterns or any(p.match(t.id) for p in patterns)]
+    entries = _deviations.for_backend(backend) if entries is None else entries
+    say = progress or (lambda line: None)
+    say(f"{spec}: dialect {dialect.name}, profile {profile.name}, seed {seed}, {len(chosen)} tests")
+    results: list[TestResult] = []
+    bundle_dir = Path(bundle_dir)
+    for op in OPS:
+        for dtype in DTYPES:
+            cell = [t for t in chosen if t.op == op and t.dtype == dtype]
+            if not cell:
+                continue
+            t0 = time.perf_counter()
+            cell_results = [run_test(ctx, t, profile, seed, bundle_dir) for t in cell]
+            results += cell_results
+            _declare(cell_results, entries)
+            text, _ = _cell_text(cell_results)
+            say(f"  {op:<16} {dtype:<9} {text:<28} {time.perf_counter() - t0:6.1f} s")
+    warnings = _deviation_warnings(results, entries)
+    if not patterns or any(p.match("quantize_4bit[random, float32]") for p in patterns):
+        findings.natural(profile.natural_elements, DTYPES)
+    return Report(spec, getattr(backend, "name", spec), dialect.name, profile.name, seed, results,
+                  findings.as_list(), findings.lines(), warnings, time.perf_counter() - start)  # fmt: skip
+
+
+def run(
+    specs: list[str] | None = None,
+    profile: str = "ci",
+    seed: int | None = None,
+    **kwargs: Any,
+) -> tuple[list[Report], list[tuple[str, str]], int]:
+    """Run the suite against the backends named in ``specs`` (registered names or module:attr; default:
+    every registered backend available here). Returns (reports, unavailable (name, reason), seed).
+    An unknown or broken backend named explicitly raises :class:`reflora.backends.BackendError`."""
+    from reflora import backends
+
+    prof = profiles.get(profile)
+    seed = resolve_seed(prof, seed)
+    unavailable: list[tuple[str, str]] = []
+    if not specs:
+        specs = []
+        for status in backends.status():
+            (specs.append(status.name) if status.available else unavailable.append((status.name, status.reason)))
+    chosen = [(spec, backends.get(spec)) for spec in specs]  # raises, listing what is installed
+    reports = [run_backend(b, spec, prof, seed, **kwargs) for spec, b in chosen]
+    return reports, unavailable, seed
+
+
+# ---- Rendering -------------------------------------------------------------------------------------------
+
+
+def _cell_text(results: list[TestResult]) -> tuple[str, str]:
+    """(text, unsupported reason) for one op × dtype."""
+    if not results:
+        return "-", ""
+    unsupported = [r for r in results if r.status == "unsupported"]
+    if len(unsupported) == len(results):
+        return "unsupported", unsupported[0].reason
+    n = len(results) - len(unsupported)
+    failed = sum(r.status in FAILED for r in results)
+    declared = sum(r.status == "declared" for r in results)
+    if failed:
+        return f"FAIL {failed} of {n}", ""
+    text = f"pass {n - declared}/{n}"
+    if declared:
+        text += f", {declared} declared"
+    if unsupported:
+        text += f", {len(unsupported)} unsupported"
+    return text, ""
+
+
+def _cell(report: Report, op: str, dtype: str) -> tuple[str, str]:
+    return _cell_text([r for r in report.results if r.op == op and r.dtype == dtype])
+
+
+def matrix_text(report: Report) -> str:
+    """The support matrix (op × dtype), failures, declared deviations, warnings and findings, as text."""
+    verdict = "PASS" if report.ok else "FAIL"
+    lines = [
+        f"{report.backend} (dialect {report.dialect}): {verdict}  [profile {report.profile}, seed "
+        f"{report.seed}, {len(report.results)} tests, {report.seconds:.1f} s]",
+        f"  {'op':<16}" + "".join(f"{d:<30}" for d in DTYPES),
+    ]
+    notes: list[str] = []
+    for op in OPS:
+        row = f"  {op:<16}"
+        for dtype in DTYPES:
+            text, reason = _cell(report, op, dtype)
+            if reason:
+                if reason not in notes:
+                    notes.append(reason)
+                text += f" [{notes.index(reason) + 1}]"
+            row += f"{text:<30}"
+        lines.append(row.rstrip())
+    lines += [f"  [{i + 1}] {reason}" for i, reason in enumerate(notes)]
+    for r in report.by_status("fail", "error"):
+        lines += ["", f"{r.status.upper()} {r.id}", r.message]
+    declared = report.by_status("declared")
+    if declared:
+        lines += ["", "Declared deviations (known, not counted as failures):"]
+        for r in declared:
+            up = f" ({r.deviation['upstream']})" if r.deviation.get("upstream") else ""
+            lines.append(f"  {r.id}: {r.deviation['reason']}{up}")
+            lines.append("    " + r.message.splitlines()[0])
+    partial = [r for r in report.results if r.status == "pass" and r.declined]
+    if partial:
+        lines += ["", "Examples the backend declined (NotImplementedError):"]
+        lines += [f"  {r.id}: {r.message}" for r in partial]
+    if report.warnings:
+        lines += ["", *(f"WARNING: {w}" for w in report.warnings)]
+    lines += ["", f"Findings: dialect {report.dialect} vs canonical"]
+    lines += [f"  {line}" for line in report.findings_lines] or ["  (no draws)"]
+    return "\n".join(lines)
+
+
+def markdown(reports: list[Report], unavailable: list[tuple[str, str]], seed: int, profile: str) -> str:
+    """All reports as one Markdown document (``reflora conform --markdown``)."""
+    out = ["# reflora conform", "", f"Profile `{profile}`, seed {seed}.", ""]
+    for name, reason in unavailable:
+        out.append(f"- `{name}`: unavailable here: {reason}")
+    for rep in reports:
+        out += ["", f"## `{rep.backend}` (dialect `{rep.dialect}`): {'PASS' if rep.ok else 'FAIL'}", "",
+                f"{len(rep.results)} tests in {rep.seconds:.1f} s.", "",
+                "| op | " + " | ".join(DTYPES) + " |", "|---|" + "---|" * len(DTYPES)]  # fmt: skip
+        for op in OPS:
+            cells = []
+            for dtype in DTYPES:
+                text, reason = _cell(rep, op, dtype)
+                cells.append(f"{text}: {reason}" if reason else text)
+            out.append(f"| {op} | " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        failures = rep.by_status("fail", "error")
+        if failures:
+            out += ["", "### Failures"]
+            for r in failures:
+                out += ["", f"#### `{r.id}`", "", "```text", r.message, "```"]
+        declared = rep.by_status("declared")
+        if declared:
+            out += ["", "### Declared deviations", "", "| test | reason | upstream |", "|---|---|---|"]
+            for r in declared:
+                out.append(f"| `{r.id}` | {r.deviation['reason']} | {r.deviation.get('upstream', '')} |")
+        if rep.warnings:
+            out += ["", "### Warnings", "", *(f"- {w}" for w in rep.warnings)]
+        out += ["", "### Findings", ""]
+        if rep.findings:
+            out += ["| sample | dtype | codes differ | rate (95% CI) | draws differing | scales differ | max abs Δ "
+                    "(of absmax) |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+            for f in rep.findings:
+                lo, hi = f["code_rate_95"]
+                out.append(
+                    f"| {f['sample']} | {f['dtype']} | {f['codes_differing']}/{f['elements']} | "
+                    f"{f['code_rate']:.3g} [{lo:.2g}, {hi:.2g}] | {f['draws_differing']}/{f['draws']} | "
+                    f"{f['scales_differing']}/{f['blocks']} | {f['max_abs_difference']:.3g} "
+                    f"({f['max_rel_to_absmax']:.3g}) |"
+                )
+        else:
+            out += rep.findings_lines
+    return "\n".join(out) + "\n"

@@ -1,0 +1,395 @@
+"""Every hypothesis strategy of the suite, in one module; every draw labelled; sizes capped by the profile.
+
+A property receives hypothesis' ``data`` object and calls one ``draw_*`` function below, which returns
+the :class:`reflora.conformance.bundle.Inputs` of one example. Each draw carries a label, so a failure
+prints as ``Draw 3 (blocksize): 4096`` and a reader sees which choice mattered.
+
+Structure is drawn by hypothesis (shapes, blocksizes, dtypes, views, ranks, the value family, flags)
+and shrinks to the smallest failing case; the values themselves come from a numpy generator seeded by
+a drawn integer (label ``seed``), which keeps large arrays fast to draw and still reproducible.
+
+Sizes: no drawn array holds more than ``profile.max_elements`` elements and no rank exceeds
+``profile.max_rank`` (:mod:`reflora.conformance.profiles`).
+
+What is drawn:
+
+* shapes: one element, one row, ragged last blocks, odd n, primes, 1-D to 3-D, up to the cap;
+* views: contiguous, transposed, strided (every k-th element), both; the backend gets the view itself,
+  and the memory it skips holds NaN;
+* blocksizes 32 ... 4096; quant_type nf4 / fp4; double quantization on or off;
+* value families (:data:`FAMILIES`): normal, uniform, heavy-tailed, outliers, constant blocks, all-zero
+  blocks (with -0.0), values exactly on the code thresholds and a few ulps either side, subnormals,
+  near-overflow, and a per-block mixture of all of them;
+* LoRA: dimensions (1, primes, powers of two and their neighbours, anything up to the cap), ranks
+  1 ... max_rank, alpha and rsLoRA scaling, bias, dropout masks (0 or 1/(1-p), rounded to the dtype),
+  ``fan_in_fan_out``, and a broken operand for the bad-input properties.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+from hypothesis import strategies as st
+
+from reflora import codebooks, lora
+from reflora.bounds import round_to
+from reflora.conformance.bundle import Inputs
+from reflora.conformance.profiles import Profile
+from reflora.dtypes import as_dtype
+from reflora.state import BLOCKSIZES
+
+__all__ = [
+    "FAMILIES",
+    "INPUT_RULES",
+    "LORA_FAMILIES",
+    "InputRules",
+    "draw_bad_lora",
+    "draw_bad_quantize",
+    "draw_lora",
+    "draw_qlora",
+    "draw_quantize",
+    "family_values",
+    "lora_values",
+]
+
+FAMILIES = (
+    "normal",
+    "uniform",
+    "heavy-tailed",
+    "outliers",
+    "constant blocks",
+    "zero blocks",
+    "thresholds",
+    "subnormal",
+    "near overflow",
+    "mixed",
+)
+LORA_FAMILIES = ("normal", "uniform", "heavy-tailed", "wide range", "sparse", "tiny")
+SPECIAL_DIMS = (1, 2, 3, 5, 7, 8, 13, 16, 31, 63, 64, 65, 97, 127, 128, 257)
+SEEDS = st.integers(0, 2**32 - 1)
+
+
+@dataclass(frozen=True)
+class InputRules:
+    """What a dialect accepts, so that most draws are inputs it quantizes (the rest check that the
+    backend rejects what its dialect rejects). granule: numel must be a multiple of granule(blocksize)."""
+
+    quant_types: tuple[str, ...] = ("nf4", "fp4")
+    double_quant: tuple[bool, ...] = (False, True)
+    max_ndim: int = 3
+    granule_blocks: int = 0  # numel a multiple of blocksize * granule_blocks (0: no constraint)
+
+
+# torchao's NF4Tensor: NF4 only, always double-quantized, at most 2-D, numel a multiple of
+# blocksize * 256 (reflora/dialects/torchao_nf4.py, rule 1).
+INPUT_RULES: dict[str, InputRules] = {
+    "torchao": InputRules(quant_types=("nf4",), double_quant=(True,), max_ndim=2, granule_blocks=256),
+}
+
+
+def _divisors(n: int) -> list[int]:
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
+
+
+def _step_ulps(x: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """x with its magnitude moved by k ulps of its own dtype (sign kept; never below zero)."""
+    bits_type = {2: np.uint16, 4: np.uint32}[x.dtype.itemsize]
+    sign = np.array(1 << (8 * x.dtype.itemsize - 1), dtype=np.int64)
+    bits = x.view(bits_type).astype(np.int64)
+    magnitude = np.clip((bits & (sign - 1)) + k, 0, None)
+    return ((bits & sign) | magnitude).astype(bits_type).view(x.dtype)
+
+
+def _finite(v: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """v (float64) rounded once to dtype, clipped first so that nothing becomes inf."""
+    big = float(ml_dtypes.finfo(dtype).max)
+    return round_to(np.clip(v, -big, big), dtype)
+
+
+def family_values(family: str, rng: np.random.Generator, n: int, dtype, blocksize: int, quant_type: str):
+    """n values of ``dtype`` (flat) from one value family; every value finite."""
+    dtype = as_dtype(dtype)
+    fi = ml_dtypes.finfo(dtype)
+    n_blocks = math.ceil(n / blocksize)
+    if family == "mixed":
+        parts = [
+            family_values(rng.choice(FAMILIES[:-1]), rng, min(blocksize, n - b * blocksize), dtype, blocksize,
+                          quant_type)
+            for b in range(n_blocks)
+        ]  # fmt: skip
+        return np.concatenate(parts)
+    scale = float(rng.choice([0.02, 1.0, 300.0]))
+    if family == "normal":
+        v = rng.standard_normal(n) * scale
+    elif family == "uniform":
+        v = rng.uniform(-scale, scale, n)
+    elif family == "heavy-tailed":
+        v = rng.standard_t(1.5, n) * scale
+    elif family == "outliers":
+        v = rng.standard_normal(n) * 0.02
+        hit = rng.choice(n, size=max(1, n // 97), replace=False)
+        v[hit] *= rng.choice([50.0, 1000.0], size=hit.size)
+    elif family == "constant blocks":
+        v = np.repeat(rng.standard_normal(n_blocks) * scale, blocksize)[:n]
+    elif family == "zero blocks":
+        v = rng.standard_normal(n) * scale
+        zero = np.repeat(rng.random(n_blocks) < 0.4, blocksize)[:n]
+        v[zero] = np.where(rng.random(int(zero.sum())) < 0.5, 0.0, -0.0)  # -0.0 is a zero too
+        v[rng.random(n) < 0.05] = 0.0
+    elif family == "thresholds":
+        return _threshold_values(rng, n, dtype, blocksize, quant_type)
+    elif family == "subnormal":
+        tiny = float(fi.smallest_normal)
+        v = rng.uniform(-tiny, tiny, n)
+        normal_blocks = np.repeat(rng.random(n_blocks) < 0.3, blocksize)[:n]
+        v[normal_blocks] *= 2.0 ** rng.integers(1, 30, int(normal_blocks.sum()))
+    elif family == "near overflow":
+        big = float(fi.max)
+        v = rng.uniform(-big, big, n)
+        v[rng.random(n) < 0.1] = big * rng.choice([-1.0, 1.0])
+    else:
+        raise ValueError(f"unknown value family {family!r}")
+    return _finite(v, dtype)
+
+
+def _threshold_values(rng: np.random.Generator, n: int, dtype: np.dtype, blocksize: int, quant_type: str):
+    """Each block: one element ±A (so the block's absmax is A) and the others at m·A for code
+    thresholds m, rounded to dtype and moved by -2 ... +2 ulps: exactly on a threshold where m·A is
+    representable (ties), on either side of it otherwise; some exactly on table values."""
+    book = codebooks.get(quant_type)
+    fi = ml_dtypes.finfo(dtype)
+    n_blocks = math.ceil(n / blocksize)
+    # A power of two keeps m·A exact for every dtype that can hold m; other A test rounded products.
+    exponent = rng.integers(-6, 6, n_blocks).astype(np.float64)
+    mantissa = np.where(rng.random(n_blocks) < 0.5, 1.0, rng.uniform(1.0, 2.0, n_blocks))
+    A = round_to(np.ldexp(mantissa, exponent.astype(int)), dtype).astype(np.float64)
+    A = np.maximum(A, float(fi.smallest_normal))
+    a = np.repeat(A, blocksize)[:n]
+    on_table = rng.random(n) < 0.15
+    m = np.where(
+        on_table,
+        book.values[rng.integers(0, book.values.size, n)].astype(np.float64),
+        book.thresholds[rng.integers(0, book.thresholds.size, n)],
+    )
+    x = round_to(m * a, dtype)
+    x = _step_ulps(x, rng.choice([-2, -1, 0, 0, 0, 1, 2], size=n))
+    starts = np.arange(n_blocks) * blocksize
+    lengths = np.minimum(blocksize, n - starts)
+    where = starts + (rng.random(n_blocks) * lengths).astype(int)  # the absmax element of each block
+    x[where] = round_to(A * rng.choice([-1.0, 1.0], n_blocks), dtype)
+    return x
+
+
+def _view_recipe(data, ndim: int, name: str) -> tuple:
+    kinds = ["contiguous", "strided"] if ndim == 1 else ["contiguous", "transposed", "strided", "both"]
+    kind = data.draw(st.sampled_from(kinds), label=f"{name} view")
+    if kind == "contiguous":
+        return ()
+    step = data.draw(st.sampled_from([2, 3]), label=f"{name} stride") if kind != "transposed" else 0
+    recipe = [("T",)] if kind in ("transposed", "both") else []
+    if step:
+        recipe.append(("step", ndim - 1, step))
+    return tuple(recipe)
+
+
+def _quantize_shape(data, profile: Profile, blocksize: int, rules: InputRules) -> tuple[int, ...]:
+    cap = profile.max_elements
+    if rules.granule_blocks and data.draw(st.booleans(), label="shape the dialect accepts"):
+        granule = blocksize * rules.granule_blocks
+        n = granule * data.draw(st.integers(1, max(1, cap // granule)), label="granules")
+    else:
+        layout = data.draw(st.sampled_from(["blocks and a tail", "any n", "one element"]), label="layout")
+        if layout == "one element":
+            n = 1
+        elif layout == "any n":
+            n = data.draw(st.integers(1, cap), label="n")
+        else:
+            blocks = data.draw(st.integers(1, max(1, cap // blocksize)), label="full blocks")
+            tail = data.draw(st.sampled_from([0, 1, 3, blocksize // 2 + 1, blocksize - 1]), label="tail")
+            n = blocks * blocksize + tail if blocks * blocksize + tail <= cap else blocks * blocksize
+    ndim = data.draw(st.integers(1, min(3, rules.max_ndim)), label="ndim")
+    shape = []
+    rest = n
+    for _ in range(ndim - 1):
+        d = data.draw(st.sampled_from(_divisors(rest)), label="dim")
+        shape.append(d)
+        rest //= d
+    return (*shape, rest)
+
+
+def draw_quantize(data, test_id: str, check: str, dtype: str, profile: Profile, rules: InputRules) -> Inputs:
+    """Inputs of quantize_4bit / dequantize_4bit: x (a view), blocksize, quant_type, double_quant
+    (and for dequantize the output dtype)."""
+    blocksize = data.draw(st.sampled_from(BLOCKSIZES), label="blocksize")
+    quant_type = data.draw(st.sampled_from(rules.quant_types), label="quant_type")
+    double_quant = data.draw(st.sampled_from(rules.double_quant), label="double_quant")
+    shape = _quantize_shape(data, profile, blocksize, rules)
+    family = data.draw(st.sampled_from(FAMILIES), label="values")
+    seed = data.draw(SEEDS, label="seed")
+    rng = np.random.default_rng(seed)
+    x = family_values(family, rng, math.prod(shape), dtype, blocksize, quant_type).reshape(shape)
+    params = {"blocksize": blocksize, "quant_type": quant_type, "double_quant": double_quant,
+              "values": family, "seed": seed}  # fmt: skip
+    if check == "dequantize":
+        params["out_dtype"] = data.draw(st.sampled_from([None, "float32", "float16", "bfloat16"]), label="out dtype")
+    inputs = Inputs(test_id, test_id.split("[")[0], check, dtype, params=params)
+    inputs.put("x", x, _view_recipe(data, x.ndim, "x"))
+    return inputs
+
+
+def draw_bad_quantize(data, test_id: str, dtype: str, profile: Profile) -> Inputs:
+    """A valid x with one non-finite element (NaN, +inf or -inf) at a drawn logical index."""
+    inputs = draw_quantize(data, test_id, "rejects", dtype, profile, InputRules())
+    x = inputs["x"].copy()
+    bad = data.draw(st.sampled_from(["nan", "inf", "-inf"]), label="bad value")
+    flat = data.draw(st.integers(0, x.size - 1), label="bad index")
+    index = np.unravel_index(flat, x.shape)
+    x[index] = np.array(float(bad), dtype=x.dtype)
+    inputs.put("x", x, inputs.views.get("x", ()))
+    inputs.params.update(bad=bad, bad_index=[int(i) for i in index])
+    inputs.note = f"x{list(map(int, index))} = {bad}"
+    return inputs
+
+
+# ---- LoRA --------------------------------------------------------------------------------------------
+
+
+def _dim(data, hi: int, label: str) -> int:
+    hi = max(1, hi)
+    special = [d for d in SPECIAL_DIMS if d <= hi]
+    return data.draw(st.one_of(st.sampled_from(special), st.integers(1, hi)), label=label)
+
+
+def lora_values(family: str, rng: np.random.Generator, shape: tuple[int, ...], scale: float, dtype) -> np.ndarray:
+    """Values of ``dtype`` and ``shape`` from a LoRA value family, typical magnitude ``scale``."""
+    dtype = as_dtype(dtype)
+    n = math.prod(shape)
+    if family == "normal":
+        v = rng.standard_normal(n) * scale
+    elif family == "uniform":
+        v = rng.uniform(-scale, scale, n)
+    elif family == "heavy-tailed":
+        v = np.clip(rng.standard_t(2.0, n), -1e3, 1e3) * scale
+    elif family == "wide range":
+        v = rng.choice([-1.0, 1.0], n) * 2.0 ** rng.uniform(-12, 4, n) * scale
+    elif family == "sparse":
+        v = rng.standard_normal(n) * scale * (rng.random(n) < 0.2)
+    elif family == "tiny":
+        v = rng.standard_normal(n) * float(ml_dtypes.finfo(dtype).smallest_normal) * 64
+    else:
+        raise ValueError(f"unknown LoRA value family {family!r}")
+    return _finite(v, dtype).reshape(shape)
+
+
+def _lora_dims(data, profile: Profile) -> tuple[int, int, int, tuple[int, ...]]:
+    cap = profile.max_elements
+    n_in = _dim(data, min(512, cap // 2), "in")
+    out = _dim(data, min(512, cap // n_in), "out")
+    rank = _dim(data, min(profile.max_rank, max(1, cap // (n_in + out))), "r")
+    lead_ndim = data.draw(st.sampled_from([1, 0, 2]), label="x leading dims")
+    rows_cap = max(1, cap // max(n_in, out))
+    if lead_ndim == 0:
+        lead: tuple[int, ...] = ()
+    elif lead_ndim == 1:
+        lead = (_dim(data, rows_cap, "rows"),)
+    else:
+        b = _dim(data, min(8, rows_cap), "batch")
+        lead = (b, _dim(data, max(1, rows_cap // b), "seq"))
+    return n_in, out, rank, lead
+
+
+def draw_lora(data, test_id: str, op: str, dtype: str, profile: Profile) -> Inputs:
+    """Inputs of lora_forward, lora_backward and lora_merge: x, W, A, B (views), bias, dropout mask,
+    grad_y, scaling (alpha / r, or alpha / sqrt(r) with rsLoRA), fan_in_fan_out."""
+    n_in, out, rank, lead = _lora_dims(data, profile)
+    alpha = data.draw(st.sampled_from([16.0, 1.0, 8.0, 32.0, 0.5, -2.0, 3.0]), label="alpha")
+    rslora = data.draw(st.booleans(), label="rslora")
+    family = data.draw(st.sampled_from(LORA_FAMILIES), label="values")
+    seed = data.draw(SEEDS, label="seed")
+    rng = np.random.default_rng(seed)
+    dt = as_dtype(dtype)
+    x = lora_values(family, rng, (*lead, n_in), 1.0, dt)
+    W = lora_values(family, rng, (out, n_in), 1 / math.sqrt(n_in), dt)
+    A = lora_values(family, rng, (rank, n_in), 1 / math.sqrt(n_in), dt)
+    B = lora_values(family, rng, (out, rank), 0.1, dt)
+    params = {"in": n_in, "out": out, "r": rank, "alpha": alpha, "rslora": rslora,
+              "scaling": lora.scaling(alpha, rank, rslora), "values": family, "seed": seed}  # fmt: skip
+    inputs = Inputs(test_id, op, op, dtype, params=params)  # the LoRA checks are named after their ops
+    if op == "lora_merge":
+        fan = data.draw(st.booleans(), label="fan_in_fan_out")
+        inputs.params["fan_in_fan_out"] = fan
+        inputs.put("W", W.T.copy() if fan else W, _view_recipe(data, 2, "W"))
+    else:
+        inputs.put("x", x, _view_recipe(data, x.ndim, "x"))
+        inputs.put("W", W, _view_recipe(data, 2, "W"))
+    inputs.put("A", A)
+    inputs.put("B", B)
+    if op == "lora_forward" and data.draw(st.booleans(), label="bias"):
+        inputs.put("bias", lora_values(family, rng, (out,), 1.0, dt))
+    if op != "lora_merge":
+        p = data.draw(st.sampled_from([None, 0.1, 0.5]), label="dropout p")
+        if p is not None:
+            keep = rng.random(x.shape) >= p
+            inputs.put("dropout_mask", round_to(keep / (1 - p), dt))
+            inputs.params["dropout_p"] = p
+    if op == "lora_backward":
+        inputs.put("grad_y", lora_values(family, rng, (*lead, out), 1.0, dt))
+    return inputs
+
+
+def draw_qlora(data, test_id: str, op: str, dtype: str, profile: Profile) -> Inputs:
+    """Inputs of qlora_forward / qlora_backward: as :func:`draw_lora`, and the base weight W (out, in)
+    with the blocksize, quant_type and double_quant the check quantizes it with (canonical rules)."""
+    inputs = draw_lora(data, test_id, "lora_backward" if op == "qlora_backward" else "lora_forward", dtype, profile)
+    inputs.op, inputs.check = op, op
+    W = inputs["W"]
+    inputs.views.pop("W", None)
+    inputs.put("W", W)  # the check quantizes W; the backend only ever sees its state
+    inputs.params["blocksize"] = data.draw(st.sampled_from(BLOCKSIZES), label="blocksize")
+    inputs.params["quant_type"] = data.draw(st.sampled_from(["nf4", "fp4"]), label="quant_type")
+    inputs.params["double_quant"] = data.draw(st.booleans(), label="double_quant")
+    return inputs
+
+
+BREAKS = {
+    "lora_forward": ("A in", "B out", "B r", "x in", "bias", "dropout_mask"),
+    "lora_backward": ("A in", "B out", "B r", "x in", "grad_y", "dropout_mask"),
+    "lora_merge": ("A in", "B out", "B r"),
+    "qlora_forward": ("A in", "B out", "B r", "x in"),
+    "qlora_backward": ("A in", "B out", "B r", "x in", "grad_y"),
+}
+
+
+def _grow(a: np.ndarray, axis: int, rng: np.random.Generator) -> np.ndarray:
+    """``a`` with one more (random) entry along ``axis``, or one fewer when it has more than one."""
+    axis = axis % a.ndim
+    if a.shape[axis] > 1 and rng.random() < 0.5:
+        return np.take(a, range(a.shape[axis] - 1), axis=axis)
+    extra = np.take(a, [0], axis=axis)
+    return np.concatenate([a, extra], axis=axis)
+
+
+def draw_bad_lora(data, test_id: str, op: str, dtype: str, profile: Profile) -> Inputs:
+    """Valid LoRA/QLoRA inputs with one operand's shape broken by one (label ``broken operand``)."""
+    if op.startswith("qlora"):
+        inputs = draw_qlora(data, test_id, op, dtype, profile)
+    else:
+        inputs = draw_lora(data, test_id, op, dtype, profile)
+    inputs.check = "rejects"
+    choices = [b for b in BREAKS[op] if b.split()[0] in inputs.arrays]
+    broken = data.draw(st.sampled_from(choices), label="broken operand")
+    rng = np.random.default_rng(inputs.params["seed"] + 1)
+    name, _, which = broken.partition(" ")
+    axis = {"in": -1, "out": 0, "r": -1, "": -1}[which]
+    if name == "bias" or name == "dropout_mask" or name == "grad_y":
+        axis = -1
+    operand = inputs[name]
+    inputs.views.pop(name, None)
+    inputs.put(name, _grow(operand, axis, rng))
+    inputs.params["broken"] = broken
+    inputs.note = f"{name} has shape {inputs[name].shape}"
+    return inputs

@@ -1,0 +1,297 @@
+"""The tolerance table: for every output the suite compares, its class and where the class comes from.
+
+Four classes, and nothing hand-picked:
+
+``EXACT``   bytes are defined: codes, packing, absmax, the nested state, metadata. Compared bit for bit.
+``ULP(n)``  dequantized values: |out - expected| <= n ulps of the output dtype at the expected value,
+            compared as numbers (+0 == -0; NaN matches NaN). n comes from :func:`reflora.bounds.dequant_ulps`,
+            which proves n = 0 for a conforming dequantization.
+``BOUND``   arithmetic: elementwise |out - ref64| <= bound, the bound derived by :mod:`reflora.bounds`
+            from the backend's declared :class:`reflora.bounds.Arithmetic` (``backend.arithmetic(op, dtype)``).
+            Where the bound is inf (a rounding may have overflowed) nothing is required.
+``STAT``    statistical facts, reported as findings with a confidence bound, never a pass/fail:
+            how often a dialect's codes differ from the canonical ones.
+
+:data:`TABLE` is the single source: docs/conformance.md carries :func:`markdown_table` verbatim and a
+test fails if the two drift apart. The comparison functions below raise
+:class:`reflora.conformance.mismatch.Mismatch` with the numpy.testing-style message.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from reflora import bounds
+from reflora.conformance.mismatch import Mismatch, fmt_index, fmt_value
+from reflora.dtypes import bfloat16
+
+__all__ = [
+    "BOUND",
+    "EXACT",
+    "STAT",
+    "TABLE",
+    "ULP",
+    "Entry",
+    "Tolerance",
+    "entry",
+    "expect_bits",
+    "expect_bound",
+    "expect_equal",
+    "expect_ulp",
+    "markdown_table",
+    "offset_bound",
+    "ulp",
+]
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """A tolerance class: kind is "EXACT", "ULP", "BOUND" or "STAT"; n the ulps of ULP(n)."""
+
+    kind: str
+    n: int = 0
+
+    def __str__(self) -> str:
+        return f"ULP({self.n})" if self.kind == "ULP" else self.kind
+
+
+EXACT = Tolerance("EXACT")
+BOUND = Tolerance("BOUND")
+STAT = Tolerance("STAT")
+
+
+def ULP(n: int) -> Tolerance:  # noqa: N802 - reads as the class name it builds
+    """ULP(n): within n units in the last place of the output dtype."""
+    return Tolerance("ULP", int(n))
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One row of the table: the op, the output compared, its tolerance, the rule as a formula, and
+    the document section or dialect rule the bound comes from."""
+
+    op: str
+    output: str
+    tolerance: Tolerance
+    rule: str
+    source: str
+
+
+_DQ = "docs/spec.md, Double quantization"
+_Q = "docs/spec.md, 4-bit quantization"
+TABLE: tuple[Entry, ...] = (
+    Entry("quantize_4bit", "codes", EXACT, "every 4-bit code equals the claimed dialect's code",
+          f"{_Q}: Code, Ties, Exactness; the dialect module's rules (reflora.dialects)"),
+    Entry("quantize_4bit", "packed", EXACT, "element 2j high nibble, 2j+1 low; odd n pads the last low nibble",
+          f"{_Q}: Packing, Odd n"),
+    Entry("quantize_4bit", "absmax", EXACT, "float32 bits of each block's absmax equal the dialect's",
+          f"{_Q}: absmax, Ragged tail, All-zero block"),
+    Entry("quantize_4bit", "shape, dtype, blocksize, quant_type, code", EXACT,
+          "the state describes the input it came from", "docs/spec.md, The state"),
+    Entry("quantize_4bit", "nested: absmax_q, absmax2, code2, blocksize2", EXACT,
+          "equal to the dialect's, given the backend's offset", f"{_DQ}: groups, codes"),
+    Entry("quantize_4bit", "nested offset, dialect reflora", EXACT,
+          "offset = the exact mean of absmax rounded once to float32", f"{_DQ}: offset"),
+    Entry("quantize_4bit", "nested offset, other dialects", BOUND,
+          "|offset - mean| <= θ·mean + η_T, θ from n+1 roundings of u32 and 1 of u_T",
+          "docs/bounds.md §3 (a float32 sum of the n block absmax values, any order) and §1 (the "
+          "division and the conversion to the offset's dtype T); offset_bound()"),
+    Entry("dequantize_4bit", "out", ULP(bounds.dequant_ulps("float32")),
+          "dtype(f32(code[q] · absmax)): one multiply, one conversion, both correctly rounded",
+          "docs/bounds.md §9 'Dequantization is exact: 0 ulp' (bounds.dequant_ulps)"),
+    Entry("dequantize_4bit", "out of the backend's own state (round trip)", EXACT,
+          "the backend's dequantize of its own state equals the oracle's dequantize of that state, bit for bit",
+          "docs/bounds.md §9 (0 ulp), so bits: the same state must give the same bytes"),
+    Entry("lora_forward", "y", BOUND, "|y - ref| <= lora_forward_bound(x, W, A, B, s, arithmetic)",
+          "docs/bounds.md §6"),
+    Entry("lora_backward", "grad_x, grad_A, grad_B", BOUND,
+          "|grad - ref| <= lora_backward_bound(grad_y, x, W, A, B, s, arithmetic)", "docs/bounds.md §7"),
+    Entry("qlora_forward", "y", BOUND, "as lora_forward with W = dequantize(state), exact in state.dtype",
+          "docs/bounds.md §6; reflora.qlora (the base is dequantized bit for bit)"),
+    Entry("qlora_backward", "grad_x, grad_A, grad_B", BOUND, "as lora_backward with W = dequantize(state)",
+          "docs/bounds.md §7; reflora.qlora"),
+    Entry("lora_merge", "merged W", BOUND, "|W' - ref| <= merge_bound(W, A, B, s, arithmetic)",
+          "docs/bounds.md §8"),
+    Entry("(bad input)", "raises", EXACT, "non-finite weights to quantize, and shapes that do not fit, raise",
+          "docs/spec.md, Non-finite input; reflora.lora, Bad input; the Backend protocol"),
+    Entry("(findings)", "dialect vs canonical: code and absmax mismatch rates", STAT,
+          "rate k/n with its two-sided 95% Clopper-Pearson interval; reported, never a failure",
+          "binomial exact interval (conformance/findings.py); docs/conformance.md, Findings"),
+)  # fmt: skip
+
+
+def entry(op: str, output: str) -> Entry:
+    """The table row for ``op`` and ``output`` (KeyError if the suite compares something unlisted)."""
+    for e in TABLE:
+        if e.op == op and e.output == output:
+            return e
+    raise KeyError(f"no tolerance entry for {op} / {output}")
+
+
+def markdown_table() -> str:
+    """The table as Markdown: docs/conformance.md holds exactly this text."""
+    lines = ["| op | output | class | rule | source |", "|---|---|---|---|---|"]
+    for e in TABLE:
+        rule = e.rule.replace("|", "\\|")
+        lines.append(f"| {e.op} | {e.output} | {e.tolerance} | {rule} | {e.source} |")
+    return "\n".join(lines)
+
+
+# ---- Comparisons -----------------------------------------------------------------------------------
+
+
+def _as64(a: np.ndarray) -> np.ndarray:
+    return np.asarray(a).astype(np.float64)
+
+
+def _first(mask: np.ndarray) -> tuple[int, ...]:
+    flat = int(np.flatnonzero(mask.reshape(-1))[0])
+    return tuple(int(i) for i in np.unravel_index(flat, mask.shape)) if mask.ndim else ()
+
+
+def _argmax(values: np.ndarray) -> tuple[int, ...]:
+    flat = int(np.nanargmax(values.reshape(-1)))
+    return tuple(int(i) for i in np.unravel_index(flat, values.shape)) if values.ndim else ()
+
+
+def _differences(actual: np.ndarray, expected: np.ndarray, bad: np.ndarray) -> list[str]:
+    """numpy.testing's summary lines: mismatch count, max absolute and relative difference."""
+    lines = [f"Mismatched elements: {int(bad.sum())} / {bad.size} ({100 * bad.mean():.3g}%)"]
+    a, e = _as64(actual), _as64(expected)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        diff = np.where(bad, np.abs(a - e), 0.0)
+        rel = np.where(bad & (e != 0), diff / np.abs(e), 0.0)
+    if np.isfinite(diff).all() and diff.size:
+        i = _argmax(diff)
+        lines.append(f"Max absolute difference: {diff[i]:.3g} at {fmt_index(i) or '[]'}")
+        j = _argmax(rel)
+        lines.append(f"Max relative difference: {rel[j]:.3g} at {fmt_index(j) or '[]'}")
+    return lines
+
+
+def expect_equal(op: str, output: str, actual: Any, expected: Any, context: dict, why: str = "EXACT") -> None:
+    """A whole-output fact (a shape, a dtype, a field): EXACT equality."""
+    if actual != expected:
+        raise Mismatch(op, output, None, str(actual), str(expected), why, context)
+
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    a = np.ascontiguousarray(a)
+    if a.dtype.kind == "f" or a.dtype == bfloat16:
+        return a.view({2: np.uint16, 4: np.uint32, 8: np.uint64}[a.dtype.itemsize])
+    return a
+
+
+def _show(v: Any, dtype: np.dtype) -> str:
+    if dtype.kind in "iub":
+        return fmt_value(v)
+    bits = int(np.asarray(v, dtype=dtype).reshape(1).view({2: np.uint16, 4: np.uint32, 8: np.uint64}[dtype.itemsize])[0])
+    return f"{fmt_value(v)} (0x{bits:0{2 * dtype.itemsize}x})"
+
+
+def expect_bits(
+    op: str,
+    output: str,
+    actual: np.ndarray,
+    expected: np.ndarray,
+    context: dict,
+    *,
+    detail: Callable[[tuple[int, ...]], str] | None = None,
+) -> None:
+    """EXACT for arrays: same dtype, shape and bytes. ``detail(index)`` adds a line explaining the first
+    mismatching element (the input value, its block, ...)."""
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    expect_equal(op, f"{output}.dtype", str(actual.dtype), str(expected.dtype), context)
+    expect_equal(op, f"{output}.shape", tuple(actual.shape), tuple(expected.shape), context)
+    bad = _bits(actual) != _bits(expected)
+    if not bad.any():
+        return
+    i = _first(bad)
+    summary = _differences(actual, expected, bad)
+    if detail is not None:
+        summary.insert(0, detail(i))
+    raise Mismatch(op, output, i, _show(actual[i], actual.dtype), _show(expected[i], expected.dtype),
+                   "EXACT", context, summary)  # fmt: skip
+
+
+def ulp(values: np.ndarray, dtype: np.dtype | str) -> np.ndarray:
+    """float64, values' shape: the spacing of ``dtype`` at each |value| (the subnormal spacing at 0)."""
+    fi = ml_dtypes.finfo(np.dtype(bfloat16 if dtype == "bfloat16" else dtype))
+    v = np.abs(_as64(values))
+    _, e = np.frexp(np.where(np.isfinite(v) & (v > 0), v, 1.0))  # v = m·2^e, 0.5 <= m < 1
+    return np.maximum(np.ldexp(1.0, e - 1 - int(fi.nmant)), float(fi.smallest_subnormal))
+
+
+def expect_ulp(
+    op: str, output: str, actual: np.ndarray, expected: np.ndarray, n: int, context: dict
+) -> None:
+    """ULP(n): same dtype and shape; |actual - expected| <= n ulps of the dtype at expected, as numbers
+    (+0 == -0, NaN matches NaN, inf matches the same inf)."""
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    expect_equal(op, f"{output}.shape", tuple(actual.shape), tuple(expected.shape), context)
+    a, e = _as64(actual), _as64(expected)
+    with np.errstate(invalid="ignore"):
+        close = (a == e) | (np.isnan(a) & np.isnan(e))
+        if n:
+            close |= np.isfinite(a) & np.isfinite(e) & (np.abs(a - e) <= n * ulp(e, expected.dtype))
+    bad = ~close
+    if not bad.any():
+        # values first (they name an index), then the dtype they must come in
+        expect_equal(op, f"{output}.dtype", str(actual.dtype), str(expected.dtype), context)
+        return
+    i = _first(bad)
+    step = n * float(ulp(e[i], expected.dtype))
+    why = f"|Δ| = {abs(a[i] - e[i]):.3g} > ULP({n}) = {step:.3g}"
+    raise Mismatch(op, output, i, fmt_value(a[i]), fmt_value(e[i]), why, context,
+                   _differences(actual, expected, bad))  # fmt: skip
+
+
+def expect_bound(
+    op: str, output: str, actual: np.ndarray, reference: np.ndarray, bound: np.ndarray, context: dict, source: str
+) -> None:
+    """BOUND: same shape; wherever ``bound`` is finite, ``actual`` is finite and
+    |actual - reference| <= bound (float64 arithmetic on float64 copies; the bound already includes
+    the reference's own rounding errors)."""
+    actual = np.asarray(actual)
+    if actual.dtype.kind != "f" and actual.dtype != bfloat16:
+        raise Mismatch(op, f"{output}.dtype", None, str(actual.dtype), "a float dtype", "BOUND", context)
+    expect_equal(op, f"{output}.shape", tuple(actual.shape), tuple(np.shape(reference)), context)
+    a, r, b = _as64(actual), _as64(reference), _as64(bound)
+    with np.errstate(invalid="ignore", over="ignore"):
+        diff = np.abs(a - r)
+        bad = np.isfinite(b) & ~(diff <= b)  # NaN differences fail
+    if not bad.any():
+        return
+    i = _first(bad)
+    why = f"|Δ| = {diff[i]:.3g} > BOUND = {b[i]:.3g}, {source}"
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = np.where(bad, diff / np.where(b > 0, b, np.inf), 0.0)
+    summary = _differences(a, r, bad)
+    if np.isfinite(ratio).all():
+        j = _argmax(ratio)
+        summary.append(f"Max |Δ| / bound: {ratio[j]:.3g} at {fmt_index(j) or '[]'}")
+    raise Mismatch(op, output, i, fmt_value(a[i]), fmt_value(r[i]), why, context, summary)
+
+
+def offset_bound(absmax: np.ndarray, offset_dtype: np.dtype | str) -> tuple[float, float]:
+    """(mean, bound): the exact mean of the float32 block absmax values and how far a dialect's offset
+    may lie from it, |offset - mean| <= θ·mean + η_T.
+
+    The offset of a non-canonical dialect is a float32 sum of the n values in an order of its own
+    (torch's cascade, a CUDA tree), divided by n, then converted to the offset's dtype T. By
+    docs/bounds.md §3 the sum errs by at most γ_n(u32)·Σ|a| (all a >= 0, so Σ|a| = n·mean); the
+    division adds one rounding of u32, the conversion one of u_T (and η_T in T's subnormal range).
+    With §1's product rule θ = (1 + γ_{n+1}(u32))(1 + γ_1(u_T)) - 1.
+    """
+    a = np.asarray(absmax, dtype=np.float64)
+    n = a.size
+    mean = math.fsum(a) / n  # fsum is exact before its one rounding; /n adds 2^-53 relative
+    u32, u_t = bounds.unit_roundoff("float32"), bounds.unit_roundoff(offset_dtype)
+    theta = (1 + bounds.gamma(n + 1, u32)) * (1 + bounds.gamma(1, u_t)) - 1
+    return mean, (theta * mean + bounds.underflow_eta(offset_dtype)) * (1 + 2.0**-20) + 2.0**-52 * mean

@@ -1,0 +1,295 @@
+"""Planted bugs: copies of the reference backend, each overriding one op with one realistic mistake.
+
+tests/test_mutations.py runs the conformance suite's ``ci`` profile against each and requires every
+one to be caught (killed) with a readable message. :data:`MUTANTS` lists them with the ops whose tests
+must catch them; each can also be asked for by ``module:attr`` (``mutants:NibbleOrder``) when the
+tests folder is on ``sys.path``, as it is under pytest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_dtypes
+import numpy as np
+
+from reflora import blockwise, codebooks, lora, nf4, qlora
+from reflora.backends.reference import ReferenceBackend
+from reflora.bounds import round_to
+from reflora.double_quant import quantize as quantize_absmax
+from reflora.dtypes import bfloat16
+from reflora.state import QuantState
+
+
+def _quantize(x, blocksize, quant_type, double_quant, *, flat=None, absmax_fn=None, encode=None, pack=None):
+    """The canonical quantizer with one step replaceable: flattening, absmax, encoding or packing."""
+    x = nf4.check_input(x)
+    book = codebooks.get(quant_type)
+    f = (flat or (lambda a: a.reshape(-1)))(x).astype(np.float32)
+    absmax = (absmax_fn or blockwise.block_absmax)(f, blocksize)
+    q = (encode or (lambda v, a: blockwise.encode(v, a, blocksize, book)))(f, absmax)
+    packed = (pack or nf4.pack)(q, book.zero_code)
+    nested = quantize_absmax(absmax) if double_quant else None
+    return QuantState(packed, None if double_quant else absmax, x.shape, x.dtype, blocksize, quant_type,
+                      book.values, nested)  # fmt: skip
+
+
+class _Mutant(ReferenceBackend):
+    ops: tuple[str, ...] = ()
+    bug: str = ""
+
+
+class NibbleOrder(_Mutant):
+    name, ops, bug = "mutant-nibble-order", ("quantize_4bit",), "element 2j stored in the low nibble"
+
+    def quantize_4bit(self, x, *, blocksize=64, quant_type="nf4", double_quant=False):
+        swap = lambda q, pad: (lambda p: ((p << 4) | (p >> 4)).astype(np.uint8))(nf4.pack(q, pad))  # noqa: E731
+        return _quantize(x, blocksize, quant_type, double_quant, pack=swap)
+
+
+class TiesUp(_Mutant):
+    name, ops, bug = "mutant-ties-up", ("quantize_4bit",), "a value exactly on a threshold takes the upper code"
+
+    def quantize_4bit(self, x, *, blocksize=64, quant_type="nf4", double_quant=False):
+        book = codebooks.get(quant_type)
+
+        def encode(f, absmax):
+            scale = np.repeat(np.where(absmax == 0, 1.0, absmax.astype(np.float64)), blocksize)[: f.size]
+            return book.sorted_codes[np.searchsorted(book.thresholds, f / scale, side="right")]
+
+        return _quantize(x, blocksize, quant_type, double_quant, encode=encode)
+
+
+class AbsmaxBfloat16(_Mutant):
+    name, ops, bug = "mutant-absmax-bf16", ("quantize_4bit",), "absmax stored rounded to bfloat16"
+
+    def quantize_4bit(self, x, *, blocksize=64, quant_type="nf4", double_quant=False):
+        def absmax(f, bs):
+            return blockwise.block_absmax(f, bs).astype(bfloat16).astype(np.float32)
+
+        return _quantize(x, blocksize, quant_type, double_quant, absmax_fn=absmax)
+
+
+class DequantTruncates(_Mutant):
+    name, ops, bug = "mutant-dequant-truncates", ("dequantize_4bit",), "f32 -> f16/bf16 by truncation, not RNE"
+
+    def dequantize_4bit(self, state, *, dtype=None):
+        wide = nf4.dequantize(state, "float32")
+        out = nf4.dequantize(state, dtype)
+        if out.dtype == np.float32:
+            return out
+        toward_zero = np.nextafter(out, np.zeros_like(out))
+        return np.where(np.abs(out.astype(np.float64)) > np.abs(wide.astype(np.float64)), toward_zero, out)
+
+
+def _fma_scales(nested):
+    group = np.arange(nested.absmax_q.size) // nested.blocksize2
+    exact = nested.code2[nested.absmax_q].astype(np.float64) * nested.absmax2[group].astype(np.float64)
+    return (exact + np.float64(nested.offset)).astype(np.float32)  # one rounding (to f32), as an FMA
+
+
+def _dequant_with_scales(state, scales, dtype):
+    plain = dataclasses.replace(state, absmax=scales, nested=None)
+    return nf4.dequantize(plain, dtype)
+
+
+class DequantFMA(_Mutant):
+    name, ops, bug = "mutant-dq-fma", ("dequantize_4bit",), "DQ absmax rebuilt with one rounding (an FMA)"
+
+    def dequantize_4bit(self, state, *, dtype=None):
+        if state.nested is None:
+            return nf4.dequantize(state, dtype)
+        return _dequant_with_scales(state, _fma_scales(state.nested), dtype)
+
+
+class DQDrift(_Mutant):
+    name, ops, bug = "mutant-dq-drift", ("dequantize_4bit",), "DQ rebuild multiplies by absmax2 held in float16"
+
+    def dequantize_4bit(self, state, *, dtype=None):
+        if state.nested is None:
+            return nf4.dequantize(state, dtype)
+        nested = state.nested
+        group = np.arange(nested.absmax_q.size) // nested.blocksize2
+        absmax2 = nested.absmax2.astype(np.float16).astype(np.float32)
+        scales = nested.code2[nested.absmax_q] * absmax2[group] + nested.offset
+        return _dequant_with_scales(state, scales.astype(np.float32), dtype)
+
+
+class RaggedTail(_Mutant):
+    name, ops, bug = "mutant-ragged-tail", ("quantize_4bit",), "the tail's absmax is taken over the last blocksize elements"
+
+    def quantize_4bit(self, x, *, blocksize=64, quant_type="nf4", double_quant=False):
+        def absmax(f, bs):
+            a = blockwise.block_absmax(f, bs)
+            if f.size % bs and f.size > bs:
+                a[-1] = np.abs(f[-bs:]).max()
+            return a
+
+        return _quantize(x, blocksize, quant_type, double_quant, absmax_fn=absmax)
+
+
+class LargeBlocks(_Mutant):
+    name, ops, bug = "mutant-large-blocks", ("quantize_4bit",), "absmax over the first 1024 elements of blocks >= 2048"
+
+    def quantize_4bit(self, x, *, blocksize=64, quant_type="nf4", double_quant=False):
+        def absmax(f, bs):
+            a = blockwise.block_absmax(f, bs)
+            if bs >= 2048:
+                for b in range(a.size):
+                    a[b] = np.abs(f[b * bs : b * bs + 1024]).max()
+            return a
+
+        return _quantize(x, blocksize, quant_type, double_quant, absmax_fn=absmax)
+
+
+class AcceptsNaN(_Mutant):
+    name, ops, bug = "mutant-accepts-nan", ("quantize_4bit",), "non-finite weights quantized as zeros"
+
+    def quantize_4bit(self, x, *, blocksize=64, quant_type="nf4", double_quant=False):
+        x = np.asarray(x)
+        clean = np.where(np.isfinite(x.astype(np.float32)), x, np.zeros_like(x))
+        return nf4.quantize(clean, blocksize, quant_type=quant_type, double_quant=double_quant)
+
+
+class MemoryOrder(_Mutant):
+    name, ops, bug = "mutant-memory-order", ("quantize_4bit",), "blocks cut from memory order, not logical order"
+
+    def quantize_4bit(self, x, *, blocksize=64, quant_type="nf4", double_quant=False):
+        state = _quantize(x, blocksize, quant_type, double_quant, flat=lambda a: a.ravel(order="K"))
+        return state
+
+
+class GradBNoScaling(_Mutant):
+    name, ops, bug = "mutant-grad-b-no-scaling", ("lora_backward",), "grad_B computed without the scaling"
+
+    def lora_backward(self, grad_y, x, W, A, B, scaling, *, dropout_mask=None):
+        gx, gA, gB = lora.backward(grad_y, x, W, A, B, scaling, dropout_mask=dropout_mask)
+        return gx, gA, gB / scaling if scaling else gB
+
+
+class DropoutOnBase(_Mutant):
+    name, ops, bug = "mutant-dropout-on-base", ("lora_forward",), "dropout applied to the base path too"
+
+    def lora_forward(self, x, W, A, B, scaling, *, bias=None, dropout_mask=None):
+        if dropout_mask is None:
+            return lora.forward(x, W, A, B, scaling, bias=bias)
+        x_d = np.asarray(x, dtype=np.float64) * np.asarray(dropout_mask, dtype=np.float64)
+        return lora.forward(x_d, W, A, B, scaling, bias=bias)
+
+
+class RankOneDropsAdapter(_Mutant):
+    name, ops, bug = "mutant-rank-one", ("lora_forward",), "the adapter is skipped when r == 1"
+
+    def lora_forward(self, x, W, A, B, scaling, *, bias=None, dropout_mask=None):
+        s = 0.0 if np.shape(A)[0] == 1 else scaling
+        return lora.forward(x, W, A, B, s, bias=bias, dropout_mask=dropout_mask)
+
+
+class OddInFeatures(_Mutant):
+    name, ops, bug = "mutant-odd-in", ("lora_forward",), "the last input feature is dropped when in is odd"
+
+    def lora_forward(self, x, W, A, B, scaling, *, bias=None, dropout_mask=None):
+        n_in = np.shape(W)[1]
+        if n_in % 2 == 0 or n_in == 1:
+            return lora.forward(x, W, A, B, scaling, bias=bias, dropout_mask=dropout_mask)
+        W0 = np.array(W, copy=True)
+        W0[:, -1] = 0
+        return lora.forward(x, W0, A, B, scaling, bias=bias, dropout_mask=dropout_mask)
+
+
+class QLoRAGradXBaseOnly(_Mutant):
+    name, ops, bug = "mutant-qlora-grad-x", ("qlora_backward",), "QLoRA grad_x misses the low-rank path"
+
+    def qlora_backward(self, grad_y, x, state, A, B, scaling, *, dropout_mask=None):
+        gx, gA, gB = qlora.backward(grad_y, x, state, A, B, scaling, dropout_mask=dropout_mask)
+        W = qlora.dequantized_base(state).astype(np.float64)
+        g = np.asarray(grad_y).astype(np.float64)
+        return (g.reshape(-1, W.shape[0]) @ W).reshape(np.shape(x)), gA, gB
+
+
+class ScalingTruncated(_Mutant):
+    name, ops, bug = "mutant-scaling-int", ("lora_forward",), "scaling truncated to an int (rsLoRA's 16/sqrt(8) -> 5)"
+
+    def lora_forward(self, x, W, A, B, scaling, *, bias=None, dropout_mask=None):
+        return lora.forward(x, W, A, B, float(int(scaling)), bias=bias, dropout_mask=dropout_mask)
+
+
+class ZeroGradA(_Mutant):
+    name, ops, bug = "mutant-zero-grad-a", ("lora_backward",), "grad_A returned as zeros"
+
+    def lora_backward(self, grad_y, x, W, A, B, scaling, *, dropout_mask=None):
+        gx, gA, gB = lora.backward(grad_y, x, W, A, B, scaling, dropout_mask=dropout_mask)
+        return gx, np.zeros_like(gA), gB
+
+
+class BiasIgnored(_Mutant):
+    name, ops, bug = "mutant-bias-ignored", ("lora_forward",), "the bias is not added"
+
+    def lora_forward(self, x, W, A, B, scaling, *, bias=None, dropout_mask=None):
+        return lora.forward(x, W, A, B, scaling, dropout_mask=dropout_mask)
+
+
+class DequantIgnoresDtype(_Mutant):
+    name, ops, bug = "mutant-dequant-dtype", ("dequantize_4bit",), "dtype= ignored: output in the state's dtype"
+
+    def dequantize_4bit(self, state, *, dtype=None):
+        return nf4.dequantize(state)
+
+
+class MergeFanInIgnored(_Mutant):
+    name, ops, bug = "mutant-merge-fan-in", ("lora_merge",), "fan_in_fan_out adds ΔW untransposed when square"
+
+    def lora_merge(self, W, A, B, scaling, *, fan_in_fan_out=False):
+        d = lora.delta(A, B, scaling)
+        if d.shape != np.shape(W):
+            d = d.T
+        return round_to(np.asarray(W, np.float64) + d, np.asarray(W).dtype)
+
+
+class OffsetSequentialMean(_Mutant):
+    name, ops, bug = "mutant-offset-mean", ("quantize_4bit",), "DQ offset = a sequential float32 mean"
+
+    def quantize_4bit(self, x, *, blocksize=64, quant_type="nf4", double_quant=False):
+        state = nf4.quantize(x, blocksize, quant_type=quant_type, double_quant=False)
+        if not double_quant:
+            return state
+        total = np.float32(0)
+        for a in state.absmax:
+            total = np.float32(total + a)
+        offset = np.float32(total / np.float32(state.absmax.size))
+        return dataclasses.replace(state, absmax=None, nested=quantize_absmax(state.absmax, offset=offset))
+
+
+class FlushesSubnormals(_Mutant):
+    name, ops, bug = "mutant-ftz", ("dequantize_4bit",), "subnormal outputs flushed to zero"
+
+    def dequantize_4bit(self, state, *, dtype=None):
+        out = nf4.dequantize(state, dtype)
+        tiny = ml_dtypes.finfo(out.dtype).smallest_normal
+        return np.where(np.abs(out) < tiny, np.zeros_like(out), out)
+
+
+MUTANTS: tuple[type[_Mutant], ...] = (
+    NibbleOrder,
+    TiesUp,
+    AbsmaxBfloat16,
+    DequantTruncates,
+    DequantFMA,
+    DQDrift,
+    RaggedTail,
+    LargeBlocks,
+    AcceptsNaN,
+    MemoryOrder,
+    GradBNoScaling,
+    DropoutOnBase,
+    RankOneDropsAdapter,
+    OddInFeatures,
+    QLoRAGradXBaseOnly,
+    ScalingTruncated,
+    ZeroGradA,
+    BiasIgnored,
+    DequantIgnoresDtype,
+    MergeFanInIgnored,
+    OffsetSequentialMean,
+    FlushesSubnormals,
+)
