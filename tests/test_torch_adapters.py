@@ -13,6 +13,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
 from reflora.backends.torch.adapters import (  # noqa: E402
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -23,8 +25,6 @@ from reflora.backends.torch.adapters import (  # noqa: E402
 )
 from reflora.backends.torch.modules import QLoRALinear, apply_lora, lora_modules  # noqa: E402
 from reflora.backends.torch.quant_state import torch_to_numpy  # noqa: E402
-from torch import nn  # noqa: E402
-
 from reflora.formats import safetensors as sft  # noqa: E402
 from reflora.formats.safetensors import SafetensorsError  # noqa: E402
 

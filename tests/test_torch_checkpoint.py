@@ -20,6 +20,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
+from torch import nn  # noqa: E402
+
 from reflora.backends.torch import ops  # noqa: E402
 from reflora.backends.torch.checkpoint import (  # noqa: E402
     CheckpointError,
@@ -29,8 +31,6 @@ from reflora.backends.torch.checkpoint import (  # noqa: E402
 )
 from reflora.backends.torch.modules import NF4Linear, QLoRALinear, apply_lora, lora_modules  # noqa: E402
 from reflora.backends.torch.quant_state import torch_to_numpy  # noqa: E402
-from torch import nn  # noqa: E402
-
 from reflora.formats import bnb as fb  # noqa: E402
 from reflora.formats import safetensors as sft  # noqa: E402
 from reflora.formats.bnb import StateDictError  # noqa: E402
@@ -166,12 +166,14 @@ WORDS = "embeddings.word_embeddings.weight"
 LN = "embeddings.LayerNorm.weight"
 CASES = {
     "absmax missing": (lambda t: t.pop(f"{Q}.weight.absmax"), f"{Q}.weight.absmax", StateDictError),
-    "unknown tensor": (lambda t: t.update({"extra.weight": np.ones(3, np.float32)}), "extra.weight", CheckpointError),
+    "unknown tensor": (lambda t: t.update({"extra.weight": np.ones(3, np.float32)}), "extra.weight",
+                       CheckpointError),
     "parameter missing": (lambda t: t.pop(WORDS), WORDS, CheckpointError),
     "wrong shape": (lambda t: t.update({LN: np.ones(47, np.float32)}), LN, CheckpointError),
     "bias missing": (lambda t: t.pop(f"{Q}.bias"), f"{Q}.bias", CheckpointError),
     "4-bit where no Linear is": (
-        lambda t: t.update({k.replace(f"{Q}.weight", LN): t[k] for k in list(t) if k.startswith(f"{Q}.weight")}),
+        lambda t: t.update({k.replace(f"{Q}.weight", LN): t[k] for k in list(t)
+                            if k.startswith(f"{Q}.weight")}),
         LN, CheckpointError),
 }  # fmt: skip
 

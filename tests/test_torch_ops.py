@@ -16,10 +16,9 @@ from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 
+from reflora import bounds, codebooks, lora, nf4, qlora  # noqa: E402
 from reflora.backends.torch import ops  # noqa: E402
 from reflora.backends.torch.quant_state import TorchQuantState, numpy_to_torch, torch_to_numpy  # noqa: E402
-
-from reflora import bounds, codebooks, lora, nf4, qlora  # noqa: E402
 from reflora.state import BLOCKSIZES, QuantState  # noqa: E402
 
 CI = settings(max_examples=40, deadline=None)

@@ -27,10 +27,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from reflora.backends.torch.modules import LoRAConfig, apply_lora, lora_modules
-from reflora.backends.torch.quant_state import numpy_to_torch, torch_to_numpy
 from torch import nn
 
+from reflora.backends.torch.modules import LoRAConfig, apply_lora, lora_modules
+from reflora.backends.torch.quant_state import numpy_to_torch, torch_to_numpy
 from reflora.formats import safetensors as sft
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "AdapterError", "load_adapter", "read_config", "save_adapter"]

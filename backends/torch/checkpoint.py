@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from reflora.backends.torch.modules import NF4Linear, _matches, _set_submodule, lora_modules
-from reflora.backends.torch.quant_state import TorchQuantState, numpy_to_torch, torch_to_numpy
 from torch import nn
 
+from reflora.backends.torch.modules import NF4Linear, _matches, _set_submodule, lora_modules
+from reflora.backends.torch.quant_state import TorchQuantState, numpy_to_torch, torch_to_numpy
 from reflora.formats import bnb
 from reflora.formats import safetensors as sft
 from reflora.formats.bnb import StateDictError

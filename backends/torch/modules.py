@@ -27,9 +27,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch import nn
+
 from reflora.backends.torch import ops
 from reflora.backends.torch.quant_state import TorchQuantState, numpy_to_torch, torch_to_numpy
-from torch import nn
 
 __all__ = [
     "LoRAConfig",
