@@ -35,9 +35,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from reflora.backends.torch.quant_state import TorchQuantState, numpy_to_torch
 
 from reflora import codebooks
+from reflora.backends.torch.quant_state import TorchQuantState, numpy_to_torch
 from reflora.double_quant import mean_f32
 from reflora.state import BLOCKSIZES
 
@@ -45,6 +45,7 @@ __all__ = [
     "compute_dtype",
     "dequantize_4bit",
     "lora_linear",
+    "lora_merge",
     "nf4_linear",
     "qlora_linear",
     "quantize_4bit",
@@ -402,3 +403,33 @@ def nf4_linear(x: torch.Tensor, ts: TorchQuantState, *, bias: torch.Tensor | Non
     differentiable in x (and bias). Ŵ is dequantized per call, in forward and again in backward.
     """
     return _qlora(x, ts, None, None, 0.0, bias, None)
+
+
+def lora_merge(
+    W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, *, fan_in_fan_out: bool = False
+) -> torch.Tensor:
+    """The merged weight W' = W + scaling · B A, computed in torch in W's dtype (not differentiated).
+
+    W (out, in), or (in, out) with ``fan_in_fan_out`` (then ΔW is transposed); A (r, in); B (out, r);
+    all float32 / float16 / bfloat16 on one device, A and B cast to W's dtype d. scaling: a finite real.
+    Returns a new tensor of W's shape and dtype on W's device.
+
+    Arithmetic, as :func:`reflora.bounds.merge_bound` models it with accumulate float32 and
+    intermediate = output = d: ΔW = d(s · d(B A)) (the product accumulated in float32 and rounded
+    once to d, then scaled), W' = d(W + ΔW). A merged value beyond d's range becomes ±inf, as IEEE
+    rounding gives it; :func:`reflora.lora.merge` (one rounding from float64) raises there instead.
+    """
+    for name, t in (("W", W), ("A", A), ("B", B)):
+        if not isinstance(t, torch.Tensor) or t.ndim != 2 or t.dtype not in _FLOATS:
+            raise ValueError(f"{name} must be a 2-D float32 / float16 / bfloat16 tensor, got {t!r:.80}")
+    out_f, in_f = (W.shape[1], W.shape[0]) if fan_in_fan_out else tuple(W.shape)
+    r = A.shape[0]
+    if r < 1 or tuple(A.shape) != (r, in_f) or tuple(B.shape) != (out_f, r):
+        raise ValueError(
+            f"W {tuple(W.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)} do not fit "
+            f"(fan_in_fan_out={fan_in_fan_out}): A must be (r, {in_f}) and B ({out_f}, r), r >= 1"
+        )
+    s = _scaling(scaling)
+    with torch.no_grad():
+        delta = (B.to(W.dtype) @ A.to(W.dtype)) * s  # (out, r) @ (r, in) -> (out, in), rounded, then scaled
+        return W + (delta.t() if fan_in_fan_out else delta)
