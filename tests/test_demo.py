@@ -72,6 +72,7 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert m["adapter_bytes"] == 4 * m["trainable_params"]
     assert m["tokens_per_s"] > 0 and m["train_seconds"] > 0
     assert m["peak_memory_bytes"] > base["nf4_dq"]
+    assert 0 < m["training_increment_bytes"] <= m["peak_memory_bytes"]
     terms = m["estimate"]["terms"]
     assert terms["base (4-bit)"]["bytes"] == pytest.approx(memory.quantized_bytes(n, 64, double_quant=True))
     assert m["estimate_vs_peak"] == pytest.approx(m["estimate"]["total_bytes"] / m["peak_memory_bytes"])

@@ -211,7 +211,9 @@ def run(
     ``peak_memory_kind``: on CUDA ``torch.cuda.max_memory_allocated`` during training, on CPU the
     peak RSS sampled (every 2 ms) during training minus the RSS before the model was loaded (the
     process's own footprint: Python, torch, transformers, the tokenizer); ``rss_peak_bytes``: the peak
-    RSS itself and ``rss_before_train_bytes`` the model's share before the first step (CPU);
+    RSS itself, ``rss_before_train_bytes`` the model's share before the first step and
+    ``training_increment_bytes`` what training added to it (CPU; compare with the estimate's
+    activations, gradients, optimizer states and transient);
     ``base_bytes``: fp32 / nf4 / nf4_dq of the quantized weights; ``adapter_bytes``; ``trainable_params``;
     ``tokens_per_s``: non-padding tokens trained on per second of training (evaluation excluded);
     ``train_seconds``; ``estimate``: :func:`reflora.memory.training_memory` for this run, its terms,
@@ -319,6 +321,7 @@ def run(
         "peak_memory_kind": kind,
         "rss_peak_bytes": rss_peak,
         "rss_before_train_bytes": rss_before_train - rss_start if device == "cpu" else None,
+        "training_increment_bytes": watch.peak - rss_before_train if device == "cpu" else None,
         "base_bytes": _base_bytes(encoder),
         "adapter_bytes": adapter_bytes,
         "trainable_params": summary.trainable_params,
