@@ -1,0 +1,272 @@
+"""Hugging Face + bitsandbytes 4-bit checkpoints: written from, and read into, reflora's 4-bit layers.
+
+The layout is transformers' own for a model loaded with ``BitsAndBytesConfig(load_in_4bit=True)``
+(SPEC §5): ``model.safetensors`` holds, for a 4-bit linear layer at path ``P``, the keys of
+:func:`reflora.formats.bnb.to_state_dict` at ``P.weight`` (packed codes, absmax, quant_map, nested
+statistics, the JSON quant state) beside ``P.bias``; every other tensor is stored as is. ``config.json``
+is the model's config with a ``quantization_config`` whose ``quant_method`` is "bitsandbytes".
+
+* :func:`save_4bit_checkpoint` writes a model whose linear layers are :class:`.modules.NF4Linear` (or
+  wrapped in LoRA adapters, which are left out: save them with :func:`.adapters.save_adapter`) so that
+  ``transformers.AutoModel.from_pretrained(dir)`` loads it into bitsandbytes ``Linear4bit`` layers
+  holding exactly these bytes.
+* :func:`load_4bit_checkpoint` reads such a checkpoint (from transformers, or from here) into a model
+  whose 4-bit layers are :class:`.modules.NF4Linear` holding exactly the file's bytes;
+  :func:`.modules.apply_lora` then turns them into :class:`.modules.QLoRALinear`.
+
+Only JSON and safetensors are read. A defect raises :class:`CheckpointError` (a
+:class:`reflora.formats.bnb.StateDictError`) naming the key, or the format modules' own errors, which
+name it too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from reflora.backends.torch.modules import NF4Linear, _matches, _set_submodule, lora_modules
+from reflora.backends.torch.quant_state import TorchQuantState, numpy_to_torch, torch_to_numpy
+from reflora.formats import bnb
+from reflora.formats import safetensors as sft
+from reflora.formats.bnb import StateDictError
+
+__all__ = ["CheckpointError", "load_4bit_checkpoint", "quantize_model", "save_4bit_checkpoint"]
+
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+CONFIG = "config.json"
+_QS = re.compile(r"(?P<prefix>.+)\.quant_state\.bitsandbytes__(nf4|fp4)$", re.DOTALL)
+
+
+class CheckpointError(StateDictError):
+    """A checkpoint that does not fit the model or the format; ``key`` names the tensor or field."""
+
+
+def quantize_model(
+    model: nn.Module,
+    target_modules: list[str] | str | None = None,
+    *,
+    blocksize: int = 64,
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+) -> list[str]:
+    """Replace ``model``'s ``nn.Linear`` layers by frozen :class:`NF4Linear` ones, in place (what
+    transformers' ``load_in_4bit`` does). target_modules: None for every linear layer, else PEFT's
+    matching rule (:func:`.modules.apply_lora`). Layers inside LoRA wrappers (adapters and their
+    bases) are left alone: quantize those through ``apply_lora(quantize=...)``. Returns the paths
+    replaced."""
+    wrapped = tuple(f"{n}." for n in lora_modules(model))
+    chosen = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear)
+        and n
+        and not n.startswith(wrapped)
+        and (target_modules is None or _matches(n, target_modules))
+    ]
+    for name in chosen:
+        linear = model.get_submodule(name)
+        q = NF4Linear.from_linear(linear, blocksize, quant_type=quant_type, double_quant=double_quant)
+        _set_submodule(model, name, q.requires_grad_(False))
+    return chosen
+
+
+def _hf_path(name: str) -> str:
+    """The path of a layer in the unwrapped model: adapters' ``.base_layer`` steps removed."""
+    return name.replace(".base_layer", "")
+
+
+def _quantized_layers(model: nn.Module) -> dict[str, NF4Linear]:
+    return {_hf_path(n): m for n, m in model.named_modules() if isinstance(m, NF4Linear)}
+
+
+def _quantization_config(
+    layers: dict[str, NF4Linear], model: nn.Module, compute_dtype: str
+) -> dict[str, Any]:
+    kinds = {(m.quant_type, m.double_quant) for m in layers.values()}
+    if len(kinds) != 1:
+        raise ValueError(
+            f"a checkpoint has one quant type and double-quant setting; the layers mix {sorted(kinds)}"
+        )
+    quant_type, double_quant = kinds.pop()
+    skip = sorted(_hf_path(n) for n, m in model.named_modules() if isinstance(m, nn.Linear) and _hf_path(n))
+    skip = [n for n in skip if n not in layers]
+    # The fields and values transformers 5 writes for BitsAndBytesConfig(load_in_4bit=True, ...).
+    return {
+        "_load_in_4bit": True,
+        "_load_in_8bit": False,
+        "bnb_4bit_compute_dtype": compute_dtype,
+        "bnb_4bit_quant_storage": "uint8",
+        "bnb_4bit_quant_type": quant_type,
+        "bnb_4bit_use_double_quant": double_quant,
+        "llm_int8_enable_fp32_cpu_offload": False,
+        "llm_int8_has_fp16_weight": False,
+        "llm_int8_skip_modules": skip or None,
+        "llm_int8_threshold": 6.0,
+        "load_in_4bit": True,
+        "load_in_8bit": False,
+        "quant_method": "bitsandbytes",
+    }
+
+
+def save_4bit_checkpoint(
+    model: nn.Module, directory: str | os.PathLike, *, compute_dtype: str = "float32"
+) -> dict[str, np.ndarray]:
+    """Write ``model`` as a Hugging Face bitsandbytes 4-bit checkpoint in ``directory``.
+
+    model: a torch model (normally a transformers ``PreTrainedModel``, whose ``config`` is written)
+        with at least one :class:`NF4Linear` layer; all of them must share quant type and double
+        quantization. LoRA adapters are not written; adapted layers are written as their base.
+    compute_dtype: ``bnb_4bit_compute_dtype`` in the config (what bitsandbytes computes in).
+    Writes ``model.safetensors`` (metadata {"format": "pt"}) and, when the model has a ``config``,
+    ``config.json``. Returns the tensors written, name -> numpy array.
+    """
+    layers = _quantized_layers(model)
+    if not layers:
+        raise ValueError("the model has no 4-bit layers; quantize it first (quantize_model or apply_lora)")
+    adapted = lora_modules(model)
+    skip = {f"{n}.{part}" for n in adapted for part in ("lora_A", "lora_B")}
+    skip |= {n for n, m in model.named_modules() if isinstance(m, NF4Linear)}
+    tensors: dict[str, np.ndarray] = {}
+    for key, value in model.state_dict().items():
+        owner = key.rsplit(".", 1)[0]
+        if owner in skip or any(key.startswith(f"{s}.") for s in skip):
+            continue
+        tensors[_hf_path(key)] = torch_to_numpy(value)
+    for path, m in layers.items():
+        tensors |= bnb.to_state_dict(m.quant_state.to_state(), f"{path}.weight")
+        if m.bias is not None:
+            tensors[f"{path}.bias"] = torch_to_numpy(m.bias)
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    sft.save(tensors, out / WEIGHTS, metadata={"format": "pt"})
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict"):
+        fields = config.to_dict()
+        fields["quantization_config"] = _quantization_config(layers, model, compute_dtype)
+        (out / CONFIG).write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return tensors
+
+
+def _read_tensors(directory: Path) -> dict[str, np.ndarray]:
+    if (directory / WEIGHTS).is_file():
+        return sft.load(directory / WEIGHTS)
+    if not (directory / INDEX).is_file():
+        raise CheckpointError(WEIGHTS, f"missing from {directory} (and no {INDEX})")
+    index = json.loads((directory / INDEX).read_text(encoding="utf-8"))
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError("weight_map", f"{INDEX} has no weight_map object")
+    tensors: dict[str, np.ndarray] = {}
+    for shard in sorted(set(weight_map.values())):
+        if not isinstance(shard, str) or Path(shard).name != shard:
+            raise CheckpointError("weight_map", f"shard name {shard!r} is not a file name in the directory")
+        tensors |= sft.load(directory / shard)
+    missing = sorted(set(weight_map) - set(tensors))
+    if missing:
+        raise CheckpointError(missing[0], f"listed in {INDEX} but in none of its shards")
+    return tensors
+
+
+def _read_config(directory: Path) -> dict[str, Any]:
+    path = directory / CONFIG
+    if not path.is_file():
+        raise CheckpointError(CONFIG, f"missing from {directory}")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(CONFIG, f"is not UTF-8 JSON: {e}") from None
+    q = config.get("quantization_config") if isinstance(config, dict) else None
+    if not isinstance(q, dict):
+        raise CheckpointError("quantization_config", "missing from config.json: not a quantized checkpoint")
+    if q.get("quant_method") != "bitsandbytes" or q.get("load_in_4bit") is not True:
+        raise CheckpointError(
+            "quantization_config",
+            f"must be bitsandbytes 4-bit (quant_method {q.get('quant_method')!r}, "
+            f"load_in_4bit {q.get('load_in_4bit')!r})",
+        )
+    return config
+
+
+def _skeleton(directory: Path, config: dict[str, Any]) -> nn.Module:
+    """An unquantized model of the checkpoint's architecture, built from its config by transformers."""
+    import transformers
+
+    fields = {k: v for k, v in config.items() if k != "quantization_config"}
+    model_type = fields.pop("model_type", None)
+    if model_type is None:
+        raise CheckpointError("model_type", "missing from config.json; pass the model to load into")
+    hf_config = transformers.AutoConfig.for_model(model_type, **fields)
+    arch = (fields.get("architectures") or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    return cls(hf_config) if cls is not None else transformers.AutoModel.from_config(hf_config)
+
+
+def load_4bit_checkpoint(directory: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
+    """Load a Hugging Face bitsandbytes 4-bit checkpoint into reflora's layers; returns the model.
+
+    directory: holds ``config.json`` (with a bitsandbytes 4-bit ``quantization_config``) and
+        ``model.safetensors`` (or ``model.safetensors.index.json`` and its shards).
+    model: the unquantized model to load into (its ``nn.Linear`` layers at the quantized paths are
+        replaced); None builds it from the config with transformers.
+    Each 4-bit weight (found by its ``P.weight.quant_state.bitsandbytes__*`` key) is read with
+    :func:`reflora.formats.bnb.from_state_dict` and becomes an :class:`NF4Linear` holding the same
+    bytes, with ``P.bias``; every other tensor is assigned as stored (its dtype kept). All parameters
+    end frozen. Raises :class:`CheckpointError` naming the key for a tensor the model does not have, a
+    parameter the file lacks, a shape that differs, or a 4-bit weight at a path that is not a linear
+    layer of matching shape; :class:`StateDictError` for a malformed 4-bit weight.
+    """
+    directory = Path(directory)
+    config = _read_config(directory)
+    tensors = _read_tensors(directory)
+    if model is None:
+        model = _skeleton(directory, config)
+    prefixes = [m["prefix"] for k in tensors if (m := _QS.match(k))]
+    if not prefixes:
+        raise CheckpointError(WEIGHTS, "holds no 4-bit weight (no '*.quant_state.bitsandbytes__*' key)")
+    consumed: set[str] = set()
+    for prefix in prefixes:
+        state = bnb.from_state_dict(tensors, prefix)
+        path = prefix.removesuffix(".weight")
+        try:
+            target = model.get_submodule(path) if path != prefix else None
+        except AttributeError:
+            target = None
+        if not isinstance(target, (nn.Linear, NF4Linear)):
+            raise CheckpointError(
+                prefix, f"is a 4-bit weight but {path!r} is not a linear layer of the model"
+            )
+        model_shape = (target.out_features, target.in_features)
+        if model_shape != state.shape:
+            raise CheckpointError(prefix, f"holds shape {state.shape}; the model's {path!r} is {model_shape}")
+        bias = tensors.get(f"{path}.bias")
+        if (bias is None) != (target.bias is None):
+            raise CheckpointError(f"{path}.bias", "present in only one of the checkpoint and the model")
+        if bias is not None and bias.shape != (state.shape[0],):
+            raise CheckpointError(f"{path}.bias", f"has shape {bias.shape}, expected ({state.shape[0]},)")
+        device = target.bias.device if target.bias is not None else next(model.parameters()).device
+        ts = TorchQuantState.from_state(state, device)
+        _set_submodule(model, path, NF4Linear(ts, None if bias is None else numpy_to_torch(bias, device)))
+        consumed |= {k for k in tensors if k == prefix or k.startswith(f"{prefix}.")}
+        consumed.add(f"{path}.bias")
+    rest = {k: v for k, v in tensors.items() if k not in consumed}
+    own = model.state_dict()
+    quantized = {n for n, m in model.named_modules() if isinstance(m, NF4Linear)}
+    for key, value in rest.items():
+        if key not in own:
+            raise CheckpointError(key, f"matches no parameter or buffer of the {type(model).__name__}")
+        if tuple(own[key].shape) != value.shape:
+            raise CheckpointError(key, f"has shape {value.shape}; the model's is {tuple(own[key].shape)}")
+    for key in own:
+        if key not in rest and key.rsplit(".", 1)[0] not in quantized:
+            raise CheckpointError(key, "the model has it, the checkpoint does not")
+    device = next(model.parameters()).device
+    model.load_state_dict({k: numpy_to_torch(v, device) for k, v in rest.items()}, strict=False, assign=True)
+    model.requires_grad_(False)
+    return model

@@ -1,0 +1,595 @@
+"""Drop-in LoRA and QLoRA layers for torch models, laid out so that names map onto PEFT's.
+
+A layer at path ``P`` of a model (``encoder.layer.0.attention.self.query``) becomes a wrapper holding
+
+* ``P.base_layer``: the frozen base: the original ``nn.Linear`` (:class:`LoRALinear`), or an
+  :class:`NF4Linear` that stores W packed in 4 bits as buffers (:class:`QLoRALinear`);
+* ``P.lora_A.weight`` (r, in) and ``P.lora_B.weight`` (out, r): the trainable adapter, which PEFT's
+  files call ``base_model.model.P.lora_A.weight`` / ``...lora_B.weight`` (:mod:`.adapters`).
+
+The forward is y = base(x) + scaling·B(A(dropout(x))), dropout on the adapter's input only, scaling =
+alpha/r (alpha/√r with rsLoRA), as :mod:`reflora.lora` states it. Computation: :func:`.ops.lora_linear`;
+for 4-bit bases the Triton kernels (``reflora.backends.triton.qlora_linear``) on CUDA when they are
+installed, else :func:`.ops.qlora_linear`. ``module.last_impl`` records which one served the last call
+("torch" or "triton"); ``module.impl`` ("auto", "torch", "triton") chooses.
+
+:func:`apply_lora` wraps the matching ``nn.Linear`` layers of a model in place; :func:`merge_adapter`
+folds the adapters back into the weights; :func:`lora_summary` counts parameters and bytes.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from reflora.backends.torch import ops
+from reflora.backends.torch.quant_state import TorchQuantState, numpy_to_torch, torch_to_numpy
+
+__all__ = [
+    "LoRAConfig",
+    "LoRALinear",
+    "LoRASummary",
+    "NF4Linear",
+    "QLoRALinear",
+    "apply_lora",
+    "lora_modules",
+    "lora_summary",
+    "merge_adapter",
+]
+
+IMPLS = ("auto", "torch", "triton")
+
+
+def _triton_qlora():
+    """reflora.backends.triton.qlora_linear, or None when the Triton backend cannot be imported."""
+    try:
+        from reflora.backends.triton import qlora_linear
+    except ImportError:
+        return None
+    return qlora_linear
+
+
+# ------------------------------------------------------------------------------------- 4-bit base
+
+
+class NF4Linear(nn.Module):
+    """A frozen linear layer whose weight W (out, in) is stored in 4 bits: y = x Ŵᵀ + bias.
+
+    Buffers, named after bitsandbytes' state-dict keys: ``packed`` uint8 ((n+1)//2,); ``quant_map``
+    (16,) and ``absmax`` (n_blocks,) when plain, or ``absmax`` uint8 codes, ``nested_absmax`` and
+    ``nested_quant_map`` (256,) when double-quantized. The float32 buffers are held as their int32 bit
+    patterns, so that ``model.to(torch.bfloat16)`` moves them but can never round them; the offset,
+    shape, dtype, blocksize and quant type are plain attributes. ``bias`` is a frozen parameter.
+    """
+
+    def __init__(self, ts: TorchQuantState, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        if not isinstance(ts, TorchQuantState) or len(ts.shape) != 2:
+            raise ValueError(
+                f"NF4Linear needs a 2-D TorchQuantState (out, in), got {getattr(ts, 'shape', ts)}"
+            )
+        self.out_features, self.in_features = ts.shape
+        self.shape, self.dtype, self.blocksize, self.quant_type = (
+            ts.shape,
+            ts.dtype,
+            ts.blocksize,
+            ts.quant_type,
+        )
+        self.offset, self.blocksize2 = ts.offset, ts.blocksize2
+        self.register_buffer("packed", ts.packed.reshape(-1).clone())
+        self.register_buffer("quant_map", ts.code.clone().view(torch.int32))
+        if ts.double_quant:
+            self.register_buffer("absmax", ts.absmax_q.clone())
+            self.register_buffer("nested_absmax", ts.absmax2.clone().view(torch.int32))
+            self.register_buffer("nested_quant_map", ts.code2.clone().view(torch.int32))
+        else:
+            self.register_buffer("absmax", ts.absmax.clone().view(torch.int32))
+        if bias is not None:
+            if tuple(bias.shape) != (self.out_features,):
+                raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({self.out_features},)")
+            self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self.impl = "auto"
+        self.last_impl: str | None = None
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, blocksize: int = 64, *, quant_type: str = "nf4", double_quant: bool = True
+    ) -> NF4Linear:
+        """Quantize an ``nn.Linear``'s weight with :func:`.ops.quantize_4bit` (state dtype = the weight's)."""
+        ts = ops.quantize_4bit(
+            linear.weight.detach(), blocksize, quant_type=quant_type, double_quant=double_quant
+        )
+        return cls(ts, linear.bias)
+
+    @property
+    def double_quant(self) -> bool:
+        return self.offset is not None
+
+    @property
+    def quant_state(self) -> TorchQuantState:
+        """The weight's :class:`TorchQuantState`, viewing this module's buffers (no copy)."""
+        f32 = torch.float32
+        if self.double_quant:
+            return TorchQuantState(
+                packed=self.packed, absmax=None, code=self.quant_map.view(f32), shape=self.shape,
+                dtype=self.dtype, blocksize=self.blocksize, quant_type=self.quant_type,
+                absmax_q=self.absmax, absmax2=self.nested_absmax.view(f32),
+                code2=self.nested_quant_map.view(f32), offset=self.offset, blocksize2=self.blocksize2,
+            )  # fmt: skip
+        return TorchQuantState(
+            packed=self.packed, absmax=self.absmax.view(f32), code=self.quant_map.view(f32), shape=self.shape,
+            dtype=self.dtype, blocksize=self.blocksize, quant_type=self.quant_type,
+        )  # fmt: skip
+
+    def storage_bytes(self) -> int:
+        """Bytes of the 4-bit weight as stored: codes, scales and tables (the bias excluded)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers(recurse=False))
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Ŵ (out, in), bit-identical to :func:`reflora.nf4.dequantize` (in ``self.dtype`` by default)."""
+        return ops.dequantize_4bit(self.quant_state, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _quantized_forward(self, self.quant_state, x, None, None, 0.0, self.bias, None)
+
+    def extra_repr(self) -> str:
+        dq = ", double_quant" if self.double_quant else ""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, {self.quant_type}, blocksize={self.blocksize}{dq}, "
+            f"dtype={self.dtype}"
+        )
+
+
+def _quantized_forward(owner, ts, x, A, B, scaling, bias, mask) -> torch.Tensor:
+    """Run a 4-bit layer through Triton or torch ops per ``owner.impl``; record ``owner.last_impl``."""
+    if owner.impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {owner.impl!r}")
+    kernel = None
+    if owner.impl == "triton" or (owner.impl == "auto" and x.device.type == "cuda"):
+        kernel = _triton_qlora()
+        if kernel is None and owner.impl == "triton":
+            raise RuntimeError("impl='triton' but reflora.backends.triton cannot be imported")
+    if kernel is None:
+        owner.last_impl = "torch"
+        if A is None:
+            return ops.nf4_linear(x, ts, bias=bias)
+        return ops.qlora_linear(x, ts, A, B, scaling, bias=bias, dropout_mask=mask)
+    # The kernels take one dtype and know nothing of autocast: settle the compute dtype here, as ops does.
+    dt = ops.compute_dtype(x)
+    x, A, B, bias, mask = (ops._cast(t, dt) for t in (x, A, B, bias, mask))
+    owner.last_impl = "triton"
+    with torch.autocast(x.device.type, enabled=False):
+        if A is None:
+            from reflora.backends.triton import nf4_matmul
+
+            return nf4_matmul(x, ts, bias)
+        return kernel(x, ts, A, B, scaling, bias, mask)
+
+
+# ------------------------------------------------------------------------------------- adapters
+
+
+def _check_rank(r: int) -> int:
+    if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r < 1:
+        raise ValueError(f"r must be a positive int, got {r!r}")
+    return int(r)
+
+
+def scaling_for(alpha: float, r: int, rslora: bool = False) -> float:
+    """alpha / r, or alpha / sqrt(r) with rsLoRA: PEFT's ``scaling`` (see :func:`reflora.lora.scaling`)."""
+    r = _check_rank(r)
+    alpha = float(alpha)
+    if not math.isfinite(alpha):
+        raise ValueError(f"alpha must be finite, got {alpha}")
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+class _AdapterMixin:
+    """The adapter every wrapper carries: lora_A (r, in), lora_B (out, r), scaling, dropout."""
+
+    def _init_adapter(self, in_f, out_f, r, alpha, *, dropout, rslora, A, B, dtype, device) -> None:
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.r, self.lora_alpha, self.use_rslora, self.lora_dropout = (
+            _check_rank(r),
+            alpha,
+            bool(rslora),
+            dropout,
+        )
+        self.scaling = scaling_for(alpha, r, rslora)
+        self.lora_A = nn.Linear(in_f, self.r, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(self.r, out_f, bias=False, device=device, dtype=dtype)
+        with torch.no_grad():
+            self.lora_A.weight.copy_(A)
+            self.lora_B.weight.copy_(B)
+        self.impl = "auto"
+        self.last_impl: str | None = None
+
+    def _dropout_mask(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Inverted dropout: 0 with probability p, else 1/(1-p); None outside training or at p = 0."""
+        if not self.training or self.lora_dropout == 0.0:
+            return None
+        keep = 1.0 - self.lora_dropout
+        return torch.empty_like(x, dtype=ops.compute_dtype(x)).bernoulli_(keep) / keep
+
+    def adapter_repr(self) -> str:
+        rs = ", rslora" if self.use_rslora else ""
+        return (
+            f"r={self.r}, alpha={self.lora_alpha}, scaling={self.scaling:g}, dropout={self.lora_dropout}{rs}"
+        )
+
+
+class LoRALinear(_AdapterMixin, nn.Module):
+    """LoRA on a full-precision ``nn.Linear``: y = base(x) + scaling·B(A(dropout(x))).
+
+    base: the layer to adapt (kept as ``base_layer``, frozen). A (r, in), B (out, r): the initial
+    adapter (float tensors; copied into ``lora_A.weight`` / ``lora_B.weight`` of ``dtype``).
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        r: int,
+        alpha: float,
+        *,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        dropout: float = 0.0,
+        rslora: bool = False,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        self.base_layer = base.requires_grad_(False)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self._init_adapter(
+            base.in_features, base.out_features, r, alpha, dropout=dropout, rslora=rslora, A=A, B=B,
+            dtype=dtype, device=base.weight.device,
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.last_impl = "torch"
+        base = self.base_layer
+        return ops.lora_linear(
+            x, base.weight, self.lora_A.weight, self.lora_B.weight, self.scaling,
+            bias=base.bias, dropout_mask=self._dropout_mask(x),
+        )  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return self.adapter_repr()
+
+
+class QLoRALinear(_AdapterMixin, nn.Module):
+    """QLoRA: LoRA on a frozen 4-bit base (:class:`NF4Linear`): y = x Ŵᵀ + bias + scaling·B(A(dropout(x))).
+
+    Runs on the Triton kernels for CUDA inputs when they are installed (``impl="auto"``), else on
+    :func:`.ops.qlora_linear`; ``last_impl`` says which served the last call.
+    """
+
+    def __init__(
+        self,
+        base: NF4Linear,
+        r: int,
+        alpha: float,
+        *,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        dropout: float = 0.0,
+        rslora: bool = False,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        if not isinstance(base, NF4Linear):
+            raise TypeError(f"QLoRALinear wraps an NF4Linear, got {type(base).__name__}")
+        self.base_layer = base.requires_grad_(False)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self._init_adapter(
+            base.in_features, base.out_features, r, alpha, dropout=dropout, rslora=rslora, A=A, B=B,
+            dtype=dtype, device=base.packed.device,
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        y = _quantized_forward(
+            self, base.quant_state, x, self.lora_A.weight, self.lora_B.weight, self.scaling, base.bias,
+            self._dropout_mask(x),
+        )  # fmt: skip
+        base.last_impl = self.last_impl
+        return y
+
+    def extra_repr(self) -> str:
+        return self.adapter_repr()
+
+
+# ------------------------------------------------------------------------------------- apply_lora
+
+
+@dataclass
+class LoRAConfig:
+    """How :func:`apply_lora` adapted a model; what :func:`.adapters.save_adapter` writes."""
+
+    r: int
+    lora_alpha: float
+    target_modules: list[str] | str
+    lora_dropout: float = 0.0
+    use_rslora: bool = False
+    init: str = "kaiming"
+    quantize: str | None = None
+    double_quant: bool = True
+    blocksize: int = 64
+    seed: int = 0
+    modules: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class LoRASummary:
+    """Parameter and byte counts of a model after :func:`apply_lora`.
+
+    trainable_params / total_params: elements; a 4-bit weight counts its logical (out·in) elements.
+    trainable_bytes / total_bytes: storage of parameters and buffers as held in memory.
+    base_4bit_bytes: the 4-bit weights' codes, scales and tables; base_4bit_params: their elements.
+    modules: the paths of the adapted layers.
+    """
+
+    trainable_params: int
+    total_params: int
+    trainable_bytes: int
+    total_bytes: int
+    base_4bit_params: int
+    base_4bit_bytes: int
+    modules: tuple[str, ...]
+
+    @property
+    def trainable_fraction(self) -> float:
+        return self.trainable_params / self.total_params if self.total_params else 0.0
+
+    def __str__(self) -> str:
+        mb = 1 / 2**20
+        text = (
+            f"trainable params: {self.trainable_params:,} || all params: {self.total_params:,} || "
+            f"trainable%: {100 * self.trainable_fraction:.4f}\n"
+            f"bytes: trainable {self.trainable_bytes * mb:.2f} MiB, total {self.total_bytes * mb:.2f} MiB"
+        )
+        if self.base_4bit_params:
+            bits = 8 * self.base_4bit_bytes / self.base_4bit_params
+            text += (
+                f" (4-bit weights: {self.base_4bit_params:,} params in {self.base_4bit_bytes * mb:.2f} MiB, "
+                f"{bits:.3f} bits/param)"
+            )
+        return text + f"\nadapted layers: {len(self.modules)}"
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear | QLoRALinear]:
+    """The adapted layers of ``model`` by path, in module order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, (LoRALinear, QLoRALinear))}
+
+
+def lora_summary(model: nn.Module) -> LoRASummary:
+    """Count ``model``'s parameters and bytes (:class:`LoRASummary`)."""
+    trainable = total = trainable_bytes = total_bytes = q_params = q_bytes = 0
+    for p in model.parameters():
+        n, b = p.numel(), p.numel() * p.element_size()
+        total, total_bytes = total + n, total_bytes + b
+        if p.requires_grad:
+            trainable, trainable_bytes = trainable + n, trainable_bytes + b
+    for buf in model.buffers():
+        total_bytes += buf.numel() * buf.element_size()
+    for m in model.modules():
+        if isinstance(m, NF4Linear):
+            q_params += math.prod(m.shape)
+            q_bytes += m.storage_bytes()
+    return LoRASummary(
+        trainable,
+        total + q_params,
+        trainable_bytes,
+        total_bytes,
+        q_params,
+        q_bytes,
+        tuple(lora_modules(model)),
+    )
+
+
+def _matches(name: str, targets: Sequence[str] | str) -> bool:
+    """PEFT's rule: a string is a regular expression the whole path must match; a list matches a path
+    equal to an entry or ending in "." + entry."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith(f".{t}") for t in targets)
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, NF4Linear)) and n]
+
+
+def _no_match_error(target: str, model: nn.Module) -> ValueError:
+    names = _linear_names(model)
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+    example = f" (e.g. {names[0]!r})" if names else ""
+    return ValueError(
+        f"target module {target!r} matches no module of this {type(model).__name__}; its Linear layers are "
+        f"named {', '.join(leaves) or '(none)'}{example}"
+    )
+
+
+def _init_adapter_weights(in_f: int, out_f: int, r: int, init: str, rng: np.random.Generator):
+    """(A, B) as float32 torch tensors drawn by :func:`reflora.lora.init_lora` from ``rng``."""
+    from reflora.lora import init_lora
+
+    A, B = init_lora(in_f, out_f, r, rng=rng, method=init, dtype=np.float32)
+    return numpy_to_torch(A), numpy_to_torch(B)
+
+
+def apply_lora(
+    model: nn.Module,
+    r: int,
+    alpha: float,
+    target_modules: Sequence[str] | str,
+    *,
+    dropout: float = 0.0,
+    rslora: bool = False,
+    quantize: str | None = None,
+    double_quant: bool = True,
+    blocksize: int = 64,
+    init: str = "kaiming",
+    seed: int = 0,
+    adapter_dtype: torch.dtype = torch.float32,
+    verbose: bool = True,
+) -> nn.Module:
+    """Add LoRA adapters to the matching linear layers of ``model``, in place, and freeze the rest.
+
+    r, alpha: rank and LoRA alpha; scaling = alpha/r (alpha/√r with ``rslora``).
+    target_modules: PEFT's rule: a list of names, each matching a layer whose path equals it or ends in
+        "." + it, or one regular expression the whole path must match. Each name must match at least
+        one layer (ValueError naming the layers that exist); every match must be an ``nn.Linear`` or an
+        :class:`NF4Linear` (TypeError otherwise).
+    dropout: probability of the adapter-input dropout, in [0, 1).
+    quantize: None keeps nn.Linear bases in full precision (:class:`LoRALinear`); "nf4" (or "fp4")
+        quantizes them (``blocksize``, ``double_quant``) into :class:`QLoRALinear`. Layers that are
+        already 4-bit (:class:`NF4Linear`, e.g. from :func:`.checkpoint.load_4bit_checkpoint`) always
+        become :class:`QLoRALinear`.
+    init: "kaiming" (A ~ U(±1/√in)) or "gaussian" (A ~ N(0, 1/r²)); B = 0 in both
+        (:func:`reflora.lora.init_lora`), drawn from ``numpy.random.default_rng(seed)`` layer by layer in
+        module order, so a seed fixes the adapter.
+    adapter_dtype: dtype of lora_A / lora_B. verbose: print the :class:`LoRASummary`.
+
+    Returns ``model``, with ``model.reflora_lora`` (:class:`LoRAConfig`) and ``model.reflora_summary``
+    (:class:`LoRASummary`) attached. Every parameter that is not an adapter weight is frozen.
+    """
+    r = _check_rank(r)
+    scaling_for(alpha, r, rslora)
+    if quantize not in (None, "nf4", "fp4"):
+        raise ValueError(f"quantize must be None, 'nf4' or 'fp4', got {quantize!r}")
+    if init not in ("kaiming", "gaussian"):
+        raise ValueError(f"init must be 'kaiming' or 'gaussian', got {init!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    if lora_modules(model):
+        raise ValueError("the model already has LoRA adapters; merge_adapter or load a fresh model first")
+    if isinstance(target_modules, str):
+        targets: list[str] | str = target_modules
+        if not any(_matches(n, targets) for n, _ in model.named_modules()):
+            raise _no_match_error(target_modules, model)
+    else:
+        targets = list(target_modules)
+        if not targets or not all(isinstance(t, str) and t for t in targets):
+            raise ValueError(
+                f"target_modules must be a regex or a non-empty list of names, got {target_modules!r}"
+            )
+        for t in targets:
+            if not any(_matches(n, [t]) for n, _ in model.named_modules()):
+                raise _no_match_error(t, model)
+    chosen = [(n, m) for n, m in model.named_modules() if n and _matches(n, targets)]
+    for n, m in chosen:
+        if not isinstance(m, (nn.Linear, NF4Linear)):
+            raise TypeError(
+                f"target {n!r} is a {type(m).__name__}; LoRA here adapts nn.Linear and NF4Linear only"
+            )
+
+    model.requires_grad_(False)
+    rng = np.random.default_rng(seed)
+    for name, m in chosen:
+        A, B = _init_adapter_weights(m.in_features, m.out_features, r, init, rng)
+        kw = {"A": A, "B": B, "dropout": dropout, "rslora": rslora, "dtype": adapter_dtype}
+        if isinstance(m, NF4Linear):
+            wrapped: nn.Module = QLoRALinear(m, r, alpha, **kw)
+        elif quantize is not None:
+            base = NF4Linear.from_linear(m, blocksize, quant_type=quantize, double_quant=double_quant)
+            wrapped = QLoRALinear(base, r, alpha, **kw)
+        else:
+            wrapped = LoRALinear(m, r, alpha, **kw)
+        _set_submodule(model, name, wrapped)
+    model.reflora_lora = LoRAConfig(
+        r, alpha, targets, dropout, bool(rslora), init, quantize, double_quant, blocksize, seed,
+        [n for n, _ in chosen],
+    )  # fmt: skip
+    model.reflora_summary = lora_summary(model)
+    if verbose:
+        print(model.reflora_summary)
+    return model
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+# ------------------------------------------------------------------------------------- merging
+
+
+def _merged_linear(m: LoRALinear) -> nn.Linear:
+    """An nn.Linear holding :func:`reflora.lora.merge` of the layer (ΔW in float64, one rounding)."""
+    from reflora import lora
+
+    base = m.base_layer
+    W = lora.merge(
+        torch_to_numpy(base.weight),
+        torch_to_numpy(m.lora_A.weight),
+        torch_to_numpy(m.lora_B.weight),
+        m.scaling,
+    )
+    out = nn.Linear(m.in_features, m.out_features, bias=base.bias is not None, device=base.weight.device)
+    out.to(base.weight.dtype)
+    with torch.no_grad():
+        out.weight.copy_(numpy_to_torch(W, base.weight.device))
+        if base.bias is not None:
+            out.bias.copy_(base.bias)
+    return out.requires_grad_(False)
+
+
+def merge_adapter(model: nn.Module, *, force: bool = False) -> dict:
+    """Fold every adapter of ``model`` into its base weight, in place, and drop the adapters.
+
+    * :class:`LoRALinear` becomes a plain ``nn.Linear`` with W' = :func:`reflora.lora.merge` (W + ΔW
+      formed in float64, rounded once to W's dtype); report None.
+    * :class:`QLoRALinear` becomes an :class:`NF4Linear` holding :func:`reflora.qlora.merge`'s new state
+      (Ŵ + ΔW requantized with the same blocksize, quant type and double quantization; dtype kept);
+      report its :class:`reflora.qlora.MergeReport`.
+
+    A 4-bit merge whose requantization error exceeds ‖ΔW‖ (``report.error_exceeds_delta``) loses more
+    than the adapter adds: it warns, and unless ``force`` raises ValueError before changing anything.
+    Returns {path: report or None}. The model keeps no adapter afterwards.
+    """
+    from reflora import qlora
+
+    layers = lora_modules(model)
+    if not layers:
+        raise ValueError("the model has no LoRA adapters to merge")
+    replacements: dict[str, nn.Module] = {}
+    reports: dict = {}
+    for name, m in layers.items():
+        if isinstance(m, LoRALinear):
+            replacements[name], reports[name] = _merged_linear(m), None
+            continue
+        base = m.base_layer
+        A, B = torch_to_numpy(m.lora_A.weight), torch_to_numpy(m.lora_B.weight)
+        state, report = qlora.merge(base.quant_state.to_state(), A, B, m.scaling)
+        new = NF4Linear(TorchQuantState.from_state(state, base.packed.device), base.bias)
+        new.impl = base.impl
+        replacements[name], reports[name] = new, report
+    lossy = {n: r for n, r in reports.items() if r is not None and r.error_exceeds_delta}
+    if lossy:
+        detail = "; ".join(
+            f"{n}: ‖requant error‖ = {r.requant_error_fro:.3g} > ‖ΔW‖ = {r.delta_fro:.3g}"
+            for n, r in lossy.items()
+        )
+        message = (
+            f"merging into the 4-bit base loses more than the adapter adds in {len(lossy)} of "
+            f"{len(reports)} layers ({detail})"
+        )
+        warnings.warn(message, stacklevel=2)
+        if not force:
+            raise ValueError(message + "; nothing was changed. Pass force=True to merge anyway.")
+    for name, new in replacements.items():
+        _set_submodule(model, name, new)
+    if hasattr(model, "reflora_lora"):
+        del model.reflora_lora
+    return reports

@@ -1,0 +1,437 @@
+"""Eager torch ops for 4-bit weights and LoRA / QLoRA layers, on CPU and CUDA.
+
+Notation as in :mod:`reflora.lora` and :mod:`reflora.qlora`: x (..., in), W (out, in), A (r, in),
+B (out, r), ``scaling``, an optional dropout ``mask`` of x's shape (0 or 1/(1-p)) that multiplies x in
+the adapter's branch only; ``ts`` a :class:`TorchQuantState` holding W in 4 bits and Ŵ the weight it
+stands for.
+
+What each op guarantees against the numpy oracle:
+
+* :func:`quantize_4bit` is byte-identical to :func:`reflora.nf4.quantize` (codes, packing, absmax,
+  double quantization): every threshold decision is made on the float64 quotient x/absmax, which
+  decides exactly (:func:`reflora.codebooks.count_below`), and the double-quantization offset is the
+  oracle's exactly rounded mean.
+* :func:`dequantize_4bit` is bit-identical to :func:`reflora.nf4.dequantize`:
+  ``dtype(f32(code[q] * absmax))``, with a double-quantized absmax rebuilt as
+  ``f32(f32(code2[absmax_q] * absmax2) + offset)`` in two separate roundings (separate torch kernels,
+  so never a fused multiply-add).
+* :func:`lora_linear` and :func:`qlora_linear` compute the forward of :func:`reflora.lora.forward`,
+  and their gradients those of :func:`reflora.lora.backward`, in the operation order that
+  :func:`reflora.bounds.lora_forward_bound` / :func:`reflora.bounds.lora_backward_bound` model, with
+  ``Arithmetic(operand=d, accumulate="float32", intermediate=d, output=d)`` for the compute dtype d
+  (torch's CPU matmuls accumulate in float32 for every dtype; see docs/training.md for CUDA).
+
+**Compute dtype.** Under ``torch.autocast`` it is the autocast dtype; otherwise x's dtype. Every other
+float operand (W or Ŵ, A, B, bias, mask) is cast to it by a differentiable ``.to``, so gradients reach
+parameters in their own dtype. Ŵ is dequantized in ``ts.dtype`` (exactly) and then cast, as
+bitsandbytes does; a float32 state used in bfloat16 therefore computes with bf16(Ŵ).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from reflora import codebooks
+from reflora.backends.torch.quant_state import TorchQuantState, numpy_to_torch
+from reflora.double_quant import mean_f32
+from reflora.state import BLOCKSIZES
+
+__all__ = [
+    "compute_dtype",
+    "dequantize_4bit",
+    "lora_linear",
+    "lora_merge",
+    "nf4_linear",
+    "qlora_linear",
+    "quantize_4bit",
+]
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+# Elements whose float64 quotients are formed at once: bounds the temporaries (8 B each, twice).
+_CHUNK = 1 << 20
+
+
+# --------------------------------------------------------------------------------- quantization
+
+
+def _codebook_tensors(codebook: codebooks.Codebook, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(values float32, thresholds float64, sorted_codes uint8) of a codebook on ``device``."""
+    if codebook.negative_zero_code is not None:
+        raise ValueError(f"codebook {codebook.name!r} is a dialect; the torch ops follow the canonical rules")
+    return (
+        numpy_to_torch(codebook.values, device),
+        numpy_to_torch(codebook.thresholds, device),
+        numpy_to_torch(codebook.sorted_codes, device),
+    )
+
+
+def _check_input(x: torch.Tensor) -> None:
+    """The oracle's input rules (:func:`reflora.nf4.check_input`), with the same messages."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOATS:
+        raise TypeError(f"reflora quantizes float32, float16 and bfloat16 data, not {x.dtype}")
+    if x.numel() == 0:
+        raise ValueError(f"cannot quantize an empty array (shape {tuple(x.shape)})")
+    finite = torch.isfinite(x)
+    if not bool(finite.all()):
+        flat = int(torch.nonzero(~finite.reshape(-1))[0])
+        where = tuple(int(i) for i in np.unravel_index(flat, tuple(x.shape))) if x.ndim else ()
+        value = float(x.reshape(-1)[flat])
+        raise ValueError(
+            f"input is not finite at index {where} (flat index {flat}): {value}; "
+            "NaN and inf have no 4-bit code"
+        )
+
+
+def _block_absmax(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """float32 (ceil(n/blocksize),): max |x| per block of the 1-D float32 ``flat``.
+
+    The ragged tail is padded with zeros, which cannot change a maximum of absolute values, so its
+    absmax covers its own elements only, as the oracle's rule says.
+    """
+    n_blocks = math.ceil(flat.numel() / blocksize)
+    padded = F.pad(flat, (0, n_blocks * blocksize - flat.numel()))
+    return padded.view(n_blocks, blocksize).abs().amax(dim=1)
+
+
+def _encode(
+    flat: torch.Tensor, absmax: torch.Tensor, blocksize: int, codebook: codebooks.Codebook
+) -> torch.Tensor:
+    """uint8 (n,): codes of the 1-D float32 ``flat`` given each block's float32 ``absmax``.
+
+    x/absmax is formed in float64 (exact decisions, :func:`reflora.codebooks.count_below`); a zero
+    absmax (an all-zero block) is replaced by 1 so that its zeros take the zero code. ``bucketize``
+    with ``right=False`` counts the thresholds strictly below each value: ties go to the lower value.
+    """
+    _, thresholds, sorted_codes = _codebook_tensors(codebook, flat.device)
+    scale = absmax.to(torch.float64)
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    n = flat.numel()
+    n_blocks = scale.numel()
+    padded = F.pad(flat, (0, n_blocks * blocksize - n)).view(n_blocks, blocksize)
+    codes = torch.empty(n_blocks, blocksize, dtype=torch.uint8, device=flat.device)
+    step = max(1, _CHUNK // blocksize)  # whole blocks per chunk
+    for b in range(0, n_blocks, step):
+        # (k, blocksize) / (k, 1): every element divided by its own block's absmax, in float64
+        scaled = padded[b : b + step].to(torch.float64) / scale[b : b + step, None]
+        codes[b : b + step] = sorted_codes[torch.bucketize(scaled, thresholds, right=False)]
+    return codes.view(-1)[:n]
+
+
+def _pack(q: torch.Tensor, pad: int) -> torch.Tensor:
+    """uint8 (ceil(n/2),): element 2j in the high nibble; an odd n pads the last low nibble with ``pad``."""
+    if q.numel() % 2:
+        q = torch.cat([q, torch.full((1,), pad, dtype=torch.uint8, device=q.device)])
+    return (q[0::2] << 4) | q[1::2]
+
+
+def quantize_4bit(
+    x: torch.Tensor, blocksize: int = 64, *, quant_type: str = "nf4", double_quant: bool = False
+) -> TorchQuantState:
+    """Quantize ``x`` to 4 bits, blockwise: byte-identical to :func:`reflora.nf4.quantize`.
+
+    x: float32 / float16 / bfloat16 tensor on any device, any shape and strides, finite, non-empty;
+        blocks run over the row-major flattening of its logical indices.
+    blocksize: one of 32, 64, ..., 4096. quant_type: "nf4" or "fp4".
+    double_quant: also quantize the block scales (:mod:`reflora.double_quant`, groups of 256).
+    Returns a :class:`TorchQuantState` on x's device with x's shape and dtype. Raises ValueError for
+    non-finite input (naming the first bad index), an empty tensor or a bad blocksize; TypeError for
+    another dtype.
+    """
+    _check_input(x)
+    if blocksize not in BLOCKSIZES:
+        raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
+    codebook = codebooks.get(quant_type)
+    device = x.device
+    flat = x.detach().reshape(-1).to(torch.float32)  # logical row-major order; exact widening
+    absmax = _block_absmax(flat, blocksize)
+    packed = _pack(_encode(flat, absmax, blocksize, codebook), codebook.zero_code)
+    code = numpy_to_torch(codebook.values, device)
+    common = {"packed": packed, "code": code, "shape": tuple(x.shape), "dtype": x.dtype}
+    common |= {"blocksize": blocksize, "quant_type": quant_type}
+    if not double_quant:
+        return TorchQuantState(absmax=absmax, **common)
+    # The offset is the oracle's exactly rounded mean: a float32 torch mean can be an ulp off (SPEC §8).
+    offset = mean_f32(absmax.cpu().numpy())
+    centred = absmax - torch.tensor(offset, dtype=torch.float32, device=device)  # one float32 rounding
+    absmax2 = _block_absmax(centred, 256)
+    absmax_q = _encode(centred, absmax2, 256, codebooks.DYNAMIC_MAP)
+    code2 = numpy_to_torch(codebooks.DYNAMIC_MAP.values, device)
+    return TorchQuantState(
+        absmax=None,
+        absmax_q=absmax_q,
+        absmax2=absmax2,
+        code2=code2,
+        offset=float(offset),
+        blocksize2=256,
+        **common,
+    )
+
+
+def _check_state(ts: TorchQuantState) -> None:
+    if not isinstance(ts, TorchQuantState):
+        raise TypeError(f"expected a TorchQuantState, got {type(ts).__name__}")
+    n_blocks = math.ceil(ts.numel / ts.blocksize)
+    if ts.packed.dtype != torch.uint8 or ts.packed.numel() != (ts.numel + 1) // 2:
+        raise ValueError(f"packed must be uint8 with {(ts.numel + 1) // 2} bytes for shape {ts.shape}")
+    scales = ts.absmax_q if ts.double_quant else ts.absmax
+    if scales is None or scales.numel() != n_blocks:
+        raise ValueError(f"{n_blocks} block scales expected for shape {ts.shape} at blocksize {ts.blocksize}")
+
+
+def block_scales(ts: TorchQuantState) -> torch.Tensor:
+    """float32 (n_blocks,): each block's absmax, rebuilt by the oracle's rule 4 if double-quantized."""
+    if not ts.double_quant:
+        return ts.absmax
+    group = torch.arange(ts.absmax_q.numel(), device=ts.device) // ts.blocksize2
+    scaled = ts.code2[ts.absmax_q.long()] * ts.absmax2[group]  # float32 * float32: first rounding
+    return scaled + torch.tensor(ts.offset, dtype=torch.float32, device=ts.device)  # second rounding
+
+
+def dequantize_4bit(ts: TorchQuantState, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The tensor ``ts`` stands for, ``dtype(f32(code[q] * absmax))``: bit-identical to the oracle.
+
+    ts: any :class:`TorchQuantState` (NF4 or FP4, plain or double-quantized) on any device.
+    dtype: torch.float32 / float16 / bfloat16; default ``ts.dtype``.
+    Returns a new contiguous tensor of ``ts.shape`` on ``ts.device``. A zero block gives +0.0.
+    """
+    _check_state(ts)
+    out_dtype = ts.dtype if dtype is None else dtype
+    if out_dtype not in _FLOATS:
+        raise TypeError(f"dtype must be float32, float16 or bfloat16, got {out_dtype}")
+    n, bs = ts.numel, ts.blocksize
+    n_blocks = math.ceil(n / bs)
+    # A byte decodes to two table values at once: pairs[b] = (code[b >> 4], code[b & 15]). Each row's
+    # 8 bytes are gathered as one int64 and viewed back as the two float32s in memory order: a
+    # 1-D gather (take) is an order of magnitude faster on the CPU than indexing rows of a 2-D table.
+    pairs = torch.stack([ts.code.repeat_interleave(16), ts.code.repeat(16)], dim=1)  # (256, 2)
+    values = torch.take(pairs.view(torch.int64), ts.packed.reshape(-1).long()).view(torch.float32)
+    values = F.pad(values, (0, n_blocks * bs - values.numel()))
+    values = values.view(n_blocks, bs) * block_scales(ts)[:, None]  # (blocks, bs) * (blocks, 1), float32
+    return values.reshape(-1)[:n].to(out_dtype).reshape(ts.shape)
+
+
+# ---------------------------------------------------------------------------------- linear layers
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a layer computes in for input ``x``: the autocast dtype if autocast is on, else x's."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """``t`` in ``dtype`` (a differentiable cast), or None."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+def _check_lora_shapes(x, out_f: int, in_f: int, A, B, bias, mask) -> None:
+    if x.ndim == 0 or x.shape[-1] != in_f:
+        raise ValueError(f"x has shape {tuple(x.shape)}; its last dimension must be in_features = {in_f}")
+    if x.numel() == 0:
+        raise ValueError(f"x has no elements (shape {tuple(x.shape)})")
+    if (A is None) != (B is None):
+        raise ValueError("A and B must both be given or both be None")
+    if A is not None:
+        r = A.shape[0] if A.ndim == 2 else 0
+        if r < 1 or A.shape[1] != in_f or B.ndim != 2 or tuple(B.shape) != (out_f, r):
+            raise ValueError(
+                f"A must be (r, {in_f}) and B ({out_f}, r) with r >= 1; "
+                f"got A {tuple(A.shape)}, B {tuple(B.shape)}"
+            )
+    if bias is not None and tuple(bias.shape) != (out_f,):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({out_f},)")
+    if mask is not None and mask.shape != x.shape:
+        raise ValueError(f"dropout_mask has shape {tuple(mask.shape)}, expected x's shape {tuple(x.shape)}")
+    for name, t in (("x", x), ("A", A), ("B", B), ("bias", bias), ("dropout_mask", mask)):
+        if t is not None and t.dtype not in _FLOATS:
+            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def lora_linear(
+    x: torch.Tensor,
+    W: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scaling: float,
+    *,
+    bias: torch.Tensor | None = None,
+    dropout_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y = x Wᵀ + bias + scaling · ((x ⊙ mask) Aᵀ) Bᵀ, differentiable by torch's own autograd.
+
+    x (..., in); W (out, in); A (r, in); B (out, r); bias (out,) or None; dropout_mask x's shape or
+    None. Float tensors of any of float32 / float16 / bfloat16, cast to the compute dtype (module
+    docstring). scaling: a finite real (alpha / r, or alpha / sqrt(r) with rsLoRA).
+    Returns (..., out) in the compute dtype. Gradients flow to whatever requires them (W normally
+    does not). The adapter term is formed as PEFT forms it, ``B(A(x_d)) * scaling`` added to the
+    base output, so with the same inputs the result is bit-identical to PEFT's ``lora.Linear``.
+    """
+    if W.ndim != 2:
+        raise ValueError(f"W must be 2-D (out, in), got shape {tuple(W.shape)}")
+    _check_lora_shapes(x, W.shape[0], W.shape[1], A, B, bias, dropout_mask)
+    s = _scaling(scaling)
+    dt = compute_dtype(x)
+    x, W, A, B, bias, mask = (_cast(t, dt) for t in (x, W, A, B, bias, dropout_mask))
+    x_d = x if mask is None else x * mask
+    return F.linear(x, W, bias) + F.linear(F.linear(x_d, A), B) * s  # (..., out) + (..., r) -> (..., out)
+
+
+def _scaling(scaling: float) -> float:
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
+        raise ValueError(f"scaling must be a finite real number, got {scaling!r}")
+    return float(scaling)
+
+
+@dataclass(frozen=True, eq=False)
+class _QLoRAConfig:
+    """The non-differentiable part of a QLoRA call: the frozen 4-bit weight and the scaling."""
+
+    ts: TorchQuantState
+    scaling: float
+
+
+def _base_weight(ts: TorchQuantState, dtype: torch.dtype) -> torch.Tensor:
+    """Ŵ in ``dtype``: dequantized exactly in ts.dtype, then cast (as bitsandbytes' MatMul4Bit)."""
+    W = dequantize_4bit(ts)
+    return W if W.dtype == dtype else W.to(dtype)
+
+
+class _QLoRAFunction(torch.autograd.Function):
+    """y = x Ŵᵀ + bias + s·((x ⊙ m) Aᵀ) Bᵀ on 2-D x, with Ŵ dequantized in forward and again in
+    backward: no dequantized weight lives between the two. Saved: x, A, B, mask and t = x_d Aᵀ
+    (N, r), all inputs or fresh tensors, never written to."""
+
+    @staticmethod
+    def forward(ctx, x, A, B, bias, mask, cfg: _QLoRAConfig):
+        W = _base_weight(cfg.ts, x.dtype)  # (out, in), freed when forward returns
+        y = F.linear(x, W, bias)  # (N, in) @ (in, out) -> (N, out)
+        t = None
+        if A is not None:
+            x_d = x if mask is None else x * mask
+            t = F.linear(x_d, A)  # (N, in) @ (in, r) -> (N, r)
+            y = y + F.linear(t, B) * cfg.scaling  # (N, r) @ (r, out) -> (N, out)
+        ctx.save_for_backward(x, A, B, mask, t)
+        ctx.cfg = cfg
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, A, B, mask, t = ctx.saved_tensors
+        cfg: _QLoRAConfig = ctx.cfg
+        need_x, need_A, need_B, need_bias = ctx.needs_input_grad[:4]
+        grad_x = grad_A = grad_B = grad_bias = None
+        # On the CPU the backward runs in the caller's thread, where autocast may still be on; the
+        # dtypes were settled in forward, so it must not recast anything here.
+        with torch.autocast(g.device.type, enabled=False):
+            g = g if g.dtype == x.dtype else g.to(x.dtype)
+            grad_t = None
+            if A is not None:
+                x_d = x if mask is None else x * mask
+                g_s = g * cfg.scaling  # (N, out); the oracle's order: s·g first, then both products
+                if need_B:
+                    grad_B = g_s.t() @ t  # (out, N) @ (N, r) -> (out, r)
+                if need_A or need_x:
+                    grad_t = g_s @ B  # (N, out) @ (out, r) -> (N, r)
+                if need_A:
+                    grad_A = grad_t.t() @ x_d  # (r, N) @ (N, in) -> (r, in)
+            if need_x:
+                W = _base_weight(cfg.ts, x.dtype)  # dequantized again: nothing was kept from forward
+                grad_x = g @ W  # (N, out) @ (out, in) -> (N, in)
+                del W
+                if grad_t is not None:
+                    lora = grad_t @ A  # (N, r) @ (r, in) -> (N, in)
+                    grad_x = grad_x + (lora if mask is None else lora * mask)
+            if need_bias:
+                grad_bias = g.sum(dim=0)
+        return grad_x, grad_A, grad_B, grad_bias, None, None
+
+
+def _qlora(x, ts, A, B, scaling, bias, mask) -> torch.Tensor:
+    _check_state(ts)
+    if len(ts.shape) != 2:
+        raise ValueError(f"a linear layer's 4-bit weight is 2-D (out, in); the state holds shape {ts.shape}")
+    out_f, in_f = ts.shape
+    _check_lora_shapes(x, out_f, in_f, A, B, bias, mask)
+    devices = {t.device for t in (x, A, B, bias, mask, ts.packed) if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devices)}")
+    dt = compute_dtype(x)
+    x, A, B, bias, mask = (_cast(t, dt) for t in (x, A, B, bias, mask))
+    lead = x.shape[:-1]
+    cfg = _QLoRAConfig(ts, _scaling(scaling) if A is not None else 0.0)
+    with torch.autocast(x.device.type, enabled=False):
+        y = _QLoRAFunction.apply(
+            x.reshape(-1, in_f), A, B, bias, None if mask is None else mask.reshape(-1, in_f), cfg
+        )
+    return y.reshape(*lead, out_f)
+
+
+def qlora_linear(
+    x: torch.Tensor,
+    ts: TorchQuantState,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scaling: float,
+    *,
+    bias: torch.Tensor | None = None,
+    dropout_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The QLoRA layer y = x Ŵᵀ + bias + scaling · ((x ⊙ mask) Aᵀ) Bᵀ, Ŵ = dequantize(ts), differentiable.
+
+    x (..., in); ts: W (out, in) as a 2-D :class:`TorchQuantState` (NF4 or FP4, plain or
+    double-quantized), frozen; A (r, in); B (out, r); bias (out,) or None; dropout_mask x's shape or
+    None. Floats of any of float32 / float16 / bfloat16, cast to the compute dtype (module
+    docstring); all on one device. scaling: a finite real.
+    Returns (..., out) in the compute dtype. Gradients: x, A, B (and bias, if it requires one); Ŵ
+    gets none. The backward dequantizes Ŵ again instead of keeping it: between forward and backward
+    only x, A, B, mask and the (N, r) product x_d Aᵀ are held.
+    """
+    return _qlora(x, ts, A, B, scaling, bias, dropout_mask)
+
+
+def nf4_linear(x: torch.Tensor, ts: TorchQuantState, *, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x Ŵᵀ + bias with a frozen 4-bit W: :func:`qlora_linear` without an adapter.
+
+    x (..., in); ts 2-D (out, in); bias (out,) or None. Returns (..., out) in the compute dtype;
+    differentiable in x (and bias). Ŵ is dequantized per call, in forward and again in backward.
+    """
+    return _qlora(x, ts, None, None, 0.0, bias, None)
+
+
+def lora_merge(
+    W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, *, fan_in_fan_out: bool = False
+) -> torch.Tensor:
+    """The merged weight W' = W + scaling · B A, computed in torch in W's dtype (not differentiated).
+
+    W (out, in), or (in, out) with ``fan_in_fan_out`` (then ΔW is transposed); A (r, in); B (out, r);
+    all float32 / float16 / bfloat16 on one device, A and B cast to W's dtype d. scaling: a finite real.
+    Returns a new tensor of W's shape and dtype on W's device.
+
+    Arithmetic, as :func:`reflora.bounds.merge_bound` models it with accumulate float32 and
+    intermediate = output = d: ΔW = d(s · d(B A)) (the product accumulated in float32 and rounded
+    once to d, then scaled), W' = d(W + ΔW). A merged value beyond d's range becomes ±inf, as IEEE
+    rounding gives it; :func:`reflora.lora.merge` (one rounding from float64) raises there instead.
+    """
+    for name, t in (("W", W), ("A", A), ("B", B)):
+        if not isinstance(t, torch.Tensor) or t.ndim != 2 or t.dtype not in _FLOATS:
+            raise ValueError(f"{name} must be a 2-D float32 / float16 / bfloat16 tensor, got {t!r:.80}")
+    out_f, in_f = (W.shape[1], W.shape[0]) if fan_in_fan_out else tuple(W.shape)
+    r = A.shape[0]
+    if r < 1 or tuple(A.shape) != (r, in_f) or tuple(B.shape) != (out_f, r):
+        raise ValueError(
+            f"W {tuple(W.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)} do not fit "
+            f"(fan_in_fan_out={fan_in_fan_out}): A must be (r, {in_f}) and B ({out_f}, r), r >= 1"
+        )
+    s = _scaling(scaling)
+    with torch.no_grad():
+        delta = (B.to(W.dtype) @ A.to(W.dtype)) * s  # (out, r) @ (r, in) -> (out, in), rounded, then scaled
+        return W + (delta.t() if fan_in_fan_out else delta)

@@ -1,0 +1,101 @@
+"""reflora.memory: the QLoRA paper's storage arithmetic, checked against the oracle's real storage, and
+the training-memory estimate, checked term by term on shapes whose counts are known."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from reflora import cli, memory, nf4
+
+
+def test_the_papers_bits_per_parameter():
+    assert memory.bits_per_parameter(64) == 4.5
+    assert memory.bits_per_parameter(64, double_quant=True) == 4 + 8 / 64 + 32 / (64 * 256)
+    assert round(memory.bits_per_parameter(64, double_quant=True), 3) == 4.127
+
+
+def test_double_quantization_saves_about_3_gb_at_65b():
+    saving = memory.double_quant_saving(65e9)
+    assert saving == pytest.approx(65e9 * 0.373046875 / 8, rel=1e-15)
+    assert round(saving / 1e9, 2) == 3.03
+
+
+@pytest.mark.parametrize(("blocksize", "double_quant"), [(64, False), (64, True), (128, True), (32, False)])
+def test_quantized_bytes_is_what_the_oracle_stores(blocksize, double_quant):
+    # A size with whole blocks and whole groups of 256 blocks: then the formula has no rounding up.
+    n = blocksize * 256 * 3
+    x = np.random.default_rng(0).standard_normal(n).astype(np.float32)
+    state = nf4.quantize(x, blocksize, double_quant=double_quant)
+    if double_quant:
+        stored = state.packed.nbytes + state.nested.absmax_q.nbytes + state.nested.absmax2.nbytes
+    else:
+        stored = state.packed.nbytes + state.absmax.nbytes
+    assert memory.quantized_bytes(n, blocksize, double_quant=double_quant) == stored
+
+
+def test_llama_shapes_give_the_published_parameter_counts():
+    assert memory._llama_params(memory.LLAMA_SHAPES["7B"]) == 6_738_415_616
+    assert [memory.nearest_llama(p) for p in (7e9, 13e9, 30e9, 65e9)] == ["7B", "13B", "33B", "65B"]
+
+
+def test_adapters_on_every_linear_layer_of_llama_7b():
+    L, h, f, a, v = memory.LLAMA_SHAPES["7B"]
+    est = memory.training_memory(6.74e9, 16, layers=L, hidden=h, intermediate=f, heads=a, vocab=v)
+    # PEFT's count for r=16 on q, k, v, o, gate, up, down of LLaMA-7B: 39,976,960 trainable parameters.
+    assert est["adapters"] == 39_976_960 * 4
+    assert est["adapter gradients"] == est["adapters"]
+    assert est["optimizer states"] == 39_976_960 * 8
+    q = L * (4 * h * h + 3 * h * f)
+    assert est["base (4-bit)"] == q * memory.bits_per_parameter(64, double_quant=True) / 8
+    assert est["frozen (other)"] == (6.74e9 - q) * 2
+    assert est["logits"] == 512 * v * 4
+    assert est.total == sum(b for _, b, _ in est.terms)
+
+
+def test_activations_term_by_term():
+    b, s, h, f, a, L, r = 3, 7, 16, 40, 2, 5, 4
+    common = dict(layers=L, hidden=h, intermediate=f, heads=a, batch=b, seq=s, mlp_matrices=2,
+                  activation_bytes=4, flash_attention=False)  # fmt: skip
+    lora_t = L * 6 * b * s * r * 4  # x_d·Aᵀ of 6 adapted layers a block
+    block = 4 * (8 * s * b * h + 2 * s * b * f + 2 * a * s * s * b)
+    full = memory.training_memory(1e6, r, checkpointing=False, **common)
+    assert full["activations"] == L * block + lora_t
+    ckpt = memory.training_memory(1e6, r, checkpointing=True, **common)
+    assert ckpt["activations"] == L * s * b * h * 4 + block + lora_t
+    masks = memory.training_memory(1e6, r, checkpointing=False, dropout=True, **common)
+    assert masks["activations"] - full["activations"] == L * (2 * s * b * h + a * s * s * b)
+    flash = memory.training_memory(1e6, r, checkpointing=False, **{**common, "flash_attention": True})
+    assert full["activations"] - flash["activations"] == L * 4 * 2 * a * s * s * b
+
+
+def test_estimate_rejects_impossible_shapes():
+    with pytest.raises(ValueError, match="positive"):
+        memory.training_memory(1e9, 0, layers=2, hidden=64)
+    with pytest.raises(ValueError, match="quantized_params"):
+        memory.training_memory(1e3, 8, layers=2, hidden=64)  # the blocks alone hold more than 1e3
+    with pytest.raises(KeyError, match="no term 'weights'"):
+        memory.training_memory(1e9, 8, layers=2, hidden=64)["weights"]
+
+
+def test_cli_json(capsys):
+    assert cli.main(["memory", "--params", "7e9", "--r", "16", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["bits_per_param"] == {"nf4": 4.5, "nf4+dq": 4.126953125}
+    assert math.isclose(rep["double_quant_saving_65B_bytes"], memory.double_quant_saving(65e9))
+    assert rep["shape"]["layers"] == 32 and "LLaMA-7B" in rep["shape"]["source"]
+    terms = rep["training"]["terms"]
+    assert math.isclose(rep["training"]["total_bytes"], sum(t["bytes"] for t in terms.values()))
+
+
+def test_cli_text_with_a_given_shape(capsys):
+    argv = ["memory", "--params", "22.7e6", "--r", "8", "--layers", "6", "--hidden", "384", "--batch", "16",
+            "--seq", "64"]  # fmt: skip
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "bits/param: NF4 4.5, NF4 + double quantization 4.127" in out
+    assert "3.03 GB at 65B" in out
+    assert "6 layers, hidden 384 (given)" in out and "total" in out

