@@ -21,12 +21,20 @@ __all__ = ["import_error", "to_numpy", "torch_dtype", "view"]
 def import_error(*modules: str) -> str | None:
     """None when every module imports, else a reason naming the first that does not."""
     import importlib
+    import logging
 
     for name in modules:
+        # Import-time log warnings are silenced: torchao 0.18 logs one per optional CUDA extension it cannot
+        # load on a CPU machine and torch one per deprecated pytree registration, none of which bears on
+        # the ops a backend uses. A failed import is still reported, as the reason returned.
+        previous = logging.root.manager.disable
+        logging.disable(logging.WARNING)
         try:
             importlib.import_module(name)
         except Exception as exc:  # any failure to import makes the backend unavailable, with its reason
             return f"cannot import {name}: {type(exc).__name__}: {exc}"
+        finally:
+            logging.disable(previous)
     return None
 
 

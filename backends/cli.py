@@ -9,6 +9,9 @@ __all__ = ["add_parser"]
 
 def _run(args: argparse.Namespace) -> int:
     from reflora.backends import status
+    from reflora.backends.triton.backend import use_interpreter
+
+    use_interpreter()  # as `reflora conform` does: without CUDA the triton backend runs interpreted
 
     rows = status()
     for row in rows:

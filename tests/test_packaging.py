@@ -35,7 +35,7 @@ def _oracle_modules() -> list[str]:
     return [
         m.name
         for m in pkgutil.walk_packages(reflora.__path__, "reflora.")
-        if not m.name.startswith(("reflora.backends", "reflora.conformance"))
+        if not m.name.startswith(("reflora.backends", "reflora.conformance")) and m.name != "reflora.__main__"
     ]
 
 
@@ -79,3 +79,6 @@ def test_a_wheel_install_works_like_the_editable_one(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "True"
+    # data files travel too: each backend's known-deviations file
+    shipped = {p.name for p in (target / "reflora" / "backends" / "deviations").glob("*.toml")}
+    assert shipped == {p.name for p in (ROOT / "backends" / "deviations").glob("*.toml")} != set()

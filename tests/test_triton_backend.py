@@ -56,3 +56,20 @@ def test_arithmetic_is_declared_in_reflora_bounds_terms():
         "float32",
         "bfloat16",
     )
+
+
+def test_the_commands_choose_the_interpreter_themselves():
+    """`reflora backends` (and `reflora conform`) decide Triton's mode before any backend loads, so on a
+    CPU machine the triton backend is available without the user exporting TRITON_INTERPRET."""
+    import subprocess
+    import sys
+
+    torch = pytest.importorskip("torch")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "reflora", "backends"], capture_output=True, text=True,
+                          env=env, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    (line,) = [ln for ln in done.stdout.splitlines() if ln.startswith("triton ")]
+    assert line.split()[1] == "available", line
+    if not torch.cuda.is_available():
+        assert "Failed to load" not in done.stderr  # torchao's import-time noise is kept out of the listing
