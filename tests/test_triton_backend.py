@@ -56,3 +56,4 @@ def test_arithmetic_is_declared_in_reflora_bounds_terms():
         "float32",
         "bfloat16",
     )
+    assert a.fused  # one float32 accumulator per output, rounded once (bounds.lora_forward_bound)
