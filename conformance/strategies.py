@@ -212,6 +212,10 @@ def _quantize_shape(data, profile: Profile, blocksize: int, rules: InputRules) -
             tail = data.draw(st.sampled_from([0, 1, 3, blocksize // 2 + 1, blocksize - 1]), label="tail")
             n = blocks * blocksize + tail if blocks * blocksize + tail <= cap else blocks * blocksize
     ndim = data.draw(st.integers(1, min(3, rules.max_ndim)), label="ndim")
+    if ndim == 3 and n <= 2:
+        # A 3-D state of <= 2 elements is pinned by dequantize_4bit[3-D state of 2 elements, *], where
+        # bitsandbytes' failure is declared; drawn here it would fail, and so hide, the whole random test.
+        ndim = 2
     shape = []
     rest = n
     for _ in range(ndim - 1):
