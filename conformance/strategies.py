@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import ml_dtypes
 import numpy as np
+from hypothesis import assume
 from hypothesis import strategies as st
 
 from reflora import codebooks, lora
@@ -357,6 +358,10 @@ def draw_qlora(data, test_id: str, op: str, dtype: str, profile: Profile) -> Inp
     )
     inputs.op, inputs.check = op, op
     W = inputs["W"]
+    # A base weight of <= 2 elements (one packed byte) is pinned by the special case
+    # qlora_backward[2-element base weight (one packed byte), *], where bitsandbytes' backward failure is
+    # declared; drawn here it would fail, and so hide, the whole random test.
+    assume(op != "qlora_backward" or W.size > 2)
     inputs.views.pop("W", None)
     inputs.put("W", W)  # the check quantizes W; the backend only ever sees its state
     inputs.params["blocksize"] = data.draw(st.sampled_from(BLOCKSIZES), label="blocksize")
