@@ -40,7 +40,7 @@ from reflora.backends._tensors import import_error, to_numpy, torch_dtype, view
 from reflora.backends.protocol import BaseBackend
 from reflora.state import NestedState, QuantState
 
-__all__ = ["BitsandbytesBackend", "lora_term", "one_byte_backward", "to_bnb", "to_reflora", "torch_qlora"]
+__all__ = ["BitsandbytesBackend", "lora_term", "to_bnb", "to_reflora", "torch_qlora"]
 
 _NO_LORA = "bitsandbytes has no LoRA layers (the peft backend runs PEFT's LoRA over torch.nn.Linear)"
 
@@ -130,21 +130,6 @@ def torch_qlora(base, x, A, B, scaling, *, bias=None, dropout_mask=None, grad_y=
     return to_numpy(gx), to_numpy(gA), to_numpy(gB)
 
 
-ONE_BYTE_BACKWARD = (
-    "bitsandbytes cannot backpropagate through a 4-bit weight of at most 2 elements: MatMul4Bit.backward "
-    "dequantizes it with functional.dequantize_4bit, whose compatibility shim transposes the result when the "
-    "packed weight is a single byte, and the product then fails ({exc})"
-)
-
-
-def one_byte_backward(state: QuantState, exc: Exception) -> Exception:
-    """NotImplementedError (the example is declined) when ``exc`` is bnb's failure on a one-byte weight
-    in the backward pass, else ``exc`` itself. docs/findings.md records it as a bitsandbytes bug."""
-    if isinstance(exc, RuntimeError) and (state.numel + 1) // 2 == 1:
-        return NotImplementedError(ONE_BYTE_BACKWARD.format(exc=exc))
-    return exc
-
-
 class BitsandbytesBackend(BaseBackend):
     """bitsandbytes 0.50: ``bitsandbytes.functional.quantize_4bit`` / ``dequantize_4bit`` and
     ``bitsandbytes.matmul_4bit``, on CUDA when torch sees a GPU, else on the CPU."""
@@ -181,14 +166,9 @@ class BitsandbytesBackend(BaseBackend):
         from reflora.dialects.bnb_cpu import output_shape
 
         packed, qs = to_bnb(state, _device(), dtype)
-        try:
-            out = F.dequantize_4bit(packed, qs)
-        except RuntimeError as exc:
-            try:
-                output_shape(state.shape)
-            except ValueError as predicted:  # the bnb-cpu dialect says bnb cannot return this shape
-                raise NotImplementedError(f"bitsandbytes fails here ({exc}): {predicted}") from exc
-            raise
+        # A 3-D state of <= 2 elements makes bnb raise (its single-byte shim transposes a 3-D result):
+        # a declared deviation (dequantize_4bit[3-D state of 2 elements, *]), not declined.
+        out = F.dequantize_4bit(packed, qs)
         quirk = output_shape(state.shape) if _device() == "cpu" else state.shape
         if tuple(out.shape) not in (tuple(state.shape), quirk):
             raise AssertionError(f"bnb dequantized {state.shape} to shape {tuple(out.shape)}")
@@ -210,11 +190,10 @@ class BitsandbytesBackend(BaseBackend):
 
     def qlora_backward(self, grad_y, x, state, A, B, scaling, *, dropout_mask=None):
         _check_qlora(x, state, A, B, None, dropout_mask, grad_y)
-        try:
-            return torch_qlora(self._base(state), x, A, B, scaling, dropout_mask=dropout_mask, grad_y=grad_y,
-                               device=_device())  # fmt: skip
-        except RuntimeError as exc:
-            raise one_byte_backward(state, exc) from exc
+        # bnb cannot backpropagate through a weight of <= 2 elements (one packed byte): a declared
+        # deviation, qlora_backward[2-element base weight (one packed byte), *], not declined.
+        return torch_qlora(self._base(state), x, A, B, scaling, dropout_mask=dropout_mask, grad_y=grad_y,
+                           device=_device())  # fmt: skip
 
 
 def _check_qlora(x, state, A, B, bias, mask, grad_y=None) -> None:

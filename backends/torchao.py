@@ -17,11 +17,8 @@ What torchao does not do is refused, not emulated:
   nothing, and the suite would report what it then returns).
 * A plain :class:`reflora.QuantState` to dequantize: its float32 block scales cannot be written as torchao's
   int8 scalers with a factor and a mean, so no NF4Tensor holds it. The example is declined
-  (NotImplementedError, counted and reported by the suite); torchao's dequantization is checked on its own
-  states by the round-trip tests.
-* A finite input whose scaler mean overflows (torchao sums the block absmax values in float32, so values
-  near the dtype's maximum give an infinite mean and NaN scales): declined, with that reason, because the
-  suite holds a double-quantization offset to the exact mean; reported in docs/findings.md.
+  (NotImplementedError); the suite hands a torchao-dialect backend the dialect's own states instead, so
+  torchao's dequantization is checked on those and on its own states (round trip).
 * LoRA and QLoRA: torchao's NF4Tensor has a linear, but the suite's QLoRA base is a canonical state, which
   an NF4Tensor cannot hold (above); unsupported, with that reason.
 """
@@ -72,14 +69,6 @@ class TorchaoBackend(BaseBackend):
             raise ValueError("torchao always double-quantizes the block scales")
         t = _nf4().to_nf4(view(x), blocksize, 256)
         mean = to_numpy(t.scaler_mean).reshape(())
-        if not np.isfinite(mean) and np.isfinite(np.asarray(x, dtype=np.float64)).all():
-            # torchao sums the block scales in float32 before dividing: near the dtype's maximum the sum
-            # overflows and every scale becomes NaN. The dialect reproduces that, but the suite holds an
-            # offset to the exact mean (finite here), so the example is declined, visibly (docs/findings.md).
-            raise NotImplementedError(
-                f"torchao's scaler_mean overflowed to {mean} for finite input (the float32 sum of the block "
-                "absmax values overflows); every block scale it rebuilds is then NaN"
-            )
         return TorchaoNF4State(
             quantized_data=to_numpy(t.quantized_data),
             quantized_scalers=to_numpy(t.quantized_scalers),

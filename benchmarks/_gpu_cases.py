@@ -5,6 +5,7 @@ before anything is timed. Imported by gpu.py after it has decided between a CUDA
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from reflora import nf4
+from reflora import bounds, lora, nf4
 from reflora.backends.torch.quant_state import TorchQuantState, numpy_to_torch
 from reflora.backends.triton import (
     dequantize_nf4,
@@ -21,14 +22,7 @@ from reflora.backends.triton import (
     qlora_linear,
     reset_launch_counts,
 )
-from reflora.backends.triton._bounds import (
-    Terms,
-    arithmetic_gemm,
-    arithmetic_lowrank,
-    bound,
-    linear_backward_terms,
-    linear_forward_terms,
-)
+from reflora.backends.triton.backend import TritonBackend
 from reflora.state import NestedState, QuantState
 
 QUANTILES = [0.5, 0.2, 0.8]
@@ -168,27 +162,37 @@ def _np(a):
     return a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else a
 
 
+def arithmetic(dtype: torch.dtype, *, lowrank: bool = False) -> bounds.Arithmetic:
+    """The arithmetic TritonBackend declares for activations of ``dtype`` (fused, float32 accumulation).
+    ``lowrank``: grad_A / grad_B, IEEE float32 dots that round to nearest (acc_slack 1)."""
+    ar = TritonBackend().arithmetic("qlora_forward", str(dtype).removeprefix("torch."))
+    return dataclasses.replace(ar, acc_slack=1.0) if lowrank else ar
+
+
 def bound_ratio(
-    what: str, got: torch.Tensor, ref: torch.Tensor, groups, arith, *, ours: bool = True
+    what: str, got: torch.Tensor, ref: np.ndarray, bound: np.ndarray, *, ours: bool = True
 ) -> float:
-    """max |got - ref| / bound (<= 1: within the derived bound). Raises ConformanceError for our
-    kernels when it is above 1 or not finite; returns it for baselines."""
-    groups = [
-        Terms(_np(g.magnitude), g.roundings, None if g.operand_l1 is None else _np(g.operand_l1))
-        for g in groups
-    ]
-    ref_np = _np(ref)
+    """max |got - ref| / bound (<= 1: within the bound reflora.bounds derives). Raises ConformanceError
+    for our kernels when it is above 1 or not finite; returns it for baselines."""
     got_np = got.detach().double().cpu().numpy()
-    b = bound(ref_np, groups, arith)
-    err = np.abs(got_np - ref_np)
-    ratio = float(np.max(err / b)) if np.isfinite(got_np).all() else math.inf
+    err = np.abs(got_np - ref)
+    ratio = float(np.max(err / bound)) if np.isfinite(got_np).all() else math.inf
     if ours and not ratio <= 1.0:
         raise ConformanceError(f"{what}: |computed - float64| reaches {ratio:.3g} x the derived bound")
     return ratio
 
 
-def check_within(what: str, got, ref, groups, arith, *, ours: bool = True) -> str:
-    ratio = bound_ratio(what, got, ref, groups, arith, ours=ours)
+def forward_check(x64: np.ndarray, w64: np.ndarray, arith: bounds.Arithmetic, a64=None, b64=None, s=0.0):
+    """(float64 reference, bound) of y = x Wᵀ [+ s (x Aᵀ) Bᵀ] for float64 numpy operands
+    (reflora.lora.forward, reflora.bounds.lora_forward_bound); no adapter is a zero rank-1 one."""
+    if a64 is None:
+        a64, b64 = np.zeros((1, x64.shape[1])), np.zeros((w64.shape[0], 1))
+    ref = lora.forward(x64, w64, a64, b64, s)
+    return ref, bounds.lora_forward_bound(x64, w64, a64, b64, s, arith)
+
+
+def check_within(what: str, got, ref, bound, *, ours: bool = True) -> str:
+    ratio = bound_ratio(what, got, ref, bound, ours=ours)
     inside = "within" if ratio <= 1 else "OUTSIDE"
     return f"{inside} reflora's bound (max |Δ|/bound {ratio:.3g})"
 
@@ -360,21 +364,17 @@ def gemv_case(timer: Timer, shapes: Shapes, device) -> list[Row]:
     x = torch.randn(1, shapes.w_in, generator=g).to(torch.bfloat16).to(device)
     io_bytes = 2 * (shapes.w_in + shapes.w_out)
     w0 = weights[0]
-    w64 = dequantize_nf4(w0.ts, torch.float32).double()  # exact: checked against the oracle below
-    check_exact(
-        "dequantize f32 (GEMV reference)", w64.float(), nf4.dequantize(oracle_state(w0.ts), "float32")
-    )
-    x64 = x.double()
-    ref = x64 @ w64.T
-    groups = linear_forward_terms(x64, w64)
-    arith = arithmetic_gemm("bfloat16")
+    w_bf16 = dequantize_nf4(w0.ts, torch.bfloat16)  # the operand the kernel multiplies, checked exact
+    check_exact("dequantize bf16 (GEMV reference)", w_bf16, nf4.dequantize(oracle_state(w0.ts), "bfloat16"))
+    x64, w64 = _np(x.double()), _np(w_bf16.double())
+    ref, bound = forward_check(x64, w64, arithmetic(torch.bfloat16))
     rows = []
 
     with torch.no_grad():
         reset_launch_counts()
         y = nf4_matmul(x, w0.ts)
         assert launch_counts() == {"nf4_gemv": 1}, launch_counts()
-        check = check_within("nf4 GEMV", y, ref, groups, arith)
+        check = check_within("nf4 GEMV", y, ref, bound)
         fns = [lambda w=w: nf4_matmul(x, w.ts) for w in weights]
         med, p20, p80 = timer(Rotation(fns), graph=True)
         rows.append(Row(case, "reflora triton", med, p20, p80, nf4_bytes(w0.ts) + io_bytes, check=check))
@@ -383,7 +383,7 @@ def gemv_case(timer: Timer, shapes: Shapes, device) -> list[Row]:
             import bitsandbytes as bnb
 
             y = bnb.matmul_4bit(x, w0.bnb[0].t(), w0.bnb[1])
-            check = check_within("bnb matmul_4bit", y, ref, groups, arith, ours=False)
+            check = check_within("bnb matmul_4bit", y, ref, bound, ours=False)
             fns = [lambda w=w: bnb.matmul_4bit(x, w.bnb[0].t(), w.bnb[1]) for w in weights]
             med, p20, p80 = timer(Rotation(fns), graph=True)
             rows.append(
@@ -404,8 +404,12 @@ def gemv_case(timer: Timer, shapes: Shapes, device) -> list[Row]:
 
         dense = [w.dense for w in weights]
         y = torch.nn.functional.linear(x, dense[0])
-        d64 = dense[0].double()
-        check = check_within("bf16 dense", y, x64 @ d64.T, linear_forward_terms(x64, d64), arith, ours=False)
+        check = check_within(
+            "bf16 dense",
+            y,
+            *forward_check(x64, _np(dense[0].double()), arithmetic(torch.bfloat16)),
+            ours=False,
+        )
         fns = [lambda d=d: torch.nn.functional.linear(x, d) for d in dense]
         med, p20, p80 = timer(Rotation(fns), graph=True)
         rows.append(Row(case, "bf16 dense (cuBLAS GEMV)", med, p20, p80, 2 * n + io_bytes, check=check))
@@ -457,25 +461,21 @@ def check_layer(what: str, w: Weight, x: torch.Tensor, a: torch.Tensor, b: torch
     gen = torch.Generator(device="cpu").manual_seed(3)
     gy = torch.randn(y.shape, generator=gen).to(y.dtype).to(y.device)
     y.backward(gy)
-    w64 = dequantize_nf4(w.ts, torch.float32).double()
-    x64, g64, a64, b64 = x.detach().double(), gy.double(), a.detach().double(), b.detach().double()
+    x64, g64, a64, b64 = (_np(t.detach().double()) for t in (x, gy, a, b))
+    # W as the kernels multiply it: the oracle's dequantization in the activation dtype.
+    w64 = nf4.dequantize(oracle_state(w.ts), str(x.dtype).removeprefix("torch.")).astype(np.float64)
     sl = slice(0, rows)
-    ref = x64[sl] @ w64.T + s * (x64[sl] @ a64.T) @ b64.T
-    dt = str(x.dtype).removeprefix("torch.")
-    out = {
-        "y": bound_ratio(
-            f"{what} y", y[sl], ref, linear_forward_terms(x64[sl], w64, a64, b64, s), arithmetic_gemm(dt)
-        )
-    }
-    u = g64 @ b64
-    terms = linear_backward_terms(x64[sl], w64, g64[sl], a64, b64, s, parts=("grad_x",))
-    ref_gx = g64[sl] @ w64 + s * (u[sl] @ a64)
-    out["grad_x"] = bound_ratio(f"{what} grad_x", x.grad[sl], ref_gx, terms["grad_x"], arithmetic_gemm(dt))
-    full = linear_backward_terms(x64, None, g64, a64, b64, s, parts=("grad_A", "grad_B"))
-    lora_arith = arithmetic_lowrank(str(a.dtype).removeprefix("torch."))
-    out["grad_A"] = bound_ratio(f"{what} grad_A", a.grad, s * u.T @ x64, full["grad_A"], lora_arith)
-    ref_gb = s * g64.T @ (x64 @ a64.T)
-    out["grad_B"] = bound_ratio(f"{what} grad_B", b.grad, ref_gb, full["grad_B"], lora_arith)
+    ar = arithmetic(x.dtype)
+    ref, bound = forward_check(x64[sl], w64, ar, a64, b64, s)
+    out = {"y": bound_ratio(f"{what} y", y[sl], ref, bound)}
+    # grad_x on the first rows (it is row-wise); grad_A and grad_B reduce over every row.
+    refs = lora.backward(g64[sl], x64[sl], w64, a64, b64, s)
+    bx = bounds.lora_backward_bound(g64[sl], x64[sl], w64, a64, b64, s, ar)[0]
+    out["grad_x"] = bound_ratio(f"{what} grad_x", x.grad[sl], refs[0], bx)
+    refs = lora.backward(g64, x64, w64, a64, b64, s)
+    _, bA, bB = bounds.lora_backward_bound(g64, x64, w64, a64, b64, s, arithmetic(a.dtype, lowrank=True))
+    out["grad_A"] = bound_ratio(f"{what} grad_A", a.grad, refs[1], bA)
+    out["grad_B"] = bound_ratio(f"{what} grad_B", b.grad, refs[2], bB)
     return f"{what}: " + ", ".join(f"{k} {v:.3g}" for k, v in out.items())
 
 

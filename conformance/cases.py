@@ -173,6 +173,29 @@ def _nonfinite(value: str, recipe=()):
     return build
 
 
+def _nonfinite_accepted_shape(dtype, rng):
+    """NaN in a weight every dialect can quantize (torchao: NF4, double quant, 256 blocks of 64), so a
+    backend that rejects only unusual shapes cannot pass by luck."""
+    x = _normal(rng, 128 * 128).reshape(128, 128)
+    x[77, 5] = np.nan
+    inputs = _q(x, dtype, double_quant=True, check="rejects", note="x[77, 5] = nan in a 128 x 128 weight")
+    inputs.params.update(bad="nan", bad_index=[77, 5])
+    return inputs
+
+
+def _near_overflow_roundtrip(dtype, rng):
+    """256 blocks of 64 (a shape every dialect takes) with values up to the dtype's largest: a float32
+    sum of the block absmax values overflows, an exact mean does not. Finite input must dequantize to
+    finite values whatever the dialect (``require_finite``)."""
+    big = float(ml_dtypes.finfo(as_dtype(dtype)).max)
+    x = np.clip(rng.uniform(-big, big, 128 * 128), -big, big)
+    x[::64] = big  # every block's absmax is the largest finite number
+    inputs = _q(x.reshape(128, 128), dtype, double_quant=True, check="roundtrip",
+                note="every block's absmax is the dtype's largest finite number")  # fmt: skip
+    inputs.params["require_finite"] = True
+    return inputs
+
+
 def _tie_cases() -> list[Case]:
     cases = []
     for quant_type in ("nf4", "fp4"):
@@ -277,6 +300,8 @@ def _lora_cases(op: str) -> list[Case]:
             Case(op, "fp4 base", op, _lora(op, 24, 10, 4, quant_type="fp4")),
             Case(op, "ragged blocks", op, _lora(op, 13, 11, 3, blocksize=64)),
             Case(op, "blocksize 4096 base", op, _lora(op, 96, 50, 4, blocksize=4096)),
+            # W (2, 1) packs into one byte: the corner of bitsandbytes' single-row transpose shim
+            Case(op, "2-element base weight (one packed byte)", op, _lora(op, 1, 2, 1, lead=(1,))),
         ]
     base = _lora(op, 24, 10, 4, bias=forward and not op.startswith("qlora"), p=0.1)
     bad = [("A", -1, "A does not fit W"), ("B", 0, "B does not fit W"), ("x", -1, "x does not fit W")]
@@ -362,6 +387,8 @@ CASES: tuple[Case, ...] = (
     Case("quantize_4bit", "+inf weight -> error", "rejects", _nonfinite("inf")),
     Case("quantize_4bit", "-inf weight -> error", "rejects", _nonfinite("-inf")),
     Case("quantize_4bit", "NaN in a transposed view -> error", "rejects", _nonfinite("nan", (("T",),))),
+    Case("quantize_4bit", "NaN weight, double quant, 128 x 128 -> error", "rejects",
+         _nonfinite_accepted_shape),
     # dequantize_4bit
     Case("dequantize_4bit", "all-zero block -> +0.0", "dequantize", lambda d, rng: _q(
         np.r_[np.zeros(64), _normal(rng, 64)], d, check="dequantize")),
@@ -381,6 +408,10 @@ CASES: tuple[Case, ...] = (
     Case("dequantize_4bit", "blocksize 4096", "dequantize",
          lambda d, rng: _q(family_values("mixed", rng, 2 * 4096 + 9, d, 4096, "nf4").astype(np.float64), d,
                            blocksize=4096, check="dequantize")),
+    Case("dequantize_4bit", "3-D state of 2 elements", "dequantize",
+         lambda d, rng: _q(_normal(rng, 2).reshape(2, 1, 1), d, check="dequantize")),
+    Case("dequantize_4bit", "own state round trip, near overflow, finite", "roundtrip",
+         _near_overflow_roundtrip),
     Case("dequantize_4bit", "own state round trip, double quant, ragged", "roundtrip",
          lambda d, rng: _q(_normal(rng, 300 * 32 + 5), d, blocksize=32, double_quant=True,
                            check="roundtrip")),

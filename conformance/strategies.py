@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import ml_dtypes
 import numpy as np
+from hypothesis import assume
 from hypothesis import strategies as st
 
 from reflora import codebooks, lora
@@ -212,6 +213,10 @@ def _quantize_shape(data, profile: Profile, blocksize: int, rules: InputRules) -
             tail = data.draw(st.sampled_from([0, 1, 3, blocksize // 2 + 1, blocksize - 1]), label="tail")
             n = blocks * blocksize + tail if blocks * blocksize + tail <= cap else blocks * blocksize
     ndim = data.draw(st.integers(1, min(3, rules.max_ndim)), label="ndim")
+    if ndim == 3 and n <= 2:
+        # A 3-D state of <= 2 elements is pinned by dequantize_4bit[3-D state of 2 elements, *], where
+        # bitsandbytes' failure is declared; drawn here it would fail, and so hide, the whole random test.
+        ndim = 2
     shape = []
     rest = n
     for _ in range(ndim - 1):
@@ -353,6 +358,10 @@ def draw_qlora(data, test_id: str, op: str, dtype: str, profile: Profile) -> Inp
     )
     inputs.op, inputs.check = op, op
     W = inputs["W"]
+    # A base weight of <= 2 elements (one packed byte) is pinned by the special case
+    # qlora_backward[2-element base weight (one packed byte), *], where bitsandbytes' backward failure is
+    # declared; drawn here it would fail, and so hide, the whole random test.
+    assume(op != "qlora_backward" or W.size > 2)
     inputs.views.pop("W", None)
     inputs.put("W", W)  # the check quantizes W; the backend only ever sees its state
     inputs.params["blocksize"] = data.draw(st.sampled_from(BLOCKSIZES), label="blocksize")

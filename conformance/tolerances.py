@@ -101,9 +101,11 @@ TABLE: tuple[Entry, ...] = (
     Entry("quantize_4bit", "nested offset, dialect reflora", EXACT,
           "offset = the exact mean of absmax rounded once to float32", f"{_DQ}: offset"),
     Entry("quantize_4bit", "nested offset, other dialects", BOUND,
-          "|offset - mean| <= θ·mean + η_T, θ from n+1 roundings of u32 and 1 of u_T",
-          "docs/bounds.md §3 (a float32 sum of the n block absmax values, any order) and §1 (the "
-          "division and the conversion to the offset's dtype T); offset_bound()"),
+          "bit-equal to the dialect's own emulated mean (even inf), or else |offset - mean| <= θ·mean + "
+          "η_T, θ from n+1 roundings of u32 and 1 of u_T",
+          "held exactly to the dialect it claims; docs/bounds.md §3 (a float32 sum of the n block absmax "
+          "values, any order) and §1 (the division and the conversion to the offset's dtype T); "
+          "offset_bound()"),
     Entry("dequantize_4bit", "out", ULP(bounds.dequant_ulps("float32")),
           "dtype(f32(code[q] · absmax)): one multiply, one conversion, both correctly rounded",
           "docs/bounds.md §9 'Dequantization is exact: 0 ulp' (bounds.dequant_ulps)"),
@@ -111,6 +113,9 @@ TABLE: tuple[Entry, ...] = (
           "the backend's dequantize of its own state equals the oracle's dequantize of that state, "
           "bit for bit",
           "docs/bounds.md §9 (0 ulp), so bits: the same state must give the same bytes"),
+    Entry("dequantize_4bit", "out of a finite input's own state (cases marked require_finite)", EXACT,
+          "every value finite: finite weights must not dequantize to NaN or inf, whatever the dialect",
+          "the contract beside the dialect (as for non-finite input); docs/conformance.md, Special cases"),
     Entry("lora_forward", "y", BOUND, "|y - ref| <= lora_forward_bound(x, W, A, B, s, arithmetic)",
           "docs/bounds.md §6"),
     Entry("lora_backward", "grad_x, grad_A, grad_B", BOUND,

@@ -48,6 +48,7 @@ __all__ = [
     "code_error_bound",
     "dequant_ulps",
     "dq_absmax_error_bound",
+    "final_rounding_bound",
     "gamma",
     "lora_backward_bound",
     "lora_forward_bound",
@@ -253,6 +254,34 @@ def _add(p: _Tracked, q: _Tracked, acc: _Fmt) -> _Tracked:
     return _round(_Tracked(tuple(groups.items()), p.eta + q.eta, p.overflow | q.overflow), acc)
 
 
+def _final(p: _Tracked, f: _Fmt, value: np.ndarray) -> _Tracked:
+    """fl(v̂), the last rounding of a result, bounded relative to the exact value instead of per path.
+
+    fl(v̂) = v̂(1 + δ) + η, so fl(v̂) - v = (v̂ - v)(1 + δ) + δ·v + η and
+    |fl(v̂) - v| <= (1 + u)·|v̂ - v| + u·|v| + η, ``value`` bounding |v| elementwise. Every group is
+    carried on scaled by (1 + u) with its counts unchanged, and u·|v| + η joins E. Where v cancels,
+    u·|v| is far below the per-path u·Σ|τ| of :func:`_round`; magnitude() stays an upper bound of |fl(v̂)|.
+    """
+    overflow = p.overflow | (p.magnitude() >= f.threshold)
+    groups = tuple((c, a * (1 + f.u)) for c, a in p.groups)
+    return _Tracked(groups, p.eta * (1 + f.u) + f.u * value + f.eta, overflow)
+
+
+def final_rounding_bound(error, value, dtype) -> np.ndarray:
+    """Elementwise bound on |fl_d(v̂) - v| given |v̂ - v| <= ``error`` and |v| <= ``value``: float64
+    of the broadcast shape, inf where the rounding may overflow.
+
+    The last rounding of a computed result (a float32 accumulator stored as ``dtype``):
+    fl(v̂) = v̂(1 + δ) + η with |δ| <= u_d, |η| <= η_d, hence
+    |fl(v̂) - v| <= (1 + u_d)·error + u_d·value + η_d. Attained: v̂ = v = 1 + u_d exactly (error 0) is a
+    tie that rounds to 1, an error of u_d against a bound of u_d·(1 + u_d) + η_d.
+    """
+    f = _fmt(dtype)
+    err, val = np.asarray(error, dtype=np.float64), np.abs(np.asarray(value, dtype=np.float64))
+    b = ((1 + f.u) * err + f.u * val + f.eta) * _SELF
+    return np.where(val + err >= f.threshold, np.inf, b)
+
+
 def matmul_bound(
     a: np.ndarray, b: np.ndarray, accumulate, *, slack: float = 1.0, flush_to_zero: bool = False
 ) -> np.ndarray:
@@ -297,6 +326,11 @@ class Arithmetic:
         the absolute values of its inputs: 1 for round to nearest, 2 for truncation.
     flush_to_zero: subnormal results (of any step) may be flushed to zero, as CUDA's fast-math mode
         does: every underflow error grows from half the smallest subnormal to the smallest normal.
+    fused: one accumulator per result, rounded to output once (a fused kernel's epilogue): the forward
+        adds x Wᵀ, the bias and the low-rank term in ``accumulate`` and stores y once (no rounding of
+        x Wᵀ + bias to output first), grad_x likewise adds g W and the masked low-rank term, and
+        x ⊙ mask stays in ``accumulate``. Each result's single output rounding is then bounded
+        relative to the exact value (:func:`final_rounding_bound`), not per path.
     """
 
     operand: str = "float32"
@@ -305,6 +339,7 @@ class Arithmetic:
     output: str = "float32"
     acc_slack: float = 1.0
     flush_to_zero: bool = False
+    fused: bool = False
 
     def __post_init__(self) -> None:
         for name in ("operand", "accumulate", "intermediate", "output"):
@@ -337,16 +372,30 @@ def _operand(name: str, a, dtype: str) -> np.ndarray:
     return a64
 
 
-def _forward_model(x, W, A, B, s, bias, mask, ar: Arithmetic) -> _Tracked:
+def _to_mid(v: _Tracked, ar: Arithmetic, mid: _Fmt) -> _Tracked:
+    """[mid](v) for v just computed in acc. A fused kernel whose intermediates are accumulate-dtype
+    numbers stores them as they are: re-rounding a number to its own dtype is exact, so no factor."""
+    return v if ar.fused and ar.intermediate == ar.accumulate else _round(v, mid)
+
+
+def _forward_model(x, W, A, B, s, bias, mask, ar: Arithmetic, value=None) -> _Tracked:
     acc, mid, op, out = ar.formats()
     xt = _exact(x)
-    x_d = xt if mask is None else _round(_mul(xt, _exact(mask), acc), op)  # [op](x ⊙ mask)
-    t = _round(_matmul(x_d, _exact(A.T), acc), mid)  # (N, r) = [mid](x_d Aᵀ), K = in
-    z = _round(_matmul(t, _exact(B.T), acc), mid)  # (N, out) = [mid](t Bᵀ), K = r
-    lora = _round(_mul(z, _round(_exact(s), acc), acc), mid)  # [mid]([acc](s)·z)
+    if mask is None:
+        x_d = xt
+    elif ar.fused:
+        x_d = _mul(xt, _exact(mask), acc)  # [acc](x ⊙ mask), kept in the accumulator
+    else:
+        x_d = _round(_mul(xt, _exact(mask), acc), op)  # [op](x ⊙ mask)
+    t = _to_mid(_matmul(x_d, _exact(A.T), acc), ar, mid)  # (N, r) = [mid](x_d Aᵀ), K = in
+    z = _to_mid(_matmul(t, _exact(B.T), acc), ar, mid)  # (N, out) = [mid](t Bᵀ), K = r
+    lora = _to_mid(_mul(z, _round(_exact(s), acc), acc), ar, mid)  # [mid]([acc](s)·z)
     # The bias is one more term of the base path's accumulation: append it as a column of W.
     x1 = np.concatenate([x, np.ones((x.shape[0], 1))], axis=1)
     W1 = np.concatenate([W, bias[:, None]], axis=1)
+    if ar.fused:  # one accumulator: [out]([acc]([acc](x Wᵀ + lora) + bias)), the rounding relative to |y|
+        y = _add(_add(_matmul(xt, _exact(W.T), acc), lora, acc), _exact(bias[None, :]), acc)
+        return _final(y, out, value)
     base = _round(_matmul(_exact(x1), _exact(W1.T), acc), out)  # [out](x Wᵀ + bias), K = in + 1
     return _round(_add(base, lora, acc), out)  # [out]([acc](base + lora))
 
@@ -371,9 +420,16 @@ def lora_forward_bound(x, W, A, B, scaling: float, arith: Arithmetic, *, bias=No
 
     E the subnormal terms. The bound returned is that of the backend plus that of the reference
     (the same model with every dtype float64), because |out - ref| <= |out - y| + |y - ref|.
-    """
-    from reflora.lora import check_shapes  # here, not at the top: reflora.lora imports this module
 
+    With ``arith.fused`` the model is one accumulator, rounded once:
+    y = [out]([acc]([acc](x Wᵀ + l) + bias)) with x_d = [acc](x ⊙ mask) and no [out] on x Wᵀ; the last
+    rounding contributes u_out·|y| (:func:`final_rounding_bound`, |y| <= |ref| + the reference's
+    bound) instead of u_out on every path, and every path keeps the counts above minus its [out]
+    roundings.
+    """
+    from reflora import lora as _lora  # here, not at the top: reflora.lora imports this module
+
+    check_shapes = _lora.check_shapes
     x_shape = np.shape(x)
     out_f, n_in, _ = check_shapes(x, W, A, B, bias, dropout_mask)
     op = arith.operand
@@ -382,24 +438,41 @@ def lora_forward_bound(x, W, A, B, scaling: float, arith: Arithmetic, *, bias=No
     b64 = np.zeros(out_f) if bias is None else _operand("bias", bias, op)
     m64 = None if dropout_mask is None else _operand("dropout_mask", dropout_mask, op).reshape(-1, n_in)
     s = float(scaling)
-    total = sum(_forward_model(x64, W64, A64, B64, s, b64, m64, ar).error() for ar in (arith, REFERENCE))
+    ref_error = _forward_model(x64, W64, A64, B64, s, b64, m64, REFERENCE).error()
+    value = None
+    if arith.fused:  # |y| <= |ref| + the reference's error, ref = reflora.lora.forward
+        value = np.abs(_lora.forward(x64, W64, A64, B64, s, bias=b64, dropout_mask=m64)) + ref_error
+    total = _forward_model(x64, W64, A64, B64, s, b64, m64, arith, value).error() + ref_error
     return total.reshape(*x_shape[:-1], out_f)
 
 
-def _backward_model(g, x, W, A, B, s, mask, ar: Arithmetic):
+def _backward_model(g, x, W, A, B, s, mask, ar: Arithmetic, values=None):
     acc, mid, op, out = ar.formats()
     xt, gt = _exact(x), _exact(g)
-    x_d = xt if mask is None else _round(_mul(xt, _exact(mask), acc), op)
-    t = _round(_matmul(x_d, _exact(A.T), acc), mid)  # (N, r), K = in
-    g_s = _round(_mul(gt, _round(_exact(s), acc), acc), mid)  # (N, out) = [mid][acc](s·g)
-    grad_B = _round(_matmul(g_s.T, t, acc), out)  # (out, r), K = N
-    grad_t = _round(_matmul(g_s, _exact(B), acc), mid)  # (N, r), K = out
-    grad_A = _round(_matmul(grad_t.T, x_d, acc), out)  # (r, in), K = N
-    base = _round(_matmul(gt, _exact(W), acc), out)  # (N, in) = [out](g W), K = out
-    lora = _round(_matmul(grad_t, _exact(A), acc), mid)  # (N, in) = [mid](grad_t A), K = r
+
+    def last(v: _Tracked, i: int) -> _Tracked:  # the one [out] of grad_x (0), grad_A (1), grad_B (2)
+        return _final(v, out, values[i]) if ar.fused else _round(v, out)
+
+    def keep(v: _Tracked) -> _Tracked:  # x ⊙ mask and the masked low-rank term: [op], or kept in acc
+        return v if ar.fused else _round(v, op)
+
+    def keep_mid(v: _Tracked) -> _Tracked:  # s·g: stored in mid, or kept in acc
+        return v if ar.fused else _round(v, mid)
+
+    x_d = xt if mask is None else keep(_mul(xt, _exact(mask), acc))
+    t = _to_mid(_matmul(x_d, _exact(A.T), acc), ar, mid)  # (N, r), K = in
+    g_s = _mul(gt, _round(_exact(s), acc), acc)  # (N, out) = [mid][acc](s·g); fused: kept in acc
+    g_s = keep_mid(g_s)
+    grad_B = last(_matmul(g_s.T, t, acc), 2)  # (out, r), K = N
+    grad_t = _to_mid(_matmul(g_s, _exact(B), acc), ar, mid)  # (N, r), K = out
+    grad_A = last(_matmul(grad_t.T, x_d, acc), 1)  # (r, in), K = N
+    base = _matmul(gt, _exact(W), acc)  # (N, in) = g W, K = out
+    if not ar.fused:
+        base = _round(base, out)  # [out](g W)
+    lora = _to_mid(_matmul(grad_t, _exact(A), acc), ar, mid)  # (N, in) = [mid](grad_t A), K = r
     if mask is not None:
-        lora = _round(_mul(lora, _exact(mask), acc), op)
-    grad_x = _round(_add(base, lora, acc), out)
+        lora = keep(_mul(lora, _exact(mask), acc))
+    grad_x = last(_add(base, lora, acc), 0)
     return grad_x.error(), grad_A.error(), grad_B.error()
 
 
@@ -421,9 +494,16 @@ def lora_backward_bound(grad_y, x, W, A, B, scaling: float, arith: Arithmetic, *
     out + r + 3 (+1) of acc, 3 of mid, 1 of out (+1 of op). The absolute-value expressions are
     |s|·|g|ᵀ(|x_d||A|ᵀ), |s|·(|g||B|)ᵀ|x_d|, and |g||W| + |s|·((|g||B|)|A|) ⊙ |m|.
     The bound is the backend's plus the reference's (every dtype float64).
-    """
-    from reflora.lora import check_shapes
 
+    With ``arith.fused``: x_d = [acc](x ⊙ mask), g_s = [acc]([acc](s)·g),
+    grad_x = [out]([acc](g W + [acc]([mid](grad_t A) ⊙ mask))) with no [out] on g W and no [op] on the
+    masked term (one rounding fewer on each low-rank path), and the one output rounding of each gradient
+    bounded relative to its exact value (:func:`final_rounding_bound`, |grad| <= |ref| + the
+    reference's bound), as in :func:`lora_forward_bound`.
+    """
+    from reflora import lora as _lora
+
+    check_shapes = _lora.check_shapes
     x_shape = np.shape(x)
     out_f, n_in, _ = check_shapes(x, W, A, B, None, dropout_mask, grad_y)
     op = arith.operand
@@ -431,8 +511,14 @@ def lora_backward_bound(grad_y, x, W, A, B, scaling: float, arith: Arithmetic, *
     x64 = _operand("x", x, op).reshape(-1, n_in)
     W64, A64, B64 = _operand("W", W, op), _operand("A", A, op), _operand("B", B, op)
     m64 = None if dropout_mask is None else _operand("dropout_mask", dropout_mask, op).reshape(-1, n_in)
-    parts = [_backward_model(g64, x64, W64, A64, B64, float(scaling), m64, ar) for ar in (arith, REFERENCE)]
-    bx, bA, bB = (p + q for p, q in zip(*parts, strict=True))
+    s = float(scaling)
+    ref_errors = _backward_model(g64, x64, W64, A64, B64, s, m64, REFERENCE)
+    values = None
+    if arith.fused:
+        refs = _lora.backward(g64, x64, W64, A64, B64, s, dropout_mask=m64)
+        values = tuple(np.abs(r) + e for r, e in zip(refs, ref_errors, strict=True))
+    own = _backward_model(g64, x64, W64, A64, B64, s, m64, arith, values)
+    bx, bA, bB = (p + q for p, q in zip(own, ref_errors, strict=True))
     return bx.reshape(x_shape), bA, bB
 
 

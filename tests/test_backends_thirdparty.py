@@ -35,6 +35,13 @@ def _ids(op: str, pattern: str) -> set[str]:
     return {t.id for t in suite_tests() if t.op == op and pattern in t.id}
 
 
+ONE_BYTE_BACKWARD = _ids("qlora_backward", "[2-element base weight (one packed byte)")
+# float16's maximum is far below float32's, so its scale mean cannot overflow: only float32 and bfloat16
+NEAR_OVERFLOW = {
+    f"dequantize_4bit[own state round trip, near overflow, finite, {d}]" for d in ("float32", "bfloat16")
+}
+
+
 def test_registry_lists_the_third_party_backends():
     assert set(THIRD_PARTY) <= set(backends.names())
     rows = {s.name: s for s in backends.status()}
@@ -46,10 +53,26 @@ def test_registry_lists_the_third_party_backends():
 @pytest.mark.parametrize(
     ("name", "library", "dialect", "declared"),
     [
-        # bitsandbytes quantizes NaN and inf instead of raising: every "-> error" quantize test
-        ("bitsandbytes", "bitsandbytes", "bnb-cpu", _ids("quantize_4bit", "-> error")),
-        ("torchao", "torchao", "torchao", set()),
-        ("peft", "peft", "bnb-cpu", set()),
+        # bitsandbytes quantizes NaN and inf instead of raising (every "-> error" quantize test); its
+        # single-byte shim breaks the backward of a 2-element weight and the dequantize of a tiny 3-D
+        # state; its float32 offset mean overflows near the dtype's maximum (float32, bfloat16)
+        (
+            "bitsandbytes",
+            "bitsandbytes",
+            "bnb-cpu",
+            _ids("quantize_4bit", "-> error")
+            | ONE_BYTE_BACKWARD
+            | _ids("dequantize_4bit", "[3-D state of 2 elements")
+            | NEAR_OVERFLOW,
+        ),
+        # torchao quantizes NaN of a shape it accepts; its float32 scaler mean overflows (as bnb's)
+        (
+            "torchao",
+            "torchao",
+            "torchao",
+            _ids("quantize_4bit", "[NaN weight, double quant, 128 x 128 -> error") | NEAR_OVERFLOW,
+        ),
+        ("peft", "peft", "bnb-cpu", ONE_BYTE_BACKWARD),  # bitsandbytes' backward bug, through PEFT
     ],
 )
 def test_backend_passes_the_ci_profile_apart_from_its_declared_deviations(name, library, dialect, declared,

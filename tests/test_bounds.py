@@ -6,6 +6,7 @@ checked two ways: it holds on random and adversarial inputs, and adversarial inp
 fraction of it (so a bound inflated by mistake fails too).
 """
 
+import dataclasses
 import math
 
 import ml_dtypes
@@ -124,6 +125,40 @@ def sim_backward(g, x, W, A, B, s, ar: Arithmetic, order, mask=None):
     if m is not None:
         lo = rnd(mul_round(lo, m, acc), op)
     return rnd(add_round(base, lo, acc), out).reshape(shape), grad_A, grad_B
+
+
+def sim_forward_fused(x, W, A, B, s, ar: Arithmetic, order, bias=None, mask=None) -> np.ndarray:
+    """A fused kernel (Arithmetic.fused): t in mid, then x Wᵀ, the low-rank term and the bias in one
+    accumulator (the bias added last, as the Triton epilogue does), one rounding to output."""
+    acc, mid, out = ar.accumulate, ar.intermediate, ar.output
+    x = x.reshape(-1, x.shape[-1])
+    x_d = x if mask is None else mul_round(x, mask.reshape(x.shape), acc)
+    t = rnd(sim_matmul(x_d, A.T, acc, order), mid)
+    low = mul_round(sim_matmul(t, B.T, acc, order), rnd(s, acc), acc)
+    y = add_round(sim_matmul(x, W.T, acc, order), low, acc)
+    if bias is not None:
+        y = add_round(y, np.broadcast_to(bias, y.shape), acc)
+    return rnd(y, out)
+
+
+def sim_backward_fused(g, x, W, A, B, s, ar: Arithmetic, order, mask=None):
+    """The fused backward: u = g B, grad_x = [out](g W + s·(u A) ⊙ mask) in one accumulator,
+    grad_A = [out](s·uᵀ (x ⊙ mask)), grad_B = [out](s·gᵀ t); scaling applied last, as the kernels do."""
+    acc, mid, out = ar.accumulate, ar.intermediate, ar.output
+    shape = x.shape
+    g, x = g.reshape(-1, W.shape[0]), x.reshape(-1, shape[-1])
+    m = None if mask is None else mask.reshape(x.shape)
+    x_d = x if m is None else mul_round(x, m, acc)
+    s_acc = rnd(s, acc)
+    t = rnd(sim_matmul(x_d, A.T, acc, order), mid)
+    u = rnd(sim_matmul(g, B, acc, order), mid)
+    grad_B = rnd(mul_round(sim_matmul(g.T, t, acc, order), s_acc, acc), out)
+    grad_A = rnd(mul_round(sim_matmul(u.T, x_d, acc, order), s_acc, acc), out)
+    low = mul_round(sim_matmul(u, A, acc, order), s_acc, acc)
+    if m is not None:
+        low = mul_round(low, m, acc)
+    grad_x = rnd(add_round(sim_matmul(g, W, acc, order), low, acc), out)
+    return grad_x.reshape(shape), grad_A, grad_B
 
 
 def sim_merge(W, A, B, s, ar: Arithmetic, sign=1):
@@ -313,6 +348,69 @@ def test_backward_bound_holds(case):
     for ref, out, bd in zip(refs, outs, bds, strict=True):
         assert bd.shape == ref.shape
         assert _ok(np.abs(out.reshape(ref.shape) - ref), bd)
+
+
+@given(lora_case())
+@SLOW_SETTINGS
+def test_fused_forward_and_backward_bounds_hold(case):
+    # The fused model (one accumulator, one output rounding bounded by u·|y|) on the simulated kernel,
+    # with the drawn arithmetic's dtypes and intermediates kept in the accumulator.
+    ar, order, x, W, A, B, s, bias, mask, g = case
+    ar = dataclasses.replace(ar, intermediate=ar.accumulate, fused=True)
+    ref = lora.forward(x, W, A, B, s, bias=bias, dropout_mask=mask)
+    out = sim_forward_fused(x, W, A, B, s, ar, order, bias=bias, mask=mask).reshape(ref.shape)
+    assert _ok(np.abs(out - ref), bounds.lora_forward_bound(x, W, A, B, s, ar, bias=bias, dropout_mask=mask))
+    refs = lora.backward(g, x, W, A, B, s, dropout_mask=mask)
+    outs = sim_backward_fused(g, x, W, A, B, s, ar, order, mask=mask)
+    bds = bounds.lora_backward_bound(g, x, W, A, B, s, ar, dropout_mask=mask)
+    for r, o, bd in zip(refs, outs, bds, strict=True):
+        assert bd.shape == r.shape
+        assert _ok(np.abs(o.reshape(r.shape) - r), bd)
+
+
+def test_final_rounding_bound_holds_and_is_attained():
+    # fl(v̂) with |v̂ - v| <= e: 1 + 2^-8 is a bfloat16 tie that goes to 1: error u·v against
+    # u·v + η (ratio 1 - tiny); and with v̂ = v + e for e = 2^-12 the error is e + (the rounding).
+    v = np.array([1 + 2.0**-8, 3.0, 1e-40])
+    for vhat, e in ((v, 0.0), (v + 2.0**-12, 2.0**-12)):
+        got = rnd(vhat, BF16)
+        bound = bounds.final_rounding_bound(e, v, BF16)
+        assert _ok(np.abs(got - v), bound)
+    assert 0.99 < abs(rnd(v[0], BF16) - v[0]) / bounds.final_rounding_bound(0.0, v[0], BF16) <= 1
+    assert np.isinf(bounds.final_rounding_bound(0.0, 65520.0, F16))
+
+
+def test_fused_forward_bound_attained_by_a_tie_of_the_one_output_rounding():
+    # bf16 operands, fp32 accumulator, bf16 output: x Wᵀ = 1 + 2^-8 exactly, a bf16 tie that goes to
+    # 1. The fused bound is u_bf16·|y| plus float32 terms: ratio ≈ 0.99; we ask 0.9. The unfused model
+    # (x Wᵀ rounded to bf16, then y again) bounds the same computation at more than twice that.
+    ar = Arithmetic("bfloat16", "float32", "float32", "bfloat16", fused=True)
+    x, W = np.array([[1.0, 2.0**-8]]), np.ones((1, 2))
+    A, B = np.zeros((1, 2)), np.zeros((1, 1))
+    ref = lora.forward(x, W, A, B, 1.0)
+    out = sim_forward_fused(x, W, A, B, 1.0, ar, "recursive")
+    assert out[0, 0] == 1.0
+    fused = bounds.lora_forward_bound(x, W, A, B, 1.0, ar)
+    assert 0.9 < _ratio(out, ref, fused) <= 1
+    unfused = bounds.lora_forward_bound(x, W, A, B, 1.0, dataclasses.replace(ar, fused=False))
+    assert unfused[0, 0] > 2 * fused[0, 0]
+
+
+def test_fused_backward_bound_attained_by_a_tie_of_the_one_output_rounding():
+    # grad_x = g W = 1 + 2^-8 (bf16 tie, rounds to 1), grad_A = s·uᵀ x and grad_B = s·gᵀ t likewise,
+    # with x = (1, 2^-8) over two tokens: each ratio ≈ 0.99; we ask 0.9.
+    ar = Arithmetic("bfloat16", "float32", "float32", "bfloat16", fused=True)
+    g, W = np.array([[1.0, 2.0**-8]]), np.ones((2, 1))
+    x, A, B = np.zeros((1, 1)), np.zeros((1, 1)), np.zeros((2, 1))
+    ref = lora.backward(g, x, W, A, B, 1.0)[0]
+    out = sim_backward_fused(g, x, W, A, B, 1.0, ar, "recursive")[0]
+    assert 0.9 < _ratio(out, ref, bounds.lora_backward_bound(g, x, W, A, B, 1.0, ar)[0]) <= 1
+    g2, x2 = np.ones((2, 1)), np.array([[1.0], [2.0**-8]])
+    A2, B2 = np.ones((1, 1)), np.ones((1, 1))
+    refs = lora.backward(g2, x2, np.zeros((1, 1)), A2, B2, 1.0)
+    outs = sim_backward_fused(g2, x2, np.zeros((1, 1)), A2, B2, 1.0, ar, "recursive")
+    _, bA, bB = bounds.lora_backward_bound(g2, x2, np.zeros((1, 1)), A2, B2, 1.0, ar)
+    assert 0.9 < _ratio(outs[1], refs[1], bA) <= 1 and 0.9 < _ratio(outs[2], refs[2], bB) <= 1
 
 
 def _ratio(out, ref, bound):

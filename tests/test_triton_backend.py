@@ -56,6 +56,7 @@ def test_arithmetic_is_declared_in_reflora_bounds_terms():
         "float32",
         "bfloat16",
     )
+    assert a.fused  # one float32 accumulator per output, rounded once (bounds.lora_forward_bound)
 
 
 def test_the_commands_choose_the_interpreter_themselves():

@@ -17,9 +17,10 @@ Importing this module imports neither torch nor Triton.
 Arithmetic (:meth:`TritonBackend.arithmetic`, the input of the suite's error bounds, reflora/bounds.py):
 operands in the activation dtype (the dequantized W is rounded to it, exactly as
 ``reflora.nf4.dequantize(state, dtype)``), products and sums in float32, the rank-r intermediates
-(t = (x*mask) Aᵀ, u = grad_y B) kept in float32 and the low-rank term added to the float32 output tile, one
-rounding to the output dtype. On a GPU tensor cores may truncate when they align and add
-(``acc_slack=2``); the interpreter runs IEEE float32 dots (``acc_slack=1``).
+(t = (x*mask) Aᵀ, u = grad_y B) kept in float32, the low-rank term and the bias added to the float32
+output tile, one rounding to the output dtype (``fused=True``: one accumulator, one output rounding).
+On a GPU tensor cores may truncate when they align and add (``acc_slack=2``); the interpreter runs
+IEEE float32 dots (``acc_slack=1``).
 
 Under the interpreter every program runs as numpy on one core, so examples above
 :data:`INTERPRETER_MAX_WORK` multiply-adds are declined (NotImplementedError, which the suite counts and
@@ -108,7 +109,7 @@ class TritonBackend(BaseBackend):
     def arithmetic(self, op: str, dtype: str) -> Arithmetic:
         slack = 1.0 if _interpret() else 2.0
         return Arithmetic(operand=dtype, accumulate="float32", intermediate="float32", output=dtype,
-                          acc_slack=slack)  # fmt: skip
+                          acc_slack=slack, fused=True)  # fmt: skip
 
     def dequantize_4bit(self, state, *, dtype=None):
         from reflora.backends.torch.quant_state import TorchQuantState

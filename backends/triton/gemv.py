@@ -1,7 +1,8 @@
 """Batch-1 / small-batch NF4 GEMV for decoding, with the same LoRA and bias epilogue as the GEMM.
 
 Reference: ``x @ dequantize(W)^T`` in float64 (:func:`reflora.qlora.forward` for M <= 4 rows).
-Tolerance class: BOUND (``_bounds.arithmetic_gemm``: the same arithmetic as :mod:`nf4_gemm`).
+Tolerance class: BOUND (``reflora.bounds``, the arithmetic ``TritonBackend.arithmetic`` declares;
+as :mod:`nf4_gemm`).
 
 With one to four rows of x the product is bound by reading W once (N*K/2 bytes of codes plus the
 scales), not by arithmetic, so there is no tensor-core dot: each program streams a BN-row stripe of

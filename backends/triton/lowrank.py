@@ -2,7 +2,7 @@
 
 Reference: the float64 products in :mod:`reflora.lora` / :mod:`reflora.qlora` (``x A^T``,
 ``grad_y B``, ``grad_y^T t``, ``u^T x``). Tolerance class: BOUND (float32 operands and accumulation;
-see ``_bounds.arithmetic_lowrank``).
+``reflora.bounds.matmul_bound``, round to nearest: ``acc_slack=1``).
 
 One kernel serves the four products the forward and backward need, because each is "a long
 reduction with a rank-sized side":

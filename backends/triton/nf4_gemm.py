@@ -1,7 +1,7 @@
 """NF4 matmul with in-tile dequantization, and its low-rank (LoRA) epilogue.
 
 Reference: ``x @ dequantize(W)^T`` in float64 (:func:`reflora.qlora.forward`, and ``grad_y @ W`` for
-:func:`reflora.qlora.backward`'s grad_x). Tolerance class: BOUND (see ``_bounds.arithmetic_gemm``).
+:func:`reflora.qlora.backward`'s grad_x). Tolerance class: BOUND (``reflora.bounds``, fused arithmetic).
 
 One kernel, two orientations of the same frozen W (out=N, in=K), stored 4-bit:
 

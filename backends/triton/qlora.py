@@ -1,7 +1,7 @@
 """QLoRA linear layer on the Triton kernels: a thin torch.autograd.Function and the public functions.
 
 Reference: :func:`reflora.qlora.forward` / :func:`reflora.qlora.backward` (float64). Tolerance
-class: BOUND (``_bounds``). Notation as in the papers: W (out=N, in=K) frozen and 4-bit; A (r, K);
+class: BOUND (``reflora.bounds``). Notation as in the papers: W (out=N, in=K) frozen and 4-bit; A (r, K);
 B (N, r); ``scaling`` (alpha / r, or alpha / sqrt(r) for rsLoRA); an optional dropout ``mask``
 (shaped like x, e.g. 0 or 1/(1-p)) that multiplies x in the LoRA branch only:
 
@@ -153,7 +153,8 @@ def qlora_linear(
     bias: (N,) or None. dropout_mask: x's shape or None; multiplies x in the LoRA branch only.
     config: optional ``use_gemv``, ``gemm``, ``gemv``, ``lowrank`` overrides (:class:`LinearConfig`).
     Returns (..., N). The result is within the derived bound of the float64 reference
-    (``_bounds.linear_forward_terms``); W is dequantized inside the kernels' tiles, never in memory.
+    (``reflora.bounds.lora_forward_bound``, fused arithmetic); W is dequantized inside the kernels'
+    tiles, never in memory.
     """
     return _apply(x, ts, A, B, scaling, bias, dropout_mask, config)
 
