@@ -461,15 +461,23 @@ def _backward_model(g, x, W, A, B, s, mask, ar: Arithmetic, values=None):
 
     x_d = xt if mask is None else keep(_mul(xt, _exact(mask), acc))
     t = _to_mid(_matmul(x_d, _exact(A.T), acc), ar, mid)  # (N, r), K = in
-    g_s = _mul(gt, _round(_exact(s), acc), acc)  # (N, out) = [mid][acc](s·g); fused: kept in acc
-    g_s = keep_mid(g_s)
-    grad_B = last(_matmul(g_s.T, t, acc), 2)  # (out, r), K = N
-    grad_t = _to_mid(_matmul(g_s, _exact(B), acc), ar, mid)  # (N, r), K = out
-    grad_A = last(_matmul(grad_t.T, x_d, acc), 1)  # (r, in), K = N
-    base = _matmul(gt, _exact(W), acc)  # (N, in) = g W, K = out
-    if not ar.fused:
-        base = _round(base, out)  # [out](g W)
-    lora = _to_mid(_matmul(grad_t, _exact(A), acc), ar, mid)  # (N, in) = [mid](grad_t A), K = r
+    s_acc = _round(_exact(s), acc)
+    if ar.fused:
+        # The kernels apply the scaling last, to each accumulated product: the same number of roundings
+        # as scaling g first, but a subnormal rounding inside a product is then multiplied by |s|, which
+        # the underflow terms must carry (scaling first would under-count them when |s| > 1).
+        grad_t = _to_mid(_matmul(gt, _exact(B), acc), ar, mid)  # (N, r) = g B, unscaled, K = out
+        grad_B = last(_mul(_matmul(gt.T, t, acc), s_acc, acc), 2)  # (out, r) = [acc](s·gᵀ t), K = N
+        grad_A = last(_mul(_matmul(grad_t.T, x_d, acc), s_acc, acc), 1)  # (r, in) = s·(g B)ᵀ x_d
+        base = _matmul(gt, _exact(W), acc)  # (N, in) = g W, K = out, kept in the accumulator
+        lora = _mul(_matmul(grad_t, _exact(A), acc), s_acc, acc)  # (N, in) = [acc](s·(g B) A), K = r
+    else:
+        g_s = keep_mid(_mul(gt, s_acc, acc))  # (N, out) = [mid][acc](s·g)
+        grad_B = last(_matmul(g_s.T, t, acc), 2)  # (out, r), K = N
+        grad_t = _to_mid(_matmul(g_s, _exact(B), acc), ar, mid)  # (N, r), K = out
+        grad_A = last(_matmul(grad_t.T, x_d, acc), 1)  # (r, in), K = N
+        base = _round(_matmul(gt, _exact(W), acc), out)  # [out](g W), K = out
+        lora = _to_mid(_matmul(grad_t, _exact(A), acc), ar, mid)  # (N, in) = [mid](grad_t A), K = r
     if mask is not None:
         lora = keep(_mul(lora, _exact(mask), acc))
     grad_x = last(_add(base, lora, acc), 0)
@@ -495,9 +503,12 @@ def lora_backward_bound(grad_y, x, W, A, B, scaling: float, arith: Arithmetic, *
     |s|·|g|ᵀ(|x_d||A|ᵀ), |s|·(|g||B|)ᵀ|x_d|, and |g||W| + |s|·((|g||B|)|A|) ⊙ |m|.
     The bound is the backend's plus the reference's (every dtype float64).
 
-    With ``arith.fused``: x_d = [acc](x ⊙ mask), g_s = [acc]([acc](s)·g),
-    grad_x = [out]([acc](g W + [acc]([mid](grad_t A) ⊙ mask))) with no [out] on g W and no [op] on the
-    masked term (one rounding fewer on each low-rank path), and the one output rounding of each gradient
+    With ``arith.fused`` the scaling comes last, as the kernels apply it: x_d = [acc](x ⊙ mask),
+    u = [mid](g B), grad_B = [out][acc]([acc](s)·gᵀ t), grad_A = [out][acc]([acc](s)·uᵀ x_d),
+    grad_x = [out]([acc](g W + [acc]([acc]([acc](s)·u A) ⊙ mask))) with no [out] on g W and no [op] on
+    the masked term (one rounding fewer on each low-rank path). The counts of roundings are those of
+    scaling g first, but an underflow error made inside a product is multiplied by |s| afterwards, and
+    the η terms carry that factor. The one output rounding of each gradient is
     bounded relative to its exact value (:func:`final_rounding_bound`, |grad| <= |ref| + the
     reference's bound), as in :func:`lora_forward_bound`.
     """

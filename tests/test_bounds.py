@@ -368,6 +368,26 @@ def test_fused_forward_and_backward_bounds_hold(case):
         assert _ok(np.abs(o.reshape(r.shape) - r), bd)
 
 
+def test_fused_backward_bound_carries_the_scaling_applied_after_an_underflow():
+    # Found by hypothesis: grad_A's one-term products land in float32's subnormal range (~1e-39), and
+    # the fused kernel applies s = 16/3 after them, multiplying the underflow error by |s|. A model that
+    # scaled g first allowed about 2 eta here; the error is near 5 eta.
+    f32 = np.float32
+    ar = Arithmetic("float32", "float32", "float32", "float32", fused=True)
+    x = np.array([[3.91053440e-17, 3.77209017e-17]], f32)
+    W = np.array([[-1.61844538e-10, -9.14433529e-11]], f32)
+    A = np.array([[760.20294189, -1324.65795898], [87.78721619, -19.0446701]], f32)
+    B = np.array([[-8.04675801e-06, 3.30804178e-05]], f32)
+    g = np.array([[-6.11816178e-19]], f32)
+    s = 16 / 3
+    _, ref_A, _ = lora.backward(g, x, W, A, B, s)
+    _, out_A, _ = sim_backward_fused(g, x, W, A, B, s, ar, "recursive")
+    _, bound_A, _ = bounds.lora_backward_bound(g, x, W, A, B, s, ar)
+    err = np.abs(out_A - ref_A)
+    assert err.max() > 4 * bounds.underflow_eta("float32")
+    assert _ok(err, bound_A)
+
+
 def test_final_rounding_bound_holds_and_is_attained():
     # fl(v̂) with |v̂ - v| <= e: 1 + 2^-8 is a bfloat16 tie that goes to 1: error u·v against
     # u·v + η (ratio 1 - tiny); and with v̂ = v + e for e = 2^-12 the error is e + (the rounding).
