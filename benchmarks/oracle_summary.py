@@ -1,0 +1,86 @@
+"""Summarise a pytest-benchmark JSON of benchmarks/test_oracle_speed.py: device, versions, medians (with
+p20/p80 of the rounds) and the ratios the targets of issue #2 are about.
+
+    python -m pytest benchmarks/test_oracle_speed.py --benchmark-only --benchmark-json raw.json
+    python benchmarks/oracle_summary.py raw.json benchmarks/results/oracle-cpu-DATE.json
+
+Ratios are of medians taken in the same run, one benchmark after the other on one machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from importlib import metadata
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _quantile(values: list[float], q: float) -> float:
+    v = sorted(values)
+    pos = q * (len(v) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
+
+
+def summarise(raw: dict) -> dict:
+    times = {}
+    for b in raw["benchmarks"]:
+        data = b["stats"]["data"]
+        times[b["name"]] = {
+            "median_ms": b["stats"]["median"] * 1e3,
+            "p20_ms": _quantile(data, 0.2) * 1e3,
+            "p80_ms": _quantile(data, 0.8) * 1e3,
+            "rounds": b["stats"]["rounds"],
+        }
+    ratios = {}
+    for op in ("quantize", "dequantize"):
+        for variant in ("plain", "dq"):
+            ours, theirs = f"test_{op}_reflora[{variant}]", f"test_{op}_bitsandbytes[{variant}]"
+            if ours in times and theirs in times:
+                # > 1: reflora is faster
+                ratios[f"{op}[{variant}] bitsandbytes/reflora"] = (
+                    times[theirs]["median_ms"] / times[ours]["median_ms"]
+                )
+    info = raw["machine_info"]
+    return {
+        "benchmark": "benchmarks/test_oracle_speed.py: NF4, blocksize 64, 4096x11008 float32, N(0, 0.02)",
+        "datetime": raw["datetime"],
+        "device": {
+            "cpu": info.get("cpu", {}).get("brand_raw"),
+            "cores": os.cpu_count(),
+            "system": f"{info.get('system')} {info.get('release')}",
+        },
+        "versions": {
+            "python": info.get("python_version"),
+            **{p: _version(p) for p in ("reflora", "numpy", "ml_dtypes", "torch", "bitsandbytes")},
+        },
+        "times": times,
+        "ratios": ratios,
+        "targets": {
+            "quantize: reflora at least as fast as bitsandbytes": all(
+                v >= 1 for k, v in ratios.items() if k.startswith("quantize")
+            ),
+            "dequantize: reflora at least half as fast as bitsandbytes": all(
+                v >= 0.5 for k, v in ratios.items() if k.startswith("dequantize")
+            ),
+        },
+    }
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        sys.exit("usage: python benchmarks/oracle_summary.py RAW.json OUT.json")
+    with open(sys.argv[1]) as f:
+        summary = summarise(json.load(f))
+    with open(sys.argv[2], "w") as f:
+        json.dump(summary, f, indent=2)
+        f.write("\n")
+    print(json.dumps({"times": summary["times"], "ratios": summary["ratios"]}, indent=2))
