@@ -392,12 +392,19 @@ def markdown(reports: list[Report], unavailable: list[tuple[str, str]], seed: in
         out += ["", f"## `{rep.backend}` (dialect `{rep.dialect}`): {'PASS' if rep.ok else 'FAIL'}", "",
                 f"{len(rep.results)} tests in {rep.seconds:.1f} s.", "",
                 "| op | " + " | ".join(DTYPES) + " |", "|---|" + "---|" * len(DTYPES)]  # fmt: skip
+        notes: list[str] = []  # each reason once, as a numbered note under the table
         for op in OPS:
             cells = []
             for dtype in DTYPES:
                 text, reason = _cell(rep, op, dtype)
-                cells.append(f"{text}: {reason}" if reason else text)
+                if reason:
+                    if reason not in notes:
+                        notes.append(reason)
+                    text += f" [{notes.index(reason) + 1}]"
+                cells.append(text)
             out.append(f"| {op} | " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        if notes:
+            out += ["", *(f"[{i + 1}] {reason}  " for i, reason in enumerate(notes))]
         failures = rep.by_status("fail", "error")
         if failures:
             out += ["", "### Failures"]
@@ -405,9 +412,13 @@ def markdown(reports: list[Report], unavailable: list[tuple[str, str]], seed: in
                 out += ["", f"#### `{r.id}`", "", "```text", r.message, "```"]
         declared = rep.by_status("declared")
         if declared:
-            out += ["", "### Declared deviations", "", "| test | reason | upstream |", "|---|---|---|"]
+            out += ["", "### Declared deviations"]
+            by_entry: dict[tuple[str, str], list[TestResult]] = {}
             for r in declared:
-                out.append(f"| `{r.id}` | {r.deviation['reason']} | {r.deviation.get('upstream', '')} |")
+                by_entry.setdefault((r.deviation["reason"], r.deviation.get("upstream") or ""), []).append(r)
+            for (reason, upstream), results in by_entry.items():
+                out += ["", reason + (f" ({upstream})" if upstream else ""), ""]
+                out += [f"- `{r.id}`" for r in results]
         if rep.warnings:
             out += ["", "### Warnings", "", *(f"- {w}" for w in rep.warnings)]
         out += ["", "### Findings", ""]
