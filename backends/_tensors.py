@@ -9,33 +9,43 @@ listable by ``reflora backends``, where torch is missing.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import numpy as np
 
 from reflora.dtypes import as_dtype, dtype_name
 
-__all__ = ["import_error", "to_numpy", "torch_dtype", "view"]
+__all__ = ["import_error", "quiet_logging", "to_numpy", "torch_dtype", "view"]
 
 
 def import_error(*modules: str) -> str | None:
     """None when every module imports, else a reason naming the first that does not."""
     import importlib
-    import logging
 
     for name in modules:
-        # Import-time log warnings are silenced: torchao 0.18 logs one per optional CUDA extension it cannot
-        # load on a CPU machine and torch one per deprecated pytree registration, none of which bears on
-        # the ops a backend uses. A failed import is still reported, as the reason returned.
-        previous = logging.root.manager.disable
-        logging.disable(logging.WARNING)
         try:
-            importlib.import_module(name)
+            with quiet_logging():
+                importlib.import_module(name)
         except Exception as exc:  # any failure to import makes the backend unavailable, with its reason
             return f"cannot import {name}: {type(exc).__name__}: {exc}"
-        finally:
-            logging.disable(previous)
     return None
+
+
+@contextlib.contextmanager
+def quiet_logging():
+    """Silence log records of level WARNING and below while third-party libraries import or load: torchao
+    0.18 logs one per optional CUDA extension it cannot load on a CPU machine, torch one per deprecated
+    pytree registration, transformers a report of checkpoint keys a model does not use (the pooler the
+    demo drops on purpose). None bears on what reflora computes; errors still raise."""
+    import logging
+
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
 
 
 def torch_dtype(dtype: Any):

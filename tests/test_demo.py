@@ -23,6 +23,15 @@ from reflora.formats import safetensors as sft  # noqa: E402
 def test_the_data_set_is_deterministic_balanced_and_split_by_name():
     train, test = demo_data.build(0)
     assert (train, test) == demo_data.build(0)
+    # This process has imported torch, which patches a standard-library callable (inspect.getfile);
+    # the data set must still be the one a bare interpreter builds.
+    import subprocess
+    import sys
+
+    code = ("import json; from reflora.backends.torch import demo_data; tr, te = demo_data.build(0); "
+            "print(json.dumps([[e.name, e.summary, e.label] for e in tr + te]))")  # fmt: skip
+    bare = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(bare.stdout) == [[e.name, e.summary, e.label] for e in train + test]
     assert train != demo_data.build(1)[0]  # the seed draws the negatives and the order
     assert len(test) >= 100 and len(train) >= 4 * len(test) - 200
     for split in (train, test):

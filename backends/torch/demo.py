@@ -220,8 +220,12 @@ def run(
     and ``estimate_vs_peak``, the ratio of its total to ``peak_memory_bytes``; ``impl``: which
     implementation served the 4-bit layers.
     """
-    import transformers
     from tqdm.auto import tqdm
+
+    from reflora.backends._tensors import quiet_logging
+
+    with quiet_logging():
+        import transformers
 
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -236,7 +240,8 @@ def run(
     path = model_path()
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     rss_start = _rss()  # Python, torch, transformers and the tokenizer: the process without the model
-    encoder = transformers.AutoModel.from_pretrained(path, add_pooling_layer=False)
+    with quiet_logging():
+        encoder = transformers.AutoModel.from_pretrained(path, add_pooling_layer=False)
     apply_lora(encoder, r, alpha, TARGETS, quantize="nf4", double_quant=True, seed=seed, verbose=False)
     model = PairClassifier(encoder).to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]

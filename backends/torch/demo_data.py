@@ -15,14 +15,21 @@ Each kept function yields two examples:
 A function is in the evaluation split when ``crc32(name) % 5 == 0`` (about a fifth), so evaluation
 names and their true summaries are never seen in training; training examples are shuffled with the same
 generator. For a given Python version (docstrings change between releases) and seed the data set is
-identical from run to run and machine to machine: it reads only source text shipped with Python.
+identical from run to run and machine to machine: it reads only source text shipped with Python. The
+callables are collected in a fresh interpreter (:func:`functions`), because libraries imported into the
+caller's process may patch standard-library callables (one of the demo's imports replaces
+``inspect.getfile``, which then no longer looks defined in ``inspect``), and one callable more or less
+would change every draw after it.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import re
+import subprocess
+import sys
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -106,12 +113,8 @@ def _collect(mod_name: str, out: dict[str, tuple[str, str, str]]) -> None:
         out[f"{mod_name}.{attr}"] = (mod_name, f"{mod_name}.{attr}", summary)
 
 
-def functions(modules: tuple[str, ...] = MODULES) -> list[tuple[str, str, str]]:
-    """Sorted (module, "module.function", summary) for the usable public callables of ``modules``.
-
-    A module that cannot be imported here is skipped; a callable imported into a module from another
-    one is left out (:func:`_defined_in`), so each callable is listed under its own module.
-    """
+def _functions_here(modules: tuple[str, ...]) -> list[tuple[str, str, str]]:
+    """:func:`functions` computed in this process, as its imports have left the standard library."""
     out: dict[str, tuple[str, str, str]] = {}
     with warnings.catch_warnings():  # deprecated modules and attributes (uu, typing.re) still have docs
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -123,6 +126,21 @@ def functions(modules: tuple[str, ...] = MODULES) -> list[tuple[str, str, str]]:
     for _, _, s in out.values():
         counts[s] = counts.get(s, 0) + 1
     return sorted(v for v in out.values() if counts[v[2]] == 1)
+
+
+def functions(modules: tuple[str, ...] = MODULES) -> list[tuple[str, str, str]]:
+    """Sorted (module, "module.function", summary) for the usable public callables of ``modules``.
+
+    A module that cannot be imported here is skipped; a callable imported into a module from another
+    one is left out (:func:`_defined_in`), so each callable is listed under its own module. Collected
+    in a fresh, isolated interpreter running this file, so that what the caller has imported cannot
+    change the result (see the module docstring).
+    """
+    done = subprocess.run([sys.executable, "-I", __file__, *modules], capture_output=True, text=True,
+                          check=False, timeout=300)  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"collecting the demo's standard-library functions failed:\n{done.stderr}")
+    return [tuple(row) for row in json.loads(done.stdout)]
 
 
 def build(seed: int = 0, modules: tuple[str, ...] = MODULES) -> tuple[list[Example], list[Example]]:
@@ -144,3 +162,7 @@ def build(seed: int = 0, modules: tuple[str, ...] = MODULES) -> tuple[list[Examp
         split += [Example(name, summary, 1), Example(name, other, 0)]
     order = rng.permutation(len(train))
     return [train[i] for i in order], test
+
+
+if __name__ == "__main__":  # the fresh interpreter of functions(): modules in, JSON rows out
+    json.dump(_functions_here(tuple(sys.argv[1:])), sys.stdout)
