@@ -692,8 +692,9 @@ def dequant_ulps(dtype="float32", *, fma_absmax: bool = False) -> int:
     Dequantization dtype(fl32(code·absmax)) is one IEEE float32 multiply then one conversion, both
     correctly rounded and so deterministic: any backend that follows the rule matches bit for bit
     (0 ulp). The exception is the absmax itself when double quantization is rebuilt with a fused
-    multiply-add, fl32(code2·A + offset) instead of fl32(fl32(code2·A) + offset): SPEC §4.4 measures
-    1 ulp of difference on 6.5% of blocks. Given â' one float32 step from â (``fma_absmax=True``):
+    multiply-add, fl32(code2·A + offset) instead of fl32(fl32(code2·A) + offset): docs/dialects.md
+    (bnb-cuda) records 1 ulp of difference on 6.5% of blocks. Given â' one float32 step from â
+    (``fma_absmax=True``):
     with m = min(â, â') in [2^e, 2^(e+1)), |c·â' - c·â| <= |c|·ulp32(m) = |c|·2^(e-23), while
     |c|·m >= |c|·2^e, so the exact products differ by less than 2 ulps of the smaller one. Rounding is
     monotone and float32 steps above the smaller product are at least that ulp wide, so the float32

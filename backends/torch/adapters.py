@@ -1,6 +1,6 @@
 """LoRA adapters on disk in PEFT's format, read and written without pickle.
 
-A directory holds two files (PEFT 0.21, SPEC §7 "Files"):
+A directory holds two files (PEFT 0.21; docs/training.md):
 
 * ``adapter_model.safetensors``: for each adapted layer at path ``P``,
   ``base_model.model.P.lora_A.weight`` (r, in) and ``base_model.model.P.lora_B.weight`` (out, r), in

@@ -1,7 +1,7 @@
 """Hugging Face + bitsandbytes 4-bit checkpoints: written from, and read into, reflora's 4-bit layers.
 
 The layout is transformers' own for a model loaded with ``BitsAndBytesConfig(load_in_4bit=True)``
-(SPEC §5): ``model.safetensors`` holds, for a 4-bit linear layer at path ``P``, the keys of
+(docs/formats.md): ``model.safetensors`` holds, for a 4-bit linear layer at path ``P``, the keys of
 :func:`reflora.formats.bnb.to_state_dict` at ``P.weight`` (packed codes, absmax, quant_map, nested
 statistics, the JSON quant state) beside ``P.bias``; every other tensor is stored as is. ``config.json``
 is the model's config with a ``quantization_config`` whose ``quant_method`` is "bitsandbytes".

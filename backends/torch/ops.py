@@ -157,7 +157,8 @@ def quantize_4bit(
     common |= {"blocksize": blocksize, "quant_type": quant_type}
     if not double_quant:
         return TorchQuantState(absmax=absmax, **common)
-    # The offset is the oracle's exactly rounded mean: a float32 torch mean can be an ulp off (SPEC §8).
+    # The offset is the oracle's exactly rounded mean: a float32 torch mean can be an ulp off
+    # (docs/dialects.md).
     offset = mean_f32(absmax.cpu().numpy())
     centred = absmax - torch.tensor(offset, dtype=torch.float32, device=device)  # one float32 rounding
     absmax2 = _block_absmax(centred, 256)

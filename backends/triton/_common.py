@@ -142,9 +142,9 @@ def launch_options(ts: TorchQuantState | None = None) -> dict:
 
     ``enable_fp_fusion=False``: the double-quant reconstruction ``f32(f32(code2[q] * absmax2) + offset)``
     rounds twice; with fusion on, LLVM and ptxas may contract it into one FMA, which rounds once and
-    changes ~6.5% of absmax values by an ulp (SPEC §4.4). Turning fusion off per launch is Triton's
-    own switch for this (it also passes ``--fmad=false`` to ptxas). It is passed explicitly on every
-    launch so that the kernels do not depend on Triton's default, which changes in 3.10.
+    changes ~6.5% of absmax values by an ulp (docs/dialects.md, bnb-cuda). Turning fusion off per
+    launch is Triton's own switch for this (it also passes ``--fmad=false`` to ptxas). It is passed
+    explicitly on every launch so that the kernels do not depend on Triton's default, which changes in 3.10.
     """
     del ts  # one policy for every state: contraction is never wanted in these kernels
     return {"enable_fp_fusion": False}
