@@ -446,7 +446,7 @@ def lora_forward_bound(x, W, A, B, scaling: float, arith: Arithmetic, *, bias=No
     return total.reshape(*x_shape[:-1], out_f)
 
 
-def _backward_model(g, x, W, A, B, s, mask, ar: Arithmetic, values=None):
+def _backward_model(g, x, W, A, B, s, mask, ar: Arithmetic, values=None, need_x: bool = True):
     acc, mid, op, out = ar.formats()
     xt, gt = _exact(x), _exact(g)
 
@@ -469,6 +469,8 @@ def _backward_model(g, x, W, A, B, s, mask, ar: Arithmetic, values=None):
         grad_t = _to_mid(_matmul(gt, _exact(B), acc), ar, mid)  # (N, r) = g B, unscaled, K = out
         grad_B = last(_mul(_matmul(gt.T, t, acc), s_acc, acc), 2)  # (out, r) = [acc](s·gᵀ t), K = N
         grad_A = last(_mul(_matmul(grad_t.T, x_d, acc), s_acc, acc), 1)  # (r, in) = s·(g B)ᵀ x_d
+        if not need_x:
+            return None, grad_A.error(), grad_B.error()
         base = _matmul(gt, _exact(W), acc)  # (N, in) = g W, K = out, kept in the accumulator
         lora = _mul(_matmul(grad_t, _exact(A), acc), s_acc, acc)  # (N, in) = [acc](s·(g B) A), K = r
     else:
@@ -476,6 +478,8 @@ def _backward_model(g, x, W, A, B, s, mask, ar: Arithmetic, values=None):
         grad_B = last(_matmul(g_s.T, t, acc), 2)  # (out, r), K = N
         grad_t = _to_mid(_matmul(g_s, _exact(B), acc), ar, mid)  # (N, r), K = out
         grad_A = last(_matmul(grad_t.T, x_d, acc), 1)  # (r, in), K = N
+        if not need_x:
+            return None, grad_A.error(), grad_B.error()
         base = _round(_matmul(gt, _exact(W), acc), out)  # [out](g W), K = out
         lora = _to_mid(_matmul(grad_t, _exact(A), acc), ar, mid)  # (N, in) = [mid](grad_t A), K = r
     if mask is not None:
@@ -484,9 +488,13 @@ def _backward_model(g, x, W, A, B, s, mask, ar: Arithmetic, values=None):
     return grad_x.error(), grad_A.error(), grad_B.error()
 
 
-def lora_backward_bound(grad_y, x, W, A, B, scaling: float, arith: Arithmetic, *, dropout_mask=None):
+def lora_backward_bound(
+    grad_y, x, W, A, B, scaling: float, arith: Arithmetic, *, dropout_mask=None, grad_x: bool = True
+):
     """Elementwise bounds (bx, bA, bB) on |out - ref| for grad_x, grad_A and grad_B (float64, in the
-    shapes of x, A and B), ref being :func:`reflora.lora.backward` on the same inputs.
+    shapes of x, A and B), ref being :func:`reflora.lora.backward` on the same inputs. With
+    ``grad_x=False`` bx is None and the (N, out) x (out, in) products that only grad_x needs are
+    skipped: grad_A and grad_B reduce over every row, so at full size they are the expensive checks.
 
     The model, over the N flattened rows (g = grad_y):
 
@@ -523,14 +531,18 @@ def lora_backward_bound(grad_y, x, W, A, B, scaling: float, arith: Arithmetic, *
     W64, A64, B64 = _operand("W", W, op), _operand("A", A, op), _operand("B", B, op)
     m64 = None if dropout_mask is None else _operand("dropout_mask", dropout_mask, op).reshape(-1, n_in)
     s = float(scaling)
-    ref_errors = _backward_model(g64, x64, W64, A64, B64, s, m64, REFERENCE)
+    ref_errors = _backward_model(g64, x64, W64, A64, B64, s, m64, REFERENCE, need_x=grad_x)
     values = None
     if arith.fused:
-        refs = _lora.backward(g64, x64, W64, A64, B64, s, dropout_mask=m64)
-        values = tuple(np.abs(r) + e for r, e in zip(refs, ref_errors, strict=True))
-    own = _backward_model(g64, x64, W64, A64, B64, s, m64, arith, values)
-    bx, bA, bB = (p + q for p, q in zip(own, ref_errors, strict=True))
-    return bx.reshape(x_shape), bA, bB
+        if grad_x:
+            refs = _lora.backward(g64, x64, W64, A64, B64, s, dropout_mask=m64)
+        else:  # steps 1-3 of reflora.lora.backward's derivation, without grad_x
+            x_d = x64 if m64 is None else x64 * m64
+            refs = (None, (s * (g64 @ B64)).T @ x_d, s * (g64.T @ (x_d @ A64.T)))
+        values = tuple(None if r is None else np.abs(r) + e for r, e in zip(refs, ref_errors, strict=True))
+    own = _backward_model(g64, x64, W64, A64, B64, s, m64, arith, values, need_x=grad_x)
+    bx, bA, bB = (None if p is None else p + q for p, q in zip(own, ref_errors, strict=True))
+    return (bx.reshape(x_shape) if grad_x else None), bA, bB
 
 
 def _delta_model(A, B, s, ar: Arithmetic, fan_in_fan_out: bool) -> _Tracked:

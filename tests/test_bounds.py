@@ -713,3 +713,16 @@ def test_lora_bounds_equal_their_documented_closed_forms(ar, with_mask):
     for got, mine, theirs in zip((got_f, *got_b), (fwd, bx, bA, bB), ref, strict=True):
         # (1 + 2^-20): the bound's cover for its own float64 evaluation, documented in bounds._SELF
         np.testing.assert_allclose(got, (mine + theirs) * (1 + 2.0**-20), rtol=1e-12)
+
+
+@SLOW_SETTINGS
+@given(lora_case())
+def test_backward_bound_without_grad_x_gives_the_same_grad_a_and_grad_b(case):
+    ar, _, x, W, A, B, s, _, mask, g = case
+    for arith in (ar, dataclasses.replace(ar, intermediate=ar.accumulate, fused=True)):
+        _, bA, bB = bounds.lora_backward_bound(g, x, W, A, B, s, arith, dropout_mask=mask)
+        bx, bA2, bB2 = bounds.lora_backward_bound(g, x, W, A, B, s, arith, dropout_mask=mask, grad_x=False)
+        assert bx is None
+        # Equal up to float64 rounding: the fused bound's |ref| term is evaluated in another order.
+        np.testing.assert_allclose(bA2, bA, rtol=1e-12, atol=0)
+        np.testing.assert_allclose(bB2, bB, rtol=1e-12, atol=0)
