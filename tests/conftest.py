@@ -12,19 +12,9 @@ wins.
 
 import os
 
+from reflora.backends.triton.backend import use_interpreter  # the module imports neither torch nor Triton
 
-def _choose_triton_mode() -> None:
-    if "TRITON_INTERPRET" in os.environ:
-        return
-    try:
-        import torch  # importing torch does not import triton.language
-    except ImportError:
-        return
-    if not torch.cuda.is_available():
-        os.environ["TRITON_INTERPRET"] = "1"
-
-
-_choose_triton_mode()
+use_interpreter()
 
 from hypothesis import HealthCheck, settings  # noqa: E402  (after the Triton choice)
 

@@ -1,11 +1,10 @@
 """The Triton dequantize kernel is bit-identical to reflora.nf4.dequantize (tolerance class EXACT).
 
-Runs under the Triton CPU interpreter unless TRITON_INTERPRET=0 is set explicitly (then on CUDA).
+Runs under the Triton CPU interpreter where tests/conftest.py chose it (no CUDA, or
+TRITON_INTERPRET=1 set), else on CUDA.
 """
 
 import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import numpy as np
 import pytest
@@ -19,9 +18,9 @@ from reflora.codebooks import DYNAMIC_MAP  # noqa: E402
 from reflora.dtypes import DTYPES  # noqa: E402
 from reflora.state import NestedState, QuantState  # noqa: E402
 
-INTERPRET = os.environ["TRITON_INTERPRET"] == "1"
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if not INTERPRET and not torch.cuda.is_available():
-    pytest.skip("TRITON_INTERPRET=0 and no CUDA device", allow_module_level=True)
+    pytest.skip("TRITON_INTERPRET is not 1 and there is no CUDA device", allow_module_level=True)
 DEVICE = "cpu" if INTERPRET else "cuda"
 
 from reflora.backends.triton import dequantize_nf4, launch_counts, reset_launch_counts  # noqa: E402

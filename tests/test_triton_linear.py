@@ -9,14 +9,13 @@ accumulation, one output rounding: ``fused=True``), never a picked tolerance. Sh
 purpose: M, N, K not multiples of any tile, K not a multiple of the blocksize (and odd, so rows start
 mid-byte), rank 1, one row.
 
-Runs under the Triton CPU interpreter unless TRITON_INTERPRET=0 is set explicitly (then on CUDA).
+Runs under the Triton CPU interpreter where tests/conftest.py chose it (no CUDA, or
+TRITON_INTERPRET=1 set), else on CUDA.
 """
 
 import dataclasses
 import math
 import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import numpy as np
 import pytest
@@ -27,9 +26,9 @@ pytest.importorskip("triton", reason="triton is not installed")
 from reflora import bounds, lora, nf4  # noqa: E402
 from reflora.backends.torch.quant_state import TorchQuantState  # noqa: E402
 
-INTERPRET = os.environ["TRITON_INTERPRET"] == "1"
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if not INTERPRET and not torch.cuda.is_available():
-    pytest.skip("TRITON_INTERPRET=0 and no CUDA device", allow_module_level=True)
+    pytest.skip("TRITON_INTERPRET is not 1 and there is no CUDA device", allow_module_level=True)
 DEVICE = "cpu" if INTERPRET else "cuda"
 
 from reflora.backends.triton import (  # noqa: E402
