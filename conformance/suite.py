@@ -22,6 +22,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from reflora.backends.protocol import DTYPES, OPS  # the protocol's ops and dtypes are the suite's
 from reflora.conformance import cases as _cases
 from reflora.conformance import strategies
 from reflora.conformance.bundle import Inputs
@@ -29,16 +30,6 @@ from reflora.conformance.profiles import Profile
 
 __all__ = ["OPS", "Test", "make_id", "parse_id", "tests"]
 
-OPS = (
-    "quantize_4bit",
-    "dequantize_4bit",
-    "lora_forward",
-    "lora_backward",
-    "qlora_forward",
-    "qlora_backward",
-    "lora_merge",
-)
-DTYPES = ("float32", "float16", "bfloat16")
 _ID = re.compile(r"^(?P<op>[a-z_0-9]+)\[(?P<name>.+), (?P<dtype>float32|float16|bfloat16)\]$")
 
 
