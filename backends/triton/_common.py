@@ -90,6 +90,32 @@ def check_float(name: str, t: torch.Tensor, ndim: int | None = None) -> None:
         raise ValueError(f"{name} spans {reach + 1} elements; the kernels index with int32 (< 2**31)")
 
 
+def lora_operands(lora, m: int, n: int, dummy: torch.Tensor, cols: str = "N") -> tuple:
+    """(l, rt, scaling, r) for the kernels' low-rank epilogue ``scaling * (l @ rt)`` on an (m, n)
+    output: ``lora`` = (l float32 (m, r), rt float (r, n) any strides, scaling), l made contiguous; or
+    (dummy, dummy, 0.0, 1) when ``lora`` is None. ``cols`` names n in the error message."""
+    if lora is None:
+        return dummy, dummy, 0.0, 1
+    left, rt, scaling = lora
+    check_float("lora right factor", rt, ndim=2)
+    if left.dtype != torch.float32 or left.ndim != 2 or left.shape[0] != m or rt.shape != (left.shape[1], n):
+        raise ValueError(
+            f"lora factors must be float32 (M={m}, r) and (r, {cols}={n}), got {tuple(left.shape)} "
+            f"{left.dtype} and {tuple(rt.shape)}"
+        )
+    return left.contiguous(), rt, scaling, left.shape[1]
+
+
+def bias_operand(bias: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """The bias as the kernels read it: a contiguous float (n,) tensor, or None."""
+    if bias is None:
+        return None
+    check_float("bias", bias, ndim=1)
+    if bias.shape[0] != n:
+        raise ValueError(f"bias must have {n} elements, got {bias.shape[0]}")
+    return bias.contiguous()
+
+
 def check_state(ts: TorchQuantState, *, matrix: bool) -> None:
     """ValueError unless ``ts`` is a well-formed 4-bit state the kernels can read (a matrix if asked)."""
     if not isinstance(ts, TorchQuantState):

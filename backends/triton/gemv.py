@@ -25,11 +25,13 @@ import triton.language as tl
 from reflora.backends.torch.quant_state import TorchQuantState
 from reflora.backends.triton._common import (
     INTERPRET,
+    bias_operand,
     check_device,
     check_float,
     check_state,
     launch_options,
     load_f32,
+    lora_operands,
     next_pow2,
     record_launch,
     round_to,
@@ -174,22 +176,8 @@ def nf4_gemv(
     if x.shape[1] != k:
         raise ValueError(f"x has {x.shape[1]} columns; W {ts.shape} needs {k}")
     dummy = ts.packed
-    t, rt, scaling, r = dummy, dummy, 0.0, 1
-    if lora is not None:
-        t, rt, scaling = lora
-        check_float("lora right factor", rt, ndim=2)
-        if t.dtype != torch.float32 or t.ndim != 2 or t.shape[0] != m or rt.shape != (t.shape[1], n):
-            raise ValueError(
-                f"lora factors must be float32 (M={m}, r) and (r, N={n}), got {tuple(t.shape)} {t.dtype} "
-                f"and {tuple(rt.shape)}"
-            )
-        t = t.contiguous()
-        r = t.shape[1]
-    if bias is not None:
-        check_float("bias", bias, ndim=1)
-        if bias.shape[0] != n:
-            raise ValueError(f"bias must have {n} elements, got {bias.shape[0]}")
-        bias = bias.contiguous()
+    t, rt, scaling, r = lora_operands(lora, m, n, dummy)
+    bias = bias_operand(bias, n)
     check_device(x, ts.packed, None if lora is None else t, None if lora is None else rt, bias)
     cfg = config or default_config(m, n, k)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)

@@ -33,12 +33,14 @@ import triton.language as tl
 from reflora.backends.torch.quant_state import TorchQuantState
 from reflora.backends.triton._common import (
     INTERPRET,
+    bias_operand,
     check_device,
     check_float,
     check_state,
     dot_operand,
     launch_options,
     load_f32,
+    lora_operands,
     next_pow2,
     record_launch,
     round_to,
@@ -244,28 +246,14 @@ def nf4_gemm(
         raise ValueError(f"a has {a.shape[1]} columns; W {ts.shape} needs {q} for {op}")
     m = a.shape[0]
     dummy = ts.packed
-    l_t, rt, scaling, r = dummy, dummy, 0.0, 1
-    if lora is not None:
-        l_t, rt, scaling = lora
-        check_float("lora right factor", rt, ndim=2)
-        if l_t.dtype != torch.float32 or l_t.ndim != 2 or l_t.shape[0] != m or rt.shape != (l_t.shape[1], p):
-            raise ValueError(
-                f"lora factors must be float32 (M={m}, r) and (r, P={p}), got {tuple(l_t.shape)} "
-                f"{l_t.dtype} and {tuple(rt.shape)}"
-            )
-        l_t = l_t.contiguous()
-        r = l_t.shape[1]
+    l_t, rt, scaling, r = lora_operands(lora, m, p, dummy, cols="P")
     if mask is not None:
         if lora is None:
             raise ValueError("mask applies to the low-rank term and needs lora")
         check_float("mask", mask, ndim=2)
         if mask.shape != (m, p):
             raise ValueError(f"mask must be ({m}, {p}), got {tuple(mask.shape)}")
-    if bias is not None:
-        check_float("bias", bias, ndim=1)
-        if bias.shape[0] != p:
-            raise ValueError(f"bias must have {p} elements, got {bias.shape[0]}")
-        bias = bias.contiguous()
+    bias = bias_operand(bias, p)
     check_device(a, ts.packed, None if lora is None else l_t, None if lora is None else rt, mask, bias)
 
     cfg = config or default_config(m, p, q, ts.blocksize)
