@@ -23,12 +23,13 @@ from __future__ import annotations
 import importlib.util
 import pathlib
 
-import ml_dtypes
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch", reason="comparing with bitsandbytes needs torch")
 bnb_f = pytest.importorskip("bitsandbytes.functional", reason="issue #2 compares with bitsandbytes")
+
+from bnb_helpers import BF16, bits, eager_bnb, to_torch  # noqa: E402, F401  (eager_bnb: autouse)
 
 from reflora import codebooks, dialects, nf4  # noqa: E402
 from reflora.codebooks import DYNAMIC_MAP  # noqa: E402
@@ -39,7 +40,6 @@ from reflora.double_quant import quantize as quantize_absmax  # noqa: E402
 from reflora.state import BLOCKSIZES  # noqa: E402
 
 canonical = dialects.get("reflora")
-BF16 = np.dtype(ml_dtypes.bfloat16)
 DTYPES = [np.dtype(np.float32), np.dtype(np.float16), BF16]
 F32 = np.float32
 HOST = Host(
@@ -47,31 +47,6 @@ HOST = Host(
     threads=torch.get_num_threads(),
 )
 NATIVE_MODELLED = torch.backends.cpu.get_cpu_capability() == "AVX2"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def eager_bnb():
-    """bnb's torch fallback eagerly: torch.compile would recompile it for every shape."""
-    before = torch._dynamo.config.disable
-    torch._dynamo.config.disable = True
-    yield
-    torch._dynamo.config.disable = before
-
-
-def to_torch(x: np.ndarray) -> torch.Tensor:
-    x = np.array(x, order="C")  # a C-contiguous copy that keeps 0-d arrays 0-d
-    if x.dtype == BF16:
-        return torch.from_numpy(x.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(x)
-
-
-def u(a) -> np.ndarray:
-    """Unsigned-integer bits of a tensor or array, flattened."""
-    if isinstance(a, torch.Tensor):
-        a = a.contiguous()
-        a = (a.view(torch.int16) if a.dtype == torch.bfloat16 else a).numpy()
-    a = np.ascontiguousarray(a).reshape(-1)
-    return a.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[a.dtype.itemsize])
 
 
 def explained(quotient: np.ndarray, q_bnb: np.ndarray, q_ref: np.ndarray, quant_type: str) -> np.ndarray:
@@ -120,10 +95,10 @@ def compare(
     packed, qs = bnb_f.quantize_4bit(to_torch(x), blocksize=blocksize, quant_type=quant_type)
     ref = canonical.quantize(x, blocksize, quant_type=quant_type)
     dialect = bnb_cpu.quantize(x, blocksize, quant_type=quant_type, host=HOST)
-    assert (u(ref.absmax) == u(qs.absmax)).all(), f"absmax differs [{ctx}]"
-    assert (dialect.packed == u(packed)).all(), f"bnb-cpu dialect differs from bnb [{ctx}]"
-    assert (u(dialect.absmax) == u(qs.absmax)).all(), f"bnb-cpu dialect absmax differs from bnb [{ctx}]"
-    q_bnb = nf4.unpack(u(packed), x.size)
+    assert (bits(ref.absmax) == bits(qs.absmax)).all(), f"absmax differs [{ctx}]"
+    assert (dialect.packed == bits(packed)).all(), f"bnb-cpu dialect differs from bnb [{ctx}]"
+    assert (bits(dialect.absmax) == bits(qs.absmax)).all(), f"bnb-cpu dialect absmax differs from bnb [{ctx}]"
+    q_bnb = nf4.unpack(bits(packed), x.size)
     q_ref = nf4.unpack(ref.packed, x.size)
     differ = np.flatnonzero(q_bnb != q_ref)
     flat = x.reshape(-1).astype(np.float64)
@@ -140,11 +115,11 @@ def compare(
     # Dequantized values agree wherever the codes do (bnb's float_to_bf16 is RNE on numbers).
     if bnb_cpu.uses_native_dequantize(x.shape) and not NATIVE_MODELLED:
         return
-    out = u(bnb_f.dequantize_4bit(packed, qs))
-    mine = u(nf4.dequantize(ref))
+    out = bits(bnb_f.dequantize_4bit(packed, qs))
+    mine = bits(nf4.dequantize(ref))
     same_code = q_bnb == q_ref
     assert (out[same_code] == mine[same_code]).all(), f"dequantized values differ at equal codes [{ctx}]"
-    assert (u(bnb_cpu.dequantize(dialect)) == out).all(), f"bnb-cpu dialect dequantize differs [{ctx}]"
+    assert (bits(bnb_cpu.dequantize(dialect)) == out).all(), f"bnb-cpu dialect dequantize differs [{ctx}]"
 
 
 def compare_double_quant(bnb_absmax, absmax: np.ndarray, dialect_absmax, stats: dict, ctx: str) -> None:
@@ -154,10 +129,10 @@ def compare_double_quant(bnb_absmax, absmax: np.ndarray, dialect_absmax, stats: 
     offset = F32(offset_t.item())
     ref = quantize_absmax(absmax, 256, offset=offset)
     dialect = bnb_cpu.double_quantize(dialect_absmax, host=HOST)  # its own (emulated) torch mean
-    assert u(np.array([dialect.offset]))[0] == u(offset_t.reshape(1))[0], f"offset [{ctx}]"
+    assert bits(np.array([dialect.offset]))[0] == bits(offset_t.reshape(1))[0], f"offset [{ctx}]"
     assert (dialect.absmax_q == q_t.numpy()).all(), f"dialect DQ codes [{ctx}]"
-    assert (u(dialect.absmax2) == u(state2.absmax)).all(), f"dialect absmax2 [{ctx}]"
-    assert (u(ref.absmax2) == u(state2.absmax)).all(), f"absmax2 [{ctx}]"
+    assert (bits(dialect.absmax2) == bits(state2.absmax)).all(), f"dialect absmax2 [{ctx}]"
+    assert (bits(ref.absmax2) == bits(state2.absmax)).all(), f"absmax2 [{ctx}]"
     q_bnb, q_ref = q_t.numpy(), ref.absmax_q
     scaled = (absmax - offset).astype(np.float64) / np.repeat(ref.absmax2, 256)[: absmax.size]
     error = np.abs(DYNAMIC_MAP.values[q_bnb] - scaled)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 
-import ml_dtypes
 import numpy as np
 import pytest
 
@@ -20,6 +19,7 @@ torch = pytest.importorskip("torch", reason="comparing with bitsandbytes needs t
 bnb_f = pytest.importorskip(
     "bitsandbytes.functional", reason="the bnb-cpu dialect is checked against bitsandbytes itself"
 )
+from bnb_helpers import BF16, bits, eager_bnb, to_torch  # noqa: E402, F401  (eager_bnb: autouse)
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
@@ -28,39 +28,11 @@ from reflora.dialects import bnb_cpu  # noqa: E402
 from reflora.dialects.torch_cpu import Host  # noqa: E402
 from reflora.state import BLOCKSIZES  # noqa: E402
 
-BF16 = np.dtype(ml_dtypes.bfloat16)
 DTYPES = [np.dtype(np.float32), np.dtype(np.float16), BF16]
 CAPABILITY = torch.backends.cpu.get_cpu_capability()
 HOST = Host(lanes=16 if CAPABILITY.startswith("AVX512") else 8, threads=torch.get_num_threads())
 NATIVE_MODELLED = CAPABILITY == "AVX2"  # the dialect models bnb's scalar C++ dequantize (AVX2 hosts)
 F32 = np.float32
-
-
-@pytest.fixture(autouse=True, scope="module")
-def eager_bnb():
-    """Run bnb's torch fallback eagerly: torch.compile would recompile it per shape (seconds each)."""
-    before = torch._dynamo.config.disable
-    torch._dynamo.config.disable = True
-    yield
-    torch._dynamo.config.disable = before
-
-
-def to_torch(x: np.ndarray) -> torch.Tensor:
-    x = np.array(x, order="C")  # a C-contiguous copy that keeps 0-d arrays 0-d
-    if x.dtype == BF16:
-        return torch.from_numpy(x.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(x)
-
-
-def bits(a) -> np.ndarray:
-    """Unsigned integer view of a tensor's or array's elements (flattened)."""
-    if isinstance(a, torch.Tensor):
-        a = a.contiguous()
-        if a.dtype == torch.bfloat16:
-            a = a.view(torch.int16)
-        a = a.numpy()
-    a = np.ascontiguousarray(a).reshape(-1)
-    return a.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[a.dtype.itemsize])
 
 
 def assert_bits(name: str, got, want, ctx: str, nan_bits_free: bool = False) -> None:
