@@ -340,6 +340,32 @@ def _cell(report: Report, op: str, dtype: str) -> tuple[str, str]:
     return _cell_text([r for r in report.results if r.op == op and r.dtype == dtype])
 
 
+def _matrix(report: Report) -> tuple[list[tuple[str, list[str]]], list[str]]:
+    """The op × dtype cells, each reason replaced by a note number: ([(op, cells)], notes), every
+    reason once in ``notes``."""
+    rows: list[tuple[str, list[str]]] = []
+    notes: list[str] = []
+    for op in OPS:
+        cells = []
+        for dtype in DTYPES:
+            text, reason = _cell(report, op, dtype)
+            if reason:
+                if reason not in notes:
+                    notes.append(reason)
+                text += f" [{notes.index(reason) + 1}]"
+            cells.append(text)
+        rows.append((op, cells))
+    return rows, notes
+
+
+def _declared_groups(report: Report) -> list[tuple[str, str, list[TestResult]]]:
+    """The declared failures grouped by deviation entry: [(reason, upstream or "", results)]."""
+    groups: dict[tuple[str, str], list[TestResult]] = {}
+    for r in report.by_status("declared"):
+        groups.setdefault((r.deviation["reason"], r.deviation.get("upstream") or ""), []).append(r)
+    return [(reason, upstream, results) for (reason, upstream), results in groups.items()]
+
+
 def matrix_text(report: Report) -> str:
     """The support matrix (op × dtype), failures, declared deviations, warnings and findings, as text."""
     verdict = "PASS" if report.ok else "FAIL"
@@ -348,27 +374,15 @@ def matrix_text(report: Report) -> str:
         f"{report.seed}, {len(report.results)} tests, {report.seconds:.1f} s]",
         (f"  {'op':<16}" + "".join(f"{d:<30}" for d in DTYPES)).rstrip(),
     ]
-    notes: list[str] = []
-    for op in OPS:
-        row = f"  {op:<16}"
-        for dtype in DTYPES:
-            text, reason = _cell(report, op, dtype)
-            if reason:
-                if reason not in notes:
-                    notes.append(reason)
-                text += f" [{notes.index(reason) + 1}]"
-            row += f"{text:<30}"
-        lines.append(row.rstrip())
+    rows, notes = _matrix(report)
+    lines += [(f"  {op:<16}" + "".join(f"{text:<30}" for text in cells)).rstrip() for op, cells in rows]
     lines += [f"  [{i + 1}] {reason}" for i, reason in enumerate(notes)]
     for r in report.by_status("fail", "error"):
         lines += ["", f"{r.status.upper()} {r.id}", r.message]
-    declared = report.by_status("declared")
-    if declared:
+    groups = _declared_groups(report)  # one reason, printed once, above its tests
+    if groups:
         lines += ["", "Declared deviations (known, not counted as failures):"]
-        by_entry: dict[tuple[str, str], list[TestResult]] = {}  # one reason, printed once, for its tests
-        for r in declared:
-            by_entry.setdefault((r.deviation["reason"], r.deviation.get("upstream") or ""), []).append(r)
-        for (reason, upstream), results in by_entry.items():
+        for reason, upstream, results in groups:
             lines.append(f"  {reason}" + (f" ({upstream})" if upstream else ""))
             for r in results:
                 lines.append(f"    {r.id}: " + r.message.splitlines()[0])
@@ -392,17 +406,8 @@ def markdown(reports: list[Report], unavailable: list[tuple[str, str]], seed: in
         out += ["", f"## `{rep.backend}` (dialect `{rep.dialect}`): {'PASS' if rep.ok else 'FAIL'}", "",
                 f"{len(rep.results)} tests in {rep.seconds:.1f} s.", "",
                 "| op | " + " | ".join(DTYPES) + " |", "|---|" + "---|" * len(DTYPES)]  # fmt: skip
-        notes: list[str] = []  # each reason once, as a numbered note under the table
-        for op in OPS:
-            cells = []
-            for dtype in DTYPES:
-                text, reason = _cell(rep, op, dtype)
-                if reason:
-                    if reason not in notes:
-                        notes.append(reason)
-                    text += f" [{notes.index(reason) + 1}]"
-                cells.append(text)
-            out.append(f"| {op} | " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        rows, notes = _matrix(rep)  # each reason once, as a numbered note under the table
+        out += [f"| {op} | " + " | ".join(c.replace("|", "\\|") for c in cells) + " |" for op, cells in rows]
         if notes:
             out += ["", *(f"[{i + 1}] {reason}  " for i, reason in enumerate(notes))]
         failures = rep.by_status("fail", "error")
@@ -410,13 +415,10 @@ def markdown(reports: list[Report], unavailable: list[tuple[str, str]], seed: in
             out += ["", "### Failures"]
             for r in failures:
                 out += ["", f"#### `{r.id}`", "", "```text", r.message, "```"]
-        declared = rep.by_status("declared")
-        if declared:
+        groups = _declared_groups(rep)
+        if groups:
             out += ["", "### Declared deviations"]
-            by_entry: dict[tuple[str, str], list[TestResult]] = {}
-            for r in declared:
-                by_entry.setdefault((r.deviation["reason"], r.deviation.get("upstream") or ""), []).append(r)
-            for (reason, upstream), results in by_entry.items():
+            for reason, upstream, results in groups:
                 out += ["", reason + (f" ({upstream})" if upstream else ""), ""]
                 out += [f"- `{r.id}`" for r in results]
         if rep.warnings:
