@@ -12,6 +12,8 @@ wins.
 
 import os
 
+import pytest
+
 from reflora.backends.triton.backend import use_interpreter  # the module imports neither torch nor Triton
 
 use_interpreter()
@@ -22,3 +24,19 @@ common = {"deadline": None, "print_blob": True, "suppress_health_check": [Health
 settings.register_profile("ci", max_examples=100, **common)
 settings.register_profile("thorough", max_examples=2000, **common)
 settings.load_profile(os.environ.get("REFLORA_HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture
+def refuse_unpickling(monkeypatch):
+    """Every unpickling entry point (pickle.load/loads/Unpickler and torch.load) made to fail, for tests
+    that a loader reads only safetensors and JSON."""
+    import pickle
+
+    import torch
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("unpickling attempted")
+
+    for name in ("load", "loads", "Unpickler"):
+        monkeypatch.setattr(pickle, name, refuse)
+    monkeypatch.setattr(torch, "load", refuse)
