@@ -534,11 +534,7 @@ def lora_backward_bound(
     ref_errors = _backward_model(g64, x64, W64, A64, B64, s, m64, REFERENCE, need_x=grad_x)
     values = None
     if arith.fused:
-        if grad_x:
-            refs = _lora.backward(g64, x64, W64, A64, B64, s, dropout_mask=m64)
-        else:  # steps 1-3 of reflora.lora.backward's derivation, without grad_x
-            x_d = x64 if m64 is None else x64 * m64
-            refs = (None, (s * (g64 @ B64)).T @ x_d, s * (g64.T @ (x_d @ A64.T)))
+        refs = _lora.backward(g64, x64, W64, A64, B64, s, dropout_mask=m64, grad_x=grad_x)
         values = tuple(None if r is None else np.abs(r) + e for r, e in zip(refs, ref_errors, strict=True))
     own = _backward_model(g64, x64, W64, A64, B64, s, m64, arith, values, need_x=grad_x)
     bx, bA, bB = (None if p is None else p + q for p, q in zip(own, ref_errors, strict=True))

@@ -154,9 +154,11 @@ def backward(
     scaling: float,
     *,
     dropout_mask: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    grad_x: bool = True,
+) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
     """Gradients of a loss L with respect to x, A and B, given grad_y = ∂L/∂y. Returns float64
-    (grad_x of x's shape, grad_A (r, in), grad_B (out, r)).
+    (grad_x of x's shape, grad_A (r, in), grad_B (out, r)); with ``grad_x=False`` grad_x is None and
+    step 4, the one (N, out) x (out, in) product, is skipped.
 
     grad_y (..., out) with the same leading dimensions as x; other arguments as in :func:`forward`.
     W and the bias are frozen (no gradient); the bias does not enter any gradient.
@@ -192,9 +194,11 @@ def backward(
     grad_B = g_s.T @ t  # (out, N) @ (N, r) -> (out, r)
     grad_t = g_s @ B64  # (N, out) @ (out, r) -> (N, r)
     grad_A = grad_t.T @ x_d  # (r, N) @ (N, in) -> (r, in)
+    if not grad_x:
+        return None, grad_A, grad_B
     grad_xd = grad_t @ A64  # (N, r) @ (r, in) -> (N, in)
-    grad_x = g @ W64 + (grad_xd if m is None else grad_xd * m)  # (N, out) @ (out, in) -> (N, in)
-    return grad_x.reshape(x_shape), grad_A, grad_B
+    gx = g @ W64 + (grad_xd if m is None else grad_xd * m)  # (N, out) @ (out, in) -> (N, in)
+    return gx.reshape(x_shape), grad_A, grad_B
 
 
 def delta(A: np.ndarray, B: np.ndarray, scaling: float, *, fan_in_fan_out: bool = False) -> np.ndarray:

@@ -70,6 +70,8 @@ def test_backward_matches_central_differences(case):
     # step h equals the gradient exactly; what remains is rounding, which the bounds account for.
     x, W, A, B, s, bias, mask, G = case
     gx, gA, gB = lora.backward(G, x, W, A, B, s, dropout_mask=mask)
+    none, gA2, gB2 = lora.backward(G, x, W, A, B, s, dropout_mask=mask, grad_x=False)
+    assert none is None and np.array_equal(gA2, gA) and np.array_equal(gB2, gB)  # the same operations
     bx, bA, bB = bounds.lora_backward_bound(G, x, W, A, B, s, REFERENCE, dropout_mask=mask)
     h = 2.0**-8
     for name, p, grad, gbound in (("x", x, gx, bx), ("A", A, gA, bA), ("B", B, gB, bB)):
