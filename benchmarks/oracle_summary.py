@@ -14,6 +14,8 @@ import os
 import sys
 from importlib import metadata
 
+import numpy as np
+
 
 def _version(package: str) -> str | None:
     try:
@@ -22,22 +24,14 @@ def _version(package: str) -> str | None:
         return None
 
 
-def _quantile(values: list[float], q: float) -> float:
-    v = sorted(values)
-    pos = q * (len(v) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(v) - 1)
-    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
-
-
 def summarise(raw: dict) -> dict:
     times = {}
     for b in raw["benchmarks"]:
         data = b["stats"]["data"]
         times[b["name"]] = {
             "median_ms": b["stats"]["median"] * 1e3,
-            "p20_ms": _quantile(data, 0.2) * 1e3,
-            "p80_ms": _quantile(data, 0.8) * 1e3,
+            "p20_ms": float(np.quantile(data, 0.2)) * 1e3,
+            "p80_ms": float(np.quantile(data, 0.8)) * 1e3,
             "rounds": b["stats"]["rounds"],
         }
     ratios = {}
