@@ -74,3 +74,29 @@ def test_the_commands_choose_the_interpreter_themselves():
     assert line.split()[1] == "available", line
     if not torch.cuda.is_available():
         assert "Failed to load" not in done.stderr  # torchao's import-time noise is kept out of the listing
+
+
+@pytest.mark.parametrize(
+    ("version", "ok"),
+    [
+        ("3.2.0", False),
+        ("3.3.1", False),
+        ("3.4.0", True),
+        ("3.9.0", True),
+        ("4.0.0", True),
+        ("3.10.0+git", True),
+    ],
+)
+def test_too_old_triton_is_refused_by_name(version, ok, monkeypatch):
+    """Triton 3.2 lacks tl.gather and 3.3's compiler asserts on it (docs/triton.md): the backend says so
+    instead of failing inside a kernel compile."""
+    import triton
+
+    from reflora.backends.triton.backend import TritonBackend, triton_version_problem
+
+    problem = triton_version_problem(version)
+    assert (problem is None) == ok
+    if not ok:
+        assert f"Triton {version} is too old" in problem and "triton>=3.4" in problem
+        monkeypatch.setattr(triton, "__version__", version)
+        assert TritonBackend().available() == problem

@@ -22,6 +22,10 @@ import triton
 import triton.language as tl
 
 from reflora.backends.torch.quant_state import TorchQuantState
+from reflora.backends.triton.backend import triton_version_problem
+
+if _problem := triton_version_problem(triton.__version__):
+    raise ImportError(_problem)
 
 __all__ = [
     "INTERPRET",

@@ -40,7 +40,7 @@ from reflora.bounds import Arithmetic
 from reflora.lora import check_shapes
 from reflora.state import QuantState
 
-__all__ = ["INTERPRETER_MAX_WORK", "TritonBackend", "use_interpreter"]
+__all__ = ["INTERPRETER_MAX_WORK", "MIN_TRITON", "TritonBackend", "triton_version_problem", "use_interpreter"]
 
 INTERPRETER_MAX_WORK = 1 << 20
 """Largest rows·in·(out + r) of a QLoRA example the interpreter runs (about 2 s a call on one core)."""
@@ -69,6 +69,26 @@ def use_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+MIN_TRITON = (3, 4)
+"""Oldest Triton the kernels run on: 3.2 has no ``tl.gather``, and 3.3's compiler fails an assertion
+lowering the dequantize kernel's gather (measured: the sm_90 compile check). 3.4 to 3.9 pass it."""
+
+
+def triton_version_problem(version: str) -> str | None:
+    """Why Triton ``version`` cannot run the kernels, or None when it can."""
+    try:
+        found = tuple(int(part) for part in version.split(".")[:2])
+    except ValueError:
+        return None  # a development build with an unusual version string: let it try
+    if found >= MIN_TRITON:
+        return None
+    need = ".".join(map(str, MIN_TRITON))
+    return (
+        f"Triton {version} is too old for reflora's kernels, which need Triton >= {need} (3.2 has no "
+        f"tl.gather; 3.3's compiler fails on it): pip install 'triton>={need}' (it must match your torch)"
+    )
+
+
 def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -86,9 +106,12 @@ class TritonBackend(BaseBackend):
     def available(self) -> bool | str:
         try:
             import torch
-            import triton  # noqa: F401
+            import triton
         except ImportError as exc:
             return f"cannot import {exc.name}: {exc}"
+        problem = triton_version_problem(triton.__version__)
+        if problem:
+            return problem
         if not _interpret() and not torch.cuda.is_available():
             return (
                 "no CUDA device and TRITON_INTERPRET is not 1: set TRITON_INTERPRET=1 in the environment "
