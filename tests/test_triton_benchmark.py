@@ -67,3 +67,20 @@ def test_dry_run_checks_kernels_and_writes_json(tmp_path, capsys):
     assert ours["check"] == "exact"
     assert {"median_ms", "p20_ms", "p80_ms", "gb_per_s"} <= ours.keys()
     assert "DRY RUN" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [([], "usage: gpu_session.sh PHASE..."), (["check", "bench"], "unknown phase 'bench'")],
+)
+def test_gpu_session_refuses_bad_phases_before_running_any(args, message, tmp_path):
+    """benchmarks/gpu_session.sh spends lent GPU time: a typo must stop it before the first phase."""
+    import subprocess
+
+    env = {**os.environ, "OUT": str(tmp_path)}
+    done = subprocess.run(
+        ["bash", str(BENCH / "gpu_session.sh"), *args], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert done.returncode == 2
+    assert message in done.stderr and "phases: check harness audit conform tests" in done.stderr
+    assert not any(tmp_path.iterdir())  # no phase ran, no log written

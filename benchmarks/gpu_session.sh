@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# The GPU work of issue #4, in phases that each fit one call of the device tool (10 minutes at most).
+# Run from the repository root on the GPU machine, with .gpu carried (build it first, here, with
+# benchmarks/gpu_bundle.sh):
+#
+#   bash benchmarks/gpu_session.sh check harness     # phases run in the order given
+#
+# Phases:
+#   check    the device, the versions, and that reflora, bitsandbytes (its CUDA library) and torchao load
+#   harness  benchmarks/gpu.py at full size: ceilings, dequantize, GEMV, QLoRA MLP (JSON for benchmarks/results/)
+#   audit    `reflora conform --profile audit --backend triton`, the kernels compiled for the GPU
+#   conform  `reflora conform` (ci profile) on every backend, on CUDA: torch on the GPU, bitsandbytes' CUDA
+#            path held to the bnb-cuda dialect
+#   tests    the project's tests with TRITON_INTERPRET unset: Triton compiled, torch and bitsandbytes on CUDA
+#
+# Logs and JSON go to $OUT (the device tool brings them back), else to ./gpu-out. The exit status is
+# non-zero when any phase failed; every phase still runs.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+phases="check harness audit conform tests"
+[ $# -gt 0 ] || { echo "usage: gpu_session.sh PHASE... (phases: $phases)" >&2; exit 2; }
+for name in "$@"; do
+    case " $phases " in
+        *" $name "*) ;;
+        *) echo "gpu_session.sh: unknown phase '$name' (phases: $phases)" >&2; exit 2 ;;
+    esac
+done
+if [ ! -d .gpu/site ]; then
+    echo "gpu_session.sh: .gpu/site is missing: run benchmarks/gpu_bundle.sh on a networked machine and carry .gpu" >&2
+    exit 2
+fi
+export PYTHONPATH="$PWD/.gpu/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+unset TRITON_INTERPRET
+py=${PYTHON:-python3}
+out=${OUT:-gpu-out}
+mkdir -p "$out"
+status=0
+
+phase() {  # phase NAME COMMAND...: run it, log to $out/NAME.log, report its exit status and duration
+    local name=$1 start=$SECONDS rc
+    shift
+    echo "== $name: $*"
+    "$@" 2>&1 | tee "$out/$name.log"
+    rc=${PIPESTATUS[0]}
+    echo "== $name: exit $rc after $((SECONDS - start)) s"
+    [ "$rc" -eq 0 ] || status=1
+}
+
+check() {
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+    "$py" - <<'EOF'
+import importlib, sys
+import torch
+print("python", sys.version.split()[0], "| torch", torch.__version__, "cuda", torch.version.cuda,
+      "| device", torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+failed = False
+for name in ("triton", "numpy", "reflora", "bitsandbytes", "torchao", "peft", "transformers", "hypothesis"):
+    try:
+        mod = importlib.import_module(name)
+        print(f"{name:13} {getattr(mod, '__version__', '?'):12} {mod.__file__}")
+    except Exception as e:  # report every missing piece, not just the first
+        failed = True
+        print(f"{name:13} NOT IMPORTABLE: {type(e).__name__}: {e}")
+import bitsandbytes.functional as F
+x = torch.randn(128, 64, device="cuda", dtype=torch.bfloat16)
+packed, qs = F.quantize_4bit(x, blocksize=64, quant_type="nf4")
+print("bitsandbytes CUDA quantize_4bit:", packed.device, tuple(packed.shape))
+sys.exit(1 if failed else 0)
+EOF
+    "$py" -m reflora backends
+}
+
+for name in "$@"; do
+    case $name in
+        check) phase check check ;;
+        harness) phase harness "$py" benchmarks/gpu.py --out "$out" ;;
+        audit) phase audit "$py" -m reflora conform --backend triton --profile audit \
+            --json "$out/conform-audit-triton.json" --bundle-dir "$out/failures" ;;
+        conform) phase conform "$py" -m reflora conform --json "$out/conform-ci-cuda.json" \
+            --bundle-dir "$out/failures" ;;
+        tests)
+            xdist=()
+            "$py" -c "import xdist" 2>/dev/null && xdist=(-n 8)
+            phase tests "$py" -m pytest -q -p no:cacheprovider "${xdist[@]}" tests ;;
+    esac
+done
+exit $status
