@@ -8,7 +8,9 @@ AOT tool does, 16-byte alignment hints as the JIT would give them) and disassemb
 nvdisasm/cuobjdump that ship with Triton. For each kernel variant it prints registers, stack
 (spills), local loads/stores, and an instruction census, and it checks the properties the numerics
 rely on: no FFMA (fused multiply-add) in the dequantize kernel, whose double-quant reconstruction
-must round twice; no ``.ftz`` in the PTX; tensor-core MMA (HGMMA on Hopper) in the 16-bit GEMMs.
+must round twice; no ``.ftz`` in the PTX; tensor-core MMA (HGMMA on Hopper) in the 16-bit GEMMs. And
+one that bandwidth relies on: the dequantize kernel reads the packed codes 16 bytes an instruction
+(``LDG.E.128``), not a byte at a time.
 Exit status 1 if a check fails. This is the "read what costs no device time" step: it proves the
 kernels compile for the target and shows register pressure, not how fast they run.
 """
@@ -179,6 +181,8 @@ def census(kernel, workdir: Path, name: str) -> dict:
         "stack": int(res.get("STACK", 0)),
         "dyn_shared": kernel.metadata.shared,
         "ftz_in_ptx": len(re.findall(r"\.ftz", kernel.asm["ptx"])),
+        "LDG.E.128": len(re.findall(r"\bLDG\.E\.128\b", sass)),
+        "LDG.E.U8": len(re.findall(r"\bLDG\.E\.U8\b", sass)),
         **{op: ops[op] for op in OPS},
     }
 
@@ -217,6 +221,12 @@ def main(argv: list[str] | None = None) -> int:
             failures.append(f"{name}: .ftz in PTX")
         if fn.__name__ == "_dequant_kernel" and c["FFMA"]:
             failures.append(f"{name}: {c['FFMA']} FFMA: the double-quant reconstruction may be contracted")
+        if fn.__name__ == "_dequant_kernel" and (not c["LDG.E.128"] or c["LDG.E.U8"] > 2):
+            # One 16-byte load of codes a thread; the byte loads left are the 8-bit double-quant scales.
+            failures.append(
+                f"{name}: {c['LDG.E.128']} LDG.E.128 and {c['LDG.E.U8']} LDG.E.U8: the packed codes are "
+                "not read 16 bytes at a time"
+            )
         if fn.__name__ == "_nf4_gemm_kernel" and args.arch >= 90 and not c["HGMMA"]:
             failures.append(f"{name}: no HGMMA: the 16-bit GEMM is not on Hopper's tensor-core path")
         if c["stack"] or c["LDL"] or c["STL"]:

@@ -2,7 +2,8 @@
 the numerics rely on: no fused multiply-add in the dequantize kernel (the double-quant scale rounds
 twice), no flush-to-zero, tensor-core MMA (HGMMA) in the 16-bit GEMMs. Runs
 benchmarks/_gpu_compile_check.py in a subprocess, because it needs compiled (not interpreted) kernels
-and the other Triton test modules switch this process to the interpreter."""
+and tests/conftest.py puts the test process on the interpreter when there is no GPU. It also checks that the
+dequantize kernel reads its packed codes with 16-byte loads."""
 
 import os
 import subprocess
