@@ -57,7 +57,24 @@ class Recorder:
         return lambda *args, **kwargs: self.calls.append((self.fn, args, kwargs))
 
 
+def _jit_key(v) -> tuple[str, str | None] | None:
+    """How Triton's JIT specializes a non-constexpr argument at launch: an integer equal to 1 becomes
+    the constant 1, other integers and pointers are marked when divisible by 16 (0 included), floats
+    and bools are not specialized. None where Triton's own rule cannot be asked (older versions)."""
+    try:
+        from triton._C.libtriton import native_specialize_impl
+        from triton.backends.nvidia.compiler import CUDABackend
+    except ImportError:
+        return None
+    if isinstance(v, (bool, float)):
+        return None  # the JIT skips runtime specialization for these
+    return native_specialize_impl(CUDABackend, v, False, True, True)
+
+
 def _signature(fn, args, kwargs):
+    """The signature, constants and attributes the JIT would compile this launch with, so that the
+    machine code read here is the machine code that runs: without the integer-1 rule, unit strides
+    would stay runtime values and every load of a contiguous row would compile to scalar loads."""
     sig, consts, attrs = {}, {}, {}
     values = dict(zip(fn.arg_names, args, strict=False))
     values.update({k: v for k, v in kwargs.items() if k in fn.arg_names})
@@ -65,19 +82,29 @@ def _signature(fn, args, kwargs):
         v = values[name]
         if param.is_constexpr:
             sig[name], consts[name] = "constexpr", v
-        elif isinstance(v, torch.Tensor):
-            sig[name] = _PTR[v.dtype]
-            attrs[(i,)] = [["tt.divisibility", 16]]  # the caching allocator aligns to far more than 16 B
+            continue
+        if isinstance(v, torch.Tensor):
+            sig[name], aligned = _PTR[v.dtype], True  # the caching allocator aligns to far more than 16 B
         elif isinstance(v, bool):
-            sig[name] = "i1"
+            sig[name], aligned = "i1", False
+        elif isinstance(v, int) and v == 1:
+            sig[name], consts[name], aligned = "constexpr", 1, False
         elif isinstance(v, int):
-            sig[name] = "i32"
-            if v % 16 == 0 and v != 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
+            sig[name], aligned = "i32", v % 16 == 0
         elif isinstance(v, float):
-            sig[name] = "fp32"
+            sig[name], aligned = "fp32", False
         else:
             raise TypeError(f"{name}: cannot type {type(v).__name__}")
+        if aligned:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        key = _jit_key(v)
+        if key is not None:
+            ours = ("constexpr", 1) if sig[name] == "constexpr" else (sig[name], "D" if aligned else "")
+            theirs = (key[0], key[1] or "")
+            if ours[0].startswith("*"):
+                theirs = (theirs[0].replace("*k", "*"), theirs[1])  # const-ness is not part of this check
+            if ours != theirs:
+                raise AssertionError(f"{fn.__name__}.{name}={v!r}: specialized as {ours}, Triton's JIT: {key}")
     return sig, consts, attrs
 
 
