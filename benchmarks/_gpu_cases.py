@@ -23,9 +23,12 @@ from reflora.backends.triton import (
     reset_launch_counts,
 )
 from reflora.backends.triton.backend import TritonBackend
+from reflora.backends.triton.gemv import default_config as gemv_config
+from reflora.backends.triton.nf4_gemm import default_config as gemm_config
 from reflora.state import NestedState, QuantState
 
 QUANTILES = [0.5, 0.2, 0.8]
+VARIANT_SHARED = "reflora triton, table shared"  # GemmConfig/GemvConfig(table="shared"): a candidate default
 
 
 class ConformanceError(AssertionError):
@@ -379,6 +382,14 @@ def gemv_case(timer: Timer, shapes: Shapes, device) -> list[Row]:
         med, p20, p80 = timer(Rotation(fns), graph=True)
         rows.append(Row(case, "reflora triton", med, p20, p80, nf4_bytes(w0.ts) + io_bytes, check=check))
 
+        # The other way of reading the 4-bit table (tl.gather from shared memory), measured beside the
+        # default so that the faster one can become the default: checked the same way first.
+        cfg = dataclasses.replace(gemv_config(1, shapes.w_out, shapes.w_in), table="shared")
+        check = check_within("nf4 GEMV, table shared", nf4_matmul(x, w0.ts, gemv=cfg), ref, bound)
+        fns = [lambda w=w: nf4_matmul(x, w.ts, gemv=cfg) for w in weights]
+        med, p20, p80 = timer(Rotation(fns), graph=True)
+        rows.append(Row(case, VARIANT_SHARED, med, p20, p80, nf4_bytes(w0.ts) + io_bytes, check=check))
+
         if w0.bnb is not None:
             import bitsandbytes as bnb
 
@@ -445,19 +456,21 @@ def make_mlp(shapes: Shapes, device) -> MlpParams:
     )
 
 
-def ours_mlp(p: MlpParams, x: torch.Tensor, lora: dict) -> torch.Tensor:
-    gate = qlora_linear(x, p.gate.ts, *lora["gate"], p.scaling)
-    up = qlora_linear(x, p.up.ts, *lora["up"], p.scaling)
-    return qlora_linear(torch.nn.functional.silu(gate) * up, p.down.ts, *lora["down"], p.scaling)
+def ours_mlp(p: MlpParams, x: torch.Tensor, lora: dict, **config) -> torch.Tensor:
+    gate = qlora_linear(x, p.gate.ts, *lora["gate"], p.scaling, **config)
+    up = qlora_linear(x, p.up.ts, *lora["up"], p.scaling, **config)
+    return qlora_linear(torch.nn.functional.silu(gate) * up, p.down.ts, *lora["down"], p.scaling, **config)
 
 
-def check_layer(what: str, w: Weight, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float, rows: int):
+def check_layer(
+    what: str, w: Weight, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float, rows: int, **config
+):
     """One qlora_linear at full size against float64: y and grad_x on the first ``rows`` rows, grad_A
     and grad_B in full (they reduce over every row). Raises ConformanceError."""
     x = x.detach().requires_grad_()
     a = a.detach().requires_grad_()
     b = b.detach().requires_grad_()
-    y = qlora_linear(x, w.ts, a, b, s)
+    y = qlora_linear(x, w.ts, a, b, s, **config)
     gen = torch.Generator(device="cpu").manual_seed(3)
     gy = torch.randn(y.shape, generator=gen).to(y.dtype).to(y.device)
     y.backward(gy)
@@ -513,6 +526,19 @@ def mlp_case(timer: Timer, shapes: Shapes, device) -> list[Row]:
     med, p20, p80 = timer(run_ours, grad_to_none=[xg, *params])
     check = "within reflora's bound, max |Δ|/bound per layer: " + "; ".join(checks)
     rows.append(Row(case, "reflora triton", med, p20, p80, flops=flops, check=check))
+
+    # The table read with tl.gather, with the default tiles (default_config's depend on M and the
+    # blocksize, not on the layer's width), checked on the down layer at full size before it is timed.
+    shared = {"gemm": dataclasses.replace(gemm_config(t, h, i, 64), table="shared")}
+    check = "within reflora's bound, max |Δ|/bound: " + check_layer(
+        "down", p.down, mid, *p.lora["down"], p.scaling, shapes.check_rows, **shared
+    )
+
+    def run_shared():
+        ours_mlp(p, xg, lora, **shared).backward(gy)
+
+    med, p20, p80 = timer(run_shared, grad_to_none=[xg, *params])
+    rows.append(Row(case, VARIANT_SHARED, med, p20, p80, flops=flops, check=check))
     rows.extend(_peft_rows(timer, case, shapes, p, x, gy, flops, ours_out))
     return rows
 

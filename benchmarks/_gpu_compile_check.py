@@ -18,6 +18,7 @@ kernels compile for the target and shows register pressure, not how fast they ru
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import os
 import re
@@ -104,7 +105,9 @@ def _signature(fn, args, kwargs):
             if ours[0].startswith("*"):
                 theirs = (theirs[0].replace("*k", "*"), theirs[1])  # const-ness is not part of this check
             if ours != theirs:
-                raise AssertionError(f"{fn.__name__}.{name}={v!r}: specialized as {ours}, Triton's JIT: {key}")
+                raise AssertionError(
+                    f"{fn.__name__}.{name}={v!r}: specialized as {ours}, Triton's JIT: {key}"
+                )
     return sig, consts, attrs
 
 
@@ -188,6 +191,13 @@ def harness_launches(tokens: int = 8192, hidden: int = 4096, inter: int = 11008,
         u = lowrank.lowrank_matmul(g, b)
         nf4_gemm.nf4_gemm(g, w, transposed=True, lora=(u, a, 2.0), mask=mask)
         lowrank.lowrank_matmul(u.t(), x, mask=mask, mask_on="right")
+        # The 4-bit table read with tl.gather (table="shared"), which the harness times beside the default.
+        x1 = torch.empty(1, inter, dtype=torch.bfloat16, **meta)
+        cfg = gemv.default_config(1, hidden, inter)
+        gemv.nf4_gemv(x1, ts, config=dataclasses.replace(cfg, table="shared"))
+        cfg = dataclasses.replace(nf4_gemm.default_config(tokens, inter, hidden, w.blocksize), table="shared")
+        nf4_gemm.nf4_gemm(x, w, lora=(t, b.t(), 2.0), config=cfg)
+        nf4_gemm.nf4_gemm(g, w, transposed=True, lora=(u, a, 2.0), config=cfg)
 
     return _record(run)
 
@@ -224,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     target = GPUTarget("cuda", args.arch, 32)
     failures = []
     seen = set()
-    print(f"{'kernel variant':<72} {'regs':>4} {'stack':>5} {'smem':>6} " + " ".join(f"{o:>5}" for o in OPS))
+    print(f"{'kernel variant':<88} {'regs':>4} {'stack':>5} {'smem':>6} " + " ".join(f"{o:>5}" for o in OPS))
     for fn, call_args, kwargs in harness_launches():
         sig, consts, attrs = _signature(fn, call_args, kwargs)
         key = (fn.__name__, tuple(sorted((k, str(v)) for k, v in consts.items())), tuple(sorted(attrs)))
@@ -236,12 +246,12 @@ def main(argv: list[str] | None = None) -> int:
         flags = [
             f"{k}={v}"
             for k, v in consts.items()
-            if k in ("W_T", "HAS_LORA", "HAS_MASK", "BM", "BP", "MASK_ON")
+            if k in ("W_T", "HAS_LORA", "HAS_MASK", "BM", "BP", "MASK_ON", "TABLE_SHARED")
         ]
         name = f"{fn.__name__}[{','.join(flags)}]"
         c = census(kernel, workdir, f"{fn.__name__}_{len(seen)}")
         print(
-            f"{name[:72]:<72} {c['regs']:>4} {c['stack']:>5} {c['dyn_shared']:>6} "
+            f"{name[:88]:<88} {c['regs']:>4} {c['stack']:>5} {c['dyn_shared']:>6} "
             + " ".join(f"{c[o]:>5}" for o in OPS)
         )
         if c["ftz_in_ptx"]:

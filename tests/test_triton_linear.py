@@ -42,8 +42,10 @@ from reflora.backends.triton import (  # noqa: E402
 )
 from reflora.backends.triton.backend import TritonBackend  # noqa: E402
 from reflora.backends.triton.gemv import GemvConfig  # noqa: E402
+from reflora.backends.triton.gemv import default_config as gemv_default  # noqa: E402
 from reflora.backends.triton.lowrank import LowRankConfig  # noqa: E402
 from reflora.backends.triton.nf4_gemm import GemmConfig  # noqa: E402
+from reflora.backends.triton.nf4_gemm import default_config as gemm_default  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -187,6 +189,46 @@ def test_gemm_fp4_state():
     ts, w64 = make_weight(23, 77, 32, True, quant_type="fp4", seed=5, dtype="bfloat16")
     x = rand((9, 77), "bfloat16", seed=1)
     check_forward("fp4 x @ W^T", nf4_gemm(x.to(DEVICE), ts), x, w64, arithmetic("bfloat16"))
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().cpu().view(torch.int16 if t.element_size() == 2 else torch.int32)
+
+
+@pytest.mark.parametrize(("m", "n", "k", "bs", "dq", "cfg"), GEMM_CASES)
+def test_gemm_table_in_shared_memory_gives_the_same_bits(m, n, k, bs, dq, cfg):
+    """table="shared" (codes looked up with tl.gather) changes how the table is read, not one value or
+    the order of any sum: both orientations, with a LoRA epilogue and a mask, agree bit for bit."""
+    ts, _ = make_weight(n, k, bs, dq, seed=m + n, dtype="bfloat16")
+    x = rand((m, k), "bfloat16", seed=k).to(DEVICE)
+    g = rand((m, n), "bfloat16", seed=n).to(DEVICE)
+    lt = rand((m, 3), "float32", seed=1).to(DEVICE)
+    for transposed, a, p, q in ((False, x, n, k), (True, g, k, n)):
+        rt = rand((3, p), "bfloat16", seed=2).to(DEVICE)
+        mask = (rand((m, p), "float32", seed=3) > 0).float().to(DEVICE)
+        glob = cfg or gemm_default(m, p, q, bs)
+        shared = dataclasses.replace(glob, table="shared")
+        for kw in ({}, {"lora": (lt, rt, 0.5), "mask": mask}):
+            want = nf4_gemm(a, ts, transposed=transposed, config=glob, **kw)
+            got = nf4_gemm(a, ts, transposed=transposed, config=shared, **kw)
+            assert torch.equal(_bits(got), _bits(want)), (transposed, sorted(kw))
+
+
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 37, 131), (4, 16, 256)], ids=["1x37x131-oddK", "4x16x256"])
+def test_gemv_table_in_shared_memory_gives_the_same_bits(m, n, k):
+    ts, _ = make_weight(n, k, 64, True, seed=n, dtype="bfloat16")
+    x = rand((m, k), "bfloat16", seed=1).to(DEVICE)
+    glob = gemv_default(m, n, k)
+    want = nf4_gemv(x, ts, config=glob)
+    got = nf4_gemv(x, ts, config=dataclasses.replace(glob, table="shared"))
+    assert torch.equal(_bits(got), _bits(want))
+
+
+def test_table_must_be_global_or_shared():
+    with pytest.raises(ValueError, match=r"table must be one of \('global', 'shared'\), got 'smem'"):
+        GemmConfig(bm=16, bp=16, bq=16, table="smem")
+    with pytest.raises(ValueError, match="table must be one of"):
+        GemvConfig(bn=8, bk=32, table="texture")
 
 
 # --------------------------------------------------------------------------------------------- nf4_gemv

@@ -273,6 +273,26 @@ def absmax_of(
         return tl.load(absmax_ptr + blk, mask=mask, other=0.0)
 
 
+TABLES = ("global", "shared")
+
+
+def check_table(table: str) -> None:
+    """ValueError unless ``table`` names a way of reading the 4-bit table (w_tile's TABLE_SHARED)."""
+    if table not in TABLES:
+        raise ValueError(f"table must be one of {TABLES}, got {table!r}")
+
+
+@triton.jit
+def lookup(code_ptr, idx, TABLE_SHARED: tl.constexpr):
+    """code[idx] for a 2-D int32 tile of indices 0..15 (see w_tile's TABLE_SHARED)."""
+    if TABLE_SHARED:
+        table = tl.load(code_ptr + tl.arange(0, 16))
+        flat = tl.reshape(idx, (idx.shape[0] * idx.shape[1],))
+        return tl.reshape(tl.gather(table, flat, 0), (idx.shape[0], idx.shape[1]))
+    else:
+        return tl.load(code_ptr + idx)
+
+
 @triton.jit
 def w_tile(
     packed_ptr,  # uint8 (ceil(N*K/2),): codes, element 2j in the high nibble
@@ -292,11 +312,18 @@ def w_tile(
     DOUBLE_QUANT: tl.constexpr,
     PAIRED: tl.constexpr,  # K even: a row starts on a byte, so bytes load whole and split in two
     SCALE_MODE: tl.constexpr,  # how absmax is gathered; scale_mode() below
+    TABLE_SHARED: tl.constexpr,  # look codes up with tl.gather from the table held on chip, not tl.load
 ):
     """float32 (BR, BC): f32(code[q] * absmax) for W[rows, col0:col0+BC]; 0.0 outside W.
 
     This is the value :func:`reflora.nf4.dequantize` computes before its final cast, element for
     element, so casting it once gives the oracle's bits.
+
+    The 16-entry table lookup is the tile's one gather. ``TABLE_SHARED`` False: a ``tl.load`` from
+    ``code_ptr`` an element (global memory, cached in L1; in a pipelined loop Triton stages these as
+    4-byte asynchronous copies). True: the table is loaded once and each element reads it with
+    ``tl.gather`` (shared memory on a GPU), as the dequantize kernel does. Same values either way;
+    which is faster is for the GPU harness to measure (``table=`` in GemmConfig / GemvConfig).
     """
     cols = col0 + tl.arange(0, BC)
     inside = (rows[:, None] < N) & (cols[None, :] < K)
@@ -304,14 +331,14 @@ def w_tile(
         pair = col0 // 2 + tl.arange(0, BC // 2)
         byte_ok = (rows[:, None] < N) & (pair[None, :] < K // 2)
         byte = tl.load(packed_ptr + rows[:, None] * (K // 2) + pair[None, :], mask=byte_ok, other=0)
-        hi = tl.load(code_ptr + (byte >> 4).to(tl.int32))
-        lo = tl.load(code_ptr + (byte & 15).to(tl.int32))
+        hi = lookup(code_ptr, (byte >> 4).to(tl.int32), TABLE_SHARED)
+        lo = lookup(code_ptr, (byte & 15).to(tl.int32), TABLE_SHARED)
         value = tl.interleave(hi, lo)  # (BR, BC): element 2j from the high nibble
     else:
         elem = rows[:, None] * K + cols[None, :]
         byte = tl.load(packed_ptr + elem // 2, mask=inside, other=0)
         nib = (byte >> (4 - 4 * (elem % 2)).to(tl.uint8)) & 15
-        value = tl.load(code_ptr + nib.to(tl.int32))
+        value = lookup(code_ptr, nib.to(tl.int32), TABLE_SHARED)
     if SCALE_MODE == 1:
         # The tile's columns lie in one block of each row: one scale a row.
         blk = (rows * K + col0) // BLOCKSIZE

@@ -29,6 +29,7 @@ from reflora.backends.triton._common import (
     check_device,
     check_float,
     check_state,
+    check_table,
     launch_options,
     load_f32,
     lora_operands,
@@ -79,6 +80,7 @@ def _nf4_gemv_kernel(
     DOUBLE_QUANT: tl.constexpr,
     PAIRED: tl.constexpr,
     SCALE_MODE: tl.constexpr,
+    TABLE_SHARED: tl.constexpr,  # code lookups by tl.gather from the on-chip table (see w_tile)
     BM: tl.constexpr,  # M padded to a power of two
     BN: tl.constexpr,  # rows of W a program
     BK: tl.constexpr,  # columns a step
@@ -114,6 +116,7 @@ def _nf4_gemv_kernel(
             DOUBLE_QUANT,
             PAIRED,
             SCALE_MODE,
+            TABLE_SHARED,
         )
         w = load_f32(round_to(w, dtype, EMULATE_BF16), EMULATE_BF16)  # the GEMM's operand rounding
         acc += tl.sum(load_f32(x, EMULATE_BF16)[:, None, :] * w[None, :, :], axis=2)  # (BM, BN)
@@ -135,11 +138,16 @@ def _nf4_gemv_kernel(
 
 @dataclass(frozen=True)
 class GemvConfig:
-    """W rows a program (bn) and columns a step (bk), powers of two."""
+    """W rows a program (bn) and columns a step (bk), powers of two, and how the 4-bit table is read
+    (``table``: "global" or "shared", see :func:`_common.w_tile`; the same values either way)."""
 
     bn: int
     bk: int
     num_warps: int = 4
+    table: str = "global"
+
+    def __post_init__(self):
+        check_table(self.table)
 
 
 def default_config(m: int, n: int, k: int) -> GemvConfig:
@@ -203,6 +211,7 @@ def nf4_gemv(
         BLOCKSIZE2=ts.blocksize2,
         DOUBLE_QUANT=ts.double_quant,
         PAIRED=k % 2 == 0,
+        TABLE_SHARED=cfg.table == "shared",
         SCALE_MODE=scale_mode(k, ts.blocksize, cfg.bk),
         BM=next_pow2(m),
         BN=cfg.bn,

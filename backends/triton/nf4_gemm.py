@@ -37,6 +37,7 @@ from reflora.backends.triton._common import (
     check_device,
     check_float,
     check_state,
+    check_table,
     dot_operand,
     launch_options,
     load_f32,
@@ -93,6 +94,7 @@ def _nf4_gemm_kernel(
     DOUBLE_QUANT: tl.constexpr,
     PAIRED: tl.constexpr,  # K_W even (see w_tile)
     SCALE_MODE: tl.constexpr,  # absmax gather pattern (see w_tile)
+    TABLE_SHARED: tl.constexpr,  # code lookups by tl.gather from the on-chip table (see w_tile)
     BM: tl.constexpr,
     BP: tl.constexpr,
     BQ: tl.constexpr,
@@ -142,6 +144,7 @@ def _nf4_gemm_kernel(
                 DOUBLE_QUANT,
                 PAIRED,
                 SCALE_MODE,
+                TABLE_SHARED,
             )
         else:
             # W rows are the output columns: tile (BP, BQ) = W[rp, rq], transposed for the dot.
@@ -164,6 +167,7 @@ def _nf4_gemm_kernel(
                     DOUBLE_QUANT,
                     PAIRED,
                     SCALE_MODE,
+                    TABLE_SHARED,
                 )
             )
         # The one rounding of W: to the activation dtype, as reflora.nf4.dequantize(state, dtype).
@@ -196,7 +200,8 @@ def _nf4_gemm_kernel(
 
 @dataclass(frozen=True)
 class GemmConfig:
-    """Tile sizes (powers of two, >= 16), the L2 grouping, and launch resources."""
+    """Tile sizes (powers of two, >= 16), the L2 grouping, launch resources, and how the 4-bit table
+    is read (``table``: "global" or "shared", see :func:`_common.w_tile`; the same values either way)."""
 
     bm: int
     bp: int
@@ -204,6 +209,10 @@ class GemmConfig:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
+    table: str = "global"
+
+    def __post_init__(self):
+        check_table(self.table)
 
 
 def default_config(m: int, p: int, q: int, blocksize: int) -> GemmConfig:
@@ -290,6 +299,7 @@ def nf4_gemm(
         BLOCKSIZE2=ts.blocksize2,
         DOUBLE_QUANT=ts.double_quant,
         PAIRED=k_w % 2 == 0,
+        TABLE_SHARED=cfg.table == "shared",
         SCALE_MODE=scale_mode(k_w, ts.blocksize, w_cols),
         BM=cfg.bm,
         BP=cfg.bp,
