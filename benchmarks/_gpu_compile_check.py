@@ -9,8 +9,8 @@ nvdisasm/cuobjdump that ship with Triton. For each kernel variant it prints regi
 (spills), local loads/stores, and an instruction census, and it checks the properties the numerics
 rely on: no FFMA (fused multiply-add) in the dequantize kernel, whose double-quant reconstruction
 must round twice; no ``.ftz`` in the PTX; tensor-core MMA (HGMMA on Hopper) in the 16-bit GEMMs. And
-one that bandwidth relies on: the dequantize kernel reads the packed codes 16 bytes an instruction
-(``LDG.E.128``), not a byte at a time.
+one that bandwidth relies on: the packed codes are read 16 bytes an instruction, by ``LDG.E.128`` in
+the dequantize kernel and the GEMV, and by 16-byte asynchronous copies (never 8-byte ones) in the GEMM.
 Exit status 1 if a check fails. This is the "read what costs no device time" step: it proves the
 kernels compile for the target and shows register pressure, not how fast they run.
 """
@@ -220,6 +220,9 @@ def census(kernel, workdir: Path, name: str) -> dict:
         "ftz_in_ptx": len(re.findall(r"\.ftz", kernel.asm["ptx"])),
         "LDG.E.128": len(re.findall(r"\bLDG\.E\.128\b", sass)),
         "LDG.E.U8": len(re.findall(r"\bLDG\.E\.U8\b", sass)),
+        "cp.async 8 B": len(
+            re.findall(r"cp\.async\.c[ag]\.shared\.global \[[^]]*\], \[[^]]*\], 0x8\b", kernel.asm["ptx"])
+        ),
         **{op: ops[op] for op in OPS},
     }
 
@@ -263,6 +266,12 @@ def main(argv: list[str] | None = None) -> int:
             failures.append(
                 f"{name}: {c['LDG.E.128']} LDG.E.128 and {c['LDG.E.U8']} LDG.E.U8: the packed codes are "
                 "not read 16 bytes at a time"
+            )
+        if fn.__name__ == "_nf4_gemv_kernel" and not c["LDG.E.128"]:
+            failures.append(f"{name}: no LDG.E.128: the packed codes are not read 16 bytes at a time")
+        if fn.__name__ == "_nf4_gemm_kernel" and c["cp.async 8 B"]:
+            failures.append(
+                f"{name}: {c['cp.async 8 B']} 8-byte async copies: the codes are not copied 16 at a time"
             )
         if fn.__name__ == "_nf4_gemm_kernel" and args.arch >= 90 and not c["HGMMA"]:
             failures.append(f"{name}: no HGMMA: the 16-bit GEMM is not on Hopper's tensor-core path")

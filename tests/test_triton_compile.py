@@ -3,7 +3,7 @@ the numerics rely on: no fused multiply-add in the dequantize kernel (the double
 twice), no flush-to-zero, tensor-core MMA (HGMMA) in the 16-bit GEMMs. Runs
 benchmarks/_gpu_compile_check.py in a subprocess, because it needs compiled (not interpreted) kernels
 and tests/conftest.py puts the test process on the interpreter when there is no GPU. It also checks that the
-dequantize kernel reads its packed codes with 16-byte loads."""
+dequantize kernel, the GEMV and the GEMMs read their packed codes 16 bytes at a time."""
 
 import os
 import subprocess

@@ -306,6 +306,7 @@ def w_tile(
     col0,  # int32 scalar: first column of the tile (a multiple of BC)
     N,  # rows of W
     K,  # columns of W
+    K_BYTES,  # K // 2, passed in so that Triton sees its divisibility by 16 and loads 16 bytes at a time
     BC: tl.constexpr,  # columns in the tile
     BLOCKSIZE: tl.constexpr,
     BLOCKSIZE2: tl.constexpr,
@@ -329,8 +330,8 @@ def w_tile(
     inside = (rows[:, None] < N) & (cols[None, :] < K)
     if PAIRED:
         pair = col0 // 2 + tl.arange(0, BC // 2)
-        byte_ok = (rows[:, None] < N) & (pair[None, :] < K // 2)
-        byte = tl.load(packed_ptr + rows[:, None] * (K // 2) + pair[None, :], mask=byte_ok, other=0)
+        byte_ok = (rows[:, None] < N) & (pair[None, :] < K_BYTES)
+        byte = tl.load(packed_ptr + rows[:, None] * K_BYTES + pair[None, :], mask=byte_ok, other=0)
         hi = lookup(code_ptr, (byte >> 4).to(tl.int32), TABLE_SHARED)
         lo = lookup(code_ptr, (byte & 15).to(tl.int32), TABLE_SHARED)
         value = tl.interleave(hi, lo)  # (BR, BC): element 2j from the high nibble

@@ -67,6 +67,7 @@ def _nf4_gemv_kernel(
     M,
     N,
     K,
+    K_BYTES,  # K // 2: bytes a row of W when K is even (see w_tile)
     R,
     scaling,  # float32
     stride_xm,
@@ -110,6 +111,7 @@ def _nf4_gemv_kernel(
             k0,
             N,
             K,
+            K_BYTES,
             BK,
             BLOCKSIZE,
             BLOCKSIZE2,
@@ -199,6 +201,7 @@ def nf4_gemv(
         m,
         n,
         k,
+        k // 2,
         r,
         float(scaling),
         x.stride(0),

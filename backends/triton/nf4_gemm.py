@@ -78,6 +78,7 @@ def _nf4_gemm_kernel(
     R,  # LoRA rank
     N_W,  # rows of W
     K_W,  # columns of W
+    K_BYTES,  # K_W // 2: bytes a row of W when K_W is even (see w_tile)
     scaling,  # float32 LoRA scaling
     stride_am,
     stride_aq,
@@ -138,6 +139,7 @@ def _nf4_gemm_kernel(
                 pid_p * BP,
                 N_W,
                 K_W,
+                K_BYTES,
                 BP,
                 BLOCKSIZE,
                 BLOCKSIZE2,
@@ -161,6 +163,7 @@ def _nf4_gemm_kernel(
                     q0,
                     N_W,
                     K_W,
+                    K_BYTES,
                     BQ,
                     BLOCKSIZE,
                     BLOCKSIZE2,
@@ -284,6 +287,7 @@ def nf4_gemm(
         r,
         n_w,
         k_w,
+        k_w // 2,
         float(scaling),
         a.stride(0),
         a.stride(1),
