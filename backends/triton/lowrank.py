@@ -120,7 +120,7 @@ def default_config(p: int, q: int, k: int) -> LowRankConfig:
     bp = next_pow2(min(p, 64), 16)
     bq = next_pow2(min(q, 64), 16)
     # bk 32: the float32 dot runs on CUDA cores with its operands in registers; at bk 64 a 16x64 tile
-    # spills at 4 warps on sm_90 (benchmarks/_gpu_compile_check.py: 255 registers, 400 B of stack).
+    # spills at 4 warps on sm_90 (benchmarks/_gpu_compile_check.py: 255 registers, 200-280 B of stack).
     bk = 32
     tiles = triton.cdiv(p, bp) * triton.cdiv(q, bq)
     # Aim for a few hundred programs on a ~132-SM GPU; never split below 8 k-steps a program.
