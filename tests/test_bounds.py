@@ -44,8 +44,11 @@ def add_round(a, b, dtype, truncate=False) -> np.ndarray:
     if np.dtype(dtype) == F64:
         assert not truncate
         return s
-    bb = s - a
-    err = (a - (s - bb)) + (b - bb)  # TwoSum: a + b = s + err exactly
+    # An overflowing sum gives inf, and TwoSum's error term inf - inf = NaN: quietly, because _ok accepts
+    # non-finite results only where the bound is infinite too, and fails them anywhere else.
+    with np.errstate(invalid="ignore"):
+        bb = s - a
+        err = (a - (s - bb)) + (b - bb)  # TwoSum: a + b = s + err exactly
     even = (s.view(np.uint64) & 1) == 0
     # Round to odd at 53 bits, so the one rounding to dtype below decides as on the exact sum.
     s = np.where((err != 0) & even, np.nextafter(s, np.where(err > 0, np.inf, -np.inf)), s)
@@ -59,8 +62,10 @@ def add_round(a, b, dtype, truncate=False) -> np.ndarray:
 
 
 def mul_round(a, b, dtype) -> np.ndarray:
-    """fl(a·b) for values of at most 26 bits (float32 and narrower): their product is exact in float64."""
-    return rnd(np.asarray(a) * np.asarray(b), dtype)
+    """fl(a·b) for values of at most 26 bits (float32 and narrower): their product is exact in float64.
+    inf · 0 (an overflowed partial result times a zero) is NaN, quietly, as in add_round."""
+    with np.errstate(invalid="ignore"):
+        return rnd(np.asarray(a) * np.asarray(b), dtype)
 
 
 def sim_matmul(P, Q, acc, order="recursive", truncate=False) -> np.ndarray:
