@@ -390,13 +390,16 @@ def _forward_model(x, W, A, B, s, bias, mask, ar: Arithmetic, value=None) -> _Tr
     t = _to_mid(_matmul(x_d, _exact(A.T), acc), ar, mid)  # (N, r) = [mid](x_d Aᵀ), K = in
     z = _to_mid(_matmul(t, _exact(B.T), acc), ar, mid)  # (N, out) = [mid](t Bᵀ), K = r
     lora = _to_mid(_mul(z, _round(_exact(s), acc), acc), ar, mid)  # [mid]([acc](s)·z)
-    # The bias is one more term of the base path's accumulation: append it as a column of W.
-    x1 = np.concatenate([x, np.ones((x.shape[0], 1))], axis=1)
-    W1 = np.concatenate([W, bias[:, None]], axis=1)
     if ar.fused:  # one accumulator: [out]([acc]([acc](x Wᵀ + lora) + bias)), the rounding relative to |y|
-        y = _add(_add(_matmul(xt, _exact(W.T), acc), lora, acc), _exact(bias[None, :]), acc)
+        b = np.zeros(W.shape[0]) if bias is None else bias
+        y = _add(_add(_matmul(xt, _exact(W.T), acc), lora, acc), _exact(b[None, :]), acc)
         return _final(y, out, value)
-    base = _round(_matmul(_exact(x1), _exact(W1.T), acc), out)  # [out](x Wᵀ + bias), K = in + 1
+    base = _round(_matmul(xt, _exact(W.T), acc), out)  # [out](x Wᵀ), K = in
+    if bias is not None:
+        # [out]([acc](b + bias)): torch.nn.functional.linear rounds x Wᵀ before adding the bias when x
+        # is a non-contiguous N-D tensor (matmul, then add), and once when it is contiguous (addmm).
+        # Two roundings cover both, since a backend may round less often than its model.
+        base = _round(_add(base, _exact(bias[None, :]), acc), out)
     return _round(_add(base, lora, acc), out)  # [out]([acc](base + lora))
 
 
@@ -409,14 +412,16 @@ def lora_forward_bound(x, W, A, B, scaling: float, arith: Arithmetic, *, bias=No
 
         x_d = [op][acc](x ⊙ mask)                 t = [mid](x_d Aᵀ)   accumulated, K = in
         z   = [mid](t Bᵀ)   accumulated, K = r     l = [mid][acc]([acc](s)·z)
-        b   = [out](x Wᵀ + bias)  accumulated, K = in + 1
+        b   = [out](x Wᵀ)   accumulated, K = in    then, with a bias, b = [out][acc](b + bias)
         y   = [out][acc](b + l)
 
-    Paths and their roundings: base and bias terms x_k W_ik: in + 2 of acc, 2 of out;
-    LoRA terms s x_k m_k A_jk B_ij: in + r + 3 of acc (+1 with a mask), 3 of mid, 1 of out
-    (+1 of op with a mask). Hence, with θ from the Lemma,
+    (torch's linear adds the bias after rounding x Wᵀ for a non-contiguous N-D x, before it for a
+    contiguous one: the model has both roundings.) Paths and their roundings: base terms x_k W_ik:
+    in + 1 of acc and 2 of out, one more of each with a bias; the bias: 2 of acc, 2 of out; LoRA terms
+    s x_k m_k A_jk B_ij: in + r + 3 of acc (+1 with a mask), 3 of mid, 1 of out (+1 of op with a
+    mask). Hence, with θ from the Lemma,
 
-        |ŷ - y| <= θ_base·(|x||W|ᵀ + |bias|) + θ_lora·|s|·(|x_d||A|ᵀ)|B|ᵀ + E,
+        |ŷ - y| <= θ_base·|x||W|ᵀ + θ_bias·|bias| + θ_lora·|s|·(|x_d||A|ᵀ)|B|ᵀ + E,
 
     E the subnormal terms. The bound returned is that of the backend plus that of the reference
     (the same model with every dtype float64), because |out - ref| <= |out - y| + |y - ref|.
@@ -435,7 +440,7 @@ def lora_forward_bound(x, W, A, B, scaling: float, arith: Arithmetic, *, bias=No
     op = arith.operand
     x64 = _operand("x", x, op).reshape(-1, n_in)
     W64, A64, B64 = _operand("W", W, op), _operand("A", A, op), _operand("B", B, op)
-    b64 = np.zeros(out_f) if bias is None else _operand("bias", bias, op)
+    b64 = None if bias is None else _operand("bias", bias, op)
     m64 = None if dropout_mask is None else _operand("dropout_mask", dropout_mask, op).reshape(-1, n_in)
     s = float(scaling)
     ref_error = _forward_model(x64, W64, A64, B64, s, b64, m64, REFERENCE).error()

@@ -31,3 +31,17 @@ def test_the_library_still_deviates_and_the_oracle_does_not(bundle):
     result = replay(bundle)
     assert result.backend == name and result.status == "fail", result.message
     assert replay(bundle, "reference").status == "pass"
+
+
+def test_torch_linear_rounds_the_bias_by_the_layout_of_x():
+    """docs/findings.md, torch: F.linear adds the bias after rounding x Wᵀ for a non-contiguous 3-D x,
+    in the same rounding for a contiguous one. When torch changes this, update the finding (the
+    bound, docs/bounds.md §6, covers both either way)."""
+    torch = pytest.importorskip("torch")
+    W = torch.tensor([[0.90234375]], dtype=torch.bfloat16)
+    bias = torch.tensor([-0.921875], dtype=torch.bfloat16)
+    x = torch.full((2, 3, 1), -1.2421875, dtype=torch.bfloat16)
+    xt = x.transpose(0, 1)  # (3, 2, 1), the same values, not contiguous
+    assert x.is_contiguous() and not xt.is_contiguous()
+    assert torch.nn.functional.linear(x, W, bias).flatten().tolist() == [-2.046875] * 6
+    assert torch.nn.functional.linear(xt, W, bias).flatten().tolist() == [-2.03125] * 6
