@@ -100,6 +100,12 @@ class Dialect:
             isinstance(v, type) and hasattr(v, "to_quant_state") for v in vars(self.module).values()
         )
 
+    def nan_encodings(self, state, dtype=None) -> tuple[int, ...] | str | None:
+        """Where the dialect's dequantize of ``state`` writes a NaN, the bit patterns the implementation
+        may write instead (a tuple, or "any"), when it declares more than one; None: exactly its own."""
+        declared = getattr(self.module, "nan_encodings", None)
+        return None if declared is None else declared(state, dtype)
+
     def allowed_codes(self, x: np.ndarray, blocksize: int, quant_type: str) -> tuple[np.ndarray, ...] | None:
         """Alternative codes the dialect declares (bnb-cuda's fast-math reciprocal: the codes with the
         reciprocal one ulp down and up), or None when the codes are exactly determined."""

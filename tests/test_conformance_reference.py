@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from reflora.conformance import runner, suite, tolerances
@@ -64,3 +65,39 @@ def test_docs_carry_the_tolerance_table_verbatim():
     for e in tolerances.TABLE:
         assert e.source and e.rule
     assert {str(e.tolerance).split("(")[0] for e in tolerances.TABLE} == {"EXACT", "ULP", "BOUND", "STAT"}
+
+
+def test_nan_encodings_relax_only_nans_and_only_to_the_declared_bits():
+    """A dialect may declare several NaN encodings (bnb-cpu's bfloat16 torch fallback: 0x7fc0 compiled,
+    0xffff eager); the round trip then accepts exactly those where it expects a NaN, and nothing else."""
+    from reflora.conformance.mismatch import Mismatch
+    from reflora.dtypes import bfloat16
+
+    def bf(*bits):
+        return np.array(bits, dtype=np.uint16).view(bfloat16)
+
+    expected = bf(0x7FC0, 0x3F80)  # NaN, 1.0
+    check = lambda actual, nan_bits: tolerances.expect_bits("dequantize_4bit", "out", actual, expected, {},  # noqa: E731
+                                                            nan_bits=nan_bits)  # fmt: skip
+    check(bf(0xFFFF, 0x3F80), (0x7FC0, 0xFFFF))  # the other declared encoding
+    check(bf(0xFFC1, 0x3F80), "any")
+    for actual, nan_bits in [
+        (bf(0xFFFF, 0x3F80), None),  # nothing declared: bits
+        (bf(0x7FC1, 0x3F80), (0x7FC0, 0xFFFF)),  # a NaN, but not a declared encoding
+        (bf(0x3F80, 0x3F80), "any"),  # a number where the dialect has a NaN
+        (bf(0x7FC0, 0x7FC0), "any"),  # a NaN where the dialect has a number
+    ]:
+        with pytest.raises(Mismatch):
+            check(actual, nan_bits)
+
+
+def test_bnb_cpu_declares_two_nan_encodings_only_for_its_bfloat16_torch_fallback():
+    from reflora import nf4
+    from reflora.dialects import bnb_cpu
+
+    odd = nf4.quantize(np.ones((3, 33), np.float32), 32)  # odd last dimension: the torch fallback
+    even = nf4.quantize(np.ones((3, 32), np.float32), 32)  # the native kernel
+    assert not bnb_cpu.uses_native_dequantize(odd.shape) and bnb_cpu.uses_native_dequantize(even.shape)
+    assert bnb_cpu.nan_encodings(odd, "bfloat16") == (0x7FC0, 0xFFFF)
+    assert bnb_cpu.nan_encodings(odd, "float16") is None
+    assert bnb_cpu.nan_encodings(even, "bfloat16") is None

@@ -313,6 +313,21 @@ def dequantize(state: QuantState, dtype: str | np.dtype | None = None) -> np.nda
     return out.reshape(state.shape)
 
 
+TORCH_FALLBACK_BF16_NANS = (0x7FC0, 0xFFFF)
+"""The bfloat16 NaNs of the torch fallback dequantize: torch.compile's kernel writes 0x7fc0, eager torch
+(after the recompile limit, or when compilation fails) 0xffff; which one depends on the process's history."""
+
+
+def nan_encodings(state: QuantState, dtype: str | np.dtype | None = None) -> tuple[int, ...] | None:
+    """The NaN bit patterns bnb may write where :func:`dequantize` writes a NaN, when there are several:
+    :data:`TORCH_FALLBACK_BF16_NANS` for bfloat16 output through the torch fallback (docs/dialects.md,
+    declared deviations of bnb-cpu); None where the bits are exactly :func:`dequantize`'s."""
+    out_dtype = state.dtype if dtype is None else as_dtype(dtype)
+    if out_dtype == bfloat16 and not uses_native_dequantize(state.shape):
+        return TORCH_FALLBACK_BF16_NANS
+    return None
+
+
 def output_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     """The shape bnb's CPU ``dequantize_4bit`` returns for a state of ``shape`` (values: :func:`dequantize`).
 

@@ -247,6 +247,12 @@ def quantize(
     )
 
 
+def nan_encodings(state: TorchaoNF4State, dtype: str | np.dtype | None = None) -> str:
+    """ "any": the NaN bits of torchao's output are not modelled (torch's float32-to-bfloat16 NaN
+    conversion depends on the kernel; both 0xffc0 and 0xffff are seen), only that the value is a NaN."""
+    return "any"
+
+
 def dequantize(state: TorchaoNF4State, dtype: str | np.dtype | None = None) -> np.ndarray:
     """torchao's ``get_original_weight()`` by rule 5, in ``state.shape``; then cast to ``dtype`` if given."""
     n = math.prod(state.shape)
