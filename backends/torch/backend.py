@@ -123,11 +123,7 @@ class TorchBackend(BaseBackend):
         xt, At, Bt = self._t(x, grad=True), self._t(A, grad=True), self._t(B, grad=True)
         with _full_precision_matmul(self.device):
             y = ops.lora_linear(xt, self._t(W), At, Bt, float(scaling), dropout_mask=self._t(dropout_mask))
-            g = self._t(grad_y)
-            if g.shape != y.shape:
-                raise ValueError(f"grad_y has shape {tuple(g.shape)}, expected {tuple(y.shape)}")
-            grads = torch.autograd.grad(y, (xt, At, Bt), g)
-        return tuple(torch_to_numpy(t) for t in grads)
+            return self._grads(y, (xt, At, Bt), grad_y)
 
     def qlora_forward(self, x, state, A, B, scaling, *, bias=None, dropout_mask=None) -> np.ndarray:
         with torch.no_grad(), _full_precision_matmul(self.device):
@@ -143,11 +139,14 @@ class TorchBackend(BaseBackend):
             y = ops.qlora_linear(
                 xt, self._state(state), At, Bt, float(scaling), dropout_mask=self._t(dropout_mask)
             )
-            g = self._t(grad_y)
-            if g.shape != y.shape:
-                raise ValueError(f"grad_y has shape {tuple(g.shape)}, expected {tuple(y.shape)}")
-            grads = torch.autograd.grad(y, (xt, At, Bt), g)
-        return tuple(torch_to_numpy(t) for t in grads)
+            return self._grads(y, (xt, At, Bt), grad_y)
+
+    def _grads(self, y: torch.Tensor, inputs: tuple, grad_y) -> tuple:
+        """The gradients of ``inputs`` for ``grad_y`` (checked to have y's shape), as numpy arrays."""
+        g = self._t(grad_y)
+        if g.shape != y.shape:
+            raise ValueError(f"grad_y has shape {tuple(g.shape)}, expected {tuple(y.shape)}")
+        return tuple(torch_to_numpy(t) for t in torch.autograd.grad(y, inputs, g))
 
     def lora_merge(self, W, A, B, scaling, *, fan_in_fan_out=False) -> np.ndarray:
         with _full_precision_matmul(self.device):
