@@ -36,4 +36,4 @@ def dtype_name(d: np.dtype) -> str:
     for name, dt in DTYPES.items():
         if np.dtype(d) == dt:
             return name
-    raise TypeError(f"reflora quantizes float32, float16 and bfloat16 data, not {np.dtype(d)}")
+    raise TypeError(f"reflora works in float32, float16 and bfloat16, not {np.dtype(d)}")

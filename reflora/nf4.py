@@ -11,7 +11,8 @@ The canonical rules, each a guarantee of :func:`quantize` and :func:`dequantize`
   the matrix it shows, not as its memory).
 * **Non-finite input** (NaN, +inf, -inf) raises ValueError naming the first bad index. No output is
   ever produced from it.
-* **blocksize** is one of 32, 64, 128, ..., 4096; anything else raises ValueError.
+* **blocksize** is one of 32, 64, 128, ..., 4096; another integer raises ValueError, a non-integer
+  (64.0, True) TypeError.
 * **absmax**, **zero blocks** and the **ragged tail**: :mod:`reflora.blockwise`.
 * **Code**: the nearest table value to x/absmax in exact arithmetic, a tie going to the lower value
   (for NF4, the lower code); :mod:`reflora.codebooks`.
@@ -31,7 +32,7 @@ from reflora import blockwise, codebooks
 from reflora.double_quant import dequantize as dequantize_absmax
 from reflora.double_quant import quantize as quantize_absmax
 from reflora.dtypes import as_dtype, dtype_name
-from reflora.state import BLOCKSIZES, QuantState
+from reflora.state import QuantState, check_blocksize
 
 __all__ = ["block_scales", "check_input", "dequantize", "pack", "quantize", "unpack"]
 
@@ -52,11 +53,6 @@ def check_input(x: np.ndarray) -> np.ndarray:
             "NaN and inf have no 4-bit code"
         )
     return x
-
-
-def _check_blocksize(blocksize: int) -> None:
-    if blocksize not in BLOCKSIZES:
-        raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
 
 
 def pack(q: np.ndarray, pad: int) -> np.ndarray:
@@ -87,7 +83,7 @@ def quantize(
     Returns a :class:`reflora.QuantState` whose ``dtype`` and ``shape`` are those of ``x``.
     """
     x = check_input(x)
-    _check_blocksize(blocksize)
+    blocksize = check_blocksize(blocksize)
     codebook = codebooks.get(quant_type)
     flat = x.reshape(-1).astype(np.float32, copy=False)  # logical row-major order; exact widening
     absmax = blockwise.block_absmax(flat, blocksize)

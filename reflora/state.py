@@ -21,9 +21,19 @@ import numpy as np
 
 from reflora.dtypes import dtype_name
 
-__all__ = ["BLOCKSIZES", "NestedState", "QuantState"]
+__all__ = ["BLOCKSIZES", "NestedState", "QuantState", "check_blocksize"]
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def check_blocksize(blocksize: int, name: str = "blocksize") -> int:
+    """``blocksize`` as an int: TypeError unless it is an integer (64.0 and True are not), ValueError
+    unless it is one of :data:`BLOCKSIZES`."""
+    if isinstance(blocksize, bool) or not isinstance(blocksize, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, one of {BLOCKSIZES}, got {blocksize!r}")
+    if blocksize not in BLOCKSIZES:
+        raise ValueError(f"{name} must be one of {BLOCKSIZES}, got {blocksize!r}")
+    return int(blocksize)
 
 
 def _frozen(a: np.ndarray, dtype: type, name: str, ndim: int = 1) -> np.ndarray:
@@ -67,6 +77,10 @@ class NestedState:
         if self.code2.size != 256:
             raise ValueError(f"code2 must have 256 entries, got {self.code2.size}")
         object.__setattr__(self, "offset", np.float32(self.offset))
+        b2 = self.blocksize2
+        if isinstance(b2, bool) or not isinstance(b2, (int, np.integer)) or b2 < 1:
+            raise ValueError(f"blocksize2 must be a positive int, got {b2!r}")
+        object.__setattr__(self, "blocksize2", int(b2))
         expected = math.ceil(self.absmax_q.size / self.blocksize2)
         if self.absmax2.size != expected:
             raise ValueError(
@@ -105,8 +119,7 @@ class QuantState:
         object.__setattr__(self, "shape", shape)
         object.__setattr__(self, "dtype", np.dtype(self.dtype))
         dtype_name(self.dtype)  # raises for a dtype reflora does not quantize
-        if self.blocksize not in BLOCKSIZES:
-            raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {self.blocksize}")
+        object.__setattr__(self, "blocksize", check_blocksize(self.blocksize))
         if self.quant_type not in ("nf4", "fp4"):
             raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {self.quant_type!r}")
         n = math.prod(shape)

@@ -167,6 +167,22 @@ def test_blocksize_must_be_a_power_of_two_from_32_to_4096(bs):
         nf4.quantize(np.ones(8, np.float32), bs)
 
 
+@pytest.mark.parametrize("bs", [64.0, True, "64", None], ids=repr)
+def test_blocksize_must_be_an_integer(bs):
+    # 64.0 == 64 and True == 1: a membership test alone would take the first and misreport the second.
+    with pytest.raises(TypeError, match="blocksize must be an int"):
+        nf4.quantize(np.ones(8, np.float32), bs)
+    state = nf4.quantize(np.ones(8, np.float32), 64)
+    with pytest.raises(TypeError, match="blocksize must be an int"):
+        QuantState(state.packed, state.absmax, state.shape, state.dtype, bs, "nf4", state.code)
+
+
+def test_a_numpy_integer_blocksize_is_stored_as_int():
+    state = nf4.quantize(np.ones(8, np.float32), np.int64(64), double_quant=True)
+    assert type(state.blocksize) is int and type(state.nested.blocksize2) is int
+    assert state == nf4.quantize(np.ones(8, np.float32), 64, double_quant=True)
+
+
 @pytest.mark.parametrize("x", [np.ones(4, np.float64), np.ones(4, np.int32), np.ones(4, bool)], ids=str)
 def test_other_dtypes_are_refused(x):
     with pytest.raises(TypeError, match="float32, float16 and bfloat16"):

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from reflora import codebooks
 from reflora.backends.torch.quant_state import TorchQuantState, numpy_to_torch
 from reflora.double_quant import mean_f32
-from reflora.state import BLOCKSIZES
+from reflora.state import check_blocksize
 
 __all__ = [
     "compute_dtype",
@@ -145,8 +145,7 @@ def quantize_4bit(
     another dtype.
     """
     _check_input(x)
-    if blocksize not in BLOCKSIZES:
-        raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
+    blocksize = check_blocksize(blocksize)
     codebook = codebooks.get(quant_type)
     device = x.device
     flat = x.detach().reshape(-1).to(torch.float32)  # logical row-major order; exact widening

@@ -39,7 +39,7 @@ from reflora.codebooks import DYNAMIC_MAP
 from reflora.dialects.torch_cpu import DEFAULT_HOST, Host, mean_f32, narrow_f16, widen_f16
 from reflora.dtypes import as_dtype, bfloat16, dtype_name
 from reflora.nf4 import pack, unpack
-from reflora.state import BLOCKSIZES, NestedState, QuantState
+from reflora.state import NestedState, QuantState, check_blocksize
 
 __all__ = [
     "DESCRIPTION",
@@ -149,8 +149,7 @@ def _check(x: np.ndarray, blocksize: int) -> np.ndarray:
     dtype_name(x.dtype)
     if x.size == 0:
         raise ValueError(f"cannot quantize an empty array (shape {x.shape})")
-    if blocksize not in BLOCKSIZES:
-        raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
+    blocksize = check_blocksize(blocksize)
     return x
 
 

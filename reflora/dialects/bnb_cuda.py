@@ -41,7 +41,7 @@ from reflora.codebooks import DYNAMIC_MAP
 from reflora.double_quant import mean_f32 as exact_mean
 from reflora.dtypes import as_dtype, dtype_name
 from reflora.nf4 import pack, unpack
-from reflora.state import BLOCKSIZES, NestedState, QuantState
+from reflora.state import NestedState, QuantState, check_blocksize
 
 __all__ = [
     "DESCRIPTION",
@@ -126,8 +126,7 @@ def _prepare(x: np.ndarray, blocksize: int, quant_type: str) -> tuple[np.ndarray
     codebooks.get(quant_type)
     if x.size == 0:
         raise ValueError(f"cannot quantize an empty array (shape {x.shape})")
-    if blocksize not in BLOCKSIZES:
-        raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
+    blocksize = check_blocksize(blocksize)
     flat = ftz(x.reshape(-1).astype(np.float32))  # (float)v, flushed where fast math flushes
     return flat, ftz(_block_absmax(flat, blocksize))
 
