@@ -330,6 +330,23 @@ def test_nf4_linear_is_the_base_alone() -> None:
     assert torch.equal(xt.grad, t(g) @ numpy_to_torch(W_hat))  # one matmul: no rounding beyond it
 
 
+@pytest.mark.parametrize("quantized", [False, True], ids=["lora", "qlora"])
+def test_an_empty_batch_gives_an_empty_output_and_zero_gradients(quantized) -> None:
+    # As nn.Linear does: y (2, 0, out), grad_x of x's shape, and zero gradients for A, B and bias.
+    W = np.ones((6, 10), np.float32)
+    x = torch.zeros(2, 0, 10, dtype=torch.bfloat16, requires_grad=True)
+    A, B, bias = (torch.ones(*s, requires_grad=True) for s in ((2, 10), (6, 2), (6,)))
+    if quantized:
+        y = ops.qlora_linear(x, TorchQuantState.from_state(nf4.quantize(W)), A, B, 2.0, bias=bias)
+    else:
+        y = ops.lora_linear(x, torch.from_numpy(W), A, B, 2.0, bias=bias)
+    assert y.shape == (2, 0, 6) and y.dtype == torch.bfloat16
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    for p in (A, B, bias):
+        assert p.grad.shape == p.shape and not p.grad.any()
+
+
 def test_linear_ops_reject_bad_shapes() -> None:
     ts = TorchQuantState.from_state(nf4.quantize(np.ones((6, 10), np.float32), 32))
     x, A, B = torch.ones(3, 10), torch.ones(2, 10), torch.ones(6, 2)

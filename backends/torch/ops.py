@@ -236,8 +236,6 @@ def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
 def _check_lora_shapes(x, out_f: int, in_f: int, A, B, bias, mask) -> None:
     if x.ndim == 0 or x.shape[-1] != in_f:
         raise ValueError(f"x has shape {tuple(x.shape)}; its last dimension must be in_features = {in_f}")
-    if x.numel() == 0:
-        raise ValueError(f"x has no elements (shape {tuple(x.shape)})")
     if (A is None) != (B is None):
         raise ValueError("A and B must both be given or both be None")
     if A is not None:

@@ -51,6 +51,9 @@ class LinearConfig:
 
 def _forward(x2, a, b, bias, mask, cfg: LinearConfig):
     """(y (M, N), t (M, r) float32 or None) for 2-D x."""
+    if x2.shape[0] == 0:  # no rows: nothing to compute and no kernel launched, as nn.Linear gives
+        t = None if a is None else x2.new_empty((0, a.shape[0]), dtype=torch.float32)
+        return x2.new_empty((0, cfg.weight.shape[0])), t
     t = None
     lora = None
     if a is not None:
@@ -83,6 +86,15 @@ class _NF4LinearFn(torch.autograd.Function):
         # Gradients are always new tensors; nothing saved is written to.
         g = grad_y if grad_y.dtype == x2.dtype else grad_y.to(x2.dtype)
         grad_x = grad_a = grad_b = grad_bias = None
+        if x2.shape[0] == 0:  # sums over no rows: zero for A, B and bias, no kernel launched
+            return (
+                x2.new_empty(x2.shape) if need_x else None,
+                torch.zeros_like(a) if need_a else None,
+                torch.zeros_like(b) if need_b else None,
+                g.new_zeros(g.shape[1], dtype=ctx.bias_dtype) if need_bias else None,
+                None,
+                None,
+            )
         u = None
         if a is not None and (need_x or need_a):
             u = lowrank_matmul(g, b, config=cfg.lowrank)  # (M, N) @ (N, r) -> (M, r) float32
@@ -127,8 +139,6 @@ def _apply(x, ts, a, b, scaling, bias, mask, cfg_overrides):
     # reshape is a view when the strides allow it and a copy otherwise; the kernels take any strides.
     x2 = x.reshape(-1, k)
     mask2 = None if mask is None else mask.reshape(-1, k)
-    if x2.shape[0] == 0:
-        raise ValueError(f"x has no rows (shape {tuple(x.shape)})")
     cfg = LinearConfig(weight=ts, scaling=float(scaling), **cfg_overrides)
     y = _NF4LinearFn.apply(x2, a, b, bias, mask2, cfg)
     return y.reshape(*lead, n)
@@ -154,7 +164,8 @@ def qlora_linear(
     config: optional ``use_gemv``, ``gemm``, ``gemv``, ``lowrank`` overrides (:class:`LinearConfig`).
     Returns (..., N). The result is within the derived bound of the float64 reference
     (``reflora.bounds.lora_forward_bound``, fused arithmetic); W is dequantized inside the kernels'
-    tiles, never in memory.
+    tiles, never in memory. An x with no rows (e.g. shape (0, K)) gives an empty y and zero
+    gradients for A, B and bias without launching a kernel.
     """
     return _apply(x, ts, A, B, scaling, bias, dropout_mask, config)
 
