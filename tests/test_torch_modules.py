@@ -125,6 +125,31 @@ def test_bad_arguments_are_refused() -> None:
         apply_lora(model, 4, 8, ["v_proj"])
 
 
+@pytest.mark.parametrize("how", ["apply_lora", "quantize_model"])
+def test_a_layer_that_cannot_be_quantized_leaves_the_model_untouched(how) -> None:
+    # The failing layer comes after one that quantizes fine: nothing may be replaced or frozen, and
+    # no full-precision weight may be lost to a half-done conversion.
+    from reflora.backends.torch.checkpoint import quantize_model
+
+    model = Toy()
+    with torch.no_grad():
+        model.block["v_proj"].weight[3, 4] = float("nan")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [p.requires_grad for p in model.parameters()]
+    match = r"cannot quantize layer 'block\.v_proj': input is not finite at index \(3, 4\)"
+    with pytest.raises(ValueError, match=match):
+        if how == "apply_lora":
+            apply_lora(model, 4, 8, ["q_proj", "v_proj"], quantize="nf4", verbose=False)
+        else:
+            quantize_model(model)
+    assert all(type(m) is nn.Linear for m in model.block.values())
+    assert [p.requires_grad for p in model.parameters()] == flags
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], v) or torch.isnan(v).any() for k, v in before.items())
+    assert torch.equal(after["block.v_proj.weight"].isnan(), before["block.v_proj.weight"].isnan())
+
+
 @pytest.mark.parametrize("init", ["kaiming", "gaussian"])
 def test_initialisation_is_the_oracles_for_the_seed(init) -> None:
     model = apply_lora(Toy(), 3, 3, ["q_proj", "out"], init=init, seed=7, verbose=False)

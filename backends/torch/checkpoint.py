@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from reflora.backends.torch.modules import NF4Linear, _matches, _set_submodule, lora_modules
+from reflora.backends.torch.modules import NF4Linear, _matches, _quantize_layer, _set_submodule, lora_modules
 from reflora.backends.torch.quant_state import TorchQuantState, numpy_to_torch, torch_to_numpy
 from reflora.formats import bnb
 from reflora.formats import safetensors as sft
@@ -70,9 +70,10 @@ def quantize_model(
         and not n.startswith(wrapped)
         and (target_modules is None or _matches(n, target_modules))
     ]
-    for name in chosen:
-        linear = model.get_submodule(name)
-        q = NF4Linear.from_linear(linear, blocksize, quant_type=quant_type, double_quant=double_quant)
+    # All layers are quantized before any is replaced: an error leaves the model as it was.
+    kw = {"quant_type": quant_type, "double_quant": double_quant}
+    built = [_quantize_layer(n, model.get_submodule(n), blocksize, **kw) for n in chosen]
+    for name, q in zip(chosen, built, strict=True):
         _set_submodule(model, name, q.requires_grad_(False))
     return chosen
 

@@ -494,18 +494,29 @@ def apply_lora(
                 f"target {n!r} is a {type(m).__name__}; LoRA here adapts nn.Linear and NF4Linear only"
             )
 
-    model.requires_grad_(False)
+    # Every replacement is built before the model is touched, so that a layer that cannot be
+    # quantized (a NaN weight, say) leaves the model exactly as it was, full-precision weights included.
+    flags = [(p, p.requires_grad) for p in model.parameters()]
     rng = np.random.default_rng(seed)
-    for name, m in chosen:
-        A, B = _init_adapter_weights(m.in_features, m.out_features, r, init, rng)
-        kw = {"A": A, "B": B, "dropout": dropout, "rslora": rslora, "dtype": adapter_dtype}
-        if isinstance(m, NF4Linear):
-            wrapped: nn.Module = QLoRALinear(m, r, alpha, **kw)
-        elif quantize is not None:
-            base = NF4Linear.from_linear(m, blocksize, quant_type=quantize, double_quant=double_quant)
-            wrapped = QLoRALinear(base, r, alpha, **kw)
-        else:
-            wrapped = LoRALinear(m, r, alpha, **kw)
+    built: list[tuple[str, nn.Module]] = []
+    try:
+        for name, m in chosen:
+            A, B = _init_adapter_weights(m.in_features, m.out_features, r, init, rng)
+            kw = {"A": A, "B": B, "dropout": dropout, "rslora": rslora, "dtype": adapter_dtype}
+            if isinstance(m, NF4Linear):
+                wrapped: nn.Module = QLoRALinear(m, r, alpha, **kw)
+            elif quantize is not None:
+                base = _quantize_layer(name, m, blocksize, quant_type=quantize, double_quant=double_quant)
+                wrapped = QLoRALinear(base, r, alpha, **kw)
+            else:
+                wrapped = LoRALinear(m, r, alpha, **kw)
+            built.append((name, wrapped))
+    except BaseException:
+        for p, flag in flags:  # the wrappers froze the bases they took
+            p.requires_grad_(flag)
+        raise
+    model.requires_grad_(False)
+    for name, wrapped in built:
         _set_submodule(model, name, wrapped)
     model.reflora_lora = LoRAConfig(
         r, alpha, targets, dropout, bool(rslora), init, quantize, double_quant, blocksize, seed,
@@ -515,6 +526,16 @@ def apply_lora(
     if verbose:
         print(model.reflora_summary)
     return model
+
+
+def _quantize_layer(
+    name: str, linear: nn.Linear, blocksize: int, *, quant_type: str, double_quant: bool
+) -> NF4Linear:
+    """:meth:`NF4Linear.from_linear`, with the layer's path in any error (ValueError or TypeError)."""
+    try:
+        return NF4Linear.from_linear(linear, blocksize, quant_type=quant_type, double_quant=double_quant)
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"cannot quantize layer {name!r}: {e}") from e
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
