@@ -32,6 +32,7 @@ from torch import nn
 from reflora.backends.torch.modules import LoRAConfig, apply_lora, lora_modules
 from reflora.backends.torch.quant_state import numpy_to_torch, torch_to_numpy
 from reflora.formats import safetensors as sft
+from reflora.formats.files import write_files
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "AdapterError", "load_adapter", "read_config", "save_adapter"]
 
@@ -127,7 +128,9 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
 
     model: a model prepared by :func:`.modules.apply_lora` (or :func:`load_adapter`).
     Writes ``adapter_model.safetensors`` (each adapted layer's lora_A / lora_B weights, in their dtype)
-    and ``adapter_config.json``. Raises ValueError if the model has no adapters.
+    and ``adapter_config.json``, both or neither (:func:`reflora.formats.files.write_files`: an
+    adapter saved over an older one is never left half written or mixed with it). Raises ValueError
+    if the model has no adapters.
     """
     layers = lora_modules(model)
     config = getattr(model, "reflora_lora", None)
@@ -137,11 +140,15 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
     for name, m in layers.items():
         tensors[f"{PREFIX}{name}.lora_A.weight"] = torch_to_numpy(m.lora_A.weight)
         tensors[f"{PREFIX}{name}.lora_B.weight"] = torch_to_numpy(m.lora_B.weight)
+    text = json.dumps(_config_dict(config, model), indent=2, sort_keys=True) + "\n"
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
-    sft.save(tensors, path / ADAPTER_WEIGHTS, metadata={"format": "pt"})
-    text = json.dumps(_config_dict(config, model), indent=2, sort_keys=True)
-    (path / ADAPTER_CONFIG).write_text(text + "\n", encoding="utf-8")
+    write_files(
+        {
+            path / ADAPTER_WEIGHTS: sft.to_bytes(tensors, metadata={"format": "pt"}),
+            path / ADAPTER_CONFIG: text.encode("utf-8"),
+        }
+    )
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from reflora.backends.torch.quant_state import TorchQuantState, numpy_to_torch, 
 from reflora.formats import bnb
 from reflora.formats import safetensors as sft
 from reflora.formats.bnb import StateDictError
+from reflora.formats.files import write_files
 
 __all__ = ["CheckpointError", "load_4bit_checkpoint", "quantize_model", "save_4bit_checkpoint"]
 
@@ -126,7 +127,8 @@ def save_4bit_checkpoint(
         quantization. LoRA adapters are not written; adapted layers are written as their base.
     compute_dtype: ``bnb_4bit_compute_dtype`` in the config (what bitsandbytes computes in).
     Writes ``model.safetensors`` (metadata {"format": "pt"}) and, when the model has a ``config``,
-    ``config.json``. Returns the tensors written, name -> numpy array.
+    ``config.json``, all or none of them (:func:`reflora.formats.files.write_files`). Returns the
+    tensors written, name -> numpy array.
     """
     layers = _quantized_layers(model)
     if not layers:
@@ -145,13 +147,14 @@ def save_4bit_checkpoint(
         if m.bias is not None:
             tensors[f"{path}.bias"] = torch_to_numpy(m.bias)
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    sft.save(tensors, out / WEIGHTS, metadata={"format": "pt"})
+    files = {out / WEIGHTS: sft.to_bytes(tensors, metadata={"format": "pt"})}
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_dict"):
         fields = config.to_dict()
         fields["quantization_config"] = _quantization_config(layers, model, compute_dtype)
-        (out / CONFIG).write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        files[out / CONFIG] = (json.dumps(fields, indent=2, sort_keys=True) + "\n").encode("utf-8")
+    out.mkdir(parents=True, exist_ok=True)
+    write_files(files)
     return tensors
 
 

@@ -45,6 +45,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from reflora.formats.files import write_files
+
 __all__ = [
     "DTYPES",
     "SafetensorsError",
@@ -134,10 +136,9 @@ def to_bytes(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | No
 def save(
     tensors: Mapping[str, np.ndarray], path: str | os.PathLike, metadata: Mapping[str, str] | None = None
 ) -> None:
-    """Write ``tensors`` (and ``metadata``) to ``path`` as :func:`to_bytes` lays them out."""
-    blob = to_bytes(tensors, metadata)
-    with open(path, "wb") as f:
-        f.write(blob)
+    """Write ``tensors`` (and ``metadata``) to ``path`` as :func:`to_bytes` lays them out, whole or
+    not at all (:func:`reflora.formats.files.write_files`)."""
+    write_files({path: to_bytes(tensors, metadata)})
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
