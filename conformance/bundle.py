@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+import zipfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,13 +174,25 @@ def save(inputs: Inputs, directory: str | Path, **meta: Any) -> Path:
 
 
 def load(path: str | Path) -> tuple[Inputs, dict[str, Any]]:
-    """(inputs, meta) from a bundle written by :func:`save`; ValueError if it is not one."""
+    """(inputs, meta) from a bundle written by :func:`save`; ValueError naming the reason if it is
+    not one (OSError if it cannot be read at all)."""
+    # np.load takes a file that is not a zip archive for a pickle and says so; tell the user plainly.
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is not a reflora conformance bundle (not an .npz: no zip archive)")
+    try:
+        return _load(path)
+    except (ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        detail = str(exc) if type(exc) is ValueError else f"{type(exc).__name__}: {exc}"
+        raise ValueError(f"{path} is not a reflora conformance bundle ({detail})") from None
+
+
+def _load(path: str | Path) -> tuple[Inputs, dict[str, Any]]:
     with np.load(path, allow_pickle=False) as z:
         if "meta" not in z:
-            raise ValueError(f"{path} is not a reflora conformance bundle (no 'meta' entry)")
+            raise ValueError("no 'meta' entry")
         meta = json.loads(z["meta"].tobytes().decode())
         if meta.get("format") != FORMAT:
-            raise ValueError(f"{path}: unknown bundle format {meta.get('format')!r}, expected {FORMAT!r}")
+            raise ValueError(f"unknown bundle format {meta.get('format')!r}, expected {FORMAT!r}")
         arrays = {}
         for name, dt in meta["dtypes"].items():
             a = z[f"a.{name}"]

@@ -107,6 +107,12 @@ def conform(
     except ValueError as exc:
         print(f"reflora conform: {exc}", file=err)
         return 2
+    missing = runner.unmatched(select or ())
+    if missing:
+        example = runner.tests()[0].id
+        print(f"reflora conform: -k {', '.join(map(repr, missing))} matches no test (test ids look like "
+              f"{example!r}; '*' is the wildcard)", file=err)  # fmt: skip
+        return 2
     seed = runner.resolve_seed(prof, seed)
     print(f"reflora conform: profile {prof.name}, seed {seed} (repeat this run with --seed {seed})", file=out,
           flush=True)  # fmt: skip

@@ -286,6 +286,13 @@ def run_backend(
                   findings.as_list(), findings.lines(), warnings, time.perf_counter() - start)  # fmt: skip
 
 
+def unmatched(select: Iterable[str]) -> list[str]:
+    """The patterns of ``select`` that match no test of the suite (a typo would otherwise run nothing
+    and pass)."""
+    ids = [t.id for t in tests()]
+    return [p for p in select if not any(_deviations.pattern_regex(p).match(i) for i in ids)]
+
+
 def run(
     specs: list[str] | None = None,
     profile: str = "ci",

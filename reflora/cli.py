@@ -10,10 +10,35 @@ plug-in fails to load is still listed, and running it prints why.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from importlib.metadata import entry_points
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "main", "nonnegative_int", "positive_float", "positive_int"]
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse reports anything else as a usage error)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (e.g. 7e9)."""
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
 
 
 def _unavailable(name: str, error: Exception):

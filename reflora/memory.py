@@ -36,7 +36,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import dataclass
+
+from reflora.cli import nonnegative_int, positive_float, positive_int
 
 __all__ = [
     "LLAMA_SHAPES",
@@ -180,9 +183,15 @@ def training_memory(
     """
     f = 4 * hidden if intermediate is None else intermediate
     a = max(1, hidden // 64) if heads is None else heads
-    if min(params, r, layers, hidden, f, a, batch, seq) <= 0 or vocab < 0 or mlp_matrices not in (2, 3):
-        raise ValueError("params, r, layers, hidden, intermediate, heads, batch, seq must be positive, "
-                         "vocab >= 0 and mlp_matrices 2 or 3")  # fmt: skip
+    sizes = {"params": params, "r": r, "layers": layers, "hidden": hidden, "intermediate": f, "heads": a,
+             "batch": batch, "seq": seq}  # fmt: skip
+    for name, v in sizes.items():
+        if not (math.isfinite(v) and v > 0):
+            raise ValueError(f"{name} must be positive, got {v!r}")
+    if vocab < 0:
+        raise ValueError(f"vocab must be >= 0, got {vocab!r}")
+    if mlp_matrices not in (2, 3):
+        raise ValueError(f"mlp_matrices must be 2 or 3, got {mlp_matrices!r}")
     h, L, b, s = hidden, layers, batch, seq
     q = L * (4 * h * h + mlp_matrices * h * f) if quantized_params is None else quantized_params
     if not 0 <= q <= params:
@@ -286,16 +295,16 @@ def _run(args: argparse.Namespace) -> int:
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """``reflora memory``: 4-bit storage and QLoRA training memory for a model size."""
     p = subparsers.add_parser("memory", help="bits per parameter and a QLoRA training-memory estimate")
-    p.add_argument("--params", type=float, required=True, help="parameters of the model, e.g. 7e9")
-    p.add_argument("--r", type=int, default=16, help="LoRA rank (default 16)")
-    p.add_argument("--layers", type=int, help="blocks (default: the nearest LLaMA shape)")
-    p.add_argument("--hidden", type=int, help="hidden size h")
-    p.add_argument("--intermediate", type=int, help="MLP width f (default 4h)")
-    p.add_argument("--heads", type=int, help="attention heads (default h/64)")
-    p.add_argument("--vocab", type=int, help="vocabulary of a language-model head (0: none)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--blocksize", type=int, default=64)
+    p.add_argument("--params", type=positive_float, required=True, help="parameters of the model, e.g. 7e9")
+    p.add_argument("--r", type=positive_int, default=16, help="LoRA rank (default 16)")
+    p.add_argument("--layers", type=positive_int, help="blocks (default: the nearest LLaMA shape)")
+    p.add_argument("--hidden", type=positive_int, help="hidden size h")
+    p.add_argument("--intermediate", type=positive_int, help="MLP width f (default 4h)")
+    p.add_argument("--heads", type=positive_int, help="attention heads (default h/64)")
+    p.add_argument("--vocab", type=nonnegative_int, help="vocabulary of a language-model head (0: none)")
+    p.add_argument("--batch", type=positive_int, default=1)
+    p.add_argument("--seq", type=positive_int, default=512)
+    p.add_argument("--blocksize", type=positive_int, default=64)
     p.add_argument("--no-double-quant", action="store_true")
     p.add_argument("--no-checkpointing", action="store_true")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")

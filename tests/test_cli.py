@@ -38,6 +38,25 @@ def test_no_command_prints_help_and_fails(capsys):
     assert "explain" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["memory", "--params", "-5"], "argument --params: must be a finite number > 0, got -5"),
+        (["memory", "--params", "inf"], "argument --params: must be a finite number > 0, got inf"),
+        (["memory", "--params", "7e9", "--r", "0"], "argument --r: must be a positive integer, got 0"),
+        (["memory", "--params", "7e9", "--vocab", "-1"], "argument --vocab: must be >= 0, got -1"),
+        (["memory", "--params", "7e9", "--seq", "x"], "argument --seq: invalid positive_int value: 'x'"),
+        (["demo", "--steps", "0"], "argument --steps: must be a positive integer, got 0"),
+        (["demo", "--batch-size", "-2"], "argument --batch-size: must be a positive integer, got -2"),
+    ],
+)
+def test_bad_numbers_are_usage_errors_not_tracebacks(argv, words, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    assert words in capsys.readouterr().err
+
+
 def test_a_broken_plugin_is_listed_and_explains_itself(monkeypatch, capsys):
     broken = EntryPoint("broken", "reflora_missing_module:add_parser", "reflora.commands")
     real = cli.entry_points(group="reflora.commands")

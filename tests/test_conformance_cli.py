@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from reflora import backends, cli
@@ -84,6 +85,12 @@ def test_broken_module_attr_backend_is_an_error_not_a_fallback(capsys):
     assert rc == 2 and "failed to load" in err and "installed backends:" in err
 
 
+def test_a_selection_that_matches_no_test_is_an_error_not_an_empty_pass(capsys):
+    rc, out, err = _conform(capsys, "--backend", "reference", "-k", "lora_merge[*", "-k", "lora_mrege[*")
+    assert rc == 2 and "-k 'lora_mrege[*' matches no test" in err
+    assert "PASS" not in out  # nothing ran
+
+
 def test_bad_profile_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["conform", "--profile", "thorough"])
@@ -116,7 +123,10 @@ def test_progress_on_a_terminal_is_one_rewritten_status_line(tmp_path):
 def test_replay_of_something_that_is_not_a_bundle(capsys, tmp_path):
     (tmp_path / "x.npz").write_bytes(b"not a zip")
     assert cli.main(["replay", str(tmp_path / "x.npz")]) == 2
-    assert "is not a reflora conformance bundle" in capsys.readouterr().err
+    assert "x.npz is not a reflora conformance bundle (not an .npz: no zip archive)" in capsys.readouterr()[1]
+    np.savez(tmp_path / "y.npz", a=np.ones(3))  # an .npz, but not one of ours
+    assert cli.main(["replay", str(tmp_path / "y.npz")]) == 2
+    assert "y.npz is not a reflora conformance bundle (no 'meta' entry)" in capsys.readouterr().err
     assert cli.main(["replay", str(tmp_path / "missing.npz")]) == 2
 
 

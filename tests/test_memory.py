@@ -73,8 +73,12 @@ def test_activations_term_by_term():
 
 
 def test_estimate_rejects_impossible_shapes():
-    with pytest.raises(ValueError, match="positive"):
+    with pytest.raises(ValueError, match="r must be positive, got 0"):
         memory.training_memory(1e9, 0, layers=2, hidden=64)
+    with pytest.raises(ValueError, match="params must be positive, got nan"):
+        memory.training_memory(float("nan"), 8, layers=2, hidden=64)
+    with pytest.raises(ValueError, match="heads must be positive, got -1"):
+        memory.training_memory(1e9, 8, layers=2, hidden=64, heads=-1)
     with pytest.raises(ValueError, match="quantized_params"):
         memory.training_memory(1e3, 8, layers=2, hidden=64)  # the blocks alone hold more than 1e3
     with pytest.raises(KeyError, match="no term 'weights'"):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from reflora.cli import positive_int
+
 __all__ = ["add_parser"]
 
 
@@ -48,9 +50,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "demo", help="QLoRA-fine-tune the pretrained MiniLM offline on a stdlib-docstring pair task"
     )
-    p.add_argument("--steps", type=int, default=120, help="optimizer steps (default 120)")
+    p.add_argument("--steps", type=positive_int, default=120, help="optimizer steps (default 120)")
     p.add_argument("--out", default="reflora-demo", help="output directory (default reflora-demo)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=16, help="pairs a step (default 16)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="pairs a step (default 16)")
     p.set_defaults(func=_run)
