@@ -231,3 +231,43 @@ def test_no_pickle_in_the_backend_source() -> None:
     for path in root.glob("*.py"):
         text = path.read_text()
         assert "import pickle" not in text and "torch.load(" not in text, path.name
+
+
+def _tiny_llama():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def _peft_adapted(model) -> list[str]:
+    """The paths, in the unwrapped model, of the layers a PEFT model holds adapters on."""
+    prefix = "base_model.model."
+    return sorted(n.removeprefix(prefix) for n, m in model.named_modules() if hasattr(m, "lora_A") and n)
+
+
+@pytest.mark.parametrize("which", ["minilm", "llama"])
+def test_all_linear_adapts_the_layers_peft_adapts(minilm, peft, tmp_path, which) -> None:
+    # PEFT resolves "all-linear" to every linear layer but the output embeddings: LlamaForCausalLM's
+    # lm_head is left out; BertModel has none, so its pooler is in. (PEFT records the list as full
+    # paths, or as shortest suffixes when there are 20 or more; we record full paths. Either reads back
+    # as the same layers, which is what is checked.)
+    fresh = minilm[0] if which == "minilm" else _tiny_llama
+    theirs = peft.get_peft_model(fresh(), peft.LoraConfig(r=2, lora_alpha=4, target_modules="all-linear"))
+    expected = _peft_adapted(theirs)
+    ours = apply_lora(fresh(), 2, 4, "ALL-LINEAR", verbose=False)
+    assert sorted(lora_modules(ours)) == expected
+    assert len(expected) == (37 if which == "minilm" else 14) and "lm_head" not in expected
+    assert sorted(ours.reflora_lora.target_modules) == expected
+    save_adapter(ours, tmp_path)  # PEFT reads the saved list into the same layers
+    assert _peft_adapted(peft.PeftModel.from_pretrained(fresh(), tmp_path)) == expected
+
+
+def test_all_linear_refuses_conv1d_layers(peft) -> None:
+    transformers = pytest.importorskip("transformers")
+    gpt2 = transformers.GPT2Model(transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=32))
+    with pytest.raises(TypeError, match=r"Conv1D layers \('h\.0\.attn\.c_attn'"):
+        apply_lora(gpt2, 2, 4, "all-linear", verbose=False)

@@ -410,6 +410,22 @@ def _linear_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, NF4Linear)) and n]
 
 
+ALL_LINEAR = "all-linear"
+
+
+def _all_linear(model: nn.Module) -> list[str]:
+    """PEFT's ``target_modules="all-linear"``: every linear layer but the output embeddings (a
+    language-model head), in module order. GPT-2-style ``Conv1D`` layers, which PEFT counts as
+    linear, are refused here rather than silently left out."""
+    conv = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
+    if conv:
+        raise TypeError(
+            f"'all-linear' would include Conv1D layers ({conv[0]!r}, ...), which reflora does not adapt"
+        )
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [n for n in _linear_names(model) if model.get_submodule(n) is not head]
+
+
 def _no_match_error(target: str, model: nn.Module) -> ValueError:
     names = _linear_names(model)
     leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
@@ -450,7 +466,9 @@ def apply_lora(
     target_modules: PEFT's rule: a list of names, each matching a layer whose path equals it or ends in
         "." + it, or one regular expression the whole path must match. Each name must match at least
         one layer (ValueError naming the layers that exist); every match must be an ``nn.Linear`` or an
-        :class:`NF4Linear` (TypeError otherwise).
+        :class:`NF4Linear` (TypeError otherwise). ``"all-linear"`` (any case), as in PEFT, is every
+        linear layer but the model's output embeddings (``get_output_embeddings()``, an LM head); it is
+        recorded, and saved, as the list of their full paths, as PEFT records it.
     dropout: probability of the adapter-input dropout, in [0, 1).
     quantize: None keeps nn.Linear bases in full precision (:class:`LoRALinear`); "nf4" (or "fp4")
         quantizes them (``blocksize``, ``double_quant``) into :class:`QLoRALinear`. Layers that are
@@ -474,8 +492,12 @@ def apply_lora(
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     if lora_modules(model):
         raise ValueError("the model already has LoRA adapters; merge_adapter or load a fresh model first")
-    if isinstance(target_modules, str):
-        targets: list[str] | str = target_modules
+    if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
+        targets: list[str] | str = _all_linear(model)
+        if not targets:
+            raise _no_match_error(target_modules, model)
+    elif isinstance(target_modules, str):
+        targets = target_modules
         if not any(_matches(n, targets) for n, _ in model.named_modules()):
             raise _no_match_error(target_modules, model)
     else:
@@ -487,7 +509,10 @@ def apply_lora(
         for t in targets:
             if not any(_matches(n, [t]) for n, _ in model.named_modules()):
                 raise _no_match_error(t, model)
-    chosen = [(n, m) for n, m in model.named_modules() if n and _matches(n, targets)]
+    if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
+        chosen = [(n, model.get_submodule(n)) for n in targets]  # exactly these, recorded by full path
+    else:
+        chosen = [(n, m) for n, m in model.named_modules() if n and _matches(n, targets)]
     for n, m in chosen:
         if not isinstance(m, (nn.Linear, NF4Linear)):
             raise TypeError(
