@@ -48,6 +48,22 @@ def test_names_itself_catches_words_of_the_name():
 
 
 @pytest.mark.slow
+def test_the_output_directory_must_be_new_empty_or_a_previous_runs(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    assert cli.main(["demo", "--out", str(tmp_path)]) == 2
+    assert "holds files that are not the demo's (notes.txt)" in capsys.readouterr().err
+    assert cli.main(["demo", "--out", str(tmp_path / "notes.txt")]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]  # refused before anything was written
+    from reflora.backends.torch import demo
+
+    previous = tmp_path / "previous"
+    (previous / "adapter").mkdir(parents=True)
+    (previous / "metrics.json").write_text("{}")
+    demo.check_out(previous)  # a previous run's output may be replaced
+    demo.check_out(tmp_path / "new")
+
+
 def test_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["demo", "--steps", "4", "--out", str(out), "--device", "cpu", "--batch-size", "4"]

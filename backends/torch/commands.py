@@ -7,6 +7,7 @@ transformers; they are imported when the command runs.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from reflora.cli import positive_int
 
@@ -19,7 +20,11 @@ def _run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the model comes from an installed package, never the hub
     from reflora.backends.torch import demo
 
-    m = demo.run(args.steps, args.out, device=args.device, seed=args.seed, batch_size=args.batch_size)
+    try:
+        m = demo.run(args.steps, args.out, device=args.device, seed=args.seed, batch_size=args.batch_size)
+    except demo.DemoError as e:
+        print(f"reflora demo: {e}", file=sys.stderr)
+        return 2
     loss = m["loss"]
     k = max(1, min(10, len(loss) // 4))
     first, last = sum(loss[:k]) / k, sum(loss[-k:]) / k

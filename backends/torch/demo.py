@@ -37,7 +37,28 @@ from reflora.backends.torch.modules import NF4Linear, apply_lora, lora_modules, 
 from reflora.backends.torch.quant_state import torch_to_numpy
 from reflora.formats import safetensors as sft
 
-__all__ = ["TARGETS", "model_path", "run"]
+__all__ = ["OUTPUTS", "TARGETS", "DemoError", "check_out", "model_path", "run"]
+
+OUTPUTS = frozenset({"metrics.json", "loss.png", "adapter", "head.safetensors"})
+
+
+class DemoError(ValueError):
+    """A demo argument that cannot be used; raised before any work is done."""
+
+
+def check_out(out: Path) -> None:
+    """``out`` must be new, empty or a previous demo's output (whose files a new run replaces):
+    DemoError otherwise, so that no file of the user's is overwritten."""
+    if out.exists() and not out.is_dir():
+        raise DemoError(f"--out {out} is a file, not a directory")
+    if out.is_dir():
+        others = sorted(p.name for p in out.iterdir() if p.name not in OUTPUTS)
+        if others:
+            raise DemoError(
+                f"--out {out} holds files that are not the demo's ({', '.join(others[:3])}"
+                f"{', ...' if len(others) > 3 else ''}); choose a new or empty directory"
+            )
+
 
 TARGETS = ["query", "key", "value", "output.dense", "intermediate.dense"]
 
@@ -202,6 +223,8 @@ def run(
     """Fine-tune, evaluate and write the outputs (module docstring); returns the metrics written.
 
     steps: optimizer steps (>= 1). device: "cpu" or "cuda" (default: CUDA when available).
+    out: a new or empty directory, or a previous run's (its files are replaced); anything else, like
+    an unusable steps or device, is a :class:`DemoError` before any work.
     eval_limit: evaluate on the first this many held-out pairs only (None: all; for quick tests).
     seed: fixes the data set's negatives and order, the adapters' and the head's initialisation and
     dropout. The metrics (``metrics.json``):
@@ -228,11 +251,12 @@ def run(
         import transformers
 
     if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+        raise DemoError(f"steps must be >= 1, got {steps}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for, but torch.cuda.is_available() is False")
+        raise DemoError("--device cuda was asked for, but torch.cuda.is_available() is False")
     out = Path(out)
+    check_out(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     train, test = demo_data.build(seed)
