@@ -18,12 +18,17 @@ from reflora.backends.torch.quant_state import TorchQuantState, numpy_to_torch
 from reflora.backends.triton import (
     dequantize_nf4,
     launch_counts,
+    lowrank_matmul,
+    nf4_gemm,
+    nf4_gemv,
     nf4_matmul,
     qlora_linear,
     reset_launch_counts,
 )
 from reflora.backends.triton.backend import TritonBackend
+from reflora.backends.triton.gemv import GemvConfig
 from reflora.backends.triton.gemv import default_config as gemv_config
+from reflora.backends.triton.nf4_gemm import GemmConfig
 from reflora.backends.triton.nf4_gemm import default_config as gemm_config
 from reflora.state import NestedState, QuantState
 
@@ -625,3 +630,120 @@ def _time_module(timer, case, impl, model, params, x, gy, flops, ours_out) -> Ro
 
     med, p20, p80 = timer(run, grad_to_none=[xg, *params])
     return Row(case, impl, med, p20, p80, flops=flops, check=check)
+
+
+# ------------------------------------------------------------------------------------------ tile sweep
+
+TILES_CASE = "tiles"
+# GEMM candidates on a GPU: the default (first, for M > 64) and neighbours in each direction.
+GEMM_TILES = (
+    GemmConfig(bm=128, bp=128, bq=64, group_m=8, num_warps=8, num_stages=3),
+    GemmConfig(bm=128, bp=128, bq=64, group_m=8, num_warps=8, num_stages=4),
+    GemmConfig(bm=128, bp=256, bq=64, group_m=8, num_warps=8, num_stages=3),
+    GemmConfig(bm=256, bp=128, bq=64, group_m=8, num_warps=8, num_stages=3),
+    GemmConfig(bm=128, bp=128, bq=32, group_m=8, num_warps=4, num_stages=4),
+    GemmConfig(bm=64, bp=128, bq=64, group_m=8, num_warps=4, num_stages=4),
+    GemmConfig(bm=128, bp=64, bq=64, group_m=8, num_warps=4, num_stages=4),
+    GemmConfig(bm=128, bp=128, bq=64, group_m=8, num_warps=8, num_stages=3, table="shared"),
+)
+_GEMV_TILES = ((8, 512, 4), (4, 512, 4), (16, 256, 4), (8, 256, 4), (8, 512, 8), (16, 512, 8))
+GEMV_TILES = tuple(GemvConfig(bn=bn, bk=bk, num_warps=w) for bn, bk, w in _GEMV_TILES)
+# Under the interpreter (dry run): small tiles that cross the tiny shapes' edges.
+DRY_GEMM_TILES = (GemmConfig(bm=16, bp=32, bq=16, group_m=2), GemmConfig(bm=32, bp=16, bq=32, group_m=1))
+DRY_GEMV_TILES = (GemvConfig(bn=8, bk=32), GemvConfig(bn=4, bk=64))
+
+
+def tile_name(cfg) -> str:
+    """'bm128 bp128 bq64 g8 w8 s3' (GemmConfig) or 'bn8 bk512 w4' (GemvConfig), '+shared' for that table."""
+    if isinstance(cfg, GemmConfig):
+        text = f"bm{cfg.bm} bp{cfg.bp} bq{cfg.bq} g{cfg.group_m} w{cfg.num_warps} s{cfg.num_stages}"
+    else:
+        text = f"bn{cfg.bn} bk{cfg.bk} w{cfg.num_warps}"
+    return text + (" +shared" if cfg.table == "shared" else "")
+
+
+def _sweep(timer, case, configs, default, run, check, flops, nbytes) -> list[Row]:
+    """Time ``run(cfg)`` for each config, each checked first by ``check(out)`` (ConformanceError
+    aborts the run: a wrong kernel is never timed). The default's row is named "reflora triton", so
+    that every other row's speedup reads as the default's time over it (below 1: the candidate wins).
+    A config that does not compile (too many registers or too much shared memory) becomes a row that
+    says why."""
+    rows = []
+    for cfg in dict.fromkeys((default, *configs)):  # the default first, once
+        impl = "reflora triton" if cfg == default else f"reflora triton {tile_name(cfg)}"
+        note = f"default: {tile_name(cfg)}" if cfg == default else ""
+        try:
+            out = run(cfg)
+        except ConformanceError:
+            raise
+        except Exception as e:  # a launch the compiler refuses: recorded, not fatal
+            rows.append(unavailable(case, impl, f"{type(e).__name__}: {str(e)[:160]}"))
+            continue
+        status = check(out)
+        med, p20, p80 = timer(lambda cfg=cfg: run(cfg))
+        rows.append(Row(case, impl, med, p20, p80, bytes=nbytes, flops=flops, check=status, note=note))
+    return rows
+
+
+def tiles_case(timer: Timer, shapes: Shapes, device) -> list[Row]:
+    """Tile candidates for the QLoRA MLP's GEMMs (forward with its LoRA epilogue, and grad_x with
+    its own) and for the GEMV, each checked against float64 on its first rows, then timed beside the
+    default: what the defaults of default_config should be, measured. Not part of the default run."""
+    dry = timer.dry_run
+    gemm_tiles, gemv_tiles = (DRY_GEMM_TILES, DRY_GEMV_TILES) if dry else (GEMM_TILES, GEMV_TILES)
+    p = make_mlp(shapes, device)
+    t, h, i, n_rows = shapes.tokens, shapes.hidden, shapes.inter, shapes.check_rows
+    gen = torch.Generator(device="cpu").manual_seed(17)
+    ar = arithmetic(torch.bfloat16)
+    rows = []
+    layers = {"gate/up": (p.gate, h, i, "gate"), "down": (p.down, i, h, "down")}
+    for label, (w, k_in, n_out, name) in layers.items():
+        a, b = p.lora[name]
+        a64, b64 = _np(a.double()), _np(b.double())
+        w64 = nf4.dequantize(oracle_state(w.ts), "bfloat16").astype(np.float64)
+        x = torch.randn(t, k_in, generator=gen).to(torch.bfloat16).to(device)
+        g = torch.randn(t, n_out, generator=gen).to(torch.bfloat16).to(device)
+        with torch.no_grad():
+            lt = lowrank_matmul(x, a.t())  # x Aᵀ, float32, as the forward keeps it
+            u = lowrank_matmul(g, b)  # g B, float32, as the backward forms it
+        sl = slice(0, n_rows)
+        fwd_ref = forward_check(_np(x.double())[sl], w64, ar, a64, b64, p.scaling)
+        # grad_x = g W + s (g B) A is the forward form with W -> Wᵀ, A -> Bᵀ, B -> Aᵀ.
+        bwd_ref = forward_check(_np(g.double())[sl], w64.T, ar, b64.T, a64.T, p.scaling)
+        flops = 2.0 * t * k_in * n_out
+        for direction, a_in, lora_args, ref, transposed in (
+            ("fwd", x, (lt, b.t(), p.scaling), fwd_ref, False),
+            ("grad_x", g, (u, a, p.scaling), bwd_ref, True),
+        ):
+            m, q_dim = a_in.shape
+            p_dim = k_in if transposed else n_out
+            case = f"{TILES_CASE}: {label} {direction} {m}x{p_dim}x{q_dim}"
+
+            def run(cfg, a_in=a_in, lora_args=lora_args, transposed=transposed, w=w):
+                return nf4_gemm(a_in, w.ts, transposed=transposed, lora=lora_args, config=cfg)
+
+            def check(out, case=case, ref=ref):
+                return check_within(case, out[:n_rows], *ref)
+
+            default = gemm_config(m, p_dim, q_dim, w.ts.blocksize)
+            with torch.no_grad():
+                rows += _sweep(timer, case, gemm_tiles, default, run, check, flops, None)
+
+    # The batch-1 GEMV on the dequantize case's matrix.
+    w = quantize_weight(shapes.w_out, shapes.w_in, device, seed=100)
+    x = torch.randn(1, shapes.w_in, generator=gen).to(torch.bfloat16).to(device)
+    w64 = nf4.dequantize(oracle_state(w.ts), "bfloat16").astype(np.float64)
+    ref = forward_check(_np(x.double()), w64, ar)
+    case = f"{TILES_CASE}: GEMV 1x{shapes.w_in} @ ({shapes.w_out}x{shapes.w_in})^T"
+    nbytes = nf4_bytes(w.ts) + 2 * (shapes.w_in + shapes.w_out)
+
+    def run_gemv(cfg):
+        return nf4_gemv(x, w.ts, config=cfg)
+
+    def check_gemv(out):
+        return check_within(case, out, *ref)
+
+    default = gemv_config(1, shapes.w_out, shapes.w_in)
+    with torch.no_grad():
+        rows += _sweep(timer, case, gemv_tiles, default, run_gemv, check_gemv, None, nbytes)
+    return rows

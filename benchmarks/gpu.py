@@ -12,6 +12,9 @@ What it does, in order:
    (``matmul_4bit`` without grad), a bf16 cuBLAS GEMV. us and % of copy bandwidth.
 4. QLoRA MLP of a Llama-7B layer (hidden 4096, intermediate 11008, 8192 tokens, r=16), forward +
    backward: reflora, PEFT + bitsandbytes, bf16 dense weights + PEFT LoRA. ms.
+5. Only with ``--only tiles``: a tile sweep. Candidate GemmConfigs for the MLP's GEMMs (forward and
+   grad_x, each with its LoRA epilogue) and GemvConfigs for the GEMV, each checked, then timed beside
+   the default (the row named "reflora triton"); its speedup column then reads default / candidate.
 
 Every reflora kernel is checked before it is timed -- dequantize bit for bit against
 ``reflora.nf4.dequantize``, the matmuls within the derived bound of float64 math -- and the run stops
@@ -37,7 +40,8 @@ import tempfile
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-CASES = ("ceilings", "dequant", "gemv", "mlp")
+CASES = ("ceilings", "dequant", "gemv", "mlp", "tiles")
+DEFAULT_CASES = ("ceilings", "dequant", "gemv", "mlp")  # "tiles" (the tile sweep) runs when asked for
 # Issue #4's H100 targets: case prefix -> (text, minimum % of copy bandwidth, {baseline impl prefix:
 # minimum speedup of reflora over it}).
 TARGETS = {
@@ -84,7 +88,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--dry-run", action="store_true", help="tiny shapes; runs without a GPU; not a measurement"
     )
     p.add_argument(
-        "--only", nargs="+", choices=CASES, default=list(CASES), help="cases to run (default: all)"
+        "--only",
+        nargs="+",
+        choices=CASES,
+        default=list(DEFAULT_CASES),
+        help="cases to run (default: all but tiles, the tile sweep)",
     )
     p.add_argument("--out", type=Path, default=None, help="JSON directory (default benchmarks/results/)")
     p.add_argument("--rep-ms", type=int, default=200, help="do_bench repetition time per case, ms")
@@ -258,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
             rows += cases.gemv_case(timer, shapes, device)
         if "mlp" in args.only:
             rows += cases.mlp_case(timer, shapes, device)
+        if "tiles" in args.only:
+            rows += cases.tiles_case(timer, shapes, device)
     except cases.ConformanceError as e:
         print(f"benchmarks/gpu.py: CONFORMANCE FAILURE, nothing timed after it: {e}", file=sys.stderr)
         return 1

@@ -8,6 +8,8 @@
 # Phases:
 #   check    the device, the versions, and that reflora, bitsandbytes (its CUDA library) and torchao load
 #   harness  benchmarks/gpu.py at full size: ceilings, dequantize, GEMV, QLoRA MLP (JSON for benchmarks/results/)
+#   tiles    benchmarks/gpu.py --only tiles: candidate tiles for the MLP's GEMMs and the GEMV, each checked,
+#            timed beside the default (JSON too)
 #   audit    `reflora conform --profile audit --backend triton`, the kernels compiled for the GPU
 #   conform  `reflora conform` (ci profile) on every backend, on CUDA: torch on the GPU, bitsandbytes' CUDA
 #            path held to the bnb-cuda dialect
@@ -17,7 +19,7 @@
 # non-zero when any phase failed; every phase still runs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-phases="check harness audit conform tests"
+phases="check harness tiles audit conform tests"
 [ $# -gt 0 ] || { echo "usage: gpu_session.sh PHASE... (phases: $phases)" >&2; exit 2; }
 for name in "$@"; do
     case " $phases " in
@@ -74,6 +76,7 @@ for name in "$@"; do
     case $name in
         check) phase check check ;;
         harness) phase harness "$py" benchmarks/gpu.py --out "$out" ;;
+        tiles) phase tiles "$py" benchmarks/gpu.py --only tiles --out "$out" ;;
         audit) phase audit "$py" -m reflora conform --backend triton --profile audit \
             --json "$out/conform-audit-triton.json" --bundle-dir "$out/failures" ;;
         conform) phase conform "$py" -m reflora conform --json "$out/conform-ci-cuda.json" \

@@ -82,5 +82,36 @@ def test_gpu_session_refuses_bad_phases_before_running_any(args, message, tmp_pa
         ["bash", str(BENCH / "gpu_session.sh"), *args], capture_output=True, text=True, env=env, timeout=60
     )
     assert done.returncode == 2
-    assert message in done.stderr and "phases: check harness audit conform tests" in done.stderr
+    assert message in done.stderr and "phases: check harness tiles audit conform tests" in done.stderr
     assert not any(tmp_path.iterdir())  # no phase ran, no log written
+
+
+def test_tile_sweep_times_the_default_first_and_records_configs_that_do_not_compile():
+    import _gpu_cases as cases
+
+    timer = cases.Timer(dry_run=True)
+    calls = []
+
+    def run(cfg):
+        calls.append(cfg)
+        if cfg.bm == 64:
+            raise RuntimeError("out of resource: shared memory")
+        return cfg.bm
+
+    default, other, broken = cases.DRY_GEMM_TILES[0], cases.DRY_GEMM_TILES[1], cases.GemmConfig(64, 64, 64)
+    configs = (other, default, broken)
+    rows = cases._sweep(timer, "tiles: x", configs, default, run, lambda out: "ok", 1.0, None)
+    assert [r.impl for r in rows] == [
+        "reflora triton",  # the default, first and once, under the name the speedup column divides by
+        f"reflora triton {cases.tile_name(other)}",
+        f"reflora triton {cases.tile_name(broken)}",
+    ]
+    assert rows[0].note == f"default: {cases.tile_name(default)}" and rows[1].check == "ok"
+    assert rows[2].check == "not run" and "RuntimeError: out of resource" in rows[2].note
+    assert cases.tile_name(cases.GEMM_TILES[-1]).endswith("+shared")
+
+    def wrong(out):
+        raise cases.ConformanceError("tiles: x: |computed - float64| reaches 3 x the derived bound")
+
+    with pytest.raises(cases.ConformanceError):  # a wrong kernel stops the run; it is never timed
+        cases._sweep(timer, "tiles: x", (other,), default, run, wrong, 1.0, None)
