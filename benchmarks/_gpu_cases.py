@@ -635,18 +635,22 @@ def _time_module(timer, case, impl, model, params, x, gy, flops, ours_out) -> Ro
 # ------------------------------------------------------------------------------------------ tile sweep
 
 TILES_CASE = "tiles"
-# GEMM candidates on a GPU: the default (first, for M > 64) and neighbours in each direction.
+# GEMM candidates on a GPU: the default (first, for M > 64) and neighbours that compile for sm_90
+# without spilling (benchmarks/_gpu_compile_check.py --tiles checks this; 256-wide tiles and 32-wide
+# reduction steps at 4 warps spill 300-600 B a thread, so they are not here).
 GEMM_TILES = (
     GemmConfig(bm=128, bp=128, bq=64, group_m=8, num_warps=8, num_stages=3),
     GemmConfig(bm=128, bp=128, bq=64, group_m=8, num_warps=8, num_stages=4),
-    GemmConfig(bm=128, bp=256, bq=64, group_m=8, num_warps=8, num_stages=3),
-    GemmConfig(bm=256, bp=128, bq=64, group_m=8, num_warps=8, num_stages=3),
-    GemmConfig(bm=128, bp=128, bq=32, group_m=8, num_warps=4, num_stages=4),
+    GemmConfig(bm=128, bp=128, bq=64, group_m=8, num_warps=8, num_stages=2),
+    GemmConfig(bm=128, bp=128, bq=64, group_m=16, num_warps=8, num_stages=3),
     GemmConfig(bm=64, bp=128, bq=64, group_m=8, num_warps=4, num_stages=4),
     GemmConfig(bm=128, bp=64, bq=64, group_m=8, num_warps=4, num_stages=4),
+    GemmConfig(bm=64, bp=256, bq=64, group_m=8, num_warps=8, num_stages=3),
     GemmConfig(bm=128, bp=128, bq=64, group_m=8, num_warps=8, num_stages=3, table="shared"),
 )
-_GEMV_TILES = ((8, 512, 4), (4, 512, 4), (16, 256, 4), (8, 256, 4), (8, 512, 8), (16, 512, 8))
+# GEMV candidates: each thread's share of a step's codes, bn*bk/2 / (32*num_warps) bytes, must be at
+# least 16 for the 16-byte loads (smaller shares compile to narrower loads; the compile check fails them).
+_GEMV_TILES = ((8, 512, 4), (16, 256, 4), (16, 512, 4), (32, 256, 4), (16, 512, 8), (32, 512, 8))
 GEMV_TILES = tuple(GemvConfig(bn=bn, bk=bk, num_warps=w) for bn, bk, w in _GEMV_TILES)
 # Under the interpreter (dry run): small tiles that cross the tiny shapes' edges.
 DRY_GEMM_TILES = (GemmConfig(bm=16, bp=32, bq=16, group_m=2), GemmConfig(bm=32, bp=16, bq=32, group_m=1))

@@ -45,6 +45,7 @@ _common, dequant, gemv, lowrank, nf4_gemm, qlora_mod = (
 
 _PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.uint8: "*u8"}
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+SMEM_LIMIT = {90: 232448}  # shared memory a block may have on sm_90 (227 KiB); more does not launch
 OPS = ("HGMMA", "HMMA", "FFMA", "FMUL", "FADD", "F2FP", "LDG", "STG", "LDS", "STS", "LDL", "STL")
 
 
@@ -202,6 +203,33 @@ def harness_launches(tokens: int = 8192, hidden: int = 4096, inter: int = 11008,
     return _record(run)
 
 
+def tile_launches(tokens: int = 8192, hidden: int = 4096, inter: int = 11008, rank: int = 16) -> list:
+    """The launches of ``benchmarks/gpu.py --only tiles``: every candidate GemmConfig on the MLP's
+    forward and grad_x GEMMs (gate/up and down shapes, LoRA epilogues), every GemvConfig on the GEMV."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import _gpu_cases as cases
+
+    meta = dict(device="meta")
+
+    def run():
+        for out_f, in_f in ((inter, hidden), (hidden, inter)):
+            w = _state(out_f, in_f)
+            x = torch.empty(tokens, in_f, dtype=torch.bfloat16, **meta)
+            g = torch.empty(tokens, out_f, dtype=torch.bfloat16, **meta)
+            a = torch.empty(rank, in_f, dtype=torch.bfloat16, **meta)
+            b = torch.empty(out_f, rank, dtype=torch.bfloat16, **meta)
+            t = torch.empty(tokens, rank, **meta)
+            for cfg in cases.GEMM_TILES:
+                nf4_gemm.nf4_gemm(x, w, lora=(t, b.t(), 2.0), config=cfg)
+                nf4_gemm.nf4_gemm(g, w, transposed=True, lora=(t, a, 2.0), config=cfg)
+        ts = _state(hidden, inter)
+        x1 = torch.empty(1, inter, dtype=torch.bfloat16, **meta)
+        for cfg in cases.GEMV_TILES:
+            gemv.nf4_gemv(x1, ts, config=cfg)
+
+    return _record(run)
+
+
 def census(kernel, workdir: Path, name: str) -> dict:
     cubin = workdir / f"{name}.cubin"
     cubin.write_bytes(kernel.asm["cubin"])
@@ -231,30 +259,39 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability x10 (default 90: H100/H200)")
     p.add_argument("--dump", type=Path, default=None, help="keep PTX/SASS/cubin here (default: a temp dir)")
+    p.add_argument("--tiles", action="store_true", help="also the candidates of gpu.py --only tiles")
     args = p.parse_args(argv)
     workdir = args.dump or Path(tempfile.mkdtemp(prefix="reflora-sass-"))
     workdir.mkdir(parents=True, exist_ok=True)
     target = GPUTarget("cuda", args.arch, 32)
     failures = []
     seen = set()
-    print(f"{'kernel variant':<88} {'regs':>4} {'stack':>5} {'smem':>6} " + " ".join(f"{o:>5}" for o in OPS))
-    for fn, call_args, kwargs in harness_launches():
+    print(f"{'kernel variant':<104} {'regs':>4} {'stack':>5} {'smem':>6} " + " ".join(f"{o:>5}" for o in OPS))
+    launches = [(*c, False) for c in harness_launches()]
+    launches += [(*c, True) for c in tile_launches()] if args.tiles else []
+    for fn, call_args, kwargs, candidate in launches:
         sig, consts, attrs = _signature(fn, call_args, kwargs)
-        key = (fn.__name__, tuple(sorted((k, str(v)) for k, v in consts.items())), tuple(sorted(attrs)))
+        opts = {k: kwargs[k] for k in ("num_warps", "num_stages", "enable_fp_fusion") if k in kwargs}
+        key = (
+            fn.__name__,
+            tuple(sorted((k, str(v)) for k, v in consts.items())),
+            tuple(sorted(attrs)),
+            tuple(sorted(opts.items())),
+        )
         if key in seen:
             continue
         seen.add(key)
-        opts = {k: kwargs[k] for k in ("num_warps", "num_stages", "enable_fp_fusion") if k in kwargs}
         kernel = triton.compile(ASTSource(fn, sig, consts, attrs), target=target, options=opts)
         flags = [
             f"{k}={v}"
             for k, v in consts.items()
-            if k in ("W_T", "HAS_LORA", "HAS_MASK", "BM", "BP", "MASK_ON", "TABLE_SHARED")
+            if k in ("W_T", "HAS_LORA", "HAS_MASK", "BM", "BP", "BQ", "BN", "BK", "MASK_ON", "TABLE_SHARED")
         ]
+        flags += [f"{k.removeprefix('num_')[0]}{v}" for k, v in opts.items() if k.startswith("num_")]
         name = f"{fn.__name__}[{','.join(flags)}]"
         c = census(kernel, workdir, f"{fn.__name__}_{len(seen)}")
         print(
-            f"{name[:88]:<88} {c['regs']:>4} {c['stack']:>5} {c['dyn_shared']:>6} "
+            f"{name[:104]:<104} {c['regs']:>4} {c['stack']:>5} {c['dyn_shared']:>6} "
             + " ".join(f"{c[o]:>5}" for o in OPS)
         )
         if c["ftz_in_ptx"]:
@@ -275,8 +312,14 @@ def main(argv: list[str] | None = None) -> int:
             )
         if fn.__name__ == "_nf4_gemm_kernel" and args.arch >= 90 and not c["HGMMA"]:
             failures.append(f"{name}: no HGMMA: the 16-bit GEMM is not on Hopper's tensor-core path")
+        if c["dyn_shared"] > SMEM_LIMIT.get(args.arch, 1 << 30):
+            failures.append(f"{name}: {c['dyn_shared']} B of shared memory, more than a block may have")
         if c["stack"] or c["LDL"] or c["STL"]:
-            print(f"  note: {name} spills ({c['stack']} B stack, {c['LDL']} LDL / {c['STL']} STL)")
+            spill = f"{name} spills ({c['stack']} B stack, {c['LDL']} LDL / {c['STL']} STL)"
+            if candidate:  # a sweep candidate that spills would spend GPU time on a known loser
+                failures.append(f"{spill}: not a tile candidate worth timing")
+            else:
+                print(f"  note: {spill}")
     print(f"PTX/SASS in {workdir}")
     for f in failures:
         print("FAIL:", f, file=sys.stderr)

@@ -3,7 +3,8 @@ the numerics rely on: no fused multiply-add in the dequantize kernel (the double
 twice), no flush-to-zero, tensor-core MMA (HGMMA) in the 16-bit GEMMs. Runs
 benchmarks/_gpu_compile_check.py in a subprocess, because it needs compiled (not interpreted) kernels
 and tests/conftest.py puts the test process on the interpreter when there is no GPU. It also checks that the
-dequantize kernel, the GEMV and the GEMMs read their packed codes 16 bytes at a time."""
+dequantize kernel, the GEMV and the GEMMs read their packed codes 16 bytes at a time, and (``--tiles``) that
+every candidate of the GPU harness's tile sweep compiles without spilling and within sm_90's shared memory."""
 
 import os
 import subprocess
@@ -24,7 +25,7 @@ def test_kernels_compile_for_sm90_without_fma_ftz_and_with_hgmma(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
     done = subprocess.run(
-        [sys.executable, str(TOOL), "--dump", str(tmp_path / "sass")],
+        [sys.executable, str(TOOL), "--tiles", "--dump", str(tmp_path / "sass")],
         capture_output=True,
         text=True,
         env=env,
