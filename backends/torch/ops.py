@@ -208,11 +208,14 @@ def dequantize_4bit(ts: TorchQuantState, dtype: torch.dtype | None = None) -> to
     n, bs = ts.numel, ts.blocksize
     n_blocks = math.ceil(n / bs)
     # A byte decodes to two table values at once: pairs[b] = (code[b >> 4], code[b & 15]). Each row's
-    # 8 bytes are gathered as one int64 and viewed back as the two float32s in memory order: a
-    # 1-D gather (take) is an order of magnitude faster on the CPU than indexing rows of a 2-D table.
-    pairs = torch.stack([ts.code.repeat_interleave(16), ts.code.repeat(16)], dim=1)  # (256, 2)
-    values = torch.take(pairs.view(torch.int64), ts.packed.reshape(-1).long()).view(torch.float32)
-    values = F.pad(values, (0, n_blocks * bs - values.numel()))
+    # 8 bytes are gathered as one int64 and viewed back as the two float32s in memory order: a 1-D
+    # gather is an order of magnitude faster on the CPU than indexing rows of a 2-D table, and
+    # index_select with int32 indices 2.5x faster than take (0.28 against 0.69 ms for 295k bytes, one
+    # CPU thread).
+    pairs = torch.stack([ts.code.repeat_interleave(16), ts.code.repeat(16)], dim=1).view(torch.int64)
+    values = torch.index_select(pairs.reshape(-1), 0, ts.packed.reshape(-1).int()).view(torch.float32)
+    if values.numel() < n_blocks * bs:  # a ragged last block (F.pad would copy even when padding nothing)
+        values = F.pad(values, (0, n_blocks * bs - values.numel()))
     values = values.view(n_blocks, bs) * block_scales(ts)[:, None]  # (blocks, bs) * (blocks, 1), float32
     return values.reshape(-1)[:n].to(out_dtype).reshape(ts.shape)
 
