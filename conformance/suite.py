@@ -11,7 +11,7 @@ and one dtype.
 * ``<dtype>``: float32, float16 or bfloat16: the dtype of the inputs (of W for merges, of the
   quantized weight for QLoRA).
 
-Examples: ``quantize_4bit[random, float16]``, ``quantize_4bit[nf4 x exactly at threshold 3|4, float32]``,
+Examples: ``quantize_4bit[random, float16]``, ``quantize_4bit[nf4 x exactly at threshold 2|3, float32]``,
 ``quantize_4bit[NaN weight -> error, bfloat16]``, ``qlora_backward[one row, float32]``. The same ids
 name the pytest tests and the entries of a deviations file.
 """
