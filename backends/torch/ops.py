@@ -106,10 +106,14 @@ def _encode(
     """uint8 (n,): codes of the 1-D float32 ``flat`` given each block's float32 ``absmax``.
 
     x/absmax is formed in float64 (exact decisions, :func:`reflora.codebooks.count_below`); a zero
-    absmax (an all-zero block) is replaced by 1 so that its zeros take the zero code. ``bucketize``
-    with ``right=False`` counts the thresholds strictly below each value: ties go to the lower value.
+    absmax (an all-zero block) is replaced by 1 so that its zeros take the zero code. The index is the
+    count of thresholds strictly below each value, so ties go to the lower value: for a 16-entry
+    table by 15 comparisons (twice as fast as ``bucketize``'s binary search on one CPU thread: 13
+    against 25 ms a million values), for the 256-entry double-quant map by ``bucketize`` with
+    ``right=False``.
     """
     _, thresholds, sorted_codes = _codebook_tensors(codebook, flat.device)
+    short = [float(m) for m in codebook.thresholds] if codebook.thresholds.size <= 16 else None
     scale = absmax.to(torch.float64)
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     n = flat.numel()
@@ -120,7 +124,13 @@ def _encode(
     for b in range(0, n_blocks, step):
         # (k, blocksize) / (k, 1): every element divided by its own block's absmax, in float64
         scaled = padded[b : b + step].to(torch.float64) / scale[b : b + step, None]
-        codes[b : b + step] = sorted_codes[torch.bucketize(scaled, thresholds, right=False)]
+        if short is None:
+            index = torch.bucketize(scaled, thresholds, right=False)
+        else:
+            index = torch.zeros(scaled.shape, dtype=torch.uint8, device=flat.device)
+            for m in short:
+                index += scaled > m
+        codes[b : b + step] = sorted_codes[index.long()]
     return codes.view(-1)[:n]
 
 
