@@ -150,6 +150,22 @@ def test_a_layer_that_cannot_be_quantized_leaves_the_model_untouched(how) -> Non
     assert torch.equal(after["block.v_proj.weight"].isnan(), before["block.v_proj.weight"].isnan())
 
 
+def test_quantizing_shows_progress_when_asked_and_only_then(capsys) -> None:
+    pytest.importorskip("tqdm")
+    from reflora.backends.torch.checkpoint import quantize_model
+
+    apply_lora(Toy(), 4, 8, ["q_proj", "v_proj"], quantize="nf4", verbose=False, progress=True)
+    err = capsys.readouterr().err
+    assert "apply_lora: quantizing" in err and "2/2" in err
+    quantize_model(Toy(), progress=True)
+    err = capsys.readouterr().err
+    assert "quantize_model" in err and "3/3" in err
+    apply_lora(Toy(), 4, 8, ["q_proj"], verbose=False, progress=True)  # no quantizing: nothing to show
+    apply_lora(Toy(), 4, 8, ["q_proj"], quantize="nf4", verbose=False)  # stderr is not a terminal here
+    quantize_model(Toy(), progress=False)
+    assert capsys.readouterr().err == ""
+
+
 @pytest.mark.parametrize("init", ["kaiming", "gaussian"])
 def test_initialisation_is_the_oracles_for_the_seed(init) -> None:
     model = apply_lora(Toy(), 3, 3, ["q_proj", "out"], init=init, seed=7, verbose=False)

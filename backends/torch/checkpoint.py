@@ -30,7 +30,14 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from reflora.backends.torch.modules import NF4Linear, _matches, _quantize_layer, _set_submodule, lora_modules
+from reflora.backends.torch.modules import (
+    NF4Linear,
+    _matches,
+    _quantize_layer,
+    _set_submodule,
+    lora_modules,
+    progress_bar,
+)
 from reflora.backends.torch.quant_state import TorchQuantState, numpy_to_torch, torch_to_numpy
 from reflora.formats import bnb
 from reflora.formats import safetensors as sft
@@ -56,12 +63,13 @@ def quantize_model(
     blocksize: int = 64,
     quant_type: str = "nf4",
     double_quant: bool = True,
+    progress: bool | None = None,
 ) -> list[str]:
     """Replace ``model``'s ``nn.Linear`` layers by frozen :class:`NF4Linear` ones, in place (what
     transformers' ``load_in_4bit`` does). target_modules: None for every linear layer, else PEFT's
     matching rule (:func:`.modules.apply_lora`). Layers inside LoRA wrappers (adapters and their
-    bases) are left alone: quantize those through ``apply_lora(quantize=...)``. Returns the paths
-    replaced."""
+    bases) are left alone: quantize those through ``apply_lora(quantize=...)``. progress: as for
+    :func:`.modules.apply_lora`. Returns the paths replaced."""
     wrapped = tuple(f"{n}." for n in lora_modules(model))
     chosen = [
         n
@@ -73,7 +81,8 @@ def quantize_model(
     ]
     # All layers are quantized before any is replaced: an error leaves the model as it was.
     kw = {"quant_type": quant_type, "double_quant": double_quant}
-    built = [_quantize_layer(n, model.get_submodule(n), blocksize, **kw) for n in chosen]
+    names = progress_bar(chosen, "quantize_model", progress)
+    built = [_quantize_layer(n, model.get_submodule(n), blocksize, **kw) for n in names]
     for name, q in zip(chosen, built, strict=True):
         _set_submodule(model, name, q.requires_grad_(False))
     return chosen

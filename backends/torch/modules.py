@@ -19,8 +19,10 @@ folds the adapters back into the weights; :func:`lora_summary` counts parameters
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import re
+import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -459,6 +461,7 @@ def apply_lora(
     seed: int = 0,
     adapter_dtype: torch.dtype = torch.float32,
     verbose: bool = True,
+    progress: bool | None = None,
 ) -> nn.Module:
     """Add LoRA adapters to the matching linear layers of ``model``, in place, and freeze the rest.
 
@@ -478,6 +481,8 @@ def apply_lora(
         (:func:`reflora.lora.init_lora`), drawn from ``numpy.random.default_rng(seed)`` layer by layer in
         module order, so a seed fixes the adapter.
     adapter_dtype: dtype of lora_A / lora_B. verbose: print the :class:`LoRASummary`.
+    progress: a progress bar (tqdm, on stderr) while layers are quantized, which takes seconds a
+        layer on a CPU; None shows it when stderr is a terminal and tqdm is installed.
 
     Returns ``model``, with ``model.reflora_lora`` (:class:`LoRAConfig`) and ``model.reflora_summary``
     (:class:`LoRASummary`) attached. Every parameter that is not an adapter weight is frozen.
@@ -525,7 +530,8 @@ def apply_lora(
     rng = np.random.default_rng(seed)
     built: list[tuple[str, nn.Module]] = []
     try:
-        for name, m in chosen:
+        bar = progress if quantize is not None else False  # only quantizing takes long enough to show
+        for name, m in progress_bar(chosen, "apply_lora: quantizing", bar):
             A, B = _init_adapter_weights(m.in_features, m.out_features, r, init, rng)
             kw = {"A": A, "B": B, "dropout": dropout, "rslora": rslora, "dtype": adapter_dtype}
             if isinstance(m, NF4Linear):
@@ -551,6 +557,20 @@ def apply_lora(
     if verbose:
         print(model.reflora_summary)
     return model
+
+
+def progress_bar(items: Sequence, desc: str, progress: bool | None):
+    """``items``, iterated under a tqdm bar on stderr when ``progress`` is True, or None and stderr is
+    a terminal and tqdm is installed; as they are otherwise. progress=True without tqdm: ImportError."""
+    if progress is None:
+        progress = sys.stderr.isatty() and importlib.util.find_spec("tqdm") is not None
+    if not progress:
+        return items
+    try:
+        from tqdm.auto import tqdm
+    except ImportError as e:
+        raise ImportError("progress=True needs tqdm (pip install tqdm)") from e
+    return tqdm(items, desc=desc, unit="layer", file=sys.stderr)
 
 
 def _quantize_layer(
