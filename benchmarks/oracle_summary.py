@@ -1,5 +1,6 @@
-"""Summarise a pytest-benchmark JSON of benchmarks/test_oracle_speed.py: device, versions, medians (with
-p20/p80 of the rounds) and the ratios the targets of issue #2 are about.
+"""Summarise a pytest-benchmark JSON of benchmarks/test_oracle_speed.py or test_training_speed.py:
+device, versions, medians (with p20/p80 of the rounds) and the ratios that matter (for the oracle,
+the targets of issue #2; for a training step, PEFT's times over reflora's).
 
     python -m pytest benchmarks/test_oracle_speed.py --benchmark-only --benchmark-json raw.json
     python benchmarks/oracle_summary.py raw.json benchmarks/results/oracle-cpu-DATE.json
@@ -24,7 +25,7 @@ def _version(package: str) -> str | None:
         return None
 
 
-def summarise(raw: dict) -> dict:
+def _times(raw: dict) -> dict:
     times = {}
     for b in raw["benchmarks"]:
         data = b["stats"]["data"]
@@ -34,6 +35,45 @@ def summarise(raw: dict) -> dict:
             "p80_ms": float(np.quantile(data, 0.8)) * 1e3,
             "rounds": b["stats"]["rounds"],
         }
+    return times
+
+
+def _machine(raw: dict) -> tuple[dict, dict]:
+    """(device, versions) from pytest-benchmark's machine_info and the installed packages."""
+    info = raw["machine_info"]
+    device = {
+        "cpu": info.get("cpu", {}).get("brand_raw"),
+        "cores": os.cpu_count(),
+        "system": f"{info.get('system')} {info.get('release')}",
+    }
+    packages = ("reflora", "numpy", "ml_dtypes", "torch", "bitsandbytes", "peft", "transformers")
+    return device, {"python": info.get("python_version"), **{p: _version(p) for p in packages}}
+
+
+def summarise_training(raw: dict) -> dict:
+    times = _times(raw)
+    ours = times.get("test_step_reflora")
+    ratios = {  # above 1: reflora is faster
+        f"{name.removeprefix('test_step_')}/reflora": t["median_ms"] / ours["median_ms"]
+        for name, t in times.items()
+        if ours and name != "test_step_reflora"
+    }
+    device, versions = _machine(raw)
+    return {
+        "benchmark": "benchmarks/test_training_speed.py: one QLoRA step (forward + backward) of MiniLM, "
+        "16 x 64 tokens, r 8, the 36 block linear layers, NF4 + double quantization, float32 compute",
+        "datetime": raw["datetime"],
+        "device": device,
+        "versions": versions,
+        "times": times,
+        "ratios": ratios,
+    }
+
+
+def summarise(raw: dict) -> dict:
+    if any(b["name"].startswith("test_step_") for b in raw["benchmarks"]):
+        return summarise_training(raw)
+    times = _times(raw)
     ratios = {}
     for op in ("quantize", "dequantize"):
         for variant in ("plain", "dq"):
@@ -43,19 +83,12 @@ def summarise(raw: dict) -> dict:
                 ratios[f"{op}[{variant}] bitsandbytes/reflora"] = (
                     times[theirs]["median_ms"] / times[ours]["median_ms"]
                 )
-    info = raw["machine_info"]
+    device, versions = _machine(raw)
     return {
         "benchmark": "benchmarks/test_oracle_speed.py: NF4, blocksize 64, 4096x11008 float32, N(0, 0.02)",
         "datetime": raw["datetime"],
-        "device": {
-            "cpu": info.get("cpu", {}).get("brand_raw"),
-            "cores": os.cpu_count(),
-            "system": f"{info.get('system')} {info.get('release')}",
-        },
-        "versions": {
-            "python": info.get("python_version"),
-            **{p: _version(p) for p in ("reflora", "numpy", "ml_dtypes", "torch", "bitsandbytes")},
-        },
+        "device": device,
+        "versions": versions,
         "times": times,
         "ratios": ratios,
         "targets": {
