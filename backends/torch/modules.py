@@ -497,7 +497,8 @@ def apply_lora(
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     if lora_modules(model):
         raise ValueError("the model already has LoRA adapters; merge_adapter or load a fresh model first")
-    if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
+    all_linear = isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR
+    if all_linear:
         targets: list[str] | str = _all_linear(model)
         if not targets:
             raise _no_match_error(target_modules, model)
@@ -514,7 +515,7 @@ def apply_lora(
         for t in targets:
             if not any(_matches(n, [t]) for n, _ in model.named_modules()):
                 raise _no_match_error(t, model)
-    if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
+    if all_linear:
         chosen = [(n, model.get_submodule(n)) for n in targets]  # exactly these, recorded by full path
     else:
         chosen = [(n, m) for n, m in model.named_modules() if n and _matches(n, targets)]
