@@ -60,7 +60,7 @@ def _bench(benchmark, model, batch, n_adapted: int):
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert len(grads) == 2 * n_adapted and all(g is not None for g in grads)
     benchmark.extra_info["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    benchmark.pedantic(step, rounds=10, warmup_rounds=2)
+    benchmark.pedantic(step, rounds=25, warmup_rounds=3)
 
 
 @pytest.mark.benchmark(group="qlora-step")

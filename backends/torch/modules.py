@@ -481,7 +481,7 @@ def apply_lora(
         (:func:`reflora.lora.init_lora`), drawn from ``numpy.random.default_rng(seed)`` layer by layer in
         module order, so a seed fixes the adapter.
     adapter_dtype: dtype of lora_A / lora_B. verbose: print the :class:`LoRASummary`.
-    progress: a progress bar (tqdm, on stderr) while layers are quantized, which takes seconds a
+    progress: a progress bar (tqdm, on stderr) while layers are quantized, which takes about a second a
         layer on a CPU; None shows it when stderr is a terminal and tqdm is installed.
 
     Returns ``model``, with ``model.reflora_lora`` (:class:`LoRAConfig`) and ``model.reflora_summary``
