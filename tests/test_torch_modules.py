@@ -388,7 +388,10 @@ def test_gradient_checkpointing_gives_the_same_adapter_gradients(minilm_dir, use
                     p.copy_(torch.linspace(-0.05, 0.05, p.numel()).reshape(p.shape))
         if checkpointing:
             kwargs = {"use_reentrant": use_reentrant}
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.23's name
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         model.train()
         torch.manual_seed(0)
         model(**batch).last_hidden_state.pow(2).mean().backward()
