@@ -158,6 +158,19 @@ def _state(out_f: int, in_f: int) -> TorchQuantState:
     )
 
 
+def _layer(out_f: int, in_f: int, tokens: int, rank: int) -> tuple:
+    """(W's 4-bit state, x (tokens, in), grad_y (tokens, out), A (r, in), B (out, r)): one QLoRA layer's
+    operands, bf16, on the meta device."""
+    meta = dict(device="meta", dtype=torch.bfloat16)
+    return (
+        _state(out_f, in_f),
+        torch.empty(tokens, in_f, **meta),
+        torch.empty(tokens, out_f, **meta),
+        torch.empty(rank, in_f, **meta),
+        torch.empty(out_f, rank, **meta),
+    )
+
+
 def harness_launches(tokens: int = 8192, hidden: int = 4096, inter: int = 11008, rank: int = 16) -> list:
     """The launches of benchmarks/gpu.py: dequantize, batch-1 GEMV, and one QLoRA layer fwd + bwd in
     both MLP orientations (the gate/up shape and the down shape), bf16 activations, bf16 LoRA; then
@@ -169,26 +182,18 @@ def harness_launches(tokens: int = 8192, hidden: int = 4096, inter: int = 11008,
         dequant.dequantize(ts, torch.bfloat16)
         qlora_mod.nf4_matmul(torch.empty(1, inter, dtype=torch.bfloat16, **meta), ts)
         for out_f, in_f in ((inter, hidden), (hidden, inter)):
-            w = _state(out_f, in_f)
-            x = torch.empty(tokens, in_f, dtype=torch.bfloat16, **meta)
-            a = torch.empty(rank, in_f, dtype=torch.bfloat16, **meta)
-            b = torch.empty(out_f, rank, dtype=torch.bfloat16, **meta)
+            w, x, g, a, b = _layer(out_f, in_f, tokens, rank)
             cfg = qlora_mod.LinearConfig(weight=w, scaling=2.0)
             _, t = qlora_mod._forward(x, a, b, None, None, cfg)
-            g = torch.empty(tokens, out_f, dtype=torch.bfloat16, **meta)
             u = lowrank.lowrank_matmul(g, b)
             nf4_gemm.nf4_gemm(g, w, transposed=True, lora=(u, a, 2.0))
             lowrank.lowrank_matmul(u.t(), x)
             lowrank.lowrank_matmul(g.t(), t)
         # With LoRA dropout (a mask on the LoRA branch) and a bias, as PEFT training often runs.
-        w = _state(inter, hidden)
-        x = torch.empty(tokens, hidden, dtype=torch.bfloat16, **meta)
+        w, x, g, a, b = _layer(inter, hidden, tokens, rank)
         mask = torch.empty_like(x)
-        a = torch.empty(rank, hidden, dtype=torch.bfloat16, **meta)
-        b = torch.empty(inter, rank, dtype=torch.bfloat16, **meta)
         bias = torch.empty(inter, dtype=torch.bfloat16, **meta)
         _, t = qlora_mod._forward(x, a, b, bias, mask, qlora_mod.LinearConfig(weight=w, scaling=2.0))
-        g = torch.empty(tokens, inter, dtype=torch.bfloat16, **meta)
         u = lowrank.lowrank_matmul(g, b)
         nf4_gemm.nf4_gemm(g, w, transposed=True, lora=(u, a, 2.0), mask=mask)
         lowrank.lowrank_matmul(u.t(), x, mask=mask, mask_on="right")
@@ -213,12 +218,8 @@ def tile_launches(tokens: int = 8192, hidden: int = 4096, inter: int = 11008, ra
 
     def run():
         for out_f, in_f in ((inter, hidden), (hidden, inter)):
-            w = _state(out_f, in_f)
-            x = torch.empty(tokens, in_f, dtype=torch.bfloat16, **meta)
-            g = torch.empty(tokens, out_f, dtype=torch.bfloat16, **meta)
-            a = torch.empty(rank, in_f, dtype=torch.bfloat16, **meta)
-            b = torch.empty(out_f, rank, dtype=torch.bfloat16, **meta)
-            t = torch.empty(tokens, rank, **meta)
+            w, x, g, a, b = _layer(out_f, in_f, tokens, rank)
+            t = torch.empty(tokens, rank, device="meta")  # float32, as x Aᵀ and g B are kept
             for cfg in cases.GEMM_TILES:
                 nf4_gemm.nf4_gemm(x, w, lora=(t, b.t(), 2.0), config=cfg)
                 nf4_gemm.nf4_gemm(g, w, transposed=True, lora=(t, a, 2.0), config=cfg)

