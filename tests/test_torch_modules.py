@@ -7,6 +7,7 @@ adapter and that bf16 autocast runs end to end.
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 
@@ -193,6 +194,79 @@ def test_nf4_linear_holds_the_oracle_state_and_survives_dtype_casts() -> None:
     holder.double()
     assert q.quant_state.to_state() == ref
     assert torch.equal(q.dequantized_weight(), numpy_to_torch(nf4.dequantize(ref)))
+
+
+def _other_toy() -> Toy:
+    """Toy with other weights: another double-quant offset, other codes and scales."""
+    model = Toy()
+    with torch.no_grad():
+        for m in model.block.values():
+            m.weight.mul_(5).add_(0.01)
+    return model
+
+
+def test_a_state_dict_carries_the_4bit_metadata_through_every_writer() -> None:
+    # Before, the offset (and shape, dtype, blocksize, quant type) were plain attributes: loading a
+    # state dict copied the codes and kept the target's own offset, "All keys matched", wrong weights.
+    from safetensors.torch import load, save
+
+    src = apply_lora(Toy(), 4, 8, ["q_proj", "v_proj"], quantize="nf4", verbose=False)
+    x = torch.randn(3, 33)
+    expected = src(x)
+    sd = src.state_dict()
+    assert "block.q_proj.base_layer._extra_state" in sd
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    for written in (sd, torch.load(io.BytesIO(buf.getvalue()), weights_only=True), load(save(sd))):
+        dst = apply_lora(_other_toy(), 4, 8, ["q_proj", "v_proj"], quantize="nf4", verbose=False)
+        assert dst.block["q_proj"].base_layer.offset != src.block["q_proj"].base_layer.offset
+        assert not dst.load_state_dict(written).missing_keys
+        for name in ("q_proj", "v_proj"):
+            got, want = dst.block[name].base_layer, src.block[name].base_layer
+            assert got.offset == want.offset and got.quant_state.to_state() == want.quant_state.to_state()
+        assert torch.equal(dst(x), expected)
+
+
+def test_a_state_dict_the_layer_cannot_take_is_refused_before_anything_changes() -> None:
+    lin = Toy().block["q_proj"]
+    src = NF4Linear.from_linear(lin)
+    sd = src.state_dict()
+    no_meta = {k: v for k, v in sd.items() if k != "_extra_state"}
+    cases = [
+        (
+            NF4Linear.from_linear(nn.Linear(65, 33)),
+            sd,
+            r"holds a \(65, 33\) weight; this layer is \(33, 65\)",
+        ),
+        (
+            NF4Linear.from_linear(lin, double_quant=False),
+            sd,
+            "double-quantized weight; this layer is the other",
+        ),
+        (
+            NF4Linear.from_linear(lin, 128),
+            sd,
+            r"absmax is torch.uint8 \(34,\), this layer's is torch.uint8 \(17,\)",
+        ),
+        (NF4Linear.from_linear(lin), no_meta, "holds 'packed' but not '_extra_state'"),
+        (
+            NF4Linear.from_linear(lin),
+            {**sd, "_extra_state": torch.tensor([1, 2], dtype=torch.uint8)},
+            "not UTF-8",
+        ),
+    ]
+    for layer, state, match in cases:
+        before = {k: v.clone() for k, v in layer.state_dict().items()}
+        for strict in (True, False):  # strict=False is no licence to load codes without their offset
+            with pytest.raises(RuntimeError, match=match):
+                layer.load_state_dict(state, strict=strict)
+        after = layer.state_dict()
+        assert all(torch.equal(after[k], v) for k, v in before.items())
+    # Loading only the adapters into a model (strict=False) leaves the 4-bit bases alone, quietly.
+    model = apply_lora(Toy(), 4, 8, ["q_proj"], quantize="nf4", verbose=False)
+    adapters = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    missing = model.load_state_dict(adapters, strict=False).missing_keys
+    assert "block.q_proj.base_layer._extra_state" in missing
 
 
 def test_qlora_linear_runs_the_torch_op_on_cpu() -> None:

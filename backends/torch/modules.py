@@ -20,6 +20,7 @@ folds the adapters back into the weights; :func:`lora_summary` counts parameters
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import re
 import sys
@@ -32,7 +33,7 @@ import torch
 from torch import nn
 
 from reflora.backends.torch import ops
-from reflora.backends.torch.quant_state import TorchQuantState, numpy_to_torch, torch_to_numpy
+from reflora.backends.torch.quant_state import TorchQuantState, numpy_to_torch, torch_dtype, torch_to_numpy
 
 __all__ = [
     "LoRAConfig",
@@ -69,7 +70,15 @@ class NF4Linear(nn.Module):
     ``nested_quant_map`` (256,) when double-quantized. The float32 buffers are held as their int32 bit
     patterns, so that ``model.to(torch.bfloat16)`` moves them but can never round them; the offset,
     shape, dtype, blocksize and quant type are plain attributes. ``bias`` is a frozen parameter.
+
+    The state dict carries those attributes too, under ``<layer>._extra_state`` (UTF-8 JSON in a
+    uint8 tensor, so ``torch.save`` with ``weights_only`` and safetensors can hold it): the codes
+    mean nothing without the double-quant offset. ``load_state_dict`` adopts them, and refuses, before
+    touching the layer, a state of another shape or double-quant setting, a buffer of another size
+    or dtype, and codes that come without the metadata (as state dicts saved before it was added do).
     """
+
+    _META_FORMAT = 1
 
     def __init__(self, ts: TorchQuantState, bias: torch.Tensor | None = None) -> None:
         super().__init__()
@@ -136,6 +145,73 @@ class NF4Linear(nn.Module):
         """Bytes of the 4-bit weight as stored: codes, scales and tables (the bias excluded)."""
         return sum(b.numel() * b.element_size() for b in self.buffers(recurse=False))
 
+    # -- state dict: the metadata travels with the codes
+
+    def _meta(self) -> dict:
+        return {
+            "format": self._META_FORMAT, "shape": list(self.shape),
+            "dtype": str(self.dtype).removeprefix("torch."), "blocksize": self.blocksize,
+            "quant_type": self.quant_type, "double_quant": self.double_quant, "offset": self.offset,
+            "blocksize2": self.blocksize2,
+        }  # fmt: skip
+
+    def get_extra_state(self) -> torch.Tensor:
+        # json writes a float by repr, which reads back to the same float: the offset is exact.
+        return torch.tensor(list(json.dumps(self._meta(), sort_keys=True).encode("utf-8")), dtype=torch.uint8)
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        meta = _decode_meta(state)
+        self.shape, self.dtype = tuple(meta["shape"]), torch_dtype(meta["dtype"])
+        self.blocksize, self.quant_type = meta["blocksize"], meta["quant_type"]
+        self.offset, self.blocksize2 = meta["offset"], meta["blocksize2"]
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        name = prefix[:-1] or type(self).__name__
+        key = prefix + "_extra_state"
+        ours = [prefix + n for n in self._buffers if prefix + n in state_dict]
+        if key not in state_dict:
+            if ours:  # codes without their offset and shape would load as wrong weights
+                error_msgs.append(
+                    f"{name}: the state dict holds {ours[0]!r} but not {key!r}, the quantization "
+                    "metadata (shape, dtype, blocksize, quant type, double-quant offset) the codes need; "
+                    "it was not saved by this version's NF4Linear. Rebuild the layer from the original "
+                    "weights or a 4-bit checkpoint (load_4bit_checkpoint)"
+                )
+                return
+        else:
+            try:
+                meta = _decode_meta(state_dict[key])
+                problem = self._incompatible(meta, state_dict, prefix)
+            except ValueError as e:
+                problem = f"{key} is not NF4Linear metadata: {e}"
+            if problem:
+                error_msgs.append(f"{name}: {problem}; the layer was left as it was")
+                return
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def _incompatible(self, meta: dict, state_dict, prefix: str) -> str | None:
+        """Why the state ``meta`` describes cannot load into this layer, or None."""
+        shape = tuple(meta["shape"])
+        if shape != tuple(self.shape):
+            return f"the state dict holds a {shape} weight; this layer is {tuple(self.shape)}"
+        if meta["double_quant"] != self.double_quant:
+            has = "holds" if meta["double_quant"] else "does not hold"
+            return f"the state dict {has} a double-quantized weight; this layer is the other kind"
+        for n, own in self._buffers.items():
+            t = state_dict.get(prefix + n)
+            if own is None or not isinstance(t, torch.Tensor):
+                continue
+            if (t.shape, t.dtype) != (own.shape, own.dtype):
+                return (
+                    f"{prefix + n} is {t.dtype} {tuple(t.shape)}, this layer's is {own.dtype} "
+                    f"{tuple(own.shape)} (blocksize {meta['blocksize']} there, {self.blocksize} here)"
+                )
+        return None
+
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Ŵ (out, in), bit-identical to :func:`reflora.nf4.dequantize` (in ``self.dtype`` by default)."""
         return ops.dequantize_4bit(self.quant_state, dtype)
@@ -150,6 +226,32 @@ class NF4Linear(nn.Module):
             f"bias={self.bias is not None}, {self.quant_type}, blocksize={self.blocksize}{dq}, "
             f"dtype={self.dtype}"
         )
+
+
+def _decode_meta(state) -> dict:
+    """NF4Linear's metadata from its extra-state tensor (UTF-8 JSON); ValueError when it is not that."""
+    if not isinstance(state, torch.Tensor) or state.dtype != torch.uint8 or state.dim() != 1:
+        raise ValueError(f"expected a 1-D uint8 tensor, got {type(state).__name__}")
+    try:
+        meta = json.loads(bytes(state.tolist()).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"not UTF-8 JSON ({e})") from None
+    want = {
+        "format": int, "shape": list, "dtype": str, "blocksize": int, "quant_type": str,
+        "double_quant": bool, "offset": (float, type(None)), "blocksize2": int,
+    }  # fmt: skip
+    if not isinstance(meta, dict) or set(meta) != set(want):
+        raise ValueError(f"expected the fields {sorted(want)}")
+    for k, kind in want.items():
+        if not isinstance(meta[k], kind) or (kind is int and isinstance(meta[k], bool)):
+            raise ValueError(f"field {k!r} is {meta[k]!r}")
+    if meta["format"] != NF4Linear._META_FORMAT:
+        raise ValueError(f"format {meta['format']}; this version reads {NF4Linear._META_FORMAT}")
+    if meta["double_quant"] != (meta["offset"] is not None):
+        raise ValueError("double_quant and offset disagree")
+    if meta["dtype"] not in ("float32", "float16", "bfloat16") or meta["quant_type"] not in ("nf4", "fp4"):
+        raise ValueError(f"dtype {meta['dtype']!r} / quant_type {meta['quant_type']!r}")
+    return meta
 
 
 def _quantized_forward(owner, ts, x, A, B, scaling, bias, mask) -> torch.Tensor:
