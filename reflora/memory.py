@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from dataclasses import dataclass
 
 from reflora.cli import nonnegative_int, positive_float, positive_int
@@ -226,37 +227,61 @@ def training_memory(
 # ---- reflora memory ----------------------------------------------------------------------------------
 
 
+# A model of --params borrows a LLaMA shape for its training estimate only within this ratio of it.
+BORROW_RATIO = 1.25
+
+
+class UsageError(ValueError):
+    """Options of ``reflora memory`` that cannot describe a model (exit status 2)."""
+
+
+def _training_shape(args: argparse.Namespace) -> tuple[float, dict] | None:
+    """(parameters, shape) the training estimate is for, or None when no shape is known."""
+    given = {k: getattr(args, k) for k in ("layers", "hidden", "intermediate", "heads")}
+    if args.layers is not None and args.hidden is not None:
+        return args.params, {**given, "vocab": args.vocab or 0, "source": "given"}
+    named = [f"--{k}" for k, v in given.items() if v is not None]
+    if named:
+        raise UsageError(f"{', '.join(named)} alone is part of a shape: give --layers and --hidden "
+                         "(--intermediate and --heads optional), or none for a LLaMA size")  # fmt: skip
+    name = nearest_llama(args.params)
+    L, h, f, a, v = LLAMA_SHAPES[name]
+    n = _llama_params(LLAMA_SHAPES[name])
+    if not 1 / BORROW_RATIO <= args.params / n <= BORROW_RATIO:
+        return None
+    vocab = v if args.vocab is None else args.vocab
+    source = f"LLaMA-{name}'s shape and {n:.4g} params, the nearest to {args.params:.3g}"
+    return n, {"layers": L, "hidden": h, "intermediate": f, "heads": a, "vocab": vocab, "source": source}
+
+
+def _no_shape_note(params: float) -> str:
+    sizes = ", ".join(f"{k}: {_llama_params(v):.3g}" for k, v in LLAMA_SHAPES.items())
+    return (f"no training estimate: {params:.3g} params is not within {BORROW_RATIO}x of a LLaMA size "
+            f"({sizes}); give --layers and --hidden (and --intermediate, --heads) for its shape")  # fmt: skip
+
+
 def _report(args: argparse.Namespace) -> dict:
     P = args.params
-    shape_note = "given"
-    if args.layers is None or args.hidden is None:
-        name = nearest_llama(P)
-        L, h, f, a, v = LLAMA_SHAPES[name]
-        shape_note = f"LLaMA-{name} shape (nearest to {P:.3g} params)"
-        layers, hidden, inter, heads = L, h, f, a
-        vocab = v if args.vocab is None else args.vocab
-    else:
-        layers, hidden, inter, heads = args.layers, args.hidden, args.intermediate, args.heads
-        vocab = args.vocab or 0
-    est = training_memory(
-        P, args.r, layers=layers, hidden=hidden, intermediate=inter, heads=heads, batch=args.batch,
-        seq=args.seq, vocab=vocab, blocksize=args.blocksize, double_quant=not args.no_double_quant,
-        checkpointing=not args.no_checkpointing,
-    )  # fmt: skip
+    found = _training_shape(args)
+    est = None
+    if found is not None:
+        n, shape = found
+        try:
+            est = training_memory(
+                n, args.r, layers=shape["layers"], hidden=shape["hidden"], intermediate=shape["intermediate"],
+                heads=shape["heads"], batch=args.batch, seq=args.seq, vocab=shape["vocab"],
+                blocksize=args.blocksize, double_quant=not args.no_double_quant,
+                checkpointing=not args.no_checkpointing,
+            )  # fmt: skip
+        except ValueError as e:
+            raise UsageError(f"the given shape does not fit --params {P:.4g}: {e}") from None
     bpp = {
         "nf4": bits_per_parameter(args.blocksize),
         "nf4+dq": bits_per_parameter(args.blocksize, double_quant=True),
     }
     return {
         "params": P,
-        "shape": {
-            "layers": layers,
-            "hidden": hidden,
-            "intermediate": inter,
-            "heads": heads,
-            "vocab": vocab,
-            "source": shape_note,
-        },
+        "shape": None if found is None else found[1],
         "bits_per_param": bpp,
         "base_bytes": {
             "fp32": 4 * P,
@@ -266,13 +291,20 @@ def _report(args: argparse.Namespace) -> dict:
         },
         "double_quant_saving_bytes": double_quant_saving(P, args.blocksize),
         "double_quant_saving_65B_bytes": double_quant_saving(65e9, args.blocksize),
-        "training": {"r": args.r, "batch": args.batch, "seq": args.seq, **est.as_dict()},
+        "training": None
+        if est is None
+        else {"r": args.r, "batch": args.batch, "seq": args.seq, **est.as_dict()},
+        "training_note": _no_shape_note(P) if est is None else None,
         "_estimate": est,
     }
 
 
 def _run(args: argparse.Namespace) -> int:
-    rep = _report(args)
+    try:
+        rep = _report(args)
+    except UsageError as e:
+        print(f"reflora memory: {e}", file=sys.stderr)
+        return 2
     est = rep.pop("_estimate")
     if args.json:
         print(json.dumps(rep, indent=2))
@@ -285,11 +317,20 @@ def _run(args: argparse.Namespace) -> int:
     print(f"  double quantization saves {rep['double_quant_saving_bytes'] / 1e9:.2f} GB here, "
           f"{rep['double_quant_saving_65B_bytes'] / 1e9:.2f} GB at 65B")  # fmt: skip
     s = rep["shape"]
+    if est is None:
+        print(rep["training_note"])
+        return 0
     ckpt = "off" if args.no_checkpointing else "on"
     print(f"training estimate, r={args.r}, batch {args.batch}, seq {args.seq}, {s['layers']} layers, "
           f"hidden {s['hidden']} ({s['source']}), checkpointing {ckpt}:")  # fmt: skip
     print(est)
     return 0
+
+
+def _blocksizes() -> tuple[int, ...]:
+    from reflora.state import BLOCKSIZES  # the oracle's rule; numpy is imported for the command only
+
+    return BLOCKSIZES
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -304,7 +345,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--vocab", type=nonnegative_int, help="vocabulary of a language-model head (0: none)")
     p.add_argument("--batch", type=positive_int, default=1)
     p.add_argument("--seq", type=positive_int, default=512)
-    p.add_argument("--blocksize", type=positive_int, default=64)
+    p.add_argument("--blocksize", type=int, default=64, choices=_blocksizes(), metavar="BLOCKSIZE",
+                   help="NF4 blocksize, a power of two from 32 to 4096 (default 64)")  # fmt: skip
     p.add_argument("--no-double-quant", action="store_true")
     p.add_argument("--no-checkpointing", action="store_true")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")

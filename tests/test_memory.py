@@ -103,3 +103,41 @@ def test_cli_text_with_a_given_shape(capsys):
     assert "bits/param: NF4 4.5, NF4 + double quantization 4.127" in out
     assert "3.03 GB at 65B" in out
     assert "6 layers, hidden 384 (given)" in out and "total" in out
+
+
+def test_cli_borrows_a_llama_shape_only_near_a_llama_size(capsys):
+    # 6e9 is nearest LLaMA-7B, whose linear layers alone hold 6.48e9: the estimate is for 7B's own count
+    # (before, it raised from inside training_memory for 1e9, 3e9, 6e9 ...).
+    assert cli.main(["memory", "--params", "6e9", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["shape"]["layers"] == 32 and "LLaMA-7B's shape and 6.738e+09 params" in rep["shape"]["source"]
+    assert rep["base_bytes"]["bf16"] == 12e9 and rep["training"]["total_bytes"] > 0
+    for p in ("1e9", "2e10"):  # no LLaMA size within 1.25x: the storage figures, and why no estimate
+        assert cli.main(["memory", "--params", p]) == 0
+        out = capsys.readouterr().out
+        assert (
+            "bits/param: NF4 4.5" in out and "no training estimate" in out and "--layers and --hidden" in out
+        )
+        assert cli.main(["memory", "--params", p, "--json"]) == 0
+        rep = json.loads(capsys.readouterr().out)
+        assert rep["training"] is None and rep["shape"] is None and "1.25x" in rep["training_note"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--layers", "2"], "--layers alone is part of a shape"),
+        (["--hidden", "64", "--heads", "2"], "--hidden, --heads alone is part of a shape"),
+        (["--layers", "40", "--hidden", "8192"], "the given shape does not fit --params 7e+09"),
+    ],
+)
+def test_cli_refuses_options_that_describe_no_model(capsys, argv, message):
+    assert cli.main(["memory", "--params", "7e9", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_cli_refuses_a_blocksize_nf4_does_not_have(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["memory", "--params", "7e9", "--blocksize", "3"])
+    assert e.value.code == 2 and "invalid choice: 3" in capsys.readouterr().err
