@@ -176,12 +176,15 @@ def save(inputs: Inputs, directory: str | Path, **meta: Any) -> Path:
 def load(path: str | Path) -> tuple[Inputs, dict[str, Any]]:
     """(inputs, meta) from a bundle written by :func:`save`; ValueError naming the reason if it is
     not one (OSError if it cannot be read at all)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such file")
     # np.load takes a file that is not a zip archive for a pickle and says so; tell the user plainly.
     if not zipfile.is_zipfile(path):
         raise ValueError(f"{path} is not a reflora conformance bundle (not an .npz: no zip archive)")
     try:
         return _load(path)
-    except (ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, EOFError, zipfile.BadZipFile) as exc:
+        # TypeError / AttributeError: JSON of the wrong shape (a list where an object belongs, ...)
         detail = str(exc) if type(exc) is ValueError else f"{type(exc).__name__}: {exc}"
         raise ValueError(f"{path} is not a reflora conformance bundle ({detail})") from None
 
@@ -191,6 +194,8 @@ def _load(path: str | Path) -> tuple[Inputs, dict[str, Any]]:
         if "meta" not in z:
             raise ValueError("no 'meta' entry")
         meta = json.loads(z["meta"].tobytes().decode())
+        if not isinstance(meta, dict):
+            raise ValueError(f"'meta' is JSON {type(meta).__name__}, not an object")
         if meta.get("format") != FORMAT:
             raise ValueError(f"unknown bundle format {meta.get('format')!r}, expected {FORMAT!r}")
         arrays = {}

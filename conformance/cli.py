@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -98,6 +99,7 @@ def conform(
     from reflora.backends import BackendError
     from reflora.conformance import deviations as _deviations
     from reflora.conformance import profiles, runner
+    from reflora.formats.files import write_files
 
     out = out or sys.stdout
     err = err or sys.stderr
@@ -106,6 +108,10 @@ def conform(
         entries = _deviations.load(deviations) if deviations else None
     except ValueError as exc:
         print(f"reflora conform: {exc}", file=err)
+        return 2
+    problem = _unwritable(json_path, markdown_path, bundle_dir)
+    if problem:
+        print(f"reflora conform: {problem}", file=err)
         return 2
     missing = runner.unmatched(select or ())
     if missing:
@@ -133,6 +139,7 @@ def conform(
         print("", file=out)
         print(runner.matrix_text(rep), file=out)
     ok = bool(reports) and all(r.ok for r in reports)
+    files: dict[Path, bytes] = {}
     if json_path:
         record = {
             "profile": prof.name,
@@ -141,11 +148,14 @@ def conform(
             "unavailable": [{"name": n, "reason": r} for n, r in unavailable],
             "reports": [r.as_dict() for r in reports],
         }
-        Path(json_path).write_text(json.dumps(record, indent=1, default=str) + "\n", encoding="utf-8")
+        files[Path(json_path)] = (json.dumps(record, indent=1, default=str) + "\n").encode("utf-8")
     if markdown_path:
-        Path(markdown_path).write_text(
-            runner.markdown(reports, unavailable, seed, prof.name), encoding="utf-8"
-        )
+        files[Path(markdown_path)] = runner.markdown(reports, unavailable, seed, prof.name).encode("utf-8")
+    unwritten = None
+    try:
+        write_files(files)
+    except OSError as exc:  # checked before the run; this is the disk or the directory changing since
+        unwritten = f"reflora conform: the report files were not written: {exc}"
     if not reports:
         print("reflora conform: no backend is available to run (see `reflora backends`)", file=err)
         return 2
@@ -157,7 +167,31 @@ def conform(
         print(f"{'PASS' if rep.ok else 'FAIL'} {rep.backend}: {counts}{len(rep.by_status('pass'))} passed, "
               f"{declared} declared, {len(rep.by_status('unsupported'))} unsupported, {rep.seconds:.1f} s",
               file=out)  # fmt: skip
+    if unwritten:
+        print(unwritten, file=err)
+        return 2
     return 0 if ok else 1
+
+
+def _unwritable(json_path: str | None, markdown_path: str | None, bundle_dir: str) -> str | None:
+    """Why an output of the run could not be written, checked before the run rather than after it."""
+    for option, path in (("--json", json_path), ("--markdown", markdown_path)):
+        if not path:
+            continue
+        p = Path(path)
+        if p.is_dir():
+            return f"{option} {path} is a directory; give a file name"
+        if not p.parent.is_dir():
+            return f"{option} {path}: the directory {p.parent} does not exist"
+        if not os.access(p.parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+            return f"{option} {path} is not writable"
+    d = Path(bundle_dir)
+    if d.exists() and not d.is_dir():
+        return f"--bundle-dir {bundle_dir} exists and is not a directory"
+    existing = next(a for a in (d, *d.parents) if a.exists())  # where mkdir would start
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        return f"--bundle-dir {bundle_dir}: cannot create or write it under {existing}"
+    return None
 
 
 def _choose_triton_mode() -> None:

@@ -91,6 +91,21 @@ def test_a_selection_that_matches_no_test_is_an_error_not_an_empty_pass(capsys):
     assert "PASS" not in out  # nothing ran
 
 
+def test_outputs_that_cannot_be_written_are_refused_before_the_run(capsys, tmp_path):
+    # Before, these ran every test and then died on the write with a traceback: an audit run's work lost.
+    (tmp_path / "file").write_text("")
+    cases = [
+        (["--json", str(tmp_path / "no" / "r.json")], f"the directory {tmp_path / 'no'} does not exist"),
+        (["--markdown", str(tmp_path)], f"--markdown {tmp_path} is a directory"),
+        (["--bundle-dir", str(tmp_path / "file")], "exists and is not a directory"),
+        (["--bundle-dir", str(tmp_path / "file" / "sub")], "cannot create or write it"),
+    ]
+    for args, message in cases:
+        rc, out, err = _conform(capsys, "--backend", "reference", "-k", MERGE, *args)
+        assert rc == 2 and message in err, (args, err)
+        assert "PASS" not in out and "pass 12/12" not in err  # refused before any test ran
+
+
 def test_bad_profile_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["conform", "--profile", "thorough"])
@@ -128,6 +143,12 @@ def test_replay_of_something_that_is_not_a_bundle(capsys, tmp_path):
     assert cli.main(["replay", str(tmp_path / "y.npz")]) == 2
     assert "y.npz is not a reflora conformance bundle (no 'meta' entry)" in capsys.readouterr().err
     assert cli.main(["replay", str(tmp_path / "missing.npz")]) == 2
+    assert "missing.npz: no such file" in capsys.readouterr().err
+    for meta in ([1, 2], {"format": 1, "dtypes": [1]}):  # JSON of the wrong shape: still "not a bundle"
+        np.savez(tmp_path / "z.npz", meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
+        assert cli.main(["replay", str(tmp_path / "z.npz")]) == 2
+        err = capsys.readouterr().err
+        assert "z.npz is not a reflora conformance bundle (" in err and "Traceback" not in err
 
 
 def test_replay_against_an_unknown_backend(capsys, tmp_path):
