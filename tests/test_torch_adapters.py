@@ -156,9 +156,25 @@ TENSOR_CASES = {
 def test_corrupt_tensors_name_the_key(saved, case) -> None:
     change, key, words = TENSOR_CASES[case]
     _tensors(saved, change)
+    model = Toy()
+    linears = dict(model.named_children())
     with pytest.raises(AdapterError, match=words) as info:
-        load_adapter(Toy(), saved)
+        load_adapter(model, saved)
     assert info.value.key == key and repr(key) in str(info.value)
+    # The model is as it was: the same nn.Linear layers, trainable, no adapter config attached.
+    assert dict(model.named_children()) == linears and all(p.requires_grad for p in model.parameters())
+    assert not hasattr(model, "reflora_lora") and not hasattr(model, "reflora_summary")
+
+
+def test_target_names_that_match_nothing_here_are_skipped_as_peft_does(saved) -> None:
+    # A config written for several architectures lists names this model lacks; PEFT adapts the ones
+    # it has. Before, load_adapter refused the file.
+    _config(saved, target_modules=["q_proj", "v_proj", "query", "value"])
+    assert sorted(lora_modules(load_adapter(Toy(), saved))) == ["q_proj", "v_proj"]
+    _config(saved, target_modules=["query", "value"])
+    with pytest.raises(AdapterError, match=r"none of \['query', 'value'\] matches a layer") as info:
+        load_adapter(Toy(), saved)
+    assert info.value.key == "target_modules"
 
 
 CONFIG_CASES = {

@@ -29,7 +29,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from reflora.backends.torch.modules import LoRAConfig, apply_lora, lora_modules
+from reflora.backends.torch.modules import (
+    ALL_LINEAR,
+    LoRAConfig,
+    _matches,
+    _set_submodule,
+    apply_lora,
+    lora_modules,
+)
 from reflora.backends.torch.quant_state import numpy_to_torch, torch_to_numpy
 from reflora.formats import safetensors as sft
 from reflora.formats.files import write_files
@@ -251,12 +258,47 @@ def load_adapter(
     if not weights.is_file():
         raise AdapterError(ADAPTER_WEIGHTS, f"missing from {Path(directory)}")
     tensors = sft.load(weights)
-    if not lora_modules(model):
-        apply_lora(
-            model, cfg["r"], cfg["lora_alpha"], cfg["target_modules"], dropout=float(cfg["lora_dropout"]),
-            rslora=cfg["use_rslora"], quantize=quantize, double_quant=double_quant, blocksize=blocksize,
-            init="gaussian" if cfg["init_lora_weights"] == "gaussian" else "kaiming", verbose=False,
-        )  # fmt: skip
+    if lora_modules(model):
+        _load_tensors(model, cfg, tensors)
+        return model
+    # Prepare the model, and undo that if the file's tensors do not fit it: the model stays as it was.
+    originals = dict(model.named_modules())
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    apply_lora(
+        model, cfg["r"], cfg["lora_alpha"], _peft_targets(cfg["target_modules"], model),
+        dropout=float(cfg["lora_dropout"]), rslora=cfg["use_rslora"], quantize=quantize,
+        double_quant=double_quant, blocksize=blocksize,
+        init="gaussian" if cfg["init_lora_weights"] == "gaussian" else "kaiming", verbose=False,
+    )  # fmt: skip
+    try:
+        _load_tensors(model, cfg, tensors)
+    except BaseException:
+        for name in lora_modules(model):
+            _set_submodule(model, name, originals[name])
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        del model.reflora_lora, model.reflora_summary
+        raise
+    return model
+
+
+def _peft_targets(targets: list[str] | str, model: nn.Module) -> list[str] | str:
+    """A file's target_modules as PEFT applies them: names that match no layer of this model are
+    skipped (a config written for several architectures lists them all); none matching is an error."""
+    names = [n for n, _ in model.named_modules() if n]
+    if isinstance(targets, str):  # a regular expression, or "all-linear"
+        kept = targets if targets.lower() == ALL_LINEAR or any(_matches(n, targets) for n in names) else None
+    else:
+        kept = [t for t in targets if any(_matches(n, [t]) for n in names)]
+    if not kept:
+        raise AdapterError(
+            "target_modules", f"none of {targets} matches a layer of the {type(model).__name__}"
+        )
+    return kept
+
+
+def _load_tensors(model: nn.Module, cfg: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
+    """Copy the file's lora_A / lora_B into the adapted layers, after checking they all fit."""
     layers = lora_modules(model)
     for name, m in layers.items():
         for field, value in (("r", m.r), ("lora_alpha", m.lora_alpha), ("use_rslora", m.use_rslora)):
@@ -275,4 +317,3 @@ def load_adapter(
     with torch.no_grad():
         for key, (param, _) in expected.items():
             param.copy_(loaded[key].to(param.device, param.dtype))
-    return model
