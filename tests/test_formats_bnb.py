@@ -195,6 +195,11 @@ CORRUPT = {
     "JSON not JSON": (lambda: _replace(good(), QS, np.frombuffer(b'{"quant_type": ', np.uint8)), QS, "JSON"),
     "JSON not UTF-8": (lambda: _replace(good(), QS, np.frombuffer(b'{"\xff": 1}', np.uint8)), QS, "UTF-8"),
     "JSON a list": (lambda: _replace(good(), QS, np.frombuffer(b"[1]", np.uint8)), QS, "object"),
+    "JSON nested too deeply": (
+        lambda: _replace(good(), QS, np.frombuffer(b"[" * 50_000 + b"]" * 50_000, np.uint8)),
+        QS,
+        "nested too deeply",
+    ),
     "JSON field twice": (
         lambda: _replace(good(), QS, np.frombuffer(b'{"quant_type": "nf4", "quant_type": "nf4"}', np.uint8)),
         QS,
@@ -298,6 +303,16 @@ def test_checkpoint_helpers_reject_bad_input() -> None:
     with pytest.raises(StateDictError, match="already in the weights") as info:
         fb.quantize_state_dict(w | {"a.weight.absmax": np.ones(1, np.float32)}, targets=["a.weight"])
     assert info.value.key == "a.weight.absmax"
+    with pytest.raises(StateDictError, match="not float64") as info:
+        fb.quantize_state_dict(w | {"a.weight": np.ones((4, 4))}, targets=["a.weight"])
+    assert info.value.key == "a.weight"
+    nan = np.ones((4, 4), np.float32)
+    nan[2, 1] = np.nan
+    with pytest.raises(StateDictError, match=r"not finite at index \(2, 1\)") as info:
+        fb.quantize_state_dict(w | {"a.weight": nan}, targets=["a.weight"])
+    assert info.value.key == "a.weight"
+    with pytest.raises(TypeError, match=r"not the str 'a.weight'; use \['a.weight'\]"):
+        fb.quantize_state_dict(w, targets="a.weight")
     orphan = {k: v for k, v in good().items() if "quant_state" not in k}
     with pytest.raises(StateDictError, match="no quant_state key") as info:
         fb.dequantize_state_dict(orphan)

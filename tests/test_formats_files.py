@@ -1,4 +1,4 @@
-"""reflora.formats.files.write_files: every file whole or none, nothing left behind, umask honoured.
+"""reflora.formats.files.write_files: every file whole or none, nothing left behind, permissions kept.
 
 save_adapter and save_4bit_checkpoint go through it; the interrupted-save test below runs against
 save_adapter so that the guarantee is checked where users meet it.
@@ -30,6 +30,13 @@ def test_a_failure_before_the_renames_changes_no_target(tmp_path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["a"]  # no temporary file left
 
 
+def test_a_missing_directory_is_named_with_the_target(tmp_path) -> None:
+    target = tmp_path / "missing" / "x.safetensors"
+    with pytest.raises(FileNotFoundError, match="does not exist") as info:
+        write_files({target: b"x"})
+    assert info.value.filename == str(target) and ".tmp" not in str(info.value)
+
+
 def test_an_interrupted_write_changes_no_target(tmp_path, monkeypatch) -> None:
     (tmp_path / "a").write_bytes(b"old a")
     (tmp_path / "b").write_bytes(b"old b")
@@ -55,6 +62,29 @@ def test_new_files_get_the_umask_permissions(tmp_path) -> None:
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "a").stat().st_mode) == 0o640
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+def test_an_overwritten_file_keeps_its_permissions(tmp_path, monkeypatch) -> None:
+    for name, mode in [("private", 0o600), ("group", 0o640), ("open", 0o666), ("exec", 0o750)]:
+        (tmp_path / name).write_bytes(b"old")
+        (tmp_path / name).chmod(mode)
+    modes_at_flush = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:  # the new data must never be more widely readable than the old
+        modes_at_flush.append(stat.S_IMODE(os.fstat(fd).st_mode))
+        real_fsync(fd)
+
+    monkeypatch.setattr(files.os, "fsync", fsync)
+    old = os.umask(0o022)
+    try:
+        write_files({tmp_path / n: b"new" for n in ["private", "group", "open", "exec", "new"]})
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    assert modes == {"private": 0o600, "group": 0o640, "open": 0o666, "exec": 0o750, "new": 0o644}
+    assert modes_at_flush == [0o600, 0o640, 0o666, 0o750, 0o644]
 
 
 def test_an_interrupted_adapter_save_keeps_the_old_adapter(tmp_path, monkeypatch) -> None:

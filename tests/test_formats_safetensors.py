@@ -220,6 +220,7 @@ CORRUPT = {
     "header length beyond file": (GOOD[:-12], None, "beyond the file"),
     "header length over the limit": (struct.pack("<Q", sft.MAX_HEADER + 1) + b"{}", None, "exceeds"),
     "header not JSON": (raw('{"a": {"dtype": "F32"'), None, "not JSON"),
+    "header nested too deeply": (raw(b"[" * 50_000 + b"]" * 50_000), None, "nested too deeply"),
     "header not UTF-8": (raw(b'{"\xff": 1}'), None, "not UTF-8"),
     "header not an object": (raw("[1, 2]"), None, "must be a JSON object"),
     "unknown dtype": (raw({"w": entry("U32", [1], 0, 4)}, bytes(4)), "w", "unknown dtype 'U32'"),
@@ -305,13 +306,16 @@ def test_load_metadata_validates_the_header(tmp_path) -> None:
         ({"l": [1.0, 2.0]}, None, "l", "numpy array"),
         ({"__metadata__": np.zeros(1, np.uint8)}, None, "__metadata__", "other than"),
         ({"w": np.zeros(1, np.uint8)}, {"a": 1}, "__metadata__", "str to str"),
-        ({"\ud800": np.zeros(1, np.uint8)}, None, None, "Unicode"),
+        ({"\ud800": np.zeros(1, np.uint8)}, None, "\ud800", "UTF-8 form"),
+        ({"w": np.zeros(1, np.uint8)}, {"\udfff": "v"}, "__metadata__", "UTF-8 form"),
+        ({"w": np.zeros(1, np.uint8)}, {"k": "v\ud800"}, "__metadata__", "UTF-8 form"),
     ],
 )
 def test_writer_rejects_what_the_format_cannot_hold(tensors, metadata, key, words) -> None:
     with pytest.raises(SafetensorsError, match=words) as info:
         sft.to_bytes(tensors, metadata)
     assert info.value.key == key
+    str(info.value).encode("utf-8")  # the message is printable even where the name is not
 
 
 def test_formats_never_import_torch() -> None:

@@ -160,6 +160,8 @@ def _read_json(d: Mapping[str, Any], prefix: str) -> tuple[str, dict[str, Any]]:
         fields = json.loads(blob.tobytes().decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, ValueError) as e:
         raise StateDictError(key, f"is not UTF-8 JSON: {e}") from None
+    except RecursionError:  # bitsandbytes' JSON is flat; Python's parser gives up far deeper
+        raise StateDictError(key, "is not valid JSON: nested too deeply to parse") from None
     if not isinstance(fields, dict):
         raise StateDictError(key, f"JSON must be an object, got {type(fields).__name__}")
     unknown = sorted(set(fields) - set(_PLAIN_FIELDS) - set(_NESTED_FIELDS))
@@ -268,10 +270,17 @@ def quantize_state_dict(
     """A checkpoint in the Hugging Face bitsandbytes 4-bit layout.
 
     weights: name -> array (float32 / float16 / bfloat16 for the targets; anything for the rest).
-    targets: the keys of the Linear weights (2-D, (out, in)) to quantize with :func:`reflora.nf4.quantize`.
+    targets: the keys of the Linear weights (2-D, (out, in)) to quantize with :func:`reflora.nf4.quantize`;
+    a collection of names, never a single str (TypeError).
     Returns a new dict in the order of ``weights``: each target replaced by its keys from
     :func:`to_state_dict`, every other entry passed through unchanged (the same array object).
+    Raises :class:`StateDictError` naming the key for a target that is missing from ``weights``, not
+    2-D, not float32 / float16 / bfloat16, or not finite, or whose new keys are already in ``weights``.
     """
+    if isinstance(targets, str):
+        raise TypeError(
+            f"targets must be a collection of key names, not the str {targets!r}; use [{targets!r}]"
+        )
     targets = set(targets)
     for t in sorted(targets - set(weights)):
         raise StateDictError(t, "is a target but not in the weights")
@@ -282,6 +291,10 @@ def quantize_state_dict(
             continue
         if np.ndim(w) != 2:
             raise StateDictError(key, f"a Linear weight is 2-D (out, in), got shape {np.shape(w)}")
+        try:
+            nf4.check_input(w)
+        except (TypeError, ValueError) as e:  # a dtype other than the three, or NaN / inf
+            raise StateDictError(key, str(e)) from None
         state = nf4.quantize(w, blocksize, quant_type=quant_type, double_quant=double_quant)
         for k, v in to_state_dict(state, key).items():
             if k in weights and k != key:

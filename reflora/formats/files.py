@@ -13,13 +13,19 @@ from two different saves. :func:`write_files` therefore
 
 An error at any step leaves every target as it was, and no temporary file behind. Only a process
 killed between two renames of step 3 can leave a mix; each file is whole even then.
+
+An overwritten file keeps its permission bits: the temporary file gets them before any data is
+written, so the new content is never readable by more users than the old. A new file gets those
+``open`` would give it (0o666 less the umask).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import shutil
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -45,8 +51,8 @@ def _keep_old(target: Path) -> Path | None:
 def write_files(files: Mapping[str | os.PathLike, bytes]) -> None:
     """Write each ``target: data`` pair, all or none of them (module docstring).
 
-    Every target's directory must exist. New files get the permissions ``open`` would give them
-    (0o666 less the umask).
+    Every target's directory must exist; a missing one raises FileNotFoundError naming the target.
+    An existing target keeps its permission bits; a new one gets 0o666 less the umask.
     """
     staged: list[tuple[Path, Path]] = []  # (target, temporary file)
     kept: dict[Path, Path | None] = {}  # target -> its old content, None where it had none
@@ -54,10 +60,20 @@ def write_files(files: Mapping[str | os.PathLike, bytes]) -> None:
     try:
         for target, data in files.items():
             target = Path(target)
+            mode = stat.S_IMODE(os.stat(target).st_mode) if target.exists() else None
             tmp = _beside(target, "tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+            try:
+                # private until it has the old file's bits, so its data is never more widely readable
+                fd = os.open(tmp, flags, 0o666 if mode is None else 0o600)
+            except FileNotFoundError:
+                raise FileNotFoundError(
+                    errno.ENOENT, f"the directory {str(target.parent)!r} does not exist", str(target)
+                ) from None
             staged.append((target, tmp))
             with os.fdopen(fd, "wb") as f:
+                if mode is not None:
+                    os.chmod(tmp, mode)
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())

@@ -10,11 +10,12 @@ A file is three parts, nothing else:
    of the data; ``end - begin`` is ``prod(shape) * itemsize``.
 
 Rules this module enforces when reading (each failure raises :class:`SafetensorsError` naming the
-key): the header lies within the file and is at most 100 MB; it is UTF-8 JSON, an object, with no
-key twice (at any level); every entry has exactly the three fields, a dtype of :data:`DTYPES`, a shape
-of non-negative integers and offsets ``0 <= begin <= end`` whose difference is the tensor's size; the
-tensors, taken in offset order, tile the data exactly: no overlap, no gap, no byte after the last; a
-BOOL tensor holds only the bytes 0 and 1.
+key): the header lies within the file and is at most 100 MB; it is UTF-8 JSON (nested no deeper
+than Python's parser can go), an object, with no key twice (at any level); every entry has exactly
+the three fields, a dtype of :data:`DTYPES`, a shape of non-negative integers and offsets
+``0 <= begin <= end`` whose difference is the tensor's size; the tensors, taken in offset order, tile
+the data exactly: no overlap, no gap, no byte after the last; a BOOL tensor holds only the bytes 0
+and 1.
 
 Rules this module follows when writing, found by running safetensors 0.8.0 (tests pin them):
 
@@ -93,16 +94,30 @@ def _dtype_code(key: str, dtype: np.dtype) -> str:
     raise SafetensorsError(f"dtype {dtype} is not one of {', '.join(DTYPES)}", key)
 
 
+def _has_utf8(s: str) -> bool:
+    """False for a str holding a lone surrogate, which no UTF-8 bytes encode."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def to_bytes(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> bytes:
     """The safetensors file holding ``tensors`` (name -> array of a :data:`DTYPES` dtype, any shape).
 
     metadata: string -> string, stored as ``"__metadata__"``; None stores none.
     Returns the whole file, laid out by the writing rules of the module docstring.
+    Raises :class:`SafetensorsError` naming the tensor (``__metadata__`` for metadata) for what a file
+    cannot hold: a dtype outside :data:`DTYPES`, a value that is not an array, the name
+    ``__metadata__``, non-str metadata, a string with no UTF-8 form (a lone surrogate).
     """
     entries = []
     for key, array in tensors.items():
         if not isinstance(key, str) or key == _METADATA:
             raise SafetensorsError("a tensor name must be a str other than '__metadata__'", str(key))
+        if not _has_utf8(key):
+            raise SafetensorsError("a tensor name must have a UTF-8 form (it holds a lone surrogate)", key)
         if not isinstance(array, np.ndarray | np.generic):
             raise SafetensorsError(f"expected a numpy array, got {type(array).__name__}", key)
         code = _dtype_code(key, array.dtype)
@@ -114,6 +129,10 @@ def to_bytes(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | No
         for k, v in metadata.items():
             if not (isinstance(k, str) and isinstance(v, str)):
                 raise SafetensorsError(f"metadata must map str to str, got {k!r}: {v!r}", _METADATA)
+            if not (_has_utf8(k) and _has_utf8(v)):
+                raise SafetensorsError(
+                    f"{k!r}: {v!r} has no UTF-8 form (it holds a lone surrogate)", _METADATA
+                )
         header[_METADATA] = {k: metadata[k] for k in sorted(metadata)}
     chunks, offset = [], 0
     for _, key, code, array in entries:
@@ -125,10 +144,7 @@ def to_bytes(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | No
         }
         chunks.append(data)
         offset += len(data)
-    try:
-        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError as e:  # a lone surrogate in a name has no UTF-8 form
-        raise SafetensorsError(f"a name or metadata string is not valid Unicode: {e}") from None
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     text += b" " * (-len(text) % 8)
     return b"".join([struct.pack("<Q", len(text)), text, *chunks])
 
@@ -164,6 +180,8 @@ def _parse_header(
         raise SafetensorsError(f"header is not UTF-8: {e}") from None
     except json.JSONDecodeError as e:
         raise SafetensorsError(f"header is not JSON: {e}") from None
+    except RecursionError:  # a valid header nests 3 deep; Python's parser gives up far deeper
+        raise SafetensorsError("header is not valid JSON: nested too deeply to parse") from None
     if not isinstance(header, dict):
         raise SafetensorsError(f"header must be a JSON object, got {type(header).__name__}")
     metadata = header.pop(_METADATA, None)
