@@ -91,6 +91,9 @@ def test_transformers_loads_a_reflora_checkpoint_minilm_with_adapters(tmp_path) 
     assert type(model.encoder.layer[0].attention.self.query.lora_A) is nn.Linear
     written = save_4bit_checkpoint(model, tmp_path)
     assert not any("lora_" in k or "base_layer" in k for k in written)
+    # Every linear layer is 4-bit: none to skip (the adapters' lora_A / lora_B are not in the file).
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["quantization_config"]["llm_int8_skip_modules"] is None
     q = model.encoder.layer[3].attention.self.query.base_layer
     prefix = "encoder.layer.3.attention.self.query.weight"
     assert fb.from_state_dict(written, prefix) == q.quant_state.to_state()
@@ -198,3 +201,13 @@ def test_a_config_that_is_not_bitsandbytes_4bit_names_the_field(saved) -> None:
 def test_nothing_is_unpickled(saved, refuse_unpickling) -> None:
     model = load_4bit_checkpoint(saved)  # built from config.json by transformers, then filled
     assert sum(isinstance(m, NF4Linear) for m in model.modules()) == 13
+
+
+def test_quantize_model_refuses_targets_that_match_nothing_to_quantize() -> None:
+    model = transformers.AutoModel.from_pretrained(minilm_dir())
+    with pytest.raises(ValueError, match="target module 'q_proj' matches no module of this BertModel"):
+        quantize_model(model, ["query", "q_proj"])
+    apply_lora(model, 4, 8, ["query"], verbose=False)
+    with pytest.raises(ValueError, match=r"matches no nn\.Linear outside the LoRA wrappers"):
+        quantize_model(model, ["query"])
+    assert not any(isinstance(m, NF4Linear) for m in model.modules())  # nothing was replaced

@@ -8,6 +8,7 @@ adapter and that bf16 autocast runs end to end.
 from __future__ import annotations
 
 import io
+import json
 import os
 import warnings
 
@@ -106,6 +107,18 @@ def test_unknown_target_names_the_layers_that_exist() -> None:
         apply_lora(Toy(), 4, 8, ["q_proj", "query"])
     with pytest.raises(ValueError, match="matches no module"):
         apply_lora(Toy(), 4, 8, r"nothing.*")
+
+
+def test_alpha_is_kept_as_a_plain_number(tmp_path) -> None:
+    from reflora.backends.torch.adapters import save_adapter
+
+    model = apply_lora(Toy(), 4, np.float32(8), ["q_proj"], verbose=False)  # before: save raised in json
+    assert type(model.reflora_lora.lora_alpha) is float and model.block["q_proj"].scaling == 2.0
+    save_adapter(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["lora_alpha"] == 8.0
+    for bad in ("8", True, None):
+        with pytest.raises(TypeError, match="alpha must be a real number"):
+            apply_lora(Toy(), 4, bad, ["q_proj"], verbose=False)
 
 
 def test_bad_arguments_are_refused() -> None:
@@ -351,6 +364,7 @@ def test_merge_full_precision_is_the_oracles_merge() -> None:
     before = model(x)
     reports = merge_adapter(model)
     assert reports == {"block.q_proj": None} and not lora_modules(model)
+    assert not hasattr(model, "reflora_lora") and not hasattr(model, "reflora_summary")
     merged = model.block["q_proj"]
     assert type(merged) is nn.Linear and not merged.weight.requires_grad
     assert torch_to_numpy(merged.weight).tobytes() == lora.merge(W, A, B, m.scaling).tobytes()

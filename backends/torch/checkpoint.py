@@ -33,6 +33,7 @@ from torch import nn
 from reflora.backends.torch.modules import (
     NF4Linear,
     _matches,
+    _no_match_error,
     _quantize_layer,
     _set_submodule,
     lora_modules,
@@ -69,7 +70,21 @@ def quantize_model(
     transformers' ``load_in_4bit`` does). target_modules: None for every linear layer, else PEFT's
     matching rule (:func:`.modules.apply_lora`). Layers inside LoRA wrappers (adapters and their
     bases) are left alone: quantize those through ``apply_lora(quantize=...)``. progress: as for
-    :func:`.modules.apply_lora`. Returns the paths replaced."""
+    :func:`.modules.apply_lora`; a target that matches no layer to quantize is a ValueError, as there.
+    Returns the paths replaced."""
+    if isinstance(target_modules, str):
+        names = [target_modules]
+    elif target_modules is not None:
+        names = list(target_modules)
+        if not names or not all(isinstance(t, str) and t for t in names):
+            raise ValueError(f"target_modules must be a regex or a non-empty list of names, got {names!r}")
+    else:
+        names = []
+    for t in names:
+        if not any(
+            _matches(n, t if isinstance(target_modules, str) else [t]) for n, _ in model.named_modules()
+        ):
+            raise _no_match_error(t, model)
     wrapped = tuple(f"{n}." for n in lora_modules(model))
     chosen = [
         n
@@ -79,6 +94,11 @@ def quantize_model(
         and not n.startswith(wrapped)
         and (target_modules is None or _matches(n, target_modules))
     ]
+    if target_modules is not None and not chosen:
+        raise ValueError(
+            f"target_modules {target_modules!r} matches no nn.Linear outside the LoRA wrappers (quantize "
+            "adapted layers through apply_lora(quantize=...))"
+        )
     # All layers are quantized before any is replaced: an error leaves the model as it was.
     kw = {"quant_type": quant_type, "double_quant": double_quant}
     names = progress_bar(chosen, "quantize_model", progress)
@@ -106,7 +126,9 @@ def _quantization_config(
             f"a checkpoint has one quant type and double-quant setting; the layers mix {sorted(kinds)}"
         )
     quant_type, double_quant = kinds.pop()
-    skip = sorted(_hf_path(n) for n, m in model.named_modules() if isinstance(m, nn.Linear) and _hf_path(n))
+    adapters = {f"{n}.{part}" for n in lora_modules(model) for part in ("lora_A", "lora_B")}  # not saved
+    linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in adapters]
+    skip = sorted(_hf_path(n) for n in linear if _hf_path(n))
     skip = [n for n in skip if n not in layers]
     # The fields and values transformers 5 writes for BitsAndBytesConfig(load_in_4bit=True, ...).
     return {

@@ -289,6 +289,16 @@ def _check_rank(r: int) -> int:
     return int(r)
 
 
+def _check_alpha(alpha: float) -> int | float:
+    """``alpha`` as a Python int or float (a numpy scalar converted, so configs serialise as JSON);
+    TypeError for anything but a real number."""
+    if isinstance(alpha, np.generic):
+        alpha = alpha.item()
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise TypeError(f"alpha must be a real number, got {alpha!r}")
+    return alpha
+
+
 def scaling_for(alpha: float, r: int, rslora: bool = False) -> float:
     """alpha / r, or alpha / sqrt(r) with rsLoRA: PEFT's ``scaling`` (see :func:`reflora.lora.scaling`)."""
     r = _check_rank(r)
@@ -590,6 +600,7 @@ def apply_lora(
     (:class:`LoRASummary`) attached. Every parameter that is not an adapter weight is frozen.
     """
     r = _check_rank(r)
+    alpha = _check_alpha(alpha)
     scaling_for(alpha, r, rslora)
     if quantize not in (None, "nf4", "fp4"):
         raise ValueError(f"quantize must be None, 'nf4' or 'fp4', got {quantize!r}")
@@ -759,6 +770,7 @@ def merge_adapter(model: nn.Module, *, force: bool = False) -> dict:
             raise ValueError(message + "; nothing was changed. Pass force=True to merge anyway.")
     for name, new in replacements.items():
         _set_submodule(model, name, new)
-    if hasattr(model, "reflora_lora"):
-        del model.reflora_lora
+    for attr in ("reflora_lora", "reflora_summary"):  # they describe adapters that are gone
+        if hasattr(model, attr):
+            delattr(model, attr)
     return reports
