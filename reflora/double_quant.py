@@ -16,6 +16,15 @@ Rules (names as in :class:`reflora.state.NestedState`):
 4. Reconstruction: ``absmax = f32(f32(code2[absmax_q] * absmax2) + offset)``: a float32 multiply,
    then a float32 add, two roundings in that order (a fused multiply-add would round once and can
    differ by one ulp).
+5. A rebuilt absmax can be **negative** (no clamp, as in bitsandbytes), and the block then dequantizes
+   with every sign flipped. It is negative only if code2[absmax_q] * absmax2 < -offset exactly (the
+   multiply's rounding can at most bring it to 0). Since c >= -offset, the 8-bit code must then round
+   c/absmax2 *down* by more than (c + offset)/absmax2, which is the block's own absmax a in units of
+   absmax2. Rounding moves a value by at most half a gap of the map, a fraction of the value, so only a
+   block with a < offset/2 can flip (a < 0.099 * offset when offset/absmax2 is in [0.01, 0.1)), and only
+   in a group with absmax2 > 0.99296874 * offset: one holding an outlier scale. :func:`negative_scales`
+   finds such blocks; :func:`reflora.nf4.quantize` warns with :class:`NegativeScaleWarning`.
+   docs/spec.md ("Negative rebuilt scales") has the derivation and measured cases.
 """
 
 from __future__ import annotations
@@ -26,11 +35,16 @@ import numpy as np
 
 from reflora import blockwise
 from reflora.codebooks import DYNAMIC_MAP
-from reflora.state import NestedState
+from reflora.state import NestedState, check_blocksize2
 
-__all__ = ["dequantize", "mean_f32", "quantize"]
+__all__ = ["NegativeScaleWarning", "dequantize", "mean_f32", "negative_scales", "quantize"]
 
 BLOCKSIZE2 = 256
+
+
+class NegativeScaleWarning(RuntimeWarning):
+    """Double quantization rebuilt some block scales below zero (rule 5): those blocks dequantize with
+    their signs flipped. The bytes are what the format computes; the warning makes the loss visible."""
 
 
 def mean_f32(values: np.ndarray) -> np.float32:
@@ -64,17 +78,31 @@ def mean_f32(values: np.ndarray) -> np.float32:
 
 
 def quantize(absmax: np.ndarray, blocksize2: int = BLOCKSIZE2, *, offset: float | None = None) -> NestedState:
-    """Double-quantize ``absmax`` (float32 (n_blocks,)). Returns a :class:`NestedState`.
+    """Double-quantize ``absmax`` (float32 (n_blocks,), finite, >= 0). Returns a :class:`NestedState`.
 
-    ``offset`` replaces the exact mean of rule 1 when given; use it to replay another implementation's
-    state (bitsandbytes takes a float32 torch mean, which can differ from the exact one by an ulp).
+    blocksize2: absmax values a group, a positive int (256, as bitsandbytes uses).
+    offset: replaces the exact mean of rule 1 when given; use it to replay another implementation's
+    state (bitsandbytes takes a float32 torch mean, which can differ from the exact one by an ulp). It
+    must be finite and >= 0 in float32, as any mean of block scales is.
+
+    Raises ValueError for an empty or non-1-D absmax, a non-finite or negative absmax value (naming
+    the first), a bad blocksize2 or offset. Scales that rebuild negative (rule 5) are returned as
+    computed; :func:`negative_scales` lists them.
     """
     absmax = np.asarray(absmax, dtype=np.float32)
     if absmax.ndim != 1 or absmax.size == 0:
         raise ValueError(f"absmax must be a non-empty 1-D array, got shape {absmax.shape}")
-    if not np.isfinite(absmax).all():
-        raise ValueError(f"absmax[{int(np.flatnonzero(~np.isfinite(absmax))[0])}] is not finite")
-    off = mean_f32(absmax) if offset is None else np.float32(offset)
+    bad = np.flatnonzero(~(np.isfinite(absmax) & (absmax >= 0)))
+    if bad.size:
+        raise ValueError(f"absmax[{int(bad[0])}] = {absmax[bad[0]]}; block scales must be finite and >= 0")
+    blocksize2 = check_blocksize2(blocksize2)
+    if offset is None:
+        off = mean_f32(absmax)
+    else:
+        with np.errstate(over="ignore"):  # an offset beyond float32's range is refused just below
+            off = np.float32(offset)
+        if not (np.isfinite(off) and off >= 0):
+            raise ValueError(f"offset must be finite and >= 0 in float32, got {offset!r}")
     centred = absmax - off  # float32 - float32: one rounding per value
     absmax2 = blockwise.block_absmax(centred, blocksize2)
     absmax_q = blockwise.encode(centred, absmax2, blocksize2, DYNAMIC_MAP)
@@ -86,3 +114,8 @@ def dequantize(nested: NestedState) -> np.ndarray:
     group = np.arange(nested.absmax_q.size) // nested.blocksize2
     scaled = nested.code2[nested.absmax_q] * nested.absmax2[group]  # float32 * float32 -> float32
     return scaled + nested.offset  # float32 + float32 scalar -> float32, a second rounding
+
+
+def negative_scales(nested: NestedState) -> np.ndarray:
+    """int64 (k,): the blocks whose absmax :func:`dequantize` rebuilds below zero (rule 5), ascending."""
+    return np.flatnonzero(dequantize(nested) < 0)

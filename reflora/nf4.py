@@ -6,7 +6,8 @@ codes, ``packed`` two codes a byte.
 
 The canonical rules, each a guarantee of :func:`quantize` and :func:`dequantize`:
 
-* **Input.** float32, float16 or bfloat16, any shape, at least one element. Blocks run over the
+* **Input.** float32, float16 or bfloat16, any shape, at least one element, in either byte order (a
+  big-endian array is taken by value: the same codes as the native array). Blocks run over the
   row-major flattening of the logical array, whatever its strides (a transposed view is quantized as
   the matrix it shows, not as its memory).
 * **Non-finite input** (NaN, +inf, -inf) raises ValueError naming the first bad index. No output is
@@ -21,25 +22,33 @@ The canonical rules, each a guarantee of :func:`quantize` and :func:`dequantize`
 * **Dequantize**: ``out = dtype(f32(code[q] * absmax))``: one float32 multiply, then one
   round-to-nearest-even conversion to the output dtype. A zero block gives +0.0. (Converting a float32
   state to float16 may overflow to inf, as any such conversion does.)
-* **Double quantization** of absmax: :mod:`reflora.double_quant`.
+* **Double quantization** of absmax: :mod:`reflora.double_quant`. Some block scales can rebuild
+  negative (its rule 5), flipping those blocks' signs: :func:`quantize` then warns with
+  :class:`reflora.double_quant.NegativeScaleWarning`, and the bytes stay what the format computes.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from reflora import blockwise, codebooks
+from reflora.double_quant import NegativeScaleWarning, negative_scales
 from reflora.double_quant import dequantize as dequantize_absmax
 from reflora.double_quant import quantize as quantize_absmax
 from reflora.dtypes import as_dtype, dtype_name
-from reflora.state import QuantState, check_blocksize
+from reflora.state import NestedState, QuantState, check_blocksize
 
 __all__ = ["block_scales", "check_input", "dequantize", "pack", "quantize", "unpack"]
 
 
 def check_input(x: np.ndarray) -> np.ndarray:
-    """``x`` as a numpy array after checking the input rules; raises TypeError or ValueError."""
+    """``x`` as a numpy array in native byte order after checking the input rules; raises TypeError or
+    ValueError."""
     x = np.asarray(x)
+    if not x.dtype.isnative:
+        x = x.astype(x.dtype.newbyteorder("="))  # the same values, in the byte order numpy computes in
     dtype_name(x.dtype)  # TypeError unless float32 / float16 / bfloat16
     if x.size == 0:
         raise ValueError(f"cannot quantize an empty array (shape {x.shape})")
@@ -80,7 +89,9 @@ def quantize(
     quant_type: "nf4" or "fp4".
     double_quant: also quantize the block scales (:mod:`reflora.double_quant`).
 
-    Returns a :class:`reflora.QuantState` whose ``dtype`` and ``shape`` are those of ``x``.
+    Returns a :class:`reflora.QuantState` whose ``dtype`` (in native byte order) and ``shape`` are those
+    of ``x``. With double_quant, warns :class:`reflora.double_quant.NegativeScaleWarning` when some block
+    scales rebuild negative; the state is returned as computed.
     """
     x = check_input(x)
     blocksize = check_blocksize(blocksize)
@@ -89,6 +100,8 @@ def quantize(
     absmax = blockwise.block_absmax(flat, blocksize)
     q = blockwise.encode(flat, absmax, blocksize, codebook)
     nested = quantize_absmax(absmax) if double_quant else None
+    if nested is not None:
+        _warn_negative_scales(nested, blocksize, flat.size)
     return QuantState(
         packed=pack(q, codebook.zero_code),
         absmax=None if double_quant else absmax,
@@ -101,9 +114,43 @@ def quantize(
     )
 
 
+def _warn_negative_scales(nested: NestedState, blocksize: int, n: int) -> None:
+    flipped = negative_scales(nested)
+    if flipped.size:
+        first = int(flipped[0])
+        last_element = min(n, (first + 1) * blocksize) - 1
+        warnings.warn(
+            NegativeScaleWarning(
+                f"double quantization rebuilds {flipped.size} of {nested.absmax_q.size} block scales "
+                f"negative (first: block {first}, flat elements {first * blocksize} to {last_element}); "
+                "those blocks dequantize with their signs flipped. It happens to scales far below the mean "
+                "in a group of 256 whose largest is far above it (docs/spec.md, negative rebuilt scales). "
+                "To keep every sign, quantize without double quantization, or try a smaller blocksize "
+                "(it moves offset/absmax2; check that this warning is gone)."
+            ),
+            stacklevel=3,
+        )
+
+
 def block_scales(state: QuantState) -> np.ndarray:
     """float32 (n_blocks,): the absmax of each block, rebuilt from the nested state if double-quantized."""
     return state.absmax if state.nested is None else dequantize_absmax(state.nested)
+
+
+def _check_scales(state: QuantState) -> None:
+    if state.nested is None:
+        stored = {"absmax": state.absmax}
+    else:
+        stored = {"nested.absmax2": state.nested.absmax2}
+        if not np.isfinite(state.nested.offset):
+            raise ValueError(f"nested.offset = {state.nested.offset}: the offset must be finite")
+    for name, a in stored.items():
+        bad = np.flatnonzero(~(np.isfinite(a) & (a >= 0)))
+        if bad.size:
+            raise ValueError(
+                f"{name}[{int(bad[0])}] = {a[bad[0]]}: a stored scale must be finite and >= 0 (the canonical "
+                "rules never store another)"
+            )
 
 
 def dequantize(state: QuantState, dtype: str | np.dtype | None = None) -> np.ndarray:
@@ -111,7 +158,13 @@ def dequantize(state: QuantState, dtype: str | np.dtype | None = None) -> np.nda
 
     dtype: the output dtype ("float32", "float16", "bfloat16" or a numpy dtype); default ``state.dtype``.
     Returns an array of ``state.shape``.
+
+    The stored scales must be finite, and absmax (or absmax2) >= 0 as the canonical rules store them,
+    else ValueError naming the first bad one. (A state can hold other values, such as a dialect's NaN
+    absmax: :mod:`reflora.dialects` dequantizes those.) Any finite offset is used as stored, and a
+    double-quantized scale that rebuilds negative is used as rebuilt.
     """
+    _check_scales(state)
     out_dtype = state.dtype if dtype is None else as_dtype(dtype)
     n, bs = state.numel, state.blocksize
     # A byte decodes to two table values at once: pairs[b] = (code[b >> 4], code[b & 15]).

@@ -131,6 +131,15 @@ def _ratio(num: float, den: float) -> float:
     return 0.0 if num == 0 else float("inf")
 
 
+def _check_fits(merged: np.ndarray, dtype: np.dtype) -> None:
+    """ValueError naming the first index where ``merged`` is infinite: the merge overflowed ``dtype``."""
+    bad = ~np.isfinite(merged)
+    if bad.any():
+        flat = int(np.flatnonzero(bad.reshape(-1))[0])
+        where = tuple(int(i) for i in np.unravel_index(flat, merged.shape))
+        raise ValueError(f"the merged weight overflows {np.dtype(dtype)} at index {where}")
+
+
 def merge(
     state: QuantState, A: np.ndarray, B: np.ndarray, scaling: float, *, original: np.ndarray | None = None
 ) -> tuple[QuantState, MergeReport]:
@@ -143,18 +152,24 @@ def merge(
     rounding to float32 (PEFT adds in float32 too). The new state is ``reflora.nf4.quantize(merged)``
     with the same blocksize, quant_type and double quantization, and keeps the original ``state.dtype``
     (PEFT's 4-bit merge silently changes it to float32; reflora does not). The bias is unchanged.
+    A merged weight beyond the range of ``state.dtype`` (the float32 sum, or the requantized weight
+    dequantized to ``state.dtype``) raises ValueError naming the first such index, worded as
+    :func:`reflora.lora.merge` words it, and no RuntimeWarning comes before it.
     """
     W_hat = as_float64("dequantized base", dequantized_base(state))
     d = lora.delta(A, B, scaling)
     if d.shape != W_hat.shape:
         raise ValueError(f"B A has shape {d.shape} but the 4-bit base is {W_hat.shape}")
     target = W_hat + d  # (out, in): what the merged weight should be, in float64
-    merged = target.astype(np.float32)
-    if not np.isfinite(merged).all():
-        raise ValueError("the merged weight overflows float32")
+    with np.errstate(over="ignore"):  # an overflow is reported below, with its index
+        merged = target.astype(np.float32)
+    _check_fits(merged, state.dtype)  # beyond float32 is beyond every state dtype
     new = nf4.quantize(merged, state.blocksize, quant_type=state.quant_type, double_quant=state.double_quant)
     new = dataclasses.replace(new, dtype=state.dtype)
-    lost = as_float64("requantized", nf4.dequantize(new)) - target
+    with np.errstate(over="ignore"):
+        requantized = nf4.dequantize(new)  # values beyond state.dtype's range become inf, reported below
+    _check_fits(requantized, state.dtype)
+    lost = as_float64("requantized", requantized) - target
 
     quant_fro = quant_max = None
     if original is not None:

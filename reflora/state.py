@@ -8,8 +8,15 @@ Names follow bitsandbytes' ``QuantState`` and its state-dict keys so that intero
 * ``nested``     the double-quantized absmax (:class:`NestedState`), or None.
 * ``shape``, ``dtype``: the original tensor's shape and dtype; ``blocksize``; ``quant_type``.
 
-Both classes are frozen and their arrays read-only: a state is a value. ``==`` compares every field
-bit for bit (NaN payloads included), which is what "byte-identical" means in reflora's tests.
+Both classes are frozen and hold private read-only copies of their arrays: a state is a value, and
+no array the caller keeps (or a view of it) can change it later. ``==`` compares every field bit for
+bit (NaN payloads included), which is what "byte-identical" means in reflora's tests.
+
+The constructors check structure: dtypes, sizes, ``shape`` (ints, none negative, at least one
+element), ``blocksize``, ``blocksize2``. They do not check the *values* of the scales, because a state
+also holds what other implementations store (a dialect's NaN absmax, :mod:`reflora.dialects`);
+:func:`reflora.nf4.dequantize` refuses a non-finite or negative absmax or absmax2 and a
+non-finite offset.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import numpy as np
 
 from reflora.dtypes import dtype_name
 
-__all__ = ["BLOCKSIZES", "NestedState", "QuantState", "check_blocksize"]
+__all__ = ["BLOCKSIZES", "NestedState", "QuantState", "check_blocksize", "check_blocksize2", "check_shape"]
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 
@@ -36,13 +43,40 @@ def check_blocksize(blocksize: int) -> int:
     return int(blocksize)
 
 
+def check_blocksize2(blocksize2: int) -> int:
+    """``blocksize2`` (absmax values a double-quantization group) as an int: ValueError unless it is a
+    positive integer (True is not)."""
+    b2 = blocksize2
+    if isinstance(b2, bool) or not isinstance(b2, (int, np.integer)) or b2 < 1:
+        raise ValueError(f"blocksize2 must be a positive int, got {b2!r}")
+    return int(b2)
+
+
+def check_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """``shape`` as a tuple of ints: TypeError unless it is a sequence of integers (2.7 and True are not),
+    ValueError for a negative dimension or no elements (a quantized tensor has at least one)."""
+    try:
+        dims = tuple(shape)
+    except TypeError:
+        raise TypeError(f"shape must be a sequence of ints, got {shape!r}") from None
+    if any(isinstance(d, bool) or not isinstance(d, (int, np.integer)) for d in dims):
+        raise TypeError(f"shape must be a sequence of ints, got {shape!r}")
+    dims = tuple(int(d) for d in dims)
+    if any(d < 0 for d in dims):
+        raise ValueError(f"shape {dims} has a negative dimension")
+    if 0 in dims:
+        raise ValueError(f"shape {dims} has no elements; a quantized tensor has at least one")
+    return dims
+
+
 def _frozen(a: np.ndarray, dtype: type, name: str, ndim: int = 1) -> np.ndarray:
     a = np.asarray(a)
     if a.dtype != np.dtype(dtype):
         raise TypeError(f"{name} must be {np.dtype(dtype).name}, got {a.dtype}")
     if a.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {a.shape}")
-    a = np.ascontiguousarray(a).copy() if a.flags.writeable else a
+    # Always a private copy: a read-only array can still be a view of memory its owner writes.
+    a = np.array(a, order="C", copy=True)
     a.setflags(write=False)
     return a
 
@@ -77,10 +111,7 @@ class NestedState:
         if self.code2.size != 256:
             raise ValueError(f"code2 must have 256 entries, got {self.code2.size}")
         object.__setattr__(self, "offset", np.float32(self.offset))
-        b2 = self.blocksize2
-        if isinstance(b2, bool) or not isinstance(b2, (int, np.integer)) or b2 < 1:
-            raise ValueError(f"blocksize2 must be a positive int, got {b2!r}")
-        object.__setattr__(self, "blocksize2", int(b2))
+        object.__setattr__(self, "blocksize2", check_blocksize2(self.blocksize2))
         expected = math.ceil(self.absmax_q.size / self.blocksize2)
         if self.absmax2.size != expected:
             raise ValueError(
@@ -115,7 +146,7 @@ class QuantState:
     _n: int = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        shape = tuple(int(d) for d in self.shape)
+        shape = check_shape(self.shape)
         object.__setattr__(self, "shape", shape)
         object.__setattr__(self, "dtype", np.dtype(self.dtype))
         dtype_name(self.dtype)  # raises for a dtype reflora does not quantize

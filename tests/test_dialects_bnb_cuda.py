@@ -11,7 +11,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from reflora import codebooks, dialects, nf4
+from reflora import blockwise, codebooks, dialects, nf4
 from reflora.codebooks import DYNAMIC_MAP
 from reflora.dialects import bnb_cpu
 from reflora.dialects import bnb_cuda as cu
@@ -255,14 +255,14 @@ def test_disagrees_with_canonical_only_inside_the_midpoint_window():
 
 
 def test_8bit_blocks_with_ties_disagree_with_canonical_exactly_there():
-    from reflora.double_quant import quantize as canonical_dq
-
     code = DYNAMIC_MAP.values
     mid32 = ((code[:-1] + code[1:]) * F32(0.5)).astype(F32)
     ties = mid32[mid32 == (code[:-1].astype(np.float64) + code[1:]) / 2]
     values = np.concatenate([[F32(1.0)], ties]).astype(F32)  # absmax2 = 1: scaled == value
     mine, _ = cu.quantize_8bit(values, 256)
-    canon = canonical_dq(values, 256, offset=0.0).absmax_q
+    canon = blockwise.encode(
+        values, blockwise.block_absmax(values, 256), 256, DYNAMIC_MAP
+    )  # the canonical coder
     lower = np.searchsorted(code, values[1:]) - 1  # index just below each tie
     np.testing.assert_array_equal(mine[1:], np.where(lower % 2 == 0, lower, lower + 1))
     np.testing.assert_array_equal(canon[1:], lower)

@@ -135,3 +135,76 @@ def test_bits_per_parameter():
     # the QLoRA paper's saving: 0.373 bits per parameter, about 3 GB on a 65B model
     saving = bits_per_parameter(64) - bits_per_parameter(64, double_quant=True)
     assert round(saving, 3) == 0.373 and round(saving * 65e9 / 8 / 1e9) == 3
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"offset": float("nan")}, "offset must be finite"),  # would give NaN group scales and codes 255
+        ({"offset": float("inf")}, "offset must be finite"),
+        ({"offset": 1e39}, "offset must be finite"),  # beyond float32
+        ({"offset": -0.5}, r"offset must be finite and >= 0"),
+        ({"blocksize2": 0}, "blocksize2 must be a positive int"),  # was a ZeroDivisionError
+        ({"blocksize2": -256}, "blocksize2 must be a positive int"),
+        ({"blocksize2": True}, "blocksize2 must be a positive int"),
+        ({"blocksize2": 256.0}, "blocksize2 must be a positive int"),
+    ],
+    ids=repr,
+)
+def test_bad_arguments_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        double_quant.quantize(np.array([0.5, 1.0, 2.0], dtype=np.float32), **kwargs)
+
+
+def test_negative_absmax_is_refused():
+    with pytest.raises(ValueError, match=r"absmax\[2\] = -0.25; block scales must be finite and >= 0"):
+        double_quant.quantize(np.array([0.5, -0.0, -0.25, 1.0], dtype=np.float32))
+
+
+def _flip_bound(t: float) -> float:
+    """The largest a/offset a flipped block can have when offset/absmax2 = t (docs/spec.md): with -t in the
+    lower half (lo, mid] of a gap of the map, a < (1 - |mid|/t) offset; else no block flips."""
+    v = codebooks.DYNAMIC_MAP.values.astype(np.float64)
+    k = np.searchsorted(v, -t) - 1  # v[k] < -t <= v[k + 1]
+    if k < 0:
+        return 0.0
+    mid = (v[k] + v[k + 1]) / 2
+    return 1 - abs(mid) / t if -t <= mid else 0.0
+
+
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n=st.integers(2, 700),
+    scale=st.floats(-3, 0),
+    outliers=st.lists(st.floats(0, 5), min_size=1, max_size=4),
+    zeros=st.booleans(),
+)
+def test_a_scale_rebuilds_negative_only_far_below_the_offset(seed, n, scale, outliers, zeros):
+    rng = np.random.default_rng(seed)
+    absmax = np.abs(rng.standard_normal(n) * 10.0**scale).astype(np.float32)
+    if zeros:
+        absmax[rng.integers(0, n, size=3)] = 0
+    absmax[rng.integers(0, n, size=len(outliers))] = 10.0 ** np.array(outliers)
+    nested = double_quant.quantize(absmax)
+    flipped = double_quant.negative_scales(nested)
+    assert np.array_equal(flipped, np.flatnonzero(double_quant.dequantize(nested) < 0))
+    off = float(nested.offset)
+    for i in flipped:
+        t = off / float(nested.absmax2[i // 256])
+        assert absmax[i] < off / 2 and absmax[i] / off <= _flip_bound(t) + 2**-20, (i, t)
+
+
+def test_negative_scales_measured_on_a_weight_with_an_outlier_column():
+    # docs/spec.md's measured case: every row holds one block of absmax 50 among ordinary ones.
+    W = np.random.default_rng(0).normal(0, 0.02, (1024, 4096)).astype(np.float32)
+    W[:, 0] = 50
+    counts = {}
+    for bs in (32, 64, 128, 256):
+        nested = double_quant.quantize(np.abs(W).reshape(-1, bs).max(axis=1))
+        counts[bs] = double_quant.negative_scales(nested).size
+        if bs == 64:
+            assert (nested.offset, nested.absmax2[0]) == (np.float32(0.8323885), np.float32(49.16761))
+            assert set(double_quant.dequantize(nested)[double_quant.negative_scales(nested)]) == {
+                np.float32(-0.0049973726)
+            }
+    assert counts == {32: 0, 64: 59211, 128: 1233, 256: 0}

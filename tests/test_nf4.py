@@ -1,6 +1,8 @@
 """The canonical 4-bit rules of reflora.nf4, each as a property or an explicit case."""
 
+import dataclasses
 import math
+import warnings
 
 import ml_dtypes
 import numpy as np
@@ -9,7 +11,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from reflora import QuantState, codebooks, nf4
+from reflora import QuantState, codebooks, double_quant, nf4
 from reflora.state import BLOCKSIZES
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -224,3 +226,119 @@ def test_equality_is_bitwise():
     y = x.copy()
     y[np.argmax(np.abs(y))] *= 1.0000001  # the block's absmax moves by one ulp
     assert nf4.quantize(y) != a
+
+
+@pytest.mark.parametrize("dtype", ["f4", "f2"])
+def test_non_native_byte_order_is_taken_by_value(dtype):
+    x = np.random.default_rng(2).standard_normal((3, 70)).astype(dtype)
+    swapped = x.astype(np.dtype(dtype).newbyteorder("S"))  # the same values, bytes in the other order
+    assert not swapped.dtype.isnative and np.array_equal(swapped, x)
+    state = nf4.quantize(swapped, 32, double_quant=True)
+    assert state == nf4.quantize(x, 32, double_quant=True) and state.dtype.isnative
+    assert np.array_equal(nf4.dequantize(state), nf4.dequantize(nf4.quantize(x, 32, double_quant=True)))
+
+
+def _state_args() -> dict:
+    """QuantState's arguments for ten float32 values in one block of 64."""
+    s = nf4.quantize(np.arange(1, 11, dtype=np.float32), 64)
+    fields = ("packed", "absmax", "shape", "dtype", "blocksize", "quant_type", "code")
+    return {k: getattr(s, k) for k in fields}
+
+
+@pytest.mark.parametrize(
+    ("shape", "error", "match"),
+    [
+        ((-2, -5), ValueError, "negative dimension"),  # the product, 10, would fit packed and absmax
+        ((2.5, 4), TypeError, "sequence of ints"),  # int() would truncate it to (2, 4)
+        ((True, 10), TypeError, "sequence of ints"),
+        ("10", TypeError, "sequence of ints"),
+        (10, TypeError, "sequence of ints"),
+    ],
+    ids=repr,
+)
+def test_state_shape_must_be_non_negative_ints(shape, error, match):
+    with pytest.raises(error, match=match):
+        QuantState(**{**_state_args(), "shape": shape})
+
+
+def test_state_shape_must_have_an_element():
+    empty = {"packed": np.zeros(0, np.uint8), "absmax": np.zeros(0, np.float32), "shape": (0,)}
+    with pytest.raises(ValueError, match="no elements"):
+        QuantState(**{**_state_args(), **empty})
+    assert QuantState(**{**_state_args(), "shape": (np.int64(2), 5)}).shape == (2, 5)
+
+
+def test_state_takes_a_private_copy_even_of_a_read_only_view():
+    args = _state_args()
+    base = args["packed"].copy()  # writable
+    view = base.view()
+    view.setflags(write=False)  # read-only, but its memory is still written through base
+    state = QuantState(**{**args, "packed": view})
+    before = nf4.dequantize(state).copy()
+    base[:] = 0
+    assert np.array_equal(nf4.dequantize(state), before)
+    assert state.packed.tobytes() == args["packed"].tobytes() and not state.packed.flags.writeable
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -1.0])
+def test_dequantize_refuses_a_scale_the_rules_cannot_store(bad):
+    absmax = np.array([bad], np.float32)
+    state = QuantState(**{**_state_args(), "absmax": absmax})  # a container for any implementation's scales
+    with pytest.raises(ValueError, match=r"absmax\[0\] = .*finite and >= 0"):
+        nf4.dequantize(state)
+    dq = nf4.quantize(np.arange(1, 11, dtype=np.float32), 64, double_quant=True)
+    nested = dataclasses.replace(dq.nested, absmax2=absmax)
+    with pytest.raises(ValueError, match=r"nested.absmax2\[0\] = .*finite and >= 0"):
+        nf4.dequantize(dataclasses.replace(dq, nested=nested))
+
+
+def test_dequantize_takes_any_finite_offset():
+    dq = nf4.quantize(np.arange(1, 11, dtype=np.float32), 64, double_quant=True)
+    for bad in (np.nan, np.inf):
+        with pytest.raises(ValueError, match=r"nested.offset = .*must be finite"):
+            nf4.dequantize(dataclasses.replace(dq, nested=dataclasses.replace(dq.nested, offset=bad)))
+    # A negative offset is no rule's output, but the rebuild is defined and may give negative scales anyway.
+    shifted = dataclasses.replace(dq, nested=dataclasses.replace(dq.nested, offset=-20.0))
+    scale = double_quant.dequantize(shifted.nested)[0]
+    assert scale < 0
+    assert np.array_equal(nf4.dequantize(shifted), dq.code[nf4.unpack(dq.packed, 10)] * scale)
+
+
+def _outlier_matrix() -> np.ndarray:
+    x = np.full((256, 64), 1e-3, np.float32)
+    x[:, 1] = -2e-3
+    x[-1, 0] = 100.0
+    return x
+
+
+def test_double_quant_warns_when_block_scales_rebuild_negative_and_keeps_the_bytes():
+    x = _outlier_matrix()
+    expected = r"255 of 256 block scales negative \(first: block 0, flat elements 0 to 63\).*without double"
+    with pytest.warns(double_quant.NegativeScaleWarning, match=expected):
+        state = nf4.quantize(x, 64, double_quant=True)
+    # The bytes are the format's: the plain codes, and the scales double-quantized by rule.
+    plain = nf4.quantize(x, 64)
+    assert np.array_equal(state.packed, plain.packed) and state.nested == double_quant.quantize(plain.absmax)
+    scales = nf4.block_scales(state)
+    assert scales.min() == np.float32(-0.015150517) and (scales < 0).sum() == 255 and scales[-1] > 0
+    np.testing.assert_allclose(nf4.dequantize(state)[0, :3], [-0.0066770, 0.0151505, -0.0066770], rtol=1e-4)
+
+
+def test_a_zero_block_with_a_negative_scale_dequantizes_to_negative_zero():
+    x = _outlier_matrix()
+    x[:4] = 0  # four all-zero blocks; their c = -offset rounds down past -offset too
+    with pytest.warns(double_quant.NegativeScaleWarning, match="255 of 256"):
+        state = nf4.quantize(x, 64, double_quant=True)
+    out = nf4.dequantize(state)
+    assert (out[:4] == 0).all() and np.signbit(out[:4]).all()
+
+
+def test_double_quant_is_quiet_when_every_scale_rebuilds_non_negative():
+    x = (np.random.default_rng(0).standard_normal((64, 4096)) * 0.02).astype(np.float32)
+    x[3, 5] = 50.0  # one outlier block: here -offset/absmax2 rounds up, so nothing flips
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        state = nf4.quantize(x, 64, double_quant=True)
+        assert (nf4.block_scales(state) >= 0).all()
+        other_blocksize = nf4.quantize(_outlier_matrix(), 32, double_quant=True)  # no warning: none flips
+        assert (nf4.block_scales(other_blocksize) >= 0).all()

@@ -1,6 +1,7 @@
 """reflora.qlora: LoRA on the dequantized 4-bit base, and a 4-bit merge that reports what it lost."""
 
 import dataclasses
+import warnings
 
 import ml_dtypes
 import numpy as np
@@ -143,3 +144,32 @@ def test_merge_rejects_bad_input():
         )
     with pytest.raises(TypeError, match="QuantState"):
         qlora.forward(np.ones((1, 32)), np.ones((4, 32)), np.ones((1, 32)), np.ones((4, 1)), 1.0)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "value", "scaling"),
+    [(np.float16, 60000.0, 10000.0), (BF16, 3e38, 1e38), (np.float32, 1.0, 1e39)],
+    ids=["float16", "bfloat16", "float32"],
+)
+def test_merge_that_overflows_the_state_dtype_names_it_as_lora_merge_does(dtype, value, scaling):
+    W = np.full((4, 64), value, dtype)
+    A, B = np.ones((1, 64)), np.ones((4, 1))
+    with pytest.raises(ValueError) as dense:
+        lora.merge(W, A, B, scaling)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no RuntimeWarning from a cast on the way
+        with pytest.raises(ValueError) as four_bit:
+            qlora.merge(nf4.quantize(W), A, B, scaling)
+    expected = f"the merged weight overflows {np.dtype(dtype)} at index (0, 0)"
+    assert str(four_bit.value) == str(dense.value) == expected
+
+
+def test_merge_reports_the_first_index_the_requantized_weight_overflows():
+    # 63000 fits float16, but it shares a block with 70000 and takes the code 1.0: it comes back as 70000.
+    W = np.zeros((2, 64), np.float16)
+    B = np.zeros((2, 1))
+    B[1, 0] = 1.0
+    A = np.zeros((1, 64))
+    A[0, 3], A[0, 9] = 63000.0, 70000.0
+    with pytest.raises(ValueError, match=r"overflows float16 at index \(1, 3\)"):
+        qlora.merge(nf4.quantize(W), A, B, 1.0)
