@@ -490,3 +490,21 @@ def test_gradient_checkpointing_gives_the_same_adapter_gradients(minilm_dir, use
     for n, g in kept.items():
         assert recomputed[n] is not None and g.abs().max() > 0, n
         assert torch.equal(recomputed[n], g), n
+
+
+def test_quantizing_a_layer_whose_scales_rebuild_negative_warns_naming_it() -> None:
+    from reflora.double_quant import NegativeScaleWarning
+
+    w = np.full((256, 64), 1e-3, np.float32)  # one outlier block among 255 tiny ones: one group of 256
+    w[:, 1], w[-1, 0] = -2e-3, 100.0
+    model = nn.Sequential(nn.Linear(64, 256, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.from_numpy(w))
+    with pytest.warns(NegativeScaleWarning, match=r"layer '0': double quantization rebuilds 255 of 256"):
+        apply_lora(model, 2, 4, ["0"], quantize="nf4", verbose=False)
+    with pytest.warns(NegativeScaleWarning, match="255 of 256") as caught:
+        ref = nf4.quantize(w, 64, double_quant=True)  # the oracle says the same, and the bytes agree
+    assert len(caught) == 1 and model[0].base_layer.quant_state.to_state() == ref
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # without double quantization every sign is kept: no warning
+        NF4Linear.from_linear(nn.Linear(64, 256), double_quant=False)

@@ -34,6 +34,7 @@ from torch import nn
 
 from reflora.backends.torch import ops
 from reflora.backends.torch.quant_state import TorchQuantState, numpy_to_torch, torch_dtype, torch_to_numpy
+from reflora.double_quant import NegativeScaleWarning
 
 __all__ = [
     "LoRAConfig",
@@ -690,11 +691,20 @@ def progress_bar(items: Sequence, desc: str, progress: bool | None):
 def _quantize_layer(
     name: str, linear: nn.Linear, blocksize: int, *, quant_type: str, double_quant: bool
 ) -> NF4Linear:
-    """:meth:`NF4Linear.from_linear`, with the layer's path in any error (ValueError or TypeError)."""
+    """:meth:`NF4Linear.from_linear`, with the layer's path in any error (ValueError or TypeError) and
+    in a :class:`reflora.double_quant.NegativeScaleWarning`."""
     try:
-        return NF4Linear.from_linear(linear, blocksize, quant_type=quant_type, double_quant=double_quant)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", NegativeScaleWarning)
+            q = NF4Linear.from_linear(linear, blocksize, quant_type=quant_type, double_quant=double_quant)
     except (ValueError, TypeError) as e:
         raise type(e)(f"cannot quantize layer {name!r}: {e}") from e
+    for w in caught:
+        if issubclass(w.category, NegativeScaleWarning):
+            warnings.warn(NegativeScaleWarning(f"layer {name!r}: {w.message}"), stacklevel=4)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return q
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

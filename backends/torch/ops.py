@@ -30,6 +30,7 @@ bitsandbytes does; a float32 state used in bfloat16 therefore computes with bf16
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 
 from reflora import codebooks
 from reflora.backends.torch.quant_state import TorchQuantState, numpy_to_torch
-from reflora.double_quant import mean_f32
+from reflora.double_quant import NegativeScaleWarning, mean_f32
 from reflora.state import check_blocksize
 
 __all__ = [
@@ -173,7 +174,7 @@ def quantize_4bit(
     absmax2 = _block_absmax(centred, 256)
     absmax_q = _encode(centred, absmax2, 256, codebooks.DYNAMIC_MAP)
     code2 = numpy_to_torch(codebooks.DYNAMIC_MAP.values, device)
-    return TorchQuantState(
+    ts = TorchQuantState(
         absmax=None,
         absmax_q=absmax_q,
         absmax2=absmax2,
@@ -182,6 +183,17 @@ def quantize_4bit(
         blocksize2=256,
         **common,
     )
+    flipped = int((block_scales(ts) < 0).sum())
+    if flipped:  # the oracle's rule 5: as nf4.quantize does, say so
+        warnings.warn(
+            NegativeScaleWarning(
+                f"double quantization rebuilds {flipped} of {absmax.numel()} block scales negative; those "
+                "blocks dequantize with their signs flipped (docs/spec.md, negative rebuilt scales). To "
+                "keep every sign, quantize without double quantization."
+            ),
+            stacklevel=2,
+        )
+    return ts
 
 
 def _check_state(ts: TorchQuantState) -> None:
