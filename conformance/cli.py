@@ -164,11 +164,15 @@ def conform(
         failed = len(rep.by_status("fail", "error"))
         counts = f"{failed} failed, " if failed else ""
         declared = len(rep.by_status("declared"))
-        print(f"{'PASS' if rep.ok else 'FAIL'} {rep.backend}: {counts}{len(rep.by_status('pass'))} passed, "
+        print(f"{rep.verdict} {rep.backend}: {counts}{len(rep.by_status('pass'))} passed, "
               f"{declared} declared, {len(rep.by_status('unsupported'))} unsupported, {rep.seconds:.1f} s",
               file=out)  # fmt: skip
     if unwritten:
         print(unwritten, file=err)
+        return 2
+    if ok and not any(r.checked for r in reports):
+        print("reflora conform: no test checked anything: every selected test was unsupported or declined "
+              "by the backends run", file=err)  # fmt: skip
         return 2
     return 0 if ok else 1
 

@@ -27,6 +27,8 @@ check              the property
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +37,7 @@ import numpy as np
 
 from reflora import blockwise, bounds, lora, nf4, qlora
 from reflora.conformance import tolerances as tol
-from reflora.conformance.bundle import Inputs
+from reflora.conformance.bundle import Inputs, apply_view
 from reflora.conformance.dialect import Dialect, offset_of
 from reflora.conformance.mismatch import Declined, Mismatch, fmt_index, fmt_value
 from reflora.double_quant import mean_f32
@@ -59,16 +61,69 @@ def _context(ctx: Context, inputs: Inputs) -> dict[str, Any]:
     return {"backend": ctx.name, "dialect": ctx.dialect.name, "dtype": inputs.dtype, **inputs.context()}
 
 
-def _call(ctx: Context, inputs: Inputs, op: str, *args, **kwargs) -> Any:
-    """The backend's op on valid inputs: NotImplementedError declines the example, any other
-    exception is a failure (valid inputs must not raise)."""
+def _bind(ctx: Context, inputs: Inputs, op: str, args: tuple, kwargs: dict) -> None:
+    """Mismatch unless the backend's ``op`` takes the protocol's arguments: a signature error is the
+    backend's, and must never pass for an answer (such as rejecting bad input)."""
     try:
-        return getattr(ctx.backend, op)(*args, **kwargs)
+        signature = inspect.signature(getattr(ctx.backend, op))
+    except (TypeError, ValueError):  # a builtin or C callable without a signature: nothing to check
+        return
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as exc:
+        raise Mismatch(op, "signature", None, f"{op}{signature}: {exc}", "the Backend protocol's "
+                       "arguments", "the op must take them", _context(ctx, inputs)) from None  # fmt: skip
+
+
+def _twin(inputs: Inputs, args: tuple, kwargs: dict) -> tuple[tuple, dict, dict[str, np.ndarray]]:
+    """The arguments with every input array replaced by the same view of a private copy of its base,
+    and those copies by name: the oracle computes from ``inputs``, which the backend never sees."""
+    bases = {name: base.copy() for name, base in inputs.arrays.items()}
+    handed: dict[str, np.ndarray] = {}
+
+    def swap(a: Any) -> Any:
+        if not isinstance(a, np.ndarray):
+            return a
+        for name in inputs.arrays:
+            view = inputs[name]
+            if a.__array_interface__ == view.__array_interface__:  # the very view: same memory, strides
+                handed[name] = bases[name]
+                recipe = inputs.views.get(name)
+                return apply_view(bases[name], recipe) if recipe else bases[name]
+        return a.copy()  # derived from the inputs (a reshape): a copy keeps the inputs safe all the same
+
+    return tuple(swap(a) for a in args), {k: swap(v) for k, v in kwargs.items()}, handed
+
+
+def _untouched(ctx: Context, inputs: Inputs, op: str, handed: dict[str, np.ndarray]) -> None:
+    """Mismatch if the backend wrote to an input (any byte of its base, skipped memory included)."""
+    for name, copy in handed.items():
+        before = inputs.arrays[name].reshape(-1).view(np.uint8)
+        changed = np.flatnonzero(copy.reshape(-1).view(np.uint8) != before)
+        if changed.size:
+            i = int(changed[0]) // copy.itemsize
+            index = tuple(int(k) for k in np.unravel_index(i, copy.shape))
+            raise Mismatch(op, name, None, f"written in place (first at {fmt_index(index)} of its memory: "
+                           f"{fmt_value(inputs.arrays[name].reshape(-1)[i])} -> "
+                           f"{fmt_value(copy.reshape(-1)[i])})", "the input left unchanged",
+                           "a backend must not write to its inputs", _context(ctx, inputs))  # fmt: skip
+
+
+def _call(ctx: Context, inputs: Inputs, op: str, *args, **kwargs) -> Any:
+    """The backend's op on valid inputs, given copies of them: NotImplementedError declines the
+    example; any other exception, a signature that does not take the protocol's arguments, and a
+    write to an input are failures."""
+    _bind(ctx, inputs, op, args, kwargs)
+    args, kwargs, handed = _twin(inputs, args, kwargs)
+    try:
+        result = getattr(ctx.backend, op)(*args, **kwargs)
     except NotImplementedError as exc:
         raise Declined(f"{op}: NotImplementedError: {exc}") from None
     except Exception as exc:
         raise Mismatch(op, "result", None, f"{type(exc).__name__}: {exc}", "a result",
                        "valid inputs must not raise", _context(ctx, inputs)) from exc  # fmt: skip
+    _untouched(ctx, inputs, op, handed)
+    return result
 
 
 def _arithmetic(ctx: Context, op: str, dtype: str) -> bounds.Arithmetic:
@@ -217,8 +272,11 @@ def check_quantize(ctx: Context, inputs: Inputs) -> None:
     try:
         expected = ctx.dialect.quantize(x, p["blocksize"], p["quant_type"], p["double_quant"])
     except (ValueError, TypeError, AssertionError) as rejected:
+        _bind(ctx, inputs, "quantize_4bit", args, kwargs)
         try:
             ctx.backend.quantize_4bit(*args, **kwargs)
+        except NotImplementedError as exc:  # declining is not rejecting
+            raise Declined(f"quantize_4bit: NotImplementedError: {exc}") from None
         except Exception:
             return  # rejected, as its dialect rejects it
         raise Mismatch("quantize_4bit", "result", None, "a state",
@@ -335,9 +393,16 @@ def _forward(ctx: Context, inputs: Inputs) -> None:
     arith = _arithmetic(ctx, op, inputs.dtype)
     limit = _bound(op, context, bounds.lora_forward_bound, o["x"], W, o["A"], o["B"], s, arith,
                    bias=o["bias"], dropout_mask=o["dropout_mask"])  # fmt: skip
-    tol.expect_bound(
-        op, "y", _array(op, "y", y, context), ref, limit, context, "lora_forward_bound (bounds.md §6)"
-    )
+    y = _array(op, "y", y, context)
+    _expect_output_dtype(op, "y", y, arith, context)
+    tol.expect_bound(op, "y", y, ref, limit, context, "lora_forward_bound (bounds.md §6)")
+
+
+def _expect_output_dtype(op: str, name: str, value: np.ndarray, arith: bounds.Arithmetic, context) -> None:
+    """The bound assumes results rounded to the declared output dtype: a result in another dtype
+    (float64 for bfloat16 inputs, say) is not what the backend declared, whatever its values."""
+    tol.expect_equal(op, f"{name}.dtype", value.dtype.name, np.dtype(arith.output).name, context,
+                     "the dtype the backend's arithmetic() declares for its output")  # fmt: skip
 
 
 def _backward(ctx: Context, inputs: Inputs) -> None:
@@ -362,9 +427,9 @@ def _backward(ctx: Context, inputs: Inputs) -> None:
     limits = _bound(op, context, bounds.lora_backward_bound, o["grad_y"], o["x"], W, o["A"], o["B"], s, arith,
                     dropout_mask=o["dropout_mask"])  # fmt: skip
     for name, g, r, b in zip(("grad_x", "grad_A", "grad_B"), grads, refs, limits, strict=True):
-        tol.expect_bound(
-            op, name, _array(op, name, g, context), r, b, context, "lora_backward_bound (bounds.md §7)"
-        )
+        g = _array(op, name, g, context)
+        _expect_output_dtype(op, name, g, arith, context)
+        tol.expect_bound(op, name, g, r, b, context, "lora_backward_bound (bounds.md §7)")
 
 
 def check_lora_merge(ctx: Context, inputs: Inputs) -> None:
@@ -401,35 +466,43 @@ def check_rejects(ctx: Context, inputs: Inputs) -> None:
     op, o, p = inputs.op, _operands(inputs), inputs.params
     context = _context(ctx, inputs)
     if op == "quantize_4bit":
-        call = lambda: ctx.backend.quantize_4bit(  # noqa: E731
-            o["x"], blocksize=p["blocksize"], quant_type=p["quant_type"], double_quant=p["double_quant"]
-        )
+        call = functools.partial(
+            ctx.backend.quantize_4bit,
+            o["x"], blocksize=p["blocksize"], quant_type=p["quant_type"], double_quant=p["double_quant"],
+        )  # fmt: skip
     elif op == "lora_forward":
-        call = lambda: ctx.backend.lora_forward(  # noqa: E731
-            o["x"], o["W"], o["A"], o["B"], p["scaling"], bias=o["bias"], dropout_mask=o["dropout_mask"]
-        )
+        call = functools.partial(
+            ctx.backend.lora_forward,
+            o["x"], o["W"], o["A"], o["B"], p["scaling"], bias=o["bias"], dropout_mask=o["dropout_mask"],
+        )  # fmt: skip
     elif op == "lora_backward":
-        call = lambda: ctx.backend.lora_backward(  # noqa: E731
-            o["grad_y"], o["x"], o["W"], o["A"], o["B"], p["scaling"], dropout_mask=o["dropout_mask"]
-        )
+        call = functools.partial(
+            ctx.backend.lora_backward,
+            o["grad_y"], o["x"], o["W"], o["A"], o["B"], p["scaling"], dropout_mask=o["dropout_mask"],
+        )  # fmt: skip
     elif op == "lora_merge":
-        call = lambda: ctx.backend.lora_merge(  # noqa: E731
-            o["W"], o["A"], o["B"], p["scaling"], fan_in_fan_out=p["fan_in_fan_out"]
+        call = functools.partial(
+            ctx.backend.lora_merge, o["W"], o["A"], o["B"], p["scaling"], fan_in_fan_out=p["fan_in_fan_out"]
         )
     elif op == "qlora_forward":
         state = _base_state(inputs) if "state_1d" not in p else _flat_state(inputs)
-        call = lambda: ctx.backend.qlora_forward(  # noqa: E731
-            o["x"], state, o["A"], o["B"], p["scaling"], bias=o["bias"], dropout_mask=o["dropout_mask"]
-        )
+        call = functools.partial(
+            ctx.backend.qlora_forward,
+            o["x"], state, o["A"], o["B"], p["scaling"], bias=o["bias"], dropout_mask=o["dropout_mask"],
+        )  # fmt: skip
     elif op == "qlora_backward":
         state = _base_state(inputs) if "state_1d" not in p else _flat_state(inputs)
-        call = lambda: ctx.backend.qlora_backward(  # noqa: E731
-            o["grad_y"], o["x"], state, o["A"], o["B"], p["scaling"], dropout_mask=o["dropout_mask"]
-        )
+        call = functools.partial(
+            ctx.backend.qlora_backward,
+            o["grad_y"], o["x"], state, o["A"], o["B"], p["scaling"], dropout_mask=o["dropout_mask"],
+        )  # fmt: skip
     else:
         raise ValueError(f"no bad-input check for {op}")
+    _bind(ctx, inputs, op, call.args, call.keywords)
     try:
         call()
+    except NotImplementedError as exc:  # declining is not rejecting: the op was never tried
+        raise Declined(f"{op}: NotImplementedError: {exc}") from None
     except Exception:
         return
     if op == "quantize_4bit" and "bad_index" in p:

@@ -47,6 +47,8 @@ __all__ = [
     "run",
     "run_backend",
     "run_test",
+    "unmatched",
+    "unusable",
 ]
 
 FAILED = ("fail", "error")
@@ -91,12 +93,24 @@ class Report:
     def ok(self) -> bool:
         return not any(r.status in FAILED for r in self.results)
 
+    @property
+    def checked(self) -> bool:
+        """Whether any test checked something: a run where every test was unsupported or declined
+        passes nothing, and must not read as a pass."""
+        return any(r.status in ("pass", "declared") for r in self.results)
+
+    @property
+    def verdict(self) -> str:
+        """PASS, FAIL, or NOTHING CHECKED (no failure, and no test that checked anything)."""
+        return "FAIL" if not self.ok else "PASS" if self.checked else "NOTHING CHECKED"
+
     def by_status(self, *statuses: str) -> list[TestResult]:
         return [r for r in self.results if r.status in statuses]
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["ok"] = self.ok
+        d["verdict"] = self.verdict
         d["matrix"] = {op: {dt: _cell(self, op, dt)[0] for dt in DTYPES} for op in OPS}
         return d
 
@@ -286,6 +300,17 @@ def run_backend(
                   findings.as_list(), findings.lines(), warnings, time.perf_counter() - start)  # fmt: skip
 
 
+def unusable(backend: Any) -> str | None:
+    """Why the suite cannot run ``backend`` (an unknown dialect, a deviations file that is missing or
+    malformed), found before any test runs; None when it can."""
+    try:
+        get_dialect(backend.dialect)
+        _deviations.for_backend(backend)
+    except (ValueError, OSError) as exc:  # DeviationsError is a ValueError
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
 def unmatched(select: Iterable[str]) -> list[str]:
     """The patterns of ``select`` that match no test of the suite (a typo would otherwise run nothing
     and pass)."""
@@ -307,6 +332,7 @@ def run(
     prof = profiles.get(profile)
     seed = resolve_seed(prof, seed)
     unavailable: list[tuple[str, str]] = []
+    named = set(specs or ())
     if not specs:
         specs = []
         for status in backends.status():
@@ -315,7 +341,16 @@ def run(
                 if status.available
                 else unavailable.append((status.name, status.reason))
             )
-    chosen = [(spec, backends.get(spec)) for spec in specs]  # raises, listing what is installed
+    chosen = []
+    for spec in specs:
+        backend = backends.get(spec)  # raises, listing what is installed
+        problem = unusable(backend)
+        if problem and spec in named:
+            raise backends.BackendError(f"backend {spec!r} cannot be run: {problem}")
+        if problem:
+            unavailable.append((spec, problem))
+        else:
+            chosen.append((spec, backend))
     reports = [run_backend(b, spec, prof, seed, **kwargs) for spec, b in chosen]
     return reports, unavailable, seed
 
@@ -375,7 +410,7 @@ def _declared_groups(report: Report) -> list[tuple[str, str, list[TestResult]]]:
 
 def matrix_text(report: Report) -> str:
     """The support matrix (op × dtype), failures, declared deviations, warnings and findings, as text."""
-    verdict = "PASS" if report.ok else "FAIL"
+    verdict = report.verdict
     lines = [
         f"{report.backend} (dialect {report.dialect}): {verdict}  [profile {report.profile}, seed "
         f"{report.seed}, {len(report.results)} tests, {report.seconds:.1f} s]",
@@ -410,7 +445,7 @@ def markdown(reports: list[Report], unavailable: list[tuple[str, str]], seed: in
     for name, reason in unavailable:
         out.append(f"- `{name}`: unavailable here: {reason}")
     for rep in reports:
-        out += ["", f"## `{rep.backend}` (dialect `{rep.dialect}`): {'PASS' if rep.ok else 'FAIL'}", "",
+        out += ["", f"## `{rep.backend}` (dialect `{rep.dialect}`): {rep.verdict}", "",
                 f"{len(rep.results)} tests in {rep.seconds:.1f} s.", "",
                 "| op | " + " | ".join(DTYPES) + " |", "|---|" + "---|" * len(DTYPES)]  # fmt: skip
         rows, notes = _matrix(rep)  # each reason once, as a numbered note under the table

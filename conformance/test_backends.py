@@ -30,11 +30,17 @@ def _backends(config: pytest.Config) -> list[tuple[str, str | None]]:
     if specs:
         for spec in specs:
             try:
-                backends.get(spec)
+                problem = runner.unusable(backends.get(spec))
             except backends.BackendError as exc:
                 raise pytest.UsageError(f"--reflora-backend {spec}: {exc}") from None
+            if problem:
+                raise pytest.UsageError(f"--reflora-backend {spec}: cannot be run: {problem}")
         return [(spec, None) for spec in specs]
-    return [(s.name, None if s.available else s.reason) for s in backends.status()]
+    rows = []
+    for s in backends.status():
+        reason = s.reason if not s.available else runner.unusable(backends.get(s.name))
+        rows.append((s.name, reason))
+    return rows
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

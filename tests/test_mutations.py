@@ -116,7 +116,9 @@ def test_ci_kills_the_mutant_with_a_readable_message(mutant, bundles):
         assert Path(r.bundle).is_file()
         assert r.replay == f"reflora replay {r.bundle} --backend {spec}"
     # Where the bug is in values, the message carries numpy.testing's summary with an index.
-    if mutant.__name__ != "AcceptsNaN":
+    if mutant.__name__ == "ScratchInputs":  # caught by the write itself, before any value is compared
+        assert any(re.match(r"lora_forward: B = written in place \(first at \[", r.message) for r in failures)
+    elif mutant.__name__ != "AcceptsNaN":
         full = [r for r in failures if "Mismatched elements: " in r.message]
         assert full, failures[0].message
         m = full[0].message

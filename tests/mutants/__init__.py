@@ -301,6 +301,19 @@ class FlushesSubnormals(_Mutant):
         return np.where(np.abs(out) < tiny, np.zeros_like(out), out)
 
 
+class ScratchInputs(_Mutant):
+    name, ops, bug = (
+        "mutant-scratch-inputs",
+        ("lora_forward",),
+        "drops the adapter and zeroes B in place (an oracle computed afterwards would agree)",
+    )
+
+    def lora_forward(self, x, W, A, B, scaling, *, bias=None, dropout_mask=None):
+        y = lora.forward(x, W, A, np.zeros_like(B), scaling, bias=bias, dropout_mask=dropout_mask)
+        B[...] = 0  # B used as scratch space
+        return y
+
+
 MUTANTS: tuple[type[_Mutant], ...] = (
     NibbleOrder,
     TiesUp,
@@ -324,4 +337,5 @@ MUTANTS: tuple[type[_Mutant], ...] = (
     MergeFanInIgnored,
     OffsetSequentialMean,
     FlushesSubnormals,
+    ScratchInputs,
 )
