@@ -128,9 +128,9 @@ def copies_to_defeat_l2(bytes_per_call: int, device) -> int:
 class Row:
     case: str
     impl: str
-    median_ms: float
-    p20_ms: float
-    p80_ms: float
+    median_ms: float | None  # None: not run (``note`` says why)
+    p20_ms: float | None
+    p80_ms: float | None
     bytes: int | None = None
     flops: float | None = None
     check: str = ""
@@ -138,14 +138,38 @@ class Row:
     extra: dict = field(default_factory=dict)
 
     def gbps(self) -> float | None:
-        return None if self.bytes is None else self.bytes / (self.median_ms * 1e-3) / 1e9
+        return (
+            None
+            if self.bytes is None or self.median_ms is None
+            else self.bytes / (self.median_ms * 1e-3) / 1e9
+        )
 
     def tflops(self) -> float | None:
-        return None if self.flops is None else self.flops / (self.median_ms * 1e-3) / 1e12
+        return (
+            None
+            if self.flops is None or self.median_ms is None
+            else self.flops / (self.median_ms * 1e-3) / 1e12
+        )
+
+
+# Why bitsandbytes' rows are not run, once its first call has failed (None: not tried, or usable).
+BNB_PROBLEM: str | None = None
 
 
 def unavailable(case: str, impl: str, why: str) -> Row:
-    return Row(case, impl, math.nan, math.nan, math.nan, check="not run", note=why)
+    return Row(case, impl, None, None, None, check="not run", note=why)
+
+
+def baseline(case: str, impl: str, fn) -> list[Row]:
+    """fn()'s rows, or one row saying why not: a baseline that fails (a library version that refuses
+    the call, a check it fails, an out-of-memory) is reported, and the run goes on to reflora's rows."""
+    try:
+        rows = fn()
+    except Exception as e:
+        if isinstance(e, torch.cuda.OutOfMemoryError):
+            torch.cuda.empty_cache()
+        return [unavailable(case, impl, f"{type(e).__name__}: {str(e)[:200]}")]
+    return rows if isinstance(rows, list) else [rows]
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -222,12 +246,18 @@ def quantize_weight(out_f: int, in_f: int, device, seed: int) -> Weight:
     (so its kernels run on their own state), else reflora's; reflora reads either bit for bit."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     dense = (torch.randn(out_f, in_f, generator=g) * 0.02).to(torch.bfloat16).to(device)
-    try:
-        import bitsandbytes.functional as bnbf
-    except ImportError:
+    global BNB_PROBLEM
+    packed = qs = None
+    if BNB_PROBLEM is None:
+        try:  # importable is not enough: a missing CUDA library only fails on the first call
+            import bitsandbytes.functional as bnbf
+
+            packed, qs = bnbf.quantize_4bit(dense, blocksize=64, compress_statistics=True, quant_type="nf4")
+        except Exception as e:
+            BNB_PROBLEM = f"bitsandbytes unusable here: {type(e).__name__}: {str(e)[:160]}"
+    if qs is None:
         state = nf4.quantize(_np(dense.float()).astype(np.float32), 64, double_quant=True)
         return Weight(dense, TorchQuantState.from_state(state, device), None)
-    packed, qs = bnbf.quantize_4bit(dense, blocksize=64, compress_statistics=True, quant_type="nf4")
     ts = TorchQuantState(
         packed=packed.reshape(-1),
         absmax=None,
@@ -313,7 +343,7 @@ def dequant_case(timer: Timer, shapes: Shapes, device) -> list[Row]:
     med, p20, p80 = timer(Rotation(fns), graph=True)
     rows.append(Row(case, "reflora triton", med, p20, p80, bytes=nf4_bytes(ts0) + out_bytes, check=check))
 
-    if weights[0].bnb is not None:
+    def bnb_row() -> Row:
         import bitsandbytes.functional as bnbf
 
         got = bnbf.dequantize_4bit(*weights[0].bnb)
@@ -323,20 +353,29 @@ def dequant_case(timer: Timer, shapes: Shapes, device) -> list[Row]:
             check = f"differs from oracle: {e}"
         fns = [lambda w=w: bnbf.dequantize_4bit(*w.bnb) for w in weights]
         med, p20, p80 = timer(Rotation(fns), graph=True)
-        rows.append(
-            Row(case, "bitsandbytes dequantize_4bit", med, p20, p80, nf4_bytes(ts0) + out_bytes, check=check)
+        return Row(
+            case, "bitsandbytes dequantize_4bit", med, p20, p80, nf4_bytes(ts0) + out_bytes, check=check
         )
+
+    if weights[0].bnb is not None:
+        rows += baseline(case, "bitsandbytes dequantize_4bit", bnb_row)
     else:
-        rows.append(unavailable(case, "bitsandbytes dequantize_4bit", "bitsandbytes not installed"))
+        rows.append(
+            unavailable(case, "bitsandbytes dequantize_4bit", BNB_PROBLEM or "bitsandbytes not installed")
+        )
 
-    check = check_exact(
-        "torch eager", torch_eager_dequantize(ts0, torch.bfloat16), nf4.dequantize(state0, "bfloat16")
-    )
-    fns = [lambda w=w: torch_eager_dequantize(w.ts, torch.bfloat16) for w in weights]
-    med, p20, p80 = timer(Rotation(fns), graph=True)
-    rows.append(Row(case, "torch eager", med, p20, p80, nf4_bytes(ts0) + out_bytes, check=check))
+    def eager_row() -> Row:
+        got = torch_eager_dequantize(ts0, torch.bfloat16)
+        try:  # a baseline is information: a difference is reported, not fatal
+            check = check_exact("torch eager", got, nf4.dequantize(state0, "bfloat16"))
+        except ConformanceError as e:
+            check = f"differs from oracle: {e}"
+        fns = [lambda w=w: torch_eager_dequantize(w.ts, torch.bfloat16) for w in weights]
+        med, p20, p80 = timer(Rotation(fns), graph=True)
+        return Row(case, "torch eager", med, p20, p80, nf4_bytes(ts0) + out_bytes, check=check)
 
-    rows.append(_torchao_dequant(timer, case, weights))
+    rows += baseline(case, "torch eager", eager_row)
+    rows += baseline(case, "torchao NF4Tensor", lambda: _torchao_dequant(timer, case, weights))
     return rows
 
 
@@ -395,28 +434,21 @@ def gemv_case(timer: Timer, shapes: Shapes, device) -> list[Row]:
         med, p20, p80 = timer(Rotation(fns), graph=True)
         rows.append(Row(case, VARIANT_SHARED, med, p20, p80, nf4_bytes(w0.ts) + io_bytes, check=check))
 
-        if w0.bnb is not None:
+        impl = "bitsandbytes matmul_4bit (inference)"
+
+        def bnb_row() -> Row:
             import bitsandbytes as bnb
 
             y = bnb.matmul_4bit(x, w0.bnb[0].t(), w0.bnb[1])
             check = check_within("bnb matmul_4bit", y, ref, bound, ours=False)
             fns = [lambda w=w: bnb.matmul_4bit(x, w.bnb[0].t(), w.bnb[1]) for w in weights]
             med, p20, p80 = timer(Rotation(fns), graph=True)
-            rows.append(
-                Row(
-                    case,
-                    "bitsandbytes matmul_4bit (inference)",
-                    med,
-                    p20,
-                    p80,
-                    nf4_bytes(w0.ts) + io_bytes,
-                    check=check,
-                )
-            )
+            return Row(case, impl, med, p20, p80, nf4_bytes(w0.ts) + io_bytes, check=check)
+
+        if w0.bnb is not None:
+            rows += baseline(case, impl, bnb_row)
         else:
-            rows.append(
-                unavailable(case, "bitsandbytes matmul_4bit (inference)", "bitsandbytes not installed")
-            )
+            rows.append(unavailable(case, impl, BNB_PROBLEM or "bitsandbytes not installed"))
 
         dense = [w.dense for w in weights]
         y = torch.nn.functional.linear(x, dense[0])
@@ -579,12 +611,17 @@ def _inject_lora(model: torch.nn.Module, p: MlpParams, shapes: Shapes):
 
 
 def _peft_rows(timer, case, shapes, p: MlpParams, x, gy, flops, ours_out) -> list[Row]:
-    rows = []
-    try:
-        import bitsandbytes as bnb
-        import peft  # noqa: F401
-    except ImportError as e:
-        return [unavailable(case, "PEFT + bitsandbytes", f"not installed: {e}")]
+    """PEFT + bitsandbytes, and bf16 dense + PEFT (which needs no bitsandbytes), each on its own."""
+    args = (timer, case, shapes, p, x, gy, flops, ours_out)
+    if p.gate.bnb is None:
+        rows = [unavailable(case, "PEFT + bitsandbytes", BNB_PROBLEM or "bitsandbytes not installed")]
+    else:
+        rows = baseline(case, "PEFT + bitsandbytes", lambda: _peft_bnb_row(*args))
+    return rows + baseline(case, "bf16 dense + PEFT LoRA", lambda: _peft_dense_row(*args))
+
+
+def _peft_bnb_row(timer, case, shapes, p: MlpParams, x, gy, flops, ours_out) -> Row:
+    import bitsandbytes as bnb
 
     def linear4(w: Weight) -> torch.nn.Module:
         out_f, in_f = w.dense.shape
@@ -600,8 +637,10 @@ def _peft_rows(timer, case, shapes, p: MlpParams, x, gy, flops, ours_out) -> lis
     model.is_loaded_in_4bit = True  # PEFT dispatches its bnb 4-bit LoRA layer only for flagged models
     model, params = _inject_lora(model, p, shapes)
     impl = f"PEFT + bitsandbytes (LoRA {str(params[0].dtype).removeprefix('torch.')})"
-    rows.append(_time_module(timer, case, impl, model, params, x, gy, flops, ours_out))
+    return _time_module(timer, case, impl, model, params, x, gy, flops, ours_out)
 
+
+def _peft_dense_row(timer, case, shapes, p: MlpParams, x, gy, flops, ours_out) -> Row:
     def dense(w: Weight) -> torch.nn.Module:
         out_f, in_f = w.dense.shape
         layer = torch.nn.Linear(in_f, out_f, bias=False, device=w.dense.device, dtype=torch.bfloat16)
@@ -613,8 +652,7 @@ def _peft_rows(timer, case, shapes, p: MlpParams, x, gy, flops, ours_out) -> lis
     model = _Mlp(dense(p.gate), dense(p.up), dense(p.down))
     model, params = _inject_lora(model, p, shapes)
     impl = f"bf16 dense + PEFT LoRA ({str(params[0].dtype).removeprefix('torch.')})"
-    rows.append(_time_module(timer, case, impl, model, params, x, gy, flops, ours_out))
-    return rows
+    return _time_module(timer, case, impl, model, params, x, gy, flops, ours_out)
 
 
 def _time_module(timer, case, impl, model, params, x, gy, flops, ours_out) -> Row:

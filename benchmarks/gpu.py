@@ -34,6 +34,7 @@ import json
 import math
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -65,15 +66,18 @@ def evaluate_targets(rows: list[dict], dry_run: bool) -> dict[str, str]:
             verdicts[prefix] = f"not evaluated ({'dry run' if dry_run else 'case not run'}): {text}"
             continue
         misses, missing = [], []
-        if min_pct is not None and (ours["pct_copy_bandwidth"] or 0) < min_pct:
-            misses.append(f"{ours['pct_copy_bandwidth']:.0f}% of copy bandwidth < {min_pct}%")
+        pct = ours["pct_copy_bandwidth"]
+        if min_pct is not None and pct is None:
+            missing.append("copy ceiling")
+        elif min_pct is not None and pct < min_pct:
+            misses.append(f"{pct:.0f}% of copy bandwidth < {min_pct}%")
         for base, need in speedups.items():
             d = next((d for d in case_rows if d["impl"].startswith(base)), None)
             if d is None or d.get("reflora_speedup") is None:
                 missing.append(base)
             elif d["reflora_speedup"] < need:
                 misses.append(f"{d['reflora_speedup']:.2f}x vs {base} (need {need:.2f}x)")
-        state = "MISSED: " + "; ".join(misses) if misses else "met"
+        state = "MISSED: " + "; ".join(misses) if misses else "not fully evaluated" if missing else "met"
         if missing:
             state += f" (no {', '.join(missing)} row to compare)"
         verdicts[prefix] = f"{state} -- target {text}"
@@ -179,14 +183,14 @@ def derive(rows, copy_gbps: float | None, mm_tflops: float | None) -> list[dict]
             "note": r.note,
         }
         ours = by_case[r.case].get("reflora triton")
-        if ours and r.impl != "reflora triton" and not math.isnan(r.median_ms):
+        if ours and r.impl != "reflora triton" and r.median_ms is not None:
             d["reflora_speedup"] = r.median_ms / ours  # > 1: reflora is faster
         out.append(d)
     return out
 
 
-def _time(ms: float) -> str:
-    if math.isnan(ms):
+def _time(ms: float | None) -> str:
+    if ms is None:
         return "-"
     return f"{ms * 1e3:.1f} us" if ms < 1 else f"{ms:.3f} ms"
 
@@ -256,45 +260,66 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(torch, device)
     torch.manual_seed(0)
 
-    rows = []
-    try:
-        if "ceilings" in args.only:
-            rows += cases.ceilings(timer, shapes, device)
-        if "dequant" in args.only:
-            rows += cases.dequant_case(timer, shapes, device)
-        if "gemv" in args.only:
-            rows += cases.gemv_case(timer, shapes, device)
-        if "mlp" in args.only:
-            rows += cases.mlp_case(timer, shapes, device)
-        if "tiles" in args.only:
-            rows += cases.tiles_case(timer, shapes, device)
-    except cases.ConformanceError as e:
-        print(f"benchmarks/gpu.py: CONFORMANCE FAILURE, nothing timed after it: {e}", file=sys.stderr)
-        return 1
-
-    copy = next((r for r in rows if r.impl.startswith("HBM copy")), None)
-    mm = next((r for r in rows if r.impl.startswith("bf16 matmul")), None)
-    table = derive(rows, copy.gbps() if copy else None, mm.tflops() if mm else None)
-    print_table(table, env, args.dry_run)
-
-    record = {
-        "harness": "benchmarks/gpu.py",
-        "dry_run": args.dry_run,
-        "environment": env,
-        "shapes": shapes.__dict__,
-        "timing": "triton.testing.do_bench / do_bench_cudagraph, quantiles 0.5, 0.2, 0.8; "
-        f"rep {args.rep_ms} ms"
-        if not args.dry_run
-        else "wall clock, 3 runs (dry run: not a measurement)",
-        "rows": table,
-        "targets": evaluate_targets(table, args.dry_run),
-    }
     out_dir = args.out or (Path(tempfile.mkdtemp(prefix="reflora-gpu-dry-")) if args.dry_run else RESULTS)
     out_dir.mkdir(parents=True, exist_ok=True)
     slug = "".join(c if c.isalnum() else "-" for c in env["device"].lower()).strip("-")[:40]
     stamp = env["date"].replace(":", "").replace("+0000", "Z")
     path = out_dir / f"{'dryrun-' if args.dry_run else ''}gpu-{slug}-{stamp}.json"
-    path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    timing = (
+        "triton.testing.do_bench (L2 cleared between calls) or, for rows of microsecond kernels, "
+        "do_bench_cudagraph over a graph of rotated calls (inputs larger than L2 in turn); quantiles 0.5, "
+        "0.2, 0.8 of the timed runs (for graph rows, of the replays, each the mean of its calls); "
+        f"rep {args.rep_ms} ms"
+        if not args.dry_run
+        else "wall clock, 3 runs (dry run: not a measurement)"
+    )
+
+    def save(rows, done: list[str], error: str | None) -> list[dict]:
+        """Write the JSON of what has been measured so far: after every case, so that a case that
+        fails, or a session cut off by its time limit, keeps the cases before it."""
+        copy = next((r for r in rows if r.impl.startswith("HBM copy")), None)
+        mm = next((r for r in rows if r.impl.startswith("bf16 matmul")), None)
+        table = derive(rows, copy.gbps() if copy else None, mm.tflops() if mm else None)
+        record = {
+            "harness": "benchmarks/gpu.py",
+            "dry_run": args.dry_run,
+            "environment": env,
+            "shapes": shapes.__dict__,
+            "timing": timing,
+            "cases_asked": list(args.only),
+            "cases_done": done,
+            "error": error,
+            "rows": table,
+            "targets": evaluate_targets(table, args.dry_run),
+        }
+        path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+        return table
+
+    def interrupted(signum, frame):  # `timeout` sends SIGTERM: save, as for Ctrl-C
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupted)
+    steps = {"ceilings": cases.ceilings, "dequant": cases.dequant_case, "gemv": cases.gemv_case,
+             "mlp": cases.mlp_case, "tiles": cases.tiles_case}  # fmt: skip
+    rows, done = [], []
+    for name, step in steps.items():
+        if name not in args.only:
+            continue
+        try:
+            rows += step(timer, shapes, device)
+        except cases.ConformanceError as e:
+            save(rows, done, f"conformance failure in {name}: {e}")
+            print(f"benchmarks/gpu.py: CONFORMANCE FAILURE, nothing timed after it: {e}", file=sys.stderr)
+            print(f"wrote {path} (the cases before it)")
+            return 1
+        except BaseException as e:  # an error or an interrupt: keep what was measured, then stop
+            save(rows, done, f"{name}: {type(e).__name__}: {e}")
+            print(f"wrote {path} (the cases before {name})", file=sys.stderr)
+            raise
+        done.append(name)
+        save(rows, done, None)
+    table = save(rows, done, None)
+    print_table(table, env, args.dry_run)
     print(f"wrote {path}")
     return 0
 

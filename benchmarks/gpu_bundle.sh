@@ -3,7 +3,8 @@
 # benchmarks/gpu_session.sh. The device image has Python 3.12 with its own torch, triton, peft,
 # transformers, hypothesis and pytest; it lacks reflora, bitsandbytes and torchao.
 #
-#   bash benchmarks/gpu_bundle.sh     # then carry .gpu to the device (it is git-ignored)
+#   PYTHON=.venv/bin/python bash benchmarks/gpu_bundle.sh   # then carry .gpu (git-ignored) to the device
+# (PYTHON: one whose setuptools builds this project, as the venv of the README's install does)
 #
 # Wheels are unpacked, not installed: the session puts .gpu/site on PYTHONPATH, and the .dist-info
 # folders that come with them register reflora's entry points (backends, commands, pytest plug-in).
@@ -15,15 +16,15 @@ TORCHAO=torchao==0.18.0
 
 rm -rf .gpu
 mkdir -p .gpu/wheels .gpu/site
-python -m pip wheel --quiet --no-deps --no-build-isolation --wheel-dir .gpu/wheels .
+"${PYTHON:-python}" -m pip wheel --quiet --no-deps --no-build-isolation --wheel-dir .gpu/wheels .
 platforms=()
 for p in manylinux_2_28_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64; do
     platforms+=(--platform "$p")
 done
-python -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+"${PYTHON:-python}" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     "${platforms[@]}" --dest .gpu/wheels "$BNB" "$TORCHAO"
 for wheel in .gpu/wheels/*.whl; do
-    python -m zipfile -e "$wheel" .gpu/site
+    "${PYTHON:-python}" -m zipfile -e "$wheel" .gpu/site
 done
 # bitsandbytes ships one native library per CUDA/ROCm/XPU release (~150 MB together); the device's torch
 # is a CUDA 13 build, so keep CUDA 13's and the CPU one. It picks the library from torch.version.cuda.

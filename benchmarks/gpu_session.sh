@@ -31,26 +31,45 @@ if [ ! -d .gpu/site ]; then
     echo "gpu_session.sh: .gpu/site is missing: run benchmarks/gpu_bundle.sh on a networked machine and carry .gpu" >&2
     exit 2
 fi
-export PYTHONPATH="$PWD/.gpu/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+# The code under test is this working tree's, not the wheel gpu_bundle.sh packed: lay its three source
+# folders out as the installed package (reflora/, reflora/backends/, reflora/conformance/) over the
+# wheel's, and record a digest of them with the results.
+rm -rf .gpu/site/reflora
+mkdir -p .gpu/site/reflora
+cp -r reflora/. .gpu/site/reflora/
+cp -r backends .gpu/site/reflora/backends
+cp -r conformance .gpu/site/reflora/conformance
+# PYTHONSAFEPATH: `python -m` must not put the repository root first on sys.path, where ./reflora (the
+# oracle's folder alone, without backends/ and conformance/) would hide the package laid out above.
+export PYTHONPATH="$PWD/.gpu/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1 \
+    HF_HUB_OFFLINE=1
 unset TRITON_INTERPRET
 py=${PYTHON:-python3}
 out=${OUT:-gpu-out}
 mkdir -p "$out"
 status=0
+find reflora backends conformance benchmarks -name '*.py' -o -name '*.toml' | LC_ALL=C sort \
+    | xargs sha256sum > "$out/sources.sha256"
+echo "sources: $(sha256sum < "$out/sources.sha256" | cut -c1-16) (per file: $out/sources.sha256)"
+limit=${PHASE_LIMIT_S:-540}  # a phase that hangs is stopped (SIGTERM: gpu.py saves what it has) in time
 
 phase() {  # phase NAME COMMAND...: run it, log to $out/NAME.log, report its exit status and duration
     local name=$1 start=$SECONDS rc
     shift
     echo "== $name: $*"
-    "$@" 2>&1 | tee "$out/$name.log"
+    local run=(timeout -s TERM -k 20 "$limit")
+    declare -F "$1" >/dev/null && run=()  # a shell function (check) runs as it is: it is quick
+    "${run[@]}" "$@" 2>&1 | tee "$out/$name.log"
     rc=${PIPESTATUS[0]}
+    [ "$rc" -ne 124 ] || echo "== $name: stopped after the ${limit} s phase limit"
     echo "== $name: exit $rc after $((SECONDS - start)) s"
     [ "$rc" -eq 0 ] || status=1
 }
 
-check() {
-    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
-    "$py" - <<'EOF'
+check() {  # fails when any of its three steps fails
+    local rc=0
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || rc=1
+    "$py" - <<'EOF' || rc=1
 import importlib, sys
 import torch
 print("python", sys.version.split()[0], "| torch", torch.__version__, "cuda", torch.version.cuda,
@@ -69,7 +88,8 @@ packed, qs = F.quantize_4bit(x, blocksize=64, quant_type="nf4")
 print("bitsandbytes CUDA quantize_4bit:", packed.device, tuple(packed.shape))
 sys.exit(1 if failed else 0)
 EOF
-    "$py" -m reflora backends
+    "$py" -m reflora backends || rc=1
+    return $rc
 }
 
 for name in "$@"; do

@@ -52,6 +52,33 @@ def test_targets_met_and_missed():
     assert verdicts["GEMV"].startswith("MISSED: 65% of copy bandwidth < 70%")
     assert verdicts["QLoRA MLP"].startswith("MISSED: 0.67x vs bf16 dense (need 0.77x)")
     assert all(v.startswith("not evaluated (dry run)") for v in gpu.evaluate_targets(rows, True).values())
+    # `--only dequant gemv` runs no ceiling: no percentage to judge (before, formatting None raised and
+    # the run's JSON was never written)
+    rows = [_row("dequantize 4096x11008 -> bf16", "reflora triton", 0.04)]
+    verdict = gpu.evaluate_targets(rows, dry_run=False)["dequantize"]
+    assert verdict.startswith("not fully evaluated (no copy ceiling, bitsandbytes row to compare)")
+
+
+def test_the_json_is_written_after_every_case_and_keeps_them_when_one_fails(tmp_path, monkeypatch):
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the dry run of this test uses the interpreter")
+    import _gpu_cases as cases
+
+    def broken(*args):
+        raise RuntimeError("out of memory, say")
+
+    monkeypatch.setattr(cases, "gemv_case", broken)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        gpu.main(["--dry-run", "--only", "dequant", "gemv", "--out", str(tmp_path)])
+    (path,) = tmp_path.glob("dryrun-gpu-*.json")
+    record = json.loads(path.read_text())
+    assert record["cases_done"] == ["dequant"] and record["error"] == "gemv: RuntimeError: out of memory, say"
+    assert any(r["impl"] == "reflora triton" and r["check"] == "exact" for r in record["rows"])
+    # a baseline that fails is a row saying why; the others, reflora's included, are still measured
+    rows = cases.baseline("case", "some library", broken)
+    assert [(r.impl, r.median_ms, r.note) for r in rows] == [
+        ("some library", None, "RuntimeError: out of memory, say")
+    ]
 
 
 def test_dry_run_checks_kernels_and_writes_json(tmp_path, capsys):
