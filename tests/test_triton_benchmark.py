@@ -140,5 +140,16 @@ def test_tile_sweep_times_the_default_first_and_records_configs_that_do_not_comp
     def wrong(out):
         raise cases.ConformanceError("tiles: x: |computed - float64| reaches 3 x the derived bound")
 
-    with pytest.raises(cases.ConformanceError):  # a wrong kernel stops the run; it is never timed
+    with pytest.raises(cases.ConformanceError):  # a wrong default stops the run; it is never timed
         cases._sweep(timer, "tiles: x", (other,), default, run, wrong, 1.0, None)
+
+    def wrong_candidate(out):
+        if out == other.bm:
+            raise cases.ConformanceError("|computed - float64| reaches 3 x the derived bound")
+        return "ok"
+
+    timed = []
+    slow_timer = lambda fn, **kw: timed.append(fn()) or (1.0, 1.0, 1.0)  # noqa: E731
+    rows = cases._sweep(slow_timer, "tiles: x", (other,), default, run, wrong_candidate, 1.0, None)
+    assert rows[1].median_ms is None and rows[1].check.startswith("FAILED, not timed: |computed")
+    assert timed == [default.bm]  # only the default was timed; the wrong candidate never
