@@ -126,20 +126,31 @@ def _call(ctx: Context, inputs: Inputs, op: str, *args, **kwargs) -> Any:
     return result
 
 
-def _arithmetic(ctx: Context, op: str, dtype: str) -> bounds.Arithmetic:
+_FLOATS = ("float16", "bfloat16", "float32", "float64")
+
+
+def _arithmetic(ctx: Context, op: str, dtype: str, context: dict | None = None) -> bounds.Arithmetic:
     declared = getattr(ctx.backend, "arithmetic", None)
     if declared is None:  # the protocol's default: operands and results in dtype, float32 accumulation
         return bounds.Arithmetic(operand=dtype, accumulate="float32", intermediate=dtype, output=dtype)
-    return declared(op, dtype)
+    try:
+        arith = declared(op, dtype)
+    except Exception as exc:  # Arithmetic refuses a dtype it does not know ("fp32", say)
+        arith = f"{type(exc).__name__}: {exc}"
+    if not isinstance(arith, bounds.Arithmetic):
+        raise Mismatch(op, "arithmetic()", None, str(arith), "a reflora.bounds.Arithmetic (dtype names: "
+                       f"{', '.join(_FLOATS)})", "the bounds are derived from it", context or {})  # fmt: skip
+    return arith
 
 
 def _array(op: str, output: str, value: Any, context: dict) -> np.ndarray:
-    a = np.asarray(value)
-    if a.dtype == object:
+    """``value`` when it is a numpy array (or scalar); a Mismatch otherwise: numpy crosses the boundary,
+    and a tensor of another library converted here would hide where its bytes came from."""
+    if not isinstance(value, np.ndarray | np.generic):
         raise Mismatch(
             op, output, None, type(value).__name__, "a numpy array", "numpy at the boundary", context
         )
-    return a
+    return np.asarray(value)
 
 
 # ---- Quantization --------------------------------------------------------------------------------------
@@ -292,8 +303,8 @@ def check_quantize(ctx: Context, inputs: Inputs) -> None:
             expected = ctx.dialect.quantize(x, p["blocksize"], p["quant_type"], True, offset=offset)
     native_form = not isinstance(state, QuantState)
     if native_form and type(state) is not type(expected):
-        raise Mismatch("quantize_4bit", "result", None, type(state).__name__,
-                       f"a reflora.QuantState or a {type(expected).__name__}", "EXACT", context)  # fmt: skip
+        raise Mismatch("quantize_4bit", "result", None, type(state).__name__, "a reflora.QuantState or the "
+                       f"dialect's {type(expected).__name__}", "EXACT", context)  # fmt: skip
     if native_form:
         _compare_native("quantize_4bit", state, expected, ctx.dialect.as_quant_state(expected), x, context)
         return
@@ -390,7 +401,7 @@ def _forward(ctx: Context, inputs: Inputs) -> None:
             ctx, inputs, op, o["x"], W, o["A"], o["B"], s, bias=o["bias"], dropout_mask=o["dropout_mask"]
         )
     ref = lora.forward(o["x"], W, o["A"], o["B"], s, bias=o["bias"], dropout_mask=o["dropout_mask"])
-    arith = _arithmetic(ctx, op, inputs.dtype)
+    arith = _arithmetic(ctx, op, inputs.dtype, context)
     limit = _bound(op, context, bounds.lora_forward_bound, o["x"], W, o["A"], o["B"], s, arith,
                    bias=o["bias"], dropout_mask=o["dropout_mask"])  # fmt: skip
     y = _array(op, "y", y, context)
@@ -423,7 +434,7 @@ def _backward(ctx: Context, inputs: Inputs) -> None:
     refs = lora.backward(o["grad_y"], o["x"], W, o["A"], o["B"], s, dropout_mask=o["dropout_mask"])
     if not isinstance(grads, (tuple, list)) or len(grads) != 3:
         raise Mismatch(op, "result", None, type(grads).__name__, "(grad_x, grad_A, grad_B)", "EXACT", context)
-    arith = _arithmetic(ctx, op, inputs.dtype)
+    arith = _arithmetic(ctx, op, inputs.dtype, context)
     limits = _bound(op, context, bounds.lora_backward_bound, o["grad_y"], o["x"], W, o["A"], o["B"], s, arith,
                     dropout_mask=o["dropout_mask"])  # fmt: skip
     for name, g, r, b in zip(("grad_x", "grad_A", "grad_B"), grads, refs, limits, strict=True):
@@ -443,7 +454,7 @@ def check_lora_merge(ctx: Context, inputs: Inputs) -> None:
     merged = _array("lora_merge", "W'", _call(ctx, inputs, "lora_merge", o["W"], o["A"], o["B"], p["scaling"],
                                                fan_in_fan_out=fan), context)  # fmt: skip
     tol.expect_equal("lora_merge", "W'.dtype", str(merged.dtype), str(o["W"].dtype), context)
-    arith = _arithmetic(ctx, "lora_merge", inputs.dtype)
+    arith = _arithmetic(ctx, "lora_merge", inputs.dtype, context)
     limit = _bound(
         "lora_merge",
         context,

@@ -147,7 +147,7 @@ def _unsupported(backend: Any, test: Test) -> str | None:
     for op in test.requires:
         verdict = backend.supports(op, test.dtype) if hasattr(backend, "supports") else True
         if verdict is not True:
-            return f"{op}: {verdict}"
+            return f"{op}: {'supports() returned False' if verdict is False else verdict}"
     return None
 
 

@@ -57,3 +57,23 @@ class MissingDeviations(ReferenceBackend):
 class UnknownDialect(ReferenceBackend):
     name = "unknown-dialect"
     dialect = "bitsandbytes"
+
+
+class TorchTensors(ReferenceBackend):
+    """Returns torch tensors where the protocol says numpy."""
+
+    name = "torch-tensors"
+
+    def lora_forward(self, x, W, A, B, scaling, *, bias=None, dropout_mask=None):
+        import torch
+
+        return torch.from_numpy(lora.forward(x, W, A, B, scaling, bias=bias, dropout_mask=dropout_mask))
+
+
+class BadArithmetic(ReferenceBackend):
+    name = "bad-arithmetic"
+
+    def arithmetic(self, op, dtype):
+        from reflora.bounds import Arithmetic
+
+        return Arithmetic(operand=dtype, accumulate="fp32", intermediate=dtype, output="float64")

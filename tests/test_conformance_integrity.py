@@ -63,3 +63,19 @@ def test_a_backend_the_suite_cannot_run_is_refused_before_any_test(capsys, spec,
     assert rc == 2 and f"backend {spec!r} cannot be run" in err and words in err
     assert "Traceback" not in err and "PASS" not in out
     assert words in runner.unusable(backends.get(spec))
+
+
+def test_numpy_crosses_the_boundary_and_arithmetic_names_real_dtypes():
+    # Before: float32 torch tensors passed silently, bfloat16 ones were "the suite raised TypeError".
+    rep = _report("odd_backends:TorchTensors", "lora_forward[random, *]")
+    assert not rep.by_status("pass", "error")
+    assert all(
+        r.message.startswith("lora_forward: y = Tensor, expected a numpy array (")
+        for r in rep.by_status("fail")
+    )
+    # Before: every test "raised TypeError: data type 'fp32' not understood", blamed on the suite.
+    rep = _report("odd_backends:BadArithmetic", "lora_forward[random, float32]")
+    (r,) = rep.by_status("fail")
+    assert r.message.startswith(
+        "lora_forward: arithmetic() = TypeError: data type 'fp32' not understood, expected a reflora.bounds"
+    )
