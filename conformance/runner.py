@@ -181,7 +181,9 @@ def run_test(ctx: Context, test: Test, profile: profiles.Profile, seed: int, bun
     except Declined as d:
         result.status, result.reason, result.declined = "unsupported", str(d), 1
     except Mismatch as m:
-        result.hypothesis = list(getattr(m, "__notes__", []))
+        # hypothesis' advice to decorate "your test function" is for its own users: replay instead
+        notes = getattr(m, "__notes__", [])
+        result.hypothesis = [n for n in notes if "@reproduce_failure" not in n]
         _save(m, ctx, profile.name, seed, bundle_dir, result.hypothesis)
         result.status, result.message, result.bundle, result.replay = "fail", m.message(), m.bundle, m.replay
     except Exception as exc:  # the suite could not run the test: report it, do not hide it
@@ -242,6 +244,12 @@ def _deviation_warnings(results: list[TestResult], entries: list[_deviations.Dev
             warnings.append(f"deviation {d.test!r} ({d.source}) matches no test id of the suite")
             continue
         ran = [r for r in results if d.matches(r.id)]
+        hits = sum(d.matches(i) for i in all_ids)
+        if hits > len(all_ids) // 2:  # a blanket: it would declare any failure in most of the suite
+            warnings.append(
+                f"deviation {d.test!r} ({d.source}) matches {hits} of {len(all_ids)} test ids: it "
+                "declares any failure there, whatever it is; name the tests it is about"
+            )
         if ran and not any(r.status == "declared" for r in ran):
             warnings.append(
                 f"deviation {d.test!r} ({d.source}) matched {len(ran)} tests, none of which failed"

@@ -121,3 +121,16 @@ def test_patterns_are_literal_but_for_the_star():
     assert not match("dequantize_4bit[random, float32]")  # anchored at both ends
     assert deviations.pattern_regex("*[*.*]").match("lora_merge[x.y]")
     assert not deviations.pattern_regex("a.c").match("abc")
+
+
+def test_a_blanket_entry_warns_that_it_declares_anything(tmp_path):
+    # test = "*" turned 30 failures into PASS with no word of warning (a third-party-author audit).
+    path = tmp_path / "deviations.toml"
+    path.write_text('[[deviation]]\ntest = "*"\nreason = "everything"\n')
+    rep = _run(TiesUp(), deviations.load(path), tmp_path)
+    assert rep.ok and rep.by_status("declared")
+    n = len(runner.tests())
+    assert rep.warnings == [
+        f"deviation '*' ({path}) matches {n} of {n} test ids: it declares any failure there, whatever it "
+        "is; name the tests it is about"
+    ]
