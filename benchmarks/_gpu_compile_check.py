@@ -40,7 +40,7 @@ from reflora.backends.torch.quant_state import TorchQuantState
 # The modules, not the functions of the same names that the package re-exports.
 _common, dequant, gemv, lowrank, nf4_gemm, qlora_mod = (
     importlib.import_module(f"reflora.backends.triton.{m}")
-    for m in ("_common", "dequant", "gemv", "lowrank", "nf4_gemm", "qlora")
+    for m in ("_common", "dequant", "gemv", "lowrank", "gemm", "qlora")
 )
 
 _PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.uint8: "*u8"}
@@ -126,14 +126,14 @@ def _record(run) -> list:
     try:
         for m, n, fn in saved:
             setattr(m, n, Recorder(fn, calls))
-        for m in (_common, dequant, gemv, lowrank, nf4_gemm):
+        for m in (_common, dequant, gemv, lowrank, nf4_gemm, qlora_mod):
             if hasattr(m, "check_device"):
                 m.check_device = lambda *t: None  # meta tensors stand in for CUDA ones
         run()
     finally:
         for m, n, fn in saved:
             setattr(m, n, fn)
-        for m in (_common, dequant, gemv, lowrank, nf4_gemm):
+        for m in (_common, dequant, gemv, lowrank, nf4_gemm, qlora_mod):
             if hasattr(m, "check_device"):
                 m.check_device = saved_check
     return calls

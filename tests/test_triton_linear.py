@@ -43,11 +43,11 @@ from reflora.backends.triton import (  # noqa: E402
     reset_launch_counts,
 )
 from reflora.backends.triton.backend import TritonBackend  # noqa: E402
+from reflora.backends.triton.gemm import GemmConfig  # noqa: E402
+from reflora.backends.triton.gemm import default_config as gemm_default  # noqa: E402
 from reflora.backends.triton.gemv import GemvConfig  # noqa: E402
 from reflora.backends.triton.gemv import default_config as gemv_default  # noqa: E402
 from reflora.backends.triton.lowrank import LowRankConfig  # noqa: E402
-from reflora.backends.triton.nf4_gemm import GemmConfig  # noqa: E402
-from reflora.backends.triton.nf4_gemm import default_config as gemm_default  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -467,3 +467,77 @@ def test_bad_inputs_raise_clear_errors():
         nf4_gemm(x, ts, mask=torch.ones(3, 8, device=DEVICE))
     with pytest.raises(ValueError, match="must be 2-D"):
         nf4_matmul(x, dataclasses.replace(ts, shape=(512,)))
+
+
+def test_more_bad_inputs_raise_clear_errors_not_garbage():
+    """Found by an audit of the public API: each of these ran (wrongly) or failed deep inside Triton."""
+    from reflora.backends.triton import dequantize_nf4
+
+    ts, _ = make_weight(8, 64)
+    x = torch.zeros(3, 64, device=DEVICE)
+    a, b = torch.zeros(2, 64, device=DEVICE), torch.zeros(8, 2, device=DEVICE)
+    for bad, kind in (
+        (float("nan"), ValueError),
+        (math.inf, ValueError),
+        ("0.5", TypeError),
+        (True, TypeError),
+    ):
+        with pytest.raises(kind, match="scaling must be"):
+            qlora_linear(x, ts, a, b, bad)
+    with pytest.raises(TypeError, match="not differentiated"):
+        qlora_linear(x, ts, a, b, torch.tensor(0.5, requires_grad=True))
+    with pytest.raises(ValueError, match="A and B come together"):
+        qlora_linear(x, ts, None, b, 0.5, dropout_mask=torch.zeros(3, 64, device=DEVICE))
+    with pytest.raises(ValueError, match="one device"):  # an empty batch is checked like any other
+        qlora_linear(x[:0], ts, a, b, 0.5, bias=torch.zeros(8, device="meta"))
+    with pytest.raises(ValueError, match=r"state\.code is on meta, state\.packed on"):
+        qlora_linear(x, dataclasses.replace(ts, code=ts.code.to("meta")), a, b, 0.5)
+    with pytest.raises(ValueError, match="dtype must be float32, float16 or bfloat16, got 'float8'"):
+        dequantize_nf4(ts, "float8")
+    with pytest.raises(ValueError, match="expected a TorchQuantState, got QuantState"):
+        dequantize_nf4(ts.to_state())
+    for make, words in [
+        (lambda: GemmConfig(16, 16, 16, group_m=0), "group_m must be an int >= 1"),
+        (lambda: GemmConfig(bm=24, bp=16, bq=16), "bm must be a power of two >= 16"),
+        (lambda: GemmConfig(bm=8, bp=16, bq=16), "bm must be a power of two >= 16"),
+        (lambda: GemvConfig(bn=8, bk=48), "bk must be a power of two >= 2"),
+        (lambda: LowRankConfig(bp=16, bq=16, bk=24), "bk must be a power of two >= 16"),
+    ]:
+        with pytest.raises(ValueError, match=words):
+            make()
+    with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
+        lowrank_matmul(
+            torch.zeros(3, 4, dtype=torch.float64, device=DEVICE), torch.zeros(4, 2, device=DEVICE)
+        )
+    empty = lowrank_matmul(torch.ones(3, 0, device=DEVICE), torch.ones(0, 2, device=DEVICE))
+    assert empty.shape == (3, 2) and not empty.any()  # an empty sum, not a ZeroDivisionError
+
+
+def test_an_output_beyond_int32_reach_is_refused_before_launch():
+    # x passes its own reach check (one row, broadcast), but y = (M, 4096) would need offsets >= 2**31:
+    # the store offsets wrapped negative (out-of-bounds writes on a GPU).
+    ts, _ = make_weight(4096, 64)
+    m = 2**31 // 4096 + 1
+    x = torch.zeros(1, 64, device=DEVICE).expand(m, 64)
+    with pytest.raises(ValueError, match=r"the output .* elements; the kernels index with int32"):
+        nf4_matmul(x, ts, use_gemv=False)
+
+
+def test_second_derivatives_raise_rather_than_come_out_wrong():
+    ts, _ = make_weight(8, 64)
+    x = torch.randn(3, 64, device=DEVICE, requires_grad=True)
+    a = torch.randn(2, 64, device=DEVICE, requires_grad=True)
+    b = torch.randn(8, 2, device=DEVICE, requires_grad=True)
+    with pytest.raises(RuntimeError, match="differentiable once"):  # before: 97% off, silently
+        torch.autograd.grad(qlora_linear(x, ts, a, b, 0.5).sum(), x, create_graph=True)
+    (gx,) = torch.autograd.grad(qlora_linear(x, ts, a, b, 0.5).sum(), x)  # once is fine
+    assert gx.shape == x.shape
+
+
+def test_the_package_exports_the_functions_whatever_was_imported_first():
+    # The launcher module was also called nf4_gemm: once qlora.py imported it, the package attribute
+    # `nf4_gemm` was that module, and `from reflora.backends.triton import nf4_gemm` gave the module.
+    import reflora.backends.triton as package
+    import reflora.backends.triton.qlora  # noqa: F401
+
+    assert callable(package.nf4_gemm) and package.nf4_gemm.__module__ == "reflora.backends.triton.gemm"

@@ -29,7 +29,7 @@ _EXPORTS = {
     "GEMV_MAX_M": "gemv",
     "nf4_gemv": "gemv",
     "lowrank_matmul": "lowrank",
-    "nf4_gemm": "nf4_gemm",
+    "nf4_gemm": "gemm",
     "LinearConfig": "qlora",
     "nf4_matmul": "qlora",
     "qlora_linear": "qlora",

@@ -90,7 +90,7 @@ def check_float(name: str, t: torch.Tensor, ndim: int | None = None) -> None:
     if ndim is not None and t.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
     reach = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride(), strict=True))
-    if reach >= 2**31 or t.numel() >= 2**31:
+    if reach >= 2**31 or t.numel() >= 2**31:  # an empty tensor reaches nothing: sum of -stride terms
         raise ValueError(f"{name} spans {reach + 1} elements; the kernels index with int32 (< 2**31)")
 
 
@@ -154,6 +154,15 @@ def check_state(ts: TorchQuantState, *, matrix: bool) -> None:
                 f"state.{field} must be a contiguous 1-D {dtype} tensor of {size} elements, got "
                 f"{t.dtype} shape {tuple(t.shape)} strides {t.stride()}"
             )
+        if t.device != ts.packed.device:
+            raise ValueError(f"state.{field} is on {t.device}, state.packed on {ts.packed.device}")
+
+
+def check_power_of_two(owner: str, **sizes: int) -> None:
+    """ValueError unless every size is a power of two at least its minimum (``name=(value, minimum)``)."""
+    for name, (value, least) in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < least or value & (value - 1):
+            raise ValueError(f"{owner}.{name} must be a power of two >= {least}, got {value!r}")
 
 
 def state_args(ts: TorchQuantState) -> tuple:

@@ -159,6 +159,10 @@ def dequantize(ts: TorchQuantState, dtype: torch.dtype | str | None = None) -> t
     dtype: output dtype (torch dtype or "float32"/"float16"/"bfloat16"); default ``ts.dtype``.
     Returns a new tensor of shape ``ts.shape``: ``dtype(f32(code[q] * absmax))`` for every element.
     """
-    out_dtype = ts.dtype if dtype is None else torch_dtype(dtype)
+    check_state(ts, matrix=False)  # before ts.device: a numpy QuantState is named as such
+    try:
+        out_dtype = ts.dtype if dtype is None else torch_dtype(dtype)
+    except (KeyError, TypeError):
+        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}") from None
     out = torch.empty(ts.shape, dtype=out_dtype, device=ts.device)
     return dequantize_launch(ts, out)

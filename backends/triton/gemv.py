@@ -28,6 +28,7 @@ from reflora.backends.triton._common import (
     bias_operand,
     check_device,
     check_float,
+    check_power_of_two,
     check_state,
     check_table,
     launch_options,
@@ -150,6 +151,7 @@ class GemvConfig:
 
     def __post_init__(self):
         check_table(self.table)
+        check_power_of_two("GemvConfig", bn=(self.bn, 1), bk=(self.bk, 2), num_warps=(self.num_warps, 1))
 
 
 def default_config(m: int, n: int, k: int) -> GemvConfig:

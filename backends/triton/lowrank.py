@@ -35,6 +35,8 @@ import triton.language as tl
 from reflora.backends.triton._common import (
     INTERPRET,
     check_device,
+    check_float,
+    check_power_of_two,
     launch_options,
     load_f32,
     next_pow2,
@@ -111,6 +113,12 @@ class LowRankConfig:
     split: int = 1
     num_warps: int = 4
 
+    def __post_init__(self):
+        check_power_of_two("LowRankConfig", bp=(self.bp, 16), bq=(self.bq, 16), bk=(self.bk, 16),
+                           num_warps=(self.num_warps, 1))  # fmt: skip
+        if isinstance(self.split, bool) or not isinstance(self.split, int) or self.split < 1:
+            raise ValueError(f"LowRankConfig.split must be an int >= 1, got {self.split!r}")
+
 
 def default_config(p: int, q: int, k: int) -> LowRankConfig:
     """Heuristic tiles: the rank side padded to a power of two, the long side in 64s (GPU) or 16s
@@ -144,9 +152,8 @@ def lowrank_matmul(
     config: tiles and reduction splits; default :func:`default_config`.
     Returns a new contiguous float32 tensor.
     """
-    for name, t in (("left", left), ("right", right)):
-        if not isinstance(t, torch.Tensor) or t.ndim != 2 or not t.dtype.is_floating_point:
-            raise ValueError(f"{name} must be a 2-D float tensor, got {getattr(t, 'shape', t)}")
+    check_float("left", left, ndim=2)
+    check_float("right", right, ndim=2)
     p, kr = left.shape
     if right.shape[0] != kr:
         raise ValueError(f"left {tuple(left.shape)} and right {tuple(right.shape)} do not chain")
@@ -159,6 +166,8 @@ def lowrank_matmul(
         if mask.shape != target.shape or not mask.dtype.is_floating_point:
             raise ValueError(f"mask must be a float tensor of shape {tuple(target.shape)}, got {mask.shape}")
     check_device(left, right, mask)
+    if p == 0 or q == 0 or kr == 0:  # nothing to multiply; an empty sum is 0
+        return torch.zeros((p, q), dtype=torch.float32, device=left.device)
     cfg = config or default_config(p, q, kr)
     split = max(1, min(cfg.split, triton.cdiv(kr, cfg.bk)))
     k_per_split = triton.cdiv(triton.cdiv(kr, split), cfg.bk) * cfg.bk

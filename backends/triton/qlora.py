@@ -19,15 +19,17 @@ orientation with scaling * (u A) * mask in the epilogue, and ``lowrank`` twice f
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
 
 from reflora.backends.torch.quant_state import TorchQuantState
-from reflora.backends.triton._common import check_float, check_state
+from reflora.backends.triton._common import check_device, check_float, check_state
+from reflora.backends.triton.gemm import GemmConfig, nf4_gemm
 from reflora.backends.triton.gemv import GEMV_MAX_M, GemvConfig, nf4_gemv
 from reflora.backends.triton.lowrank import LowRankConfig, lowrank_matmul
-from reflora.backends.triton.nf4_gemm import GemmConfig, nf4_gemm
 
 __all__ = ["LinearConfig", "nf4_matmul", "qlora_linear"]
 
@@ -80,6 +82,11 @@ class _NF4LinearFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
+        if torch.is_grad_enabled():  # create_graph=True: the kernels' gradients carry no graph
+            raise RuntimeError(
+                "the Triton QLoRA layer is differentiable once: its gradients are kernel outputs without "
+                "a graph, so a second derivative (create_graph=True) would silently drop terms"
+            )
         x2, a, b, mask, t = ctx.saved_tensors
         cfg: LinearConfig = ctx.cfg
         need_x, need_a, need_b, need_bias = ctx.needs_input_grad[:4]
@@ -115,12 +122,31 @@ class _NF4LinearFn(torch.autograd.Function):
         return grad_x, grad_a, grad_b, grad_bias, None, None
 
 
+def _check_scaling(scaling) -> float:
+    """``scaling`` as a float: a finite real number (a one-element tensor without a gradient included)."""
+    if isinstance(scaling, torch.Tensor):
+        if scaling.numel() != 1 or scaling.requires_grad:
+            raise TypeError("scaling must be a number (a one-element tensor without requires_grad: it is "
+                            f"not differentiated), got a tensor of shape {tuple(scaling.shape)}")  # fmt: skip
+        scaling = scaling.item()
+    if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
+        raise TypeError(f"scaling must be a real number, got {scaling!r}")
+    value = float(scaling)
+    if not math.isfinite(value):
+        raise ValueError(f"scaling must be finite, got {value}")
+    return value
+
+
 def _apply(x, ts, a, b, scaling, bias, mask, cfg_overrides):
     check_state(ts, matrix=True)
     check_float("x", x)
     n, k = ts.shape
     if x.ndim == 0 or x.shape[-1] != k:
         raise ValueError(f"x must have shape (..., {k}) for W {ts.shape}, got {tuple(x.shape)}")
+    if (a is None) != (b is None) or (a is None and mask is not None):
+        raise ValueError("A and B come together, and dropout_mask needs them (it applies to the LoRA branch)")
+    # Every operand's device, checked before the empty-batch path returns, as for any other x.
+    check_device(x, ts.packed, a, b, bias, mask)
     if a is not None:
         check_float("A", a, ndim=2)
         check_float("B", b, ndim=2)
@@ -139,7 +165,7 @@ def _apply(x, ts, a, b, scaling, bias, mask, cfg_overrides):
     # reshape is a view when the strides allow it and a copy otherwise; the kernels take any strides.
     x2 = x.reshape(-1, k)
     mask2 = None if mask is None else mask.reshape(-1, k)
-    cfg = LinearConfig(weight=ts, scaling=float(scaling), **cfg_overrides)
+    cfg = LinearConfig(weight=ts, scaling=_check_scaling(scaling) if a is not None else 0.0, **cfg_overrides)
     y = _NF4LinearFn.apply(x2, a, b, bias, mask2, cfg)
     return y.reshape(*lead, n)
 

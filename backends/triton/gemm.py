@@ -36,6 +36,7 @@ from reflora.backends.triton._common import (
     bias_operand,
     check_device,
     check_float,
+    check_power_of_two,
     check_state,
     check_table,
     dot_operand,
@@ -216,6 +217,12 @@ class GemmConfig:
 
     def __post_init__(self):
         check_table(self.table)
+        check_power_of_two("GemmConfig", bm=(self.bm, 16), bp=(self.bp, 16), bq=(self.bq, 16),
+                           num_warps=(self.num_warps, 1))  # fmt: skip
+        if isinstance(self.group_m, bool) or not isinstance(self.group_m, int) or self.group_m < 1:
+            raise ValueError(f"GemmConfig.group_m must be an int >= 1, got {self.group_m!r}")
+        if isinstance(self.num_stages, bool) or not isinstance(self.num_stages, int) or self.num_stages < 1:
+            raise ValueError(f"GemmConfig.num_stages must be an int >= 1, got {self.num_stages!r}")
 
 
 def default_config(m: int, p: int, q: int, blocksize: int) -> GemmConfig:
@@ -268,6 +275,10 @@ def nf4_gemm(
     bias = bias_operand(bias, p)
     check_device(a, ts.packed, None if lora is None else l_t, None if lora is None else rt, mask, bias)
 
+    if m * p >= 2**31:  # the kernel's store offsets rm * P + rp are int32
+        raise ValueError(
+            f"the output ({m}, {p}) has {m * p} elements; the kernels index with int32 (< 2**31)"
+        )
     cfg = config or default_config(m, p, q, ts.blocksize)
     w_cols = cfg.bp if transposed else cfg.bq  # the W-tile width along W's columns
     out = torch.empty((m, p), dtype=a.dtype, device=a.device)
