@@ -33,7 +33,7 @@ from reflora.conformance.bundle import save
 from reflora.conformance.dialect import get as get_dialect
 from reflora.conformance.findings import Findings
 from reflora.conformance.mismatch import Declined, Mismatch
-from reflora.conformance.properties import Context, run_check
+from reflora.conformance.properties import Context, _arithmetic, run_check
 from reflora.conformance.replay import replay_command
 from reflora.conformance.strategies import INPUT_RULES, InputRules
 from reflora.conformance.suite import DTYPES, OPS, Test, tests
@@ -88,6 +88,9 @@ class Report:
     findings_lines: list[str]
     warnings: list[str]
     seconds: float
+    # What the backend declared for each LoRA op it supports: the arithmetic every BOUND tolerance of
+    # that op is derived from ("op dtype" -> Arithmetic fields, or why it could not be had).
+    arithmetic: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -305,7 +308,32 @@ def run_backend(
     if not patterns or any(p.match("quantize_4bit[random, float32]") for p in patterns):
         findings.natural(profile.natural_elements, DTYPES)
     return Report(spec, getattr(backend, "name", spec), dialect.name, profile.name, seed, results,
-                  findings.as_list(), findings.lines(), warnings, time.perf_counter() - start)  # fmt: skip
+                  findings.as_list(), findings.lines(), warnings, time.perf_counter() - start,
+                  _declared_arithmetic(ctx, {(t.op, t.dtype) for t in chosen}))  # fmt: skip
+
+
+def _declared_arithmetic(ctx: Context, cells: set[tuple[str, str]]) -> dict[str, Any]:
+    declared = {}
+    for op in OPS:
+        for dtype in DTYPES:
+            if (op, dtype) not in cells or not op.startswith(("lora", "qlora")):
+                continue
+            if ctx.backend.supports(op, dtype) is not True:
+                continue
+            try:
+                declared[f"{op} {dtype}"] = asdict(_arithmetic(ctx, op, dtype))
+            except Mismatch as m:
+                declared[f"{op} {dtype}"] = m.message().splitlines()[0]
+    return declared
+
+
+def _arithmetic_lines(report: Report) -> list[str]:
+    """One line per distinct declaration, with the cells that share it."""
+    groups: dict[str, list[str]] = {}
+    for cell, a in report.arithmetic.items():
+        text = a if isinstance(a, str) else ", ".join(f"{k} {v}" for k, v in a.items())
+        groups.setdefault(text, []).append(cell)
+    return [f"{text}: {'; '.join(cells)}" for text, cells in groups.items()]
 
 
 def unusable(backend: Any) -> str | None:
@@ -442,6 +470,9 @@ def matrix_text(report: Report) -> str:
         lines += [f"  {r.id}: {r.message}" for r in partial]
     if report.warnings:
         lines += ["", *(f"WARNING: {w}" for w in report.warnings)]
+    if report.arithmetic:
+        lines += ["", "Declared arithmetic (what the BOUND tolerances are derived from):"]
+        lines += [f"  {line}" for line in _arithmetic_lines(report)]
     lines += ["", f"Findings: dialect {report.dialect} vs canonical"]
     lines += [f"  {line}" for line in report.findings_lines] or ["  (no draws)"]
     return "\n".join(lines)
@@ -473,6 +504,8 @@ def markdown(reports: list[Report], unavailable: list[tuple[str, str]], seed: in
                 out += [f"- `{r.id}`" for r in results]
         if rep.warnings:
             out += ["", "### Warnings", "", *(f"- {w}" for w in rep.warnings)]
+        if rep.arithmetic:
+            out += ["", "### Declared arithmetic", "", *(f"- {line}" for line in _arithmetic_lines(rep))]
         out += ["", "### Findings", ""]
         if rep.findings:
             out += ["| sample | dtype | codes differ | rate (95% CI) | draws differing | scales differ "

@@ -79,3 +79,16 @@ def test_numpy_crosses_the_boundary_and_arithmetic_names_real_dtypes():
     assert r.message.startswith(
         "lora_forward: arithmetic() = TypeError: data type 'fp32' not understood, expected a reflora.bounds"
     )
+
+
+def test_the_report_shows_the_arithmetic_each_bound_was_derived_from():
+    rep = _report("torch", "lora_forward[random, bfloat16]", "lora_merge[random, float32]")
+    assert sorted(rep.arithmetic) == ["lora_forward bfloat16", "lora_merge float32"]
+    fwd = rep.arithmetic["lora_forward bfloat16"]
+    assert (fwd["operand"], fwd["accumulate"], fwd["output"]) == ("bfloat16", "float32", "bfloat16")
+    assert rep.arithmetic["lora_merge float32"]["output"] == "float32"
+    assert rep.as_dict()["arithmetic"] == rep.arithmetic
+    text = runner.matrix_text(rep)
+    assert "Declared arithmetic (what the BOUND tolerances are derived from):" in text
+    assert "accumulate float32, intermediate bfloat16, output bfloat16" in text
+    assert "### Declared arithmetic" in runner.markdown([rep], [], 0, "ci")
