@@ -175,7 +175,8 @@ def _differences(actual: np.ndarray, expected: np.ndarray, bad: np.ndarray) -> l
     a, e = _as64(actual), _as64(expected)
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         diff = np.where(bad, np.abs(a - e), 0.0)
-        rel = np.where(bad & (e != 0), diff / np.abs(e), 0.0)
+        # as numpy.testing: a difference from an expected 0 is infinitely large, relatively
+        rel = np.where(bad, np.where(e != 0, diff / np.abs(e), np.where(diff > 0, np.inf, 0.0)), 0.0)
     if np.isfinite(diff).all() and diff.size:
         i = _argmax(diff)
         lines.append(f"Max absolute difference: {diff[i]:.3g} at {fmt_index(i) or '[]'}")

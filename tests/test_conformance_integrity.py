@@ -5,6 +5,7 @@ before the fix)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from reflora import backends, cli
@@ -92,3 +93,15 @@ def test_the_report_shows_the_arithmetic_each_bound_was_derived_from():
     assert "Declared arithmetic (what the BOUND tolerances are derived from):" in text
     assert "accumulate float32, intermediate bfloat16, output bfloat16" in text
     assert "### Declared arithmetic" in runner.markdown([rep], [], 0, "ci")
+
+
+def test_a_difference_from_an_expected_zero_reads_as_infinitely_large():
+    # A code of 7 where 0 was expected read "Max relative difference: 0" (a wrong nibble order, say).
+    from reflora.conformance.tolerances import _differences
+
+    actual, expected = np.array([7, 0, 3], np.uint8), np.array([0, 0, 3], np.uint8)
+    assert _differences(actual, expected, actual != expected) == [
+        "Mismatched elements: 1 / 3 (33.3%)",
+        "Max absolute difference: 7 at [0]",
+        "Max relative difference: inf at [0]",
+    ]
