@@ -16,7 +16,10 @@ relative to the file that defines the backend's class). The file is TOML::
 Keys of each ``[[deviation]]`` table: ``test`` (required), a test-id pattern in which ``*`` matches any
 run of characters and everything else is literal (brackets and commas included), matched against the
 whole id; ``reason`` (required), why the backend deviates; ``upstream`` (optional), an issue or a
-document that records it. Unknown keys are an error, so a typo cannot silently disable an entry.
+document that records it; ``output`` (optional), the output the deviation is in (``code``, ``absmax``,
+``grad_A``, ``result``, ... as the failure's first line names it): with it, a failure in another
+output of the same test is still a failure. Unknown keys are an error, so a typo cannot silently
+disable an entry.
 
 A failing test that matches an entry is reported as *declared* (listed with its reason and message,
 not counted as a failure). An entry that matches no test id of the suite draws a warning, and so does
@@ -34,7 +37,7 @@ from typing import Any
 
 __all__ = ["Deviation", "DeviationsError", "for_backend", "load", "pattern_regex"]
 
-_KEYS = {"test", "reason", "upstream"}
+_KEYS = {"test", "reason", "upstream", "output"}
 
 
 class DeviationsError(ValueError):
@@ -54,12 +57,17 @@ class Deviation:
     reason: str
     upstream: str = ""
     source: str = ""
+    output: str = ""  # "": any output of the matching tests
 
-    def matches(self, test_id: str) -> bool:
+    def matches(self, test_id: str, output: str | None = None) -> bool:
+        """Whether the entry covers ``test_id`` (and, when both name one, a failure in ``output``)."""
+        if self.output and output is not None and output != self.output:
+            return False
         return bool(pattern_regex(self.test).match(test_id))
 
     def as_dict(self) -> dict[str, str]:
-        return {"test": self.test, "reason": self.reason, "upstream": self.upstream, "source": self.source}
+        return {"test": self.test, "reason": self.reason, "upstream": self.upstream, "source": self.source,
+                "output": self.output}  # fmt: skip
 
 
 def load(path: str | Path) -> list[Deviation]:
@@ -87,10 +95,10 @@ def load(path: str | Path) -> list[Deviation]:
         for key in ("test", "reason"):
             if not isinstance(entry.get(key), str) or not entry[key].strip():
                 raise DeviationsError(f"{where}: '{key}' must be a non-empty string")
-        upstream = entry.get("upstream", "")
-        if not isinstance(upstream, str):
-            raise DeviationsError(f"{where}: 'upstream' must be a string")
-        out.append(Deviation(entry["test"], entry["reason"].strip(), upstream, str(path)))
+        upstream, output = entry.get("upstream", ""), entry.get("output", "")
+        if not isinstance(upstream, str) or not isinstance(output, str):
+            raise DeviationsError(f"{where}: 'upstream' and 'output' must be strings")
+        out.append(Deviation(entry["test"], entry["reason"].strip(), upstream, str(path), output.strip()))
     return out
 
 

@@ -72,6 +72,7 @@ class TestResult:
     replay: str | None = None
     hypothesis: list[str] = field(default_factory=list)
     deviation: dict | None = None
+    output: str = ""  # the output a failure is in ("suite" for an error of the suite itself)
 
 
 @dataclass
@@ -189,8 +190,9 @@ def run_test(ctx: Context, test: Test, profile: profiles.Profile, seed: int, bun
         result.hypothesis = [n for n in notes if "@reproduce_failure" not in n]
         _save(m, ctx, profile.name, seed, bundle_dir, result.hypothesis)
         result.status, result.message, result.bundle, result.replay = "fail", m.message(), m.bundle, m.replay
+        result.output = m.output
     except Exception as exc:  # the suite could not run the test: report it, do not hide it
-        result.status = "error"
+        result.status, result.output = "error", "suite"
         result.message = f"{test.id}: the suite raised {type(exc).__name__}: {exc}\n" + traceback.format_exc()
         if "inputs" in last:
             m = Mismatch(test.op, "suite", None, type(exc).__name__, "no error", "internal error")
@@ -233,7 +235,7 @@ def _declare(results: list[TestResult], entries: list[_deviations.Deviation]) ->
     """Mark each failure that matches a known deviation as declared."""
     for r in results:
         if r.status in FAILED:
-            hit = next((d for d in entries if d.matches(r.id)), None)
+            hit = next((d for d in entries if d.matches(r.id, r.output)), None)
             if hit is not None:
                 r.status, r.deviation = "declared", hit.as_dict()
 

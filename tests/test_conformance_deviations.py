@@ -134,3 +134,19 @@ def test_a_blanket_entry_warns_that_it_declares_anything(tmp_path):
         f"deviation '*' ({path}) matches {n} of {n} test ids: it declares any failure there, whatever it "
         "is; name the tests it is about"
     ]
+
+
+def test_an_entry_with_an_output_declares_only_failures_in_that_output(tmp_path):
+    # Without `output`, an entry declared any failure of its tests: a second bug there was hidden.
+    failed = {r.id for r in _run(TiesUp(), [], tmp_path).by_status("fail")}
+    for output, declared in (("absmax", set()), ("code", failed)):
+        path = tmp_path / f"{output}.toml"
+        path.write_text(f'[[deviation]]\ntest = "{TIES}"\nreason = "ties"\noutput = "{output}"\n')
+        (entry,) = deviations.load(path)
+        assert entry.output == output
+        rep = _run(TiesUp(), [entry], tmp_path)
+        assert {r.id for r in rep.by_status("declared")} == declared
+        assert {r.id for r in rep.by_status("fail")} == failed - declared
+    path.write_text(f'[[deviation]]\ntest = "{TIES}"\nreason = "ties"\noutput = 3\n')
+    with pytest.raises(deviations.DeviationsError, match="'output' must be"):
+        deviations.load(path)
