@@ -26,10 +26,10 @@ from reflora.backends.triton import (
     reset_launch_counts,
 )
 from reflora.backends.triton.backend import TritonBackend
-from reflora.backends.triton.gemv import GemvConfig
-from reflora.backends.triton.gemv import default_config as gemv_config
 from reflora.backends.triton.gemm import GemmConfig
 from reflora.backends.triton.gemm import default_config as gemm_config
+from reflora.backends.triton.gemv import GemvConfig
+from reflora.backends.triton.gemv import default_config as gemv_config
 from reflora.state import NestedState, QuantState
 
 QUANTILES = [0.5, 0.2, 0.8]

@@ -32,8 +32,8 @@ from torch import nn
 
 from reflora.backends.torch.modules import (
     NF4Linear,
+    _check_targets,
     _matches,
-    _no_match_error,
     _quantize_layer,
     _set_submodule,
     lora_modules,
@@ -72,19 +72,8 @@ def quantize_model(
     bases) are left alone: quantize those through ``apply_lora(quantize=...)``. progress: as for
     :func:`.modules.apply_lora`; a target that matches no layer to quantize is a ValueError, as there.
     Returns the paths replaced."""
-    if isinstance(target_modules, str):
-        names = [target_modules]
-    elif target_modules is not None:
-        names = list(target_modules)
-        if not names or not all(isinstance(t, str) and t for t in names):
-            raise ValueError(f"target_modules must be a regex or a non-empty list of names, got {names!r}")
-    else:
-        names = []
-    for t in names:
-        if not any(
-            _matches(n, t if isinstance(target_modules, str) else [t]) for n, _ in model.named_modules()
-        ):
-            raise _no_match_error(t, model)
+    if target_modules is not None:
+        target_modules = _check_targets(target_modules, model)
     wrapped = tuple(f"{n}." for n in lora_modules(model))
     chosen = [
         n

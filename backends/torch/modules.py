@@ -541,6 +541,24 @@ def _all_linear(model: nn.Module) -> list[str]:
     return [n for n in _linear_names(model) if model.get_submodule(n) is not head]
 
 
+def _check_targets(target_modules: Sequence[str] | str, model: nn.Module) -> list[str] | str:
+    """``target_modules`` (a regex, or a list of names) after checking its form and that each name,
+    or the regex, matches some module of ``model`` (ValueError naming the linear layers otherwise)."""
+    if isinstance(target_modules, str):
+        if not any(_matches(n, target_modules) for n, _ in model.named_modules()):
+            raise _no_match_error(target_modules, model)
+        return target_modules
+    targets = list(target_modules)
+    if not targets or not all(isinstance(t, str) and t for t in targets):
+        raise ValueError(
+            f"target_modules must be a regex or a non-empty list of names, got {target_modules!r}"
+        )
+    for t in targets:
+        if not any(_matches(n, [t]) for n, _ in model.named_modules()):
+            raise _no_match_error(t, model)
+    return targets
+
+
 def _no_match_error(target: str, model: nn.Module) -> ValueError:
     names = _linear_names(model)
     leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
@@ -616,19 +634,8 @@ def apply_lora(
         targets: list[str] | str = _all_linear(model)
         if not targets:
             raise _no_match_error(target_modules, model)
-    elif isinstance(target_modules, str):
-        targets = target_modules
-        if not any(_matches(n, targets) for n, _ in model.named_modules()):
-            raise _no_match_error(target_modules, model)
     else:
-        targets = list(target_modules)
-        if not targets or not all(isinstance(t, str) and t for t in targets):
-            raise ValueError(
-                f"target_modules must be a regex or a non-empty list of names, got {target_modules!r}"
-            )
-        for t in targets:
-            if not any(_matches(n, [t]) for n, _ in model.named_modules()):
-                raise _no_match_error(t, model)
+        targets = _check_targets(target_modules, model)
     if all_linear:
         chosen = [(n, model.get_submodule(n)) for n in targets]  # exactly these, recorded by full path
     else:

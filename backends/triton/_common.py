@@ -90,7 +90,7 @@ def check_float(name: str, t: torch.Tensor, ndim: int | None = None) -> None:
     if ndim is not None and t.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
     reach = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride(), strict=True))
-    if reach >= 2**31 or t.numel() >= 2**31:  # an empty tensor reaches nothing: sum of -stride terms
+    if reach >= 2**31 or t.numel() >= 2**31:
         raise ValueError(f"{name} spans {reach + 1} elements; the kernels index with int32 (< 2**31)")
 
 
@@ -156,6 +156,13 @@ def check_state(ts: TorchQuantState, *, matrix: bool) -> None:
             )
         if t.device != ts.packed.device:
             raise ValueError(f"state.{field} is on {t.device}, state.packed on {ts.packed.device}")
+
+
+def check_positive_int(owner: str, **values: int) -> None:
+    """ValueError unless every value is an int >= 1 (True is not)."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{owner}.{name} must be an int >= 1, got {value!r}")
 
 
 def check_power_of_two(owner: str, **sizes: int) -> None:

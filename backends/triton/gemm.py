@@ -36,6 +36,7 @@ from reflora.backends.triton._common import (
     bias_operand,
     check_device,
     check_float,
+    check_positive_int,
     check_power_of_two,
     check_state,
     check_table,
@@ -219,10 +220,7 @@ class GemmConfig:
         check_table(self.table)
         check_power_of_two("GemmConfig", bm=(self.bm, 16), bp=(self.bp, 16), bq=(self.bq, 16),
                            num_warps=(self.num_warps, 1))  # fmt: skip
-        if isinstance(self.group_m, bool) or not isinstance(self.group_m, int) or self.group_m < 1:
-            raise ValueError(f"GemmConfig.group_m must be an int >= 1, got {self.group_m!r}")
-        if isinstance(self.num_stages, bool) or not isinstance(self.num_stages, int) or self.num_stages < 1:
-            raise ValueError(f"GemmConfig.num_stages must be an int >= 1, got {self.num_stages!r}")
+        check_positive_int("GemmConfig", group_m=self.group_m, num_stages=self.num_stages)
 
 
 def default_config(m: int, p: int, q: int, blocksize: int) -> GemmConfig:

@@ -36,6 +36,7 @@ from reflora.backends.triton._common import (
     INTERPRET,
     check_device,
     check_float,
+    check_positive_int,
     check_power_of_two,
     launch_options,
     load_f32,
@@ -116,8 +117,7 @@ class LowRankConfig:
     def __post_init__(self):
         check_power_of_two("LowRankConfig", bp=(self.bp, 16), bq=(self.bq, 16), bk=(self.bk, 16),
                            num_warps=(self.num_warps, 1))  # fmt: skip
-        if isinstance(self.split, bool) or not isinstance(self.split, int) or self.split < 1:
-            raise ValueError(f"LowRankConfig.split must be an int >= 1, got {self.split!r}")
+        check_positive_int("LowRankConfig", split=self.split)
 
 
 def default_config(p: int, q: int, k: int) -> LowRankConfig:

@@ -19,8 +19,6 @@ orientation with scaling * (u A) * mask in the epilogue, and ``lowrank`` twice f
 
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +28,7 @@ from reflora.backends.triton._common import check_device, check_float, check_sta
 from reflora.backends.triton.gemm import GemmConfig, nf4_gemm
 from reflora.backends.triton.gemv import GEMV_MAX_M, GemvConfig, nf4_gemv
 from reflora.backends.triton.lowrank import LowRankConfig, lowrank_matmul
+from reflora.lora import _check_scaling as check_scaling
 
 __all__ = ["LinearConfig", "nf4_matmul", "qlora_linear"]
 
@@ -123,18 +122,14 @@ class _NF4LinearFn(torch.autograd.Function):
 
 
 def _check_scaling(scaling) -> float:
-    """``scaling`` as a float: a finite real number (a one-element tensor without a gradient included)."""
+    """``scaling`` as a float: the oracle's rule (:func:`reflora.lora._check_scaling`: a finite real
+    number), a one-element tensor without a gradient included."""
     if isinstance(scaling, torch.Tensor):
         if scaling.numel() != 1 or scaling.requires_grad:
             raise TypeError("scaling must be a number (a one-element tensor without requires_grad: it is "
                             f"not differentiated), got a tensor of shape {tuple(scaling.shape)}")  # fmt: skip
         scaling = scaling.item()
-    if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
-        raise TypeError(f"scaling must be a real number, got {scaling!r}")
-    value = float(scaling)
-    if not math.isfinite(value):
-        raise ValueError(f"scaling must be finite, got {value}")
-    return value
+    return check_scaling(scaling)
 
 
 def _apply(x, ts, a, b, scaling, bias, mask, cfg_overrides):
