@@ -22,7 +22,8 @@ Rules (names as in :class:`reflora.state.NestedState`):
    c/absmax2 *down* by more than (c + offset)/absmax2, which is the block's own absmax a in units of
    absmax2. Rounding moves a value by at most half a gap of the map, a fraction of the value, so only a
    block with a < offset/2 can flip (a < 0.099 * offset when offset/absmax2 is in [0.01, 0.1)), and only
-   in a group with absmax2 > 0.99296874 * offset: one holding an outlier scale. :func:`negative_scales`
+   in a group with absmax2 > offset / 0.99296874 (code2's most negative value is -0.99296874, so
+   code2[q] * absmax2 >= -offset otherwise): one holding an outlier scale. :func:`negative_scales`
    finds such blocks; :func:`reflora.nf4.quantize` warns with :class:`NegativeScaleWarning`.
    docs/spec.md ("Negative rebuilt scales") has the derivation and measured cases.
 """

@@ -20,7 +20,8 @@ The canonical rules, each a guarantee of :func:`quantize` and :func:`dequantize`
 * **Packing**: element 2j in the high nibble, element 2j+1 in the low nibble; an odd n pads the last
   low nibble with the zero code (7 for NF4, 0 for FP4).
 * **Dequantize**: ``out = dtype(f32(code[q] * absmax))``: one float32 multiply, then one
-  round-to-nearest-even conversion to the output dtype. A zero block gives +0.0. (Converting a float32
+  round-to-nearest-even conversion to the output dtype. A zero block gives +0.0 (-0.0 where double
+  quantization rebuilds its scale negative). (Converting a float32
   state to float16 may overflow to inf, as any such conversion does.)
 * **Double quantization** of absmax: :mod:`reflora.double_quant`. Some block scales can rebuild
   negative (its rule 5), flipping those blocks' signs: :func:`quantize` then warns with
