@@ -167,6 +167,11 @@ def conform(
         print(f"{rep.verdict} {rep.backend}: {counts}{len(rep.by_status('pass'))} passed, "
               f"{declared} declared, {len(rep.by_status('unsupported'))} unsupported, {rep.seconds:.1f} s",
               file=out)  # fmt: skip
+    saved = [r for rep in reports for r in rep.results if r.bundle]
+    if saved:
+        declared = sum(r.status == "declared" for r in saved)
+        print(f"Counterexamples saved in {bundle_dir}/: {len(saved) - declared} of failures, {declared} of "
+              "declared deviations (`reflora replay FILE` runs one again)", file=out)  # fmt: skip
     if unwritten:
         print(unwritten, file=err)
         return 2

@@ -37,6 +37,7 @@ def test_conform_passes_reference_and_prints_seed_matrix_and_summary(capsys, tmp
     assert "PASS reference: 36 passed, 0 declared, 0 unsupported" in out
     assert "lora_merge       float32   pass 12/12" in err  # non-TTY progress: a line per op × dtype
     assert not list(tmp_path.iterdir())  # nothing failed, nothing saved
+    assert "Counterexamples saved" not in out
 
 
 def test_conform_fails_a_mutant_with_message_bundle_and_replay_line(capsys, tmp_path):
@@ -50,6 +51,7 @@ def test_conform_fails_a_mutant_with_message_bundle_and_replay_line(capsys, tmp_
     bundles = sorted(tmp_path.glob("*.npz"))
     assert bundles and all(f"Bundle: {b}" in out for b in bundles)
     assert f"Reproduce: reflora replay {bundles[0]} --backend mutants:TiesUp" in out
+    assert f"Counterexamples saved in {tmp_path}/: {len(bundles)} of failures, 0 of declared" in out
 
 
 def test_json_and_markdown_reports(capsys, tmp_path):
