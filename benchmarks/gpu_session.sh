@@ -10,7 +10,12 @@
 #   harness  benchmarks/gpu.py at full size: ceilings, dequantize, GEMV, QLoRA MLP (JSON for benchmarks/results/)
 #   tiles    benchmarks/gpu.py --only tiles: candidate tiles for the MLP's GEMMs and the GEMV, each checked,
 #            timed beside the default (JSON too)
-#   audit    `reflora conform --profile audit --backend triton`, the kernels compiled for the GPU
+#   audit    `reflora conform --profile audit --backend triton`, the kernels compiled for the GPU, as the
+#            three phases below in turn (one device call may not fit all three: run them one a call)
+#   audit-dequant, audit-forward, audit-backward
+#            the audit profile's dequantize_4bit, qlora_forward or qlora_backward tests (the ops the Triton
+#            backend implements), each with its own JSON; seed $AUDIT_SEED (default 3133993599, the seed
+#            of the CPU backends' audit runs in docs/conformance.md, for a like-for-like comparison)
 #   conform  `reflora conform` (ci profile) on every backend, on CUDA: torch on the GPU, bitsandbytes' CUDA
 #            path held to the bnb-cuda dialect
 #   tests    the project's tests with TRITON_INTERPRET unset: Triton compiled, torch and bitsandbytes on CUDA
@@ -19,7 +24,7 @@
 # non-zero when any phase failed; every phase still runs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-phases="check harness tiles audit conform tests"
+phases="check harness tiles audit audit-dequant audit-forward audit-backward conform tests"
 [ $# -gt 0 ] || { echo "usage: gpu_session.sh PHASE... (phases: $phases)" >&2; exit 2; }
 for name in "$@"; do
     case " $phases " in
@@ -92,13 +97,24 @@ EOF
     return $rc
 }
 
+audit_op() {  # audit_op dequant|forward|backward: the audit profile on the tests of one op
+    local select
+    case $1 in
+        dequant) select="dequantize_4bit*" ;;
+        forward) select="qlora_forward*" ;;
+        backward) select="qlora_backward*" ;;
+    esac
+    phase "audit-$1" "$py" -m reflora conform --backend triton --profile audit --seed "${AUDIT_SEED:-3133993599}" \
+        -k "$select" --json "$out/conform-audit-triton-$1.json" --bundle-dir "$out/failures"
+}
+
 for name in "$@"; do
     case $name in
         check) phase check check ;;
         harness) phase harness "$py" benchmarks/gpu.py --out "$out" ;;
         tiles) phase tiles "$py" benchmarks/gpu.py --only tiles --out "$out" ;;
-        audit) phase audit "$py" -m reflora conform --backend triton --profile audit \
-            --json "$out/conform-audit-triton.json" --bundle-dir "$out/failures" ;;
+        audit) for op in dequant forward backward; do audit_op "$op"; done ;;
+        audit-dequant | audit-forward | audit-backward) audit_op "${name#audit-}" ;;
         conform) phase conform "$py" -m reflora conform --json "$out/conform-ci-cuda.json" \
             --bundle-dir "$out/failures" ;;
         tests)
