@@ -216,17 +216,29 @@ def _tie_cases() -> list[Case]:
 # ---- LoRA ----------------------------------------------------------------------------------------------
 
 
+def _positive(rng, shape, scale, dt) -> np.ndarray:
+    """Values in [scale/2, scale] of dtype dt: sums of them never cancel."""
+    return round_to(rng.uniform(0.5, 1.0, shape) * scale, dt)
+
+
 def _lora(op, n_in, out, r, lead=(3,), *, alpha=16.0, rslora=False, bias=False, p=None, fan=False,
           zero_B=False, views=(), check=None, mask_zero=False, blocksize=64, quant_type="nf4",
-          double_quant=False):  # fmt: skip
-    """A LoRA/QLoRA case builder: shapes, scaling and options; values from the case's generator."""
+          double_quant=False, positive=False):  # fmt: skip
+    """A LoRA/QLoRA case builder: shapes, scaling and options; values from the case's generator
+    (all positive with ``positive``)."""
 
     def build(dtype, rng):
         dt = as_dtype(dtype)
-        x = lora_values("normal", rng, (*lead, n_in), 1.0, dt)
-        W = lora_values("normal", rng, (out, n_in), 1 / math.sqrt(n_in), dt)
-        A = lora_values("uniform", rng, (r, n_in), 1 / math.sqrt(n_in), dt)
-        B = np.zeros((out, r), dtype=dt) if zero_B else lora_values("normal", rng, (out, r), 0.1, dt)
+        if positive:
+            x = _positive(rng, (*lead, n_in), 1.0, dt)
+            W = _positive(rng, (out, n_in), 1 / math.sqrt(n_in), dt)
+            A = _positive(rng, (r, n_in), 1 / math.sqrt(n_in), dt)
+            B = _positive(rng, (out, r), 1e-3, dt)  # s·x Aᵀ Bᵀ about 1% of x Wᵀ: the base path dominates
+        else:
+            x = lora_values("normal", rng, (*lead, n_in), 1.0, dt)
+            W = lora_values("normal", rng, (out, n_in), 1 / math.sqrt(n_in), dt)
+            A = lora_values("uniform", rng, (r, n_in), 1 / math.sqrt(n_in), dt)
+            B = np.zeros((out, r), dtype=dt) if zero_B else lora_values("normal", rng, (out, r), 0.1, dt)
         params = {"in": n_in, "out": out, "r": r, "alpha": alpha, "rslora": rslora,
                   "scaling": lora.scaling(alpha, r, rslora), "seed": 0}  # fmt: skip
         inputs = Inputs("", op, check or op, dtype, params=params)
@@ -288,6 +300,19 @@ def _lora_cases(op: str) -> list[Case]:
             Case(op, "transposed x and W", op, _lora(op, 24, 10, 4, lead=(7,), views=("x", "W"))),
         ]
     if forward:
+        # A long sum that does not cancel: random draws keep in <= 512 and signed values, whose error
+        # is far below the bound. Here x, W, A and B are all positive and in = 4096, so the bound is
+        # close to the worst case and 16-bit accumulation, or split-K partial sums combined in 16 bits,
+        # exceeds it (in bfloat16: by 107x, and by 3.2x for 64-wide chunks; tests/test_bounds.py). Four
+        # rows and eight outputs keep it cheap under TRITON_INTERPRET=1 (about 2.5 s a dtype).
+        cases.append(
+            Case(
+                op,
+                "in 4096, all positive (no cancellation)",
+                op,
+                _lora(op, 4096, 8, 4, lead=(4,), positive=True),
+            )
+        )
         cases += [
             Case(op, "x 1-D", op, _lora(op, 24, 10, 4, lead=())),
             Case(op, "bias", op, _lora(op, 24, 10, 4, bias=True)),

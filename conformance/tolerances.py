@@ -44,6 +44,7 @@ __all__ = [
     "expect_bits",
     "expect_bound",
     "expect_equal",
+    "expect_interval",
     "expect_ulp",
     "markdown_table",
     "offset_bound",
@@ -304,6 +305,35 @@ def expect_bound(
         j = _argmax(ratio)
         summary.append(f"Max |Δ| / bound: {ratio[j]:.3g} at {fmt_index(j) or '[]'}")
     raise Mismatch(op, output, i, fmt_value(a[i]), fmt_value(r[i]), why, context, summary)
+
+
+def expect_interval(
+    op: str,
+    output: str,
+    actual: np.ndarray,
+    reference: np.ndarray,
+    lo: np.ndarray,
+    hi: np.ndarray,
+    context: dict,
+    source: str,
+) -> None:
+    """BOUND as an interval: same shape; wherever [lo, hi] is not (-inf, inf), ``actual`` lies in it
+    (a NaN never does). ``reference`` (reflora's own result) is what a failure shows as expected; lo and
+    hi come from the unrounded float64 value and the model's error before its last rounding
+    (:func:`reflora.bounds.merge_interval`), so they allow no ulp that the model does not."""
+    actual = np.asarray(actual)
+    if actual.dtype.kind != "f" and actual.dtype != bfloat16:
+        raise Mismatch(op, f"{output}.dtype", None, str(actual.dtype), "a float dtype", "BOUND", context)
+    expect_equal(op, f"{output}.shape", tuple(actual.shape), tuple(np.shape(reference)), context)
+    a, r, lo, hi = _as64(actual), _as64(reference), _as64(lo), _as64(hi)
+    with np.errstate(invalid="ignore"):
+        known = ~(np.isneginf(lo) & np.isposinf(hi))
+        bad = known & ~((lo <= a) & (a <= hi))  # NaN fails
+    if not bad.any():
+        return
+    i = _first(bad)
+    why = f"outside [{fmt_value(lo[i])}, {fmt_value(hi[i])}], {source}"
+    raise Mismatch(op, output, i, fmt_value(a[i]), fmt_value(r[i]), why, context, _differences(a, r, bad))
 
 
 def offset_bound(absmax: np.ndarray, offset_dtype: np.dtype | str) -> tuple[float, float]:

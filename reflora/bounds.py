@@ -34,6 +34,7 @@ so each LoRA bound below is its computation model written as code.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -54,6 +55,7 @@ __all__ = [
     "lora_forward_bound",
     "matmul_bound",
     "merge_bound",
+    "merge_interval",
     "merge_roundtrip_bound",
     "overflow_threshold",
     "quant_error_bound",
@@ -145,20 +147,26 @@ def rounding_bound(v: np.ndarray, dtype) -> np.ndarray:
 @dataclass(frozen=True)
 class _Fmt:
     """A rounding step: unit roundoff u (times a declared slack), the absolute error η of a rounding in
-    the subnormal range, that of an addition (0 with gradual underflow), and the overflow threshold."""
+    the subnormal range, that of an addition (0 with gradual underflow), and the overflow threshold.
+    dot_input: for an accumulation format, the rounding every matmul operand gets first (None: none)."""
 
     u: float
     eta: float
     add_eta: float
     threshold: float
+    dot_input: _Fmt | None = None
 
 
 def _fmt(dtype, slack: float = 1.0, flush_to_zero: bool = False) -> _Fmt:
-    u, threshold = slack * unit_roundoff(dtype), overflow_threshold(dtype)
+    if isinstance(dtype, str) and dtype == "tfloat32":  # float32's exponent range, 10 fraction bits: p = 11
+        u, eta, tiny = slack * 2.0**-11, slack * 2.0**-137, _tiny("float32")
+        threshold = math.ldexp(1.0 - 2.0**-12, 128)
+    else:
+        u, eta = slack * unit_roundoff(dtype), slack * underflow_eta(dtype)
+        tiny, threshold = _tiny(dtype), overflow_threshold(dtype)
     if flush_to_zero:  # a result below the smallest normal number may become 0: it errs by less than that
-        tiny = float(ml_dtypes.finfo(_dtype(dtype)).smallest_normal)
         return _Fmt(u, tiny, tiny, threshold)
-    return _Fmt(u, slack * underflow_eta(dtype), 0.0, threshold)
+    return _Fmt(u, eta, 0.0, threshold)
 
 
 def _theta(counts: tuple[tuple[float, int], ...]) -> float:
@@ -175,6 +183,9 @@ def _plus(a: tuple, b: tuple) -> tuple:
     return tuple(sorted(merged.items()))
 
 
+_U64 = 2.0**-53
+
+
 @dataclass(frozen=True)
 class _Tracked:
     """A computed array v̂ of exact value v, known to satisfy v̂ = Σ_g Σ_{τ in g} τ·Π_τ(1+δ) + E with
@@ -183,16 +194,33 @@ class _Tracked:
         for each (u, n) in counts, and Σ_{τ in g} |τ| <= abs_g elementwise (abs_g is the group's
         absolute-value expression);
     eta: |E| <= eta elementwise (subnormal errors with everything that multiplies them downstream);
-    overflow: True where some rounding on the way may have overflowed (then nothing is known).
+    overflow: True where some rounding on the way may have overflowed (then nothing is known);
+    value: v evaluated in float64 along the same operations (signed), for :meth:`magnitude`.
     """
 
     groups: tuple
     eta: np.ndarray
     overflow: np.ndarray
+    value: np.ndarray
+
+    def rounded_part(self) -> np.ndarray:
+        """An upper bound of |v̂ - E| = |Σ τ·Π_τ(1+δ)|: Σ_g abs_g·(1 + θ_g)."""
+        return sum(a * (1 + _theta(c)) for c, a in self.groups)
+
+    def abs_bound(self) -> np.ndarray:
+        """An upper bound of |v̂| from the absolute values alone; it also bounds every partial sum of
+        an accumulation of v̂ in any order."""
+        return self.rounded_part() + self.eta
 
     def magnitude(self) -> np.ndarray:
-        """An upper bound of |v̂|."""
-        return sum(a * (1 + _theta(c)) for c, a in self.groups) + self.eta
+        """An upper bound of |v̂|: :meth:`abs_bound`, or where v cancels the smaller
+        |value| + |value - v| + |v̂ - v|. value is v in float64 along the same operations, each path
+        rounded at most as often as its total count N here, so |value - v| <= Σ_g γ_N(u64)·abs_g + eta
+        (its underflow terms are among those of v̂, float64's η being the smallest)."""
+        via_value = np.abs(self.value) + self.eta * 2
+        for c, a in self.groups:
+            via_value = via_value + (_theta(c) + gamma(sum(n for _, n in c), _U64)) * a
+        return np.fmin(self.abs_bound(), via_value * _SELF)  # fmin: a float64 inf or NaN value is no help
 
     def error(self) -> np.ndarray:
         """An upper bound of |v̂ - v|: Σ_g θ(counts_g)·abs_g + eta, inf where it may have overflowed."""
@@ -201,49 +229,92 @@ class _Tracked:
 
     @property
     def T(self) -> _Tracked:
-        return _Tracked(tuple((c, a.T) for c, a in self.groups), self.eta.T, self.overflow.T)
+        return _Tracked(tuple((c, a.T) for c, a in self.groups), self.eta.T, self.overflow.T, self.value.T)
 
     def negated(self) -> _Tracked:
-        return self  # -v̂ has the same paths, counts and absolute values
+        return _Tracked(self.groups, self.eta, self.overflow, -self.value)  # same paths, counts and |τ|
 
 
-def _exact(v) -> _Tracked:
-    v = np.abs(np.asarray(v, dtype=np.float64))
-    return _Tracked((((), v),), np.zeros_like(v), np.zeros(v.shape, dtype=bool))
+def _exact(v, eta=0.0) -> _Tracked:
+    """An input: its value exactly, or up to ``eta`` (elementwise) where it may be read differently."""
+    v = np.asarray(v, dtype=np.float64)
+    a = np.abs(v)
+    return _Tracked((((), a),), np.zeros_like(a) + eta, np.zeros(a.shape, dtype=bool), v)
+
+
+def _tiny(dtype) -> float:
+    """The smallest positive normal number of dtype."""
+    return float(ml_dtypes.finfo(_dtype(dtype)).smallest_normal)
+
+
+def _spacing(v: np.ndarray, dtype) -> np.ndarray:
+    """Elementwise, the distance from |v| to the next larger number of dtype (float64)."""
+    fi = ml_dtypes.finfo(_dtype(dtype))
+    _, e = np.frexp(np.abs(v))  # |v| = m·2^e, 0.5 <= m < 1: the spacing in that binade is 2^(e - 1 - nmant)
+    return np.maximum(np.ldexp(1.0, e - 1 - int(fi.nmant)), float(fi.smallest_subnormal))
+
+
+def _input(v, daz: float = 0.0, ulps: int = 0, dtype="float32") -> _Tracked:
+    """An operand (float64 holding a number of the operand dtype), exact except where a backend may read
+    it differently: a dequantized weight ``ulps`` steps of ``dtype`` away (:func:`dequant_ulps`), an
+    error below e = ulps·spacing(|v|); and, under denormals-are-zero, a value below ``daz`` (the
+    smallest normal number of the arithmetic) read as 0, an error of |v|."""
+    v = np.asarray(v, dtype=np.float64)
+    e = ulps * _spacing(v, dtype) if ulps else np.zeros_like(v)
+    return _exact(v, np.where(np.abs(v) - e < daz, np.maximum(np.abs(v), e), e))
 
 
 def _round(p: _Tracked, f: _Fmt) -> _Tracked:
     """fl(v̂) = v̂(1 + δ) + η: one more factor on every path, E grows by (1 + u) and gains η."""
     overflow = p.overflow | (p.magnitude() >= f.threshold)
     groups = tuple((_plus(c, ((f.u, 1),)), a) for c, a in p.groups)
-    return _Tracked(groups, p.eta * (1 + f.u) + f.eta, overflow)
+    return _Tracked(groups, p.eta * (1 + f.u) + f.eta, overflow, p.value)
 
 
 def _mul(p: _Tracked, q: _Tracked, acc: _Fmt) -> _Tracked:
     """Elementwise (broadcast) product rounded in acc. (R_p + E_p)(R_q + E_q) = R_p R_q + E', with
-    |E'| <= E_p·|R_q| + |R_p|·E_q + E_p·E_q and |R| bounded by magnitude - eta."""
-    mp, mq = p.magnitude() - p.eta, q.magnitude() - q.eta
+    |E'| <= E_p·|R_q| + |R_p|·E_q + E_p·E_q and |R| bounded by rounded_part."""
+    mp, mq = p.rounded_part(), q.rounded_part()
     groups = tuple((_plus(cp, cq), ap * aq) for cp, ap in p.groups for cq, aq in q.groups)
     eta = p.eta * mq + mp * q.eta + p.eta * q.eta
-    return _round(_Tracked(groups, eta, p.overflow | q.overflow), acc)
+    return _round(_Tracked(groups, eta, p.overflow | q.overflow, p.value * q.value), acc)
 
 
-def _matmul(p: _Tracked, q: _Tracked, acc: _Fmt) -> _Tracked:
-    """p (n, K) @ q (K, m) accumulated in acc, in any order: K products each rounded, summed by a
-    binary tree of K - 1 additions, so every path gains at most K factors (:func:`matmul_bound`)."""
+def _matmul(p: _Tracked, q: _Tracked, acc: _Fmt, leaves: tuple[_Tracked, ...] = ()) -> _Tracked:
+    """p (n, K) @ q (K, m) accumulated in acc, in any order, with each of ``leaves`` (values of the
+    result's shape, computed before: a low-rank term, a bias) one more leaf of the same sum.
+
+    The summation is a tree over K' = K + len(leaves) leaves (:func:`matmul_bound`): a product path
+    gains at most K' factors (its product's rounding and K' - 1 adders), a leaf's path at most K' - 1.
+    A kernel may start its accumulator from a leaf, or add partial sums into an output that holds one:
+    every order is a tree. With ``acc.dot_input`` each operand is first rounded to that format."""
+    if acc.dot_input is not None:
+        p, q = _round(p, acc.dot_input), _round(q, acc.dot_input)
     k = p.eta.shape[-1]
-    mp, mq = p.magnitude() - p.eta, q.magnitude() - q.eta
-    groups = tuple(
-        (_plus(_plus(cp, cq), ((acc.u, k),)), ap @ aq) for cp, ap in p.groups for cq, aq in q.groups
-    )
-    underflow = k * acc.eta + max(k - 1, 0) * acc.add_eta  # K products and K - 1 additions
-    eta = (p.eta @ mq + mp @ q.eta + p.eta @ q.eta + underflow) * (1 + gamma(k, acc.u))
+    n = k + len(leaves)
+    mp, mq = p.rounded_part(), q.rounded_part()
+    groups: dict = {}
+    for cp, ap in p.groups:
+        for cq, aq in q.groups:
+            c = _plus(_plus(cp, cq), ((acc.u, n),))
+            groups[c] = groups.get(c, 0) + ap @ aq
+    underflow = k * acc.eta + (n - 1) * acc.add_eta  # K products and K' - 1 additions
+    eta = (p.eta @ mq + mp @ q.eta + p.eta @ q.eta + underflow) * (1 + gamma(n, acc.u))
     # inf·0 is NaN, so an overflowed operand poisons its whole row or column, whatever it meets.
     overflow = (p.overflow.any(axis=-1, keepdims=True) | q.overflow.any(axis=0, keepdims=True)) & np.ones(
         eta.shape, dtype=bool
     )
-    result = _Tracked(groups, eta, overflow)
-    return _Tracked(groups, eta, overflow | (result.magnitude() >= acc.threshold))
+    value = p.value @ q.value
+    for leaf in leaves:
+        for c, a in leaf.groups:
+            c = _plus(c, ((acc.u, n - 1),))
+            groups[c] = groups.get(c, 0) + a
+        eta = eta + leaf.eta * (1 + gamma(n - 1, acc.u))
+        overflow = overflow | leaf.overflow
+        value = value + leaf.value
+    result = _Tracked(tuple(groups.items()), eta, overflow, value)
+    # A partial sum may exceed the final |v| where v cancels: only abs_bound bounds them all.
+    return _Tracked(result.groups, eta, overflow | (result.abs_bound() >= acc.threshold), value)
 
 
 def _add(p: _Tracked, q: _Tracked, acc: _Fmt) -> _Tracked:
@@ -251,7 +322,8 @@ def _add(p: _Tracked, q: _Tracked, acc: _Fmt) -> _Tracked:
     groups: dict = {}
     for c, a in (*p.groups, *q.groups):
         groups[c] = groups.get(c, 0) + a
-    return _round(_Tracked(tuple(groups.items()), p.eta + q.eta, p.overflow | q.overflow), acc)
+    summed = _Tracked(tuple(groups.items()), p.eta + q.eta, p.overflow | q.overflow, p.value + q.value)
+    return _round(summed, acc)
 
 
 def _final(p: _Tracked, f: _Fmt, value: np.ndarray) -> _Tracked:
@@ -264,7 +336,7 @@ def _final(p: _Tracked, f: _Fmt, value: np.ndarray) -> _Tracked:
     """
     overflow = p.overflow | (p.magnitude() >= f.threshold)
     groups = tuple((c, a * (1 + f.u)) for c, a in p.groups)
-    return _Tracked(groups, p.eta * (1 + f.u) + f.u * value + f.eta, overflow)
+    return _Tracked(groups, p.eta * (1 + f.u) + f.u * value + f.eta, overflow, p.value)
 
 
 def final_rounding_bound(error, value, dtype) -> np.ndarray:
@@ -295,21 +367,28 @@ def matmul_bound(
     multi-input adders) is a tree whose K leaves are the p_i and whose inner nodes are adders. Model an
     adder of z_1..z_k as returning Σ z_j (1 + δ_j) with |δ_j| <= u: round to nearest satisfies it with
     one shared δ; any adder whose error is at most u·Σ|z_j| satisfies it too (put δ_j = e·sign(z_j)/Σ|z|);
-    an adder that truncates satisfies it with 2u (declare slack=2). Every adder merges at least two
-    subtrees, so a leaf lies below at most K - 1 adders, and a_i b_i carries at most K factors. By the
-    Lemma, |fl(a·b) - a·b| <= γ_K Σ|a_i b_i| + Σ|η_i|(1 + γ_K). A fused multiply-add skips the product's
+    an adder that truncates satisfies it with 2u (declare slack=2). An adder of k inputs whose error is
+    at most (k - 1)·u·Σ|z_j| counts as k - 1 adders (|δ_j| <= (k - 1)u, and 1 + (k - 1)u <= (1 + u)^(k-1)):
+    a tensor core that truncates its aligned addends and its sum errs by less than 2(k - 1)u·Σ|z_j|,
+    slack 2 (docs/bounds.md §3). A tree over K leaves merges Σ_adders (k - 1) = K - 1 times, so a leaf
+    meets at most K - 1 factors, and a_i b_i carries at most K. By the Lemma,
+    |fl(a·b) - a·b| <= γ_K Σ|a_i b_i| + Σ|η_i|(1 + γ_K). A fused multiply-add skips the product's
     rounding: fewer factors, same bound. Partial sums stay below the final absolute-value bound, so
     the result is inf (no bound) only where that bound reaches the overflow threshold.
 
     ``flush_to_zero`` (CUDA's --use_fast_math): a subnormal product or sum may become 0, an absolute
     error below the smallest normal number, and additions lose their exactness there; the underflow
-    term becomes (2K - 1)·tiny·(1 + γ_K), tiny the smallest normal number of the dtype.
+    term becomes (2K - 1)·tiny·(1 + γ_K), tiny the smallest normal number of the dtype. Subnormal
+    operands may be read as 0 too (denormals-are-zero): an operand below tiny carries an error of |a_i|.
     """
-    pa, pb = _exact(np.asarray(a, dtype=np.float64)), _exact(np.asarray(b, dtype=np.float64))
+    daz = _tiny(accumulate) if flush_to_zero else 0.0
+    pa, pb = _input(a, daz), _input(b, daz)
     return _matmul(pa, pb, _fmt(accumulate, slack, flush_to_zero)).error()
 
 
 # ---- How a backend computes ------------------------------------------------------------------------
+
+_DOT_INPUTS = ("tfloat32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -322,15 +401,24 @@ class Arithmetic:
     intermediate: the dtype intermediate tensors are stored in (PEFT stores x Aᵀ in bf16 before the
         product with Bᵀ; a fused kernel that keeps it in registers has intermediate = accumulate).
     output: the dtype of the results.
-    acc_slack: each accumulation step errs by at most acc_slack·u_accumulate relative to the sum of
-        the absolute values of its inputs: 1 for round to nearest, 2 for truncation.
-    flush_to_zero: subnormal results (of any step) may be flushed to zero, as CUDA's fast-math mode
-        does: every underflow error grows from half the smallest subnormal to the smallest normal.
+    acc_slack: each rounding of the matmul unit (an accumulation step; a ``dot_input`` rounding) errs
+        by at most acc_slack·u relative to the sum of the absolute values of its inputs: 1 for round
+        to nearest, 2 for truncation and for a tensor core's multi-input adders (docs/bounds.md §3).
+    flush_to_zero: subnormal results (of any step) may be flushed to zero and subnormal operands read
+        as zero, as CUDA's fast-math mode does: every underflow error grows from half the smallest
+        subnormal to the smallest normal, and an operand below the smallest normal number of
+        ``accumulate`` carries an error of its own magnitude.
     fused: one accumulator per result, rounded to output once (a fused kernel's epilogue): the forward
         adds x Wᵀ, the bias and the low-rank term in ``accumulate`` and stores y once (no rounding of
         x Wᵀ + bias to output first), grad_x likewise adds g W and the masked low-rank term, and
         x ⊙ mask stays in ``accumulate``. Each result's single output rounding is then bounded
         relative to the exact value (:func:`final_rounding_bound`), not per path.
+    dequant_ulps: for the QLoRA ops, how many steps of ``operand`` the backend's dequantized base
+        weight may lie from reflora's (:func:`dequant_ulps`; 0: bit for bit).
+    dot_input: None, or the format every operand of a matrix product is rounded to before it is
+        multiplied: "tfloat32" (float32's exponent range, 10 fraction bits, u = 2^-11; Triton's default
+        for float32 ``tl.dot``, cuBLAS with TF32 allowed), "bfloat16" or "float16" (autocast). One
+        rounding of at most acc_slack·u (to nearest; Triton's TF32 truncates: slack 2).
     """
 
     operand: str = "float32"
@@ -340,23 +428,38 @@ class Arithmetic:
     acc_slack: float = 1.0
     flush_to_zero: bool = False
     fused: bool = False
+    dequant_ulps: int = 0
+    dot_input: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("operand", "accumulate", "intermediate", "output"):
             object.__setattr__(self, name, _dtype(getattr(self, name)).name)
         if not (self.acc_slack >= 1 and math.isfinite(self.acc_slack)):
             raise ValueError(f"acc_slack must be a finite number >= 1, got {self.acc_slack}")
+        if not (isinstance(self.dequant_ulps, int) and self.dequant_ulps >= 0):
+            raise ValueError(f"dequant_ulps must be an int >= 0, got {self.dequant_ulps!r}")
+        if self.dot_input is not None:
+            name = self.dot_input if self.dot_input == "tfloat32" else _dtype(self.dot_input).name
+            if name not in _DOT_INPUTS:
+                raise ValueError(f"dot_input must be None or one of {_DOT_INPUTS}, got {self.dot_input!r}")
+            object.__setattr__(self, "dot_input", name)
 
     def formats(self) -> tuple[_Fmt, _Fmt, _Fmt, _Fmt]:
-        """(acc, mid, op, out) rounding steps."""
+        """(acc, mid, op, out) rounding steps; acc carries the dot_input rounding, if any."""
         ftz = self.flush_to_zero
         acc = _fmt(self.accumulate, self.acc_slack, ftz)
+        if self.dot_input is not None:
+            acc = dataclasses.replace(acc, dot_input=_fmt(self.dot_input, self.acc_slack, ftz))
         return (
             acc,
             _fmt(self.intermediate, 1.0, ftz),
             _fmt(self.operand, 1.0, ftz),
             _fmt(self.output, 1.0, ftz),
         )
+
+    def _read(self, v, ulps: int = 0) -> _Tracked:
+        """An operand as this arithmetic reads it (:func:`_input`)."""
+        return _input(v, _tiny(self.accumulate) if self.flush_to_zero else 0.0, ulps, self.operand)
 
 
 REFERENCE = Arithmetic("float64", "float64", "float64", "float64")
@@ -378,28 +481,61 @@ def _to_mid(v: _Tracked, ar: Arithmetic, mid: _Fmt) -> _Tracked:
     return v if ar.fused and ar.intermediate == ar.accumulate else _round(v, mid)
 
 
+# The scaling s may be applied anywhere along a low-rank chain: to x or g first, between the two
+# products, or last. The rounding counts are the same wherever it is (one rounding of s, one of the
+# product, one store), but the underflow terms are not: an η made before s is multiplied by |s|, and
+# the η of the scaling itself by whatever follows it. The models apply s last (_scale), multiply every
+# η made before by max(1, |s|), and give each earlier point of the chain where s could be applied the
+# room for its rounding and its overflow (_may_scale).
+
+
+def _may_scale(v: _Tracked, s: float, ar: Arithmetic) -> _Tracked:
+    """v̂, a point of a low-rank chain where a backend may apply s instead of last: its rounding's η
+    (in acc, then stored in mid) may arise here, and s·v̂, or a partial sum of a product with it,
+    may overflow here."""
+    acc, mid, _, _ = ar.formats()
+    big = max(1.0, abs(s))
+    overflow = v.overflow | (big * v.magnitude() >= min(acc.threshold, mid.threshold))
+    overflow |= big * v.abs_bound() >= acc.threshold
+    return _Tracked(v.groups, v.eta + acc.eta + mid.eta, overflow, v.value)
+
+
+def _scale(p: _Tracked, s: float, ar: Arithmetic) -> _Tracked:
+    """[acc]([acc](s)·v̂), s applied last to a low-rank chain's v̂, its underflow terms multiplied by
+    max(1, |s|) instead of |s| (they may have arisen after s); a product with s applied earlier has
+    partial sums up to |s| times those of v̂."""
+    acc = ar.formats()[0]
+    sa = _round(ar._read(s), acc)
+    factor = max(1.0, float(sa.magnitude()))
+    groups = tuple((_plus(c, cs), a * a_s) for c, a in p.groups for cs, a_s in sa.groups)
+    eta = p.eta * factor + p.rounded_part() * sa.eta  # as _mul, E_p·|s| + E_p·E_s <= E_p·factor
+    overflow = p.overflow | (factor * p.abs_bound() >= acc.threshold)
+    return _round(_Tracked(groups, eta, overflow, p.value * s), acc)
+
+
 def _forward_model(x, W, A, B, s, bias, mask, ar: Arithmetic, value=None) -> _Tracked:
     acc, mid, op, out = ar.formats()
-    xt = _exact(x)
+    xt = ar._read(x)
+    W_T = ar._read(W, ar.dequant_ulps).T
     if mask is None:
         x_d = xt
     elif ar.fused:
-        x_d = _mul(xt, _exact(mask), acc)  # [acc](x ⊙ mask), kept in the accumulator
+        x_d = _mul(xt, ar._read(mask), acc)  # [acc](x ⊙ mask), kept in the accumulator
     else:
-        x_d = _round(_mul(xt, _exact(mask), acc), op)  # [op](x ⊙ mask)
-    t = _to_mid(_matmul(x_d, _exact(A.T), acc), ar, mid)  # (N, r) = [mid](x_d Aᵀ), K = in
-    z = _to_mid(_matmul(t, _exact(B.T), acc), ar, mid)  # (N, out) = [mid](t Bᵀ), K = r
-    lora = _to_mid(_mul(z, _round(_exact(s), acc), acc), ar, mid)  # [mid]([acc](s)·z)
-    if ar.fused:  # one accumulator: [out]([acc]([acc](x Wᵀ + lora) + bias)), the rounding relative to |y|
-        b = np.zeros(W.shape[0]) if bias is None else bias
-        y = _add(_add(_matmul(xt, _exact(W.T), acc), lora, acc), _exact(b[None, :]), acc)
-        return _final(y, out, value)
-    base = _round(_matmul(xt, _exact(W.T), acc), out)  # [out](x Wᵀ), K = in
+        x_d = _round(_mul(xt, ar._read(mask), acc), op)  # [op](x ⊙ mask)
+    x_d = _may_scale(x_d, s, ar)
+    t = _may_scale(_to_mid(_matmul(x_d, ar._read(A).T, acc), ar, mid), s, ar)  # (N, r) = [mid](x_d Aᵀ)
+    z = _to_mid(_matmul(t, ar._read(B).T, acc), ar, mid)  # (N, out) = [mid](t Bᵀ), K = r
+    lora = _to_mid(_scale(z, s, ar), ar, mid)  # [mid][acc]([acc](s)·z)
+    b = () if bias is None else (ar._read(bias[None, :]),)
+    if ar.fused:  # one accumulator, x Wᵀ with the low-rank term and the bias as leaves of its sum
+        return _final(_matmul(xt, W_T, acc, (lora, *b)), out, value)
+    base = _round(_matmul(xt, W_T, acc, b), out)  # [out](x Wᵀ + bias), the bias a leaf of the sum, K = in + 1
     if bias is not None:
-        # [out]([acc](b + bias)): torch.nn.functional.linear rounds x Wᵀ before adding the bias when x
-        # is a non-contiguous N-D tensor (matmul, then add), and once when it is contiguous (addmm).
-        # Two roundings cover both, since a backend may round less often than its model.
-        base = _round(_add(base, _exact(bias[None, :]), acc), out)
+        # torch.nn.functional.linear rounds x Wᵀ before adding the bias when x is a non-contiguous N-D
+        # tensor (matmul, then add) and once when it is contiguous (addmm), whose split-K may start
+        # from the bias: the bias a leaf of the sum and two roundings to out cover both.
+        base = _round(base, out)
     return _round(_add(base, lora, acc), out)  # [out]([acc](base + lora))
 
 
@@ -412,25 +548,28 @@ def lora_forward_bound(x, W, A, B, scaling: float, arith: Arithmetic, *, bias=No
 
         x_d = [op][acc](x ⊙ mask)                 t = [mid](x_d Aᵀ)   accumulated, K = in
         z   = [mid](t Bᵀ)   accumulated, K = r     l = [mid][acc]([acc](s)·z)
-        b   = [out](x Wᵀ)   accumulated, K = in    then, with a bias, b = [out][acc](b + bias)
+        b   = [out](x Wᵀ)   accumulated, K = in    with a bias, b = [out][out](x Wᵀ + bias), K = in + 1
         y   = [out][acc](b + l)
 
-    (torch's linear adds the bias after rounding x Wᵀ for a non-contiguous N-D x, before it for a
-    contiguous one: the model has both roundings.) Paths and their roundings: base terms x_k W_ik:
-    in + 1 of acc and 2 of out, one more of each with a bias; the bias: 2 of acc, 2 of out; LoRA terms
-    s x_k m_k A_jk B_ij: in + r + 3 of acc (+1 with a mask), 3 of mid, 1 of out (+1 of op with a
-    mask). Hence, with θ from the Lemma,
+    A summation in any order (split-K too) of the K products and of terms added into the same
+    accumulation (the bias) is a tree over all of them (:func:`_matmul`). Paths and their roundings
+    (c = 1 with a bias, m = 1 with a mask): base terms x_k W_ik: in + 1 + c of acc and 2 + c of out;
+    the bias: in + 1 of acc, 3 of out; LoRA terms s x_k m_k A_jk B_ij: in + r + 3 + m of acc, 3 of mid,
+    1 of out (+m of op). Hence, with θ from the Lemma,
 
         |ŷ - y| <= θ_base·|x||W|ᵀ + θ_bias·|bias| + θ_lora·|s|·(|x_d||A|ᵀ)|B|ᵀ + E,
 
-    E the subnormal terms. The bound returned is that of the backend plus that of the reference
-    (the same model with every dtype float64), because |out - ref| <= |out - y| + |y - ref|.
+    E the subnormal terms, which allow the scaling anywhere along the low-rank chain (each η made
+    before it is multiplied by max(1, |s|)). The bound returned is that of the backend plus that of the
+    reference (the same model with every dtype float64), because |out - ref| <= |out - y| + |y - ref|.
 
-    With ``arith.fused`` the model is one accumulator, rounded once:
-    y = [out]([acc]([acc](x Wᵀ + l) + bias)) with x_d = [acc](x ⊙ mask) and no [out] on x Wᵀ; the last
-    rounding contributes u_out·|y| (:func:`final_rounding_bound`, |y| <= |ref| + the reference's
-    bound) instead of u_out on every path, and every path keeps the counts above minus its [out]
-    roundings.
+    With ``arith.fused`` the model is one accumulator, rounded once: y = [out](x Wᵀ + l + bias)
+    accumulated over K' = in + 1 + c leaves, x_d = [acc](x ⊙ mask). A kernel may start its accumulator
+    from l or the bias, or add split-K partial sums into an output that holds them, so every path
+    meets up to K' - 1 adders: x_k W_ik: in + 1 + c of acc; l: its own counts plus in + c; the bias:
+    in + 1. The last rounding contributes u_out·|y| (:func:`final_rounding_bound`, |y| <= |ref| + the
+    reference's bound) instead of u_out on every path. A declared ``dequant_ulps`` adds
+    |x|·(n·spacing(|W|))ᵀ to E.
     """
     from reflora import lora as _lora  # here, not at the top: reflora.lora imports this module
 
@@ -453,7 +592,7 @@ def lora_forward_bound(x, W, A, B, scaling: float, arith: Arithmetic, *, bias=No
 
 def _backward_model(g, x, W, A, B, s, mask, ar: Arithmetic, values=None, need_x: bool = True):
     acc, mid, op, out = ar.formats()
-    xt, gt = _exact(x), _exact(g)
+    xt, gt = ar._read(x), ar._read(g)
 
     def last(v: _Tracked, i: int) -> _Tracked:  # the one [out] of grad_x (0), grad_A (1), grad_B (2)
         return _final(v, out, values[i]) if ar.fused else _round(v, out)
@@ -461,35 +600,25 @@ def _backward_model(g, x, W, A, B, s, mask, ar: Arithmetic, values=None, need_x:
     def keep(v: _Tracked) -> _Tracked:  # x ⊙ mask and the masked low-rank term: [op], or kept in acc
         return v if ar.fused else _round(v, op)
 
-    def keep_mid(v: _Tracked) -> _Tracked:  # s·g: stored in mid, or kept in acc
+    def keep_mid(v: _Tracked) -> _Tracked:  # a low-rank product and its scaling: [mid], or kept in acc
         return v if ar.fused else _round(v, mid)
 
-    x_d = xt if mask is None else keep(_mul(xt, _exact(mask), acc))
-    t = _to_mid(_matmul(x_d, _exact(A.T), acc), ar, mid)  # (N, r), K = in
-    s_acc = _round(_exact(s), acc)
-    if ar.fused:
-        # The kernels apply the scaling last, to each accumulated product: the same number of roundings
-        # as scaling g first, but a subnormal rounding inside a product is then multiplied by |s|, which
-        # the underflow terms must carry (scaling first would under-count them when |s| > 1).
-        grad_t = _to_mid(_matmul(gt, _exact(B), acc), ar, mid)  # (N, r) = g B, unscaled, K = out
-        grad_B = last(_mul(_matmul(gt.T, t, acc), s_acc, acc), 2)  # (out, r) = [acc](s·gᵀ t), K = N
-        grad_A = last(_mul(_matmul(grad_t.T, x_d, acc), s_acc, acc), 1)  # (r, in) = s·(g B)ᵀ x_d
-        if not need_x:
-            return None, grad_A.error(), grad_B.error()
-        base = _matmul(gt, _exact(W), acc)  # (N, in) = g W, K = out, kept in the accumulator
-        lora = _mul(_matmul(grad_t, _exact(A), acc), s_acc, acc)  # (N, in) = [acc](s·(g B) A), K = r
-    else:
-        g_s = keep_mid(_mul(gt, s_acc, acc))  # (N, out) = [mid][acc](s·g)
-        grad_B = last(_matmul(g_s.T, t, acc), 2)  # (out, r), K = N
-        grad_t = _to_mid(_matmul(g_s, _exact(B), acc), ar, mid)  # (N, r), K = out
-        grad_A = last(_matmul(grad_t.T, x_d, acc), 1)  # (r, in), K = N
-        if not need_x:
-            return None, grad_A.error(), grad_B.error()
-        base = _round(_matmul(gt, _exact(W), acc), out)  # [out](g W), K = out
-        lora = _to_mid(_matmul(grad_t, _exact(A), acc), ar, mid)  # (N, in) = [mid](grad_t A), K = r
+    x_d = _may_scale(xt if mask is None else keep(_mul(xt, ar._read(mask), acc)), s, ar)
+    g_l = _may_scale(gt, s, ar)  # g as the low-rank chains see it: s may be applied to it first
+    t = _may_scale(_to_mid(_matmul(x_d, ar._read(A).T, acc), ar, mid), s, ar)  # (N, r), K = in
+    u = _may_scale(_to_mid(_matmul(g_l, ar._read(B), acc), ar, mid), s, ar)  # (N, r) = g B, K = out
+    grad_B = last(keep_mid(_scale(_matmul(g_l.T, t, acc), s, ar)), 2)  # (out, r) = s·gᵀ t, K = N
+    grad_A = last(keep_mid(_scale(_matmul(u.T, x_d, acc), s, ar)), 1)  # (r, in) = s·uᵀ x_d, K = N
+    if not need_x:
+        return None, grad_A.error(), grad_B.error()
+    lora = keep_mid(_scale(keep_mid(_matmul(u, ar._read(A), acc)), s, ar))  # (N, in) = s·(u A), K = r
     if mask is not None:
-        lora = keep(_mul(lora, _exact(mask), acc))
-    grad_x = last(_add(base, lora, acc), 0)
+        lora = keep(_mul(lora, ar._read(mask), acc))
+    W_ = ar._read(W, ar.dequant_ulps)
+    if ar.fused:  # one accumulator: g W with the low-rank term as a leaf of its sum, K' = out + 1
+        grad_x = last(_matmul(gt, W_, acc, (lora,)), 0)
+    else:  # [out]([acc]([out](g W) + lora)), K = out
+        grad_x = last(_add(_round(_matmul(gt, W_, acc), out), lora, acc), 0)
     return grad_x.error(), grad_A.error(), grad_B.error()
 
 
@@ -501,27 +630,27 @@ def lora_backward_bound(
     ``grad_x=False`` bx is None and the (N, out) x (out, in) products that only grad_x needs are
     skipped: grad_A and grad_B reduce over every row, so at full size they are the expensive checks.
 
-    The model, over the N flattened rows (g = grad_y):
+    The model, over the N flattened rows (g = grad_y), s applied last:
 
-        x_d = [op][acc](x ⊙ mask)        t = [mid](x_d Aᵀ), K = in     g_s = [mid][acc]([acc](s)·g)
-        grad_B = [out](g_sᵀ t), K = N     grad_t = [mid](g_s B), K = out
-        grad_A = [out](grad_tᵀ x_d), K = N
-        grad_x = [out][acc]( [out](g W) + [op][acc]([mid](grad_t A) ⊙ mask) ),  K = out and r
+        x_d = [op][acc](x ⊙ mask)        t = [mid](x_d Aᵀ), K = in     u = [mid](g B), K = out
+        grad_B = [out][mid][acc]([acc](s)·gᵀ t), K = N
+        grad_A = [out][mid][acc]([acc](s)·uᵀ x_d), K = N
+        grad_x = [out][acc]( [out](g W) + [op][acc]([mid][acc]([acc](s)·[mid](u A)) ⊙ mask) ),  K = out, r
 
-    Paths (the "+1"s apply with a mask): grad_B: s g_ni x_dk A_jk, with in + N + 2 (+1) of acc,
-    2 of mid, 1 of out (+1 of op); grad_A: s g_ni B_ij x_dk, with out + N + 2 (+1) of acc, 2 of mid,
-    1 of out (+1 of op);
+    These are the counts of scaling g first (reflora.lora.backward does), with the scaling's rounding
+    and its store moved to the end. Paths (the "+1"s apply with a mask): grad_B: s g_ni x_dk A_jk, with
+    in + N + 2 (+1) of acc, 2 of mid, 1 of out (+1 of op); grad_A: s g_ni B_ij x_dk, with
+    out + N + 2 (+1) of acc, 2 of mid, 1 of out (+1 of op);
     grad_x: g_ni W_ik with out + 1 of acc and 2 of out, and s g_ni B_ij A_jk m_k with
     out + r + 3 (+1) of acc, 3 of mid, 1 of out (+1 of op). The absolute-value expressions are
-    |s|·|g|ᵀ(|x_d||A|ᵀ), |s|·(|g||B|)ᵀ|x_d|, and |g||W| + |s|·((|g||B|)|A|) ⊙ |m|.
+    |s|·|g|ᵀ(|x_d||A|ᵀ), |s|·(|g||B|)ᵀ|x_d|, and |g||W| + |s|·((|g||B|)|A|) ⊙ |m|. The underflow
+    terms allow s anywhere along each chain (see :func:`lora_forward_bound`).
     The bound is the backend's plus the reference's (every dtype float64).
 
-    With ``arith.fused`` the scaling comes last, as the kernels apply it: x_d = [acc](x ⊙ mask),
-    u = [mid](g B), grad_B = [out][acc]([acc](s)·gᵀ t), grad_A = [out][acc]([acc](s)·uᵀ x_d),
-    grad_x = [out]([acc](g W + [acc]([acc]([acc](s)·u A) ⊙ mask))) with no [out] on g W and no [op] on
-    the masked term (one rounding fewer on each low-rank path). The counts of roundings are those of
-    scaling g first, but an underflow error made inside a product is multiplied by |s| afterwards, and
-    the η terms carry that factor. The one output rounding of each gradient is
+    With ``arith.fused``: x_d = [acc](x ⊙ mask), no [mid] on the scaled results (nor on u A), and
+    grad_x = [out](g W + [acc]([acc]([acc](s)·u A) ⊙ mask)) accumulated over K' = out + 1 leaves, the
+    low-rank term one of them (a kernel may start its accumulator from it): g_ni W_ik has out + 1 of
+    acc, the low-rank path its own counts plus out. The one output rounding of each gradient is
     bounded relative to its exact value (:func:`final_rounding_bound`, |grad| <= |ref| + the
     reference's bound), as in :func:`lora_forward_bound`.
     """
@@ -548,14 +677,15 @@ def lora_backward_bound(
 
 def _delta_model(A, B, s, ar: Arithmetic, fan_in_fan_out: bool) -> _Tracked:
     acc, mid, _, _ = ar.formats()
-    d = _round(_matmul(_exact(B), _exact(A), acc), mid)  # (out, in) = [mid](B A), K = r
-    d = _round(_mul(d, _round(_exact(s), acc), acc), mid)  # [mid][acc]([acc](s)·B A)
+    Bt, At = _may_scale(ar._read(B), s, ar), _may_scale(ar._read(A), s, ar)
+    d = _round(_matmul(Bt, At, acc), mid)  # (out, in) = [mid](B A), K = r
+    d = _round(_scale(d, s, ar), mid)  # [mid][acc]([acc](s)·B A)
     return d.T if fan_in_fan_out else d
 
 
-def _merged_model(W, A, B, s, ar: Arithmetic, fan_in_fan_out: bool) -> _Tracked:
-    acc, _, _, out = ar.formats()
-    return _round(_add(_exact(W), _delta_model(A, B, s, ar, fan_in_fan_out), acc), out)
+def _merge_sum(W, A, B, s, ar: Arithmetic, fan_in_fan_out: bool) -> _Tracked:
+    """[acc](W + ΔW): the merged weight before its one rounding to output."""
+    return _add(ar._read(W), _delta_model(A, B, s, ar, fan_in_fan_out), ar.formats()[0])
 
 
 def _merge_inputs(W, A, B, arith: Arithmetic, fan_in_fan_out: bool):
@@ -568,6 +698,12 @@ def _merge_inputs(W, A, B, arith: Arithmetic, fan_in_fan_out: bool):
     return W64, A64, B64
 
 
+def _reference_merge(W) -> Arithmetic:
+    """reflora.lora.merge as the model sees it: float64 arithmetic, one rounding to W's dtype."""
+    w_dtype = _dtype(np.asarray(W).dtype).name
+    return Arithmetic(w_dtype, "float64", "float64", w_dtype)
+
+
 def merge_bound(W, A, B, scaling: float, arith: Arithmetic, *, fan_in_fan_out: bool = False) -> np.ndarray:
     """Elementwise bound on |out - ref| for a merged weight (float64, W's shape), ref being
     :func:`reflora.lora.merge` on the same W (so rounded once to W's dtype).
@@ -575,13 +711,47 @@ def merge_bound(W, A, B, scaling: float, arith: Arithmetic, *, fan_in_fan_out: b
     Model: ΔW = [mid][acc]([acc](s)·[mid](B A)) with K = r, W' = [out][acc](W + ΔW). Paths: W_ik with
     1 of acc and 1 of out; s B_ij A_jk with r + 3 of acc, 2 of mid, 1 of out. So
     |Ŵ' - W'| <= θ_W |W| + θ_Δ |s|(|B||A|) + E. The reference is the same model with float64 for
-    accumulate and intermediate and W's dtype as output (its one final rounding).
+    accumulate and intermediate and W's dtype as output (its one final rounding). Since both results
+    are rounded, this allows at least a whole ulp of W'; the conformance check uses the sharper
+    :func:`merge_interval`.
     """
     W64, A64, B64 = _merge_inputs(W, A, B, arith, fan_in_fan_out)
-    ref = Arithmetic(arith.operand, "float64", "float64", _dtype(np.asarray(W).dtype).name)
+    s = float(scaling)
     return sum(
-        _merged_model(W64, A64, B64, float(scaling), ar, fan_in_fan_out).error() for ar in (arith, ref)
+        _round(_merge_sum(W64, A64, B64, s, ar, fan_in_fan_out), ar.formats()[3]).error()
+        for ar in (arith, _reference_merge(W))
     )
+
+
+def merge_interval(
+    W, A, B, scaling: float, arith: Arithmetic, *, fan_in_fan_out: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """(lo, hi): float64 arrays of W's shape, numbers of ``arith.output``, such that every merged weight
+    the model allows lies in [lo, hi] elementwise; (-inf, inf) where a step before the last rounding may
+    overflow, and ±inf where the last rounding may.
+
+    The model's W' is one rounding to output of ŵ = [acc](W + ΔW) (:func:`merge_bound`'s model without
+    its last [out]), |ŵ - v| <= e_b for v = W + s·B A exactly. reflora evaluates v64 =
+    W + s·(B A) in float64, |v64 - v| <= e_64 (the same model in float64). So ŵ lies in
+    [v64 - e, v64 + e], e = e_b + e_64, and rounding to nearest is monotone:
+    RN(v64 - e) <= RN(ŵ) <= RN(v64 + e). Unlike |W' - lora.merge(W)| <= merge_bound, which compares two
+    rounded values and so always allows an ulp, this allows only the roundings that some ŵ within
+    the model's error can give: one value (or the two around a midpoint) when e is small.
+    Under flush_to_zero the last rounding may also flush: e grows by the smallest normal number.
+    """
+    W64, A64, B64 = _merge_inputs(W, A, B, arith, fan_in_fan_out)
+    s = float(scaling)
+    mine = _merge_sum(W64, A64, B64, s, arith, fan_in_fan_out)
+    v64 = mine.value  # W + (B A)·s in float64, the reference model's order
+    e = mine.error() + _merge_sum(W64, A64, B64, s, REFERENCE, fan_in_fan_out).error()
+    if arith.flush_to_zero:
+        e = e + _tiny(arith.output)
+    e = e * _SELF + _U64 * 2 * np.abs(v64)  # covers the float64 rounding of v64 ± e
+    with np.errstate(invalid="ignore"):
+        lo = round_to(v64 - e, arith.output).astype(np.float64)
+        hi = round_to(v64 + e, arith.output).astype(np.float64)
+    unknown = ~np.isfinite(e)
+    return np.where(unknown, -np.inf, lo), np.where(unknown, np.inf, hi)
 
 
 def merge_roundtrip_bound(
@@ -599,12 +769,11 @@ def merge_roundtrip_bound(
     identity in low precision. Default ``arith``: reflora's own :func:`reflora.lora.merge` /
     ``unmerge`` (float64 arithmetic, output in W's dtype).
     """
-    w_dtype = _dtype(np.asarray(W).dtype).name
-    arith = arith or Arithmetic(w_dtype, "float64", "float64", w_dtype)
+    arith = arith or _reference_merge(W)
     W64, A64, B64 = _merge_inputs(W, A, B, arith, fan_in_fan_out)
     s = float(scaling)
     acc, _, _, out = arith.formats()
-    merged = _merged_model(W64, A64, B64, s, arith, fan_in_fan_out)
+    merged = _round(_merge_sum(W64, A64, B64, s, arith, fan_in_fan_out), out)
     back = _round(_add(merged, _delta_model(A64, B64, s, arith, fan_in_fan_out).negated(), acc), out)
     return back.error()
 
