@@ -8,7 +8,7 @@ accepts either form from a backend: the QuantState form is compared with the dia
 converted, the native form field by field.
 
 The double-quantization offset: the canonical dialect ("reflora") requires the exactly rounded mean;
-any other dialect's offset may sit within :func:`reflora.conformance.tolerances.offset_bound` of the
+any other dialect's offset may sit within :func:`reflora.bounds.offset_bound` of the
 exact mean (its own summation order), and the suite then replays that offset through the dialect's
 ``offset=`` so that every code is still compared exactly.
 """

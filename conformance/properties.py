@@ -10,7 +10,7 @@ a hypothesis example, a special case, and ``reflora replay``.
 check              the property
 =================  ============================================================================
 ``quantize``       the backend's state equals its dialect's, field for field (EXACT); the DQ offset
-                   of a non-canonical dialect within :func:`~reflora.conformance.tolerances.offset_bound`
+                   of a non-canonical dialect within :func:`~reflora.bounds.offset_bound`
                    and then replayed; inputs the dialect rejects must be rejected
 ``dequantize``     dequantize(the dialect's state) equals the dialect's dequantization, ULP(0)
 ``roundtrip``      dequantize(the backend's own state) equals the oracle's dequantization of that
@@ -249,7 +249,7 @@ def _check_offset(ctx: Context, inputs: Inputs, state, x, context) -> np.ndarray
     """Check the backend's DQ offset and return it (to replay through the dialect), or None.
 
     reflora: the exactly rounded mean, bit for bit. Other dialects: the dialect's own offset for these
-    inputs bit for bit, or else within :func:`tolerances.offset_bound` of the exact mean (a backend
+    inputs bit for bit, or else within :func:`reflora.bounds.offset_bound` of the exact mean (a backend
     whose summation order differs from the dialect's emulation, but rounds no worse)."""
     found = offset_of(state)
     if found is None:
@@ -267,7 +267,7 @@ def _check_offset(ctx: Context, inputs: Inputs, state, x, context) -> np.ndarray
     if own is not None and own[1] == offset_dtype and _same_bits(offset, own[0], offset_dtype):
         return offset
     absmax = _dialect_absmax(ctx.dialect, x, p["blocksize"], p["quant_type"])
-    mean, limit = tol.offset_bound(absmax, offset_dtype)
+    mean, limit = bounds.offset_bound(absmax, offset_dtype)
     delta = abs(float(offset) - mean)
     if not delta <= limit:
         raise Mismatch("quantize_4bit", "nested.offset", None, fmt_value(offset),

@@ -20,7 +20,6 @@ test fails if the two drift apart. The comparison functions below raise
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -47,7 +46,6 @@ __all__ = [
     "expect_interval",
     "expect_ulp",
     "markdown_table",
-    "offset_bound",
     "ulp",
 ]
 
@@ -334,21 +332,3 @@ def expect_interval(
     i = _first(bad)
     why = f"outside [{fmt_value(lo[i])}, {fmt_value(hi[i])}], {source}"
     raise Mismatch(op, output, i, fmt_value(a[i]), fmt_value(r[i]), why, context, _differences(a, r, bad))
-
-
-def offset_bound(absmax: np.ndarray, offset_dtype: np.dtype | str) -> tuple[float, float]:
-    """(mean, bound): the exact mean of the float32 block absmax values and how far a dialect's offset
-    may lie from it, |offset - mean| <= θ·mean + η_T.
-
-    The offset of a non-canonical dialect is a float32 sum of the n values in an order of its own
-    (torch's cascade, a CUDA tree), divided by n, then converted to the offset's dtype T. By
-    docs/bounds.md §3 the sum errs by at most γ_n(u32)·Σ|a| (all a >= 0, so Σ|a| = n·mean); the
-    division adds one rounding of u32, the conversion one of u_T (and η_T in T's subnormal range).
-    With §1's product rule θ = (1 + γ_{n+1}(u32))(1 + γ_1(u_T)) - 1.
-    """
-    a = np.asarray(absmax, dtype=np.float64)
-    n = a.size
-    mean = math.fsum(a) / n  # fsum is exact before its one rounding; /n adds 2^-53 relative
-    u32, u_t = bounds.unit_roundoff("float32"), bounds.unit_roundoff(offset_dtype)
-    theta = (1 + bounds.gamma(n + 1, u32)) * (1 + bounds.gamma(1, u_t)) - 1
-    return mean, (theta * mean + bounds.underflow_eta(offset_dtype)) * (1 + 2.0**-20) + 2.0**-52 * mean

@@ -57,6 +57,7 @@ __all__ = [
     "merge_bound",
     "merge_interval",
     "merge_roundtrip_bound",
+    "offset_bound",
     "overflow_threshold",
     "quant_error_bound",
     "round_to",
@@ -866,6 +867,24 @@ def dq_absmax_error_bound(absmax, absmax2, blocksize2: int = 256) -> np.ndarray:
     e2 = scaled_error("dynamic") * scale
     e3 = u32 * scale + e32
     return (e1 + e2 + e3 + u32 * (a + e1 + e2 + e3)) * _SELF
+
+
+def offset_bound(absmax: np.ndarray, offset_dtype: np.dtype | str) -> tuple[float, float]:
+    """(mean, bound): the exact mean of the float32 block absmax values and how far a dialect's offset
+    may lie from it, |offset - mean| <= θ·mean + η_T.
+
+    The offset of a non-canonical dialect is a float32 sum of the n values in an order of its own
+    (torch's cascade, a CUDA tree), divided by n, then converted to the offset's dtype T. By
+    docs/bounds.md §3 the sum errs by at most γ_n(u32)·Σ|a| (all a >= 0, so Σ|a| = n·mean); the
+    division adds one rounding of u32, the conversion one of u_T (and η_T in T's subnormal range).
+    With §1's product rule θ = (1 + γ_{n+1}(u32))(1 + γ_1(u_T)) - 1.
+    """
+    a = np.asarray(absmax, dtype=np.float64)
+    n = a.size
+    mean = math.fsum(a) / n  # fsum is exact before its one rounding; /n adds 2^-53 relative
+    u32, u_t = unit_roundoff("float32"), unit_roundoff(offset_dtype)
+    theta = (1 + gamma(n + 1, u32)) * (1 + gamma(1, u_t)) - 1
+    return mean, (theta * mean + underflow_eta(offset_dtype)) * (1 + 2.0**-20) + 2.0**-52 * mean
 
 
 def dequant_ulps(dtype="float32", *, fma_absmax: bool = False) -> int:

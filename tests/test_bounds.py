@@ -919,11 +919,11 @@ def test_special_case_in_4096_catches_16_bit_accumulation():
 
 
 def test_offset_bound_holds_in_every_order_and_is_attained():
-    # conformance.tolerances.offset_bound: a float32 sum of n block absmax values in any order, divided
+    # reflora.bounds.offset_bound: a float32 sum of n block absmax values in any order, divided
     # by n, converted to T. Sequential, reversed and pairwise float32 sums of random and adversarial
     # values stay inside; 1 then n - 1 values just under half an ulp, summed sequentially, attain 0.995
     # at n = 4096; we ask 0.99.
-    from reflora.conformance.tolerances import offset_bound
+    from reflora.bounds import offset_bound
 
     def sequential(a):
         s = np.float32(0)
