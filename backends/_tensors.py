@@ -5,6 +5,18 @@ made them contiguous first would hide exactly the bugs the suite looks for (bits
 wrong on non-contiguous input for 18 months), so :func:`view` gives torch the same memory with the same
 strides. torch is imported inside the functions: a module importing this one stays importable, and
 listable by ``reflora backends``, where torch is missing.
+
+Two rules every adapter keeps at the same boundary:
+
+* A library's NotImplementedError is the library's failure, not a decline. The suite counts a
+  NotImplementedError as "the backend does not support this" (the protocol's way to decline), and torch's
+  dispatcher raises one (``NotImplementedError: Could not run 'X' with arguments from the 'CPU' backend``)
+  when a kernel is missing for a dtype: unconverted, a library without its bfloat16 kernel would pass.
+  :func:`library_errors` turns it into a RuntimeError naming the library; an adapter raises
+  NotImplementedError only for its own deliberate declines, outside that context.
+* An adapter checks only what it builds itself (:func:`check_built`: the A, B, bias and mask it copies
+  into layers or multiplies in its own code, where torch's ``copy_`` and broadcasting would accept a misfit).
+  x and grad_y go to the library as they are, so its own checks (or their absence) are what the suite sees.
 """
 
 from __future__ import annotations
@@ -16,7 +28,15 @@ import numpy as np
 
 from reflora.dtypes import as_dtype, dtype_name
 
-__all__ = ["import_error", "quiet_logging", "to_numpy", "torch_dtype", "view"]
+__all__ = [
+    "check_built",
+    "import_error",
+    "library_errors",
+    "quiet_logging",
+    "to_numpy",
+    "torch_dtype",
+    "view",
+]
 
 
 def import_error(*modules: str) -> str | None:
@@ -30,6 +50,33 @@ def import_error(*modules: str) -> str | None:
         except Exception as exc:  # any failure to import makes the backend unavailable, with its reason
             return f"cannot import {name}: {type(exc).__name__}: {exc}"
     return None
+
+
+@contextlib.contextmanager
+def library_errors(library: str):
+    """Run a library's code; a NotImplementedError it raises comes out as a RuntimeError naming ``library``
+    (module docstring), chained to the original."""
+    try:
+        yield
+    except NotImplementedError as exc:
+        raise RuntimeError(
+            f"{library} raised {type(exc).__name__}: {exc} (the library's error: a failure, not a decline)"
+        ) from exc
+
+
+def check_built(out: int, n_in: int, A, B, bias=None, mask=None, x=None) -> None:
+    """ValueError unless the operands an adapter builds into its layers fit a weight (out, in): A (r, in),
+    B (out, r), bias (out,), and a dropout mask of x's shape (the adapter multiplies x by it). x's own
+    width and grad_y are the library's to check."""
+    a_shape, b_shape = np.shape(A), np.shape(B)
+    r = a_shape[0] if len(a_shape) == 2 else 0
+    if r < 1 or a_shape != (r, n_in) or b_shape != (out, r):
+        raise ValueError(f"A {a_shape} and B {b_shape} do not fit a weight ({out}, {n_in}): A must be "
+                         f"(r, {n_in}) and B ({out}, r), r >= 1")  # fmt: skip
+    if bias is not None and np.shape(bias) != (out,):
+        raise ValueError(f"bias has shape {np.shape(bias)}, expected ({out},)")
+    if mask is not None and np.shape(mask) != np.shape(x):
+        raise ValueError(f"dropout_mask has shape {np.shape(mask)}, expected x's shape {np.shape(x)}")
 
 
 @contextlib.contextmanager

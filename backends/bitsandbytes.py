@@ -19,15 +19,24 @@ packed tensor ((n+1)//2, 1)    ``packed`` (flattened; the bytes are the same)
 ``quant_type``
 =============================  =========================================================
 
-Two facts of bnb's API are handled here and reported as findings, not hidden: ``dequantize_4bit`` returns
-some shapes differently from the state's (a 1-D even-length tensor as (1, n); n <= 2 transposed;
-``reflora.dialects.bnb_cpu.output_shape``), which the adapter reshapes back after checking that it is one
-of those; and bnb dequantizes to ``QuantState.dtype``, so an output dtype is asked for by setting it there.
+The state goes back to bnb through :func:`to_bnb`, which rebuilds bnb's QuantState from those fields: so
+that what the suite dequantizes is what bnb returned, ``quantize_4bit`` checks that the rebuilt state
+equals bnb's field by field (tensors' dtypes, shapes and bytes, ``state2`` and the offset included) and
+raises if it does not, so no metadata bnb records can be dropped or replaced on the way.
+
+bnb's results are returned as they are: ``dequantize_4bit`` on the CPU returns some shapes differently from
+the state's (a 1-D even-length state as (1, n); a state of <= 2 elements transposed), which the bnb-cpu
+dialect models (``reflora.dialects.bnb_cpu.output_shape``) and the runner's Findings report. bnb
+dequantizes to ``QuantState.dtype``, so an output dtype is asked for by setting it there (its API).
 
 bitsandbytes has no LoRA: lora_forward/backward/merge are unsupported (the ``peft`` backend runs PEFT's
 LoRA layers). QLoRA runs the frozen base through ``bitsandbytes.matmul_4bit`` (its training path:
 ``MatMul4Bit``, dequantize then ``torch.nn.functional.linear``, and ``grad_output @ dequantize(W)`` for
-grad_x) and the low-rank term in eager torch, in the input dtype, as PEFT's ``Linear4bit`` does.
+grad_x) and the low-rank term in eager torch, in the input dtype, as PEFT's ``Linear4bit`` does. The
+adapter checks only the operands its low-rank term builds on (A, B, bias, mask: ``check_built``); x and
+grad_y go to bnb as they are. (bnb's ``matmul_4bit`` takes an x whose width is out_features as the input
+of a weight stored (in, out), with a DeprecationWarning; the low-rank term then rejects it.) bnb's own
+NotImplementedError (a kernel missing for a dtype) is a failure, not a decline (``library_errors``).
 """
 
 from __future__ import annotations
@@ -36,11 +45,11 @@ from typing import Any
 
 import numpy as np
 
-from reflora.backends._tensors import import_error, to_numpy, torch_dtype, view
+from reflora.backends._tensors import check_built, import_error, library_errors, to_numpy, torch_dtype, view
 from reflora.backends.protocol import BaseBackend
 from reflora.state import NestedState, QuantState
 
-__all__ = ["BitsandbytesBackend", "lora_term", "to_bnb", "to_reflora", "torch_qlora"]
+__all__ = ["BitsandbytesBackend", "check_round_trip", "lora_term", "to_bnb", "to_reflora", "torch_qlora"]
 
 _NO_LORA = "bitsandbytes has no LoRA layers (the peft backend runs PEFT's LoRA over torch.nn.Linear)"
 
@@ -77,8 +86,10 @@ def to_reflora(packed, qs) -> QuantState:
 
 
 def to_bnb(state: QuantState, device: str, dtype: Any = None):
-    """(packed ((n+1)//2, 1) uint8, bnb QuantState) holding ``state``'s bytes; ``dtype`` overrides the
-    state's dtype (bnb dequantizes to ``QuantState.dtype``)."""
+    """(packed ((n+1)//2, 1) uint8, bnb QuantState) holding ``state``'s bytes, built as bnb's
+    ``quantize_4bit`` builds it (``state2`` in float32, as ``quantize_blockwise`` records it; checked on
+    every state bnb returns by :func:`check_round_trip`); ``dtype`` overrides the state's dtype (bnb
+    dequantizes to ``QuantState.dtype``)."""
     import torch
     from bitsandbytes.functional import QuantState as BnbState
 
@@ -103,6 +114,42 @@ def to_bnb(state: QuantState, device: str, dtype: Any = None):
         state2=state2,
     )
     return t(state.packed).reshape(-1, 1), qs
+
+
+def _fields(packed, qs) -> dict[str, Any]:
+    """Everything bnb's (packed, QuantState) holds, comparable: tensors as (dtype, shape, device, bytes)."""
+    import torch
+
+    def value(v):
+        if isinstance(v, torch.Tensor):
+            return (str(v.dtype), tuple(v.shape), v.device.type, to_numpy(v).tobytes())
+        return v
+
+    out = {"packed": value(packed)}
+    for name, v in vars(qs).items():
+        if name == "state2" and v is not None:
+            out |= {f"state2.{k}": value(w) for k, w in vars(v).items()}
+        else:
+            out[name] = value(v)
+    return out
+
+
+def check_round_trip(packed, qs, state: QuantState) -> None:
+    """RuntimeError unless :func:`to_bnb` of ``state`` (bnb's result as a reflora.QuantState) rebuilds
+    bnb's (packed, QuantState) exactly, field by field: what the adapter cannot carry, it must not drop."""
+    theirs = _fields(packed, qs)
+    rebuilt = _fields(*to_bnb(state, packed.device.type))
+    for name in sorted(set(theirs) | set(rebuilt)):
+        a, b = theirs.get(name, "(absent)"), rebuilt.get(name, "(absent)")
+        if a != b:
+            if isinstance(a, tuple) and isinstance(b, tuple) and a[:3] != b[:3]:  # tensors: say dtype, shape
+                a, b = a[:3], b[:3]
+            elif isinstance(a, tuple) and isinstance(b, tuple):
+                a, b = f"{a[:3]} with other bytes", b[:3]
+            raise RuntimeError(
+                f"bitsandbytes' QuantState.{name} is {a}, but a reflora.QuantState of its fields rebuilds "
+                f"{b}: the state does not survive the adapter's conversion"
+            )
 
 
 def lora_term(x, A, B, scaling: float, mask=None):
@@ -155,53 +202,51 @@ class BitsandbytesBackend(BaseBackend):
     def quantize_4bit(self, x, *, blocksize=64, quant_type="nf4", double_quant=False):
         import bitsandbytes.functional as F
 
-        packed, qs = F.quantize_4bit(
-            view(x, _device()), blocksize=blocksize, compress_statistics=double_quant, quant_type=quant_type
-        )
-        return to_reflora(packed, qs)
+        with library_errors("bitsandbytes"):
+            packed, qs = F.quantize_4bit(
+                view(x, _device()),
+                blocksize=blocksize,
+                compress_statistics=double_quant,
+                quant_type=quant_type,
+            )
+        state = to_reflora(packed, qs)
+        check_round_trip(packed, qs, state)
+        return state
 
     def dequantize_4bit(self, state, *, dtype=None):
         import bitsandbytes.functional as F
 
-        from reflora.dialects.bnb_cpu import output_shape
-
-        packed, qs = to_bnb(state, _device(), dtype)
-        # A 3-D state of <= 2 elements makes bnb raise (its single-byte shim transposes a 3-D result):
-        # a declared deviation (dequantize_4bit[3-D state of 2 elements, *]), not declined.
-        out = F.dequantize_4bit(packed, qs)
-        quirk = output_shape(state.shape) if _device() == "cpu" else state.shape
-        if tuple(out.shape) not in (tuple(state.shape), quirk):
-            raise AssertionError(f"bnb dequantized {state.shape} to shape {tuple(out.shape)}")
-        # bnb's transposes of n <= 2 elements and its (1, n) rows hold the elements in order
-        return to_numpy(out).reshape(state.shape)
+        # bnb's output as it is: its CPU shapes ((1, n) rows, transposes of one packed byte) are the
+        # bnb-cpu dialect's rule 11; a 3-D state of <= 2 elements makes it raise, a declared deviation.
+        with library_errors("bitsandbytes"):
+            return to_numpy(F.dequantize_4bit(*to_bnb(state, _device(), dtype)))
 
     def _base(self, state: QuantState):
         import bitsandbytes as bnb
 
         packed, qs = to_bnb(state, _device())
-        if len(state.shape) != 2:
-            raise ValueError(f"a QLoRA base weight is 2-D (out, in); the state holds shape {state.shape}")
         return lambda x, bias: bnb.matmul_4bit(x, packed.t(), qs, bias=bias)
 
     def qlora_forward(self, x, state, A, B, scaling, *, bias=None, dropout_mask=None):
         _check_qlora(x, state, A, B, bias, dropout_mask)
-        return torch_qlora(self._base(state), x, A, B, scaling, bias=bias, dropout_mask=dropout_mask,
-                           device=_device())  # fmt: skip
+        with library_errors("bitsandbytes"):
+            return torch_qlora(self._base(state), x, A, B, scaling, bias=bias, dropout_mask=dropout_mask,
+                               device=_device())  # fmt: skip
 
     def qlora_backward(self, grad_y, x, state, A, B, scaling, *, dropout_mask=None):
-        _check_qlora(x, state, A, B, None, dropout_mask, grad_y)
+        _check_qlora(x, state, A, B, None, dropout_mask)
         # bnb cannot backpropagate through a weight of <= 2 elements (one packed byte): a declared
         # deviation, qlora_backward[2-element base weight (one packed byte), *], not declined.
-        return torch_qlora(self._base(state), x, A, B, scaling, dropout_mask=dropout_mask, grad_y=grad_y,
-                           device=_device())  # fmt: skip
+        with library_errors("bitsandbytes"):
+            return torch_qlora(self._base(state), x, A, B, scaling, dropout_mask=dropout_mask, grad_y=grad_y,
+                               device=_device())  # fmt: skip
 
 
-def _check_qlora(x, state, A, B, bias, mask, grad_y=None) -> None:
-    """The low-rank term is the adapter's own torch code, whose broadcasting would accept some broken
-    shapes (a mask of one row): reflora's shape check rejects them before anything runs."""
-    from reflora.lora import check_shapes
-
-    if not isinstance(state, QuantState) or len(state.shape) != 2:
-        raise ValueError("state must be a 2-D reflora.QuantState")
-    W = np.broadcast_to(np.zeros((), dtype=state.dtype), state.shape)
-    check_shapes(x, W, A, B, bias, mask, grad_y)
+def _check_qlora(x, state, A, B, bias, mask) -> None:
+    """The operands the adapter builds itself (``check_built``): its low-rank term is its own torch code,
+    whose broadcasting would accept a mask of one row. x and grad_y go to bnb unchecked, and so does a
+    state that is not 2-D (``matmul_4bit`` raises for one)."""
+    if not isinstance(state, QuantState):
+        raise TypeError(f"state must be a reflora.QuantState, got {type(state).__name__}")
+    if len(state.shape) == 2:
+        check_built(*state.shape, A, B, bias, mask, x)

@@ -27,6 +27,11 @@ deviations, see :mod:`reflora.conformance.deviations`).
 
 Bad input is part of the contract: a backend must raise (any Exception) for non-finite weights to
 quantize, and for operands whose shapes do not fit; accepting them silently is a conformance failure.
+
+``NotImplementedError`` is the one exception that means "declined": the example is counted as not
+supported, never as passed or failed. A backend that wraps a library must raise it only for its own
+deliberate declines, and keep the library's from reaching the suite as one (torch's dispatcher raises a
+NotImplementedError when a kernel is missing for a dtype): :func:`reflora.backends._tensors.library_errors`.
 """
 
 from __future__ import annotations

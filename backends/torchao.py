@@ -2,10 +2,15 @@
 (reflora/dialects/torchao_nf4.py, docs/dialects.md).
 
 ``quantize_4bit`` calls ``to_nf4(x, blocksize, 256)`` on a tensor over the suite's memory (strides kept) and
-returns torchao's own fields as a :class:`reflora.dialects.torchao_nf4.TorchaoNF4State`, which the suite
-compares field by field with the dialect's (no conversion to reflora's QuantState can lose anything,
-because none is made). ``dequantize_4bit`` rebuilds an ``NF4Tensor`` from those fields and calls
-``get_original_weight()``.
+returns torchao's own fields as a :class:`reflora.dialects.torchao_nf4.TorchaoNF4State` (its dtype is the
+NF4Tensor's, not the input's), which the suite compares field by field with the dialect's. The NF4Tensor
+torchao returned stays attached to that state, so the round trip dequantizes torchao's own object, not
+one the adapter rebuilt. A state without one (the dialect's, in the dequantize tests) is handed to
+torchao's constructor with the metadata ``to_nf4`` gives a contiguous tensor of that shape.
+
+``dequantize_4bit`` dequantizes through torchao: ``get_original_weight()``, and for an output dtype
+``NF4Tensor.to(dtype)``, the conversion ``linear_nf4`` uses. The two must agree: ``to`` of the state's
+own dtype must equal ``get_original_weight()`` bit for bit, or the adapter raises.
 
 What torchao does not do is refused, not emulated:
 
@@ -14,7 +19,9 @@ What torchao does not do is refused, not emulated:
   backend rejects what its dialect rejects applies.
 * torchao's shape rules (at most 2-D, numel a multiple of blocksize and of 256 blocks) are torchao's own
   ``assert`` statements; the AssertionError they raise is the rejection (under ``python -O`` torchao checks
-  nothing, and the suite would report what it then returns).
+  nothing, and the suite would report what it then returns). Its contiguity assert
+  (``assert input_tensor.is_contiguous``, without the call) never fires: a non-contiguous view is
+  quantized, in logical order, which the suite checks like any other input.
 * A plain :class:`reflora.QuantState` to dequantize: its float32 block scales cannot be written as torchao's
   int8 scalers with a factor and a mean, so no NF4Tensor holds it. The example is declined
   (NotImplementedError); the suite hands a torchao-dialect backend the dialect's own states instead, so
@@ -27,9 +34,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from reflora.backends._tensors import import_error, to_numpy, torch_dtype, view
+from reflora.backends._tensors import import_error, library_errors, to_numpy, torch_dtype, view
 from reflora.backends.protocol import BaseBackend
 from reflora.dialects.torchao_nf4 import TorchaoNF4State
+from reflora.dtypes import as_dtype
 from reflora.state import QuantState
 
 __all__ = ["TorchaoBackend"]
@@ -50,7 +58,7 @@ def _nf4():
 
 
 class TorchaoBackend(BaseBackend):
-    """torchao 0.18: ``to_nf4`` and ``NF4Tensor.get_original_weight`` on the CPU."""
+    """torchao 0.18: ``to_nf4``, ``NF4Tensor.get_original_weight`` and ``NF4Tensor.to`` on the CPU."""
 
     name = "torchao"
     dialect = "torchao"
@@ -67,19 +75,21 @@ class TorchaoBackend(BaseBackend):
             raise ValueError(f"torchao's NF4Tensor has no {quant_type!r}")
         if not double_quant:
             raise ValueError("torchao always double-quantizes the block scales")
-        t = _nf4().to_nf4(view(x), blocksize, 256)
-        mean = to_numpy(t.scaler_mean).reshape(())
-        return TorchaoNF4State(
+        with library_errors("torchao"):
+            t = _nf4().to_nf4(view(x), blocksize, 256)
+        state = TorchaoNF4State(
             quantized_data=to_numpy(t.quantized_data),
             quantized_scalers=to_numpy(t.quantized_scalers),
             quantization_factor=to_numpy(t.quantization_factor),
-            scaler_mean=mean,
+            scaler_mean=to_numpy(t.scaler_mean).reshape(()),
             nf4=to_numpy(t.nf4),
             shape=tuple(t.shape),
-            dtype=np.asarray(x).dtype,
+            dtype=as_dtype(str(t.dtype).removeprefix("torch.")),
             block_size=int(t.block_size),
             scaler_block_size=int(t.scaler_block_size),
         )
+        object.__setattr__(state, _HELD, t)  # not a field: the suite compares the fields alone
+        return state
 
     def dequantize_4bit(self, state, *, dtype=None):
         if isinstance(state, QuantState):
@@ -90,22 +100,43 @@ class TorchaoBackend(BaseBackend):
             )
         if not isinstance(state, TorchaoNF4State):
             raise TypeError(f"expected a TorchaoNF4State, got {type(state).__name__}")
-        import torch
+        with library_errors("torchao"):
+            t = getattr(state, _HELD, None)
+            if t is None:
+                t = _nf4_tensor(state)
+            out = t.get_original_weight()
+            if not _same_bits(t.to(t.dtype), out):
+                raise RuntimeError(
+                    f"torchao's NF4Tensor.to({t.dtype}) differs from its get_original_weight() (the path "
+                    "linear_nf4 takes and torchao's dequantization disagree)"
+                )
+            return to_numpy(out if dtype is None else t.to(torch_dtype(dtype)))
 
-        m = _nf4()
-        shape = torch.Size(state.shape)
-        strides = tuple(int(np.prod(state.shape[i + 1 :])) for i in range(len(state.shape)))
-        meta = m.SubclassTensorArgs(shape, strides, 0, torch_dtype(state.dtype), torch.device("cpu"), False)
-        t = m.NF4Tensor(
-            meta,
-            state.block_size,
-            int(np.prod(state.shape)) // state.block_size,
-            state.scaler_block_size,
-            view(np.array(state.quantized_scalers)),
-            view(np.array(state.quantization_factor)),
-            view(np.array(state.scaler_mean)),
-            view(np.array(state.quantized_data)),
-            nf4=view(np.array(state.nf4)),
-        )
-        out = t.get_original_weight()
-        return to_numpy(out if dtype is None else out.to(torch_dtype(dtype)))
+
+_HELD = "_torchao_nf4tensor"  # the NF4Tensor torchao returned, kept on the state quantize_4bit made
+
+
+def _nf4_tensor(state: TorchaoNF4State):
+    """torchao's NF4Tensor holding a state's fields, with the metadata ``to_nf4`` records for a contiguous
+    input of that shape and dtype (its strides, ``numel // block_size`` blocks, no grad)."""
+    import torch
+
+    m = _nf4()
+    like = torch.empty(state.shape, dtype=torch_dtype(state.dtype))
+    meta = m.SubclassTensorArgs(like.size(), like.stride(), 0, like.dtype, like.device, False)
+    return m.NF4Tensor(
+        meta,
+        state.block_size,
+        like.numel() // state.block_size,
+        state.scaler_block_size,
+        view(np.array(state.quantized_scalers)),
+        view(np.array(state.quantization_factor)),
+        view(np.array(state.scaler_mean)),
+        view(np.array(state.quantized_data)),
+        nf4=view(np.array(state.nf4)),
+    )
+
+
+def _same_bits(a, b) -> bool:
+    """Same dtype, shape and bytes (NaN payloads included)."""
+    return a.dtype == b.dtype and a.shape == b.shape and to_numpy(a).tobytes() == to_numpy(b).tobytes()

@@ -17,9 +17,11 @@ Keys of each ``[[deviation]]`` table: ``test`` (required), a test-id pattern in 
 run of characters and everything else is literal (brackets and commas included), matched against the
 whole id; ``reason`` (required), why the backend deviates; ``upstream`` (optional), an issue or a
 document that records it; ``output`` (optional), the output the deviation is in (``code``, ``absmax``,
-``grad_A``, ``result``, ... as the failure's first line names it): with it, a failure in another
-output of the same test is still a failure. Unknown keys are an error, so a typo cannot silently
-disable an entry.
+``grad_A``, ``result``, ``out.shape``, ... as the failure's first line names it): with it, a failure in
+another output of the same test is still a failure; ``message`` (optional), text the failure's first line
+must contain (the error a library raises, say: ``output = "result"`` names any exception, ``message``
+which one), so that another error in the same output is still a failure. Unknown keys are an error, so a
+typo cannot silently disable an entry.
 
 A failing test that matches an entry is reported as *declared* (listed with its reason and message,
 not counted as a failure). An entry that matches no test id of the suite draws a warning, and so does
@@ -37,7 +39,7 @@ from typing import Any
 
 __all__ = ["Deviation", "DeviationsError", "for_backend", "load", "pattern_regex"]
 
-_KEYS = {"test", "reason", "upstream", "output"}
+_KEYS = {"test", "reason", "upstream", "output", "message"}
 
 
 class DeviationsError(ValueError):
@@ -58,16 +60,20 @@ class Deviation:
     upstream: str = ""
     source: str = ""
     output: str = ""  # "": any output of the matching tests
+    message: str = ""  # "": any failure message
 
-    def matches(self, test_id: str, output: str | None = None) -> bool:
-        """Whether the entry covers ``test_id`` (and, when both name one, a failure in ``output``)."""
+    def matches(self, test_id: str, output: str | None = None, message: str | None = None) -> bool:
+        """Whether the entry covers ``test_id`` (and, when both name one, a failure in ``output`` whose
+        first line contains the entry's ``message``)."""
         if self.output and output is not None and output != self.output:
+            return False
+        if self.message and message is not None and self.message not in message.split("\n", 1)[0]:
             return False
         return bool(pattern_regex(self.test).match(test_id))
 
     def as_dict(self) -> dict[str, str]:
         return {"test": self.test, "reason": self.reason, "upstream": self.upstream, "source": self.source,
-                "output": self.output}  # fmt: skip
+                "output": self.output, "message": self.message}  # fmt: skip
 
 
 def load(path: str | Path) -> list[Deviation]:
@@ -95,10 +101,11 @@ def load(path: str | Path) -> list[Deviation]:
         for key in ("test", "reason"):
             if not isinstance(entry.get(key), str) or not entry[key].strip():
                 raise DeviationsError(f"{where}: '{key}' must be a non-empty string")
-        upstream, output = entry.get("upstream", ""), entry.get("output", "")
-        if not isinstance(upstream, str) or not isinstance(output, str):
-            raise DeviationsError(f"{where}: 'upstream' and 'output' must be strings")
-        out.append(Deviation(entry["test"], entry["reason"].strip(), upstream, str(path), output.strip()))
+        optional = {key: entry.get(key, "") for key in ("upstream", "output", "message")}
+        if not all(isinstance(v, str) for v in optional.values()):
+            raise DeviationsError(f"{where}: 'upstream', 'output' and 'message' must be strings")
+        out.append(Deviation(entry["test"], entry["reason"].strip(), optional["upstream"], str(path),
+                             optional["output"].strip(), optional["message"].strip()))  # fmt: skip
     return out
 
 

@@ -8,7 +8,9 @@ without double quantization), the dialect's state is compared with the canonical
 
 * 4-bit codes that differ (count, rate over elements, and over draws);
 * block scales that differ (after double quantization, the rebuilt absmax);
-* the largest |dequantized difference|, also relative to the block's absmax.
+* the largest |dequantized difference|, also relative to the block's absmax;
+* dequantized outputs whose shape is not the state's (bnb-cpu returns a 1-D even-length state as one row,
+  and transposes one of at most 2 elements), with the first few (state shape -> returned shape).
 
 Rates are STAT entries of the tolerance table: each comes with its two-sided 95% Clopper-Pearson
 interval. The interval treats elements as independent trials, which the natural sample's i.i.d. values
@@ -19,7 +21,7 @@ describe the suite's draws, not real weights, and the report says which is which
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -75,6 +77,8 @@ class Tally:
     scales_differing: int = 0
     max_abs_difference: float = 0.0
     max_rel_to_absmax: float = 0.0
+    shapes_differing: int = 0
+    shape_examples: list[str] = field(default_factory=list)  # "(4,) -> (1, 4)", the first few distinct
 
     def add(
         self, dialect: Dialect, x: np.ndarray, blocksize: int, quant_type: str, double_quant: bool, native
@@ -85,10 +89,15 @@ class Tally:
         codes = nf4.unpack(theirs.packed, n) != nf4.unpack(canonical.packed, n)
         s_theirs, s_ours = nf4.block_scales(theirs), nf4.block_scales(canonical)
         scales = s_theirs.view(np.uint32) != s_ours.view(np.uint32)
+        out = np.asarray(dialect.dequantize(native))
+        if out.shape != x.shape:
+            self.shapes_differing += 1
+            example = f"{x.shape} -> {out.shape}"
+            if len(self.shape_examples) < 3 and example not in self.shape_examples:
+                self.shape_examples.append(example)
         with np.errstate(invalid="ignore", over="ignore"):
             diff = np.abs(
-                np.asarray(dialect.dequantize(native), dtype=np.float64).reshape(-1)
-                - nf4.dequantize(canonical).astype(np.float64).reshape(-1)
+                out.astype(np.float64).reshape(-1) - nf4.dequantize(canonical).astype(np.float64).reshape(-1)
             )
         per_block = np.repeat(s_ours.astype(np.float64), blocksize)[:n]
         self.draws += 1
@@ -166,5 +175,14 @@ class Findings:
                 f"({f['code_rate']:.3g}, 95% CI [{lo:.2g}, {hi:.2g}]) in {f['draws_differing']}/{f['draws']} "
                 f"draws; scales differ {f['scales_differing']}/{f['blocks']}; max |Δ dequant| "
                 f"{f['max_abs_difference']:.3g} ({f['max_rel_to_absmax']:.3g} of the block absmax)"
+                + _shapes_text(f)
             )
         return out
+
+
+def _shapes_text(f: dict) -> str:
+    """'; dequantized shape is not the state's in k/n draws: (4,) -> (1, 4), ...', or '' when none."""
+    if not f["shapes_differing"]:
+        return ""
+    return (f"; dequantized shape is not the state's in {f['shapes_differing']}/{f['draws']} draws: "
+            + ", ".join(f["shape_examples"]))  # fmt: skip

@@ -235,7 +235,7 @@ def _declare(results: list[TestResult], entries: list[_deviations.Deviation]) ->
     """Mark each failure that matches a known deviation as declared."""
     for r in results:
         if r.status in FAILED:
-            hit = next((d for d in entries if d.matches(r.id, r.output)), None)
+            hit = next((d for d in entries if d.matches(r.id, r.output, r.message)), None)
             if hit is not None:
                 r.status, r.deviation = "declared", hit.as_dict()
 
@@ -449,13 +449,15 @@ def _declared_groups(report: Report) -> list[tuple[str, str, list[TestResult]]]:
 def matrix_text(report: Report) -> str:
     """The support matrix (op × dtype), failures, declared deviations, warnings and findings, as text."""
     verdict = report.verdict
+    rows, notes = _matrix(report)
+    # a column is as wide as its longest cell and two spaces, at least 30 (a long cell must not run on)
+    width = max([30] + [len(text) + 2 for _, cells in rows for text in cells])
     lines = [
         f"{report.backend} (dialect {report.dialect}): {verdict}  [profile {report.profile}, seed "
         f"{report.seed}, {len(report.results)} tests, {report.seconds:.1f} s]",
-        (f"  {'op':<16}" + "".join(f"{d:<30}" for d in DTYPES)).rstrip(),
+        (f"  {'op':<16}" + "".join(f"{d:<{width}}" for d in DTYPES)).rstrip(),
     ]
-    rows, notes = _matrix(report)
-    lines += [(f"  {op:<16}" + "".join(f"{text:<30}" for text in cells)).rstrip() for op, cells in rows]
+    lines += [(f"  {op:<16}" + "".join(f"{text:<{width}}" for text in cells)).rstrip() for op, cells in rows]
     lines += [f"  [{i + 1}] {reason}" for i, reason in enumerate(notes)]
     for r in report.by_status("fail", "error"):
         lines += ["", f"{r.status.upper()} {r.id}", r.message]
@@ -511,14 +513,17 @@ def markdown(reports: list[Report], unavailable: list[tuple[str, str]], seed: in
         out += ["", "### Findings", ""]
         if rep.findings:
             out += ["| sample | dtype | codes differ | rate (95% CI) | draws differing | scales differ "
-                    "| max abs Δ (of absmax) |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+                    "| max abs Δ (of absmax) | shape not the state's |",
+                    "|---|---|---|---|---|---|---|---|"]  # fmt: skip
             for f in rep.findings:
                 lo, hi = f["code_rate_95"]
                 out.append(
                     f"| {f['sample']} | {f['dtype']} | {f['codes_differing']}/{f['elements']} | "
                     f"{f['code_rate']:.3g} [{lo:.2g}, {hi:.2g}] | {f['draws_differing']}/{f['draws']} | "
                     f"{f['scales_differing']}/{f['blocks']} | {f['max_abs_difference']:.3g} "
-                    f"({f['max_rel_to_absmax']:.3g}) |"
+                    f"({f['max_rel_to_absmax']:.3g}) | {f['shapes_differing']}/{f['draws']}"
+                    + (f" ({', '.join(f['shape_examples'])})" if f["shape_examples"] else "")
+                    + " |"
                 )
         else:
             out += rep.findings_lines

@@ -148,5 +148,44 @@ def test_an_entry_with_an_output_declares_only_failures_in_that_output(tmp_path)
         assert {r.id for r in rep.by_status("declared")} == declared
         assert {r.id for r in rep.by_status("fail")} == failed - declared
     path.write_text(f'[[deviation]]\ntest = "{TIES}"\nreason = "ties"\noutput = 3\n')
-    with pytest.raises(deviations.DeviationsError, match="'output' must be"):
+    with pytest.raises(deviations.DeviationsError, match="'output' and 'message' must be"):
         deviations.load(path)
+
+
+def test_an_entry_with_a_message_declares_only_that_error(tmp_path):
+    # output = "result" names any exception of the op: a second bug raising another error was hidden.
+    failed = {r.id: r.message.splitlines()[0] for r in _run(TiesUp(), [], tmp_path).by_status("fail")}
+    text = next(iter(failed.values())).split(", expected")[0]  # one failure's "op: output[i] = value"
+    named = {i for i, first in failed.items() if text in first}
+    assert 0 < len(named) < len(failed)
+    for message, declared in (("not in any message", set()), (text, named)):
+        path = tmp_path / "message.toml"
+        path.write_text(
+            f'[[deviation]]\ntest = "{TIES}"\nreason = "ties"\noutput = "code"\nmessage = "{message}"\n'
+        )
+        (entry,) = deviations.load(path)
+        assert entry.message == message and entry.as_dict()["message"] == message
+        rep = _run(TiesUp(), [entry], tmp_path)
+        assert {r.id for r in rep.by_status("declared")} == declared
+        assert {r.id for r in rep.by_status("fail")} == set(failed) - declared
+    path.write_text(f'[[deviation]]\ntest = "{TIES}"\nreason = "ties"\nmessage = ["a"]\n')
+    with pytest.raises(deviations.DeviationsError, match="'message' must be"):
+        deviations.load(path)
+
+
+def test_a_long_matrix_cell_does_not_run_into_the_next():
+    # "pass 11/12, 1 declared, 1 unsupported" is 38 characters: at a fixed width of 30 it ran on into the
+    # next column ("...1 unsupportedpass 11/12").
+    def result(i: int, dtype: str, status: str) -> runner.TestResult:
+        declared = {"reason": "known", "upstream": ""} if status == "declared" else None
+        return runner.TestResult(f"quantize_4bit[t{i}, {dtype}]", "quantize_4bit", dtype, "case", status,
+                                 message="m", reason="why", deviation=declared)  # fmt: skip
+
+    statuses = ["pass"] * 11 + ["declared", "unsupported"]
+    results = [result(i, d, s) for d in ("float32", "float16") for i, s in enumerate(statuses)]
+    rep = runner.Report("b", "b", "reflora", "ci", 0, results, [], [], [], 0.0)
+    row = next(
+        line for line in runner.matrix_text(rep).splitlines() if line.lstrip().startswith("quantize_4bit")
+    )
+    cell = "pass 11/12, 1 declared, 1 unsupported"
+    assert f"{cell}  {cell}" in row, row

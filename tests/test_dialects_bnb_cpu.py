@@ -246,7 +246,10 @@ def test_nan_block_codes_and_dequantize_quirks():
 def test_output_shape(shape):
     x = np.arange(1, math.prod(shape) + 1, dtype=np.float32).reshape(shape)
     packed, qs = bnb_f.quantize_4bit(to_torch(x), blocksize=64, quant_type="nf4")
-    assert tuple(bnb_f.dequantize_4bit(packed, qs).shape) == bnb_cpu.output_shape(shape)
+    out = bnb_f.dequantize_4bit(packed, qs)
+    assert tuple(out.shape) == bnb_cpu.output_shape(shape)
+    mine = bnb_cpu.dequantize(bnb_cpu.quantize(x, 64))  # the dialect returns bnb's shape, in bnb's order
+    assert mine.shape == tuple(out.shape) and (mine == out.numpy()).all()
 
 
 @pytest.mark.parametrize(("shape", "error"), [((1, 1, 2), RuntimeError), ((), IndexError)], ids=str)

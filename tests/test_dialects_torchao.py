@@ -196,3 +196,22 @@ def test_hypothesis_against_torchao(dtype, seed, log_scale, rows):
     x = rng.standard_normal((rows * 64, 256)) * np.exp(log_scale) * np.exp(rng.uniform(-3, 3, (rows * 64, 1)))
     with np.errstate(over="ignore"):
         check_against_torchao(x.astype(np.float32).astype(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_a_non_contiguous_view_is_quantized_in_logical_order(dtype):
+    """torchao's contiguity check, ``assert input_tensor.is_contiguous`` (the bound method, always true),
+    never fires: a transposed or strided view is quantized as its logical-order copy would be, as the
+    dialect quantizes it; the NF4Tensor records the view's strides."""
+    from reflora.backends._tensors import view  # torch over the same memory, strides kept
+
+    base = np.random.default_rng(7).standard_normal((256, 256)).astype(np.float32).astype(dtype)
+    for x in (base[:, :128].T, base[:, ::2]):  # (128, 256) transposed; (256, 128) every other column
+        t = view(x)
+        assert not t.is_contiguous()
+        ref = workflows.to_nf4(t, 64, 256)
+        assert ref.stride() == t.stride()
+        state = ao.quantize(x, 64, host=HOST)
+        ctx = f"{dtype}, strides {t.stride()}"
+        assert_same("quantized_data", state.quantized_data, ref.quantized_data, ctx)
+        assert_same("dequantized", ao.dequantize(state), ref.get_original_weight(), ctx)

@@ -25,7 +25,8 @@ Double quantization: offset = torch's float32 mean (:func:`reflora.dialects.torc
 given; c = f32(absmax - offset); then bnb's native 8-bit quantizer (:func:`quantize_8bit`).
 
 Dequantize: ``f32(code[q] * absmax)`` (absmax rebuilt as ``f32(f32(code2[q] * absmax2) + offset)``), then
-the output conversion of the path bnb takes (:func:`dequantize`).
+the output conversion of the path bnb takes (:func:`dequantize`), in the shape bnb returns
+(:func:`output_shape`: not always the state's).
 """
 
 from __future__ import annotations
@@ -280,7 +281,7 @@ def uses_native_dequantize(shape: tuple[int, ...]) -> bool:
 
 
 def dequantize(state: QuantState, dtype: str | np.dtype | None = None) -> np.ndarray:
-    """bnb's ``dequantize_4bit`` on the CPU, values and bits; returned in ``state.shape``.
+    """bnb's ``dequantize_4bit`` on the CPU: values, bits and the shape it returns.
 
     dtype: output dtype, default ``state.dtype``. Every value is ``f32(code[q] * absmax)`` converted to
     dtype. The conversion is that of the path bnb takes (:func:`uses_native_dequantize`):
@@ -292,7 +293,9 @@ def dequantize(state: QuantState, dtype: str | np.dtype | None = None) -> np.nda
     * bfloat16, torch fallback: RNE with every NaN 0x7fc0, as torch.compile's kernel gives (eager torch
       would give 0xffff; bnb runs eagerly only after torch.compile's recompile limit).
 
-    bnb returns some shapes differently (1-D even n as (1, n), n <= 2 transposed): :func:`output_shape`.
+    Shape: :func:`output_shape` (a 1-D even n as (1, n), n <= 2 transposed), the elements in the state's
+    order. Where bnb raises instead (a 3-D state of <= 2 elements), ``state.shape``: raising on a valid
+    state is not a rule of the dialect but a bug of the library (declared by the backend).
     """
     out_dtype = state.dtype if dtype is None else as_dtype(dtype)
     n, bs = state.numel, state.blocksize
@@ -309,7 +312,11 @@ def dequantize(state: QuantState, dtype: str | np.dtype | None = None) -> np.nda
         out = _native_bf16(values) if uses_native_dequantize(state.shape) else _torch_bf16(values)
     else:
         out = values
-    return out.reshape(state.shape)
+    try:
+        shape = output_shape(state.shape)
+    except ValueError:  # bnb raises for this shape: the values, in the state's shape
+        shape = state.shape
+    return out.reshape(shape)
 
 
 TORCH_FALLBACK_BF16_NANS = (0x7FC0, 0xFFFF)
