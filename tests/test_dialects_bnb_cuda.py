@@ -6,6 +6,7 @@ ordinary data the dialect agrees with the canonical oracle everywhere except the
 
 from __future__ import annotations
 
+import math
 from fractions import Fraction
 
 import numpy as np
@@ -266,3 +267,25 @@ def test_8bit_blocks_with_ties_disagree_with_canonical_exactly_there():
     lower = np.searchsorted(code, values[1:]) - 1  # index just below each tie
     np.testing.assert_array_equal(mine[1:], np.where(lower % 2 == 0, lower, lower + 1))
     np.testing.assert_array_equal(canon[1:], lower)
+
+
+@pytest.mark.parametrize(
+    ("shape", "expected"),
+    [((2,), (2,)), ((1,), (1,)), ((1, 2), (2, 1)), ((2, 1), (1, 2)), ((4,), (4,)), ((3, 5), (3, 5))],
+)
+def test_dequantize_returns_the_shape_bnb_returns(shape, expected):
+    # functional.dequantize_4bit's shim: .t() when the packed tensor is one byte (n <= 2); on CUDA a 1-D
+    # result stays 1-D (the CPU kernel's (1, n) view is not part of this path).
+    x = np.arange(1, math.prod(shape) + 1, dtype=np.float32).reshape(shape)
+    state = cu.quantize(x, 64)
+    out = cu.dequantize(state)
+    assert cu.output_shape(shape) == expected == out.shape
+    codes = codes_of(state)  # the values, in the state's element order
+    assert np.array_equal(out.reshape(-1), state.code[codes] * np.repeat(state.absmax, 64)[: codes.size])
+
+
+def test_dequantize_where_bnb_raises_keeps_the_state_shape():
+    with pytest.raises(ValueError, match=r"\.t\(\) of a 3-D tensor"):
+        cu.output_shape((1, 1, 2))
+    state = cu.quantize(np.ones((1, 1, 2), dtype=np.float32), 64)
+    assert cu.dequantize(state).shape == (1, 1, 2)

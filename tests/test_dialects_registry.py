@@ -67,3 +67,14 @@ def test_reflora_dialect_replays_an_offset():
 def test_reflora_dialect_rejects_non_finite():
     with pytest.raises(ValueError, match="not finite"):
         canonical.quantize(np.array([1.0, np.nan], dtype=np.float32))
+
+
+@pytest.mark.parametrize("name", dialects.names())
+def test_every_dialect_refuses_an_offset_without_double_quant(name):
+    # An offset means nothing without double quantization: no dialect may silently ignore it (torchao,
+    # which always double-quantizes, refuses double_quant=False itself).
+    quantize = dialects.get(name).quantize
+    x = np.linspace(-1, 1, 64 * 256, dtype=np.float32).reshape(128, 128)
+    with pytest.raises(ValueError, match=r"it needs double_quant=True|always double-quantizes"):
+        quantize(x, 64, double_quant=False, offset=0.5)
+    quantize(x, 64, double_quant=True, offset=0.5)  # accepted with it

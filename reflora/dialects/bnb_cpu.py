@@ -37,6 +37,7 @@ import numpy as np
 
 from reflora import codebooks
 from reflora.codebooks import DYNAMIC_MAP
+from reflora.dialects.canonical import check_offset
 from reflora.dialects.torch_cpu import DEFAULT_HOST, Host, mean_f32, narrow_f16, widen_f16
 from reflora.dtypes import as_dtype, bfloat16, dtype_name
 from reflora.nf4 import pack, unpack
@@ -171,6 +172,7 @@ def quantize(
         state bnb produced on another host). host: the torch host facts the mean depends on.
     Returns a :class:`reflora.QuantState` holding bnb's packed bytes, absmax and nested state.
     """
+    check_offset(offset, double_quant)
     x = _check(x, blocksize)
     flat = widen(x, host)
     absmax = block_absmax(flat, blocksize)

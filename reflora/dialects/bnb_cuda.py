@@ -38,6 +38,7 @@ import numpy as np
 
 from reflora import codebooks
 from reflora.codebooks import DYNAMIC_MAP
+from reflora.dialects.canonical import check_offset
 from reflora.double_quant import mean_f32 as exact_mean
 from reflora.dtypes import as_dtype, dtype_name
 from reflora.nf4 import pack, unpack
@@ -51,6 +52,7 @@ __all__ = [
     "block_scales",
     "dequantize",
     "fma_f32",
+    "output_shape",
     "quantize",
     "quantize_8bit",
     "reciprocal_slack",
@@ -144,6 +146,7 @@ def quantize(
     x: float32 / float16 / bfloat16 array, any shape, non-empty; NaN and inf accepted.
     offset: the DQ offset to replay (default: the exactly rounded float32 mean of absmax).
     """
+    check_offset(offset, double_quant)
     flat, absmax = _prepare(x, blocksize, quant_type)
     q = _encode(_scaled(flat, _inverse(absmax), blocksize), quant_type)
     nested = double_quantize(absmax, offset=offset) if double_quant else None
@@ -260,7 +263,8 @@ def block_scales(state: QuantState, *, fma: bool = False) -> np.ndarray:
 
 
 def dequantize(state: QuantState, dtype: str | np.dtype | None = None, *, fma: bool = False) -> np.ndarray:
-    """``kDequantizeBlockwise``: ``T(f32(code[q] * absmax))``, RNE to T, in ``state.shape``.
+    """``kDequantizeBlockwise``: ``T(f32(code[q] * absmax))``, RNE to T, in the shape bnb returns
+    (:func:`output_shape`; ``state.shape`` where bnb raises instead, a bug the backend declares).
 
     fma: rebuild a nested absmax with one rounding, as the fused inference GEMM does (declared slack).
     """
@@ -270,4 +274,24 @@ def dequantize(state: QuantState, dtype: str | np.dtype | None = None, *, fma: b
     scales = np.repeat(block_scales(state, fma=fma), state.blocksize)[: state.numel]
     with np.errstate(invalid="ignore", over="ignore"):
         out = ftz(values * scales).astype(out_dtype)
-    return out.reshape(state.shape)
+    try:
+        shape = output_shape(state.shape)
+    except ValueError:  # bnb raises for this shape: the values, in the state's shape
+        shape = state.shape
+    return out.reshape(shape)
+
+
+def output_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape bnb's ``functional.dequantize_4bit`` returns on CUDA for a state of ``shape``.
+
+    The kernel writes ``shape``; then a backward-compatibility shim transposes the result when the
+    packed tensor has a single row, which for bnb's own (bytes, 1) packing means one byte (n <= 2):
+    a 2-D result comes back transposed, a 1-D one unchanged (``.t()`` of a 1-D tensor is itself), and
+    a 3-D one raises. (The CPU kernel differs for 1-D: :func:`reflora.dialects.bnb_cpu.output_shape`.)
+    """
+    shape = tuple(shape)
+    if (math.prod(shape) + 1) // 2 != 1:
+        return shape
+    if len(shape) > 2:
+        raise ValueError(f"bitsandbytes fails to dequantize shape {shape}: .t() of a {len(shape)}-D tensor")
+    return shape[::-1]

@@ -17,7 +17,7 @@ from reflora import nf4
 from reflora.double_quant import quantize as quantize_absmax
 from reflora.state import QuantState
 
-__all__ = ["DESCRIPTION", "NAME", "dequantize", "quantize"]
+__all__ = ["DESCRIPTION", "NAME", "check_offset", "dequantize", "quantize"]
 
 NAME = "reflora"
 DESCRIPTION = "the canonical oracle: exact-arithmetic nearest value, ties low, exactly rounded DQ mean"
@@ -32,8 +32,7 @@ def quantize(
     offset: float | None = None,
 ) -> QuantState:
     """:func:`reflora.nf4.quantize`, with ``offset`` replacing the DQ mean when given (needs double_quant)."""
-    if offset is not None and not double_quant:
-        raise ValueError("offset is the double-quantization offset; it needs double_quant=True")
+    check_offset(offset, double_quant)
     state = nf4.quantize(x, blocksize, quant_type=quant_type, double_quant=double_quant and offset is None)
     if offset is None:
         return state
@@ -44,3 +43,10 @@ def quantize(
 def dequantize(state: QuantState, dtype: str | np.dtype | None = None) -> np.ndarray:
     """:func:`reflora.nf4.dequantize`: ``dtype(f32(code[q] * absmax))`` in ``state.shape``."""
     return nf4.dequantize(state, dtype)
+
+
+def check_offset(offset: float | None, double_quant: bool) -> None:
+    """ValueError for an ``offset`` without ``double_quant`` (every dialect's ``quantize`` takes the same
+    arguments and refuses this the same way, rather than ignoring the offset)."""
+    if offset is not None and not double_quant:
+        raise ValueError("offset is the double-quantization offset; it needs double_quant=True")
