@@ -41,10 +41,12 @@ NotImplementedError (a kernel missing for a dtype) is a failure, not a decline (
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
 
+from reflora import bounds
 from reflora.backends._tensors import check_built, import_error, library_errors, to_numpy, torch_dtype, view
 from reflora.backends.protocol import BaseBackend
 from reflora.state import NestedState, QuantState
@@ -193,6 +195,16 @@ class BitsandbytesBackend(BaseBackend):
 
     def available(self) -> bool | str:
         return import_error("torch", "bitsandbytes") or True
+
+    def arithmetic(self, op: str, dtype: str) -> bounds.Arithmetic:
+        """The protocol's default; on CUDA a forward without gradients of one row takes bnb's inference
+        GEMV (``gemv_4bit``), which rebuilds a double-quantized absmax in one FMA (docs/dialects.md,
+        bnb-cuda rule 8): its base weight may lie ``bounds.dequant_ulps(dtype, fma_absmax=True)`` steps
+        from reflora's, declared for every CUDA qlora_forward (READ from source; no GPU run yet)."""
+        arith = super().arithmetic(op, dtype)
+        if op == "qlora_forward" and self.dialect == "bnb-cuda":
+            arith = dataclasses.replace(arith, dequant_ulps=bounds.dequant_ulps(dtype, fma_absmax=True))
+        return arith
 
     def supports(self, op: str, dtype: str) -> bool | str:
         if op.startswith("lora_"):

@@ -133,3 +133,17 @@ def test_a_backend_whose_library_is_missing_is_listed_unavailable(monkeypatch):
         assert not rows[name].available and "cannot import" in rows[name].reason, rows[name]
     with pytest.raises(backends.BackendError, match="unavailable here"):
         backends.get("bitsandbytes")
+
+
+def test_bitsandbytes_declares_the_fma_absmax_of_its_cuda_inference_gemv(monkeypatch):
+    # bnb-cuda's gemv_4bit rebuilds the DQ absmax with one FMA: its QLoRA forward declares that slack
+    # on CUDA (and only there, and only for the forward).
+    pytest.importorskip("bitsandbytes")
+    from reflora.backends import bitsandbytes as bnb_backend
+
+    backend = bnb_backend.BitsandbytesBackend()
+    assert backend.arithmetic("qlora_forward", "bfloat16").dequant_ulps == 0  # on this CPU
+    monkeypatch.setattr(bnb_backend, "_device", lambda: "cuda")
+    assert backend.arithmetic("qlora_forward", "bfloat16").dequant_ulps == 1
+    assert backend.arithmetic("qlora_forward", "float32").dequant_ulps == 2
+    assert backend.arithmetic("qlora_backward", "bfloat16").dequant_ulps == 0
