@@ -124,8 +124,8 @@ TABLE: tuple[Entry, ...] = (
           "docs/bounds.md §6; reflora.qlora (the base is dequantized bit for bit)"),
     Entry("qlora_backward", "grad_x, grad_A, grad_B", BOUND, "as lora_backward with W = dequantize(state)",
           "docs/bounds.md §7; reflora.qlora"),
-    Entry("lora_merge", "merged W", BOUND, "|W' - ref| <= merge_bound(W, A, B, s, arithmetic)",
-          "docs/bounds.md §8"),
+    Entry("lora_merge", "merged W", BOUND, "RN(v - e) <= W' <= RN(v + e), v = W + s·B A in float64, e = the "
+          "model's error before its last rounding plus v's (merge_interval)", "docs/bounds.md §8"),
     Entry("(bad input)", "raises", EXACT, "non-finite weights to quantize, and shapes that do not fit, raise",
           "docs/spec.md, Non-finite input; reflora.lora, Bad input; the Backend protocol"),
     Entry("(findings)", "dialect vs canonical: code and absmax mismatch rates", STAT,
