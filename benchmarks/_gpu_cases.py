@@ -26,7 +26,7 @@ from reflora.backends.triton import (
     reset_launch_counts,
 )
 from reflora.backends.triton.backend import TritonBackend
-from reflora.backends.triton.gemm import GemmConfig
+from reflora.backends.triton.gemm import DEQUANT_FIRST_MIN_M, GemmConfig
 from reflora.backends.triton.gemm import default_config as gemm_config
 from reflora.backends.triton.gemv import GemvConfig
 from reflora.backends.triton.gemv import default_config as gemv_config
@@ -34,6 +34,9 @@ from reflora.state import NestedState, QuantState
 
 QUANTILES = [0.5, 0.2, 0.8]
 VARIANT_SHARED = "reflora triton, table shared"  # GemmConfig/GemvConfig(table="shared"): a candidate default
+# The GEMM decoding W in its tiles where, at this M, the default dequantizes W first (GemmConfig.
+# dequantize_first): the default's gain over the fused decode, measured.
+VARIANT_FUSED = "reflora triton, fused decode"
 
 
 class ConformanceError(AssertionError):
@@ -567,7 +570,9 @@ def mlp_case(timer: Timer, shapes: Shapes, device) -> list[Row]:
     reset_launch_counts()
     ours_mlp(p, xg, lora).backward(gy)
     counts = launch_counts()
+    first = 6 if t >= DEQUANT_FIRST_MIN_M else 0  # W dequantized first for each GEMM at this many tokens
     assert counts.get("nf4_gemm") == 6 and counts.get("lowrank") == 12, counts
+    assert counts.get("dequant", 0) == first, counts
     ours_out = ours_mlp(p, x, lora).detach()
 
     def run_ours():
@@ -577,18 +582,24 @@ def mlp_case(timer: Timer, shapes: Shapes, device) -> list[Row]:
     check = "within reflora's bound, max |Δ|/bound per layer: " + "; ".join(checks)
     rows.append(Row(case, "reflora triton", med, p20, p80, flops=flops, check=check))
 
-    # The table read with tl.gather, with the default tiles (default_config's depend on M and the
-    # blocksize, not on the layer's width), checked on the down layer at full size before it is timed.
-    shared = {"gemm": dataclasses.replace(gemm_config(t, h, i, 64), table="shared")}
-    check = "within reflora's bound, max |Δ|/bound: " + check_layer(
-        "down", p.down, mid, *p.lora["down"], p.scaling, shapes.check_rows, **shared
-    )
+    # The in-tile decode at this M (the default tiles of the largest M that keeps it), and that with
+    # the table read by tl.gather; each checked on the down layer at full size before it is timed.
+    # default_config's tiles depend on M and the blocksize, not on the layer's width (all are
+    # multiples of 16 here).
+    fused = gemm_config(min(t, DEQUANT_FIRST_MIN_M - 1), h, i, 64)
+    variants = [(VARIANT_SHARED, dataclasses.replace(fused, table="shared"))]
+    if t >= DEQUANT_FIRST_MIN_M:
+        variants.insert(0, (VARIANT_FUSED, fused))
+    for impl, cfg in variants:
+        check = "within reflora's bound, max |Δ|/bound: " + check_layer(
+            "down", p.down, mid, *p.lora["down"], p.scaling, shapes.check_rows, gemm=cfg
+        )
 
-    def run_shared():
-        ours_mlp(p, xg, lora, **shared).backward(gy)
+        def run_variant(cfg=cfg):
+            ours_mlp(p, xg, lora, gemm=cfg).backward(gy)
 
-    med, p20, p80 = timer(run_shared, grad_to_none=[xg, *params], min_rep_ms=MLP_REP_MS)
-    rows.append(Row(case, VARIANT_SHARED, med, p20, p80, flops=flops, check=check))
+        med, p20, p80 = timer(run_variant, grad_to_none=[xg, *params], min_rep_ms=MLP_REP_MS)
+        rows.append(Row(case, impl, med, p20, p80, flops=flops, check=check))
     rows.extend(_peft_rows(timer, case, shapes, p, x, gy, flops, ours_out))
     return rows
 
@@ -686,17 +697,21 @@ def _time_module(timer, case, impl, model, params, x, gy, flops, ours_out) -> Ro
 # ------------------------------------------------------------------------------------------ tile sweep
 
 TILES_CASE = "tiles"
-# GEMM candidates on a GPU: the default (first, for M > 64) and neighbours that compile for sm_90
-# without spilling (benchmarks/_gpu_compile_check.py --tiles checks this; 256-wide tiles and 32-wide
-# reduction steps at 4 warps spill 300-600 B a thread, so they are not here).
+# GEMM candidates on a GPU for M = 8192: the default (W dequantized first, first) and neighbours, then
+# the in-tile decode's former default and neighbours; each compiles for sm_90 without spilling
+# (benchmarks/_gpu_compile_check.py --tiles checks this). With the LoRA epilogue's second float32
+# tile, 256-wide tiles spill 300-600 B a thread with the in-tile decode and 1.4-1.6 KB with W
+# dequantized first, and 32-wide reduction steps at 4 warps spill too, so they are not here.
+_DENSE = dict(num_warps=8, dequantize_first=True)
 GEMM_TILES = (
+    GemmConfig(bm=128, bp=128, bq=64, group_m=8, num_stages=4, **_DENSE),
+    GemmConfig(bm=128, bp=128, bq=64, group_m=8, num_stages=3, **_DENSE),
+    GemmConfig(bm=128, bp=128, bq=64, group_m=8, num_stages=5, **_DENSE),
+    GemmConfig(bm=128, bp=128, bq=64, group_m=16, num_stages=4, **_DENSE),
+    GemmConfig(bm=128, bp=64, bq=64, group_m=8, num_warps=4, num_stages=4, dequantize_first=True),
     GemmConfig(bm=128, bp=128, bq=64, group_m=8, num_warps=8, num_stages=3),
     GemmConfig(bm=128, bp=128, bq=64, group_m=8, num_warps=8, num_stages=4),
-    GemmConfig(bm=128, bp=128, bq=64, group_m=8, num_warps=8, num_stages=2),
-    GemmConfig(bm=128, bp=128, bq=64, group_m=16, num_warps=8, num_stages=3),
     GemmConfig(bm=64, bp=128, bq=64, group_m=8, num_warps=4, num_stages=4),
-    GemmConfig(bm=128, bp=64, bq=64, group_m=8, num_warps=4, num_stages=4),
-    GemmConfig(bm=64, bp=256, bq=64, group_m=8, num_warps=8, num_stages=3),
     GemmConfig(bm=128, bp=128, bq=64, group_m=8, num_warps=8, num_stages=3, table="shared"),
 )
 # GEMV candidates: each thread's share of a step's codes, bn*bk/2 / (32*num_warps) bytes, must be at
@@ -704,14 +719,20 @@ GEMM_TILES = (
 _GEMV_TILES = ((8, 512, 4), (16, 256, 4), (16, 512, 4), (32, 256, 4), (16, 512, 8), (32, 512, 8))
 GEMV_TILES = tuple(GemvConfig(bn=bn, bk=bk, num_warps=w) for bn, bk, w in _GEMV_TILES)
 # Under the interpreter (dry run): small tiles that cross the tiny shapes' edges.
-DRY_GEMM_TILES = (GemmConfig(bm=16, bp=32, bq=16, group_m=2), GemmConfig(bm=32, bp=16, bq=32, group_m=1))
+DRY_GEMM_TILES = (
+    GemmConfig(bm=16, bp=32, bq=16, group_m=2),
+    GemmConfig(bm=32, bp=16, bq=32, group_m=1),
+    GemmConfig(bm=16, bp=16, bq=32, group_m=1, dequantize_first=True),
+)
 DRY_GEMV_TILES = (GemvConfig(bn=8, bk=32), GemvConfig(bn=4, bk=64))
 
 
 def tile_name(cfg) -> str:
-    """'bm128 bp128 bq64 g8 w8 s3' (GemmConfig) or 'bn8 bk512 w4' (GemvConfig), '+shared' for that table."""
+    """'bm128 bp128 bq64 g8 w8 s3' (GemmConfig, '+dq' when W is dequantized first) or 'bn8 bk512 w4'
+    (GemvConfig), '+shared' for that table."""
     if isinstance(cfg, GemmConfig):
         text = f"bm{cfg.bm} bp{cfg.bp} bq{cfg.bq} g{cfg.group_m} w{cfg.num_warps} s{cfg.num_stages}"
+        text += " +dq" if cfg.dequantize_first else ""
     else:
         text = f"bn{cfg.bn} bk{cfg.bk} w{cfg.num_warps}"
     return text + (" +shared" if cfg.table == "shared" else "")

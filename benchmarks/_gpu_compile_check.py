@@ -1,6 +1,6 @@
 """Compile every kernel launch of the GPU harness for sm_90 without a GPU, and read the machine code.
 
-    python benchmarks/_gpu_compile_check.py [--arch 90] [--dump DIR]
+    python benchmarks/_gpu_compile_check.py [--arch 90] [--dump DIR] [--tiles] [--sweep | --corners]
 
 Runs the public functions on ``meta`` tensors with each Triton kernel replaced by a recorder, then
 compiles each recorded launch ahead of time (``triton.compile`` with a ``GPUTarget``, as Triton's own
@@ -13,6 +13,15 @@ one that bandwidth relies on: the packed codes are read 16 bytes an instruction,
 the dequantize kernel and the GEMV, and by 16-byte asynchronous copies (never 8-byte ones) in the GEMM.
 Exit status 1 if a check fails. This is the "read what costs no device time" step: it proves the
 kernels compile for the target and shows register pressure, not how fast they run.
+
+``--sweep`` also compiles the GEMM over what a caller can make it launch: activation dtype (float32,
+float16, bfloat16) x W layout (SCALE_MODE 1/2 with K even, SCALE_MODE 0 with K even and with K odd)
+x orientation (forward with a bias, grad_x with a dropout mask) x M bucket (the fused decode at BM
+16/32/64/128, and W dequantized first) x LoRA rank (none, 16, 256), with the default tiles, and fails
+when a variant needs more shared memory than a block may have on the target (it would raise
+OutOfResources at launch) or spills more than ``SWEEP_STACK_LIMIT`` bytes a thread. ``--corners`` is
+the part of that sweep where shared memory and registers peak (largest fused M bucket, rank 256, every
+dtype, layout and orientation, and the dense variant): what CI runs.
 """
 
 from __future__ import annotations
@@ -46,6 +55,15 @@ _common, dequant, gemv, lowrank, nf4_gemm, qlora_mod = (
 _PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.uint8: "*u8"}
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 SMEM_LIMIT = {90: 232448}  # shared memory a block may have on sm_90 (227 KiB); more does not launch
+# Spills a sweep variant may have, bytes of stack a thread. The worst seen: 16 B (3 LDL / 3 STL a
+# kernel) in a few fused variants of 16 to 64 rows at 4 warps under Triton 3.9; 24 B under 3.6 in
+# the 128x128 forward with a bias and a rank above 16, all in the LoRA epilogue's rank loop, none in
+# the main loop. That costs nothing measurable; 150-300 B with 50-100 reloads (what 128x128 tiles on
+# rows that are not multiples of 16 did) would.
+SWEEP_STACK_LIMIT = 32
+# The constexprs a variant's name shows.
+SHOWN = ("W_T", "DENSE_W", "HAS_LORA", "HAS_MASK", "PAIRED", "SCALE_MODE", "TABLE_SHARED", "MASK_ON")
+SHOWN += ("BM", "BP", "BQ", "BR", "BN", "BK")
 OPS = ("HGMMA", "HMMA", "FFMA", "FMUL", "FADD", "F2FP", "LDG", "STG", "LDS", "STS", "LDL", "STL")
 
 
@@ -139,22 +157,23 @@ def _record(run) -> list:
     return calls
 
 
-def _state(out_f: int, in_f: int) -> TorchQuantState:
+def _state(out_f: int, in_f: int, blocksize: int = 64, double_quant: bool = True) -> TorchQuantState:
     n = out_f * in_f
-    nb = -(-n // 64)
+    nb = -(-n // blocksize)
     meta = dict(device="meta")
+    plain = not double_quant
     return TorchQuantState(
         packed=torch.empty((n + 1) // 2, dtype=torch.uint8, **meta),
-        absmax=None,
+        absmax=torch.empty(nb, **meta) if plain else None,
         code=torch.empty(16, **meta),
         shape=(out_f, in_f),
         dtype=torch.bfloat16,
-        blocksize=64,
+        blocksize=blocksize,
         quant_type="nf4",
-        absmax_q=torch.empty(nb, dtype=torch.uint8, **meta),
-        absmax2=torch.empty(-(-nb // 256), **meta),
-        code2=torch.empty(256, **meta),
-        offset=0.01,
+        absmax_q=None if plain else torch.empty(nb, dtype=torch.uint8, **meta),
+        absmax2=None if plain else torch.empty(-(-nb // 256), **meta),
+        code2=None if plain else torch.empty(256, **meta),
+        offset=0.0 if plain else 0.01,
     )
 
 
@@ -173,8 +192,9 @@ def _layer(out_f: int, in_f: int, tokens: int, rank: int) -> tuple:
 
 def harness_launches(tokens: int = 8192, hidden: int = 4096, inter: int = 11008, rank: int = 16) -> list:
     """The launches of benchmarks/gpu.py: dequantize, batch-1 GEMV, and one QLoRA layer fwd + bwd in
-    both MLP orientations (the gate/up shape and the down shape), bf16 activations, bf16 LoRA; then
-    the masked (LoRA dropout) and biased variants."""
+    both MLP orientations (the gate/up shape and the down shape), bf16 activations, bf16 LoRA (at
+    8192 tokens W is dequantized first); then the masked (LoRA dropout) and biased variants, and the
+    fused in-tile decode the harness times beside the default."""
     meta = dict(device="meta")
 
     def run():
@@ -201,9 +221,10 @@ def harness_launches(tokens: int = 8192, hidden: int = 4096, inter: int = 11008,
         x1 = torch.empty(1, inter, dtype=torch.bfloat16, **meta)
         cfg = gemv.default_config(1, hidden, inter)
         gemv.nf4_gemv(x1, ts, config=dataclasses.replace(cfg, table="shared"))
-        cfg = dataclasses.replace(nf4_gemm.default_config(tokens, inter, hidden, w.blocksize), table="shared")
-        nf4_gemm.nf4_gemm(x, w, lora=(t, b.t(), 2.0), config=cfg)
-        nf4_gemm.nf4_gemm(g, w, transposed=True, lora=(u, a, 2.0), config=cfg)
+        fused = nf4_gemm.default_config(nf4_gemm.DEQUANT_FIRST_MIN_M - 1, inter, hidden, w.blocksize)
+        for cfg in (fused, dataclasses.replace(fused, table="shared")):  # the harness's fused rows
+            nf4_gemm.nf4_gemm(x, w, lora=(t, b.t(), 2.0), config=cfg)
+            nf4_gemm.nf4_gemm(g, w, transposed=True, lora=(u, a, 2.0), config=cfg)
 
     return _record(run)
 
@@ -229,6 +250,42 @@ def tile_launches(tokens: int = 8192, hidden: int = 4096, inter: int = 11008, ra
             gemv.nf4_gemv(x1, ts, config=cfg)
 
     return _record(run)
+
+
+# W layouts of the sweep: (out, in, blocksize) -> SCALE_MODE 1 forward / 2 grad_x (K even, K % bs == 0),
+# SCALE_MODE 0 with whole bytes a row (K even) and with rows starting mid-byte (K odd), and (full
+# sweep only) a blocksize wider than the grad_x tile (SCALE_MODE 1 both ways).
+SWEEP_LAYOUTS = {"mode1/2": (96, 256, 64), "mode0 even K": (96, 200, 64), "mode0 odd K": (37, 131, 64)}
+SWEEP_LAYOUTS_FULL = {**SWEEP_LAYOUTS, "blocksize 256": (96, 512, 256)}
+SWEEP_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def sweep_launches(full: bool) -> list:
+    """The GEMM launches a caller can cause with the default tiles (module docstring, ``--sweep``);
+    ``full`` False: only the corners, where shared memory and registers peak."""
+    meta = dict(device="meta")
+    dense_m = nf4_gemm.DEQUANT_FIRST_MIN_M
+    # One M per BM bucket of the fused decode (16, 32, 64, 128 rows), and one M where W is dequantized first.
+    ms = (5, 19, 40, 100, dense_m) if full else (100, dense_m)
+    ranks = (None, 16, 256) if full else (256,)
+
+    def run():
+        for dtype in SWEEP_DTYPES:
+            for out_f, in_f, bs in (SWEEP_LAYOUTS_FULL if full else SWEEP_LAYOUTS).values():
+                w = _state(out_f, in_f, bs, double_quant=True)
+                for m in ms:
+                    x = torch.empty(m, in_f, dtype=dtype, **meta)
+                    g = torch.empty(m, out_f, dtype=dtype, **meta)
+                    for r in ranks:
+                        lt = None if r is None else torch.empty(m, r, **meta)
+                        fwd = None if r is None else (lt, torch.empty(out_f, r, dtype=dtype, **meta).t(), 2.0)
+                        bwd = None if r is None else (lt, torch.empty(r, in_f, dtype=dtype, **meta), 2.0)
+                        bias = torch.empty(out_f, dtype=dtype, **meta)
+                        mask = None if r is None else torch.empty(m, in_f, dtype=dtype, **meta)
+                        nf4_gemm.nf4_gemm(x, w, lora=fwd, bias=bias)
+                        nf4_gemm.nf4_gemm(g, w, transposed=True, lora=bwd, mask=mask)
+
+    return [c for c in _record(run) if c[0].__name__ == "_nf4_gemm_kernel"]
 
 
 def census(kernel, workdir: Path, name: str) -> dict:
@@ -261,20 +318,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arch", type=int, default=90, help="compute capability x10 (default 90: H100/H200)")
     p.add_argument("--dump", type=Path, default=None, help="keep PTX/SASS/cubin here (default: a temp dir)")
     p.add_argument("--tiles", action="store_true", help="also the candidates of gpu.py --only tiles")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--sweep", action="store_true", help="also every GEMM variant of the sweep (slow)")
+    which.add_argument("--corners", action="store_true", help="also the sweep's corners (what CI runs)")
     args = p.parse_args(argv)
     workdir = args.dump or Path(tempfile.mkdtemp(prefix="reflora-sass-"))
     workdir.mkdir(parents=True, exist_ok=True)
     target = GPUTarget("cuda", args.arch, 32)
     failures = []
     seen = set()
-    print(f"{'kernel variant':<104} {'regs':>4} {'stack':>5} {'smem':>6} " + " ".join(f"{o:>5}" for o in OPS))
-    launches = [(*c, False) for c in harness_launches()]
-    launches += [(*c, True) for c in tile_launches()] if args.tiles else []
-    for fn, call_args, kwargs, candidate in launches:
+    print(f"{'kernel variant':<150} {'regs':>4} {'stack':>5} {'smem':>6} " + " ".join(f"{o:>5}" for o in OPS))
+    launches = [(*c, "harness") for c in harness_launches()]
+    launches += [(*c, "tile") for c in tile_launches()] if args.tiles else []
+    launches += [(*c, "sweep") for c in sweep_launches(args.sweep)] if args.sweep or args.corners else []
+    for fn, call_args, kwargs, kind in launches:
         sig, consts, attrs = _signature(fn, call_args, kwargs)
         opts = {k: kwargs[k] for k in ("num_warps", "num_stages", "enable_fp_fusion") if k in kwargs}
         key = (
             fn.__name__,
+            tuple(sorted(sig.items())),
             tuple(sorted((k, str(v)) for k, v in consts.items())),
             tuple(sorted(attrs)),
             tuple(sorted(opts.items())),
@@ -283,16 +345,14 @@ def main(argv: list[str] | None = None) -> int:
             continue
         seen.add(key)
         kernel = triton.compile(ASTSource(fn, sig, consts, attrs), target=target, options=opts)
-        flags = [
-            f"{k}={v}"
-            for k, v in consts.items()
-            if k in ("W_T", "HAS_LORA", "HAS_MASK", "BM", "BP", "BQ", "BN", "BK", "MASK_ON", "TABLE_SHARED")
-        ]
+        flags = [f"{k}={v}" for k, v in consts.items() if k in SHOWN]
+        if fn.__name__ == "_nf4_gemm_kernel":
+            flags.insert(0, sig["a_ptr"].removeprefix("*"))
         flags += [f"{k.removeprefix('num_')[0]}{v}" for k, v in opts.items() if k.startswith("num_")]
         name = f"{fn.__name__}[{','.join(flags)}]"
         c = census(kernel, workdir, f"{fn.__name__}_{len(seen)}")
         print(
-            f"{name[:104]:<104} {c['regs']:>4} {c['stack']:>5} {c['dyn_shared']:>6} "
+            f"{name[:150]:<150} {c['regs']:>4} {c['stack']:>5} {c['dyn_shared']:>6} "
             + " ".join(f"{c[o]:>5}" for o in OPS)
         )
         if c["ftz_in_ptx"]:
@@ -307,18 +367,24 @@ def main(argv: list[str] | None = None) -> int:
             )
         if fn.__name__ == "_nf4_gemv_kernel" and not c["LDG.E.128"]:
             failures.append(f"{name}: no LDG.E.128: the packed codes are not read 16 bytes at a time")
-        if fn.__name__ == "_nf4_gemm_kernel" and c["cp.async 8 B"]:
+        # The 16-byte checks hold for the harness's shapes, whose rows are whole multiples of 16 bytes.
+        if fn.__name__ == "_nf4_gemm_kernel" and kind == "harness" and c["cp.async 8 B"]:
             failures.append(
                 f"{name}: {c['cp.async 8 B']} 8-byte async copies: the codes are not copied 16 at a time"
             )
-        if fn.__name__ == "_nf4_gemm_kernel" and args.arch >= 90 and not c["HGMMA"]:
-            failures.append(f"{name}: no HGMMA: the 16-bit GEMM is not on Hopper's tensor-core path")
+        # Tensor cores for 16-bit operands: HGMMA (wgmma) where a warpgroup gets 64 rows, HMMA below.
+        sixteen_bit = fn.__name__ == "_nf4_gemm_kernel" and sig.get("a_ptr") in ("*fp16", "*bf16")
+        mma = "HGMMA" if args.arch >= 90 and consts.get("BM", 0) >= 64 else "HMMA"
+        if sixteen_bit and not c[mma]:
+            failures.append(f"{name}: no {mma}: the 16-bit GEMM is not on the tensor-core path")
         if c["dyn_shared"] > SMEM_LIMIT.get(args.arch, 1 << 30):
             failures.append(f"{name}: {c['dyn_shared']} B of shared memory, more than a block may have")
         if c["stack"] or c["LDL"] or c["STL"]:
             spill = f"{name} spills ({c['stack']} B stack, {c['LDL']} LDL / {c['STL']} STL)"
-            if candidate:  # a sweep candidate that spills would spend GPU time on a known loser
+            if kind == "tile":  # a sweep candidate that spills would spend GPU time on a known loser
                 failures.append(f"{spill}: not a tile candidate worth timing")
+            elif kind == "sweep" and c["stack"] > SWEEP_STACK_LIMIT:
+                failures.append(f"{spill}: more than the {SWEEP_STACK_LIMIT} B a default may spill")
             else:
                 print(f"  note: {spill}")
     print(f"PTX/SASS in {workdir}")

@@ -11,7 +11,8 @@ What it does, in order:
 3. Batch-1 GEMV on a matrix of that shape: reflora, bitsandbytes' 4-bit inference path
    (``matmul_4bit`` without grad), a bf16 cuBLAS GEMV. us and % of copy bandwidth.
 4. QLoRA MLP of a Llama-7B layer (hidden 4096, intermediate 11008, 8192 tokens, r=16), forward +
-   backward: reflora, PEFT + bitsandbytes, bf16 dense weights + PEFT LoRA. ms.
+   backward: reflora (by default W dequantized once per GEMM at this M; also the in-tile decode and
+   its shared-memory table variant), PEFT + bitsandbytes, bf16 dense weights + PEFT LoRA. ms.
 5. Only with ``--only tiles``: a tile sweep. Candidate GemmConfigs for the MLP's GEMMs (forward and
    grad_x, each with its LoRA epilogue) and GemvConfigs for the GEMV, each checked, then timed beside
    the default (the row named "reflora triton"); its speedup column then reads default / candidate.

@@ -109,7 +109,11 @@ def test_gpu_session_refuses_bad_phases_before_running_any(args, message, tmp_pa
         ["bash", str(BENCH / "gpu_session.sh"), *args], capture_output=True, text=True, env=env, timeout=60
     )
     assert done.returncode == 2
-    assert message in done.stderr and "phases: check harness tiles audit conform tests" in done.stderr
+    assert (
+        message in done.stderr
+        and "phases: check harness tiles audit audit-dequant audit-forward audit-backward conform tests"
+        in done.stderr
+    )
     assert not any(tmp_path.iterdir())  # no phase ran, no log written
 
 
@@ -136,6 +140,7 @@ def test_tile_sweep_times_the_default_first_and_records_configs_that_do_not_comp
     assert rows[0].note == f"default: {cases.tile_name(default)}" and rows[1].check == "ok"
     assert rows[2].check == "not run" and "RuntimeError: out of resource" in rows[2].note
     assert cases.tile_name(cases.GEMM_TILES[-1]).endswith("+shared")
+    assert cases.tile_name(cases.GEMM_TILES[0]).endswith("+dq")  # M = 8192: W dequantized first
 
     def wrong(out):
         raise cases.ConformanceError("tiles: x: |computed - float64| reaches 3 x the derived bound")

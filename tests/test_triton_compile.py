@@ -4,7 +4,11 @@ twice), no flush-to-zero, tensor-core MMA (HGMMA) in the 16-bit GEMMs. Runs
 benchmarks/_gpu_compile_check.py in a subprocess, because it needs compiled (not interpreted) kernels
 and tests/conftest.py puts the test process on the interpreter when there is no GPU. It also checks that the
 dequantize kernel, the GEMV and the GEMMs read their packed codes 16 bytes at a time, and (``--tiles``) that
-every candidate of the GPU harness's tile sweep compiles without spilling and within sm_90's shared memory."""
+every candidate of the GPU harness's tile sweep compiles without spilling and within sm_90's shared memory;
+and (``--corners``) that the GEMM's default tiles fit sm_90's 227 KB of shared memory without spills where
+they need the most: every activation dtype, W layout (SCALE_MODE 0/1/2, odd K) and orientation, the largest
+fused M bucket, rank 256, and W dequantized first. The full sweep (``--sweep``: every M bucket and rank,
+about 10 minutes here) is run by test_gemm_sweep_compiles_within_sm90_limits when REFLORA_SLOW_TESTS=1."""
 
 import os
 import subprocess
@@ -25,7 +29,7 @@ def test_kernels_compile_for_sm90_without_fma_ftz_and_with_hgmma(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
     done = subprocess.run(
-        [sys.executable, str(TOOL), "--tiles", "--dump", str(tmp_path / "sass")],
+        [sys.executable, str(TOOL), "--tiles", "--corners", "--dump", str(tmp_path / "sass")],
         capture_output=True,
         text=True,
         env=env,
@@ -36,3 +40,25 @@ def test_kernels_compile_for_sm90_without_fma_ftz_and_with_hgmma(tmp_path):
     for kernel in ("_dequant_kernel", "_nf4_gemm_kernel", "_nf4_gemv_kernel", "_lowrank_kernel"):
         assert any(line.startswith(kernel) for line in lines), f"{kernel} was not compiled:\n{done.stdout}"
     assert list((tmp_path / "sass").glob("*.sass"))
+    gemms = [line for line in lines if line.startswith("_nf4_gemm_kernel[")]
+    for dtype in ("fp32", "fp16", "bf16"):  # the corners of the sweep were compiled
+        for variant in ("DENSE_W=True", "SCALE_MODE=0", "PAIRED=False"):
+            found = [g for g in gemms if g.startswith(f"_nf4_gemm_kernel[{dtype},") and variant in g]
+            assert found, f"no {dtype} GEMM with {variant} was compiled"
+
+
+@pytest.mark.skipif(not PTXAS.exists(), reason="this triton build ships no ptxas")
+@pytest.mark.skipif(os.environ.get("REFLORA_SLOW_TESTS") != "1", reason="~10 min: set REFLORA_SLOW_TESTS=1")
+def test_gemm_sweep_compiles_within_sm90_limits(tmp_path):
+    """Every GEMM variant of the sweep (dtype x W layout x orientation x M bucket x rank) fits sm_90's
+    shared memory and spills no more than the compile check's SWEEP_STACK_LIMIT."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    done = subprocess.run(
+        [sys.executable, str(TOOL), "--sweep", "--dump", str(tmp_path / "sass")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1800,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr

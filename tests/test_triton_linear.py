@@ -33,6 +33,7 @@ if not INTERPRET and not torch.cuda.is_available():
     pytest.skip("TRITON_INTERPRET is not 1 and there is no CUDA device", allow_module_level=True)
 DEVICE = "cpu" if INTERPRET else "cuda"
 
+from reflora.backends.triton import gemm as gemm_module  # noqa: E402
 from reflora.backends.triton import (  # noqa: E402
     launch_counts,
     lowrank_matmul,
@@ -43,7 +44,7 @@ from reflora.backends.triton import (  # noqa: E402
     reset_launch_counts,
 )
 from reflora.backends.triton.backend import TritonBackend  # noqa: E402
-from reflora.backends.triton.gemm import GemmConfig  # noqa: E402
+from reflora.backends.triton.gemm import DEQUANT_FIRST_MIN_M, GemmConfig  # noqa: E402
 from reflora.backends.triton.gemm import default_config as gemm_default  # noqa: E402
 from reflora.backends.triton.gemv import GemvConfig  # noqa: E402
 from reflora.backends.triton.gemv import default_config as gemv_default  # noqa: E402
@@ -163,6 +164,8 @@ GEMM_CASES = [
     pytest.param(20, 40, 192, 32, True, GemmConfig(bm=16, bp=32, bq=64), id="two-scales-per-tile-row"),
     pytest.param(1, 17, 256, 64, False, None, id="one-row"),
     pytest.param(16, 9, 70, 32, False, GemmConfig(bm=16, bp=16, bq=32), id="evenK-blocks-straddle-rows"),
+    # grad_x tiles 64 wide over blocks of 32 that straddle rows: a tile row touches 3 blocks
+    pytest.param(16, 9, 70, 32, True, GemmConfig(bm=16, bp=64, bq=16), id="three-blocks-per-tile-row"),
 ]
 
 
@@ -210,6 +213,56 @@ def test_gemm_table_in_shared_memory_gives_the_same_bits(m, n, k, bs, dq, cfg):
             want = nf4_gemm(a, ts, transposed=transposed, config=glob, **kw)
             got = nf4_gemm(a, ts, transposed=transposed, config=shared, **kw)
             assert np.array_equal(bits(got.cpu()), bits(want.cpu())), (transposed, sorted(kw))
+
+
+@pytest.mark.parametrize(("m", "n", "k", "bs", "dq", "cfg"), GEMM_CASES)
+def test_gemm_dequantize_first_gives_the_same_bits(m, n, k, bs, dq, cfg, monkeypatch):
+    """dequantize_first (W decoded once into a scratch buffer, then read as a dense operand) changes
+    where W is decoded, not its bits or the order of any sum: both orientations, with the LoRA
+    epilogue (rank 37: three chunks), a mask and a bias, agree bit for bit with the in-tile decode.
+    The scratch W is not kept once the call returns."""
+    ts, _ = make_weight(n, k, bs, dq, seed=m + n, dtype="bfloat16")
+    kept = []
+    dequantize = gemm_module.dequantize
+    monkeypatch.setattr(gemm_module, "dequantize", lambda *a: kept.append(w := dequantize(*a)) or w)
+    for dtype in ("bfloat16", "float32") if cfg is None else ("bfloat16",):
+        x = rand((m, k), dtype, seed=k).to(DEVICE)
+        g = rand((m, n), dtype, seed=n).to(DEVICE)
+        lt = rand((m, 37), "float32", seed=1).to(DEVICE)
+        for transposed, a, p, q in ((False, x, n, k), (True, g, k, n)):
+            rt = rand((37, p), dtype, seed=2).to(DEVICE)
+            mask = (rand((m, p), "float32", seed=3) > 0).float().to(DEVICE)
+            bias = rand((p,), dtype, seed=4).to(DEVICE)
+            fused = dataclasses.replace(cfg or gemm_default(m, p, q, bs), dequantize_first=False)
+            first = dataclasses.replace(fused, dequantize_first=True)
+            for kw in ({}, {"lora": (lt, rt, 0.5), "mask": mask, "bias": bias}):
+                want = nf4_gemm(a, ts, transposed=transposed, config=fused, **kw)
+                reset_launch_counts()
+                got = nf4_gemm(a, ts, transposed=transposed, config=first, **kw)
+                assert launch_counts() == {"dequant": 1, "nf4_gemm": 1}
+                assert np.array_equal(bits(got.cpu()), bits(want.cpu())), (dtype, transposed, sorted(kw))
+    import gc
+    import weakref
+
+    refs = [weakref.ref(w) for w in kept]
+    del kept[:]
+    gc.collect()
+    assert refs and all(r() is None for r in refs)  # nothing held the scratch W
+
+
+def test_gemm_default_config_on_a_gpu(monkeypatch):
+    """default_config's GPU branch (pure Python): W dequantized first from DEQUANT_FIRST_MIN_M rows;
+    float32 gets its own small tiles; 2 stages where scales are gathered an element; 64-wide tiles
+    for rows that are not a multiple of 16 elements."""
+    monkeypatch.setattr(gemm_module, "INTERPRET", False)
+    cfg = gemm_module.default_config
+    assert cfg(DEQUANT_FIRST_MIN_M, 11008, 4096, 64).dequantize_first
+    below = cfg(DEQUANT_FIRST_MIN_M - 1, 11008, 4096, 64)
+    assert not below.dequantize_first and (below.bm, below.bp, below.num_stages) == (128, 128, 3)
+    assert cfg(100, 11008, 4096, 64, scale_per_element=True).num_stages == 2
+    assert cfg(100, 11008, 4100, 64).bp == 64
+    f32 = cfg(100, 11008, 4096, 64, torch.float32)
+    assert (f32.bm, f32.bp, f32.bq, f32.num_stages) == (32, 64, 16, 2)
 
 
 @pytest.mark.parametrize(("m", "n", "k"), [(1, 37, 131), (4, 16, 256)], ids=["1x37x131-oddK", "4x16x256"])
@@ -277,12 +330,16 @@ def test_lowrank_strided_masked_split(split):
 
 # --------------------------------------------------------------------------------------------- qlora_linear
 
+FIRST_M = DEQUANT_FIRST_MIN_M
 QLORA_CASES = [
     # M, N, K, r, blocksize, dq, x dtype, adapter dtype, scaling, bias, dropout
     pytest.param(19, 37, 70, 4, 64, True, "bfloat16", "float32", 2.0, True, True, id="bf16-x-f32-lora-all"),
     pytest.param(19, 37, 70, 4, 32, False, "float16", "float16", 16 / math.sqrt(4), False, True, id="rslora"),
     pytest.param(19, 37, 131, 1, 64, True, "float32", "float32", 16 / 7**0.5, True, False, id="rank1-oddK"),
     pytest.param(1, 21, 67, 3, 32, False, "bfloat16", "bfloat16", 0.5, True, True, id="one-row-gemv"),
+    pytest.param(21, 37, 70, 37, 64, True, "float16", "float32", 0.5, False, True, id="rank37-chunked"),
+    # From DEQUANT_FIRST_MIN_M rows the default dequantizes W first, in the forward and in grad_x.
+    pytest.param(FIRST_M, 37, 70, 20, 64, True, "bfloat16", "bfloat16", 2.0, True, True, id="dequant-first"),
 ]
 
 
@@ -426,6 +483,21 @@ def test_frozen_inputs_get_no_grad_and_launches_are_recorded():
     reset_launch_counts()
     qlora_linear(x[:1], ts, a, b, 1.0)
     assert launch_counts() == {"lowrank": 1, "nf4_gemv": 1}
+
+
+def test_from_dequant_first_min_m_rows_w_is_dequantized_once_per_gemm():
+    """Forward and grad_x each dequantize W into a scratch buffer, then run the dense-W GEMM."""
+    m = DEQUANT_FIRST_MIN_M
+    ts, _, x, a, b, _, _ = _qlora_inputs(m, 21, 64, 2, 64, False, "bfloat16", "bfloat16", False, False)
+    x.requires_grad_()
+    reset_launch_counts()
+    y = qlora_linear(x, ts, a, b, 1.0)
+    assert launch_counts() == {"lowrank": 1, "dequant": 1, "nf4_gemm": 1}
+    y.sum().backward()  # grad_x (dequant + nf4_gemm) and u = g B; A and B are frozen
+    assert launch_counts() == {"lowrank": 2, "dequant": 2, "nf4_gemm": 2}
+    reset_launch_counts()
+    qlora_linear(x[: m - 1], ts, a, b, 1.0)
+    assert launch_counts() == {"lowrank": 1, "nf4_gemm": 1}
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))

@@ -199,8 +199,8 @@ def launch_options(ts: TorchQuantState | None = None) -> dict:
 def scale_mode(k: int, blocksize: int, tile_cols: int) -> int:
     """w_tile's SCALE_MODE for W with k columns read in tiles tile_cols wide (a power of two).
 
-    1: one absmax per tile row; 2: tile_cols // blocksize per row; 0: one per element (needed when a
-    block can straddle two rows, i.e. k is not a multiple of blocksize).
+    1: one absmax per tile row; 2: tile_cols // blocksize per row; 0: blocks can straddle two rows
+    (k is not a multiple of blocksize), so each element picks among the few blocks its tile row touches.
     """
     if k % blocksize:
         return 0
@@ -374,10 +374,42 @@ def w_tile(
         by_block = tl.reshape(value, (value.shape[0], PER_ROW, BLOCKSIZE))
         w = tl.reshape(by_block * scale[:, :, None], value.shape)
     else:
-        # General: blocks may straddle rows (K not a multiple of blocksize); one gather an element.
-        blk = (rows[:, None] * K + cols[None, :]) // BLOCKSIZE
-        scale = absmax_of(
-            blk, absmax_ptr, absmax_q_ptr, absmax2_ptr, code2_ptr, offset, inside, DOUBLE_QUANT, BLOCKSIZE2
-        )
+        # General: blocks may straddle rows (K not a multiple of blocksize). A tile row's BC
+        # consecutive elements touch at most SPAN blocks (2 when BC <= BLOCKSIZE): gather SPAN scales
+        # a row and let each element pick its block's, rather than one gather an element (whose
+        # pipelined copies would take BR * BC * 9 bytes of shared memory a stage with double quant).
+        SPAN: tl.constexpr = (BC + BLOCKSIZE - 2) // BLOCKSIZE + 1
+        first = (rows * K + col0) // BLOCKSIZE  # (BR,): the block of each row's first tile element
+        last = (rows * K + tl.minimum(col0 + BC, K) - 1) // BLOCKSIZE
+        pick = (rows[:, None] * K + cols[None, :]) // BLOCKSIZE - first[:, None]  # 0 .. SPAN-1 inside W
+        scale = tl.zeros((rows.shape[0], BC), dtype=tl.float32)
+        for j in tl.static_range(SPAN):
+            blk = first + j
+            ok = (rows < N) & (blk <= last)
+            s = absmax_of(
+                blk, absmax_ptr, absmax_q_ptr, absmax2_ptr, code2_ptr, offset, ok, DOUBLE_QUANT, BLOCKSIZE2
+            )
+            scale = tl.where(pick == j, s[:, None], scale)
         w = value * scale
     return tl.where(inside, w, 0.0)
+
+
+DEFAULT_SMS = 132
+"""SMs assumed where no CUDA device can be asked (the interpreter, ``meta`` tensors): an H100 SXM's."""
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (132 on an H100 SXM, 114 on an H100 PCIe), read from
+    the driver for a CUDA device; :data:`DEFAULT_SMS` for any other device (the interpreter's CPU
+    tensors, ``meta`` tensors), where grid sizes only need to be plausible."""
+    if device.type != "cuda":
+        return DEFAULT_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def check_reach(name: str, t: torch.Tensor) -> None:
+    """ValueError unless every element of ``t`` (any dtype) lies within int32 offsets of its first:
+    :func:`check_float`'s reach rule for tensors whose dtype it does not restrict (a dropout mask)."""
+    reach = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride(), strict=True))
+    if reach >= 2**31 or t.numel() >= 2**31:
+        raise ValueError(f"{name} spans {reach + 1} elements; the kernels index with int32 (< 2**31)")

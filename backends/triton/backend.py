@@ -4,7 +4,8 @@ Ops and the kernels that serve them (:mod:`reflora.backends.triton`):
 
 * ``dequantize_4bit``: :func:`~reflora.backends.triton.dequantize` (kernel ``dequant``), bit-exact.
 * ``qlora_forward`` / ``qlora_backward``: :func:`~reflora.backends.triton.qlora_linear` and torch autograd
-  through its ``autograd.Function`` (kernels ``lowrank`` and ``nf4_gemm`` / ``nf4_gemv``).
+  through its ``autograd.Function`` (kernels ``lowrank`` and ``nf4_gemm`` / ``nf4_gemv``; from
+  ``gemm.DEQUANT_FIRST_MIN_M`` rows also ``dequant`` before each ``nf4_gemm``, same W bits).
 * ``quantize_4bit``, ``lora_forward``, ``lora_backward``, ``lora_merge``: unsupported (no kernel: the
   kernels quantize nothing and take the base weight only as a 4-bit state).
 

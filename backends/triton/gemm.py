@@ -13,9 +13,16 @@ for the output columns and Q for the reduction, each program owns a (BM, BP) out
 in BQ steps: it loads the packed bytes of a W tile, decodes them with their block scales
 (:func:`_common.w_tile`; the double-quant reconstruction included), rounds the tile once to the
 activation dtype -- exactly ``reflora.nf4.dequantize(state, dtype)`` -- and feeds it to ``tl.dot``
-with float32 accumulation. W is never written to global memory. The low-rank term is one more small
-dot (r padded to 16) added to the float32 accumulator before the single rounding to the output
-dtype: no second pass over the output.
+with float32 accumulation. The low-rank term is a few more small dots (r in chunks of LORA_CHUNK)
+added to the float32 accumulator before the single rounding to the output dtype: no second pass
+over the output.
+
+From ``DEQUANT_FIRST_MIN_M`` rows (``GemmConfig.dequantize_first``) the decode leaves the tile: W is
+dequantized once by the dequantize kernel (:func:`reflora.backends.triton.dequant.dequantize`,
+bit-identical) into a scratch buffer of the activation dtype, freed when the call returns, and the
+same kernel (``DENSE_W``) loads W tiles from it like any dense operand, which Triton pipelines with
+asynchronous copies and overlapped tensor-core MMAs. Same W bits, same dots, same epilogue: the
+declared arithmetic and the bound do not change.
 
 Arithmetic: operands in the activation dtype (float32 operands use an IEEE dot, not tf32), float32
 accumulation, t/u kept in float32, one final rounding. No division anywhere, so no fast-math
@@ -51,8 +58,9 @@ from reflora.backends.triton._common import (
     state_args,
     w_tile,
 )
+from reflora.backends.triton.dequant import dequantize
 
-__all__ = ["GemmConfig", "nf4_gemm"]
+__all__ = ["DEQUANT_FIRST_MIN_M", "GemmConfig", "nf4_gemm"]
 
 KERNEL = "nf4_gemm"
 TOLERANCE = "BOUND"
@@ -60,9 +68,45 @@ REFERENCE = "reflora.qlora.forward / backward (float64 x @ dequantize(W)^T, grad
 
 
 @triton.jit
+def _low_rank(
+    l_ptr,  # float32 (M, R) contiguous
+    rt_ptr,  # (R, P) float, strided
+    rm,  # (BM,) output rows
+    rp,  # (BP,) output columns
+    M,
+    P,
+    R,
+    stride_rtr,
+    stride_rtp,
+    BM: tl.constexpr,
+    BP: tl.constexpr,
+    BR: tl.constexpr,  # rank chunk
+    ONE_CHUNK: tl.constexpr,  # R <= BR: one dot, no loop (fewer registers)
+    EMULATE_BF16: tl.constexpr,
+):
+    """float32 (BM, BP) ``l[rm, :] @ rt[:, rp]`` in rank chunks of BR (IEEE float32 dots), so that its
+    tiles (and their shared memory) do not grow with R; the loop is not pipelined (num_stages=1): it
+    runs once a tile, after the main loop."""
+    low = tl.zeros((BM, BP), dtype=tl.float32)
+    for r0 in tl.range(0, 1 if ONE_CHUNK else R, BR, num_stages=1):
+        rr = r0 + tl.arange(0, BR)
+        lt = tl.load(
+            l_ptr + rm[:, None] * R + rr[None, :], mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0
+        )
+        rt = tl.load(
+            rt_ptr + rr[:, None] * stride_rtr + rp[None, :] * stride_rtp,
+            mask=(rr[:, None] < R) & (rp[None, :] < P),
+            other=0.0,
+        )
+        low = tl.dot(lt, load_f32(rt, EMULATE_BF16), low, input_precision="ieee")
+    return low
+
+
+@triton.jit
 def _nf4_gemm_kernel(
     a_ptr,  # (M, Q) activation dtype, strided: x (forward) or grad_y (grad_x)
-    packed_ptr,  # W state: see _common.w_tile
+    w_ptr,  # (N_W, K_W) activation dtype, contiguous: W already dequantized (read when DENSE_W)
+    packed_ptr,  # W state: see _common.w_tile (read unless DENSE_W)
     absmax_ptr,
     absmax_q_ptr,
     absmax2_ptr,
@@ -89,6 +133,7 @@ def _nf4_gemm_kernel(
     stride_mm,
     stride_mp,
     W_T: tl.constexpr,  # False: out = a @ W^T; True: out = a @ W
+    DENSE_W: tl.constexpr,  # W tiles loaded from w_ptr instead of decoded from the 4-bit state
     HAS_LORA: tl.constexpr,
     HAS_MASK: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -101,7 +146,8 @@ def _nf4_gemm_kernel(
     BM: tl.constexpr,
     BP: tl.constexpr,
     BQ: tl.constexpr,
-    BR: tl.constexpr,  # R padded to a power of two >= 16
+    BR: tl.constexpr,  # the rank's chunk in the low-rank epilogue (LORA_CHUNK)
+    ONE_CHUNK: tl.constexpr,  # R <= BR
     GROUP_M: tl.constexpr,  # M tiles walked together, so that W tiles are reused from L2
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 operands (never tf32); moot for 16-bit ones
     EMULATE_BF16: tl.constexpr,
@@ -127,7 +173,16 @@ def _nf4_gemm_kernel(
             mask=(rm[:, None] < M) & (rq[None, :] < Q),
             other=0.0,
         )
-        if W_T:
+        if DENSE_W:
+            # W already in the activation dtype (bit-identical to the decode below): a plain tile load.
+            # Forward: (BQ, BP) = W[rp, rq]^T; grad_x: (BQ, BP) = W[rq, rp]. Q, P follow the orientation.
+            if W_T:
+                w_offs = rq[:, None] * K_W + rp[None, :]
+            else:
+                w_offs = rp[None, :] * K_W + rq[:, None]
+            w = tl.load(w_ptr + w_offs, mask=(rq[:, None] < Q) & (rp[None, :] < P), other=0.0)
+            w = dot_operand(w, EMULATE_BF16)
+        elif W_T:
             # W rows are the reduction: tile (BQ, BP) = W[rq, rp], already the dot's (Q, P) layout.
             w = w_tile(
                 packed_ptr,
@@ -175,20 +230,16 @@ def _nf4_gemm_kernel(
                     TABLE_SHARED,
                 )
             )
-        # The one rounding of W: to the activation dtype, as reflora.nf4.dequantize(state, dtype).
-        w = dot_operand(round_to(w, dtype, EMULATE_BF16), EMULATE_BF16)
+        if not DENSE_W:
+            # The one rounding of W: to the activation dtype, as reflora.nf4.dequantize(state, dtype).
+            w = dot_operand(round_to(w, dtype, EMULATE_BF16), EMULATE_BF16)
         acc = tl.dot(dot_operand(a, EMULATE_BF16), w, acc, input_precision=DOT_PRECISION)
 
     if HAS_LORA:
-        rr = tl.arange(0, BR)
-        lr_ok = (rm[:, None] < M) & (rr[None, :] < R)
-        lt = tl.load(l_ptr + rm[:, None] * R + rr[None, :], mask=lr_ok, other=0.0)
-        rt = tl.load(
-            rt_ptr + rr[:, None] * stride_rtr + rp[None, :] * stride_rtp,
-            mask=(rr[:, None] < R) & (rp[None, :] < P),
-            other=0.0,
+        low = _low_rank(
+            l_ptr, rt_ptr, rm, rp, M, P, R, stride_rtr, stride_rtp, BM, BP, BR, ONE_CHUNK, EMULATE_BF16
         )
-        low = tl.dot(lt, load_f32(rt, EMULATE_BF16), input_precision="ieee") * scaling
+        low = low * scaling
         if HAS_MASK:
             m = tl.load(
                 mask_ptr + rm[:, None] * stride_mm + rp[None, :] * stride_mp,
@@ -203,10 +254,24 @@ def _nf4_gemm_kernel(
     tl.store(out_ptr + rm[:, None] * P + rp[None, :], out, mask=(rm[:, None] < M) & (rp[None, :] < P))
 
 
+# From this many rows of a up, W is dequantized once into a scratch buffer and the GEMM reads it as
+# a dense operand (GemmConfig.dequantize_first). The in-tile decode is repeated by each of the
+# ceil(M / BM) row tiles that reads a W tile (64 times at M = 8192, BM = 128), and in the sm_90
+# machine code it is ~440 instructions a thread per 128x128x64 step, with the tensor-core MMA waited
+# on every step; the dense-W loop is ~110-120, with one MMA group left in flight. The extra pass
+# costs a read of the 4-bit W and a write of the 16-bit one (~37 us for a 4096 x 11008 W at 3 TB/s,
+# an estimate), small against the GEMM from a few row tiles up; 256 rows (two 128-row tiles) is a
+# first choice for the GPU run's tile phase to confirm or move. Below it the decode stays in the
+# tile: a small M is bandwidth-bound, and the 4-bit W is the smaller read.
+DEQUANT_FIRST_MIN_M = 256
+
+
 @dataclass(frozen=True)
 class GemmConfig:
-    """Tile sizes (powers of two, >= 16), the L2 grouping, launch resources, and how the 4-bit table
-    is read (``table``: "global" or "shared", see :func:`_common.w_tile`; the same values either way)."""
+    """Tile sizes (powers of two, >= 16), the L2 grouping, launch resources, how the 4-bit table is
+    read (``table``: "global" or "shared", see :func:`_common.w_tile`; the same values either way),
+    and whether W is first dequantized into a scratch buffer of the activation dtype
+    (``dequantize_first``, see ``DEQUANT_FIRST_MIN_M``; the same bits of W either way)."""
 
     bm: int
     bp: int
@@ -215,22 +280,55 @@ class GemmConfig:
     num_warps: int = 4
     num_stages: int = 3
     table: str = "global"
+    dequantize_first: bool = False
 
     def __post_init__(self):
         check_table(self.table)
         check_power_of_two("GemmConfig", bm=(self.bm, 16), bp=(self.bp, 16), bq=(self.bq, 16),
                            num_warps=(self.num_warps, 1))  # fmt: skip
         check_positive_int("GemmConfig", group_m=self.group_m, num_stages=self.num_stages)
+        if not isinstance(self.dequantize_first, bool):
+            raise ValueError(f"GemmConfig.dequantize_first must be a bool, got {self.dequantize_first!r}")
 
 
-def default_config(m: int, p: int, q: int, blocksize: int) -> GemmConfig:
-    """Heuristic tiles. On a GPU: 128x128 output tiles (64 rows for small M), 64-wide reduction steps
-    but never wider than a quantization block, so each W-tile row has one absmax. Under the
+def default_config(
+    m: int,
+    p: int,
+    q: int,
+    blocksize: int,
+    dtype: torch.dtype = torch.bfloat16,
+    scale_per_element: bool = False,
+) -> GemmConfig:
+    """Heuristic tiles for an (m, q) @ (q, p) product in ``dtype`` over W of ``blocksize`` blocks;
+    ``scale_per_element``: W's column count is not a multiple of the blocksize (w_tile's SCALE_MODE 0).
+
+    On a GPU, 16-bit activations: 128x128 output tiles (64 rows or fewer for small M), 64-wide
+    reduction steps but never wider than a quantization block, so each W-tile row has one absmax;
+    3 stages, 2 when blocks straddle rows (SCALE_MODE 0). Rows whose length is not a multiple of 16
+    elements (p or q) cannot be read in 16-byte pieces, and at 128x128 the scalar addresses and the
+    LoRA epilogue's second float32 tile spill: 64 columns then. float32 activations (IEEE dots on CUDA
+    cores, whose operands are held in registers): 32x64 tiles, 16-wide steps, 2 stages. From
+    ``DEQUANT_FIRST_MIN_M`` rows W is dequantized first and read as a dense operand (4 stages for
+    16-bit). Each of these compiles for sm_90 within its shared memory and with at most a few
+    spilled registers outside the main loop (``benchmarks/_gpu_compile_check.py --sweep``). Under the
     interpreter: 16-32 wide tiles, so that test shapes cross several tiles and ragged edges."""
+    first = m >= DEQUANT_FIRST_MIN_M
     if INTERPRET:
-        return GemmConfig(bm=next_pow2(min(m, 32), 16), bp=32, bq=16, group_m=2)
+        return GemmConfig(bm=next_pow2(min(m, 32), 16), bp=32, bq=16, group_m=2, dequantize_first=first)
+    if dtype == torch.float32:
+        return GemmConfig(bm=next_pow2(min(m, 32), 16), bp=64, bq=16, group_m=8, num_warps=4, num_stages=2,
+                          dequantize_first=first)  # fmt: skip
+    bp = 64 if p % 16 or q % 16 else 128
+    if first:
+        return GemmConfig(bm=128, bp=bp, bq=64, group_m=8, num_warps=8, num_stages=4, dequantize_first=True)
     bm = 128 if m > 64 else next_pow2(m, 16)
-    return GemmConfig(bm=bm, bp=128, bq=min(64, blocksize), group_m=8, num_warps=8 if bm == 128 else 4)
+    return GemmConfig(bm=bm, bp=bp, bq=min(64, blocksize), group_m=8, num_warps=8 if bm == 128 else 4,
+                      num_stages=2 if scale_per_element else 3)  # fmt: skip
+
+
+# The low-rank epilogue's rank chunk (the kernel's BR): its float32 tiles (BM, 16) and (16, BP) and
+# the shared memory Triton gives them do not grow with r. 32 spills at 128x128 tiles, 8 warps.
+LORA_CHUNK = 16
 
 
 def nf4_gemm(
@@ -251,7 +349,8 @@ def nf4_gemm(
       adds ``scaling * (l @ rt)`` to each output tile before its rounding.
     mask: (M, P) float, any strides: multiplies the low-rank term elementwise (needs ``lora``).
     bias: (P,) float: added in float32 before the rounding.
-    config: tiles; default :func:`default_config`.
+    config: tiles; default :func:`default_config` (which, from ``DEQUANT_FIRST_MIN_M`` rows, first
+      dequantizes W into a transient buffer of a's dtype: one more launch, ``dequant``).
     Returns a new contiguous (M, P) tensor in a's dtype.
     """
     check_state(ts, matrix=True)
@@ -277,14 +376,34 @@ def nf4_gemm(
         raise ValueError(
             f"the output ({m}, {p}) has {m * p} elements; the kernels index with int32 (< 2**31)"
         )
-    cfg = config or default_config(m, p, q, ts.blocksize)
+    cfg = config or default_config(m, p, q, ts.blocksize, a.dtype, k_w % ts.blocksize != 0)
     w_cols = cfg.bp if transposed else cfg.bq  # the W-tile width along W's columns
+    if cfg.dequantize_first:
+        # A scratch W in a's dtype, bit-identical to the in-tile decode; freed when this call returns
+        # (the caching allocator reuses the block for the next layer's), never kept per layer.
+        w_dense = dequantize(ts, a.dtype)
+        state = (dummy,) * 6 + (0.0,)  # unread under DENSE_W
+        # Fixed decode constexprs: one compiled dense variant whatever the state's layout.
+        decode = dict(BLOCKSIZE=64, BLOCKSIZE2=256, DOUBLE_QUANT=False, PAIRED=True, TABLE_SHARED=False,
+                      SCALE_MODE=1)  # fmt: skip
+    else:
+        w_dense = a  # unread
+        state = state_args(ts)
+        decode = dict(
+            BLOCKSIZE=ts.blocksize,
+            BLOCKSIZE2=ts.blocksize2,
+            DOUBLE_QUANT=ts.double_quant,
+            PAIRED=k_w % 2 == 0,
+            TABLE_SHARED=cfg.table == "shared",
+            SCALE_MODE=scale_mode(k_w, ts.blocksize, w_cols),
+        )
     out = torch.empty((m, p), dtype=a.dtype, device=a.device)
     m_arg = mask if mask is not None else dummy
     grid = (triton.cdiv(m, cfg.bm) * triton.cdiv(p, cfg.bp),)
     _nf4_gemm_kernel[grid](
         a,
-        *state_args(ts),
+        w_dense,
+        *state,
         l_t,
         rt,
         m_arg,
@@ -305,19 +424,16 @@ def nf4_gemm(
         m_arg.stride(0) if mask is not None else 0,
         m_arg.stride(1) if mask is not None else 0,
         W_T=transposed,
+        DENSE_W=cfg.dequantize_first,
         HAS_LORA=lora is not None,
         HAS_MASK=mask is not None,
         HAS_BIAS=bias is not None,
-        BLOCKSIZE=ts.blocksize,
-        BLOCKSIZE2=ts.blocksize2,
-        DOUBLE_QUANT=ts.double_quant,
-        PAIRED=k_w % 2 == 0,
-        TABLE_SHARED=cfg.table == "shared",
-        SCALE_MODE=scale_mode(k_w, ts.blocksize, w_cols),
+        **decode,
         BM=cfg.bm,
         BP=cfg.bp,
         BQ=cfg.bq,
-        BR=next_pow2(r, 16),
+        BR=LORA_CHUNK,
+        ONE_CHUNK=r <= LORA_CHUNK,
         GROUP_M=cfg.group_m,
         DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         EMULATE_BF16=INTERPRET,
@@ -326,4 +442,5 @@ def nf4_gemm(
         **launch_options(ts),
     )
     record_launch(KERNEL)
+    del w_dense  # the scratch W (if any) goes back to the allocator now, not when out is freed
     return out

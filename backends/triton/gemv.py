@@ -8,10 +8,11 @@ With one to four rows of x the product is bound by reading W once (N*K/2 bytes o
 scales), not by arithmetic, so there is no tensor-core dot: each program streams a BN-row stripe of
 W along K in BK-wide steps, decodes it in registers (:func:`_common.w_tile`), rounds it once to the
 activation dtype (the operand rule of the GEMM, so both paths compute the same function), and
-accumulates x * w in float32 with a sum over the step. The whole reduction for an output element
-stays in one program, so the low-rank term and the bias are added before the single rounding to the
-output dtype, as in the GEMM's epilogue. The stripe height BN is chosen so that a 4096x11008 matrix
-still gives several programs per SM.
+accumulates x * w elementwise in a float32 (BM, BN, BK) register tile, summed over K once after the
+loop. The whole reduction for an output element stays in one program, so the low-rank term and the
+bias are added before the single rounding to the output dtype, as in the GEMM's epilogue. The stripe
+height BN is chosen from the device's SM count so that a 4096x11008 matrix still gives about 4
+programs per SM.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import triton.language as tl
 
 from reflora.backends.torch.quant_state import TorchQuantState
 from reflora.backends.triton._common import (
+    DEFAULT_SMS,
     INTERPRET,
     bias_operand,
     check_device,
@@ -38,6 +40,7 @@ from reflora.backends.triton._common import (
     record_launch,
     round_to,
     scale_mode,
+    sm_count,
     state_args,
     w_tile,
 )
@@ -92,7 +95,9 @@ def _nf4_gemv_kernel(
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     rm = tl.arange(0, BM)
     dtype = x_ptr.dtype.element_ty
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    # Products accumulate elementwise in registers; the cross-thread reduction over K runs once,
+    # after the loop, not once a step (a step's tl.sum cost 8 barriers and 56 shuffles a thread).
+    acc3 = tl.zeros((BM, BN, BK), dtype=tl.float32)
     for k0 in range(0, K, BK):
         rk = k0 + tl.arange(0, BK)
         x = tl.load(
@@ -122,7 +127,8 @@ def _nf4_gemv_kernel(
             TABLE_SHARED,
         )
         w = load_f32(round_to(w, dtype, EMULATE_BF16), EMULATE_BF16)  # the GEMM's operand rounding
-        acc += tl.sum(load_f32(x, EMULATE_BF16)[:, None, :] * w[None, :, :], axis=2)  # (BM, BN)
+        acc3 += load_f32(x, EMULATE_BF16)[:, None, :] * w[None, :, :]
+    acc = tl.sum(acc3, axis=2)  # (BM, BN)
     if HAS_LORA:
         rr = tl.arange(0, BR)
         lr_ok = (rm[:, None] < M) & (rr[None, :] < R)
@@ -154,12 +160,14 @@ class GemvConfig:
         check_power_of_two("GemvConfig", bn=(self.bn, 1), bk=(self.bk, 2), num_warps=(self.num_warps, 1))
 
 
-def default_config(m: int, n: int, k: int) -> GemvConfig:
-    """About 4 programs per SM on a 132-SM GPU, and a BM*BN*BK product tile of 4096 elements (32
-    registers a thread at 4 warps). Under the interpreter: tiles of 8 x 32 so tests cross edges."""
+def default_config(m: int, n: int, k: int, sms: int = DEFAULT_SMS) -> GemvConfig:
+    """About 4 programs per SM on a GPU of ``sms`` SMs (:func:`_common.sm_count`; BN rounded up to a
+    power of two, so 3.9 on a 132-SM H100 SXM and 4.5 on a 114-SM H100 PCIe at n = 4096), and a
+    BM*BN*BK product tile of 4096 elements (32 registers a thread at 4 warps). Under the interpreter:
+    tiles of 8 x 32 so tests cross edges."""
     if INTERPRET:
         return GemvConfig(bn=8, bk=32)
-    bn = max(4, min(64, triton.next_power_of_2(max(1, n // 528))))
+    bn = max(4, min(64, triton.next_power_of_2(max(1, n // (4 * sms)))))
     bk = max(32, min(512, 4096 // (next_pow2(m) * bn)))
     return GemvConfig(bn=bn, bk=bk)
 
@@ -191,7 +199,7 @@ def nf4_gemv(
     t, rt, scaling, r = lora_operands(lora, m, n, dummy)
     bias = bias_operand(bias, n)
     check_device(x, ts.packed, None if lora is None else t, None if lora is None else rt, bias)
-    cfg = config or default_config(m, n, k)
+    cfg = config or default_config(m, n, k, sm_count(x.device))
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     _nf4_gemv_kernel[(triton.cdiv(n, cfg.bn),)](
         x,

@@ -33,15 +33,18 @@ import triton
 import triton.language as tl
 
 from reflora.backends.triton._common import (
+    DEFAULT_SMS,
     INTERPRET,
     check_device,
     check_float,
     check_positive_int,
     check_power_of_two,
+    check_reach,
     launch_options,
     load_f32,
     next_pow2,
     record_launch,
+    sm_count,
 )
 
 __all__ = ["LowRankConfig", "lowrank_matmul"]
@@ -120,9 +123,10 @@ class LowRankConfig:
         check_positive_int("LowRankConfig", split=self.split)
 
 
-def default_config(p: int, q: int, k: int) -> LowRankConfig:
+def default_config(p: int, q: int, k: int, sms: int = DEFAULT_SMS) -> LowRankConfig:
     """Heuristic tiles: the rank side padded to a power of two, the long side in 64s (GPU) or 16s
-    (interpreter, so that small test shapes still span several tiles and a ragged edge)."""
+    (interpreter, so that small test shapes still span several tiles and a ragged edge); on a GPU of
+    ``sms`` SMs (:func:`_common.sm_count`), enough reduction splits for 4 programs per SM."""
     if INTERPRET:
         return LowRankConfig(bp=next_pow2(min(p, 32), 16), bq=next_pow2(min(q, 32), 16), bk=16)
     bp = next_pow2(min(p, 64), 16)
@@ -131,8 +135,8 @@ def default_config(p: int, q: int, k: int) -> LowRankConfig:
     # spills at 4 warps on sm_90 (benchmarks/_gpu_compile_check.py: 255 registers, 200-280 B of stack).
     bk = 32
     tiles = triton.cdiv(p, bp) * triton.cdiv(q, bq)
-    # Aim for a few hundred programs on a ~132-SM GPU; never split below 8 k-steps a program.
-    split = max(1, min(256 // max(tiles, 1), triton.cdiv(k, 8 * bk)))
+    # At least 4 programs per SM where the reduction is long enough; never below 8 k-steps a program.
+    split = max(1, min(triton.cdiv(4 * sms, tiles), triton.cdiv(k, 8 * bk)))
     return LowRankConfig(bp=bp, bq=bq, bk=bk, split=split)
 
 
@@ -165,11 +169,17 @@ def lowrank_matmul(
         target = left if mask_code == 1 else right
         if mask.shape != target.shape or not mask.dtype.is_floating_point:
             raise ValueError(f"mask must be a float tensor of shape {tuple(target.shape)}, got {mask.shape}")
+        check_reach("mask", mask)
     check_device(left, right, mask)
+    if p * q >= 2**31:  # the kernel's store offsets split * P * Q + rp * Q + rq are int32
+        raise ValueError(
+            f"the output ({p}, {q}) has {p * q} elements; the kernels index with int32 (< 2**31)"
+        )
     if p == 0 or q == 0 or kr == 0:  # nothing to multiply; an empty sum is 0
         return torch.zeros((p, q), dtype=torch.float32, device=left.device)
-    cfg = config or default_config(p, q, kr)
-    split = max(1, min(cfg.split, triton.cdiv(kr, cfg.bk)))
+    cfg = config or default_config(p, q, kr, sm_count(left.device))
+    # Fewer splits where SPLIT float32 partials would pass 2**31 elements (int32 offsets).
+    split = max(1, min(cfg.split, triton.cdiv(kr, cfg.bk), (2**31 - 1) // (p * q)))
     k_per_split = triton.cdiv(triton.cdiv(kr, split), cfg.bk) * cfg.bk
     split = max(1, triton.cdiv(kr, k_per_split))  # every split gets a non-empty range
     out = torch.empty((split, p, q), dtype=torch.float32, device=left.device)

@@ -15,6 +15,8 @@ Kernels per call (each visible in :func:`launch_counts`): forward = ``lowrank`` 
 float32, kept for backward) then ``nf4_gemm`` (or ``nf4_gemv`` for at most 4 rows) with t B^T added
 in the output tile's epilogue. Backward = ``lowrank`` (u = grad_y B), ``nf4_gemm`` in its W
 orientation with scaling * (u A) * mask in the epilogue, and ``lowrank`` twice for grad_A and grad_B.
+From ``gemm.DEQUANT_FIRST_MIN_M`` rows each ``nf4_gemm`` (forward and grad_x alike) is preceded by a
+``dequant`` of W into a scratch buffer that lives for that call only (see :mod:`.gemm`).
 """
 
 from __future__ import annotations
@@ -185,7 +187,8 @@ def qlora_linear(
     config: optional ``use_gemv``, ``gemm``, ``gemv``, ``lowrank`` overrides (:class:`LinearConfig`).
     Returns (..., N). The result is within the derived bound of the float64 reference
     (``reflora.bounds.lora_forward_bound``, fused arithmetic); W is dequantized inside the kernels'
-    tiles, never in memory. An x with no rows (e.g. shape (0, K)) gives an empty y and zero
+    tiles, or from ``gemm.DEQUANT_FIRST_MIN_M`` rows once a GEMM into a buffer freed when that GEMM
+    returns (the same bits either way). An x with no rows (e.g. shape (0, K)) gives an empty y and zero
     gradients for A, B and bias without launching a kernel.
     """
     return _apply(x, ts, A, B, scaling, bias, dropout_mask, config)
