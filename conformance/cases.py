@@ -23,6 +23,7 @@ from reflora import codebooks, lora
 from reflora.bounds import round_to
 from reflora.conformance.bundle import Inputs
 from reflora.conformance.strategies import _step_ulps, family_values, lora_values
+from reflora.dialects import torchao_nf4
 from reflora.dtypes import DTYPES, as_dtype
 
 __all__ = ["CASES", "Case", "cases_for"]
@@ -194,6 +195,66 @@ def _near_overflow_roundtrip(dtype, rng):
                 note="every block's absmax is the dtype's largest finite number")  # fmt: skip
     inputs.params["require_finite"] = True
     return inputs
+
+
+# ---- quantize_4bit, torchao-shaped ----------------------------------------------------------------------
+# torchao quantizes NF4 only, always double-quantized, and only shapes of whole groups of 256 blocks
+# (rule 1 of reflora/dialects/torchao_nf4.py). The corners above fall outside, so torchao rejects them
+# as its dialect does and passes without being called; these repeat them in shapes it takes. They stay
+# canonical inputs for every other backend.
+
+_AO_GROUP = torchao_nf4.SCALER_BLOCK_SIZE
+
+
+def _ao(x, dtype, *, blocksize=64, recipe=(), note="") -> Inputs:
+    """torchao-shaped quantization inputs: NF4, double quant, x (float64) of 256·k blocks."""
+    assert x.size % (blocksize * _AO_GROUP) == 0 and x.ndim <= 2, x.shape
+    return _q(x, dtype, blocksize=blocksize, double_quant=True, recipe=recipe, note=note)
+
+
+def _ao_ties(dtype, rng):
+    """Every block holds the midpoints of torchao's own table (its 4-decimal NF4 values in T) that T
+    holds exactly, times a power-of-two absmax, so T(x / absmax) is the midpoint and rule 4's argmin
+    ties: torchao takes the first (lower) index."""
+    table = torchao_nf4.codebook(dtype).astype(np.float64)
+    mid = (table[:-1] + table[1:]) / 2  # (15,), exact in float64
+    mid = mid[_cast(mid, dtype).astype(np.float64) == mid]
+    blocks = []
+    for b in range(_AO_GROUP):
+        a = 2.0 ** [0, -3, 2, -6][b % 4]
+        block = np.roll(np.resize(mid, 64), b) * a
+        block[rng.integers(0, 64)] = a * rng.choice([-1.0, 1.0])
+        blocks.append(block)
+    return _ao(np.concatenate(blocks).reshape(128, 128), dtype,
+               note=f"x/absmax exactly at {mid.size} midpoints of torchao's table in {dtype}")  # fmt: skip
+
+
+def _ao_zero_block(dtype, rng):
+    x = _normal(rng, _AO_GROUP * 64)
+    x[64:128] = 0.0
+    x[64:128:3] = -0.0
+    return _ao(x.reshape(128, 128), dtype, note="block 1 of 256 holds only +0.0 and -0.0 (0/0 in torchao)")
+
+
+def _ao_subnormal(dtype, rng):
+    tiny = float(ml_dtypes.finfo(as_dtype(dtype)).smallest_normal)
+    x = rng.uniform(-tiny, tiny, _AO_GROUP * 64)
+    x[64:] *= 2.0**12  # block 0 subnormal, the other 255 small normal numbers
+    return _ao(x.reshape(128, 128), dtype, note="block 0 of 256 entirely subnormal (its absmax too)")
+
+
+def _ao_large_block(dtype, rng):
+    x = _normal(rng, _AO_GROUP * 4096, 0.02).reshape(_AO_GROUP, 4096)
+    x[::3, -1] = 1.0  # every third block's absmax in its last element
+    return _ao(x.reshape(1024, 1024), dtype, blocksize=4096,
+               note="256 blocks of 4096, every third one's absmax in its last element")  # fmt: skip
+
+
+def _ao_case(shape: tuple[int, int], **kw):
+    def build(dtype, rng):
+        return _ao(_normal(rng, math.prod(shape)).reshape(shape), dtype, **kw)
+
+    return build
 
 
 def _tie_cases() -> list[Case]:
@@ -407,6 +468,17 @@ CASES: tuple[Case, ...] = (
     Case("quantize_4bit", "double quant, 600 blocks of mixed scales", "quantize",
          _q_case(lambda rng: _normal(rng, 600 * 32) * np.repeat(2.0 ** rng.uniform(-8, 2, 600), 32),
                  blocksize=32, double_quant=True)),
+    # quantize_4bit: corners above in shapes torchao takes (it rejects the others)
+    Case("quantize_4bit", "torchao nf4 x exactly at its midpoints, torchao-shaped", "quantize", _ao_ties),
+    Case("quantize_4bit", "all-zero block, torchao-shaped", "quantize", _ao_zero_block),
+    Case("quantize_4bit", "subnormal block, torchao-shaped", "quantize", _ao_subnormal),
+    Case("quantize_4bit", "transposed view, torchao-shaped", "quantize",
+         _ao_case((256, 64), recipe=(("T",),))),
+    Case("quantize_4bit", "strided view, NaN in the skipped memory, torchao-shaped", "quantize",
+         _ao_case((128, 128), recipe=(("step", 1, 3),))),
+    Case("quantize_4bit", "blocksize 128, torchao-shaped", "quantize", _ao_case((128, 256), blocksize=128)),
+    Case("quantize_4bit", "blocksize 4096, absmax in the last element, torchao-shaped", "quantize",
+         _ao_large_block),
     # quantize_4bit: bad input
     Case("quantize_4bit", "NaN weight -> error", "rejects", _nonfinite("nan")),
     Case("quantize_4bit", "+inf weight -> error", "rejects", _nonfinite("inf")),
