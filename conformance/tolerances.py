@@ -272,6 +272,14 @@ def expect_ulp(op: str, output: str, actual: np.ndarray, expected: np.ndarray, n
                    _differences(actual, expected, bad))  # fmt: skip
 
 
+def _float_like(op: str, output: str, actual, reference, context: dict) -> None:
+    """Mismatch unless ``actual`` is a float array of ``reference``'s shape (what a BOUND compares)."""
+    actual = np.asarray(actual)
+    if actual.dtype.kind != "f" and actual.dtype != bfloat16:
+        raise Mismatch(op, f"{output}.dtype", None, str(actual.dtype), "a float dtype", "BOUND", context)
+    expect_equal(op, f"{output}.shape", tuple(actual.shape), tuple(np.shape(reference)), context)
+
+
 def expect_bound(
     op: str,
     output: str,
@@ -284,10 +292,7 @@ def expect_bound(
     """BOUND: same shape; wherever ``bound`` is finite, ``actual`` is finite and
     |actual - reference| <= bound (float64 arithmetic on float64 copies; the bound already includes
     the reference's own rounding errors)."""
-    actual = np.asarray(actual)
-    if actual.dtype.kind != "f" and actual.dtype != bfloat16:
-        raise Mismatch(op, f"{output}.dtype", None, str(actual.dtype), "a float dtype", "BOUND", context)
-    expect_equal(op, f"{output}.shape", tuple(actual.shape), tuple(np.shape(reference)), context)
+    _float_like(op, output, actual, reference, context)
     a, r, b = _as64(actual), _as64(reference), _as64(bound)
     with np.errstate(invalid="ignore", over="ignore"):
         diff = np.abs(a - r)
@@ -319,10 +324,7 @@ def expect_interval(
     (a NaN never does). ``reference`` (reflora's own result) is what a failure shows as expected; lo and
     hi come from the unrounded float64 value and the model's error before its last rounding
     (:func:`reflora.bounds.merge_interval`), so they allow no ulp that the model does not."""
-    actual = np.asarray(actual)
-    if actual.dtype.kind != "f" and actual.dtype != bfloat16:
-        raise Mismatch(op, f"{output}.dtype", None, str(actual.dtype), "a float dtype", "BOUND", context)
-    expect_equal(op, f"{output}.shape", tuple(actual.shape), tuple(np.shape(reference)), context)
+    _float_like(op, output, actual, reference, context)
     a, r, lo, hi = _as64(actual), _as64(reference), _as64(lo), _as64(hi)
     with np.errstate(invalid="ignore"):
         known = ~(np.isneginf(lo) & np.isposinf(hi))
