@@ -53,10 +53,12 @@ __all__ = [
     "dequantize",
     "double_quantize",
     "encode",
+    "in_returned_shape",
     "lut_index",
     "output_shape",
     "quantize",
     "quantize_8bit",
+    "single_byte_shim",
     "uses_native_dequantize",
     "widen",
 ]
@@ -314,11 +316,7 @@ def dequantize(state: QuantState, dtype: str | np.dtype | None = None) -> np.nda
         out = _native_bf16(values) if uses_native_dequantize(state.shape) else _torch_bf16(values)
     else:
         out = values
-    try:
-        shape = output_shape(state.shape)
-    except ValueError:  # bnb raises for this shape: the values, in the state's shape
-        shape = state.shape
-    return out.reshape(shape)
+    return in_returned_shape(out, state.shape, output_shape)
 
 
 TORCH_FALLBACK_BF16_NANS = (0x7FC0, 0xFFFF)
@@ -346,8 +344,26 @@ def output_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     if not shape:
         raise ValueError("bitsandbytes fails to dequantize a 0-d tensor (it indexes shape[-1])")
     out = (1, shape[0]) if len(shape) == 1 and uses_native_dequantize(shape) else shape
-    if (math.prod(shape) + 1) // 2 == 1:  # one packed byte: bnb calls .t() on the result
-        if len(out) > 2:
-            raise ValueError(f"bitsandbytes fails to dequantize shape {shape}: .t() of a {len(out)}-D tensor")
-        out = out[::-1]
-    return out
+    return single_byte_shim(shape, out)
+
+
+def single_byte_shim(shape: tuple[int, ...], out: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape ``functional.dequantize_4bit`` (any device) returns for a state of ``shape`` whose kernel
+    wrote ``out``: when the packed tensor has a single row, which for bnb's own (bytes, 1) packing
+    means one byte (n <= 2), it calls ``.t()`` on the result, which reverses a 2-D shape, leaves a 1-D
+    one and raises ValueError (as bnb does) for more dimensions."""
+    if (math.prod(shape) + 1) // 2 != 1:
+        return out
+    if len(out) > 2:
+        raise ValueError(f"bitsandbytes fails to dequantize shape {shape}: .t() of a {len(out)}-D tensor")
+    return out[::-1]
+
+
+def in_returned_shape(values: np.ndarray, shape: tuple[int, ...], output_shape) -> np.ndarray:
+    """``values`` (a state of ``shape``, in its element order) in the shape ``output_shape(shape)`` says
+    bnb returns; in ``shape`` itself where bnb raises instead (raising on a valid state is not a rule of
+    a dialect but a bug of the library, which the backend declares)."""
+    try:
+        return values.reshape(output_shape(shape))
+    except ValueError:
+        return values.reshape(shape)

@@ -38,6 +38,7 @@ import numpy as np
 
 from reflora import codebooks
 from reflora.codebooks import DYNAMIC_MAP
+from reflora.dialects.bnb_cpu import in_returned_shape, single_byte_shim
 from reflora.dialects.canonical import check_offset
 from reflora.double_quant import mean_f32 as exact_mean
 from reflora.dtypes import as_dtype, dtype_name
@@ -274,11 +275,7 @@ def dequantize(state: QuantState, dtype: str | np.dtype | None = None, *, fma: b
     scales = np.repeat(block_scales(state, fma=fma), state.blocksize)[: state.numel]
     with np.errstate(invalid="ignore", over="ignore"):
         out = ftz(values * scales).astype(out_dtype)
-    try:
-        shape = output_shape(state.shape)
-    except ValueError:  # bnb raises for this shape: the values, in the state's shape
-        shape = state.shape
-    return out.reshape(shape)
+    return in_returned_shape(out, state.shape, output_shape)
 
 
 def output_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -289,9 +286,4 @@ def output_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     a 2-D result comes back transposed, a 1-D one unchanged (``.t()`` of a 1-D tensor is itself), and
     a 3-D one raises. (The CPU kernel differs for 1-D: :func:`reflora.dialects.bnb_cpu.output_shape`.)
     """
-    shape = tuple(shape)
-    if (math.prod(shape) + 1) // 2 != 1:
-        return shape
-    if len(shape) > 2:
-        raise ValueError(f"bitsandbytes fails to dequantize shape {shape}: .t() of a {len(shape)}-D tensor")
-    return shape[::-1]
+    return single_byte_shim(tuple(shape), tuple(shape))
