@@ -1101,18 +1101,25 @@ def _closed_forms(g, x, W, A, B, s, mask, ar, bias=None):
     return fwd, bx, bA, bB
 
 
-@pytest.mark.parametrize("ar", [ARITHMETICS[0], ARITHMETICS[1], ARITHMETICS[3]])
-@pytest.mark.parametrize("with_mask", [False, True])
-@pytest.mark.parametrize("with_bias", [False, True])
-def test_lora_bounds_equal_their_documented_closed_forms(ar, with_mask, with_bias):
-    rng = np.random.default_rng(7)
-    n, n_in, out, r, s = 5, 9, 4, 3, 16 / 3
+def _closed_form_inputs(seed, ar, with_mask, with_bias):
+    """x (5, 9), W (4, 9), A (3, 9), B (4, 3), g (5, 4), bias (4,) or None, a 0 / 2 mask or None: values
+    of magnitude 0.5-2 in ar.operand, for the closed-form pins below."""
+    rng = np.random.default_rng(seed)
+    n, n_in, out, r = 5, 9, 4, 3
     x, W, A, B, g, bias = (
         rnd(rng.uniform(0.5, 2, sh) * rng.choice([-1, 1], sh), ar.operand)
         for sh in ((n, n_in), (out, n_in), (r, n_in), (out, r), (n, out), (out,))
     )
     mask = np.where(rng.random(x.shape) < 0.3, 0.0, 2.0) if with_mask else None
-    bias = bias if with_bias else None
+    return x, W, A, B, g, bias if with_bias else None, mask
+
+
+@pytest.mark.parametrize("ar", [ARITHMETICS[0], ARITHMETICS[1], ARITHMETICS[3]])
+@pytest.mark.parametrize("with_mask", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_lora_bounds_equal_their_documented_closed_forms(ar, with_mask, with_bias):
+    s = 16 / 3
+    x, W, A, B, g, bias, mask = _closed_form_inputs(7, ar, with_mask, with_bias)
     fwd, bx, bA, bB = _closed_forms(g, x, W, A, B, s, mask, ar, bias)
     ref = _closed_forms(g, x, W, A, B, s, mask, bounds.REFERENCE, bias)
     got_f = bounds.lora_forward_bound(x, W, A, B, s, ar, dropout_mask=mask, bias=bias)
@@ -1129,14 +1136,9 @@ def test_fused_bounds_equal_their_documented_closed_forms(ar, with_mask, with_bi
     # docs/bounds.md §5: one accumulator over x Wᵀ (or g W) with the low-rank term and the bias as
     # leaves, K' = in + 1 + c (out + 1), then one output rounding bounded by (1 + u)·e + u·(|ref| + e_ref).
     ar = dataclasses.replace(ar, fused=True)
-    rng = np.random.default_rng(8)
-    n, n_in, out, r, s = 5, 9, 4, 3, 16 / 3
-    x, W, A, B, g, bias = (
-        rnd(rng.uniform(0.5, 2, sh) * rng.choice([-1, 1], sh), ar.operand)
-        for sh in ((n, n_in), (out, n_in), (r, n_in), (out, r), (n, out), (out,))
-    )
-    mask = np.where(rng.random(x.shape) < 0.3, 0.0, 2.0) if with_mask else None
-    bias = bias if with_bias else None
+    s = 16 / 3
+    x, W, A, B, g, bias, mask = _closed_form_inputs(8, ar, with_mask, with_bias)
+    (n, n_in), (out, r) = x.shape, B.shape
     acc, u = ar.accumulate, bounds.unit_roundoff(ar.output)
     m, c = int(with_mask), int(with_bias)
     xa, Wa, Aa, Ba, ga = (np.abs(v) for v in (x, W, A, B, g))
