@@ -26,15 +26,24 @@ What torchao does not do is refused, not emulated:
   int8 scalers with a factor and a mean, so no NF4Tensor holds it. The example is declined
   (NotImplementedError); the suite hands a torchao-dialect backend the dialect's own states instead, so
   torchao's dequantization is checked on those and on its own states (round trip).
-* LoRA and QLoRA: torchao's NF4Tensor has a linear, but the suite's QLoRA base is a canonical state, which
-  an NF4Tensor cannot hold (above); unsupported, with that reason.
+* LoRA (unquantized) and merging: torchao has no LoRA layer; unsupported, with that reason.
+
+QLoRA is torchao's ``linear_nf4`` over the NF4Tensor, the base layer torchtune's ``LoRALinear`` uses for
+QLoRA: its autograd Function dequantizes with ``NF4Tensor.to(x.dtype)`` and calls ``F.linear`` forward,
+and backward returns ``grad_y @ weight.to(grad_y.dtype)`` for x and nothing for the frozen base. That
+is what the QLoRA tests hold to the bounds. torchao has no low-rank layer of its own, so the adapter
+adds it as ``LoRALinear`` does, in plain torch: ``y = linear_nf4(x, W) (+ bias) + s * F.linear(F.linear(
+x * mask, A), B)``, with grad_A and grad_B from torch's autograd; those lines are reflora's, not
+torchao's. The suite hands a torchao-dialect backend its dialect's state of the base (a
+TorchaoNF4State): only QLoRA bases torchao can quantize are tested (whole groups of 256 blocks), and a
+special case whose base it cannot quantize is declined by the suite.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from reflora.backends._tensors import import_error, library_errors, to_numpy, torch_dtype, view
+from reflora.backends._tensors import check_built, import_error, library_errors, to_numpy, torch_dtype, view
 from reflora.backends.protocol import BaseBackend
 from reflora.dialects.torchao_nf4 import TorchaoNF4State
 from reflora.dtypes import as_dtype
@@ -43,12 +52,8 @@ from reflora.state import QuantState
 __all__ = ["TorchaoBackend"]
 
 _MODULE = "torchao.quantization.quantize_.workflows.nf4.nf4_tensor"
-_NO_LORA = "torchao has no LoRA layers"
-_NO_QLORA = (
-    "the suite's QLoRA base is a canonical state; an NF4Tensor holds only torchao's int8-scaler states"
-)
-_REASONS = {"lora_forward": _NO_LORA, "lora_backward": _NO_LORA, "lora_merge": _NO_LORA,
-            "qlora_forward": _NO_QLORA, "qlora_backward": _NO_QLORA}  # fmt: skip
+_NO_LORA = "torchao has no LoRA layers (its QLoRA base, linear_nf4, is tested under qlora_*)"
+_REASONS = {"lora_forward": _NO_LORA, "lora_backward": _NO_LORA, "lora_merge": _NO_LORA}
 
 
 def _nf4():
@@ -58,7 +63,8 @@ def _nf4():
 
 
 class TorchaoBackend(BaseBackend):
-    """torchao 0.18: ``to_nf4``, ``NF4Tensor.get_original_weight`` and ``NF4Tensor.to`` on the CPU."""
+    """torchao 0.18: ``to_nf4``, ``NF4Tensor.get_original_weight``, ``NF4Tensor.to`` and ``linear_nf4``
+    on the CPU."""
 
     name = "torchao"
     dialect = "torchao"
@@ -92,18 +98,9 @@ class TorchaoBackend(BaseBackend):
         return state
 
     def dequantize_4bit(self, state, *, dtype=None):
-        if isinstance(state, QuantState):
-            raise NotImplementedError(
-                "torchao's NF4Tensor cannot hold a reflora.QuantState's float32 block scales (it stores "
-                "int8 scalers, a factor per 256 blocks and a mean); its dequantization is checked on its "
-                "own states"
-            )
-        if not isinstance(state, TorchaoNF4State):
-            raise TypeError(f"expected a TorchaoNF4State, got {type(state).__name__}")
+        _check_state(state)
         with library_errors("torchao"):
-            t = getattr(state, _HELD, None)
-            if t is None:
-                t = _nf4_tensor(state)
+            t = _held(state)
             out = t.get_original_weight()
             if not _same_bits(t.to(t.dtype), out):
                 raise RuntimeError(
@@ -112,8 +109,56 @@ class TorchaoBackend(BaseBackend):
                 )
             return to_numpy(out if dtype is None else t.to(torch_dtype(dtype)))
 
+    def qlora_forward(self, x, state, A, B, scaling, *, bias=None, dropout_mask=None):
+        return _qlora(x, state, A, B, scaling, bias, dropout_mask)
+
+    def qlora_backward(self, grad_y, x, state, A, B, scaling, *, dropout_mask=None):
+        return _qlora(x, state, A, B, scaling, None, dropout_mask, grad_y)
+
 
 _HELD = "_torchao_nf4tensor"  # the NF4Tensor torchao returned, kept on the state quantize_4bit made
+
+
+def _check_state(state) -> None:
+    if isinstance(state, QuantState):
+        raise NotImplementedError(
+            "torchao's NF4Tensor cannot hold a reflora.QuantState's float32 block scales (it stores "
+            "int8 scalers, a factor per 256 blocks and a mean); it is checked on its own states"
+        )
+    if not isinstance(state, TorchaoNF4State):
+        raise TypeError(f"expected a TorchaoNF4State, got {type(state).__name__}")
+
+
+def _held(state: TorchaoNF4State):
+    """The NF4Tensor torchao made for this state, or one built from its fields."""
+    t = getattr(state, _HELD, None)
+    return _nf4_tensor(state) if t is None else t
+
+
+def _qlora(x, state, A, B, scaling, bias, mask, grad_y=None):
+    """y = linear_nf4(x, W) (+ bias) + scaling * F.linear(F.linear(x * mask, A), B), torchtune's
+    LoRALinear over torchao's NF4Tensor; with grad_y, (grad_x, grad_A, grad_B) by autograd through
+    linear_nf4's own backward (module docstring)."""
+    import torch
+    import torch.nn.functional as F
+
+    _check_state(state)
+    if len(state.shape) != 2:
+        raise ValueError(f"a QLoRA base weight is 2-D (out, in); the state holds shape {state.shape}")
+    check_built(*state.shape, A, B, bias, mask, x)
+    train = grad_y is not None
+    with library_errors("torchao"), torch.enable_grad() if train else torch.no_grad():
+        xt = view(x).detach().requires_grad_(train)
+        At = view(A).detach().clone().requires_grad_(train)
+        Bt = view(B).detach().clone().requires_grad_(train)
+        y = _nf4().linear_nf4(xt, _held(state))
+        if bias is not None:
+            y = y + view(bias)
+        xd = xt if mask is None else xt * view(mask)
+        y = y + F.linear(F.linear(xd, At), Bt) * scaling
+        if not train:
+            return to_numpy(y)
+        return tuple(to_numpy(g) for g in torch.autograd.grad(y, (xt, At, Bt), view(grad_y)))
 
 
 def _nf4_tensor(state: TorchaoNF4State):

@@ -389,6 +389,19 @@ def _lora_cases(op: str) -> list[Case]:
             # W (2, 1) packs into one byte: the corner of bitsandbytes' single-row transpose shim
             Case(op, "2-element base weight (one packed byte)", op, _lora(op, 1, 2, 1, lead=(1,))),
         ]
+    if op.startswith("qlora"):
+        # A base torchao quantizes (256 blocks of 64, double-quantized); the cases above fall outside
+        # its shapes, and the suite declines them for a torchao-dialect backend (no state to hand it).
+        ao = _lora(op, 128, 128, 8, lead=(2, 5), bias=forward, p=0.1, views=("x",), double_quant=True)
+        cases.append(Case(op, "3-D transposed x, mask, torchao-shaped base", op, ao))
+        cases.append(Case(op, "x does not fit the state, torchao-shaped -> error", "rejects",
+                          _broken(ao, "x", -1)))  # fmt: skip
+        if forward:
+            positive = _lora(op, 4096, 4, 4, lead=(4,), positive=True, double_quant=True)
+            cases.append(Case(op, "in 4096, all positive, torchao-shaped base", op, positive))
+        else:
+            cases.append(Case(op, "grad_y does not fit, torchao-shaped -> error", "rejects",
+                              _broken(ao, "grad_y", -1)))  # fmt: skip
     base = _lora(op, 24, 10, 4, bias=forward and not op.startswith("qlora"), p=0.1)
     bad = [("A", -1, "A does not fit W"), ("B", 0, "B does not fit W"), ("x", -1, "x does not fit W")]
     if op.startswith("qlora"):

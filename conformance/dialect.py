@@ -3,7 +3,8 @@
 A dialect module (``reflora.dialects.get(name)``) has ``quantize(x, blocksize, *, quant_type,
 double_quant, offset)`` and ``dequantize(state, dtype)``. Most return a :class:`reflora.QuantState`;
 a dialect with a representation of its own (torchao's ``TorchaoNF4State``) provides
-``to_quant_state()`` on it, whose canonical dequantization is the dialect's bit for bit. The suite
+``to_quant_state()`` on it, whose canonical dequantization is the dialect's bit for bit (while its
+scales are >= 0; the dialect's ``dequantize`` is the rule). The suite
 accepts either form from a backend: the QuantState form is compared with the dialect's state
 converted, the native form field by field.
 

@@ -17,7 +17,8 @@ check              the property
                    same state, bit for bit
 ``lora_forward``   |y - ref64| <= lora_forward_bound with the backend's declared arithmetic
 ``lora_backward``  the three gradients within lora_backward_bound
-``qlora_forward``  as lora_forward with W = dequantize(state), the state quantized canonically
+``qlora_forward``  as lora_forward with W = dequantize(state), the state quantized canonically (by
+                   the dialect, for a dialect with a state form of its own)
 ``qlora_backward`` as lora_backward with W = dequantize(state)
 ``lora_merge``     W' in W's dtype, within merge_interval: one rounding of W + s·B A within the
                    model's error before that rounding
@@ -379,11 +380,27 @@ def _bound(op: str, context: dict, fn, *args, **kwargs):
                        context) from exc  # fmt: skip
 
 
-def _base_state(inputs: Inputs) -> QuantState:
+def _base_state(ctx: Context, inputs: Inputs, flat: bool = False) -> tuple[Any, np.ndarray]:
+    """(the state the backend gets, the weight Ŵ it stands for) for a QLoRA check's base W (flattened
+    to 1-D with ``flat``, for the bad-input case of a state that is not a weight).
+
+    A dialect whose states are QuantStates gets W quantized canonically (any QuantState is its input).
+    A dialect with a state form of its own (torchao) gets its dialect's state of W, the only form its
+    backend reads, and Ŵ is that state's dequantization by the dialect's own rule (not the canonical
+    one through ``to_quant_state``, which refuses the negative scales torchao can rebuild for a block of
+    absmax near zero). Where that dialect cannot quantize W (a shape it refuses), the example is
+    declined: there is no state to hand the backend."""
     p = inputs.params
-    return nf4.quantize(
-        inputs["W"], p["blocksize"], quant_type=p["quant_type"], double_quant=p["double_quant"]
-    )
+    W = inputs["W"].reshape(-1) if flat else inputs["W"]
+    if ctx.dialect.native_is_quant_state():
+        state = nf4.quantize(W, p["blocksize"], quant_type=p["quant_type"], double_quant=p["double_quant"])
+        return state, (nf4.dequantize(state) if flat else qlora.dequantized_base(state))
+    try:
+        state = ctx.dialect.quantize(W, p["blocksize"], p["quant_type"], p["double_quant"])
+    except ValueError as exc:
+        reason = f"{inputs.op}: the {ctx.dialect.name} dialect has no state for this base: {exc}"
+        raise Declined(reason) from None
+    return state, ctx.dialect.dequantize(state)
 
 
 def _forward(ctx: Context, inputs: Inputs) -> None:
@@ -391,8 +408,7 @@ def _forward(ctx: Context, inputs: Inputs) -> None:
     s = inputs.params["scaling"]
     context = _context(ctx, inputs)
     if op == "qlora_forward":
-        state = _base_state(inputs)
-        W = qlora.dequantized_base(state)
+        state, W = _base_state(ctx, inputs)
         y = _call(
             ctx, inputs, op, o["x"], state, o["A"], o["B"], s, bias=o["bias"], dropout_mask=o["dropout_mask"]
         )
@@ -422,8 +438,7 @@ def _backward(ctx: Context, inputs: Inputs) -> None:
     s = inputs.params["scaling"]
     context = _context(ctx, inputs)
     if op == "qlora_backward":
-        state = _base_state(inputs)
-        W = qlora.dequantized_base(state)
+        state, W = _base_state(ctx, inputs)
         grads = _call(
             ctx, inputs, op, o["grad_y"], o["x"], state, o["A"], o["B"], s, dropout_mask=o["dropout_mask"]
         )
@@ -490,13 +505,13 @@ def check_rejects(ctx: Context, inputs: Inputs) -> None:
             ctx.backend.lora_merge, o["W"], o["A"], o["B"], p["scaling"], fan_in_fan_out=p["fan_in_fan_out"]
         )
     elif op == "qlora_forward":
-        state = _base_state(inputs) if "state_1d" not in p else _flat_state(inputs)
+        state = _base_state(ctx, inputs, flat="state_1d" in p)[0]
         call = functools.partial(
             ctx.backend.qlora_forward,
             o["x"], state, o["A"], o["B"], p["scaling"], bias=o["bias"], dropout_mask=o["dropout_mask"],
         )  # fmt: skip
     elif op == "qlora_backward":
-        state = _base_state(inputs) if "state_1d" not in p else _flat_state(inputs)
+        state = _base_state(ctx, inputs, flat="state_1d" in p)[0]
         call = functools.partial(
             ctx.backend.qlora_backward,
             o["grad_y"], o["x"], state, o["A"], o["B"], p["scaling"], dropout_mask=o["dropout_mask"],
@@ -516,12 +531,6 @@ def check_rejects(ctx: Context, inputs: Inputs) -> None:
                        "non-finite input has no 4-bit code and must raise", context)  # fmt: skip
     raise Mismatch(op, "result", None, "a result (accepted)", "an error",
                    f"bad input must raise: {inputs.note}", context)  # fmt: skip
-
-
-def _flat_state(inputs: Inputs) -> QuantState:
-    p = inputs.params
-    W = inputs["W"].reshape(-1)
-    return nf4.quantize(W, p["blocksize"], quant_type=p["quant_type"], double_quant=p["double_quant"])
 
 
 CHECKS = {

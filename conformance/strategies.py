@@ -294,10 +294,14 @@ def lora_values(
     return _finite(v, dtype).reshape(shape)
 
 
-def _lora_dims(data, profile: Profile) -> tuple[int, int, int, tuple[int, ...]]:
+def _lora_dims(data, profile: Profile, base: tuple[int, int] | None = None):
+    """(in, out, r, x's leading dims); ``base`` fixes (out, in) instead of drawing them."""
     cap = profile.max_elements
-    n_in = _dim(data, min(512, cap // 2), "in")
-    out = _dim(data, min(512, cap // n_in), "out")
+    if base is None:
+        n_in = _dim(data, min(512, cap // 2), "in")
+        out = _dim(data, min(512, cap // n_in), "out")
+    else:
+        out, n_in = base
     rank = _dim(data, min(profile.max_rank, max(1, cap // (n_in + out))), "r")
     lead_ndim = data.draw(st.sampled_from([1, 0, 2]), label="x leading dims")
     rows_cap = max(1, cap // max(n_in, out))
@@ -311,10 +315,13 @@ def _lora_dims(data, profile: Profile) -> tuple[int, int, int, tuple[int, ...]]:
     return n_in, out, rank, lead
 
 
-def draw_lora(data, test_id: str, op: str, dtype: str, profile: Profile) -> Inputs:
+def draw_lora(
+    data, test_id: str, op: str, dtype: str, profile: Profile, base: tuple[int, int] | None = None
+) -> Inputs:
     """Inputs of lora_forward, lora_backward and lora_merge: x, W, A, B (views), bias, dropout mask,
-    grad_y, scaling (alpha / r, or alpha / sqrt(r) with rsLoRA), fan_in_fan_out."""
-    n_in, out, rank, lead = _lora_dims(data, profile)
+    grad_y, scaling (alpha / r, or alpha / sqrt(r) with rsLoRA), fan_in_fan_out. ``base``: W's shape
+    (out, in), given instead of drawn."""
+    n_in, out, rank, lead = _lora_dims(data, profile, base)
     alpha = data.draw(st.sampled_from([16.0, 1.0, 8.0, 32.0, 0.5, -2.0, 3.0]), label="alpha")
     rslora = data.draw(st.booleans(), label="rslora")
     family = data.draw(st.sampled_from(LORA_FAMILIES), label="values")
@@ -350,11 +357,29 @@ def draw_lora(data, test_id: str, op: str, dtype: str, profile: Profile) -> Inpu
     return inputs
 
 
-def draw_qlora(data, test_id: str, op: str, dtype: str, profile: Profile) -> Inputs:
+def draw_qlora(
+    data, test_id: str, op: str, dtype: str, profile: Profile, rules: InputRules | None = None
+) -> Inputs:
     """Inputs of qlora_forward / qlora_backward: as :func:`draw_lora`, and the base weight W (out, in)
-    with the blocksize, quant_type and double_quant the check quantizes it with (canonical rules)."""
+    with the blocksize, quant_type and double_quant the check quantizes it with. The base is one the
+    claimed dialect can quantize (``rules``): a dialect that takes only whole groups of blocks
+    (torchao) gets an (out, in) of such a size, with out and in at most 512, and its quant types."""
+    rules = rules or InputRules()
+    base, blocksize = None, None
+    if rules.granule_blocks:
+        # The check hands the backend the dialect's own state of W, so W must be one it quantizes.
+        cap = profile.max_elements
+        sizes = [b for b in BLOCKSIZES if b * rules.granule_blocks <= cap]
+        if not sizes:
+            raise ValueError(f"profile {profile.name} caps arrays below {rules.granule_blocks} blocks")
+        blocksize = data.draw(st.sampled_from(sizes), label="blocksize")
+        granule = blocksize * rules.granule_blocks
+        n = granule * data.draw(st.integers(1, cap // granule), label="granules")
+        outs = [d for d in _divisors(n) if d <= 512 and n // d <= 512] or _divisors(n)
+        out = data.draw(st.sampled_from(outs), label="base out")
+        base = (out, n // out)
     inputs = draw_lora(
-        data, test_id, "lora_backward" if op == "qlora_backward" else "lora_forward", dtype, profile
+        data, test_id, "lora_backward" if op == "qlora_backward" else "lora_forward", dtype, profile, base
     )
     inputs.op, inputs.check = op, op
     W = inputs["W"]
@@ -364,9 +389,11 @@ def draw_qlora(data, test_id: str, op: str, dtype: str, profile: Profile) -> Inp
     assume(op != "qlora_backward" or W.size > 2)
     inputs.views.pop("W", None)
     inputs.put("W", W)  # the check quantizes W; the backend only ever sees its state
-    inputs.params["blocksize"] = data.draw(st.sampled_from(BLOCKSIZES), label="blocksize")
-    inputs.params["quant_type"] = data.draw(st.sampled_from(["nf4", "fp4"]), label="quant_type")
-    inputs.params["double_quant"] = data.draw(st.booleans(), label="double_quant")
+    if blocksize is None:
+        blocksize = data.draw(st.sampled_from(BLOCKSIZES), label="blocksize")
+    inputs.params["blocksize"] = blocksize
+    inputs.params["quant_type"] = data.draw(st.sampled_from(rules.quant_types), label="quant_type")
+    inputs.params["double_quant"] = data.draw(st.sampled_from(rules.double_quant), label="double_quant")
     return inputs
 
 
@@ -388,10 +415,14 @@ def _grow(a: np.ndarray, axis: int, rng: np.random.Generator) -> np.ndarray:
     return np.concatenate([a, extra], axis=axis)
 
 
-def draw_bad_lora(data, test_id: str, op: str, dtype: str, profile: Profile) -> Inputs:
-    """Valid LoRA/QLoRA inputs with one operand's shape broken by one (label ``broken operand``)."""
+def draw_bad_lora(
+    data, test_id: str, op: str, dtype: str, profile: Profile, rules: InputRules | None = None
+) -> Inputs:
+    """Valid LoRA/QLoRA inputs with one operand's shape broken by one (label ``broken operand``); a
+    QLoRA base as :func:`draw_qlora` draws it for ``rules``."""
+    rules = rules or InputRules()
     if op.startswith("qlora"):
-        inputs = draw_qlora(data, test_id, op, dtype, profile)
+        inputs = draw_qlora(data, test_id, op, dtype, profile, rules)
     else:
         inputs = draw_lora(data, test_id, op, dtype, profile)
     inputs.check = "rejects"

@@ -81,9 +81,9 @@ def _quantize(check: str):
 def _lora(bad: bool):
     def draw(data, test: Test, profile: Profile, rules: strategies.InputRules) -> Inputs:
         if bad:
-            return strategies.draw_bad_lora(data, test.id, test.op, test.dtype, profile)
+            return strategies.draw_bad_lora(data, test.id, test.op, test.dtype, profile, rules)
         if test.op.startswith("qlora"):
-            return strategies.draw_qlora(data, test.id, test.op, test.dtype, profile)
+            return strategies.draw_qlora(data, test.id, test.op, test.dtype, profile, rules)
         return strategies.draw_lora(data, test.id, test.op, test.dtype, profile)
 
     return draw

@@ -9,6 +9,8 @@ that must now catch it, with the message a reader would see:
 * bnb state metadata that reflora.QuantState cannot hold (``state2.dtype``), rebuilt instead of checked;
 * torchao's dtype taken from the input instead of the NF4Tensor, and its ``NF4Tensor.to(dtype)`` (the
   path ``linear_nf4`` takes) never called;
+* and, since torchao's QLoRA base is tested, two plants in ``linear_nf4`` itself: a zero grad_x and a
+  weight dequantized in bfloat16 for float32 activations;
 * PEFT's own scaling overwritten and its dropout module replaced unchecked;
 * a declared deviation whose ``*`` swallowed a new bug in another dtype, or another error of the same output.
 """
@@ -196,6 +198,59 @@ def test_torchao_round_trip_dequantizes_the_object_torchao_returned():
     np.testing.assert_array_equal(backend.dequantize_4bit(state), backend.dequantize_4bit(fields_only))
     getattr(state, adapter._HELD).quantized_data[0] ^= 0xFF  # torchao's object, not the state's fields
     assert backend.dequantize_4bit(state)[0, 0] != backend.dequantize_4bit(fields_only)[0, 0]
+
+
+# ---- torchao's QLoRA base: linear_nf4 forward and backward ------------------------------------------
+
+
+def test_torchao_qlora_gets_its_dialects_state_and_declines_what_torchao_cannot_quantize(tmp_path):
+    """The suite hands torchao its own dialect's state of the base: the random properties and the
+    torchao-shaped cases run torchao; a case whose base torchao cannot quantize (not double-quantized,
+    too few blocks) is declined with that reason, not passed."""
+    shaped = "qlora_backward[3-D transposed x, mask, torchao-shaped base, float16]"
+    results = _run("torchao", ["qlora_forward[random, bfloat16]", shaped, "qlora_forward[rank 1, float32]"],
+                   tmp_path)  # fmt: skip
+    assert results["qlora_forward[random, bfloat16]"].status == "pass"
+    assert results["qlora_forward[random, bfloat16]"].declined == 0
+    assert results[shaped].status == "pass"
+    declined = results["qlora_forward[rank 1, float32]"]
+    assert declined.status == "unsupported"
+    assert "the torchao dialect has no state for this base" in declined.reason, declined.reason
+
+
+def _plant_linear_nf4(monkeypatch, forward=None, backward=None) -> None:
+    from reflora.backends.torchao import _nf4
+
+    fn = _nf4().LinearNF4
+    if forward is not None:
+        monkeypatch.setattr(fn, "forward", staticmethod(forward))
+    if backward is not None:
+        monkeypatch.setattr(fn, "backward", staticmethod(backward))
+
+
+def test_a_zero_gradient_through_linear_nf4_fails(monkeypatch, tmp_path):
+    """The fused-kernel bug the brief names: grad_x silently zero through the frozen base."""
+    _backend("torchao")
+    import torch
+
+    _plant_linear_nf4(monkeypatch, backward=lambda ctx, g: (torch.zeros_like(g[..., :1]).expand(
+        *g.shape[:-1], ctx.saved_tensors[0].shape[1]), None))  # fmt: skip
+    results = _run("torchao", ["qlora_backward[random, float32]"], tmp_path)
+    _failed(results, "qlora_backward[random, float32]", "grad_x")
+
+
+def test_linear_nf4_dequantizing_in_bfloat16_fails_in_float32(monkeypatch, tmp_path):
+    _backend("torchao")
+    import torch
+    import torch.nn.functional as F
+
+    def forward(ctx, x, weight):  # the weight dequantized to bfloat16 whatever x's dtype
+        ctx.save_for_backward(weight)
+        return F.linear(x, weight.to(torch.bfloat16).to(x.dtype))
+
+    _plant_linear_nf4(monkeypatch, forward=forward)
+    results = _run("torchao", ["qlora_forward[random, float32]"], tmp_path)
+    _failed(results, "qlora_forward[random, float32]", "y")
 
 
 # ---- PEFT computes its own scaling and builds its own dropout --------------------------------------

@@ -115,8 +115,11 @@ class TorchaoNF4State:
     def to_quant_state(self) -> QuantState:
         """A plain QuantState: absmax = float32 of :meth:`scales`, code = float32 of ``nf4``.
 
-        :func:`reflora.nf4.dequantize` turns it into exactly torchao's output. ValueError for a
-        block_size outside reflora's blocksizes.
+        :func:`reflora.nf4.dequantize` turns it into exactly torchao's output while every rebuilt scale
+        is >= 0. A scale rebuilt below zero (rule 5: a block of absmax near zero, common in sparse
+        weights) is stored here as a negative absmax, which :func:`reflora.nf4.dequantize` refuses;
+        :func:`dequantize` of this state is then the dialect's output. ValueError for a block_size
+        outside reflora's blocksizes.
         """
         if self.block_size not in BLOCKSIZES:
             raise ValueError(f"block_size {self.block_size} is not one of reflora's {BLOCKSIZES}")
