@@ -12,6 +12,7 @@ The list is :data:`CASES`; :func:`cases_for` gives the (op, name, dtype, build) 
 from __future__ import annotations
 
 import math
+import warnings
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
-from reflora import codebooks, lora
+from reflora import codebooks, lora, nf4
 from reflora.bounds import round_to
 from reflora.conformance.bundle import Inputs
 from reflora.conformance.strategies import _step_ulps, family_values, lora_values
@@ -206,10 +207,33 @@ def _near_overflow_roundtrip(dtype, rng):
 _AO_GROUP = torchao_nf4.SCALER_BLOCK_SIZE
 
 
-def _ao(x, dtype, *, blocksize=64, recipe=(), note="") -> Inputs:
+def _ao(x, dtype, *, blocksize=64, recipe=(), note="", check="quantize", out_dtype=None) -> Inputs:
     """torchao-shaped quantization inputs: NF4, double quant, x (float64) of 256·k blocks."""
     assert x.size % (blocksize * _AO_GROUP) == 0 and x.ndim <= 2, x.shape
-    return _q(x, dtype, blocksize=blocksize, double_quant=True, recipe=recipe, note=note)
+    return _q(x, dtype, blocksize=blocksize, double_quant=True, recipe=recipe, note=note, check=check,
+              out_dtype=out_dtype)  # fmt: skip
+
+
+def _sparse_negative_scales(dtype, rng):
+    """A sparse weight (5% of 128 x 128 nonzero, N(0, 0.05); blocksize 32, double quantization) in which
+    the scale of some nonzero block rebuilds below zero, in the canonical rules and in torchao's
+    (benchmarks/sparse_scales.py): those blocks dequantize with their signs flipped, and torchao's
+    all-zero blocks to -scale. The first of the generator's draws where both dialects flip a nonzero
+    block is the case."""
+    from reflora import double_quant
+
+    for _ in range(100):
+        x = rng.standard_normal(128 * 128) * 0.05 * (rng.random(128 * 128) < 0.05)
+        inputs = _ao(x.reshape(128, 128), dtype, blocksize=32, check="dequantize",
+                     note="sparse: some double-quantized block scales rebuild below zero")  # fmt: skip
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", double_quant.NegativeScaleWarning)
+            canonical = nf4.quantize(inputs["x"], 32, double_quant=True)
+        ao = torchao_nf4.quantize(inputs["x"], 32)
+        nonzero = np.abs(inputs["x"].astype(np.float32)).reshape(-1, 32).max(1) > 0
+        if ((nf4.block_scales(canonical) < 0) & nonzero).any() and ((ao.scales() < 0) & nonzero).any():
+            return inputs
+    raise AssertionError(f"no sparse weight with negative rebuilt scales in 100 draws ({dtype})")
 
 
 def _ao_ties(dtype, rng):
@@ -520,6 +544,18 @@ CASES: tuple[Case, ...] = (
                            blocksize=4096, check="dequantize")),
     Case("dequantize_4bit", "3-D state of 2 elements", "dequantize",
          lambda d, rng: _q(_normal(rng, 2).reshape(2, 1, 1), d, check="dequantize")),
+    # dequantize_4bit, torchao-shaped: its NF4Tensor.to(dtype), the conversion linear_nf4 makes
+    Case("dequantize_4bit", "output float16, torchao-shaped", "dequantize",
+         lambda d, rng: _ao(_normal(rng, 128 * 128, 3.0).reshape(128, 128), d, check="dequantize",
+                            out_dtype="float16")),
+    Case("dequantize_4bit", "output bfloat16, torchao-shaped", "dequantize",
+         lambda d, rng: _ao(_normal(rng, 128 * 128, 3.0).reshape(128, 128), d, check="dequantize",
+                            out_dtype="bfloat16")),
+    Case("dequantize_4bit", "output float32, torchao-shaped", "dequantize",
+         lambda d, rng: _ao(_normal(rng, 128 * 128, 3.0).reshape(128, 128), d, check="dequantize",
+                            out_dtype="float32")),
+    Case("dequantize_4bit", "sparse weight, scales rebuilt below zero, torchao-shaped", "dequantize",
+         _sparse_negative_scales),
     Case("dequantize_4bit", "own state round trip, near overflow, finite", "roundtrip",
          _near_overflow_roundtrip),
     Case("dequantize_4bit", "own state round trip, double quant, ragged", "roundtrip",

@@ -11,7 +11,8 @@ passes, 1 when one fails, 2 when the run cannot start (an unknown or broken back
 
 ``reflora replay FILE [--backend NAME]`` runs the check saved in a bundle again (default: against the
 backend it was recorded against) and prints the same message: exit 1 on a mismatch, 0 when it passes
-now, 2 when it cannot run (not a bundle, unknown backend, op unsupported).
+now (or the inputs are outside the backend's dialect, which it says: REJECTED), 2 when it cannot run
+(not a bundle, unknown backend, op unsupported).
 
 Both register through the entry-point group ``reflora.commands``; nothing heavy is imported until a
 command runs.
@@ -165,8 +166,8 @@ def conform(
         counts = f"{failed} failed, " if failed else ""
         declared = len(rep.by_status("declared"))
         print(f"{rep.verdict} {rep.backend}: {counts}{len(rep.by_status('pass'))} passed, "
-              f"{declared} declared, {len(rep.by_status('unsupported'))} unsupported, {rep.seconds:.1f} s",
-              file=out)  # fmt: skip
+              f"{declared} declared, {len(rep.by_status('rejected'))} rejected, "
+              f"{len(rep.by_status('unsupported'))} unsupported, {rep.seconds:.1f} s", file=out)  # fmt: skip
     saved = [r for rep in reports for r in rep.results if r.bundle]
     if saved:
         declared = sum(r.status == "declared" for r in saved)
@@ -281,6 +282,9 @@ def replay(
     if result.status == "unsupported":
         print(f"UNSUPPORTED: {result.backend} does not run this check: {result.message}", file=out)
         return 2
+    if result.status == "rejected":
+        print(f"REJECTED (not a failure; no value compared): {result.message}", file=out)
+        return 0
     print(f"{result.status.upper()}: {result.message}", file=out)
     return 1
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Declined", "Mismatch", "fmt_index", "fmt_value"]
+__all__ = ["Declined", "Mismatch", "Rejected", "fmt_index", "fmt_value"]
 
 
 def fmt_index(index: tuple[int, ...] | None) -> str:
@@ -92,6 +92,13 @@ class Mismatch(AssertionError):
 
     def __str__(self) -> str:
         return self.message()
+
+
+class Rejected(Exception):
+    """The inputs are outside the claimed dialect (it has no state for them) and no value could be
+    compared: quantize's backend rejected them as its dialect does (accepting them is a Mismatch), and
+    dequantize, the round trip and QLoRA have no state to run on. Not a failure, and not a pass of a
+    value check: a test whose every example ends here is reported as ``rejected``."""
 
 
 class Declined(Exception):

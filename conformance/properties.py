@@ -41,7 +41,7 @@ from reflora import blockwise, bounds, lora, nf4, qlora
 from reflora.conformance import tolerances as tol
 from reflora.conformance.bundle import Inputs, apply_view
 from reflora.conformance.dialect import Dialect, offset_of
-from reflora.conformance.mismatch import Declined, Mismatch, fmt_index, fmt_value
+from reflora.conformance.mismatch import Declined, Mismatch, Rejected, fmt_index, fmt_value
 from reflora.double_quant import mean_f32
 from reflora.state import QuantState
 
@@ -277,6 +277,11 @@ def _check_offset(ctx: Context, inputs: Inputs, state, x, context) -> np.ndarray
     return offset
 
 
+def _outside(ctx: Context, what: str, why) -> Rejected:
+    """The example is outside the claimed dialect: it has no state for these inputs."""
+    return Rejected(f"{what}: dialect {ctx.dialect.name} has no state for these inputs ({why})")
+
+
 def check_quantize(ctx: Context, inputs: Inputs) -> None:
     x, p = inputs["x"], inputs.params
     context = _context(ctx, inputs)
@@ -290,8 +295,9 @@ def check_quantize(ctx: Context, inputs: Inputs) -> None:
             ctx.backend.quantize_4bit(*args, **kwargs)
         except NotImplementedError as exc:  # declining is not rejecting
             raise Declined(f"quantize_4bit: NotImplementedError: {exc}") from None
-        except Exception:
-            return  # rejected, as its dialect rejects it
+        except Exception as exc:  # rejected, as its dialect rejects it: all this example can check
+            raise _outside(ctx, "quantize_4bit", f"{type(rejected).__name__}: {rejected}; the backend "
+                           f"rejects them too ({type(exc).__name__})") from None  # fmt: skip
         raise Mismatch("quantize_4bit", "result", None, "a state",
                        f"an error, as dialect {ctx.dialect.name} raises "
                        f"{type(rejected).__name__}: {rejected}",
@@ -319,8 +325,8 @@ def check_dequantize(ctx: Context, inputs: Inputs) -> None:
     context = _context(ctx, inputs)
     try:
         native = ctx.dialect.quantize(x, p["blocksize"], p["quant_type"], p["double_quant"])
-    except (ValueError, TypeError, AssertionError):
-        return  # not a state of this dialect: nothing to dequantize
+    except (ValueError, TypeError, AssertionError) as exc:  # no state of this dialect: nothing to dequantize
+        raise _outside(ctx, "dequantize_4bit", exc) from None
     # The dialect's own state: a QuantState, or its native form (torchao's TorchaoNF4State), which is what
     # a backend of that dialect reads; a native state converted to a QuantState would not be its input.
     state = native if not ctx.dialect.native_is_quant_state() else ctx.dialect.as_quant_state(native)
@@ -340,8 +346,8 @@ def check_roundtrip(ctx: Context, inputs: Inputs) -> None:
     kwargs = {"blocksize": p["blocksize"], "quant_type": p["quant_type"], "double_quant": p["double_quant"]}
     try:
         ctx.dialect.quantize(x, p["blocksize"], p["quant_type"], p["double_quant"])
-    except (ValueError, TypeError, AssertionError):
-        return  # the dialect has no state for these inputs; check_quantize covers the rejection
+    except (ValueError, TypeError, AssertionError) as exc:  # check_quantize covers the rejection itself
+        raise _outside(ctx, "round trip", exc) from None
     state = _call(ctx, inputs, "quantize_4bit", x, **kwargs)
     out_dtype = p.get("out_dtype")
     out = _array(
@@ -389,7 +395,7 @@ def _base_state(ctx: Context, inputs: Inputs, flat: bool = False) -> tuple[Any, 
     backend reads, and Ŵ is that state's dequantization by the dialect's own rule (not the canonical
     one through ``to_quant_state``, which refuses the negative scales torchao can rebuild for a block of
     absmax near zero). Where that dialect cannot quantize W (a shape it refuses), the example is
-    declined: there is no state to hand the backend."""
+    rejected (:class:`Rejected`): there is no state to hand the backend."""
     p = inputs.params
     W = inputs["W"].reshape(-1) if flat else inputs["W"]
     if ctx.dialect.native_is_quant_state():
@@ -398,8 +404,7 @@ def _base_state(ctx: Context, inputs: Inputs, flat: bool = False) -> tuple[Any, 
     try:
         state = ctx.dialect.quantize(W, p["blocksize"], p["quant_type"], p["double_quant"])
     except ValueError as exc:
-        reason = f"{inputs.op}: the {ctx.dialect.name} dialect has no state for this base: {exc}"
-        raise Declined(reason) from None
+        raise _outside(ctx, f"{inputs.op} (the base weight)", exc) from None
     return state, ctx.dialect.dequantize(state)
 
 
@@ -524,6 +529,8 @@ def check_rejects(ctx: Context, inputs: Inputs) -> None:
     except NotImplementedError as exc:  # declining is not rejecting: the op was never tried
         raise Declined(f"{op}: NotImplementedError: {exc}") from None
     except Exception:
+        if op == "quantize_4bit" and "bad_index" in p:
+            _clean_input_quantizes(ctx, inputs)
         return
     if op == "quantize_4bit" and "bad_index" in p:
         index = tuple(p["bad_index"])
@@ -531,6 +538,17 @@ def check_rejects(ctx: Context, inputs: Inputs) -> None:
                        "non-finite input has no 4-bit code and must raise", context)  # fmt: skip
     raise Mismatch(op, "result", None, "a result (accepted)", "an error",
                    f"bad input must raise: {inputs.note}", context)  # fmt: skip
+
+
+def _clean_input_quantizes(ctx: Context, inputs: Inputs) -> None:
+    """Rejected (not a pass) when the dialect cannot quantize the input even with its non-finite element
+    made 0: the backend's error then need not be about the NaN (torchao rejects a 6 x 50 weight's shape)."""
+    x, p = inputs["x"].copy(), inputs.params
+    x[tuple(p["bad_index"])] = 0
+    try:
+        ctx.dialect.quantize(x, p["blocksize"], p["quant_type"], p["double_quant"])
+    except (ValueError, TypeError, AssertionError) as exc:
+        raise _outside(ctx, "quantize_4bit", f"nor for the same x with {p['bad']} made 0: {exc}") from None
 
 
 CHECKS = {
@@ -547,7 +565,8 @@ CHECKS = {
 
 
 def run_check(ctx: Context, inputs: Inputs) -> None:
-    """Run the check ``inputs.check`` names; raises Mismatch or Declined, returns None on success."""
+    """Run the check ``inputs.check`` names; raises Mismatch, Declined or Rejected, returns None on
+    success."""
     try:
         check = CHECKS[inputs.check]
     except KeyError:

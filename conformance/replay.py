@@ -17,7 +17,7 @@ from typing import Any
 
 from reflora.conformance.bundle import load
 from reflora.conformance.dialect import get as get_dialect
-from reflora.conformance.mismatch import Declined, Mismatch
+from reflora.conformance.mismatch import Declined, Mismatch, Rejected
 from reflora.conformance.properties import Context, run_check
 
 __all__ = ["ReplayResult", "replay", "replay_command"]
@@ -31,8 +31,9 @@ def replay_command(path: str | Path, backend: str) -> str:
 @dataclass
 class ReplayResult:
     """status: "pass" (the check holds now), "fail" (a mismatch, as recorded or a new one),
-    "unsupported" (the backend does not support the op or declined the inputs) or "error" (the suite
-    could not run the check); message: what the suite says; meta: the bundle's record."""
+    "unsupported" (the backend does not support the op or declined the inputs), "rejected" (the inputs
+    are outside the backend's dialect: nothing compared, see runner) or "error" (the suite could not
+    run the check); message: what the suite says; meta: the bundle's record."""
 
     status: str
     backend: str
@@ -83,6 +84,8 @@ def replay(path: str | Path, backend: str | None = None) -> ReplayResult:
         run_check(ctx, inputs)
     except Declined as d:
         return ReplayResult("unsupported", spec, inputs.test_id, str(d), meta)
+    except Rejected as r:
+        return ReplayResult("rejected", spec, inputs.test_id, str(r), meta)
     except Mismatch as m:
         m.bundle, m.replay = str(path), replay_command(path, spec)
         return ReplayResult("fail", spec, inputs.test_id, m.message(), meta)

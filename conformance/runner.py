@@ -8,6 +8,11 @@ saves as an ``.npz`` bundle and turns into a result. A case runs once. Every res
 ``pass``         every example met its tolerance;
 ``fail``         a mismatch (message, bundle, replay command);
 ``declared``     a failure that matches an entry of the backend's deviations file (listed, with reason);
+``rejected``     every example was outside the dialect the backend claims (it has no state for those
+                 inputs): nothing was computed to compare, and all that was checked is that a
+                 quantize_4bit backend rejects them too (accepting them fails). A torchao-shaped test
+                 is what a torchao backend computes; the ragged tails torchao cannot quantize are
+                 ``rejected``, not ``pass``;
 ``unsupported``  the backend does not support the op for this dtype (``supports`` gave a reason), or
                  declined every example (NotImplementedError);
 ``error``        the suite itself could not run the test (a traceback; counts as a failure).
@@ -32,7 +37,7 @@ from reflora.conformance import profiles
 from reflora.conformance.bundle import save
 from reflora.conformance.dialect import get as get_dialect
 from reflora.conformance.findings import Findings
-from reflora.conformance.mismatch import Declined, Mismatch
+from reflora.conformance.mismatch import Declined, Mismatch, Rejected
 from reflora.conformance.properties import Context, _arithmetic, run_check
 from reflora.conformance.replay import replay_command
 from reflora.conformance.strategies import INPUT_RULES, InputRules
@@ -65,6 +70,7 @@ class TestResult:
     status: str
     examples: int = 0
     declined: int = 0
+    rejected: int = 0  # examples outside the claimed dialect (Rejected): nothing computed
     seconds: float = 0.0
     message: str = ""
     reason: str = ""
@@ -99,8 +105,8 @@ class Report:
 
     @property
     def checked(self) -> bool:
-        """Whether any test checked something: a run where every test was unsupported or declined
-        passes nothing, and must not read as a pass."""
+        """Whether any test checked something: a run where every test was unsupported, declined or
+        rejected (outside the dialect) compared nothing, and must not read as a pass."""
         return any(r.status in ("pass", "declared") for r in self.results)
 
     @property
@@ -184,6 +190,8 @@ def run_test(ctx: Context, test: Test, profile: profiles.Profile, seed: int, bun
             _run_property(ctx, test, profile, _test_seed(seed, test.id), result, last)
     except Declined as d:
         result.status, result.reason, result.declined = "unsupported", str(d), 1
+    except Rejected as r:
+        result.status, result.reason, result.rejected = "rejected", str(r), 1
     except Mismatch as m:
         # hypothesis' advice to decorate "your test function" is for its own users: replay instead
         notes = getattr(m, "__notes__", [])
@@ -200,8 +208,8 @@ def run_test(ctx: Context, test: Test, profile: profiles.Profile, seed: int, bun
             _save(m, ctx, profile.name, seed, bundle_dir, [])
             result.bundle, result.replay = m.bundle, m.replay
     result.seconds = time.perf_counter() - start
-    if result.status == "pass" and result.examples and result.declined == result.examples:
-        result.status = "unsupported"
+    if result.status == "pass" and result.examples and result.declined + result.rejected == result.examples:
+        result.status = "rejected" if result.rejected else "unsupported"
     return result
 
 
@@ -225,10 +233,21 @@ def _run_property(ctx: Context, test: Test, profile: profiles.Profile, seed: int
         except Declined as d:
             result.declined += 1
             result.reason = str(d)
+        except Rejected as r:
+            result.rejected += 1
+            rejected_reason[0] = str(r)
 
+    rejected_reason = [""]
     prop()
-    if result.declined and result.declined < result.examples:
-        result.message = f"{result.declined} of {result.examples} examples declined: {result.reason}"
+    notes = []
+    if result.declined and result.declined + result.rejected < result.examples:
+        notes.append(f"{result.declined} of {result.examples} examples declined: {result.reason}")
+    if result.rejected and result.declined + result.rejected < result.examples:
+        notes.append(f"{result.rejected} of {result.examples} examples outside the dialect (nothing "
+                     f"computed), e.g. {rejected_reason[0]}")  # fmt: skip
+    if result.rejected:
+        result.reason = rejected_reason[0]
+    result.message = "\n".join(notes)
 
 
 def _declare(results: list[TestResult], entries: list[_deviations.Deviation]) -> None:
@@ -403,14 +422,18 @@ def _cell_text(results: list[TestResult]) -> tuple[str, str]:
     unsupported = [r for r in results if r.status == "unsupported"]
     if len(unsupported) == len(results):
         return "unsupported", unsupported[0].reason
-    n = len(results) - len(unsupported)
+    rejected = sum(r.status == "rejected" for r in results)
+    n = len(results) - len(unsupported) - rejected
     failed = sum(r.status in FAILED for r in results)
     declared = sum(r.status == "declared" for r in results)
     if failed:
         return f"FAIL {failed} of {n}", ""
-    text = f"pass {n - declared}/{n}"
+    parts = [f"pass {n - declared}/{n}"] if n else []
     if declared:
-        text += f", {declared} declared"
+        parts.append(f"{declared} declared")
+    if rejected:
+        parts.append(f"{rejected} rejected")
+    text = ", ".join(parts)
     if unsupported:
         text += f", {len(unsupported)} unsupported"
     return text, ""
@@ -468,10 +491,15 @@ def matrix_text(report: Report) -> str:
             lines.append(f"  {reason}" + (f" ({upstream})" if upstream else ""))
             for r in results:
                 lines.append(f"    {r.id}: " + r.message.splitlines()[0])
-    partial = [r for r in report.results if r.status == "pass" and r.declined]
+    rejected = report.by_status("rejected")
+    if rejected:
+        lines += ["", f"Rejected: {len(rejected)} tests outside dialect {report.dialect} (it has no state "
+                  "for their inputs, so nothing was computed to compare; a quantize_4bit backend must "
+                  f"reject them too), e.g. {rejected[0].id}: {rejected[0].reason}"]  # fmt: skip
+    partial = [r for r in report.results if r.status == "pass" and (r.declined or r.rejected)]
     if partial:
-        lines += ["", "Examples the backend declined (NotImplementedError):"]
-        lines += [f"  {r.id}: {r.message}" for r in partial]
+        lines += ["", "Examples the backend declined (NotImplementedError) or outside the dialect:"]
+        lines += [f"  {r.id}: " + r.message.replace("\n", "; ") for r in partial]
     if report.warnings:
         lines += ["", *(f"WARNING: {w}" for w in report.warnings)]
     if report.arithmetic:

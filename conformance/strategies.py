@@ -248,9 +248,12 @@ def draw_quantize(data, test_id: str, check: str, dtype: str, profile: Profile, 
     return inputs
 
 
-def draw_bad_quantize(data, test_id: str, dtype: str, profile: Profile) -> Inputs:
-    """A valid x with one non-finite element (NaN, +inf or -inf) at a drawn logical index."""
-    inputs = draw_quantize(data, test_id, "rejects", dtype, profile, InputRules())
+def draw_bad_quantize(
+    data, test_id: str, dtype: str, profile: Profile, rules: InputRules | None = None
+) -> Inputs:
+    """A valid x with one non-finite element (NaN, +inf or -inf) at a drawn logical index; x of a shape
+    the dialect takes (``rules``) in most draws, so that its rejection is about the non-finite value."""
+    inputs = draw_quantize(data, test_id, "rejects", dtype, profile, rules or InputRules())
     x = inputs["x"].copy()
     bad = data.draw(st.sampled_from(["nan", "inf", "-inf"]), label="bad value")
     flat = data.draw(st.integers(0, x.size - 1), label="bad index")

@@ -72,7 +72,7 @@ class Test:
 def _quantize(check: str):
     def draw(data, test: Test, profile: Profile, rules: strategies.InputRules) -> Inputs:
         if check == "rejects":
-            return strategies.draw_bad_quantize(data, test.id, test.dtype, profile)
+            return strategies.draw_bad_quantize(data, test.id, test.dtype, profile, rules)
         return strategies.draw_quantize(data, test.id, check, test.dtype, profile, rules)
 
     return draw

@@ -77,3 +77,42 @@ class BadArithmetic(ReferenceBackend):
         from reflora.bounds import Arithmetic
 
         return Arithmetic(operand=dtype, accumulate="fp32", intermediate=dtype, output="float64")
+
+
+class TorchaoDialect(ReferenceBackend):
+    """The torchao dialect itself as a backend (numpy only): quantizes what it takes, rejects the rest,
+    and runs QLoRA on its own states; for the ``rejected`` status (tests/test_conformance_rejected.py)."""
+
+    name = "torchao-dialect"
+    dialect = "torchao"
+
+    def quantize_4bit(self, x, *, blocksize=64, quant_type="nf4", double_quant=False):
+        from reflora.dialects import torchao_nf4
+
+        if quant_type != "nf4" or not double_quant:
+            raise ValueError("the torchao dialect quantizes NF4 with double quantization only")
+        return torchao_nf4.quantize(x, blocksize)
+
+    def dequantize_4bit(self, state, *, dtype=None):
+        from reflora.dialects import torchao_nf4
+
+        return torchao_nf4.dequantize(state, dtype)
+
+    def qlora_forward(self, x, state, A, B, scaling, *, bias=None, dropout_mask=None):
+        W = self.dequantize_4bit(state)
+        return lora.forward(x, W, A, B, scaling, bias=bias, dropout_mask=dropout_mask)
+
+
+class TorchaoDialectAcceptsAll(TorchaoDialect):
+    """Claims the torchao dialect but quantizes what it rejects (canonically): held to the dialect."""
+
+    name = "torchao-dialect-accepts-all"
+
+    def quantize_4bit(self, x, *, blocksize=64, quant_type="nf4", double_quant=False):
+        try:
+            return super().quantize_4bit(x, blocksize=blocksize, quant_type=quant_type,
+                                         double_quant=double_quant)  # fmt: skip
+        except ValueError:
+            from reflora import nf4
+
+            return nf4.quantize(x, blocksize, quant_type=quant_type, double_quant=double_quant)

@@ -203,19 +203,20 @@ def test_torchao_round_trip_dequantizes_the_object_torchao_returned():
 # ---- torchao's QLoRA base: linear_nf4 forward and backward ------------------------------------------
 
 
-def test_torchao_qlora_gets_its_dialects_state_and_declines_what_torchao_cannot_quantize(tmp_path):
+def test_torchao_qlora_gets_its_dialects_state_and_rejects_what_torchao_cannot_quantize(tmp_path):
     """The suite hands torchao its own dialect's state of the base: the random properties and the
     torchao-shaped cases run torchao; a case whose base torchao cannot quantize (not double-quantized,
-    too few blocks) is declined with that reason, not passed."""
+    too few blocks) is reported rejected with that reason, not passed."""
     shaped = "qlora_backward[3-D transposed x, mask, torchao-shaped base, float16]"
     results = _run("torchao", ["qlora_forward[random, bfloat16]", shaped, "qlora_forward[rank 1, float32]"],
                    tmp_path)  # fmt: skip
     assert results["qlora_forward[random, bfloat16]"].status == "pass"
     assert results["qlora_forward[random, bfloat16]"].declined == 0
+    assert results["qlora_forward[random, bfloat16]"].rejected == 0
     assert results[shaped].status == "pass"
-    declined = results["qlora_forward[rank 1, float32]"]
-    assert declined.status == "unsupported"
-    assert "the torchao dialect has no state for this base" in declined.reason, declined.reason
+    rejected = results["qlora_forward[rank 1, float32]"]
+    assert rejected.status == "rejected"
+    assert "dialect torchao has no state for these inputs" in rejected.reason, rejected.reason
 
 
 def _plant_linear_nf4(monkeypatch, forward=None, backward=None) -> None:

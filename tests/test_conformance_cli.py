@@ -34,7 +34,7 @@ def test_conform_passes_reference_and_prints_seed_matrix_and_summary(capsys, tmp
     assert lines[0] == "reflora conform: profile ci, seed 0 (repeat this run with --seed 0)"
     assert "reference (dialect reflora): PASS  [profile ci, seed 0, 36 tests" in out
     assert any(line.split()[:3] == ["lora_merge", "pass", "12/12"] for line in lines)
-    assert "PASS reference: 36 passed, 0 declared, 0 unsupported" in out
+    assert "PASS reference: 36 passed, 0 declared, 0 rejected, 0 unsupported" in out
     assert "lora_merge       float32   pass 12/12" in err  # non-TTY progress: a line per op × dtype
     assert not list(tmp_path.iterdir())  # nothing failed, nothing saved
     assert "Counterexamples saved" not in out

@@ -127,6 +127,19 @@ class DQDrift(_Mutant):
         return _dequant_with_scales(state, scales.astype(np.float32), dtype)
 
 
+class NegativeScaleClamped(_Mutant):
+    name, ops, bug = (
+        "mutant-negative-scale-clamped",
+        ("dequantize_4bit",),
+        "DQ scales rebuilt below zero clamped to 0 (a block that flips sign comes back as zeros)",
+    )
+
+    def dequantize_4bit(self, state, *, dtype=None):
+        if state.nested is None:
+            return nf4.dequantize(state, dtype)
+        return _dequant_with_scales(state, np.maximum(nf4.block_scales(state), np.float32(0)), dtype)
+
+
 class RaggedTail(_Mutant):
     name, ops, bug = (
         "mutant-ragged-tail",
@@ -338,4 +351,5 @@ MUTANTS: tuple[type[_Mutant], ...] = (
     OffsetSequentialMean,
     FlushesSubnormals,
     ScratchInputs,
+    NegativeScaleClamped,
 )
