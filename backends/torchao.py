@@ -36,7 +36,9 @@ adds it as ``LoRALinear`` does, in plain torch: ``y = linear_nf4(x, W) (+ bias) 
 x * mask, A), B)``, with grad_A and grad_B from torch's autograd; those lines are reflora's, not
 torchao's. The suite hands a torchao-dialect backend its dialect's state of the base (a
 TorchaoNF4State): only QLoRA bases torchao can quantize are tested (whole groups of 256 blocks), and a
-special case whose base it cannot quantize is declined by the suite.
+special case whose base it cannot quantize is reported rejected by the suite. The adapter checks only
+what it builds (A, B, bias, mask, for a 2-D state); the state's rank, x and grad_y reach torchao
+(torch's autograd checks grad_y's shape against y before linear_nf4's backward runs).
 """
 
 from __future__ import annotations
@@ -143,9 +145,8 @@ def _qlora(x, state, A, B, scaling, bias, mask, grad_y=None):
     import torch.nn.functional as F
 
     _check_state(state)
-    if len(state.shape) != 2:
-        raise ValueError(f"a QLoRA base weight is 2-D (out, in); the state holds shape {state.shape}")
-    check_built(*state.shape, A, B, bias, mask, x)
+    if len(state.shape) == 2:  # A, B, bias and the mask are the adapter's to build; the rest is torchao's
+        check_built(*state.shape, A, B, bias, mask, x)
     train = grad_y is not None
     with library_errors("torchao"), torch.enable_grad() if train else torch.no_grad():
         xt = view(x).detach().requires_grad_(train)

@@ -415,11 +415,13 @@ def _lora_cases(op: str) -> list[Case]:
         ]
     if op.startswith("qlora"):
         # A base torchao quantizes (256 blocks of 64, double-quantized); the cases above fall outside
-        # its shapes, and the suite declines them for a torchao-dialect backend (no state to hand it).
+        # its shapes, and the suite reports them rejected for a torchao-dialect backend (no state to hand it).
         ao = _lora(op, 128, 128, 8, lead=(2, 5), bias=forward, p=0.1, views=("x",), double_quant=True)
         cases.append(Case(op, "3-D transposed x, mask, torchao-shaped base", op, ao))
         cases.append(Case(op, "x does not fit the state, torchao-shaped -> error", "rejects",
                           _broken(ao, "x", -1)))  # fmt: skip
+        cases.append(Case(op, "1-D state, torchao-shaped -> error", "rejects",
+                          _broken(ao, "W", 0, state_1d=True)))  # fmt: skip
         if forward:
             positive = _lora(op, 4096, 4, 4, lead=(4,), positive=True, double_quant=True)
             cases.append(Case(op, "in 4096, all positive, torchao-shaped base", op, positive))

@@ -177,8 +177,8 @@ def conform(
         print(unwritten, file=err)
         return 2
     if ok and not any(r.checked for r in reports):
-        print("reflora conform: no test checked anything: every selected test was unsupported or declined "
-              "by the backends run", file=err)  # fmt: skip
+        print("reflora conform: no test checked anything: every selected test was unsupported, declined or "
+              "rejected (outside the dialect) for the backends run", file=err)  # fmt: skip
         return 2
     return 0 if ok else 1
 

@@ -403,7 +403,7 @@ def _base_state(ctx: Context, inputs: Inputs, flat: bool = False) -> tuple[Any, 
         return state, (nf4.dequantize(state) if flat else qlora.dequantized_base(state))
     try:
         state = ctx.dialect.quantize(W, p["blocksize"], p["quant_type"], p["double_quant"])
-    except ValueError as exc:
+    except (ValueError, TypeError, AssertionError) as exc:
         raise _outside(ctx, f"{inputs.op} (the base weight)", exc) from None
     return state, ctx.dialect.dequantize(state)
 

@@ -209,7 +209,7 @@ def run_test(ctx: Context, test: Test, profile: profiles.Profile, seed: int, bun
             result.bundle, result.replay = m.bundle, m.replay
     result.seconds = time.perf_counter() - start
     if result.status == "pass" and result.examples and result.declined + result.rejected == result.examples:
-        result.status = "rejected" if result.rejected else "unsupported"
+        result.status = "unsupported" if result.declined else "rejected"  # a decline is the backend's word
     return result
 
 
@@ -245,7 +245,7 @@ def _run_property(ctx: Context, test: Test, profile: profiles.Profile, seed: int
     if result.rejected and result.declined + result.rejected < result.examples:
         notes.append(f"{result.rejected} of {result.examples} examples outside the dialect (nothing "
                      f"computed), e.g. {rejected_reason[0]}")  # fmt: skip
-    if result.rejected:
+    if result.rejected and not result.declined:
         result.reason = rejected_reason[0]
     result.message = "\n".join(notes)
 

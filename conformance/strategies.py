@@ -75,8 +75,9 @@ SEEDS = st.integers(0, 2**32 - 1)
 
 @dataclass(frozen=True)
 class InputRules:
-    """What a dialect accepts, so that most draws are inputs it quantizes (the rest check that the
-    backend rejects what its dialect rejects). granule: numel must be a multiple of granule(blocksize)."""
+    """What a dialect accepts, so that about half the quantize draws are inputs it quantizes (the rest
+    check that the backend rejects what its dialect rejects) and every QLoRA base is one it quantizes.
+    granule_blocks: numel must be a multiple of blocksize * granule_blocks."""
 
     quant_types: tuple[str, ...] = ("nf4", "fp4")
     double_quant: tuple[bool, ...] = (False, True)
@@ -252,7 +253,8 @@ def draw_bad_quantize(
     data, test_id: str, dtype: str, profile: Profile, rules: InputRules | None = None
 ) -> Inputs:
     """A valid x with one non-finite element (NaN, +inf or -inf) at a drawn logical index; x of a shape
-    the dialect takes (``rules``) in most draws, so that its rejection is about the non-finite value."""
+    the dialect takes (``rules``) in about half the draws, where its rejection is about the non-finite
+    value (the others are reported as outside the dialect)."""
     inputs = draw_quantize(data, test_id, "rejects", dtype, profile, rules or InputRules())
     x = inputs["x"].copy()
     bad = data.draw(st.sampled_from(["nan", "inf", "-inf"]), label="bad value")
@@ -396,7 +398,10 @@ def draw_qlora(
         blocksize = data.draw(st.sampled_from(BLOCKSIZES), label="blocksize")
     inputs.params["blocksize"] = blocksize
     inputs.params["quant_type"] = data.draw(st.sampled_from(rules.quant_types), label="quant_type")
-    inputs.params["double_quant"] = data.draw(st.sampled_from(rules.double_quant), label="double_quant")
+    if rules.double_quant == (False, True):  # the draw the default rules have always made (same stream)
+        inputs.params["double_quant"] = data.draw(st.booleans(), label="double_quant")
+    else:
+        inputs.params["double_quant"] = data.draw(st.sampled_from(rules.double_quant), label="double_quant")
     return inputs
 
 

@@ -87,9 +87,10 @@ def test_backend_passes_the_ci_profile_apart_from_its_declared_deviations(name, 
     assert {r.id for r in report.by_status("declared")} == declared
     assert not report.warnings, report.warnings
     # the backend was really exercised: tests that compared a value ("rejected" ones compared nothing;
-    # torchao rejects most quantize shapes and computes in about 76 tests, the others in over 250)
+    # measured 2026-11-24: bitsandbytes 291, peft 288, torchao 73, which rejects most quantize shapes)
     ran = [r for r in report.results if r.status == "pass"]
-    assert len(ran) >= 60, f"{name} ran only {len(ran)} tests"
+    floor = {"bitsandbytes": 250, "peft": 250, "torchao": 60}[name]
+    assert len(ran) >= floor, f"{name} ran only {len(ran)} tests"
     if name == "torchao":  # every kind of test reached torchao, QLoRA included
         assert {r.op for r in ran} >= {"quantize_4bit", "dequantize_4bit", "qlora_forward", "qlora_backward"}
     if name == "bitsandbytes":  # bnb's CPU shapes are held to the dialect and reported, not reshaped
