@@ -116,3 +116,13 @@ class TorchaoDialectAcceptsAll(TorchaoDialect):
             from reflora import nf4
 
             return nf4.quantize(x, blocksize, quant_type=quant_type, double_quant=double_quant)
+
+
+class TorchaoDialectDeclinesDequantize(TorchaoDialect):
+    """Declines every dequantization (NotImplementedError): a decline is the backend's word, so a test
+    whose examples are declined or outside the dialect is unsupported, not rejected."""
+
+    name = "torchao-dialect-declines-dequantize"
+
+    def dequantize_4bit(self, state, *, dtype=None):
+        raise NotImplementedError("no dequantization here")

@@ -71,3 +71,10 @@ def test_a_run_where_every_test_was_rejected_checked_nothing(tmp_path):
     rep = _run(odd_backends.TorchaoDialect(), [RAGGED, QLORA_ODD], tmp_path)
     assert [r.status for r in rep.results] == ["rejected", "rejected"]
     assert rep.ok and not rep.checked and rep.verdict == "NOTHING CHECKED"
+
+
+def test_examples_declined_or_outside_the_dialect_are_unsupported_not_rejected(tmp_path):
+    (r,) = _run(odd_backends.TorchaoDialectDeclinesDequantize(), [DEQUANT], tmp_path).results
+    assert 0 < r.rejected < r.examples and r.declined == r.examples - r.rejected, (r.rejected, r.declined)
+    assert r.status == "unsupported"
+    assert "NotImplementedError: no dequantization here" in r.reason
