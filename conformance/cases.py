@@ -274,9 +274,9 @@ def _ao_large_block(dtype, rng):
                note="256 blocks of 4096, every third one's absmax in its last element")  # fmt: skip
 
 
-def _ao_case(shape: tuple[int, int], **kw):
+def _ao_case(shape: tuple[int, int], scale: float = 1.0, **kw):
     def build(dtype, rng):
-        return _ao(_normal(rng, math.prod(shape)).reshape(shape), dtype, **kw)
+        return _ao(_normal(rng, math.prod(shape), scale).reshape(shape), dtype, **kw)
 
     return build
 
@@ -547,15 +547,9 @@ CASES: tuple[Case, ...] = (
     Case("dequantize_4bit", "3-D state of 2 elements", "dequantize",
          lambda d, rng: _q(_normal(rng, 2).reshape(2, 1, 1), d, check="dequantize")),
     # dequantize_4bit, torchao-shaped: its NF4Tensor.to(dtype), the conversion linear_nf4 makes
-    Case("dequantize_4bit", "output float16, torchao-shaped", "dequantize",
-         lambda d, rng: _ao(_normal(rng, 128 * 128, 3.0).reshape(128, 128), d, check="dequantize",
-                            out_dtype="float16")),
-    Case("dequantize_4bit", "output bfloat16, torchao-shaped", "dequantize",
-         lambda d, rng: _ao(_normal(rng, 128 * 128, 3.0).reshape(128, 128), d, check="dequantize",
-                            out_dtype="bfloat16")),
-    Case("dequantize_4bit", "output float32, torchao-shaped", "dequantize",
-         lambda d, rng: _ao(_normal(rng, 128 * 128, 3.0).reshape(128, 128), d, check="dequantize",
-                            out_dtype="float32")),
+    *(Case("dequantize_4bit", f"output {out}, torchao-shaped", "dequantize",
+           _ao_case((128, 128), 3.0, check="dequantize", out_dtype=out))
+      for out in ("float16", "bfloat16", "float32")),
     Case("dequantize_4bit", "sparse weight, scales rebuilt below zero, torchao-shaped", "dequantize",
          _sparse_negative_scales),
     Case("dequantize_4bit", "own state round trip, near overflow, finite", "roundtrip",

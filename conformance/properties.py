@@ -282,6 +282,15 @@ def _outside(ctx: Context, what: str, why) -> Rejected:
     return Rejected(f"{what}: dialect {ctx.dialect.name} has no state for these inputs ({why})")
 
 
+def _dialect_state(ctx: Context, x: np.ndarray, p: dict, what: str, note: str = ""):
+    """The claimed dialect's state of x for the params' blocksize, quant_type and double_quant; Rejected
+    (``what``, ``note`` before the dialect's reason) where the dialect refuses x."""
+    try:
+        return ctx.dialect.quantize(x, p["blocksize"], p["quant_type"], p["double_quant"])
+    except (ValueError, TypeError, AssertionError) as exc:
+        raise _outside(ctx, what, f"{note}{exc}") from None
+
+
 def check_quantize(ctx: Context, inputs: Inputs) -> None:
     x, p = inputs["x"], inputs.params
     context = _context(ctx, inputs)
@@ -323,10 +332,7 @@ def check_quantize(ctx: Context, inputs: Inputs) -> None:
 def check_dequantize(ctx: Context, inputs: Inputs) -> None:
     x, p = inputs["x"], inputs.params
     context = _context(ctx, inputs)
-    try:
-        native = ctx.dialect.quantize(x, p["blocksize"], p["quant_type"], p["double_quant"])
-    except (ValueError, TypeError, AssertionError) as exc:  # no state of this dialect: nothing to dequantize
-        raise _outside(ctx, "dequantize_4bit", exc) from None
+    native = _dialect_state(ctx, x, p, "dequantize_4bit")  # no state of this dialect: nothing to dequantize
     # The dialect's own state: a QuantState, or its native form (torchao's TorchaoNF4State), which is what
     # a backend of that dialect reads; a native state converted to a QuantState would not be its input.
     state = native if not ctx.dialect.native_is_quant_state() else ctx.dialect.as_quant_state(native)
@@ -344,10 +350,7 @@ def check_roundtrip(ctx: Context, inputs: Inputs) -> None:
     x, p = inputs["x"], inputs.params
     context = _context(ctx, inputs)
     kwargs = {"blocksize": p["blocksize"], "quant_type": p["quant_type"], "double_quant": p["double_quant"]}
-    try:
-        ctx.dialect.quantize(x, p["blocksize"], p["quant_type"], p["double_quant"])
-    except (ValueError, TypeError, AssertionError) as exc:  # check_quantize covers the rejection itself
-        raise _outside(ctx, "round trip", exc) from None
+    _dialect_state(ctx, x, p, "round trip")  # check_quantize covers the rejection itself
     state = _call(ctx, inputs, "quantize_4bit", x, **kwargs)
     out_dtype = p.get("out_dtype")
     out = _array(
@@ -401,10 +404,7 @@ def _base_state(ctx: Context, inputs: Inputs, flat: bool = False) -> tuple[Any, 
     if ctx.dialect.native_is_quant_state():
         state = nf4.quantize(W, p["blocksize"], quant_type=p["quant_type"], double_quant=p["double_quant"])
         return state, (nf4.dequantize(state) if flat else qlora.dequantized_base(state))
-    try:
-        state = ctx.dialect.quantize(W, p["blocksize"], p["quant_type"], p["double_quant"])
-    except (ValueError, TypeError, AssertionError) as exc:
-        raise _outside(ctx, f"{inputs.op} (the base weight)", exc) from None
+    state = _dialect_state(ctx, W, p, f"{inputs.op} (the base weight)")
     return state, ctx.dialect.dequantize(state)
 
 
@@ -545,10 +545,7 @@ def _clean_input_quantizes(ctx: Context, inputs: Inputs) -> None:
     made 0: the backend's error then need not be about the NaN (torchao rejects a 6 x 50 weight's shape)."""
     x, p = inputs["x"].copy(), inputs.params
     x[tuple(p["bad_index"])] = 0
-    try:
-        ctx.dialect.quantize(x, p["blocksize"], p["quant_type"], p["double_quant"])
-    except (ValueError, TypeError, AssertionError) as exc:
-        raise _outside(ctx, "quantize_4bit", f"nor for the same x with {p['bad']} made 0: {exc}") from None
+    _dialect_state(ctx, x, p, "quantize_4bit", f"nor for the same x with {p['bad']} made 0: ")
 
 
 CHECKS = {

@@ -235,18 +235,17 @@ def _run_property(ctx: Context, test: Test, profile: profiles.Profile, seed: int
             result.reason = str(d)
         except Rejected as r:
             result.rejected += 1
-            rejected_reason[0] = str(r)
+            last["rejected"] = str(r)
 
-    rejected_reason = [""]
     prop()
     notes = []
     if result.declined and result.declined + result.rejected < result.examples:
         notes.append(f"{result.declined} of {result.examples} examples declined: {result.reason}")
     if result.rejected and result.declined + result.rejected < result.examples:
         notes.append(f"{result.rejected} of {result.examples} examples outside the dialect (nothing "
-                     f"computed), e.g. {rejected_reason[0]}")  # fmt: skip
+                     f"computed), e.g. {last['rejected']}")  # fmt: skip
     if result.rejected and not result.declined:
-        result.reason = rejected_reason[0]
+        result.reason = last["rejected"]
     result.message = "\n".join(notes)
 
 

@@ -96,8 +96,12 @@ def _fma_scales(nested):
     return (exact + np.float64(nested.offset)).astype(np.float32)  # one rounding (to f32), as an FMA
 
 
-def _dequant_with_scales(state, scales, dtype):
-    plain = dataclasses.replace(state, absmax=scales, nested=None)
+def _dequant_with_scales(state, rebuild, dtype):
+    """Canonical dequantization, except that a double-quantized state's block scales are ``rebuild(state)``
+    (float32) instead of the canonical rebuild; a state without double quantization is left canonical."""
+    if state.nested is None:
+        return nf4.dequantize(state, dtype)
+    plain = dataclasses.replace(state, absmax=rebuild(state), nested=None)
     return nf4.dequantize(plain, dtype)
 
 
@@ -105,9 +109,7 @@ class DequantFMA(_Mutant):
     name, ops, bug = "mutant-dq-fma", ("dequantize_4bit",), "DQ absmax rebuilt with one rounding (an FMA)"
 
     def dequantize_4bit(self, state, *, dtype=None):
-        if state.nested is None:
-            return nf4.dequantize(state, dtype)
-        return _dequant_with_scales(state, _fma_scales(state.nested), dtype)
+        return _dequant_with_scales(state, lambda s: _fma_scales(s.nested), dtype)
 
 
 class DQDrift(_Mutant):
@@ -118,13 +120,13 @@ class DQDrift(_Mutant):
     )
 
     def dequantize_4bit(self, state, *, dtype=None):
-        if state.nested is None:
-            return nf4.dequantize(state, dtype)
-        nested = state.nested
-        group = np.arange(nested.absmax_q.size) // nested.blocksize2
-        absmax2 = nested.absmax2.astype(np.float16).astype(np.float32)
-        scales = nested.code2[nested.absmax_q] * absmax2[group] + nested.offset
-        return _dequant_with_scales(state, scales.astype(np.float32), dtype)
+        def rebuild(s):
+            nested = s.nested
+            group = np.arange(nested.absmax_q.size) // nested.blocksize2
+            absmax2 = nested.absmax2.astype(np.float16).astype(np.float32)
+            return (nested.code2[nested.absmax_q] * absmax2[group] + nested.offset).astype(np.float32)
+
+        return _dequant_with_scales(state, rebuild, dtype)
 
 
 class NegativeScaleClamped(_Mutant):
@@ -135,9 +137,7 @@ class NegativeScaleClamped(_Mutant):
     )
 
     def dequantize_4bit(self, state, *, dtype=None):
-        if state.nested is None:
-            return nf4.dequantize(state, dtype)
-        return _dequant_with_scales(state, np.maximum(nf4.block_scales(state), np.float32(0)), dtype)
+        return _dequant_with_scales(state, lambda s: np.maximum(nf4.block_scales(s), np.float32(0)), dtype)
 
 
 class RaggedTail(_Mutant):
