@@ -35,23 +35,19 @@ def _weights(seed: int, dtype) -> np.ndarray:
 def _torchao(w: np.ndarray, blocksize: int) -> np.ndarray:
     import importlib
 
-    import torch
-
-    from reflora.backends._tensors import to_numpy
+    from reflora.backends._tensors import to_numpy, view
 
     m = importlib.import_module("torchao.quantization.quantize_.workflows.nf4.nf4_tensor")
-    t = torch.from_numpy(w.astype(np.float32)).to(getattr(torch, w.dtype.name)).reshape(128, 128)
-    return to_numpy(m.to_nf4(t, blocksize, 256).get_original_weight())
+    return to_numpy(m.to_nf4(view(w.reshape(128, 128)), blocksize, 256).get_original_weight())
 
 
 def _bitsandbytes(w: np.ndarray, blocksize: int) -> np.ndarray:
     import bitsandbytes.functional as F
-    import torch
 
-    from reflora.backends._tensors import to_numpy
+    from reflora.backends._tensors import to_numpy, view
 
-    t = torch.from_numpy(w.astype(np.float32)).to(getattr(torch, w.dtype.name)).reshape(128, 128)
-    packed, state = F.quantize_4bit(t, blocksize=blocksize, compress_statistics=True, quant_type="nf4")
+    packed, state = F.quantize_4bit(view(w.reshape(128, 128)), blocksize=blocksize, compress_statistics=True,
+                                    quant_type="nf4")  # fmt: skip
     return to_numpy(F.dequantize_4bit(packed, state))
 
 
