@@ -414,7 +414,8 @@ class Arithmetic:
         x Wᵀ + bias to output first), grad_x likewise adds g W and the masked low-rank term, and
         x ⊙ mask stays in ``accumulate``. Each result's single output rounding is then bounded
         relative to the exact value (:func:`final_rounding_bound`), not per path.
-    dequant_ulps: for the QLoRA ops, how many steps of ``operand`` the backend's dequantized base
+    dequant_ulps: for the QLoRA ops, how many steps of the dtype it is dequantized in (the state's;
+        ``operand`` unless the bound is given another ``base_dtype``) the backend's dequantized base
         weight may lie from reflora's (:func:`dequant_ulps`; 0: bit for bit).
     dot_input: None, or the format every operand of a matrix product is rounded to before it is
         multiplied: "tfloat32" (float32's exponent range, 10 fraction bits, u = 2^-11; Triton's default
@@ -462,6 +463,19 @@ class Arithmetic:
         """An operand as this arithmetic reads it (:func:`_input`)."""
         return _input(v, _tiny(self.accumulate) if self.flush_to_zero else 0.0, ulps, self.operand)
 
+    def _read_base(self, W, base_dtype: str) -> _Tracked:
+        """The base weight as this arithmetic reads it. A QLoRA base Ŵ is dequantized in its state's
+        dtype, ``base_dtype`` (``dequant_ulps`` steps of it); where that is not ``operand`` and Ŵ is not
+        all numbers of ``operand``, it is then rounded to ``operand`` once, [op](Ŵ), as a backend
+        computing in the activations' dtype must (a float32 base under bfloat16 activations, a float16
+        base under bfloat16). A base of a dtype ``operand`` holds (bfloat16 under float32) is exact."""
+        if base_dtype == self.operand:
+            return self._read(W, self.dequant_ulps)
+        daz = _tiny(self.accumulate) if self.flush_to_zero else 0.0
+        w = _input(W, daz, self.dequant_ulps, base_dtype)
+        exact = self.dequant_ulps == 0 and np.array_equal(round_to(W, self.operand).astype(np.float64), W)
+        return w if exact else _round(w, _fmt(self.operand, 1.0, self.flush_to_zero))
+
 
 REFERENCE = Arithmetic("float64", "float64", "float64", "float64")
 """reflora's own float64 computation (:mod:`reflora.lora`), as the bounds model it."""
@@ -472,7 +486,7 @@ def _operand(name: str, a, dtype: str) -> np.ndarray:
     if not np.isfinite(a64).all():
         raise ValueError(f"{name} is not finite")
     if not np.array_equal(round_to(a64, dtype).astype(np.float64), a64):
-        raise ValueError(f"{name} is not representable in the operand dtype {dtype}; the bound assumes it is")
+        raise ValueError(f"{name} is not representable in {dtype}, the dtype the bound takes it in")
     return a64
 
 
@@ -514,10 +528,10 @@ def _scale(p: _Tracked, s: float, ar: Arithmetic) -> _Tracked:
     return _round(_Tracked(groups, eta, overflow, p.value * s), acc)
 
 
-def _forward_model(x, W, A, B, s, bias, mask, ar: Arithmetic, value=None) -> _Tracked:
+def _forward_model(x, W, A, B, s, bias, mask, ar: Arithmetic, value=None, base_dtype=None) -> _Tracked:
     acc, mid, op, out = ar.formats()
     xt = ar._read(x)
-    W_T = ar._read(W, ar.dequant_ulps).T
+    W_T = ar._read_base(W, base_dtype or ar.operand).T
     if mask is None:
         x_d = xt
     elif ar.fused:
@@ -540,7 +554,9 @@ def _forward_model(x, W, A, B, s, bias, mask, ar: Arithmetic, value=None) -> _Tr
     return _round(_add(base, lora, acc), out)  # [out]([acc](base + lora))
 
 
-def lora_forward_bound(x, W, A, B, scaling: float, arith: Arithmetic, *, bias=None, dropout_mask=None):
+def lora_forward_bound(
+    x, W, A, B, scaling: float, arith: Arithmetic, *, bias=None, dropout_mask=None, base_dtype=None
+):
     """Elementwise bound on |out - ref| for the LoRA forward: float64 of shape (..., out).
 
     out: a backend's y = x Wᵀ + bias + s·((x ⊙ mask) Aᵀ) Bᵀ computed as ``arith`` describes; ref:
@@ -571,6 +587,11 @@ def lora_forward_bound(x, W, A, B, scaling: float, arith: Arithmetic, *, bias=No
     in + 1. The last rounding contributes u_out·|y| (:func:`final_rounding_bound`, |y| <= |ref| + the
     reference's bound) instead of u_out on every path. A declared ``dequant_ulps`` adds
     |x|·(n·spacing(|W|))ᵀ to E.
+
+    ``base_dtype``: the dtype W is given in when it is not ``arith.operand``: a QLoRA base dequantized in
+    its state's dtype under activations of another. W is then first rounded to the operand dtype,
+    [op](W), one more rounding on every base path (none where the operand dtype holds every entry of
+    W); a declared ``dequant_ulps`` counts steps of ``base_dtype`` (docs/bounds.md §6).
     """
     from reflora import lora as _lora  # here, not at the top: reflora.lora imports this module
 
@@ -578,8 +599,9 @@ def lora_forward_bound(x, W, A, B, scaling: float, arith: Arithmetic, *, bias=No
     x_shape = np.shape(x)
     out_f, n_in, _ = check_shapes(x, W, A, B, bias, dropout_mask)
     op = arith.operand
+    w_dtype = op if base_dtype is None else _dtype(base_dtype).name
     x64 = _operand("x", x, op).reshape(-1, n_in)
-    W64, A64, B64 = _operand("W", W, op), _operand("A", A, op), _operand("B", B, op)
+    W64, A64, B64 = _operand("W", W, w_dtype), _operand("A", A, op), _operand("B", B, op)
     b64 = None if bias is None else _operand("bias", bias, op)
     m64 = None if dropout_mask is None else _operand("dropout_mask", dropout_mask, op).reshape(-1, n_in)
     s = float(scaling)
@@ -587,11 +609,13 @@ def lora_forward_bound(x, W, A, B, scaling: float, arith: Arithmetic, *, bias=No
     value = None
     if arith.fused:  # |y| <= |ref| + the reference's error, ref = reflora.lora.forward
         value = np.abs(_lora.forward(x64, W64, A64, B64, s, bias=b64, dropout_mask=m64)) + ref_error
-    total = _forward_model(x64, W64, A64, B64, s, b64, m64, arith, value).error() + ref_error
+    total = _forward_model(x64, W64, A64, B64, s, b64, m64, arith, value, w_dtype).error() + ref_error
     return total.reshape(*x_shape[:-1], out_f)
 
 
-def _backward_model(g, x, W, A, B, s, mask, ar: Arithmetic, values=None, need_x: bool = True):
+def _backward_model(
+    g, x, W, A, B, s, mask, ar: Arithmetic, values=None, need_x: bool = True, base_dtype=None
+):
     acc, mid, op, out = ar.formats()
     xt, gt = ar._read(x), ar._read(g)
 
@@ -615,7 +639,7 @@ def _backward_model(g, x, W, A, B, s, mask, ar: Arithmetic, values=None, need_x:
     lora = keep_mid(_scale(keep_mid(_matmul(u, ar._read(A), acc)), s, ar))  # (N, in) = s·(u A), K = r
     if mask is not None:
         lora = keep(_mul(lora, ar._read(mask), acc))
-    W_ = ar._read(W, ar.dequant_ulps)
+    W_ = ar._read_base(W, base_dtype or ar.operand)
     if ar.fused:  # one accumulator: g W with the low-rank term as a leaf of its sum, K' = out + 1
         grad_x = last(_matmul(gt, W_, acc, (lora,)), 0)
     else:  # [out]([acc]([out](g W) + lora)), K = out
@@ -624,7 +648,17 @@ def _backward_model(g, x, W, A, B, s, mask, ar: Arithmetic, values=None, need_x:
 
 
 def lora_backward_bound(
-    grad_y, x, W, A, B, scaling: float, arith: Arithmetic, *, dropout_mask=None, grad_x: bool = True
+    grad_y,
+    x,
+    W,
+    A,
+    B,
+    scaling: float,
+    arith: Arithmetic,
+    *,
+    dropout_mask=None,
+    grad_x: bool = True,
+    base_dtype=None,
 ):
     """Elementwise bounds (bx, bA, bB) on |out - ref| for grad_x, grad_A and grad_B (float64, in the
     shapes of x, A and B), ref being :func:`reflora.lora.backward` on the same inputs. With
@@ -653,7 +687,8 @@ def lora_backward_bound(
     low-rank term one of them (a kernel may start its accumulator from it): g_ni W_ik has out + 1 of
     acc, the low-rank path its own counts plus out. The one output rounding of each gradient is
     bounded relative to its exact value (:func:`final_rounding_bound`, |grad| <= |ref| + the
-    reference's bound), as in :func:`lora_forward_bound`.
+    reference's bound), as in :func:`lora_forward_bound`. ``base_dtype`` as there: W of another dtype
+    is rounded to the operand dtype before g W.
     """
     from reflora import lora as _lora
 
@@ -661,9 +696,10 @@ def lora_backward_bound(
     x_shape = np.shape(x)
     out_f, n_in, _ = check_shapes(x, W, A, B, None, dropout_mask, grad_y)
     op = arith.operand
+    w_dtype = op if base_dtype is None else _dtype(base_dtype).name
     g64 = _operand("grad_y", grad_y, op).reshape(-1, out_f)
     x64 = _operand("x", x, op).reshape(-1, n_in)
-    W64, A64, B64 = _operand("W", W, op), _operand("A", A, op), _operand("B", B, op)
+    W64, A64, B64 = _operand("W", W, w_dtype), _operand("A", A, op), _operand("B", B, op)
     m64 = None if dropout_mask is None else _operand("dropout_mask", dropout_mask, op).reshape(-1, n_in)
     s = float(scaling)
     ref_errors = _backward_model(g64, x64, W64, A64, B64, s, m64, REFERENCE, need_x=grad_x)
@@ -671,7 +707,7 @@ def lora_backward_bound(
     if arith.fused:
         refs = _lora.backward(g64, x64, W64, A64, B64, s, dropout_mask=m64, grad_x=grad_x)
         values = tuple(None if r is None else np.abs(r) + e for r, e in zip(refs, ref_errors, strict=True))
-    own = _backward_model(g64, x64, W64, A64, B64, s, m64, arith, values, need_x=grad_x)
+    own = _backward_model(g64, x64, W64, A64, B64, s, m64, arith, values, need_x=grad_x, base_dtype=w_dtype)
     bx, bA, bB = (None if p is None else p + q for p, q in zip(own, ref_errors, strict=True))
     return (bx.reshape(x_shape) if grad_x else None), bA, bB
 
