@@ -27,6 +27,7 @@ from bnb_helpers import bits  # noqa: E402  (the element bits of a tensor or arr
 
 from reflora import bounds, lora, nf4  # noqa: E402
 from reflora.backends.torch.quant_state import TorchQuantState  # noqa: E402
+from reflora.dtypes import as_dtype  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if not INTERPRET and not torch.cuda.is_available():
@@ -223,8 +224,9 @@ def test_gemm_dequantize_first_gives_the_same_bits(m, n, k, bs, dq, cfg, monkeyp
     The scratch W is not kept once the call returns."""
     ts, _ = make_weight(n, k, bs, dq, seed=m + n, dtype="bfloat16")
     kept = []
-    dequantize = gemm_module.dequantize
-    monkeypatch.setattr(gemm_module, "dequantize", lambda *a: kept.append(w := dequantize(*a)) or w)
+    launch = gemm_module.dequantize_launch
+    record = lambda *a, **k: kept.append(w := launch(*a, **k)) or w  # noqa: E731
+    monkeypatch.setattr(gemm_module, "dequantize_launch", record)
     for dtype in ("bfloat16", "float32") if cfg is None else ("bfloat16",):
         x = rand((m, k), dtype, seed=k).to(DEVICE)
         g = rand((m, n), dtype, seed=n).to(DEVICE)
@@ -248,6 +250,44 @@ def test_gemm_dequantize_first_gives_the_same_bits(m, n, k, bs, dq, cfg, monkeyp
     del kept[:]
     gc.collect()
     assert refs and all(r() is None for r in refs)  # nothing held the scratch W
+
+
+MIXED = [
+    ("bfloat16", "float32"),
+    ("float16", "float32"),
+    ("float16", "bfloat16"),
+    ("bfloat16", "float16"),
+    ("float32", "bfloat16"),
+]
+
+
+@pytest.mark.parametrize(("state_dtype", "act"), MIXED, ids=[f"{s}-state-{a}-x" for s, a in MIXED])
+def test_a_base_of_another_dtype_is_rounded_through_the_state_dtype(state_dtype, act):
+    """W's operand is Ŵ = dequantize(state) in the state's dtype, then cast to the activations' dtype
+    (reflora.qlora; bitsandbytes' backward), not the float32 product rounded once to the activations'
+    (bitsandbytes' forward). One-hot rows of x pick single columns of W, so each output is one product
+    1·w summed with zeros, exact: the output's bits are the operand's. Every path: the fused GEMM, the
+    GEMM over W dequantized first, the GEMV, and the grad_x orientation."""
+    n, k = 33, 70
+    rng = np.random.default_rng(7)
+    w = (rng.standard_normal((n, k)) * 0.05).astype(as_dtype(state_dtype))
+    state = nf4.quantize(w, 64, double_quant=True)
+    ts = TorchQuantState.from_state(state, DEVICE)
+    want = nf4.dequantize(state).astype(as_dtype(act))  # (n, k) Ŵ cast to the activations' dtype
+    direct = nf4.dequantize(state, act)  # the single rounding the kernels must not use
+    assert not np.array_equal(bits(want), bits(direct)) or state_dtype == "float32"
+    eye_k, eye_n = torch.eye(k, dtype=DTYPES[act]), torch.eye(n, dtype=DTYPES[act])
+    fused = dataclasses.replace(gemm_default(k, n, k, 64), dequantize_first=False)
+    for first in (False, True):
+        cfg = dataclasses.replace(fused, dequantize_first=first)
+        y = nf4_gemm(eye_k.to(DEVICE), ts, config=cfg)  # (k, n): row j is W[:, j]
+        assert np.array_equal(bits(y.cpu()), bits(want.T.copy())), ("forward", first)
+        gx = nf4_gemm(eye_n.to(DEVICE), ts, transposed=True, config=cfg)  # (n, k): row i is W[i, :]
+        assert np.array_equal(bits(gx.cpu()), bits(want)), ("grad_x", first)
+    for j0 in (0, 4, 66):  # the GEMV: up to 4 one-hot rows at a time
+        rows = eye_k[j0 : j0 + 4]
+        y = nf4_gemv(rows.to(DEVICE), ts)
+        assert np.array_equal(bits(y.cpu()), bits(want.T[j0 : j0 + 4].copy())), ("gemv", j0)
 
 
 def test_gemm_default_config_on_a_gpu(monkeypatch):

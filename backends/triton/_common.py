@@ -215,6 +215,9 @@ def next_pow2(n: int, at_least: int = 1) -> int:
 # jit helpers
 
 
+TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
 @triton.jit
 def bf16_to_f32(v):
     """bfloat16 tensor -> float32, exactly, by moving the 16 bits to the top of a float32."""
@@ -253,6 +256,17 @@ def round_to(v, dtype: tl.constexpr, EMULATE_BF16: tl.constexpr):
         return f32_to_bf16(v)
     else:
         return v.to(dtype)
+
+
+@triton.jit
+def base_operand(w, W_DTYPE: tl.constexpr, dtype: tl.constexpr, EMULATE_BF16: tl.constexpr):
+    """A decoded float32 tile of W as a product's operand in the activation dtype ``dtype``: Ŵ, the
+    weight the state stands for, is in the state's dtype ``W_DTYPE`` (reflora.qlora), so the float32
+    value is rounded to W_DTYPE first and then to ``dtype`` (two roundings when the dtypes differ, as
+    ``dequantize(state).to(dtype)``; one when they are the same)."""
+    if W_DTYPE != dtype:
+        w = load_f32(round_to(w, W_DTYPE, EMULATE_BF16), EMULATE_BF16)
+    return round_to(w, dtype, EMULATE_BF16)
 
 
 @triton.jit

@@ -28,12 +28,13 @@ import triton.language as tl
 from reflora.backends.torch.quant_state import TorchQuantState, torch_dtype
 from reflora.backends.triton._common import (
     INTERPRET,
+    TL_DTYPES,
     absmax_of,
+    base_operand,
     check_device,
     check_state,
     launch_options,
     record_launch,
-    round_to,
     state_args,
 )
 
@@ -42,8 +43,6 @@ __all__ = ["dequantize", "dequantize_launch"]
 KERNEL = "dequant"
 TOLERANCE = "EXACT"
 REFERENCE = "reflora.nf4.dequantize"
-
-_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 @triton.jit
@@ -63,6 +62,7 @@ def _dequant_kernel(
     BLOCKSIZE2: tl.constexpr,  # absmax values per double-quant group
     DOUBLE_QUANT: tl.constexpr,
     OUT_DTYPE: tl.constexpr,
+    VIA_DTYPE: tl.constexpr,  # rounded to this dtype first (OUT_DTYPE: one rounding)
     EMULATE_BF16: tl.constexpr,  # interpreter: round to bfloat16 with integer ops (see _common)
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -111,7 +111,7 @@ def _dequant_kernel(
     else:
         hi = hi * scale
         lo = lo * scale
-    values = round_to(tl.interleave(hi, lo), OUT_DTYPE, EMULATE_BF16)  # (2*BLOCK,)
+    values = base_operand(tl.interleave(hi, lo), VIA_DTYPE, OUT_DTYPE, EMULATE_BF16)  # (2*BLOCK,)
     elem = pid * 2 * BLOCK + tl.arange(0, 2 * BLOCK)
     tl.store(out_ptr + elem, values, mask=elem < n)  # an odd n drops the padding nibble here
 
@@ -122,15 +122,20 @@ def _block_bytes(n_bytes: int) -> int:
     return 128 if INTERPRET else min(2048, triton.next_power_of_2(n_bytes))
 
 
-def dequantize_launch(ts: TorchQuantState, out: torch.Tensor, *, block: int | None = None) -> torch.Tensor:
+def dequantize_launch(
+    ts: TorchQuantState, out: torch.Tensor, *, block: int | None = None, via_state: bool = False
+) -> torch.Tensor:
     """Decode ``ts`` into ``out`` (contiguous, ``ts.numel`` elements, float32/float16/bfloat16).
 
     block: packed bytes per program (a power of two); default from the problem size.
+    via_state: round each value to ``ts.dtype`` before ``out.dtype`` (Ŵ cast to out's dtype, the
+    QLoRA operand: :func:`reflora.qlora.dequantized_base`), instead of once to ``out.dtype``
+    (:func:`reflora.nf4.dequantize` with a dtype). The same where the two dtypes are equal.
     Returns ``out``.
     """
     check_state(ts, matrix=False)
     check_device(ts.packed, out)
-    if out.dtype not in _TL:
+    if out.dtype not in TL_DTYPES:
         raise ValueError(f"out must be float32, float16 or bfloat16, got {out.dtype}")
     if out.numel() != ts.numel or not out.is_contiguous():
         raise ValueError(f"out must be contiguous with {ts.numel} elements, got {tuple(out.shape)}")
@@ -148,7 +153,8 @@ def dequantize_launch(ts: TorchQuantState, out: torch.Tensor, *, block: int | No
         BLOCKSIZE=ts.blocksize,
         BLOCKSIZE2=ts.blocksize2,
         DOUBLE_QUANT=ts.double_quant,
-        OUT_DTYPE=_TL[out.dtype],
+        OUT_DTYPE=TL_DTYPES[out.dtype],
+        VIA_DTYPE=TL_DTYPES[ts.dtype if via_state else out.dtype],
         EMULATE_BF16=INTERPRET,
         num_warps=4,
         **launch_options(ts),

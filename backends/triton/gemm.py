@@ -11,18 +11,19 @@ One kernel, two orientations of the same frozen W (out=N, in=K), stored 4-bit:
 with l = t = (x * mask) A^T, rt = B^T in the forward and l = u = grad_y B, rt = A for grad_x. Writing P
 for the output columns and Q for the reduction, each program owns a (BM, BP) output tile and walks Q
 in BQ steps: it loads the packed bytes of a W tile, decodes them with their block scales
-(:func:`_common.w_tile`; the double-quant reconstruction included), rounds the tile once to the
-activation dtype -- exactly ``reflora.nf4.dequantize(state, dtype)`` -- and feeds it to ``tl.dot``
-with float32 accumulation. The low-rank term is a few more small dots (r in chunks of LORA_CHUNK)
+(:func:`_common.w_tile`; the double-quant reconstruction included), rounds the tile to the
+activation dtype -- exactly ``reflora.nf4.dequantize(state).astype(dtype)``: to the state's dtype,
+then to the activation dtype where the two differ (:func:`_common.base_operand`) -- and feeds it to
+``tl.dot`` with float32 accumulation. The low-rank term is a few more small dots (r in chunks of LORA_CHUNK)
 added to the float32 accumulator before the single rounding to the output dtype: no second pass
 over the output.
 
 From ``DEQUANT_FIRST_MIN_M`` rows (``GemmConfig.dequantize_first``) the decode leaves the tile: W is
-dequantized once by the dequantize kernel (:func:`reflora.backends.triton.dequant.dequantize`,
-bit-identical) into a scratch buffer of the activation dtype, freed when the call returns, and the
-same kernel (``DENSE_W``) loads W tiles from it like any dense operand, which Triton pipelines with
-asynchronous copies and overlapped tensor-core MMAs. Same W bits, same dots, same epilogue: the
-declared arithmetic and the bound do not change.
+dequantized once by the dequantize kernel (:func:`reflora.backends.triton.dequant.dequantize_launch`
+with ``via_state``, bit-identical to the in-tile decode) into a scratch buffer of the activation
+dtype, freed when the call returns, and the same kernel (``DENSE_W``) loads W tiles from it like any
+dense operand, which Triton pipelines with asynchronous copies and overlapped tensor-core MMAs.
+Same W bits, same dots, same epilogue: the declared arithmetic and the bound do not change.
 
 Arithmetic: operands in the activation dtype (float32 operands use an IEEE dot, not tf32), float32
 accumulation, t/u kept in float32, one final rounding. No division anywhere, so no fast-math
@@ -40,6 +41,8 @@ import triton.language as tl
 from reflora.backends.torch.quant_state import TorchQuantState
 from reflora.backends.triton._common import (
     INTERPRET,
+    TL_DTYPES,
+    base_operand,
     bias_operand,
     check_device,
     check_float,
@@ -58,7 +61,7 @@ from reflora.backends.triton._common import (
     state_args,
     w_tile,
 )
-from reflora.backends.triton.dequant import dequantize
+from reflora.backends.triton.dequant import dequantize_launch
 
 __all__ = ["DEQUANT_FIRST_MIN_M", "GemmConfig", "nf4_gemm"]
 
@@ -133,6 +136,7 @@ def _nf4_gemm_kernel(
     stride_mm,
     stride_mp,
     W_T: tl.constexpr,  # False: out = a @ W^T; True: out = a @ W
+    W_DTYPE: tl.constexpr,  # the state's dtype: Ŵ is rounded to it before the activation dtype
     DENSE_W: tl.constexpr,  # W tiles loaded from w_ptr instead of decoded from the 4-bit state
     HAS_LORA: tl.constexpr,
     HAS_MASK: tl.constexpr,
@@ -231,8 +235,8 @@ def _nf4_gemm_kernel(
                 )
             )
         if not DENSE_W:
-            # The one rounding of W: to the activation dtype, as reflora.nf4.dequantize(state, dtype).
-            w = dot_operand(round_to(w, dtype, EMULATE_BF16), EMULATE_BF16)
+            # W's rounding: to the state's dtype (Ŵ), then the activation dtype, as bnb's backward does.
+            w = dot_operand(base_operand(w, W_DTYPE, dtype, EMULATE_BF16), EMULATE_BF16)
         acc = tl.dot(dot_operand(a, EMULATE_BF16), w, acc, input_precision=DOT_PRECISION)
 
     if HAS_LORA:
@@ -381,7 +385,7 @@ def nf4_gemm(
     if cfg.dequantize_first:
         # A scratch W in a's dtype, bit-identical to the in-tile decode; freed when this call returns
         # (the caching allocator reuses the block for the next layer's), never kept per layer.
-        w_dense = dequantize(ts, a.dtype)
+        w_dense = dequantize_launch(ts, torch.empty(ts.shape, dtype=a.dtype, device=a.device), via_state=True)
         state = (dummy,) * 6 + (0.0,)  # unread under DENSE_W
         # Fixed decode constexprs: one compiled dense variant whatever the state's layout.
         decode = dict(BLOCKSIZE=64, BLOCKSIZE2=256, DOUBLE_QUANT=False, PAIRED=True, TABLE_SHARED=False,
@@ -424,6 +428,7 @@ def nf4_gemm(
         m_arg.stride(0) if mask is not None else 0,
         m_arg.stride(1) if mask is not None else 0,
         W_T=transposed,
+        W_DTYPE=TL_DTYPES[ts.dtype],
         DENSE_W=cfg.dequantize_first,
         HAS_LORA=lora is not None,
         HAS_MASK=mask is not None,

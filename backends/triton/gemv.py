@@ -6,8 +6,9 @@ as :mod:`nf4_gemm`).
 
 With one to four rows of x the product is bound by reading W once (N*K/2 bytes of codes plus the
 scales), not by arithmetic, so there is no tensor-core dot: each program streams a BN-row stripe of
-W along K in BK-wide steps, decodes it in registers (:func:`_common.w_tile`), rounds it once to the
-activation dtype (the operand rule of the GEMM, so both paths compute the same function), and
+W along K in BK-wide steps, decodes it in registers (:func:`_common.w_tile`), rounds it to the
+activation dtype through the state's (:func:`_common.base_operand`, the operand rule of the GEMM, so
+both paths compute the same function), and
 accumulates x * w elementwise in a float32 (BM, BN, BK) register tile, summed over K once after the
 loop. The whole reduction for an output element stays in one program, so the low-rank term and the
 bias are added before the single rounding to the output dtype, as in the GEMM's epilogue. The stripe
@@ -27,6 +28,8 @@ from reflora.backends.torch.quant_state import TorchQuantState
 from reflora.backends.triton._common import (
     DEFAULT_SMS,
     INTERPRET,
+    TL_DTYPES,
+    base_operand,
     bias_operand,
     check_device,
     check_float,
@@ -80,6 +83,7 @@ def _nf4_gemv_kernel(
     stride_rtn,
     HAS_LORA: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    W_DTYPE: tl.constexpr,  # the state's dtype: Ŵ is rounded to it before the activation dtype
     BLOCKSIZE: tl.constexpr,
     BLOCKSIZE2: tl.constexpr,
     DOUBLE_QUANT: tl.constexpr,
@@ -126,7 +130,7 @@ def _nf4_gemv_kernel(
             SCALE_MODE,
             TABLE_SHARED,
         )
-        w = load_f32(round_to(w, dtype, EMULATE_BF16), EMULATE_BF16)  # the GEMM's operand rounding
+        w = load_f32(base_operand(w, W_DTYPE, dtype, EMULATE_BF16), EMULATE_BF16)  # the GEMM's operand
         acc3 += load_f32(x, EMULATE_BF16)[:, None, :] * w[None, :, :]
     acc = tl.sum(acc3, axis=2)  # (BM, BN)
     if HAS_LORA:
@@ -220,6 +224,7 @@ def nf4_gemv(
         rt.stride(1) if lora is not None else 0,
         HAS_LORA=lora is not None,
         HAS_BIAS=bias is not None,
+        W_DTYPE=TL_DTYPES[ts.dtype],
         BLOCKSIZE=ts.blocksize,
         BLOCKSIZE2=ts.blocksize2,
         DOUBLE_QUANT=ts.double_quant,
