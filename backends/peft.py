@@ -10,7 +10,9 @@ Every op builds the layer a PEFT model would hold and runs PEFT's code on it:
   ``fan_in_fan_out`` the base layer is transformers' GPT-2 ``Conv1D``, whose weight is stored (in, out),
   the case the flag exists for.
 * qlora_forward / qlora_backward: ``peft.tuners.lora.bnb.Linear4bit`` around a ``bitsandbytes.nn.Linear4bit``
-  whose ``Params4bit`` holds the suite's state byte for byte (:func:`reflora.backends.bitsandbytes.to_bnb`).
+  whose ``Params4bit`` holds the suite's state byte for byte (:func:`reflora.backends.bitsandbytes.to_bnb`),
+  with ``compute_dtype`` and ``lora_A``/``lora_B`` in the activations' dtype (the state's may differ, as
+  a model loaded in one dtype and trained with ``bnb_4bit_compute_dtype`` another).
 
 PEFT computes what it computes; the adapter hands it the suite's operands in the smallest faithful way:
 
@@ -215,7 +217,8 @@ class PeftBackend(BaseBackend):
         check_built(out_f, in_f, A, B, bias, mask, x)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         packed, qs = to_bnb(state, device)
-        base = bnb.nn.Linear4bit(in_f, out_f, bias=bias is not None, compute_dtype=qs.dtype,
+        act = view(A).dtype  # the activations' (x, A, B share it); the state may be of another dtype
+        base = bnb.nn.Linear4bit(in_f, out_f, bias=bias is not None, compute_dtype=act,
                                  compress_statistics=state.double_quant, quant_type=state.quant_type,
                                  device=device)  # fmt: skip
         base.weight = bnb.nn.Params4bit(
@@ -225,8 +228,8 @@ class PeftBackend(BaseBackend):
         if bias is not None:
             base.bias = torch.nn.Parameter(view(bias).clone(), requires_grad=False)
         layer = _layer(Linear4bit, base, A.shape[0], scaling, mask)
-        layer.lora_A.to(qs.dtype)
-        layer.lora_B.to(qs.dtype)
+        layer.lora_A.to(act)
+        layer.lora_B.to(act)
         _adapt(layer, A, B, scaling, mask)
         return layer
 

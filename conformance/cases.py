@@ -308,20 +308,21 @@ def _positive(rng, shape, scale, dt) -> np.ndarray:
 
 def _lora(op, n_in, out, r, lead=(3,), *, alpha=16.0, rslora=False, bias=False, p=None, fan=False,
           zero_B=False, views=(), check=None, mask_zero=False, blocksize=64, quant_type="nf4",
-          double_quant=False, positive=False):  # fmt: skip
+          double_quant=False, positive=False, base_dtype=None):  # fmt: skip
     """A LoRA/QLoRA case builder: shapes, scaling and options; values from the case's generator
-    (all positive with ``positive``)."""
+    (all positive with ``positive``); a QLoRA base W in ``base_dtype`` instead of the case's dtype."""
 
     def build(dtype, rng):
         dt = as_dtype(dtype)
+        w_dt = as_dtype(base_dtype or dtype)
         if positive:
             x = _positive(rng, (*lead, n_in), 1.0, dt)
-            W = _positive(rng, (out, n_in), 1 / math.sqrt(n_in), dt)
+            W = _positive(rng, (out, n_in), 1 / math.sqrt(n_in), w_dt)
             A = _positive(rng, (r, n_in), 1 / math.sqrt(n_in), dt)
             B = _positive(rng, (out, r), 1e-3, dt)  # s·x Aᵀ Bᵀ about 1% of x Wᵀ: the base path dominates
         else:
             x = lora_values("normal", rng, (*lead, n_in), 1.0, dt)
-            W = lora_values("normal", rng, (out, n_in), 1 / math.sqrt(n_in), dt)
+            W = lora_values("normal", rng, (out, n_in), 1 / math.sqrt(n_in), w_dt)
             A = lora_values("uniform", rng, (r, n_in), 1 / math.sqrt(n_in), dt)
             B = np.zeros((out, r), dtype=dt) if zero_B else lora_values("normal", rng, (out, r), 0.1, dt)
         params = {"in": n_in, "out": out, "r": r, "alpha": alpha, "rslora": rslora,
@@ -344,6 +345,8 @@ def _lora(op, n_in, out, r, lead=(3,), *, alpha=16.0, rslora=False, bias=False, 
             inputs.put("grad_y", lora_values("normal", rng, (*lead, out), 1.0, dt))
         if op.startswith("qlora"):
             params.update(blocksize=blocksize, quant_type=quant_type, double_quant=double_quant)
+            if base_dtype is not None:
+                params["base_dtype"] = base_dtype
         return inputs
 
     return build
@@ -422,6 +425,12 @@ def _lora_cases(op: str) -> list[Case]:
                           _broken(ao, "x", -1)))  # fmt: skip
         cases.append(Case(op, "1-D state, torchao-shaped -> error", "rejects",
                           _broken(ao, "W", 0, state_1d=True)))  # fmt: skip
+        # The state's dtype differs from the activations' (a model loaded in one dtype, computed in
+        # another): Ŵ is dequantized in the state's dtype and then rounded to the activations'.
+        for base_dtype in ("bfloat16", "float16", "float32"):
+            mixed = _lora(op, 128, 128, 4, lead=(3,), double_quant=True, base_dtype=base_dtype)
+            cases.append(Case(op, f"base weight in {base_dtype}, torchao-shaped", op, mixed,
+                              tuple(d for d in ALL if d != base_dtype)))  # fmt: skip
         if forward:
             positive = _lora(op, 4096, 4, 4, lead=(4,), positive=True, double_quant=True)
             cases.append(Case(op, "in 4096, all positive, torchao-shaped base", op, positive))

@@ -425,10 +425,18 @@ def _forward(ctx: Context, inputs: Inputs) -> None:
     ref = lora.forward(o["x"], W, o["A"], o["B"], s, bias=o["bias"], dropout_mask=o["dropout_mask"])
     arith = _arithmetic(ctx, op, inputs.dtype, context)
     limit = _bound(op, context, bounds.lora_forward_bound, o["x"], W, o["A"], o["B"], s, arith,
-                   bias=o["bias"], dropout_mask=o["dropout_mask"])  # fmt: skip
+                   bias=o["bias"], dropout_mask=o["dropout_mask"],
+                   base_dtype=_base_dtype(op, W, arith))  # fmt: skip
     y = _array(op, "y", y, context)
     _expect_output_dtype(op, "y", y, arith, context)
     tol.expect_bound(op, "y", y, ref, limit, context, "lora_forward_bound (bounds.md §6)")
+
+
+def _base_dtype(op: str, W: np.ndarray, arith: bounds.Arithmetic) -> str:
+    """The dtype the bound takes W in: a QLoRA base Ŵ is dequantized in its state's dtype, which may
+    differ from the activations' (the test ``... base weight in another dtype``); a LoRA W is an
+    operand like the others."""
+    return np.dtype(W.dtype).name if op.startswith("qlora") else arith.operand
 
 
 def _expect_output_dtype(op: str, name: str, value: np.ndarray, arith: bounds.Arithmetic, context) -> None:
@@ -457,7 +465,7 @@ def _backward(ctx: Context, inputs: Inputs) -> None:
         raise Mismatch(op, "result", None, type(grads).__name__, "(grad_x, grad_A, grad_B)", "EXACT", context)
     arith = _arithmetic(ctx, op, inputs.dtype, context)
     limits = _bound(op, context, bounds.lora_backward_bound, o["grad_y"], o["x"], W, o["A"], o["B"], s, arith,
-                    dropout_mask=o["dropout_mask"])  # fmt: skip
+                    dropout_mask=o["dropout_mask"], base_dtype=_base_dtype(op, W, arith))  # fmt: skip
     for name, g, r, b in zip(("grad_x", "grad_A", "grad_B"), grads, refs, limits, strict=True):
         g = _array(op, name, g, context)
         _expect_output_dtype(op, name, g, arith, context)

@@ -363,12 +363,22 @@ def draw_lora(
 
 
 def draw_qlora(
-    data, test_id: str, op: str, dtype: str, profile: Profile, rules: InputRules | None = None
+    data,
+    test_id: str,
+    op: str,
+    dtype: str,
+    profile: Profile,
+    rules: InputRules | None = None,
+    other_base_dtype: bool = False,
 ) -> Inputs:
     """Inputs of qlora_forward / qlora_backward: as :func:`draw_lora`, and the base weight W (out, in)
     with the blocksize, quant_type and double_quant the check quantizes it with. The base is one the
     claimed dialect can quantize (``rules``): a dialect that takes only whole groups of blocks
-    (torchao) gets an (out, in) of such a size, with out and in at most 512, and its quant types."""
+    (torchao) gets an (out, in) of such a size, with out and in at most 512, and its quant types.
+
+    ``other_base_dtype``: W is drawn afresh (same value family and shape) in one of the two dtypes other
+    than ``dtype`` (label ``base dtype``, also ``params["base_dtype"]``), so the state's dtype differs
+    from the activations' (x, A, B, bias, mask, grad_y stay in ``dtype``)."""
     rules = rules or InputRules()
     base, blocksize = None, None
     if rules.granule_blocks:
@@ -396,6 +406,13 @@ def draw_qlora(
     inputs.put("W", W)  # the check quantizes W; the backend only ever sees its state
     if blocksize is None:
         blocksize = data.draw(st.sampled_from(BLOCKSIZES), label="blocksize")
+    if other_base_dtype:
+        others = [d for d in ("float32", "float16", "bfloat16") if d != dtype]
+        base_dtype = data.draw(st.sampled_from(others), label="base dtype")
+        rng = np.random.default_rng(inputs.params["seed"] + 2)  # +1 is the broken-shape draw's
+        W = lora_values(inputs.params["values"], rng, W.shape, 1 / math.sqrt(W.shape[1]), base_dtype)
+        inputs.put("W", W)
+        inputs.params["base_dtype"] = base_dtype
     inputs.params["blocksize"] = blocksize
     inputs.params["quant_type"] = data.draw(st.sampled_from(rules.quant_types), label="quant_type")
     if rules.double_quant == (False, True):  # the draw the default rules have always made (same stream)

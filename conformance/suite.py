@@ -8,8 +8,9 @@ and one dtype.
 * ``<name>``: ``random`` for the main property of the op, ``random ... -> error`` for its bad-input
   property, ``random own state round trip`` for the round trip, otherwise the special case's name
   (:mod:`reflora.conformance.cases`); a name ending in ``-> error`` is a bad-input test;
-* ``<dtype>``: float32, float16 or bfloat16: the dtype of the inputs (of W for merges, of the
-  quantized weight for QLoRA).
+* ``<dtype>``: float32, float16 or bfloat16: the dtype of the inputs (of W for merges; for QLoRA of the
+  activations and of the quantized weight, except in ``random, base weight in another dtype``, whose
+  base weight, and so its state, is in one of the two other dtypes, drawn).
 
 Examples: ``quantize_4bit[random, float16]``, ``quantize_4bit[nf4 x exactly at threshold 2|3, float32]``,
 ``quantize_4bit[NaN weight -> error, bfloat16]``, ``qlora_backward[one row, float32]``. The same ids
@@ -78,15 +79,18 @@ def _quantize(check: str):
     return draw
 
 
-def _lora(bad: bool):
+def _lora(bad: bool, other_base_dtype: bool = False):
     def draw(data, test: Test, profile: Profile, rules: strategies.InputRules) -> Inputs:
         if bad:
             return strategies.draw_bad_lora(data, test.id, test.op, test.dtype, profile, rules)
         if test.op.startswith("qlora"):
-            return strategies.draw_qlora(data, test.id, test.op, test.dtype, profile, rules)
+            return strategies.draw_qlora(data, test.id, test.op, test.dtype, profile, rules, other_base_dtype)
         return strategies.draw_lora(data, test.id, test.op, test.dtype, profile)
 
     return draw
+
+
+MIXED = "random, base weight in another dtype"
 
 
 # (op, name, check, extra ops required, draw)
@@ -109,6 +113,7 @@ PROPERTIES = (
             (op, "random broken shape -> error", "rejects", (), _lora(True)),
         )
     ),
+    *((op, MIXED, op, (), _lora(False, other_base_dtype=True)) for op in ("qlora_forward", "qlora_backward")),
 )
 
 

@@ -36,6 +36,15 @@ def _ids(op: str, pattern: str) -> set[str]:
 
 
 ONE_BYTE_BACKWARD = _ids("qlora_backward", "[2-element base weight (one packed byte)")
+# bnb's forward dequantizes into the activations' dtype, skipping the state's: under float32 activations
+# every base of 16 bits fails; under float16 the random test meets a small sum whose bound a bfloat16
+# step exceeds (the 128-wide cases stay within it); under bfloat16 no base is finer than the operand.
+MIXED_FORWARD = {
+    "qlora_forward[random, base weight in another dtype, float32]",
+    "qlora_forward[random, base weight in another dtype, float16]",
+    "qlora_forward[base weight in bfloat16, torchao-shaped, float32]",
+    "qlora_forward[base weight in float16, torchao-shaped, float32]",
+}
 # float16's maximum is far below float32's, so its scale mean cannot overflow: only float32 and bfloat16
 NEAR_OVERFLOW = {
     f"dequantize_4bit[own state round trip, near overflow, finite, {d}]" for d in ("float32", "bfloat16")
@@ -63,7 +72,8 @@ def test_registry_lists_the_third_party_backends():
             _ids("quantize_4bit", "-> error")
             | ONE_BYTE_BACKWARD
             | _ids("dequantize_4bit", "[3-D state of 2 elements")
-            | NEAR_OVERFLOW,
+            | NEAR_OVERFLOW
+            | MIXED_FORWARD,
         ),
         # torchao quantizes NaN of a shape it accepts (the random non-finite test draws such shapes); its
         # float32 scaler mean overflows (as bnb's)
@@ -75,7 +85,8 @@ def test_registry_lists_the_third_party_backends():
             | _ids("quantize_4bit", "[random non-finite weight -> error")
             | NEAR_OVERFLOW,
         ),
-        ("peft", "peft", "bnb-cpu", ONE_BYTE_BACKWARD),  # bitsandbytes' backward bug, through PEFT
+        # bitsandbytes' backward bug and its forward's rounding of a base of another dtype, through PEFT
+        ("peft", "peft", "bnb-cpu", ONE_BYTE_BACKWARD | MIXED_FORWARD),
     ],
 )
 def test_backend_passes_the_ci_profile_apart_from_its_declared_deviations(name, library, dialect, declared,
@@ -87,7 +98,7 @@ def test_backend_passes_the_ci_profile_apart_from_its_declared_deviations(name, 
     assert {r.id for r in report.by_status("declared")} == declared
     assert not report.warnings, report.warnings
     # the backend was really exercised: tests that compared a value ("rejected" ones compared nothing;
-    # measured 2026-11-24: bitsandbytes 291, peft 288, torchao 73, which rejects most quantize shapes)
+    # measured 2026-11-24: bitsandbytes 311, peft 308, torchao 97, which rejects most quantize shapes)
     ran = [r for r in report.results if r.status == "pass"]
     floor = {"bitsandbytes": 250, "peft": 250, "torchao": 60}[name]
     assert len(ran) >= floor, f"{name} ran only {len(ran)} tests"

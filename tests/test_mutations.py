@@ -47,6 +47,7 @@ CAUGHT_BY_CASE = {
     "OddInFeatures": "odd and prime dimensions",
     "AcceptsNaN": "NaN weight -> error",
     "MergeFanInIgnored": "fan_in_fan_out, square W",
+    "QLoRABaseSkipsStateDtype": "base weight in bfloat16",
 }
 
 HEADLINE = re.compile(

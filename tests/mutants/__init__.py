@@ -244,6 +244,19 @@ class QLoRAGradXBaseOnly(_Mutant):
         return (g.reshape(-1, W.shape[0]) @ W).reshape(np.shape(x)), gA, gB
 
 
+class QLoRABaseSkipsStateDtype(_Mutant):
+    name, ops, bug = (
+        "mutant-qlora-base-dtype",
+        ("qlora_forward",),
+        "the base dequantized straight into the activations' dtype, skipping the state's (as bnb's forward)",
+    )
+
+    def qlora_forward(self, x, state, A, B, scaling, *, bias=None, dropout_mask=None):
+        qlora.dequantized_base(state)  # its checks: a 2-D QuantState
+        W = nf4.dequantize(state, np.asarray(x).dtype)
+        return lora.forward(x, W, A, B, scaling, bias=bias, dropout_mask=dropout_mask)
+
+
 class ScalingTruncated(_Mutant):
     name, ops, bug = (
         "mutant-scaling-int",
@@ -352,4 +365,5 @@ MUTANTS: tuple[type[_Mutant], ...] = (
     FlushesSubnormals,
     ScratchInputs,
     NegativeScaleClamped,
+    QLoRABaseSkipsStateDtype,
 )
