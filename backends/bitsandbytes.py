@@ -199,11 +199,13 @@ class BitsandbytesBackend(BaseBackend):
     def arithmetic(self, op: str, dtype: str) -> bounds.Arithmetic:
         """The protocol's default; on CUDA a forward without gradients of one row takes bnb's inference
         GEMV (``gemv_4bit``), which rebuilds a double-quantized absmax in one FMA (docs/dialects.md,
-        bnb-cuda rule 8): its base weight may lie ``bounds.dequant_ulps(dtype, fma_absmax=True)`` steps
-        from reflora's, declared for every CUDA qlora_forward (READ from source; no GPU run yet)."""
+        bnb-cuda rule 8): its base weight may lie ``bounds.dequant_ulps(state dtype, fma_absmax=True)``
+        steps of the state's dtype from reflora's, at most 2 (a float32 state), declared for every CUDA
+        qlora_forward (READ from source; no GPU run yet). ``dtype`` is the activations', which need not
+        be the state's, so the declaration is the largest: 2."""
         arith = super().arithmetic(op, dtype)
         if op == "qlora_forward" and self.dialect == "bnb-cuda":
-            arith = dataclasses.replace(arith, dequant_ulps=bounds.dequant_ulps(dtype, fma_absmax=True))
+            arith = dataclasses.replace(arith, dequant_ulps=bounds.dequant_ulps("float32", fma_absmax=True))
         return arith
 
     def supports(self, op: str, dtype: str) -> bool | str:

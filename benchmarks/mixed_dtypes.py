@@ -15,7 +15,8 @@ state).to(grad.dtype)``, which goes through the state's. This script measures, o
 
 Usage: ``python benchmarks/mixed_dtypes.py`` (needs torch and bitsandbytes; a few seconds). A 1024 x
 1024 weight N(0, 0.02), blocksize 64, NF4 with double quantization; x (16, 1024) N(0, 1); seed 0.
-Prints one line per (state dtype, activation dtype).
+Prints one line per (state dtype, activation dtype), then the one case where normal weights pass and
+small ones do not: a float16 state under bfloat16 activations (:func:`small_float16_weights`).
 """
 
 from __future__ import annotations
@@ -70,6 +71,27 @@ def measure(state_dtype: str, act: str, seed: int = 0) -> dict:
             "outside": float((ratio > 1).mean())}  # fmt: skip
 
 
+def small_float16_weights(scale: float, seed: int = 0) -> float:
+    """Worst |Δ|/bound of the forward's weight (dequantized straight into bfloat16, as bitsandbytes'
+    forward does) for a float16 state of N(0, scale) weights under bfloat16 activations: one-hot rows
+    of x (each output one product, exact), 16 x 64 weights, double quantization. Below float16's normal
+    range (6.1e-5) Ŵ loses bits a direct bfloat16 rounding keeps, beyond the one rounding the bound
+    allows. Computed with reflora's own dequantize(state, "bfloat16"), bit-identical to bnb's kernel."""
+    rng = np.random.default_rng(seed)
+    state = nf4.quantize((rng.standard_normal((16, 64)) * scale).astype(np.float16), 64, double_quant=True)
+    w_hat = nf4.dequantize(state)
+    direct = nf4.dequantize(state, "bfloat16").astype(np.float64)
+    x = np.eye(64).astype(as_dtype("bfloat16"))
+    a, b = np.zeros((1, 64)), np.zeros((16, 1))
+    y = bounds.round_to(x.astype(np.float64) @ direct.T, "bfloat16").astype(np.float64)
+    arith = bounds.Arithmetic(
+        operand="bfloat16", accumulate="float32", intermediate="bfloat16", output="bfloat16"
+    )
+    bound = bounds.lora_forward_bound(x, w_hat, a, b, 0.0, arith, base_dtype="float16")
+    ref = lora.forward(x, w_hat, a, b, 0.0)
+    return float((np.abs(y - ref) / np.where(bound > 0, bound, np.inf)).max())
+
+
 def _rebuilt(qs):
     """bnb's own rebuilt float32 absmax of a double-quantized state (its dequantize_blockwise + offset)."""
     import bitsandbytes.functional as F
@@ -90,6 +112,11 @@ def main() -> int:
         print(f"  {r['pair']:<26} forward weight differs in {r['differ']:7.2%} of entries (max rel "
               f"{r['max_rel']:.2e}); forward y: worst |Δ|/bound {r['worst']:8.2f}, "
               f"{r['outside']:7.2%} of outputs outside the bound")  # fmt: skip
+    print("float16 state, bfloat16 x, weights N(0, scale): worst |Δ|/bound of the direct bfloat16 weight:")
+    print(
+        "  "
+        + ", ".join(f"scale {sc:.0e}: {small_float16_weights(sc):.2f}" for sc in (1e-4, 1e-5, 2e-6, 5e-7))
+    )
     return 0
 
 

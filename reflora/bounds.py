@@ -465,17 +465,24 @@ class Arithmetic:
 
     def _read_base(self, W, base_dtype: str) -> _Tracked:
         """The base weight as this arithmetic reads it. A QLoRA base Ŵ is dequantized in its state's
-        dtype, ``base_dtype`` (``dequant_ulps`` steps of it); where that is not ``operand`` and Ŵ is not
-        all numbers of ``operand``, it is then rounded to ``operand`` once, [op](Ŵ), as a backend
-        computing in the activations' dtype must (a float32 base under bfloat16 activations, a float16
-        base under bfloat16). A base of a dtype ``operand`` holds (bfloat16 under float32) is exact."""
+        dtype, ``base_dtype`` (within ``dequant_ulps``·spacing(|Ŵ|) of it, spacing in base_dtype). Where
+        ``operand`` is another dtype, the backend's weight is then rounded to it once, [op](Ŵ), as a
+        backend computing in the activations' dtype must (a float32 base under bfloat16 activations, a
+        float16 base under bfloat16), except where that cast is exact: ``operand`` holds every number
+        of ``base_dtype`` (bfloat16 or float16 under float32), or every entry of an exact Ŵ."""
         if base_dtype == self.operand:
             return self._read(W, self.dequant_ulps)
         daz = _tiny(self.accumulate) if self.flush_to_zero else 0.0
         w = _input(W, daz, self.dequant_ulps, base_dtype)
-        exact = self.dequant_ulps == 0 and np.array_equal(round_to(W, self.operand).astype(np.float64), W)
-        return w if exact else _round(w, _fmt(self.operand, 1.0, self.flush_to_zero))
+        if base_dtype in _HOLDS.get(self.operand, ()):
+            return w
+        if self.dequant_ulps == 0 and np.array_equal(round_to(W, self.operand).astype(np.float64), W):
+            return w
+        return _round(w, _fmt(self.operand, 1.0, self.flush_to_zero))
 
+
+# The dtypes every number of which a wider one holds exactly.
+_HOLDS = {"float64": ("float32", "float16", "bfloat16"), "float32": ("float16", "bfloat16")}
 
 REFERENCE = Arithmetic("float64", "float64", "float64", "float64")
 """reflora's own float64 computation (:mod:`reflora.lora`), as the bounds model it."""

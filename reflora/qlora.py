@@ -13,9 +13,10 @@ Rules:
   still stands for Ŵ in ``state.dtype``. A backend computing in the activations' dtype d uses
   d(Ŵ) = ``dequantize(state).astype(d)``, in the forward and the backward alike: exact when d holds
   ``state.dtype`` (bfloat16 or float16 under float32), one rounding of Ŵ otherwise, which the error
-  bound allows (docs/bounds.md §6). Dequantizing straight into d, ``dequantize(state, d)``, is another
-  weight: one the state does not stand for (bitsandbytes 0.50's forward does it, and its backward
-  does not; docs/findings.md).
+  bound allows (docs/bounds.md §6). Dequantizing straight into d, ``dequantize(state, d)``, gives
+  another weight wherever ``state.dtype`` is not float32 (the float32 product is then never rounded to
+  the state's dtype): one the state does not stand for (bitsandbytes 0.50's forward does it, and its
+  backward does not; docs/findings.md).
 * **Merge** adds ΔW = scaling·B A to Ŵ, not to the original W, and requantizes; a 4-bit merge loses
   whatever of ΔW falls below the quantization step. :class:`MergeReport` makes that loss visible.
 """

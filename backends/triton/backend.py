@@ -16,8 +16,9 @@ set and there is no GPU, and :func:`use_interpreter` sets it for a command that 
 Importing this module imports neither torch nor Triton.
 
 Arithmetic (:meth:`TritonBackend.arithmetic`, the input of the suite's error bounds, reflora/bounds.py):
-operands in the activation dtype (the dequantized W is rounded to it, exactly as
-``reflora.nf4.dequantize(state, dtype)``), products and sums in float32, the rank-r intermediates
+operands in the activation dtype (the dequantized W is rounded to the state's dtype and then to it,
+exactly ``reflora.nf4.dequantize(state).astype(dtype)``: ``_common.base_operand``), products and sums
+in float32, the rank-r intermediates
 (t = (x*mask) Aᵀ, u = grad_y B) kept in float32, the low-rank term and the bias added to the float32
 output tile, one rounding to the output dtype (``fused=True``: one accumulator, one output rounding).
 On a GPU tensor cores may truncate when they align and add (``acc_slack=2``); the interpreter runs
