@@ -336,6 +336,35 @@ def test_the_triton_path_serves_when_chosen() -> None:
     assert torch.allclose(y, y_torch, rtol=1e-4, atol=1e-4)  # the kernels' own bound is their tests' job
 
 
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_a_bfloat16_model_fed_float32_multiplies_by_the_state_weight(impl) -> None:
+    """A model loaded in bfloat16 holds bfloat16 states; fed float32 activations (no autocast), both
+    implementations multiply by Ŵ, the state's bfloat16 weight, widened (reflora/qlora.py), not by the
+    float32 product code·absmax (bitsandbytes 0.50's forward, docs/findings.md). One-hot rows of x pick
+    W's columns: with a zero bias and a fresh adapter (B = 0) each output is one exact product."""
+    if impl == "triton":
+        from reflora.backends.torch.modules import _triton_qlora
+        from reflora.backends.triton import _common
+
+        if _triton_qlora() is None or not (_common.INTERPRET or torch.cuda.is_available()):
+            pytest.skip("the Triton kernels cannot run here")
+    device = "cuda" if impl == "triton" and torch.cuda.is_available() else "cpu"
+    model = Toy().to(torch.bfloat16)
+    with torch.no_grad():
+        model.block["q_proj"].bias.zero_()
+    m = apply_lora(model, 2, 4, ["q_proj"], quantize="nf4", verbose=False).block["q_proj"].to(device)
+    m.impl = impl
+    state = m.base_layer.quant_state
+    assert state.dtype == torch.bfloat16
+    x = torch.eye(33, device=device)  # float32
+    y = m(x)
+    assert y.dtype == torch.float32 and m.last_impl == impl
+    w_hat = nf4.dequantize(state.to_state())  # (65, 33) bfloat16: the weight the state stands for
+    assert np.array_equal(y.detach().cpu().numpy(), w_hat.astype(np.float32).T)
+    direct = nf4.dequantize(state.to_state(), "float32")
+    assert not np.array_equal(direct, w_hat.astype(np.float32))  # the other rule gives other numbers
+
+
 def test_dropout_reaches_the_adapter_only_and_only_in_training() -> None:
     m = apply_lora(Toy(), 4, 8, ["q_proj"], dropout=0.5, quantize="nf4", verbose=False).block["q_proj"]
     with torch.no_grad():
