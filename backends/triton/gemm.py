@@ -186,8 +186,13 @@ def _nf4_gemm_kernel(
                 w_offs = rp[None, :] * K_W + rq[:, None]
             w = tl.load(w_ptr + w_offs, mask=(rq[:, None] < Q) & (rp[None, :] < P), other=0.0)
             w = dot_operand(w, EMULATE_BF16)
-        elif W_T:
-            # W rows are the reduction: tile (BQ, BP) = W[rq, rp], already the dot's (Q, P) layout.
+        else:
+            # Forward: W rows are the output columns, tile (BP, BQ) = W[rp, rq], transposed for the dot.
+            # grad_x: W rows are the reduction, tile (BQ, BP) = W[rq, rp], already the dot's (Q, P) layout.
+            if W_T:
+                rows, col0 = rq, pid_p * BP
+            else:
+                rows, col0 = rp, q0
             w = w_tile(
                 packed_ptr,
                 absmax_ptr,
@@ -196,12 +201,12 @@ def _nf4_gemm_kernel(
                 code_ptr,
                 code2_ptr,
                 offset,
-                rq,
-                pid_p * BP,
+                rows,
+                col0,
                 N_W,
                 K_W,
                 K_BYTES,
-                BP,
+                BP if W_T else BQ,
                 BLOCKSIZE,
                 BLOCKSIZE2,
                 DOUBLE_QUANT,
@@ -209,31 +214,8 @@ def _nf4_gemm_kernel(
                 SCALE_MODE,
                 TABLE_SHARED,
             )
-        else:
-            # W rows are the output columns: tile (BP, BQ) = W[rp, rq], transposed for the dot.
-            w = tl.trans(
-                w_tile(
-                    packed_ptr,
-                    absmax_ptr,
-                    absmax_q_ptr,
-                    absmax2_ptr,
-                    code_ptr,
-                    code2_ptr,
-                    offset,
-                    rp,
-                    q0,
-                    N_W,
-                    K_W,
-                    K_BYTES,
-                    BQ,
-                    BLOCKSIZE,
-                    BLOCKSIZE2,
-                    DOUBLE_QUANT,
-                    PAIRED,
-                    SCALE_MODE,
-                    TABLE_SHARED,
-                )
-            )
+            if not W_T:
+                w = tl.trans(w)
         if not DENSE_W:
             # W's rounding: to the state's dtype (Ŵ), then the activation dtype, as bnb's backward does.
             w = dot_operand(base_operand(w, W_DTYPE, dtype, EMULATE_BF16), EMULATE_BF16)
