@@ -62,8 +62,8 @@ SMEM_LIMIT = {90: 232448}  # shared memory a block may have on sm_90 (227 KiB); 
 # rows that are not multiples of 16 did) would.
 SWEEP_STACK_LIMIT = 32
 # The constexprs a variant's name shows.
-SHOWN = ("W_T", "DENSE_W", "HAS_LORA", "HAS_MASK", "PAIRED", "SCALE_MODE", "TABLE_SHARED", "MASK_ON")
-SHOWN += ("BM", "BP", "BQ", "BR", "BN", "BK")
+SHOWN = ("W_T", "W_DTYPE", "DENSE_W", "HAS_LORA", "HAS_MASK", "PAIRED", "SCALE_MODE", "TABLE_SHARED")
+SHOWN += ("MASK_ON", "BM", "BP", "BQ", "BR", "BN", "BK")
 OPS = ("HGMMA", "HMMA", "FFMA", "FMUL", "FADD", "F2FP", "LDG", "STG", "LDS", "STS", "LDL", "STL")
 
 
@@ -284,8 +284,12 @@ def sweep_launches(full: bool) -> list:
                         mask = None if r is None else torch.empty(m, in_f, dtype=dtype, **meta)
                         nf4_gemm.nf4_gemm(x, w, lora=fwd, bias=bias)
                         nf4_gemm.nf4_gemm(g, w, transposed=True, lora=bwd, mask=mask)
+            # The harness's GEMV (4096 x 11008, a bfloat16 state) under each activation dtype: under
+            # float32 and float16 it rounds W through the state's dtype (_common.base_operand).
+            gemv.nf4_gemv(torch.empty(1, 11008, dtype=dtype, **meta), _state(4096, 11008))
 
-    return [c for c in _record(run) if c[0].__name__ == "_nf4_gemm_kernel"]
+    kernels = ("_nf4_gemm_kernel", "_nf4_gemv_kernel")
+    return [c for c in _record(run) if c[0].__name__ in kernels]
 
 
 def census(kernel, workdir: Path, name: str) -> dict:
@@ -346,8 +350,8 @@ def main(argv: list[str] | None = None) -> int:
         seen.add(key)
         kernel = triton.compile(ASTSource(fn, sig, consts, attrs), target=target, options=opts)
         flags = [f"{k}={v}" for k, v in consts.items() if k in SHOWN]
-        if fn.__name__ == "_nf4_gemm_kernel":
-            flags.insert(0, sig["a_ptr"].removeprefix("*"))
+        if fn.__name__ in ("_nf4_gemm_kernel", "_nf4_gemv_kernel"):  # the activation dtype
+            flags.insert(0, sig["a_ptr" if fn.__name__ == "_nf4_gemm_kernel" else "x_ptr"].removeprefix("*"))
         flags += [f"{k.removeprefix('num_')[0]}{v}" for k, v in opts.items() if k.startswith("num_")]
         name = f"{fn.__name__}[{','.join(flags)}]"
         c = census(kernel, workdir, f"{fn.__name__}_{len(seen)}")

@@ -45,6 +45,11 @@ def test_kernels_compile_for_sm90_without_fma_ftz_and_with_hgmma(tmp_path):
         for variant in ("DENSE_W=True", "SCALE_MODE=0", "PAIRED=False"):
             found = [g for g in gemms if g.startswith(f"_nf4_gemm_kernel[{dtype},") and variant in g]
             assert found, f"no {dtype} GEMM with {variant} was compiled"
+    for dtype in ("fp32", "fp16"):  # W rounded through a bfloat16 state's dtype, in the GEMM and the GEMV
+        for kernel in ("_nf4_gemm_kernel", "_nf4_gemv_kernel"):
+            assert any(line.startswith(f"{kernel}[{dtype},") and "W_DTYPE=bf16" in line for line in lines), (
+                f"no {dtype} {kernel} over a bfloat16 state was compiled"
+            )
 
 
 @pytest.mark.skipif(not PTXAS.exists(), reason="this triton build ships no ptxas")
