@@ -21,7 +21,8 @@ x orientation (forward with a bias, grad_x with a dropout mask) x M bucket (the 
 when a variant needs more shared memory than a block may have on the target (it would raise
 OutOfResources at launch) or spills more than ``SWEEP_STACK_LIMIT`` bytes a thread. ``--corners`` is
 the part of that sweep where shared memory and registers peak (largest fused M bucket, rank 256, every
-dtype, layout and orientation, and the dense variant): what CI runs.
+dtype, layout and orientation, and the dense variant), plus the harness's GEMV under every activation
+dtype (its state bfloat16, so float32 and float16 round W through the state's dtype): what CI runs.
 """
 
 from __future__ import annotations

@@ -7,8 +7,10 @@ dequantize kernel, the GEMV and the GEMMs read their packed codes 16 bytes at a 
 every candidate of the GPU harness's tile sweep compiles without spilling and within sm_90's shared memory;
 and (``--corners``) that the GEMM's default tiles fit sm_90's 227 KB of shared memory without spills where
 they need the most: every activation dtype, W layout (SCALE_MODE 0/1/2, odd K) and orientation, the largest
-fused M bucket, rank 256, and W dequantized first. The full sweep (``--sweep``: every M bucket and rank,
-about 10 minutes here) is run by test_gemm_sweep_compiles_within_sm90_limits when REFLORA_SLOW_TESTS=1."""
+fused M bucket, rank 256, and W dequantized first; every GEMM there and the harness's GEMV run over a
+bfloat16 state, so the float32 and float16 variants round W through the state's dtype. The full sweep
+(``--sweep``: every M bucket and rank, about 10 minutes here) is run by
+test_gemm_sweep_compiles_within_sm90_limits when REFLORA_SLOW_TESTS=1."""
 
 import os
 import subprocess
