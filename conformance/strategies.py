@@ -36,6 +36,7 @@ from hypothesis import assume
 from hypothesis import strategies as st
 
 from reflora import codebooks, lora
+from reflora.backends.protocol import DTYPES
 from reflora.bounds import round_to
 from reflora.conformance.bundle import Inputs
 from reflora.conformance.profiles import Profile
@@ -407,7 +408,7 @@ def draw_qlora(
     if blocksize is None:
         blocksize = data.draw(st.sampled_from(BLOCKSIZES), label="blocksize")
     if other_base_dtype:
-        others = [d for d in ("float32", "float16", "bfloat16") if d != dtype]
+        others = [d for d in DTYPES if d != dtype]
         base_dtype = data.draw(st.sampled_from(others), label="base dtype")
         rng = np.random.default_rng(inputs.params["seed"] + 2)  # +1 is the broken-shape draw's
         W = lora_values(inputs.params["values"], rng, W.shape, 1 / math.sqrt(W.shape[1]), base_dtype)

@@ -470,11 +470,8 @@ class Arithmetic:
         backend computing in the activations' dtype must (a float32 base under bfloat16 activations, a
         float16 base under bfloat16), except where that cast is exact: ``operand`` holds every number
         of ``base_dtype`` (bfloat16 or float16 under float32), or every entry of an exact Ŵ."""
-        if base_dtype == self.operand:
-            return self._read(W, self.dequant_ulps)
-        daz = _tiny(self.accumulate) if self.flush_to_zero else 0.0
-        w = _input(W, daz, self.dequant_ulps, base_dtype)
-        if base_dtype in _HOLDS.get(self.operand, ()):
+        w = _input(W, _tiny(self.accumulate) if self.flush_to_zero else 0.0, self.dequant_ulps, base_dtype)
+        if base_dtype == self.operand or base_dtype in _HOLDS.get(self.operand, ()):
             return w
         if self.dequant_ulps == 0 and np.array_equal(round_to(W, self.operand).astype(np.float64), W):
             return w
