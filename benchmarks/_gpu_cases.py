@@ -716,7 +716,7 @@ GEMM_TILES = (
 )
 # GEMV candidates: each thread's share of a step's codes, bn*bk/2 / (32*num_warps) bytes, must be at
 # least 16 for the 16-byte loads (smaller shares compile to narrower loads; the compile check fails them).
-_GEMV_TILES = ((8, 512, 4), (16, 256, 4), (16, 512, 4), (32, 256, 4), (16, 512, 8), (32, 512, 8))
+_GEMV_TILES = ((8, 512, 4), (8, 1024, 4), (16, 256, 4), (16, 512, 4), (32, 256, 4), (16, 512, 8))
 GEMV_TILES = tuple(GemvConfig(bn=bn, bk=bk, num_warps=w) for bn, bk, w in _GEMV_TILES)
 # Under the interpreter (dry run): small tiles that cross the tiny shapes' edges.
 DRY_GEMM_TILES = (

@@ -35,6 +35,7 @@ if not INTERPRET and not torch.cuda.is_available():
 DEVICE = "cpu" if INTERPRET else "cuda"
 
 from reflora.backends.triton import gemm as gemm_module  # noqa: E402
+from reflora.backends.triton import gemv as gemv_module  # noqa: E402
 from reflora.backends.triton import (  # noqa: E402
     launch_counts,
     lowrank_matmul,
@@ -341,6 +342,51 @@ def test_gemv_with_lora_and_bias_within_bound(m, n, k, bs, dq, dtype):
     check_forward(f"gemv [{dtype}]", y, x, w64, arithmetic(dtype, x, a, b, bias), a, b, 1.5, bias)
     plain = nf4_gemv(x, ts)
     check_forward(f"gemv plain [{dtype}]", plain, x, w64, arithmetic(dtype))
+
+
+# (K, blocksize, BK) -> the scale gather (_common.scale_mode) of the one-row GEMV's paired decode, and
+# whether the last step passes the end of a row (the step whose columns are masked).
+ONE_ROW = {
+    "mode0-tail": (70, 64, 32, 0, True),  # blocks straddle rows; 70 = 2 * 32 + 6
+    "mode1": (128, 64, 32, 1, False),  # a step inside one block of each row
+    "mode2-tail": (96, 32, 64, 2, True),  # two blocks a step; the last step's second block is past K
+}
+
+
+@pytest.mark.parametrize("act", ["bfloat16", "float32"])
+@pytest.mark.parametrize(("k", "bs", "bk", "mode", "tail"), ONE_ROW.values(), ids=ONE_ROW.keys())
+def test_one_row_gemv_reads_each_weight_bit_for_bit(k, bs, bk, mode, tail, act):
+    """The one-row GEMV decodes the even and odd columns apart (_common.w_pairs) and masks columns only
+    in a step that passes the end of a row. A one-hot x picks one column of W, so each output is one
+    product 1·w: the column of Ŵ (a bfloat16 state, so under float32 x the operand is rounded through
+    bfloat16), bit for bit. Columns at both nibbles, at block edges and in the last step, under each
+    scale gather."""
+    n = 21
+    w = (np.random.default_rng(k).standard_normal((n, k)) * 0.05).astype(as_dtype("bfloat16"))
+    state = nf4.quantize(w, bs, double_quant=True)
+    ts = TorchQuantState.from_state(state, DEVICE)
+    want = nf4.dequantize(state).astype(as_dtype(act))
+    assert gemv_module.scale_mode(k, bs, bk) == mode and (k % bk != 0) == tail
+    cfg = GemvConfig(bn=8, bk=bk)
+    for j in sorted({0, 1, bs - 1, bs, bk - 1, bk, k - bk % bk - 1, k - 2, k - 1}):
+        x = torch.zeros(1, k, dtype=DTYPES[act])
+        x[0, j] = 1
+        y = nf4_gemv(x.to(DEVICE), ts, config=cfg)
+        assert np.array_equal(bits(y[0].cpu()), bits(want[:, j].copy())), j
+
+
+def test_gemv_masks_the_row_end_under_an_infinite_scale():
+    """A block whose scale is inf (double quantization can rebuild one, docs/findings.md) and whose
+    codes are all +1 has Ŵ = +inf throughout, so x = 1 gives +inf. With blocks straddling rows, the
+    step that passes the end of a row reads padding that falls in that same block, with code -1 and
+    x = 0: without the column mask that step keeps, 0·(-inf) makes the sum NaN."""
+    n, k, bs = 3, 70, 64  # block 1: row 0's columns 64..69 and row 1's 0..57; the last step (bk 32) is 64..95
+    ts, _ = make_weight(n, k, bs, False, dtype="float32")
+    absmax = torch.ones_like(ts.absmax)
+    absmax[1] = math.inf
+    ts = dataclasses.replace(ts, packed=torch.full_like(ts.packed, 0xFF), absmax=absmax)  # code 15: +1.0
+    y = nf4_gemv(torch.ones(1, k).to(DEVICE), ts, config=GemvConfig(bn=8, bk=32)).cpu()
+    assert y.tolist() == [[math.inf, math.inf, 70.0]], y
 
 
 def test_gemv_rejects_too_many_rows():

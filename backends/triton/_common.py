@@ -324,6 +324,117 @@ def lookup(code_ptr, idx, TABLE_SHARED: tl.constexpr):
 
 
 @triton.jit
+def scale_tile(
+    absmax_ptr,
+    absmax_q_ptr,
+    absmax2_ptr,
+    code2_ptr,
+    offset,
+    rows,  # int32 (BR,): row indices of W
+    start,  # int32 scalar: the tile's first unit within a row
+    N,  # rows of W
+    row_units,  # units a row: K elements, or K // 2 bytes
+    BU: tl.constexpr,  # units in the tile's width
+    UNIT_BLOCK: tl.constexpr,  # units a quantization block: BLOCKSIZE elements, or BLOCKSIZE // 2 bytes
+    BLOCKSIZE2: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+    SCALE_MODE: tl.constexpr,  # how absmax is gathered; scale_mode() above
+):
+    """float32 (BR, BU): the absmax of the block that each unit of W[rows, start:start + BU] lies in,
+    where a unit is an element, or a byte of two elements (:func:`w_pairs`: K and the blocksize are
+    even, so both elements of a byte share a block). 0.0 for rows outside W."""
+    if SCALE_MODE == 1:
+        # The tile's units lie in one block of each row: one scale a row.
+        blk = (rows * row_units + start) // UNIT_BLOCK
+        scale = absmax_of(
+            blk, absmax_ptr, absmax_q_ptr, absmax2_ptr, code2_ptr, offset, rows < N, DOUBLE_QUANT, BLOCKSIZE2
+        )
+        scale = tl.broadcast_to(scale[:, None], (rows.shape[0], BU))
+    elif SCALE_MODE == 2:
+        # The tile's units are BU // UNIT_BLOCK whole blocks of each row: one scale a block.
+        PER_ROW: tl.constexpr = BU // UNIT_BLOCK
+        blk = (rows[:, None] * row_units + start) // UNIT_BLOCK + tl.arange(0, PER_ROW)[None, :]
+        ok = (rows[:, None] < N) & (start + tl.arange(0, PER_ROW)[None, :] * UNIT_BLOCK < row_units)
+        scale = absmax_of(
+            blk, absmax_ptr, absmax_q_ptr, absmax2_ptr, code2_ptr, offset, ok, DOUBLE_QUANT, BLOCKSIZE2
+        )
+        scale = tl.broadcast_to(scale[:, :, None], (rows.shape[0], PER_ROW, UNIT_BLOCK))
+        scale = tl.reshape(scale, (rows.shape[0], BU))
+    else:
+        # General: blocks may straddle rows (K not a multiple of blocksize). A tile row's BU
+        # consecutive units touch at most SPAN blocks (2 when BU <= UNIT_BLOCK): gather SPAN scales
+        # a row and let each unit pick its block's, rather than one gather a unit (whose pipelined
+        # copies would take BR * BU * 9 bytes of shared memory a stage with double quant).
+        SPAN: tl.constexpr = (BU + UNIT_BLOCK - 2) // UNIT_BLOCK + 1
+        units = start + tl.arange(0, BU)
+        first = (rows * row_units + start) // UNIT_BLOCK  # (BR,): the block of each row's first unit
+        last = (rows * row_units + tl.minimum(start + BU, row_units) - 1) // UNIT_BLOCK
+        pick = (rows[:, None] * row_units + units[None, :]) // UNIT_BLOCK - first[
+            :, None
+        ]  # 0..SPAN-1 inside W
+        scale = tl.zeros((rows.shape[0], BU), dtype=tl.float32)
+        for j in tl.static_range(SPAN):
+            blk = first + j
+            ok = (rows < N) & (blk <= last)
+            s = absmax_of(
+                blk, absmax_ptr, absmax_q_ptr, absmax2_ptr, code2_ptr, offset, ok, DOUBLE_QUANT, BLOCKSIZE2
+            )
+            scale = tl.where(pick == j, s[:, None], scale)
+    return scale
+
+
+@triton.jit
+def w_pairs(
+    packed_ptr,  # uint8 (N*K/2,): codes, element 2j in the high nibble; K even
+    absmax_ptr,
+    absmax_q_ptr,
+    absmax2_ptr,
+    code_ptr,  # float32 (16,): the 4-bit table
+    code2_ptr,
+    offset,
+    rows,  # int32 (BR,): row indices of W (out dimension)
+    pair0,  # int32 scalar: the tile's first byte within a row (a multiple of BC // 2)
+    N,  # rows of W
+    K,  # columns of W (even)
+    K_BYTES,  # K // 2, passed in so that Triton sees its divisibility by 16 and loads 16 bytes at a time
+    BC: tl.constexpr,  # columns in the tile: BC // 2 bytes
+    BLOCKSIZE: tl.constexpr,
+    BLOCKSIZE2: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+    SCALE_MODE: tl.constexpr,  # scale_mode(K, BLOCKSIZE, BC)
+    TABLE_SHARED: tl.constexpr,  # see w_tile
+    MASK_COLS: tl.constexpr,  # False: the caller knows that the tile's bytes all lie inside a row
+):
+    """(even, odd): float32 (BR, BC // 2) tiles, f32(code[q] * absmax) for W[rows, 2 * (pair0 + j)]
+    and W[rows, 2 * (pair0 + j) + 1]: the elements of :func:`w_tile` for K even, not interleaved, for a
+    kernel that can consume them as they lie in the bytes. 0.0 outside W.
+
+    ``MASK_COLS`` False drops the column test, whose select costs an instruction an element, from a
+    loop's full steps; rows outside W still load as zero codes and zero scales, so their values are
+    -0.0. The test is needed where the tile passes the end of a row: there the padding would take
+    the last block's scale, and a scale of inf (which double quantization can produce, docs/findings.md)
+    times the padding's code would put a NaN into a row that should sum to inf.
+    """
+    pair = pair0 + tl.arange(0, BC // 2)
+    if MASK_COLS:
+        inside = (rows[:, None] < N) & (pair[None, :] < K_BYTES)
+    else:
+        inside = (rows[:, None] < N) & (pair[None, :] >= 0)
+    # Widened before the nibbles are taken: on uint8, each shift is followed by a zero-extension.
+    byte = tl.load(packed_ptr + rows[:, None] * K_BYTES + pair[None, :], mask=inside, other=0).to(tl.int32)
+    scale = scale_tile(
+        absmax_ptr, absmax_q_ptr, absmax2_ptr, code2_ptr, offset, rows, pair0, N, K_BYTES, BC // 2,
+        BLOCKSIZE // 2, BLOCKSIZE2, DOUBLE_QUANT, SCALE_MODE
+    )  # fmt: skip
+    even = lookup(code_ptr, byte >> 4, TABLE_SHARED) * scale
+    odd = lookup(code_ptr, byte & 15, TABLE_SHARED) * scale
+    if MASK_COLS:
+        even = tl.where(inside, even, 0.0)
+        odd = tl.where(inside, odd, 0.0)
+    return even, odd
+
+
+@triton.jit
 def w_tile(
     packed_ptr,  # uint8 (ceil(N*K/2),): codes, element 2j in the high nibble
     absmax_ptr,
@@ -342,7 +453,7 @@ def w_tile(
     BLOCKSIZE2: tl.constexpr,
     DOUBLE_QUANT: tl.constexpr,
     PAIRED: tl.constexpr,  # K even: a row starts on a byte, so bytes load whole and split in two
-    SCALE_MODE: tl.constexpr,  # how absmax is gathered; scale_mode() below
+    SCALE_MODE: tl.constexpr,  # how absmax is gathered; scale_mode() above
     TABLE_SHARED: tl.constexpr,  # look codes up with tl.gather from the table held on chip, not tl.load
 ):
     """float32 (BR, BC): f32(code[q] * absmax) for W[rows, col0:col0+BC]; 0.0 outside W.
@@ -361,51 +472,23 @@ def w_tile(
     if PAIRED:
         pair = col0 // 2 + tl.arange(0, BC // 2)
         byte_ok = (rows[:, None] < N) & (pair[None, :] < K_BYTES)
-        byte = tl.load(packed_ptr + rows[:, None] * K_BYTES + pair[None, :], mask=byte_ok, other=0)
-        hi = lookup(code_ptr, (byte >> 4).to(tl.int32), TABLE_SHARED)
-        lo = lookup(code_ptr, (byte & 15).to(tl.int32), TABLE_SHARED)
+        byte = tl.load(packed_ptr + rows[:, None] * K_BYTES + pair[None, :], mask=byte_ok, other=0).to(
+            tl.int32
+        )
+        hi = lookup(code_ptr, byte >> 4, TABLE_SHARED)
+        lo = lookup(code_ptr, byte & 15, TABLE_SHARED)
         value = tl.interleave(hi, lo)  # (BR, BC): element 2j from the high nibble
     else:
         elem = rows[:, None] * K + cols[None, :]
         byte = tl.load(packed_ptr + elem // 2, mask=inside, other=0)
         nib = (byte >> (4 - 4 * (elem % 2)).to(tl.uint8)) & 15
         value = lookup(code_ptr, nib.to(tl.int32), TABLE_SHARED)
-    if SCALE_MODE == 1:
-        # The tile's columns lie in one block of each row: one scale a row.
-        blk = (rows * K + col0) // BLOCKSIZE
-        scale = absmax_of(
-            blk, absmax_ptr, absmax_q_ptr, absmax2_ptr, code2_ptr, offset, rows < N, DOUBLE_QUANT, BLOCKSIZE2
-        )
-        w = value * scale[:, None]
-    elif SCALE_MODE == 2:
-        # The tile's columns are BC // BLOCKSIZE whole blocks of each row: one scale a block.
-        PER_ROW: tl.constexpr = BC // BLOCKSIZE
-        blk = (rows[:, None] * K + col0) // BLOCKSIZE + tl.arange(0, PER_ROW)[None, :]
-        ok = (rows[:, None] < N) & (col0 + tl.arange(0, PER_ROW)[None, :] * BLOCKSIZE < K)
-        scale = absmax_of(
-            blk, absmax_ptr, absmax_q_ptr, absmax2_ptr, code2_ptr, offset, ok, DOUBLE_QUANT, BLOCKSIZE2
-        )
-        by_block = tl.reshape(value, (value.shape[0], PER_ROW, BLOCKSIZE))
-        w = tl.reshape(by_block * scale[:, :, None], value.shape)
-    else:
-        # General: blocks may straddle rows (K not a multiple of blocksize). A tile row's BC
-        # consecutive elements touch at most SPAN blocks (2 when BC <= BLOCKSIZE): gather SPAN scales
-        # a row and let each element pick its block's, rather than one gather an element (whose
-        # pipelined copies would take BR * BC * 9 bytes of shared memory a stage with double quant).
-        SPAN: tl.constexpr = (BC + BLOCKSIZE - 2) // BLOCKSIZE + 1
-        first = (rows * K + col0) // BLOCKSIZE  # (BR,): the block of each row's first tile element
-        last = (rows * K + tl.minimum(col0 + BC, K) - 1) // BLOCKSIZE
-        pick = (rows[:, None] * K + cols[None, :]) // BLOCKSIZE - first[:, None]  # 0 .. SPAN-1 inside W
-        scale = tl.zeros((rows.shape[0], BC), dtype=tl.float32)
-        for j in tl.static_range(SPAN):
-            blk = first + j
-            ok = (rows < N) & (blk <= last)
-            s = absmax_of(
-                blk, absmax_ptr, absmax_q_ptr, absmax2_ptr, code2_ptr, offset, ok, DOUBLE_QUANT, BLOCKSIZE2
-            )
-            scale = tl.where(pick == j, s[:, None], scale)
-        w = value * scale
-    return tl.where(inside, w, 0.0)
+    scale = scale_tile(
+        absmax_ptr, absmax_q_ptr, absmax2_ptr, code2_ptr, offset, rows, col0, N, K, BC, BLOCKSIZE,
+        BLOCKSIZE2, DOUBLE_QUANT, SCALE_MODE
+    )  # fmt: skip
+    w = tl.where(inside, value * scale, 0.0)
+    return w
 
 
 DEFAULT_SMS = 132

@@ -6,14 +6,21 @@ as :mod:`nf4_gemm`).
 
 With one to four rows of x the product is bound by reading W once (N*K/2 bytes of codes plus the
 scales), not by arithmetic, so there is no tensor-core dot: each program streams a BN-row stripe of
-W along K in BK-wide steps, decodes it in registers (:func:`_common.w_tile`), rounds it to the
-activation dtype through the state's (:func:`_common.base_operand`, the operand rule of the GEMM, so
-both paths compute the same function), and
-accumulates x * w elementwise in a float32 (BM, BN, BK) register tile, summed over K once after the
-loop. The whole reduction for an output element stays in one program, so the low-rank term and the
-bias are added before the single rounding to the output dtype, as in the GEMM's epilogue. The stripe
-height BN is chosen from the device's SM count so that a 4096x11008 matrix still gives about 4
-programs per SM.
+W along K in BK-wide steps, decodes it in registers, rounds it to the activation dtype through the
+state's (:func:`_common.base_operand`, the operand rule of the GEMM, so both paths compute the same
+function), and accumulates x * w with a fused multiply-add (one rounding where products and sums
+would each round; exact products for 16-bit operands) in float32 registers, summed over K once after
+the loop. The whole reduction for an output element stays in one program, so the low-rank term and
+the bias are added before the single rounding to the output dtype, as in the GEMM's epilogue. The
+stripe height BN is chosen from the device's SM count so that a 4096x11008 matrix still gives about
+4 programs per SM.
+
+When K is even (rows start on a byte) the decode keeps the even and the odd columns apart, as they
+lie in the high and low nibbles (:func:`_common.w_pairs`), and multiplies them by the even and odd
+columns of x: interleaving them into one tile, as the GEMM's operand needs, cost a round trip through
+shared memory a step. Columns are masked only in the step that passes the end of a row. In the
+sm_90 compile of the harness's GEMV (4096 x 11008, bf16, one row) the loop went from 14.9 to 12.3
+instructions a weight (10.4 with ``table="shared"``); docs/triton.md has the count.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from reflora.backends.triton._common import (
     scale_mode,
     sm_count,
     state_args,
+    w_pairs,
     w_tile,
 )
 
@@ -55,6 +63,64 @@ TOLERANCE = "BOUND"
 REFERENCE = "reflora.qlora.forward (float64 x @ dequantize(W)^T), M <= 4"
 
 GEMV_MAX_M = 4
+
+
+@triton.jit
+def _pair_step(
+    acc3,
+    x_ptr,
+    packed_ptr,
+    absmax_ptr,
+    absmax_q_ptr,
+    absmax2_ptr,
+    code_ptr,
+    code2_ptr,
+    offset,
+    rm,
+    rn,
+    k0,
+    M,
+    N,
+    K,
+    K_BYTES,
+    stride_xm,
+    stride_xk,
+    W_DTYPE: tl.constexpr,
+    BLOCKSIZE: tl.constexpr,
+    BLOCKSIZE2: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+    SCALE_MODE: tl.constexpr,
+    TABLE_SHARED: tl.constexpr,
+    BM: tl.constexpr,
+    BK: tl.constexpr,
+    MASK_COLS: tl.constexpr,
+    EMULATE_BF16: tl.constexpr,
+):
+    """acc3 + x[:, k0:k0+BK] * W[rn, k0:k0+BK], K even: the even and odd columns apart, from the
+    high and low nibbles of each byte (:func:`_common.w_pairs`). acc3: float32 (BN, BK // 2) for one
+    row of x, (BM, BN, BK // 2) for more. ``MASK_COLS`` False: the step lies inside every row."""
+    dtype = x_ptr.dtype.element_ty
+    rk = k0 + tl.arange(0, BK)
+    if MASK_COLS:
+        x_ok = (rm[:, None] < M) & (rk[None, :] < K)
+    else:
+        x_ok = (rm[:, None] < M) & (rk[None, :] >= 0)
+    x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk, mask=x_ok, other=0.0)
+    xe, xo = tl.split(tl.reshape(load_f32(x, EMULATE_BF16), (BM, BK // 2, 2)))
+    even, odd = w_pairs(
+        packed_ptr, absmax_ptr, absmax_q_ptr, absmax2_ptr, code_ptr, code2_ptr, offset, rn,
+        k0 // 2, N, K, K_BYTES, BK, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT, SCALE_MODE, TABLE_SHARED,
+        MASK_COLS
+    )  # fmt: skip
+    even = load_f32(base_operand(even, W_DTYPE, dtype, EMULATE_BF16), EMULATE_BF16)
+    odd = load_f32(base_operand(odd, W_DTYPE, dtype, EMULATE_BF16), EMULATE_BF16)
+    if BM == 1:
+        acc3 = tl.fma(tl.reshape(xe, (BK // 2,))[None, :], even, acc3)
+        acc3 = tl.fma(tl.reshape(xo, (BK // 2,))[None, :], odd, acc3)
+    else:
+        acc3 = tl.fma(xe[:, None, :], even[None, :, :], acc3)
+        acc3 = tl.fma(xo[:, None, :], odd[None, :, :], acc3)
+    return acc3
 
 
 @triton.jit
@@ -101,38 +167,61 @@ def _nf4_gemv_kernel(
     dtype = x_ptr.dtype.element_ty
     # Products accumulate elementwise in registers; the cross-thread reduction over K runs once,
     # after the loop, not once a step (a step's tl.sum cost 8 barriers and 56 shuffles a thread).
-    acc3 = tl.zeros((BM, BN, BK), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        rk = k0 + tl.arange(0, BK)
-        x = tl.load(
-            x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
-            mask=(rm[:, None] < M) & (rk[None, :] < K),
-            other=0.0,
-        )
-        w = w_tile(
-            packed_ptr,
-            absmax_ptr,
-            absmax_q_ptr,
-            absmax2_ptr,
-            code_ptr,
-            code2_ptr,
-            offset,
-            rn,
-            k0,
-            N,
-            K,
-            K_BYTES,
-            BK,
-            BLOCKSIZE,
-            BLOCKSIZE2,
-            DOUBLE_QUANT,
-            PAIRED,
-            SCALE_MODE,
-            TABLE_SHARED,
-        )
-        w = load_f32(base_operand(w, W_DTYPE, dtype, EMULATE_BF16), EMULATE_BF16)  # the GEMM's operand
-        acc3 += load_f32(x, EMULATE_BF16)[:, None, :] * w[None, :, :]
-    acc = tl.sum(acc3, axis=2)  # (BM, BN)
+    if PAIRED:
+        if BM == 1:
+            acc3 = tl.zeros((BN, BK // 2), dtype=tl.float32)
+        else:
+            acc3 = tl.zeros((BM, BN, BK // 2), dtype=tl.float32)
+        k_full = (K // BK) * BK
+        for k0 in range(0, k_full, BK):
+            acc3 = _pair_step(
+                acc3, x_ptr, packed_ptr, absmax_ptr, absmax_q_ptr, absmax2_ptr, code_ptr, code2_ptr, offset,
+                rm, rn, k0, M, N, K, K_BYTES, stride_xm, stride_xk, W_DTYPE, BLOCKSIZE, BLOCKSIZE2,
+                DOUBLE_QUANT, SCALE_MODE, TABLE_SHARED, BM, BK, False, EMULATE_BF16
+            )  # fmt: skip
+        if k_full < K:
+            acc3 = _pair_step(
+                acc3, x_ptr, packed_ptr, absmax_ptr, absmax_q_ptr, absmax2_ptr, code_ptr, code2_ptr, offset,
+                rm, rn, k_full, M, N, K, K_BYTES, stride_xm, stride_xk, W_DTYPE, BLOCKSIZE, BLOCKSIZE2,
+                DOUBLE_QUANT, SCALE_MODE, TABLE_SHARED, BM, BK, True, EMULATE_BF16
+            )  # fmt: skip
+    else:
+        # K odd: rows start mid-byte, so each element finds its own nibble (w_tile).
+        acc3 = tl.zeros((BM, BN, BK), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            rk = k0 + tl.arange(0, BK)
+            x = tl.load(
+                x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
+                mask=(rm[:, None] < M) & (rk[None, :] < K),
+                other=0.0,
+            )
+            w = w_tile(
+                packed_ptr,
+                absmax_ptr,
+                absmax_q_ptr,
+                absmax2_ptr,
+                code_ptr,
+                code2_ptr,
+                offset,
+                rn,
+                k0,
+                N,
+                K,
+                K_BYTES,
+                BK,
+                BLOCKSIZE,
+                BLOCKSIZE2,
+                DOUBLE_QUANT,
+                PAIRED,
+                SCALE_MODE,
+                TABLE_SHARED,
+            )
+            w = load_f32(base_operand(w, W_DTYPE, dtype, EMULATE_BF16), EMULATE_BF16)  # the GEMM's operand
+            acc3 = tl.fma(load_f32(x, EMULATE_BF16)[:, None, :], w[None, :, :], acc3)
+    if PAIRED and BM == 1:
+        acc = tl.sum(acc3, axis=1)[None, :]  # (1, BN)
+    else:
+        acc = tl.sum(acc3, axis=2)  # (BM, BN)
     if HAS_LORA:
         rr = tl.arange(0, BR)
         lr_ok = (rm[:, None] < M) & (rr[None, :] < R)
@@ -166,13 +255,16 @@ class GemvConfig:
 
 def default_config(m: int, n: int, k: int, sms: int = DEFAULT_SMS) -> GemvConfig:
     """About 4 programs per SM on a GPU of ``sms`` SMs (:func:`_common.sm_count`; BN rounded up to a
-    power of two, so 3.9 on a 132-SM H100 SXM and 4.5 on a 114-SM H100 PCIe at n = 4096), and a
-    BM*BN*BK product tile of 4096 elements (32 registers a thread at 4 warps). Under the interpreter:
-    tiles of 8 x 32 so tests cross edges."""
+    power of two, so 3.9 on a 132-SM H100 SXM and 4.5 on a 114-SM H100 PCIe at n = 4096), and BK so
+    that a step has BM*BN*BK/2 float32 accumulators: 2048 (16 a thread at 4 warps) for one or two
+    rows; 4096 for three or four, where 2048 would leave each thread 4 bytes of codes a step (narrow
+    loads; in the sm_90 compile, 23.4 instructions a weight for 4 rows against 17.7). Under the
+    interpreter: tiles of 8 x 32 so tests cross edges."""
     if INTERPRET:
         return GemvConfig(bn=8, bk=32)
     bn = max(4, min(64, triton.next_power_of_2(max(1, n // (4 * sms)))))
-    bk = max(32, min(512, 4096 // (next_pow2(m) * bn)))
+    accumulators = 2048 if m <= 2 else 4096
+    bk = max(32, min(512, 2 * accumulators // (next_pow2(m) * bn)))
     return GemvConfig(bn=bn, bk=bk)
 
 
