@@ -368,7 +368,7 @@ def test_one_row_gemv_reads_each_weight_bit_for_bit(k, bs, bk, mode, tail, act):
     want = nf4.dequantize(state).astype(as_dtype(act))
     assert gemv_module.scale_mode(k, bs, bk) == mode and (k % bk != 0) == tail
     cfg = GemvConfig(bn=8, bk=bk)
-    for j in sorted({0, 1, bs - 1, bs, bk - 1, bk, k - bk % bk - 1, k - 2, k - 1}):
+    for j in sorted({0, 1, bs - 1, bs, bk - 1, bk, k - k % bk - 1, k - 2, k - 1}):
         x = torch.zeros(1, k, dtype=DTYPES[act])
         x[0, j] = 1
         y = nf4_gemv(x.to(DEVICE), ts, config=cfg)

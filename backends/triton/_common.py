@@ -342,7 +342,8 @@ def scale_tile(
 ):
     """float32 (BR, BU): the absmax of the block that each unit of W[rows, start:start + BU] lies in,
     where a unit is an element, or a byte of two elements (:func:`w_pairs`: K and the blocksize are
-    even, so both elements of a byte share a block). 0.0 for rows outside W."""
+    even, so both elements of a byte share a block). Finite for rows outside W (their loads are masked:
+    0.0, or the double-quant offset)."""
     if SCALE_MODE == 1:
         # The tile's units lie in one block of each row: one scale a row.
         blk = (rows * row_units + start) // UNIT_BLOCK
@@ -409,11 +410,12 @@ def w_pairs(
     and W[rows, 2 * (pair0 + j) + 1]: the elements of :func:`w_tile` for K even, not interleaved, for a
     kernel that can consume them as they lie in the bytes. 0.0 outside W.
 
-    ``MASK_COLS`` False drops the column test, whose select costs an instruction an element, from a
-    loop's full steps; rows outside W still load as zero codes and zero scales, so their values are
-    -0.0. The test is needed where the tile passes the end of a row: there the padding would take
-    the last block's scale, and a scale of inf (which double quantization can produce, docs/findings.md)
-    times the padding's code would put a NaN into a row that should sum to inf.
+    ``MASK_COLS`` False drops the column test, whose select costs an instruction an element, from a loop's
+    full steps; rows outside W still load as zero codes and masked scales (0.0, or the double-quant
+    offset), so their values are finite, and the kernel does not store them. The test is needed where the
+    tile passes the end of a row: there the padding would take the last block's scale, and a scale of inf
+    (which double quantization can produce, docs/findings.md) times the padding's code would put a NaN
+    into a row that should sum to inf.
     """
     pair = pair0 + tl.arange(0, BC // 2)
     if MASK_COLS:

@@ -4,16 +4,16 @@ Reference: ``x @ dequantize(W)^T`` in float64 (:func:`reflora.qlora.forward` for
 Tolerance class: BOUND (``reflora.bounds``, the arithmetic ``TritonBackend.arithmetic`` declares;
 as :mod:`nf4_gemm`).
 
-With one to four rows of x the product is bound by reading W once (N*K/2 bytes of codes plus the
-scales), not by arithmetic, so there is no tensor-core dot: each program streams a BN-row stripe of
-W along K in BK-wide steps, decodes it in registers, rounds it to the activation dtype through the
-state's (:func:`_common.base_operand`, the operand rule of the GEMM, so both paths compute the same
-function), and accumulates x * w with a fused multiply-add (one rounding where products and sums
-would each round; exact products for 16-bit operands) in float32 registers, summed over K once after
-the loop. The whole reduction for an output element stays in one program, so the low-rank term and
-the bias are added before the single rounding to the output dtype, as in the GEMM's epilogue. The
-stripe height BN is chosen from the device's SM count so that a 4096x11008 matrix still gives about
-4 programs per SM.
+With one to four rows of x the product is bound by reading W once (N*K/2 bytes of codes plus the scales),
+not by arithmetic, so there is no tensor-core dot: each program streams a BN-row stripe of W along K in
+BK-wide steps, decodes it in registers, rounds it to the activation dtype through the state's
+(:func:`_common.base_operand`, the operand rule of the GEMM, so both paths compute the same function), and
+accumulates x * w with a fused multiply-add (one rounding where products and sums would each round; for
+16-bit operands the product is exact, so only overflow or underflow of a sum can tell the two apart, and
+there the FMA is the more accurate) in float32 registers, summed over K once after the loop. The whole
+reduction for an output element stays in one program, so the low-rank term and the bias are added before
+the single rounding to the output dtype, as in the GEMM's epilogue. The stripe height BN is chosen from
+the device's SM count so that a 4096x11008 matrix still gives about 4 programs per SM.
 
 When K is even (rows start on a byte) the decode keeps the even and the odd columns apart, as they
 lie in the high and low nibbles (:func:`_common.w_pairs`), and multiplies them by the even and odd
@@ -254,16 +254,16 @@ class GemvConfig:
 
 
 def default_config(m: int, n: int, k: int, sms: int = DEFAULT_SMS) -> GemvConfig:
-    """About 4 programs per SM on a GPU of ``sms`` SMs (:func:`_common.sm_count`; BN rounded up to a
-    power of two, so 3.9 on a 132-SM H100 SXM and 4.5 on a 114-SM H100 PCIe at n = 4096), and BK so
-    that a step has BM*BN*BK/2 float32 accumulators: 2048 (16 a thread at 4 warps) for one or two
-    rows; 4096 for three or four, where 2048 would leave each thread 4 bytes of codes a step (narrow
-    loads; in the sm_90 compile, 23.4 instructions a weight for 4 rows against 17.7). Under the
-    interpreter: tiles of 8 x 32 so tests cross edges."""
+    """About 4 programs per SM on a GPU of ``sms`` SMs (:func:`_common.sm_count`; BN rounded up to a power of
+    two, so 3.9 on a 132-SM H100 SXM and 4.5 on a 114-SM H100 PCIe at n = 4096), and BK so that a step has
+    BM*BN*BK/2 float32 accumulators (BM*BN*BK when K is odd, decoded an element at a time: 2048 then):
+    2048 (16 a thread at 4 warps) for one or two rows; 4096 for three or four, where 2048 would leave each
+    thread 4 bytes of codes a step (narrow loads; in the sm_90 compile, 23.4 instructions a weight for 4
+    rows against 17.7). Under the interpreter: tiles of 8 x 32 so tests cross edges."""
     if INTERPRET:
         return GemvConfig(bn=8, bk=32)
     bn = max(4, min(64, triton.next_power_of_2(max(1, n // (4 * sms)))))
-    accumulators = 2048 if m <= 2 else 4096
+    accumulators = 2048 if m <= 2 or k % 2 else 4096
     bk = max(32, min(512, 2 * accumulators // (next_pow2(m) * bn)))
     return GemvConfig(bn=bn, bk=bk)
 
