@@ -324,6 +324,16 @@ def lookup(code_ptr, idx, TABLE_SHARED: tl.constexpr):
 
 
 @triton.jit
+def nibble_values(packed_ptr, code_ptr, rows, pair, K_BYTES, mask, TABLE_SHARED: tl.constexpr):
+    """(code[high nibble], code[low nibble]) of bytes ``pair`` (BP,) of rows ``rows`` (BR,) of W, K
+    even (a row is K_BYTES whole bytes): float32 (BR, BP) tiles, the elements 2j and 2j + 1 of each
+    row's bytes. Bytes outside ``mask`` read as 0 (code[0])."""
+    # Widened before the nibbles are taken: on uint8, each shift is followed by a zero-extension.
+    byte = tl.load(packed_ptr + rows[:, None] * K_BYTES + pair[None, :], mask=mask, other=0).to(tl.int32)
+    return lookup(code_ptr, byte >> 4, TABLE_SHARED), lookup(code_ptr, byte & 15, TABLE_SHARED)
+
+
+@triton.jit
 def scale_tile(
     absmax_ptr,
     absmax_q_ptr,
@@ -370,9 +380,8 @@ def scale_tile(
         units = start + tl.arange(0, BU)
         first = (rows * row_units + start) // UNIT_BLOCK  # (BR,): the block of each row's first unit
         last = (rows * row_units + tl.minimum(start + BU, row_units) - 1) // UNIT_BLOCK
-        pick = (rows[:, None] * row_units + units[None, :]) // UNIT_BLOCK - first[
-            :, None
-        ]  # 0..SPAN-1 inside W
+        # 0..SPAN-1 inside W:
+        pick = (rows[:, None] * row_units + units[None, :]) // UNIT_BLOCK - first[:, None]
         scale = tl.zeros((rows.shape[0], BU), dtype=tl.float32)
         for j in tl.static_range(SPAN):
             blk = first + j
@@ -422,14 +431,13 @@ def w_pairs(
         inside = (rows[:, None] < N) & (pair[None, :] < K_BYTES)
     else:
         inside = (rows[:, None] < N) & (pair[None, :] >= 0)
-    # Widened before the nibbles are taken: on uint8, each shift is followed by a zero-extension.
-    byte = tl.load(packed_ptr + rows[:, None] * K_BYTES + pair[None, :], mask=inside, other=0).to(tl.int32)
+    even, odd = nibble_values(packed_ptr, code_ptr, rows, pair, K_BYTES, inside, TABLE_SHARED)
     scale = scale_tile(
         absmax_ptr, absmax_q_ptr, absmax2_ptr, code2_ptr, offset, rows, pair0, N, K_BYTES, BC // 2,
         BLOCKSIZE // 2, BLOCKSIZE2, DOUBLE_QUANT, SCALE_MODE
     )  # fmt: skip
-    even = lookup(code_ptr, byte >> 4, TABLE_SHARED) * scale
-    odd = lookup(code_ptr, byte & 15, TABLE_SHARED) * scale
+    even = even * scale
+    odd = odd * scale
     if MASK_COLS:
         even = tl.where(inside, even, 0.0)
         odd = tl.where(inside, odd, 0.0)
@@ -474,11 +482,7 @@ def w_tile(
     if PAIRED:
         pair = col0 // 2 + tl.arange(0, BC // 2)
         byte_ok = (rows[:, None] < N) & (pair[None, :] < K_BYTES)
-        byte = tl.load(packed_ptr + rows[:, None] * K_BYTES + pair[None, :], mask=byte_ok, other=0).to(
-            tl.int32
-        )
-        hi = lookup(code_ptr, byte >> 4, TABLE_SHARED)
-        lo = lookup(code_ptr, byte & 15, TABLE_SHARED)
+        hi, lo = nibble_values(packed_ptr, code_ptr, rows, pair, K_BYTES, byte_ok, TABLE_SHARED)
         value = tl.interleave(hi, lo)  # (BR, BC): element 2j from the high nibble
     else:
         elem = rows[:, None] * K + cols[None, :]
@@ -489,8 +493,7 @@ def w_tile(
         absmax_ptr, absmax_q_ptr, absmax2_ptr, code2_ptr, offset, rows, col0, N, K, BC, BLOCKSIZE,
         BLOCKSIZE2, DOUBLE_QUANT, SCALE_MODE
     )  # fmt: skip
-    w = tl.where(inside, value * scale, 0.0)
-    return w
+    return tl.where(inside, value * scale, 0.0)
 
 
 DEFAULT_SMS = 132

@@ -19,7 +19,7 @@ When K is even (rows start on a byte) the decode keeps the even and the odd colu
 lie in the high and low nibbles (:func:`_common.w_pairs`), and multiplies them by the even and odd
 columns of x: interleaving them into one tile, as the GEMM's operand needs, cost a round trip through
 shared memory a step. Columns are masked only in the step that passes the end of a row. In the
-sm_90 compile of the harness's GEMV (4096 x 11008, bf16, one row) the loop went from 14.9 to 12.3
+sm_90 compile of the harness's GEMV (4096 x 11008, bf16, one row) the loop went from 14.9 to 12.2
 instructions a weight (10.4 with ``table="shared"``); docs/triton.md has the count.
 """
 
