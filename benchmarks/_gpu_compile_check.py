@@ -11,6 +11,8 @@ rely on: no FFMA (fused multiply-add) in the dequantize kernel, whose double-qua
 must round twice; no ``.ftz`` in the PTX; tensor-core MMA (HGMMA on Hopper) in the 16-bit GEMMs. And
 one that bandwidth relies on: the packed codes are read 16 bytes an instruction, by ``LDG.E.128`` in
 the dequantize kernel and the GEMV, and by 16-byte asynchronous copies (never 8-byte ones) in the GEMM.
+And one that issue rate relies on: a GEMV that rounds W to bfloat16 does it with the packed
+``cvt.rn.bf16x2.f32`` (one instruction a weight, with the widening to float32).
 Exit status 1 if a check fails. This is the "read what costs no device time" step: it proves the
 kernels compile for the target and shows register pressure, not how fast they run.
 
@@ -64,7 +66,7 @@ SMEM_LIMIT = {90: 232448}  # shared memory a block may have on sm_90 (227 KiB); 
 SWEEP_STACK_LIMIT = 32
 # The constexprs a variant's name shows.
 SHOWN = ("W_T", "W_DTYPE", "DENSE_W", "HAS_LORA", "HAS_MASK", "PAIRED", "SCALE_MODE", "TABLE_SHARED")
-SHOWN += ("MASK_ON", "BM", "BP", "BQ", "BR", "BN", "BK")
+SHOWN += ("MASK_ON", "PACK_BF16", "BM", "BP", "BQ", "BR", "BN", "BK")
 OPS = ("HGMMA", "HMMA", "FFMA", "FMUL", "FADD", "F2FP", "LDG", "STG", "LDS", "STS", "LDL", "STL")
 
 
@@ -311,6 +313,7 @@ def census(kernel, workdir: Path, name: str) -> dict:
         "ftz_in_ptx": len(re.findall(r"\.ftz", kernel.asm["ptx"])),
         "LDG.E.128": len(re.findall(r"\bLDG\.E\.128\b", sass)),
         "LDG.E.U8": len(re.findall(r"\bLDG\.E\.U8\b", sass)),
+        "cvt.bf16x2": len(re.findall(r"\bcvt\.rn\.bf16x2\.f32\b", kernel.asm["ptx"])),
         "cp.async 8 B": len(
             re.findall(r"cp\.async\.c[ag]\.shared\.global \[[^]]*\], \[[^]]*\], 0x8\b", kernel.asm["ptx"])
         ),
@@ -372,6 +375,11 @@ def main(argv: list[str] | None = None) -> int:
             )
         if fn.__name__ == "_nf4_gemv_kernel" and not c["LDG.E.128"]:
             failures.append(f"{name}: no LDG.E.128: the packed codes are not read 16 bytes at a time")
+        # The GEMV rounds W to bfloat16 (the state's or the activations' dtype) and widens it in one
+        # packed conversion with a zero low half (_common.rounded_f32).
+        if fn.__name__ == "_nf4_gemv_kernel" and "bf16" in (sig["x_ptr"], str(consts["W_DTYPE"])):
+            if not (consts["PACK_BF16"] and c["cvt.bf16x2"]):
+                failures.append(f"{name}: W is not rounded to bfloat16 by cvt.rn.bf16x2.f32 (PACK_BF16 off?)")
         # The 16-byte checks hold for the harness's shapes, whose rows are whole multiples of 16 bytes.
         if fn.__name__ == "_nf4_gemm_kernel" and kind == "harness" and c["cp.async 8 B"]:
             failures.append(

@@ -3,7 +3,8 @@ the numerics rely on: no fused multiply-add in the dequantize kernel (the double
 twice), no flush-to-zero, tensor-core MMA (HGMMA) in the 16-bit GEMMs. Runs
 benchmarks/_gpu_compile_check.py in a subprocess, because it needs compiled (not interpreted) kernels
 and tests/conftest.py puts the test process on the interpreter when there is no GPU. It also checks that the
-dequantize kernel, the GEMV and the GEMMs read their packed codes 16 bytes at a time, and (``--tiles``) that
+dequantize kernel, the GEMV and the GEMMs read their packed codes 16 bytes at a time, that a GEMV rounding W
+to bfloat16 uses the packed cvt.rn.bf16x2.f32 (one instruction with the widening), and (``--tiles``) that
 every candidate of the GPU harness's tile sweep compiles without spilling and within sm_90's shared memory;
 and (``--corners``) that the GEMM's default tiles fit sm_90's 227 KB of shared memory without spills where
 they need the most: every activation dtype, W layout (SCALE_MODE 0/1/2, odd K) and orientation, the largest

@@ -34,9 +34,11 @@ if not INTERPRET and not torch.cuda.is_available():
     pytest.skip("TRITON_INTERPRET is not 1 and there is no CUDA device", allow_module_level=True)
 DEVICE = "cpu" if INTERPRET else "cuda"
 
-from reflora.backends.triton import gemm as gemm_module  # noqa: E402
-from reflora.backends.triton import gemv as gemv_module  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
 from reflora.backends.triton import (  # noqa: E402
+    _common,
     launch_counts,
     lowrank_matmul,
     nf4_gemm,
@@ -45,6 +47,9 @@ from reflora.backends.triton import (  # noqa: E402
     qlora_linear,
     reset_launch_counts,
 )
+from reflora.backends.triton import gemm as gemm_module  # noqa: E402
+from reflora.backends.triton import gemv as gemv_module  # noqa: E402
+from reflora.backends.triton._common import rounded_f32  # noqa: E402
 from reflora.backends.triton.backend import TritonBackend  # noqa: E402
 from reflora.backends.triton.gemm import DEQUANT_FIRST_MIN_M, GemmConfig  # noqa: E402
 from reflora.backends.triton.gemm import default_config as gemm_default  # noqa: E402
@@ -373,6 +378,36 @@ def test_one_row_gemv_reads_each_weight_bit_for_bit(k, bs, bk, mode, tail, act):
         x[0, j] = 1
         y = nf4_gemv(x.to(DEVICE), ts, config=cfg)
         assert np.array_equal(bits(y[0].cpu()), bits(want[:, j].copy())), j
+
+
+@triton.jit
+def _rounded_kernel(src, dst, n, DTYPE: tl.constexpr, EMULATE: tl.constexpr, PACK: tl.constexpr):
+    i = tl.program_id(0) * 4096 + tl.arange(0, 4096)
+    v = tl.load(src + i, mask=i < n, other=0.0)
+    tl.store(dst + i, rounded_f32(v, DTYPE, EMULATE, PACK), mask=i < n)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_rounded_f32_is_one_rounding_to_nearest_even(dtype):
+    """_common.rounded_f32, the GEMV's rounding of Ŵ, is the float32 value of one round-to-nearest-even
+    to ``dtype``. For bfloat16 on a GPU of compute capability 8.0 or newer it is the packed conversion
+    (cvt.rn.bf16x2.f32 with a zero low half, _common.pack_bf16); under the interpreter, the integer
+    emulation. Every high half of a float32 with the low halves 0, 0x7FFF, 0x8000 (the ties), 0x8001,
+    0xFFFF and a random one: zeros, subnormals, the largest finite numbers (to inf), inf and NaN."""
+    high = np.arange(1 << 16, dtype=np.uint32) << 16
+    low = [0, 0x7FFF, 0x8000, 0x8001, 0xFFFF]
+    rand = np.random.default_rng(0).integers(0, 1 << 16, high.size, dtype=np.uint32)
+    v = np.concatenate([high | lo for lo in low] + [high | rand]).view(np.float32)
+    src = torch.from_numpy(v).to(DEVICE)
+    dst = torch.empty_like(src)
+    pack = _common.pack_bf16(src.device)
+    assert pack == (DEVICE == "cuda" and torch.cuda.get_device_capability() >= (8, 0))
+    _rounded_kernel[(triton.cdiv(v.size, 4096),)](src, dst, v.size, getattr(tl, dtype), INTERPRET, pack)
+    got = dst.cpu().numpy()
+    want = v.astype(as_dtype(dtype)).astype(np.float32)
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(got), nan)
+    assert np.array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
 
 
 def test_gemv_masks_the_row_end_under_an_infinite_scale():

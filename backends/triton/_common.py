@@ -270,6 +270,43 @@ def base_operand(w, W_DTYPE: tl.constexpr, dtype: tl.constexpr, EMULATE_BF16: tl
 
 
 @triton.jit
+def rounded_f32(v, dtype: tl.constexpr, EMULATE_BF16: tl.constexpr, PACK_BF16: tl.constexpr):
+    """float32 tensor -> the float32 value of ``round_to(v, dtype)``: one round-to-nearest-even to
+    ``dtype``, widened back exactly.
+
+    For bfloat16 with ``PACK_BF16`` (:func:`pack_bf16`) this is one instruction, not two:
+    ``cvt.rn.bf16x2.f32 d, a, b`` rounds a and b to bfloat16 and packs them with a in the high half
+    (PTX ISA, cvt); with b = 0 the high half holds bf16(a) and the low half is zero, which is the
+    float32 bit pattern of bf16(a) itself. The plain conversion leaves bf16(a) in the low half and
+    needs a shift to widen it. Same rounding, the same NaN (the canonical quiet NaN), subnormals kept
+    (no ``.ftz``)."""
+    if dtype == tl.float32:
+        return v
+    elif dtype == tl.bfloat16 and PACK_BF16 and not EMULATE_BF16:
+        return tl.inline_asm_elementwise(
+            "{ .reg .f32 z; mov.f32 z, 0f00000000; cvt.rn.bf16x2.f32 $0, $1, z; }",
+            "=r,f",
+            [v],
+            dtype=tl.int32,
+            is_pure=True,
+            pack=1,
+        ).to(tl.float32, bitcast=True)
+    else:
+        return load_f32(round_to(v, dtype, EMULATE_BF16), EMULATE_BF16)
+
+
+@triton.jit
+def base_operand_f32(
+    w, W_DTYPE: tl.constexpr, dtype: tl.constexpr, EMULATE_BF16: tl.constexpr, PACK_BF16: tl.constexpr
+):
+    """The float32 value of :func:`base_operand`: W rounded to the state's dtype, then to ``dtype``,
+    for kernels that multiply in float32 (the GEMV's fused multiply-adds)."""
+    if W_DTYPE != dtype:
+        w = rounded_f32(w, W_DTYPE, EMULATE_BF16, PACK_BF16)
+    return rounded_f32(w, dtype, EMULATE_BF16, PACK_BF16)
+
+
+@triton.jit
 def dot_operand(v, EMULATE_BF16: tl.constexpr):
     """A tl.dot operand: itself, or under the interpreter a bfloat16 tile as float32 (same values)."""
     if EMULATE_BF16 and v.dtype == tl.bfloat16:
@@ -498,6 +535,17 @@ def w_tile(
 
 DEFAULT_SMS = 132
 """SMs assumed where no CUDA device can be asked (the interpreter, ``meta`` tensors): an H100 SXM's."""
+
+
+def pack_bf16(device: torch.device) -> bool:
+    """Whether kernels on ``device`` may use ``cvt.rn.bf16x2.f32`` (:func:`rounded_f32`): a CUDA device of
+    compute capability 8.0 or newer, where PTX has it, or a ``meta`` device (the sm_90 compile check,
+    benchmarks/_gpu_compile_check.py). Not under the interpreter, which runs no PTX."""
+    if INTERPRET:
+        return False
+    if device.type == "meta":
+        return True
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def sm_count(device: torch.device) -> int:

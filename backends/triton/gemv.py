@@ -20,7 +20,8 @@ lie in the high and low nibbles (:func:`_common.w_pairs`), and multiplies them b
 columns of x: interleaving them into one tile, as the GEMM's operand needs, cost a round trip through
 shared memory a step. Columns are masked only in the step that passes the end of a row. In the
 sm_90 compile of the harness's GEMV (4096 x 11008, bf16, one row) the loop went from 14.9 to 12.2
-instructions a weight (10.4 with ``table="shared"``); docs/triton.md has the count.
+instructions a weight (10.4 with ``table="shared"``), and to 11.2 (9.4) with W rounded to bfloat16 and
+widened in one packed conversion (:func:`_common.rounded_f32`); docs/triton.md has the count.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from reflora.backends.triton._common import (
     DEFAULT_SMS,
     INTERPRET,
     TL_DTYPES,
-    base_operand,
+    base_operand_f32,
     bias_operand,
     check_device,
     check_float,
@@ -47,6 +48,7 @@ from reflora.backends.triton._common import (
     load_f32,
     lora_operands,
     next_pow2,
+    pack_bf16,
     record_launch,
     round_to,
     scale_mode,
@@ -95,6 +97,7 @@ def _pair_step(
     BK: tl.constexpr,
     MASK_COLS: tl.constexpr,
     EMULATE_BF16: tl.constexpr,
+    PACK_BF16: tl.constexpr,
 ):
     """acc3 + x[:, k0:k0+BK] * W[rn, k0:k0+BK], K even: the even and odd columns apart, from the
     high and low nibbles of each byte (:func:`_common.w_pairs`). acc3: float32 (BN, BK // 2) for one
@@ -112,8 +115,8 @@ def _pair_step(
         k0 // 2, N, K, K_BYTES, BK, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT, SCALE_MODE, TABLE_SHARED,
         MASK_COLS
     )  # fmt: skip
-    even = load_f32(base_operand(even, W_DTYPE, dtype, EMULATE_BF16), EMULATE_BF16)
-    odd = load_f32(base_operand(odd, W_DTYPE, dtype, EMULATE_BF16), EMULATE_BF16)
+    even = base_operand_f32(even, W_DTYPE, dtype, EMULATE_BF16, PACK_BF16)
+    odd = base_operand_f32(odd, W_DTYPE, dtype, EMULATE_BF16, PACK_BF16)
     if BM == 1:
         acc3 = tl.fma(tl.reshape(xe, (BK // 2,))[None, :], even, acc3)
         acc3 = tl.fma(tl.reshape(xo, (BK // 2,))[None, :], odd, acc3)
@@ -161,6 +164,7 @@ def _nf4_gemv_kernel(
     BK: tl.constexpr,  # columns a step
     BR: tl.constexpr,  # R padded to a power of two
     EMULATE_BF16: tl.constexpr,
+    PACK_BF16: tl.constexpr,  # round to bfloat16 with cvt.rn.bf16x2.f32 (_common.rounded_f32)
 ):
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     rm = tl.arange(0, BM)
@@ -177,13 +181,15 @@ def _nf4_gemv_kernel(
             acc3 = _pair_step(
                 acc3, x_ptr, packed_ptr, absmax_ptr, absmax_q_ptr, absmax2_ptr, code_ptr, code2_ptr, offset,
                 rm, rn, k0, M, N, K, K_BYTES, stride_xm, stride_xk, W_DTYPE, BLOCKSIZE, BLOCKSIZE2,
-                DOUBLE_QUANT, SCALE_MODE, TABLE_SHARED, BM, BK, False, EMULATE_BF16
+                DOUBLE_QUANT, SCALE_MODE, TABLE_SHARED, BM, BK, False, EMULATE_BF16,
+                PACK_BF16
             )  # fmt: skip
         if k_full < K:
             acc3 = _pair_step(
                 acc3, x_ptr, packed_ptr, absmax_ptr, absmax_q_ptr, absmax2_ptr, code_ptr, code2_ptr, offset,
                 rm, rn, k_full, M, N, K, K_BYTES, stride_xm, stride_xk, W_DTYPE, BLOCKSIZE, BLOCKSIZE2,
-                DOUBLE_QUANT, SCALE_MODE, TABLE_SHARED, BM, BK, True, EMULATE_BF16
+                DOUBLE_QUANT, SCALE_MODE, TABLE_SHARED, BM, BK, True, EMULATE_BF16,
+                PACK_BF16
             )  # fmt: skip
     else:
         # K odd: rows start mid-byte, so each element finds its own nibble (w_tile).
@@ -216,7 +222,8 @@ def _nf4_gemv_kernel(
                 SCALE_MODE,
                 TABLE_SHARED,
             )
-            w = load_f32(base_operand(w, W_DTYPE, dtype, EMULATE_BF16), EMULATE_BF16)  # the GEMM's operand
+            # The GEMM's operand, as float32:
+            w = base_operand_f32(w, W_DTYPE, dtype, EMULATE_BF16, PACK_BF16)
             acc3 = tl.fma(load_f32(x, EMULATE_BF16)[:, None, :], w[None, :, :], acc3)
     if PAIRED and BM == 1:
         acc = tl.sum(acc3, axis=1)[None, :]  # (1, BN)
@@ -328,6 +335,7 @@ def nf4_gemv(
         BK=cfg.bk,
         BR=next_pow2(r),
         EMULATE_BF16=INTERPRET,
+        PACK_BF16=pack_bf16(x.device),
         num_warps=cfg.num_warps,
         **launch_options(ts),
     )
