@@ -24,7 +24,8 @@ when a variant needs more shared memory than a block may have on the target (it 
 OutOfResources at launch) or spills more than ``SWEEP_STACK_LIMIT`` bytes a thread. ``--corners`` is
 the part of that sweep where shared memory and registers peak (largest fused M bucket, rank 256, every
 dtype, layout and orientation, and the dense variant), plus the harness's GEMV under every activation
-dtype (its state bfloat16, so float32 and float16 round W through the state's dtype): what CI runs.
+dtype (its state bfloat16, so float32 and float16 round W through the state's dtype) and under bfloat16
+over a float16 state: what CI runs.
 """
 
 from __future__ import annotations
@@ -160,7 +161,9 @@ def _record(run) -> list:
     return calls
 
 
-def _state(out_f: int, in_f: int, blocksize: int = 64, double_quant: bool = True) -> TorchQuantState:
+def _state(
+    out_f: int, in_f: int, blocksize: int = 64, double_quant: bool = True, dtype=torch.bfloat16
+) -> TorchQuantState:
     n = out_f * in_f
     nb = -(-n // blocksize)
     meta = dict(device="meta")
@@ -170,7 +173,7 @@ def _state(out_f: int, in_f: int, blocksize: int = 64, double_quant: bool = True
         absmax=torch.empty(nb, **meta) if plain else None,
         code=torch.empty(16, **meta),
         shape=(out_f, in_f),
-        dtype=torch.bfloat16,
+        dtype=dtype,
         blocksize=blocksize,
         quant_type="nf4",
         absmax_q=None if plain else torch.empty(nb, dtype=torch.uint8, **meta),
@@ -288,8 +291,12 @@ def sweep_launches(full: bool) -> list:
                         nf4_gemm.nf4_gemm(x, w, lora=fwd, bias=bias)
                         nf4_gemm.nf4_gemm(g, w, transposed=True, lora=bwd, mask=mask)
             # The harness's GEMV (4096 x 11008, a bfloat16 state) under each activation dtype: under
-            # float32 and float16 it rounds W through the state's dtype (_common.base_operand).
+            # float32 and float16 it rounds W through the state's dtype (_common.base_operand_f32).
             gemv.nf4_gemv(torch.empty(1, 11008, dtype=dtype, **meta), _state(4096, 11008))
+        # And bfloat16 activations over a float16 state: W rounded to float16, then to bfloat16.
+        gemv.nf4_gemv(
+            torch.empty(1, 11008, dtype=torch.bfloat16, **meta), _state(4096, 11008, dtype=torch.float16)
+        )
 
     kernels = ("_nf4_gemm_kernel", "_nf4_gemv_kernel")
     return [c for c in _record(run) if c[0].__name__ in kernels]
@@ -313,7 +320,8 @@ def census(kernel, workdir: Path, name: str) -> dict:
         "ftz_in_ptx": len(re.findall(r"\.ftz", kernel.asm["ptx"])),
         "LDG.E.128": len(re.findall(r"\bLDG\.E\.128\b", sass)),
         "LDG.E.U8": len(re.findall(r"\bLDG\.E\.U8\b", sass)),
-        "cvt.bf16x2": len(re.findall(r"\bcvt\.rn\.bf16x2\.f32\b", kernel.asm["ptx"])),
+        # _common.rounded_f32's packed conversion: bf16(w) in the high half, a zero (RZ) low half.
+        "bf16 packed": len(re.findall(r"\bF2FP\.BF16\.F32\.PACK_AB R\d+, R\d+, RZ\b", sass)),
         "cp.async 8 B": len(
             re.findall(r"cp\.async\.c[ag]\.shared\.global \[[^]]*\], \[[^]]*\], 0x8\b", kernel.asm["ptx"])
         ),
@@ -330,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument("--sweep", action="store_true", help="also every GEMM variant of the sweep (slow)")
     which.add_argument("--corners", action="store_true", help="also the sweep's corners (what CI runs)")
     args = p.parse_args(argv)
+    if args.arch < 80:  # _common.pack_bf16 takes a meta device for sm_80 or newer
+        p.error("--arch must be 80 or more: the GEMV's bfloat16 rounding is cvt.rn.bf16x2.f32 (sm_80+)")
     workdir = args.dump or Path(tempfile.mkdtemp(prefix="reflora-sass-"))
     workdir.mkdir(parents=True, exist_ok=True)
     target = GPUTarget("cuda", args.arch, 32)
@@ -376,10 +386,14 @@ def main(argv: list[str] | None = None) -> int:
         if fn.__name__ == "_nf4_gemv_kernel" and not c["LDG.E.128"]:
             failures.append(f"{name}: no LDG.E.128: the packed codes are not read 16 bytes at a time")
         # The GEMV rounds W to bfloat16 (the state's or the activations' dtype) and widens it in one
-        # packed conversion with a zero low half (_common.rounded_f32).
-        if fn.__name__ == "_nf4_gemv_kernel" and "bf16" in (sig["x_ptr"], str(consts["W_DTYPE"])):
-            if not (consts["PACK_BF16"] and c["cvt.bf16x2"]):
-                failures.append(f"{name}: W is not rounded to bfloat16 by cvt.rn.bf16x2.f32 (PACK_BF16 off?)")
+        # packed conversion with a zero low half (_common.rounded_f32): one a weight a thread a step
+        # (two loop bodies when K is even, the full steps and the tail; one when it is odd).
+        bf16_w = fn.__name__ == "_nf4_gemv_kernel" and "*bf16" in (sig["x_ptr"], f"*{consts['W_DTYPE']}")
+        if bf16_w and c["bf16 packed"] < consts["BN"] * consts["BK"] // (32 * kwargs["num_warps"]):
+            failures.append(
+                f"{name}: {c['bf16 packed']} F2FP.BF16.F32.PACK_AB with a zero low half: W is not rounded "
+                "to bfloat16 and widened by one cvt.rn.bf16x2.f32 a weight (PACK_BF16 off?)"
+            )
         # The 16-byte checks hold for the harness's shapes, whose rows are whole multiples of 16 bytes.
         if fn.__name__ == "_nf4_gemm_kernel" and kind == "harness" and c["cp.async 8 B"]:
             failures.append(

@@ -53,6 +53,8 @@ def test_kernels_compile_for_sm90_without_fma_ftz_and_with_hgmma(tmp_path):
             assert any(line.startswith(f"{kernel}[{dtype},") and "W_DTYPE=bf16" in line for line in lines), (
                 f"no {dtype} {kernel} over a bfloat16 state was compiled"
             )
+    # ... and bfloat16 activations over a float16 state (rounded to float16, then packed to bfloat16).
+    assert any(line.startswith("_nf4_gemv_kernel[bf16,") and "W_DTYPE=fp16" in line for line in lines)
 
 
 @pytest.mark.skipif(not PTXAS.exists(), reason="this triton build ships no ptxas")

@@ -401,10 +401,12 @@ def test_rounded_f32_is_one_rounding_to_nearest_even(dtype):
     src = torch.from_numpy(v).to(DEVICE)
     dst = torch.empty_like(src)
     pack = _common.pack_bf16(src.device)
-    assert pack == (DEVICE == "cuda" and torch.cuda.get_device_capability() >= (8, 0))
+    nvidia = DEVICE == "cuda" and torch.version.hip is None
+    assert pack == (nvidia and torch.cuda.get_device_capability() >= (8, 0))
     _rounded_kernel[(triton.cdiv(v.size, 4096),)](src, dst, v.size, getattr(tl, dtype), INTERPRET, pack)
     got = dst.cpu().numpy()
-    want = v.astype(as_dtype(dtype)).astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # the largest finite numbers round to inf
+        want = v.astype(as_dtype(dtype)).astype(np.float32)
     nan = np.isnan(want)
     assert np.array_equal(np.isnan(got), nan)
     assert np.array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))

@@ -278,8 +278,8 @@ def rounded_f32(v, dtype: tl.constexpr, EMULATE_BF16: tl.constexpr, PACK_BF16: t
     ``cvt.rn.bf16x2.f32 d, a, b`` rounds a and b to bfloat16 and packs them with a in the high half
     (PTX ISA, cvt); with b = 0 the high half holds bf16(a) and the low half is zero, which is the
     float32 bit pattern of bf16(a) itself. The plain conversion leaves bf16(a) in the low half and
-    needs a shift to widen it. Same rounding, the same NaN (the canonical quiet NaN), subnormals kept
-    (no ``.ftz``)."""
+    needs a shift to widen it. Same rounding (to inf past the largest finite), a NaN stays a NaN,
+    subnormals are kept (no ``.ftz``)."""
     if dtype == tl.float32:
         return v
     elif dtype == tl.bfloat16 and PACK_BF16 and not EMULATE_BF16:
@@ -538,14 +538,19 @@ DEFAULT_SMS = 132
 
 
 def pack_bf16(device: torch.device) -> bool:
-    """Whether kernels on ``device`` may use ``cvt.rn.bf16x2.f32`` (:func:`rounded_f32`): a CUDA device of
-    compute capability 8.0 or newer, where PTX has it, or a ``meta`` device (the sm_90 compile check,
-    benchmarks/_gpu_compile_check.py). Not under the interpreter, which runs no PTX."""
+    """Whether kernels on ``device`` may use ``cvt.rn.bf16x2.f32`` (:func:`rounded_f32`): an NVIDIA CUDA
+    device of compute capability 8.0 or newer, where PTX has it, or a ``meta`` device (the compile
+    check, benchmarks/_gpu_compile_check.py, which targets sm_80 or newer). Not under the
+    interpreter, which runs no PTX, nor on ROCm, whose devices torch also calls ``cuda``."""
     if INTERPRET:
         return False
     if device.type == "meta":
         return True
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+    return (
+        device.type == "cuda"
+        and torch.version.hip is None
+        and torch.cuda.get_device_capability(device) >= (8, 0)
+    )
 
 
 def sm_count(device: torch.device) -> int:

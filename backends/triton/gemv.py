@@ -7,13 +7,13 @@ as :mod:`nf4_gemm`).
 With one to four rows of x the product is bound by reading W once (N*K/2 bytes of codes plus the scales),
 not by arithmetic, so there is no tensor-core dot: each program streams a BN-row stripe of W along K in
 BK-wide steps, decodes it in registers, rounds it to the activation dtype through the state's
-(:func:`_common.base_operand`, the operand rule of the GEMM, so both paths compute the same function), and
-accumulates x * w with a fused multiply-add (one rounding where products and sums would each round; for
-16-bit operands the product is exact, so only overflow or underflow of a sum can tell the two apart, and
-there the FMA is the more accurate) in float32 registers, summed over K once after the loop. The whole
-reduction for an output element stays in one program, so the low-rank term and the bias are added before
-the single rounding to the output dtype, as in the GEMM's epilogue. The stripe height BN is chosen from
-the device's SM count so that a 4096x11008 matrix still gives about 4 programs per SM.
+(:func:`_common.base_operand_f32`, the operand rule of the GEMM, so both paths compute the same
+function), and accumulates x * w with a fused multiply-add (one rounding where products and sums would
+each round; for 16-bit operands the product is exact, so only overflow or underflow of a sum can tell the
+two apart, and there the FMA is the more accurate) in float32 registers, summed over K once after the
+loop. The whole reduction for an output element stays in one program, so the low-rank term and the bias
+are added before the single rounding to the output dtype, as in the GEMM's epilogue. The stripe height BN
+is chosen from the device's SM count so that a 4096x11008 matrix still gives about 4 programs per SM.
 
 When K is even (rows start on a byte) the decode keeps the even and the odd columns apart, as they
 lie in the high and low nibbles (:func:`_common.w_pairs`), and multiplies them by the even and odd
