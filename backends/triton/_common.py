@@ -13,6 +13,7 @@ is the same function of the same inputs. On a GPU the native instructions are us
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections import Counter
@@ -537,6 +538,7 @@ DEFAULT_SMS = 132
 """SMs assumed where no CUDA device can be asked (the interpreter, ``meta`` tensors): an H100 SXM's."""
 
 
+@functools.cache  # asked on every GEMV launch; a device's answer never changes
 def pack_bf16(device: torch.device) -> bool:
     """Whether kernels on ``device`` may use ``cvt.rn.bf16x2.f32`` (:func:`rounded_f32`): an NVIDIA CUDA
     device of compute capability 8.0 or newer, where PTX has it, or a ``meta`` device (the compile
@@ -553,6 +555,7 @@ def pack_bf16(device: torch.device) -> bool:
     )
 
 
+@functools.cache  # asked on every launch without a config; a device's SMs never change
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of ``device`` (132 on an H100 SXM, 114 on an H100 PCIe), read from
     the driver for a CUDA device; :data:`DEFAULT_SMS` for any other device (the interpreter's CPU

@@ -68,6 +68,18 @@ GEMV_MAX_M = 4
 
 
 @triton.jit
+def _x_tile(x_ptr, rm, k0, M, K, stride_xm, stride_xk, BK: tl.constexpr, MASK_COLS: tl.constexpr):
+    """x[rm, k0:k0+BK] (BM, BK) in x's dtype, 0 outside x. ``MASK_COLS`` False: the columns lie inside
+    every row, so only the rows are tested."""
+    rk = k0 + tl.arange(0, BK)
+    if MASK_COLS:
+        x_ok = (rm[:, None] < M) & (rk[None, :] < K)
+    else:
+        x_ok = (rm[:, None] < M) & (rk[None, :] >= 0)
+    return tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk, mask=x_ok, other=0.0)
+
+
+@triton.jit
 def _pair_step(
     acc3,
     x_ptr,
@@ -103,12 +115,7 @@ def _pair_step(
     high and low nibbles of each byte (:func:`_common.w_pairs`). acc3: float32 (BN, BK // 2) for one
     row of x, (BM, BN, BK // 2) for more. ``MASK_COLS`` False: the step lies inside every row."""
     dtype = x_ptr.dtype.element_ty
-    rk = k0 + tl.arange(0, BK)
-    if MASK_COLS:
-        x_ok = (rm[:, None] < M) & (rk[None, :] < K)
-    else:
-        x_ok = (rm[:, None] < M) & (rk[None, :] >= 0)
-    x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk, mask=x_ok, other=0.0)
+    x = _x_tile(x_ptr, rm, k0, M, K, stride_xm, stride_xk, BK, MASK_COLS)
     xe, xo = tl.split(tl.reshape(load_f32(x, EMULATE_BF16), (BM, BK // 2, 2)))
     even, odd = w_pairs(
         packed_ptr, absmax_ptr, absmax_q_ptr, absmax2_ptr, code_ptr, code2_ptr, offset, rn,
@@ -195,12 +202,7 @@ def _nf4_gemv_kernel(
         # K odd: rows start mid-byte, so each element finds its own nibble (w_tile).
         acc3 = tl.zeros((BM, BN, BK), dtype=tl.float32)
         for k0 in range(0, K, BK):
-            rk = k0 + tl.arange(0, BK)
-            x = tl.load(
-                x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
-                mask=(rm[:, None] < M) & (rk[None, :] < K),
-                other=0.0,
-            )
+            x = _x_tile(x_ptr, rm, k0, M, K, stride_xm, stride_xk, BK, True)
             w = w_tile(
                 packed_ptr,
                 absmax_ptr,
