@@ -22,6 +22,8 @@ Two rules every adapter keeps at the same boundary:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 from typing import Any
 
 import numpy as np
@@ -29,11 +31,13 @@ import numpy as np
 from reflora.dtypes import as_dtype, dtype_name
 
 __all__ = [
+    "bf16_matmul_flushes",
     "check_built",
     "import_error",
     "library_errors",
     "quiet_logging",
     "to_numpy",
+    "torch_arithmetic",
     "torch_dtype",
     "view",
 ]
@@ -50,6 +54,34 @@ def import_error(*modules: str) -> str | None:
         except Exception as exc:  # any failure to import makes the backend unavailable, with its reason
             return f"cannot import {name}: {type(exc).__name__}: {exc}"
     return None
+
+
+@functools.cache  # a property of the machine and the torch build: asked once a process
+def bf16_matmul_flushes(device: str = "cpu") -> bool:
+    """Whether torch's bfloat16 matmul on ``device`` reads subnormal operands as zero and flushes
+    subnormal results to zero: measured, on a 128 x 128 x 128 product of subnormal bfloat16 values.
+
+    On x86 CPUs with AVX512_BF16, torch 2.13 sends bfloat16 matmuls of all but the smallest shapes to
+    oneDNN's ``vdpbf16ps`` kernels, and that instruction treats subnormal inputs and outputs as zero
+    whatever the MXCSR says (measured on an AMD EPYC: 64 x 65 x 1 and larger flush, 4 x 4 x 4 does not;
+    float32 and float16 do not flush). Elsewhere (AVX2) the same products keep their subnormals. A
+    backend that multiplies through torch declares ``flush_to_zero`` for bfloat16 where this is True:
+    its results may lie a subnormal away from the oracle's, which ``reflora.bounds`` then allows.
+    """
+    import torch
+
+    tiny = torch.full((128, 128), 2.0**-130, dtype=torch.bfloat16, device=device)  # subnormal in bf16
+    one = torch.ones((128, 128), dtype=torch.bfloat16, device=device)
+    return bool((tiny @ one == 0).any())
+
+
+def torch_arithmetic(arith: Any, dtype: str, device: str = "cpu") -> Any:
+    """``arith`` (a :class:`reflora.bounds.Arithmetic`) with ``flush_to_zero`` set for a bfloat16 op on a
+    device whose bfloat16 matmul flushes (:func:`bf16_matmul_flushes`): what a backend that computes
+    through torch's matmuls declares."""
+    if dtype == "bfloat16" and bf16_matmul_flushes(device):
+        return dataclasses.replace(arith, flush_to_zero=True)
+    return arith
 
 
 @contextlib.contextmanager

@@ -47,7 +47,15 @@ from typing import Any
 import numpy as np
 
 from reflora import bounds
-from reflora.backends._tensors import check_built, import_error, library_errors, to_numpy, torch_dtype, view
+from reflora.backends._tensors import (
+    check_built,
+    import_error,
+    library_errors,
+    to_numpy,
+    torch_arithmetic,
+    torch_dtype,
+    view,
+)
 from reflora.backends.protocol import BaseBackend
 from reflora.state import NestedState, QuantState
 
@@ -202,8 +210,10 @@ class BitsandbytesBackend(BaseBackend):
         bnb-cuda rule 8): its base weight may lie ``bounds.dequant_ulps(state dtype, fma_absmax=True)``
         steps of the state's dtype from reflora's, at most 2 (a float32 state), declared for every CUDA
         qlora_forward (READ from source; no GPU run yet). ``dtype`` is the activations', which need not
-        be the state's, so the declaration is the largest: 2."""
-        arith = super().arithmetic(op, dtype)
+        be the state's, so the declaration is the largest: 2. Where torch's bfloat16 matmul flushes
+        subnormals (``_tensors.bf16_matmul_flushes``: AVX512_BF16 CPUs), bfloat16 ops declare
+        ``flush_to_zero``: the products around bnb's dequantize are torch's."""
+        arith = torch_arithmetic(super().arithmetic(op, dtype), dtype, _device())
         if op == "qlora_forward" and self.dialect == "bnb-cuda":
             arith = dataclasses.replace(arith, dequant_ulps=bounds.dequant_ulps("float32", fma_absmax=True))
         return arith

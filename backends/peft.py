@@ -46,7 +46,15 @@ import math
 
 import numpy as np
 
-from reflora.backends._tensors import check_built, import_error, library_errors, to_numpy, view
+from reflora import bounds
+from reflora.backends._tensors import (
+    check_built,
+    import_error,
+    library_errors,
+    to_numpy,
+    torch_arithmetic,
+    view,
+)
 from reflora.backends.bitsandbytes import BitsandbytesBackend, to_bnb
 from reflora.backends.protocol import BaseBackend
 from reflora.state import QuantState
@@ -159,6 +167,11 @@ class PeftBackend(BaseBackend):
 
     def available(self) -> bool | str:
         return import_error("torch", "peft", "bitsandbytes", "transformers") or True
+
+    def arithmetic(self, op: str, dtype: str) -> bounds.Arithmetic:
+        """The protocol's default, with ``flush_to_zero`` for bfloat16 where torch's bfloat16 matmul
+        flushes subnormals (``_tensors.bf16_matmul_flushes``): PEFT's layers multiply through torch."""
+        return torch_arithmetic(super().arithmetic(op, dtype), dtype)
 
     def supports(self, op: str, dtype: str) -> bool | str:
         if op in ("quantize_4bit", "dequantize_4bit"):

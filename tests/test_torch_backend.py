@@ -91,3 +91,19 @@ def test_bad_input_raises_at_the_boundary():
         backend.lora_backward(np.ones((2, 5), np.float32), x, W, A, B, 1.0)
     with pytest.raises(ValueError, match="do not fit"):
         backend.lora_merge(W, A, np.ones((3, 1), np.float32), 1.0)
+
+
+def test_bfloat16_declares_flush_to_zero_exactly_where_torch_flushes():
+    """On AVX512_BF16 CPUs torch's bfloat16 matmul reads and writes subnormals as zero; the declaration
+    must say so there (the ci profile's tiny-valued QLoRA backward met it: grad_x 0 where float64 gives
+    2.2e-38) and only there. Checked on the shape of that case, (64, 65) @ (65, 1), not the probe's."""
+    from reflora.backends._tensors import bf16_matmul_flushes
+
+    backend = TorchBackend("cpu")
+    tiny = torch.full((64, 65), 2.0**-130, dtype=torch.bfloat16)  # subnormal in bfloat16
+    flushed = bool(((tiny @ torch.ones((65, 1), dtype=torch.bfloat16)) == 0).all())
+    assert bf16_matmul_flushes("cpu") == flushed
+    for op in ("qlora_forward", "qlora_backward", "lora_forward", "lora_backward", "lora_merge"):
+        assert backend.arithmetic(op, "bfloat16").flush_to_zero == flushed
+        assert not backend.arithmetic(op, "float16").flush_to_zero
+        assert not backend.arithmetic(op, "float32").flush_to_zero

@@ -12,7 +12,10 @@ dtype d, ``Arithmetic(operand=d, accumulate="float32", intermediate=d, output=d)
   each result once to d; elementwise ops compute in float32 (torch's "opmath") and round once to d;
 * on CUDA, cuBLAS may reduce half-precision products in half precision, and may use TF32 for float32
   products, unless told not to. Every op here runs with those allowances switched off for the
-  duration of the call (:func:`_full_precision_matmul`), so the same declaration holds.
+  duration of the call (:func:`_full_precision_matmul`), so the same declaration holds;
+* on CPUs with AVX512_BF16, torch's bfloat16 matmuls read and write subnormals as zero
+  (:func:`reflora.backends._tensors.bf16_matmul_flushes`, measured once a process): there the bfloat16
+  declaration adds ``flush_to_zero``.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from reflora.backends._tensors import torch_arithmetic
 from reflora.backends.protocol import BaseBackend
 from reflora.backends.torch import ops
 from reflora.backends.torch.quant_state import TorchQuantState, numpy_to_torch, torch_dtype, torch_to_numpy
@@ -77,8 +81,10 @@ class TorchBackend(BaseBackend):
         return True
 
     def arithmetic(self, op: str, dtype: str) -> Arithmetic:
-        """Operands, intermediates and results in ``dtype``, float32 accumulation (module docstring)."""
-        return Arithmetic(operand=dtype, accumulate="float32", intermediate=dtype, output=dtype)
+        """Operands, intermediates and results in ``dtype``, float32 accumulation (module docstring);
+        subnormals may flush in bfloat16 where torch's bfloat16 matmul flushes them."""
+        arith = Arithmetic(operand=dtype, accumulate="float32", intermediate=dtype, output=dtype)
+        return torch_arithmetic(arith, dtype, self.device.type)
 
     # ---- the boundary
 
