@@ -20,8 +20,12 @@ document that records it; ``output`` (optional), the output the deviation is in 
 ``grad_A``, ``result``, ``out.shape``, ... as the failure's first line names it): with it, a failure in
 another output of the same test is still a failure; ``message`` (optional), text the failure's first line
 must contain (the error a library raises, say: ``output = "result"`` names any exception, ``message``
-which one), so that another error in the same output is still a failure. Unknown keys are an error, so a
-typo cannot silently disable an entry.
+which one), so that another error in the same output is still a failure; ``when`` (optional), the name
+of a condition the backend defines on a failing example's inputs (:func:`condition`): the entry declares a
+failure only if the condition holds for the minimal example hypothesis found, so an entry about a defect
+that only some inputs meet (a shape, a machine) cannot declare a different failure of the same test. An
+entry whose condition cannot hold on this machine (asked with no inputs) is inactive: it declares nothing
+and draws no warning. Unknown keys are an error, so a typo cannot silently disable an entry.
 
 A failing test that matches an entry is reported as *declared* (listed with its reason and message,
 not counted as a failure). An entry that matches no test id of the suite draws a warning, and so does
@@ -37,9 +41,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Deviation", "DeviationsError", "for_backend", "load", "pattern_regex"]
+__all__ = ["Deviation", "DeviationsError", "active", "condition", "for_backend", "load", "pattern_regex"]
 
-_KEYS = {"test", "reason", "upstream", "output", "message"}
+_KEYS = {"test", "reason", "upstream", "output", "message", "when"}
 
 
 class DeviationsError(ValueError):
@@ -61,6 +65,7 @@ class Deviation:
     source: str = ""
     output: str = ""  # "": any output of the matching tests
     message: str = ""  # "": any failure message
+    when: str = ""  # "": on any inputs; else the backend's condition (see condition())
 
     def matches(self, test_id: str, output: str | None = None, message: str | None = None) -> bool:
         """Whether the entry covers ``test_id`` (and, when both name one, a failure in ``output`` whose
@@ -73,7 +78,7 @@ class Deviation:
 
     def as_dict(self) -> dict[str, str]:
         return {"test": self.test, "reason": self.reason, "upstream": self.upstream, "source": self.source,
-                "output": self.output, "message": self.message}  # fmt: skip
+                "output": self.output, "message": self.message, "when": self.when}  # fmt: skip
 
 
 def load(path: str | Path) -> list[Deviation]:
@@ -101,11 +106,12 @@ def load(path: str | Path) -> list[Deviation]:
         for key in ("test", "reason"):
             if not isinstance(entry.get(key), str) or not entry[key].strip():
                 raise DeviationsError(f"{where}: '{key}' must be a non-empty string")
-        optional = {key: entry.get(key, "") for key in ("upstream", "output", "message")}
+        optional = {key: entry.get(key, "") for key in ("upstream", "output", "message", "when")}
         if not all(isinstance(v, str) for v in optional.values()):
-            raise DeviationsError(f"{where}: 'upstream', 'output' and 'message' must be strings")
+            raise DeviationsError(f"{where}: 'upstream', 'output', 'message' and 'when' must be strings")
         out.append(Deviation(entry["test"], entry["reason"].strip(), optional["upstream"], str(path),
-                             optional["output"].strip(), optional["message"].strip()))  # fmt: skip
+                             optional["output"].strip(), optional["message"].strip(),
+                             optional["when"].strip()))  # fmt: skip
     return out
 
 
@@ -121,3 +127,29 @@ def for_backend(backend: Any) -> list[Deviation]:
         except TypeError:  # a class without a source file: take the path as given
             pass
     return load(path)
+
+
+def condition(backend: Any, name: str, inputs: Any = None) -> bool:
+    """Whether the backend's condition ``name`` (a deviation's ``when``) holds for ``inputs`` (a failing
+    example's :class:`reflora.conformance.bundle.Inputs`), or, with ``inputs`` None, whether it can hold
+    on this machine at all.
+
+    A backend defines its conditions with a method ``deviation_condition(name, inputs) -> bool`` that
+    raises ValueError for a name it does not know. DeviationsError for a backend without the method or
+    an unknown name (checked before any test runs, so a typo cannot silently disable an entry).
+    """
+    method = getattr(backend, "deviation_condition", None)
+    if method is None:
+        raise DeviationsError(
+            f"deviation condition {name!r}: {type(backend).__name__} has no deviation_condition(name, inputs)"
+        )
+    try:
+        return bool(method(name, inputs))
+    except ValueError as exc:
+        raise DeviationsError(f"deviation condition {name!r}: {exc}") from exc
+
+
+def active(backend: Any, entries: list[Deviation]) -> list[Deviation]:
+    """The entries that can apply on this machine: those without ``when``, and those whose condition can
+    hold here (:func:`condition` with no inputs). DeviationsError for an unknown condition."""
+    return [d for d in entries if not d.when or condition(backend, d.when)]

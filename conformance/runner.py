@@ -28,7 +28,7 @@ import time
 import traceback
 import zlib
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +79,11 @@ class TestResult:
     hypothesis: list[str] = field(default_factory=list)
     deviation: dict | None = None
     output: str = ""  # the output a failure is in ("suite" for an error of the suite itself)
+    # The failing example's inputs, for the deviation conditions (deviations.condition); not serialized.
+    inputs: Any = field(default=None, repr=False, compare=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "inputs"}
 
 
 @dataclass
@@ -118,7 +123,8 @@ class Report:
         return [r for r in self.results if r.status in statuses]
 
     def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["results"] = [r.as_dict() for r in self.results]
         d["ok"] = self.ok
         d["verdict"] = self.verdict
         d["matrix"] = {op: {dt: _cell(self, op, dt)[0] for dt in DTYPES} for op in OPS}
@@ -198,7 +204,7 @@ def run_test(ctx: Context, test: Test, profile: profiles.Profile, seed: int, bun
         result.hypothesis = [n for n in notes if "@reproduce_failure" not in n]
         _save(m, ctx, profile.name, seed, bundle_dir, result.hypothesis)
         result.status, result.message, result.bundle, result.replay = "fail", m.message(), m.bundle, m.replay
-        result.output = m.output
+        result.output, result.inputs = m.output, m.inputs
     except Exception as exc:  # the suite could not run the test: report it, do not hide it
         result.status, result.output = "error", "suite"
         result.message = f"{test.id}: the suite raised {type(exc).__name__}: {exc}\n" + traceback.format_exc()
@@ -249,11 +255,18 @@ def _run_property(ctx: Context, test: Test, profile: profiles.Profile, seed: int
     result.message = "\n".join(notes)
 
 
-def _declare(results: list[TestResult], entries: list[_deviations.Deviation]) -> None:
-    """Mark each failure that matches a known deviation as declared."""
+def _declare(results: list[TestResult], entries: list[_deviations.Deviation], backend: Any = None) -> None:
+    """Mark each failure that matches a known deviation as declared (an entry with ``when``: only where
+    the backend's condition holds for the failing example's inputs)."""
+
+    def applies(d: _deviations.Deviation, r: TestResult) -> bool:
+        if not d.matches(r.id, r.output, r.message):
+            return False
+        return not d.when or (r.inputs is not None and _deviations.condition(backend, d.when, r.inputs))
+
     for r in results:
         if r.status in FAILED:
-            hit = next((d for d in entries if d.matches(r.id, r.output, r.message)), None)
+            hit = next((d for d in entries if applies(d, r)), None)
             if hit is not None:
                 r.status, r.deviation = "declared", hit.as_dict()
 
@@ -304,7 +317,7 @@ def run_backend(
     ctx = Context(backend, spec, dialect, findings)
     patterns = [_deviations.pattern_regex(p) for p in select]
     chosen = [t for t in tests() if not patterns or any(p.match(t.id) for p in patterns)]
-    entries = _deviations.for_backend(backend) if entries is None else entries
+    entries = _deviations.active(backend, _deviations.for_backend(backend) if entries is None else entries)
     say = progress or (lambda line: None)
     say(f"{spec}: dialect {dialect.name}, profile {profile.name}, seed {seed}, {len(chosen)} tests")
     results: list[TestResult] = []
@@ -318,7 +331,7 @@ def run_backend(
             cell_results = []
             for t in cell:
                 cell_results.append(run_test(ctx, t, profile, seed, bundle_dir))
-                _declare(cell_results[-1:], entries)
+                _declare(cell_results[-1:], entries, backend)
                 if on_test is not None:
                     on_test(cell_results[-1], len(results) + len(cell_results), len(chosen))
             results += cell_results
@@ -361,7 +374,7 @@ def unusable(backend: Any) -> str | None:
     malformed), found before any test runs; None when it can."""
     try:
         get_dialect(backend.dialect)
-        _deviations.for_backend(backend)
+        _deviations.active(backend, _deviations.for_backend(backend))
     except (ValueError, OSError) as exc:  # DeviationsError is a ValueError
         return f"{type(exc).__name__}: {exc}"
     return None

@@ -57,7 +57,7 @@ def _context(config: pytest.Config, spec: str) -> tuple[Context, list]:
     if spec not in _CONTEXTS:
         backend = backends.get(spec)
         ctx = Context(backend, spec, get_dialect(backend.dialect), None)
-        entries = deviations.for_backend(backend)
+        entries = deviations.active(backend, deviations.for_backend(backend))
         _CONTEXTS[spec] = (ctx, entries)
         config.stash[RESULTS][spec] = (entries, [])
     return _CONTEXTS[spec]
@@ -70,7 +70,7 @@ def test_conformance(conformance_test, request: pytest.FixtureRequest) -> None:
     profile = profiles.get(config.getoption("reflora_profile"))
     bundle_dir = Path(config.getoption("reflora_bundle_dir"))
     result = runner.run_test(ctx, test, profile, config.stash[SEED], bundle_dir)
-    runner._declare([result], entries)
+    runner._declare([result], entries, ctx.backend)
     config.stash[RESULTS][spec][1].append(result)
     if result.status == "unsupported":
         pytest.skip(f"{spec}: {result.reason}")
