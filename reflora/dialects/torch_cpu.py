@@ -4,16 +4,21 @@ bitsandbytes' CPU quantizer and torchao's NF4Tensor are written in torch, so the
 torch's CPU kernels (ATen, torch 2.x) add up a tensor and convert NaN between float widths. This
 module reproduces those choices in numpy, for the dialects; nothing here is a reflora rule.
 
+* **Which kernel runs.** torch compiles each CPU kernel once per capability, but a kernel registered
+  with plain ``REGISTER_DISPATCH`` (the sum and the copy kernels among them) gets no AVX512 build: an
+  AVX512 host runs its AVX2 build. So the sum and the conversions below read registers of 8 floats on
+  AVX2 *and* on AVX512 hosts (:attr:`Host.kernel_lanes`); every rule below holds on both.
 * **Sum.** ``Tensor.sum()`` of a contiguous float32 vector is a *cascade sum*: the vector is read in
-  SIMD registers of ``lanes`` floats (8 on AVX2, 16 on AVX512), four registers side by side, and the
-  running sums are folded into higher levels every 16 steps so that only partial sums of similar size
-  meet. The leftover elements (fewer than ``lanes``) are summed one by one first, then the lanes are
-  added in order. Above 32768 elements torch splits the range evenly over its threads and adds the
-  per-thread sums at the end. :func:`sum_f32` follows the same order, so it is bit-exact, not just
-  close (tests/test_bnb_agreement.py measures how often the exact mean would have matched instead).
+  SIMD registers of ``kernel_lanes`` floats, four registers side by side, and the running sums are
+  folded into higher levels every 16 steps so that only partial sums of similar size meet. A range
+  shorter than one register is summed by the same cascade one float at a time. The leftover elements
+  (fewer than ``kernel_lanes``) are summed one by one first, then the lanes are added in order. Above
+  32768 elements torch splits the range evenly over its threads and adds the per-thread sums at the
+  end. :func:`sum_f32` follows the same order, so it is bit-exact, not just close
+  (tests/test_bnb_agreement.py measures how often the exact mean would have matched instead).
 * **Mean.** ``Tensor.mean()`` is ``f32(sum / n)``: one float32 division of that sum.
 * **float16 -> float32.** The vectorised copy keeps a NaN's sign and payload and sets the quiet bit;
-  the scalar loop that handles the last ``n % lanes`` elements of each thread's range returns
+  the scalar loop that handles the last ``n % kernel_lanes`` elements of each thread's range returns
   ``0x7fffffff`` for every NaN (:func:`widen_f16`).
 * **float32 -> float16** (``_mm_cvtps_ph``, used by torch and by bitsandbytes' C++ code): round to
   nearest even; a NaN keeps its sign and top 10 payload bits and gets the quiet bit
@@ -37,8 +42,9 @@ _ILP = 4  # registers summed side by side
 class Host:
     """The two machine facts that change torch's CPU bits: SIMD width and intra-op thread count.
 
-    lanes:   floats per SIMD register in torch's dispatched kernels (``torch.backends.cpu.
-             get_cpu_capability()``: "AVX2" -> 8, "AVX512" -> 16).
+    lanes:   floats per SIMD register of the host's capability (``torch.backends.cpu.
+             get_cpu_capability()``: "AVX2" -> 8, "AVX512" -> 16); :attr:`kernel_lanes` is what the
+             sum and copy kernels use.
     threads: ``torch.get_num_threads()``; matters only for loops over >= 32768 elements.
     """
 
@@ -48,6 +54,15 @@ class Host:
     def __post_init__(self) -> None:
         if self.lanes not in (4, 8, 16) or self.threads < 1:
             raise ValueError(f"lanes must be 4, 8 or 16 and threads >= 1, got {self}")
+
+    @property
+    def kernel_lanes(self) -> int:
+        """Floats per register in torch's sum and copy kernels: 8 on an AVX512 host, else ``lanes``.
+
+        Both kernels are registered with ``REGISTER_DISPATCH``, which leaves the AVX512 slot empty, so
+        torch's dispatcher falls back to their AVX2 build there.
+        """
+        return 8 if self.lanes == 16 else self.lanes
 
 
 DEFAULT_HOST = Host()  # an AVX2 machine with torch on one thread (or loops under 32768 elements)
@@ -133,13 +148,13 @@ def _range_sum(x: np.ndarray, lanes: int) -> np.float32:
 def sum_f32(values: np.ndarray, host: Host = DEFAULT_HOST) -> np.float32:
     """``torch.sum`` of a contiguous float32 vector on the CPU, bit for bit. values: float32 (n,)."""
     x = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
-    sums = [_range_sum(x[b:e], host.lanes) for b, e in thread_ranges(x.size, host)]
+    sums = [_range_sum(x[b:e], host.kernel_lanes) for b, e in thread_ranges(x.size, host)]
     if len(sums) == 1:
         return np.float32(_add(np.float32(0), sums[0]))  # the output starts at 0 and is added to
     # Each thread wrote its own slot (unused slots stay 0), then the slots are summed as a tensor.
     slots = np.zeros(host.threads, dtype=np.float32)
     slots[: len(sums)] = [_add(np.float32(0), v) for v in sums]
-    return np.float32(_add(np.float32(0), _range_sum(slots, host.lanes)))
+    return np.float32(_add(np.float32(0), _range_sum(slots, host.kernel_lanes)))
 
 
 def mean_f32(values: np.ndarray, host: Host = DEFAULT_HOST) -> np.float32:
@@ -166,7 +181,7 @@ def widen_f16(h: np.ndarray, host: Host = DEFAULT_HOST) -> np.ndarray:
     vector_nan = ((bits & 0x8000) << 16) | 0x7FC00000 | ((bits & 0x03FF) << 13)
     scalar = np.zeros(h.size, dtype=bool)
     for b, e in thread_ranges(h.size, host):
-        scalar[b + (e - b) // host.lanes * host.lanes : e] = True
+        scalar[b + (e - b) // host.kernel_lanes * host.kernel_lanes : e] = True
     nan_bits = np.where(scalar, np.uint32(0x7FFFFFFF), vector_nan)
     out.view(np.uint32)[nan] = nan_bits[nan]
     return out

@@ -216,7 +216,8 @@ def quantize(
     x: float32 / float16 / bfloat16 array meeting rule 1; NaN and inf accepted (torchao has no check).
     quant_type must be "nf4" and double_quant True: torchao has no FP4 and always double-quantizes.
     offset: the scaler_mean to use (converted to T) instead of torch's mean, to replay a state.
-    host: torch host facts for that mean (:class:`reflora.dialects.torch_cpu.Host`).
+    host: torch host facts for that mean (:class:`reflora.dialects.torch_cpu.Host`); an AVX512 host sums
+          in 8-float registers like an AVX2 one (``Host.kernel_lanes``), so only the thread count differs.
     """
     if quant_type != "nf4":
         raise ValueError(f"torchao quantizes NF4 only, got quant_type={quant_type!r}")
