@@ -45,7 +45,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from reflora.backends._tensors import check_built, import_error, library_errors, to_numpy, torch_dtype, view
+from reflora import bounds
+from reflora.backends._tensors import (
+    check_built,
+    import_error,
+    library_errors,
+    to_numpy,
+    torch_arithmetic,
+    torch_dtype,
+    view,
+)
 from reflora.backends.protocol import BaseBackend
 from reflora.dialects.torchao_nf4 import TorchaoNF4State
 from reflora.dtypes import as_dtype
@@ -77,6 +86,11 @@ class TorchaoBackend(BaseBackend):
 
     def supports(self, op: str, dtype: str) -> bool | str:
         return _REASONS.get(op) or super().supports(op, dtype)
+
+    def arithmetic(self, op: str, dtype: str) -> bounds.Arithmetic:
+        """The protocol's default, with ``flush_to_zero`` for bfloat16 where torch's bfloat16 matmul
+        flushes subnormals (``_tensors.bf16_matmul_flushes``): ``linear_nf4`` multiplies through torch."""
+        return torch_arithmetic(super().arithmetic(op, dtype), dtype)
 
     def quantize_4bit(self, x, *, blocksize=64, quant_type="nf4", double_quant=False):
         if quant_type != "nf4":
