@@ -2,14 +2,19 @@
 
 Every comparison is of bits: packed bytes, absmax (NaN payloads included), the double-quantization
 offset, codes and absmax2, and dequantized values, for float32/float16/bfloat16, NF4/FP4, every
-blocksize, ragged/odd/prime shapes, and adversarial values. Two things are compared more loosely, each
-for a stated reason: NaN *bits* from bnb's torch fallback dequantize in bfloat16 (0x7fc0 when
-torch.compile ran, 0xffff when it ran eagerly; which one depends on the process's history), and the
-native dequantize on hosts other than AVX2 x86 (a different C++ path, read but not modelled).
+blocksize, ragged/odd/prime shapes, and adversarial values, on AVX2 and AVX-512 x86 hosts (each path bnb's
+dequantize takes on this host). Three things are compared differently, each for a stated reason: NaN
+*bits* from bnb's torch fallback dequantize in bfloat16 (0x7fc0 when torch.compile ran, 0xffff when it
+ran eagerly; which one depends on the process's history); the dequantize of states whose blocks straddle
+rows on an AVX-512 host, where bnb's vector loop reads the wrong absmax (a bnb defect the dialect does
+not follow: bnb must equal the dialect on every correctly indexed element and the defect's model on all);
+and the native dequantize on hosts other than x86 AVX2/AVX-512 (a NEON path, read but not modelled).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import math
 
 import numpy as np
@@ -23,15 +28,22 @@ from bnb_helpers import BF16, bits, eager_bnb, to_torch  # noqa: E402, F401  (ea
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from reflora import codebooks, dialects  # noqa: E402
+from reflora import codebooks, dialects, nf4  # noqa: E402
 from reflora.dialects import bnb_cpu  # noqa: E402
 from reflora.dialects.torch_cpu import Host  # noqa: E402
-from reflora.state import BLOCKSIZES  # noqa: E402
+from reflora.state import BLOCKSIZES, QuantState  # noqa: E402
 
 DTYPES = [np.dtype(np.float32), np.dtype(np.float16), BF16]
 CAPABILITY = torch.backends.cpu.get_cpu_capability()
-HOST = Host(lanes=16 if CAPABILITY.startswith("AVX512") else 8, threads=torch.get_num_threads())
-NATIVE_MODELLED = CAPABILITY == "AVX2"  # the dialect models bnb's scalar C++ dequantize (AVX2 hosts)
+AVX512_BF16 = bnb_f.has_avx512bf16()  # the C++ vector loop converts to bfloat16 with vcvtneps2bf16
+HOST = Host(
+    lanes=16 if CAPABILITY.startswith("AVX512") else 8,
+    threads=torch.get_num_threads(),
+    avx512_bf16=AVX512_BF16,
+)
+AVX512 = HOST.lanes == 16
+NATIVE_MODELLED = CAPABILITY in ("AVX2", "AVX512")  # the dialect models bnb's C++ dequantize on x86
+NOT_AVX512 = f"bnb's AVX-512 dequantize loop runs only on AVX-512 hosts (torch capability here: {CAPABILITY})"
 F32 = np.float32
 
 
@@ -70,19 +82,37 @@ def check_against_bnb(x: np.ndarray, blocksize: int, quant_type: str, double_qua
         assert_bits("code2", state.nested.code2, qs.state2.code, ctx)
     else:
         assert_bits("absmax", state.absmax, qs.absmax, ctx)
-    native = bnb_cpu.uses_native_dequantize(x.shape)
-    if native and not NATIVE_MODELLED:
+    path = bnb_cpu.dequantize_path(x.shape, blocksize, HOST)
+    if path != "torch" and not NATIVE_MODELLED:
         return
     try:
-        expected_shape = bnb_cpu.output_shape(x.shape)
+        expected_shape = bnb_cpu.output_shape(x.shape, blocksize, host=HOST)
     except ValueError:  # the dialect says bnb cannot dequantize this shape: it must fail too
         with pytest.raises(RuntimeError):
             bnb_f.dequantize_4bit(packed, qs)
         return
     out = bnb_f.dequantize_4bit(packed, qs)
     assert tuple(out.shape) == expected_shape, ctx
-    fallback_bf16 = not native and x.dtype == BF16
-    assert_bits("dequantized", bnb_cpu.dequantize(state), out, ctx, nan_bits_free=fallback_bf16)
+    mine = bnb_cpu.dequantize(state, host=HOST)
+    if AVX512 and bnb_cpu.avx512_misindexed(x.shape, blocksize):
+        right = bnb_cpu.avx512_scale_index(x.shape, blocksize) == np.arange(x.size) // blocksize
+        assert not right.all(), ctx  # the predicate's definition
+        assert_bits("dequantized, correctly indexed elements", bits(mine)[right], bits(out)[right], ctx)
+        assert_bits("dequantized, bnb's AVX-512 misindexing", avx512_as_bnb_runs(state), out, ctx)
+        return
+    fallback_bf16 = bnb_cpu.nan_encodings(state, host=HOST) is not None
+    assert_bits("dequantized", mine, out, ctx, nan_bits_free=fallback_bf16)
+
+
+def avx512_as_bnb_runs(state) -> np.ndarray:
+    """bnb's AVX-512 loop as it runs, defect included: the dialect's table and conversion for that loop,
+    each element scaled by the absmax bnb reads (``bnb_cpu.avx512_scale_index``), not its block's."""
+    scales = bnb_cpu.block_scales(state)[bnb_cpu.avx512_scale_index(state.shape, state.blocksize)]
+    code = bnb_cpu.AVX512_FP4 if state.quant_type == "fp4" else state.code
+    with np.errstate(invalid="ignore", over="ignore"):  # 0 * inf and overflow, as the dialect allows
+        values = code[nf4.unpack(state.packed, state.numel)] * scales
+    out = bnb_cpu.convert(values, state.dtype, "avx512", avx512_bf16=AVX512_BF16)
+    return out.reshape(bnb_cpu.output_shape(state.shape, state.blocksize, host=HOST))
 
 
 def normal(rng: np.random.Generator, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -90,8 +120,11 @@ def normal(rng: np.random.Generator, shape: tuple[int, ...], dtype: np.dtype) ->
     return (rng.standard_normal(shape) * scale).astype(np.float32).astype(dtype)
 
 
-# Ragged, odd, prime, one-element, 3-D and native/fallback dequantize layouts.
-SHAPES = [(1,), (2,), (3,), (2, 1), (1, 2), (8,), (7, 13), (33, 64), (1009,), (3, 5, 8), (4133,), (2, 2051)]
+# Ragged, odd, prime, one-element, 3-D and every dequantize path: the torch fallback (odd n), the C++
+# scalar loop, and on AVX-512 hosts its vector loop (rows of a multiple of 16), both with rows of whole
+# blocks and with blocks straddling rows ((33, 64) at blocksize >= 128: bnb's misindexing).
+SHAPES = [(1,), (2,), (3,), (2, 1), (1, 2), (8,), (7, 13), (1009,), (3, 5, 8), (4133,), (2, 2051)]
+SHAPES += [(33, 64), (3, 1024)]
 
 
 @pytest.mark.parametrize("blocksize", BLOCKSIZES)
@@ -211,6 +244,8 @@ def test_adversarial(name, dtype, double_quant):
     with np.errstate(over="ignore"):  # float32 max overflows float16 to inf, on purpose
         x = ADVERSARIAL[name].astype(dtype)
     layouts = [x, x.reshape(-1, 2) if x.size % 2 == 0 else x.reshape(-1, 1)]  # native and fallback
+    if x.size % 64 == 0:
+        layouts.append(x.reshape(-1, 64))  # rows of whole blocks: the AVX-512 loop on such hosts
     for quant_type in ("nf4", "fp4"):
         for blocksize in (32, 64):
             for layout in layouts:
@@ -243,12 +278,13 @@ def test_nan_block_codes_and_dequantize_quirks():
 @pytest.mark.parametrize(
     "shape", [(1,), (2,), (3,), (6,), (1, 2), (2, 1), (1, 1), (4, 6), (3, 5), (2, 2, 4)], ids=str
 )
-def test_output_shape(shape):
+@pytest.mark.parametrize("blocksize", [64, 2048])  # 2048: the torch fallback on an AVX-512 host
+def test_output_shape(shape, blocksize):
     x = np.arange(1, math.prod(shape) + 1, dtype=np.float32).reshape(shape)
-    packed, qs = bnb_f.quantize_4bit(to_torch(x), blocksize=64, quant_type="nf4")
+    packed, qs = bnb_f.quantize_4bit(to_torch(x), blocksize=blocksize, quant_type="nf4")
     out = bnb_f.dequantize_4bit(packed, qs)
-    assert tuple(out.shape) == bnb_cpu.output_shape(shape)
-    mine = bnb_cpu.dequantize(bnb_cpu.quantize(x, 64))  # the dialect returns bnb's shape, in bnb's order
+    assert tuple(out.shape) == bnb_cpu.output_shape(shape, blocksize, host=HOST)
+    mine = bnb_cpu.dequantize(bnb_cpu.quantize(x, blocksize), host=HOST)  # bnb's shape, in bnb's order
     assert mine.shape == tuple(out.shape) and (mine == out.numpy()).all()
 
 
@@ -264,17 +300,20 @@ def test_output_shape_where_bnb_fails(shape, error):
 
 
 def test_compiled_fallback_dequantize():
-    """bnb's torch fallback as bnb runs it (torch.compile on): values exact, bf16 NaN 0x7fc0 or 0xffff."""
+    """bnb's torch fallback as bnb runs it (torch.compile on): values exact, bf16 NaN 0x7fc0 or 0xffff.
+    An odd last dimension takes it on every host, blocksize 2048 on an AVX-512 host."""
     torch._dynamo.config.disable = False
     try:
-        for dtype in DTYPES:
-            x = normal(np.random.default_rng(3), (5, 13), dtype)
+        for dtype, (shape, blocksize) in itertools.product(DTYPES, [((5, 13), 64), ((4, 16), 2048)]):
+            x = normal(np.random.default_rng(3), shape, dtype)
             x[1, 2] = np.nan
-            packed, qs = bnb_f.quantize_4bit(to_torch(x), blocksize=64, quant_type="nf4")
+            packed, qs = bnb_f.quantize_4bit(to_torch(x), blocksize=blocksize, quant_type="nf4")
             out = bnb_f.dequantize_4bit(packed, qs)
-            mine = bnb_cpu.dequantize(bnb_cpu.quantize(x, 64))
-            assert_bits("dequantized", mine, out, f"compiled {dtype}", nan_bits_free=dtype == BF16)
-            if dtype == BF16:
+            state = bnb_cpu.quantize(x, blocksize)
+            mine = bnb_cpu.dequantize(state, host=HOST)
+            free = bnb_cpu.nan_encodings(state, host=HOST) is not None
+            assert_bits("dequantized", mine, out, f"compiled {dtype} {shape}", nan_bits_free=free)
+            if free:
                 nan_bits = set(bits(out)[np.isnan(out.float().numpy().reshape(-1))].tolist())
                 assert nan_bits <= {0x7FC0, 0xFFFF}, nan_bits
     finally:
@@ -307,6 +346,136 @@ def test_double_quant_replays_a_given_offset():
         to_torch(bnb_cpu.block_absmax(x.reshape(-1), 64) - off), blocksize=256
     )
     assert_bits("absmax_q", state.nested.absmax_q, ref_q, "given offset")
+
+
+# --- the dequantize paths: AVX-512 vector loop, scalar loop, torch fallback -------------------------
+
+TORCH_DTYPES = {
+    np.dtype(np.float32): torch.float32,
+    np.dtype(np.float16): torch.float16,
+    BF16: torch.bfloat16,
+}
+
+
+def given_state(codes: np.ndarray, absmax: np.ndarray, shape, blocksize: int, quant_type: str, dtype):
+    """A plain state with the given codes (uint8, one per element) and float32 absmax."""
+    return QuantState(
+        nf4.pack(codes, 0), absmax, shape, dtype, blocksize, quant_type, codebooks.get(quant_type).values
+    )
+
+
+def bnb_dequantize(state) -> torch.Tensor:
+    """bnb's functional.dequantize_4bit of a plain dialect state (its bytes and absmax, as bnb keeps them)."""
+    qs = bnb_f.QuantState(
+        absmax=torch.from_numpy(state.absmax.copy()),
+        shape=torch.Size(state.shape),
+        code=bnb_f.get_4bit_type(state.quant_type, device="cpu"),
+        blocksize=state.blocksize,
+        quant_type=state.quant_type,
+        dtype=TORCH_DTYPES[state.dtype],
+    )
+    return bnb_f.dequantize_4bit(torch.from_numpy(state.packed.reshape(-1, 1).copy()), qs)
+
+
+# float32 absmax bits -> bfloat16 bits of 1.0 * absmax from the AVX-512 loop, (with AVX512_BF16, without).
+AVX512_BF16_CASES = {
+    0x7FC00000: (0x7FC0, 0xFFFF),  # quiet NaN: sign and top bits / every NaN 0xffff
+    0xFFC00000: (0xFFC0, 0xFFFF),
+    0x7F800001: (0x7FC0, 0xFFFF),  # signalling NaN, quieted by the multiply
+    0xFF80FFFF: (0xFFC0, 0xFFFF),  # payload below the top half: dropped, not rounded
+    0xFFFFFFFF: (0xFFFF, 0xFFFF),  # a NaN tail's absmax: stays NaN (the scalar loop wraps it to +0.0)
+    0x7F800000: (0x7F80, 0x7F80),
+    0xFF800000: (0xFF80, 0xFF80),
+    0x7F7FFFFF: (0x7F80, 0x7F80),  # float32 max rounds to inf
+    0x3F808000: (0x3F80, 0x3F80),  # ties to even: down
+    0x3F818000: (0x3F82, 0x3F82),  # ties to even: up
+    0x3F808001: (0x3F81, 0x3F81),
+    0x00800000: (0x0080, 0x0080),  # smallest normal
+    0x007FFFFF: (0x0000, 0x0080),  # subnormals: zero of their sign with AVX512_BF16, rounded without
+    0x80018000: (0x8000, 0x8002),
+    0x00000001: (0x0000, 0x0000),
+}
+
+
+@pytest.mark.skipif(not AVX512, reason=NOT_AVX512)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_avx512_conversion(dtype):
+    """The vector loop's conversions, CONFIRMED on special values: bnb equals the dialect bit for bit, and
+    its bfloat16 bits are the stated ones (vcvtneps2bf16: subnormals flushed, NaN quieted, not wrapped)."""
+    inputs = np.array(list(AVX512_BF16_CASES), dtype=np.uint32)
+    codes = np.full(inputs.size * 32, 15, dtype=np.uint8)  # NF4 15 is 1.0: the value is the absmax
+    state = given_state(codes, inputs.view(np.float32), (codes.size,), 32, "nf4", dtype)
+    assert bnb_cpu.dequantize_path(state.shape, 32, HOST) == "avx512"
+    out = bnb_dequantize(state)
+    assert_bits("dequantized", bnb_cpu.dequantize(state, host=HOST), out, str(dtype))
+    if dtype == BF16:
+        column = 0 if AVX512_BF16 else 1
+        assert bits(out)[::32].tolist() == [v[column] for v in AVX512_BF16_CASES.values()]
+        other = bnb_cpu.dequantize(
+            state, host=dataclasses.replace(HOST, avx512_bf16=not AVX512_BF16)
+        )  # the other CPU (READ)
+        assert bits(other)[::32].tolist() == [v[1 - column] for v in AVX512_BF16_CASES.values()]
+
+
+@pytest.mark.parametrize(
+    ("shape", "blocksize"), [((32,), 32), ((34,), 32), ((33,), 32), ((32,), 2048), ((3, 16), 64)], ids=str
+)
+def test_fp4_zero_code_sign_by_path(shape, blocksize):
+    """FP4 nibble 8 is -0.0 in the C++ scalar loop, +0.0 in the AVX-512 loop and the torch fallback."""
+    codes = np.full(math.prod(shape), 8, dtype=np.uint8)
+    state = given_state(
+        codes, np.ones(math.ceil(codes.size / blocksize), np.float32), shape, blocksize, "fp4", F32
+    )
+    out = bnb_dequantize(state)
+    scalar = bnb_cpu.dequantize_path(shape, blocksize, HOST) == "scalar"
+    assert set(bits(out).tolist()) == {0x80000000 if scalar else 0}
+    assert_bits("dequantized", bnb_cpu.dequantize(state, host=HOST), out, f"{shape}, bs {blocksize}")
+
+
+def test_avx512_misindexed_is_the_index_rule():
+    """The predicate's closed form equals its definition (some element's AVX-512 scale index is not its
+    block) on every shape the vector loop takes up to 11 x 640 and a few 3-D ones; False off that loop."""
+    shapes = [(m, n) for m in range(1, 12) for n in range(2, 642, 2)] + [(2, 3, 16), (3, 1, 48), (1, 1, 96)]
+    count = 0
+    for shape, blocksize in itertools.product(shapes, BLOCKSIZES):
+        on_loop = bnb_cpu.dequantize_path(shape, blocksize, Host(lanes=16)) == "avx512"
+        index = bnb_cpu.avx512_scale_index(shape, blocksize)
+        wrong = on_loop and bool((index != np.arange(math.prod(shape)) // blocksize).any())
+        assert bnb_cpu.avx512_misindexed(shape, blocksize) == wrong, (shape, blocksize)
+        count += wrong
+    assert count > 1000  # the definition is not vacuous
+
+
+MISINDEXED = [((9, 16), 64), ((3, 48), 32), ((8, 32), 64), ((2, 3, 48), 32), ((33, 64), 128), ((5, 1040), 64)]
+INDEXED = [((2, 16), 64), ((4, 64), 64), ((1, 80), 32), ((3, 2, 32), 32), ((5, 1024), 256), ((6, 10), 32)]
+
+
+@pytest.mark.skipif(not AVX512, reason=NOT_AVX512)
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_avx512_misindexing_defect(dtype, quant_type):
+    """bnb's AVX-512 loop gives element (r, c) of m rows of n the absmax ``r * (n // bs) + c // bs``, not
+    its block's ``(r * n + c) // bs``: where that differs (``bnb_cpu.avx512_misindexed``) bnb equals that
+    model bit for bit and differs from the dialect; everywhere else bnb equals the dialect bit for bit."""
+    rng = np.random.default_rng(41)
+    for shape, blocksize in MISINDEXED + INDEXED:
+        ctx = f"{shape}, bs {blocksize}, {quant_type}, {dtype}"
+        x = normal(rng, shape, dtype)
+        state = bnb_cpu.quantize(x, blocksize, quant_type=quant_type, host=HOST)
+        out = bnb_dequantize(state)
+        mine = bnb_cpu.dequantize(state, host=HOST)
+        if (shape, blocksize) in INDEXED:
+            assert not bnb_cpu.avx512_misindexed(shape, blocksize), ctx
+            assert_bits("dequantized", mine, out, ctx)
+            continue
+        assert bnb_cpu.avx512_misindexed(shape, blocksize), ctx
+        assert_bits("dequantized, bnb's AVX-512 misindexing", avx512_as_bnb_runs(state), out, ctx)
+        wrong = bits(mine) != bits(out)
+        right = bnb_cpu.avx512_scale_index(shape, blocksize) == np.arange(x.size) // blocksize
+        assert not (wrong & right).any() and wrong.sum() > x.size // 4, ctx
+        print(
+            f"[{ctx}] {(~right).sum()}/{x.size} elements misindexed, {wrong.sum()} of them dequantized wrong"
+        )
 
 
 # --- hypothesis: random arrays salted with special values ------------------------------------------

@@ -2,9 +2,9 @@
 
 On the CPU, ``bitsandbytes.functional.quantize_4bit`` runs bnb's pure-torch default kernel, double
 quantization runs the native C++ 8-bit quantizer, and ``dequantize_4bit`` runs the native C++ kernel
-(scalar loop on AVX2 hosts) unless the last dimension is odd. Each rule below differs from the canonical
-oracle (:mod:`reflora.nf4`) only where it says so; tests/test_dialects_bnb_cpu.py holds every one of them
-to bitsandbytes bit for bit.
+(a scalar loop on AVX2 hosts, a vector loop on AVX-512 ones) unless the last dimension is odd or, on
+AVX-512, blocksize >= 2048. Each rule below differs from the canonical oracle (:mod:`reflora.nf4`) only
+where it says so; tests/test_dialects_bnb_cpu.py holds every one of them to bitsandbytes bit for bit.
 
 Quantize (``x`` widened to float32; see :func:`reflora.dialects.torch_cpu.widen_f16` for float16 NaN):
 
@@ -24,8 +24,9 @@ Quantize (``x`` widened to float32; see :func:`reflora.dialects.torch_cpu.widen_
 Double quantization: offset = torch's float32 mean (:func:`reflora.dialects.torch_cpu.mean_f32`) unless
 given; c = f32(absmax - offset); then bnb's native 8-bit quantizer (:func:`quantize_8bit`).
 
-Dequantize: ``f32(code[q] * absmax)`` (absmax rebuilt as ``f32(f32(code2[q] * absmax2) + offset)``), then
-the output conversion of the path bnb takes (:func:`dequantize`), in the shape bnb returns
+Dequantize (:mod:`reflora.dialects.bnb_cpu_dequant`, whose names this module re-exports):
+``f32(code[q] * absmax)`` (absmax rebuilt as ``f32(f32(code2[q] * absmax2) + offset)``), then the output
+conversion of the path bnb takes on the host (:func:`dequantize_path`), in the shape bnb returns
 (:func:`output_shape`: not always the state's).
 """
 
@@ -37,24 +38,48 @@ import numpy as np
 
 from reflora import codebooks
 from reflora.codebooks import DYNAMIC_MAP
+from reflora.dialects.bnb_cpu_dequant import (
+    AVX512_FP4,
+    NATIVE_FP4,
+    TORCH_FALLBACK_BF16_NANS,
+    avx512_misindexed,
+    avx512_scale_index,
+    block_scales,
+    convert,
+    dequantize,
+    dequantize_path,
+    in_returned_shape,
+    nan_encodings,
+    output_shape,
+    single_byte_shim,
+    uses_native_dequantize,
+)
 from reflora.dialects.canonical import check_offset
-from reflora.dialects.torch_cpu import DEFAULT_HOST, Host, mean_f32, narrow_f16, widen_f16
-from reflora.dtypes import as_dtype, bfloat16, dtype_name
-from reflora.nf4 import pack, unpack
+from reflora.dialects.torch_cpu import DEFAULT_HOST, Host, mean_f32, widen_f16
+from reflora.dtypes import dtype_name
+from reflora.nf4 import pack
 from reflora.state import NestedState, QuantState, check_blocksize
 
 __all__ = [
+    "AVX512_FP4",
     "DESCRIPTION",
     "LUT",
     "MIDPOINTS",
     "NAME",
+    "NATIVE_FP4",
+    "TORCH_FALLBACK_BF16_NANS",
+    "avx512_misindexed",
+    "avx512_scale_index",
     "block_absmax",
     "block_scales",
+    "convert",
     "dequantize",
+    "dequantize_path",
     "double_quantize",
     "encode",
     "in_returned_shape",
     "lut_index",
+    "nan_encodings",
     "output_shape",
     "quantize",
     "quantize_8bit",
@@ -65,8 +90,9 @@ __all__ = [
 
 NAME = "bnb-cpu"
 DESCRIPTION = (
-    "bitsandbytes 0.50 on an x86 (AVX2) CPU: torch default quantize_4bit kernel (float32 reciprocal and "
-    "float32 midpoints), native 65536-entry LUT for double quantization, native scalar dequantize"
+    "bitsandbytes 0.50 on an x86 CPU: torch default quantize_4bit kernel (float32 reciprocal and "
+    "float32 midpoints), native 65536-entry LUT for double quantization, native scalar (AVX2) or vector "
+    "(AVX-512) dequantize"
 )
 
 MIN_SCALE = np.float32(1e-38)  # bnb's clamp(min=1e-38), as float32: 9.99999935e-39 (subnormal)
@@ -195,9 +221,6 @@ def quantize(
     )
 
 
-NATIVE_FP4 = np.where(np.arange(16) == 8, np.float32(-0.0), codebooks.FP4.values).astype(np.float32)
-
-
 def _lut_inputs() -> np.ndarray:
     """float32 (65536,): the value LUT entry i stands for, ``-1 + f32(f32(2i) / 65535)``."""
     i = np.arange(65536, dtype=np.float32)
@@ -249,121 +272,3 @@ def double_quantize(
         centred = absmax - off
     absmax_q, absmax2 = quantize_8bit(centred, 256)
     return NestedState(absmax_q, absmax2, DYNAMIC_MAP.values, off, 256)
-
-
-def block_scales(state: QuantState) -> np.ndarray:
-    """float32 (n_blocks,): absmax, or ``f32(f32(code2[q] * absmax2) + offset)`` when nested."""
-    if state.nested is None:
-        return state.absmax
-    nested = state.nested
-    group = np.arange(nested.absmax_q.size) // nested.blocksize2
-    with np.errstate(invalid="ignore", over="ignore"):
-        return nested.code2[nested.absmax_q] * nested.absmax2[group] + nested.offset
-
-
-def _native_bf16(x: np.ndarray) -> np.ndarray:
-    """bfloat16: bnb's C++ ``float_to_bf16``: add 0x7fff plus the kept lsb, keep the top 16 bits.
-
-    Round-to-nearest-even for numbers, but with no NaN guard: 0xffffffff wraps to +0.0 and a NaN
-    whose low half is large enough carries into the exponent or sign.
-    """
-    bits = np.asarray(x, dtype=np.float32).view(np.uint32)
-    rounded = bits + np.uint32(0x7FFF) + ((bits >> 16) & 1)  # uint32 arithmetic wraps, as in C++
-    return (rounded >> 16).astype(np.uint16).view(bfloat16)
-
-
-def _torch_bf16(x: np.ndarray) -> np.ndarray:
-    """bfloat16: the compiled torch fallback's conversion (RNE; every NaN becomes 0x7fc0)."""
-    out = np.asarray(x, dtype=np.float32).astype(bfloat16)
-    out.view(np.uint16)[np.isnan(x)] = 0x7FC0
-    return out
-
-
-def uses_native_dequantize(shape: tuple[int, ...]) -> bool:
-    """Whether bnb's CPU dequantize_4bit takes the C++ kernel (last dimension even) or the torch path."""
-    return len(shape) > 0 and shape[-1] % 2 == 0
-
-
-def dequantize(state: QuantState, dtype: str | np.dtype | None = None) -> np.ndarray:
-    """bnb's ``dequantize_4bit`` on the CPU: values, bits and the shape it returns.
-
-    dtype: output dtype, default ``state.dtype``. Every value is ``f32(code[q] * absmax)`` converted to
-    dtype. The conversion is that of the path bnb takes (:func:`uses_native_dequantize`):
-
-    * FP4 through the native kernel decodes nibble 8 as -0.0 (the state's table, like bnb's, has +0.0).
-    * float32: none. float16 (both paths): RNE with quieted NaN payloads (``_mm_cvtps_ph``).
-    * bfloat16, native C++ kernel: ``float_to_bf16`` without a NaN guard (:func:`_native_bf16`), so the
-      NaN 0xffffffff of a ragged tail dequantizes to +0.0.
-    * bfloat16, torch fallback: RNE with every NaN 0x7fc0, as torch.compile's kernel gives (eager torch
-      would give 0xffff; bnb runs eagerly only after torch.compile's recompile limit).
-
-    Shape: :func:`output_shape` (a 1-D even n as (1, n), n <= 2 transposed), the elements in the state's
-    order. Where bnb raises instead (a 3-D state of <= 2 elements), ``state.shape``: raising on a valid
-    state is not a rule of the dialect but a bug of the library (declared by the backend).
-    """
-    out_dtype = state.dtype if dtype is None else as_dtype(dtype)
-    n, bs = state.numel, state.blocksize
-    code = state.code
-    if state.quant_type == "fp4" and uses_native_dequantize(state.shape):
-        code = NATIVE_FP4  # the C++ table writes nibble 8 as -0.0f
-    values = code[unpack(state.packed, n)]
-    absmax = block_scales(state)
-    with np.errstate(invalid="ignore", over="ignore"):
-        values = values * np.repeat(absmax, bs)[:n]  # float32 * float32, one rounding
-    if out_dtype == np.float16:
-        out = narrow_f16(values)
-    elif out_dtype == bfloat16:
-        out = _native_bf16(values) if uses_native_dequantize(state.shape) else _torch_bf16(values)
-    else:
-        out = values
-    return in_returned_shape(out, state.shape, output_shape)
-
-
-TORCH_FALLBACK_BF16_NANS = (0x7FC0, 0xFFFF)
-"""The bfloat16 NaNs of the torch fallback dequantize: torch.compile's kernel writes 0x7fc0, eager torch
-(after the recompile limit, or when compilation fails) 0xffff; which one depends on the process's history."""
-
-
-def nan_encodings(state: QuantState, dtype: str | np.dtype | None = None) -> tuple[int, ...] | None:
-    """The NaN bit patterns bnb may write where :func:`dequantize` writes a NaN, when there are several:
-    :data:`TORCH_FALLBACK_BF16_NANS` for bfloat16 output through the torch fallback (docs/dialects.md,
-    declared deviations of bnb-cpu); None where the bits are exactly :func:`dequantize`'s."""
-    out_dtype = state.dtype if dtype is None else as_dtype(dtype)
-    if out_dtype == bfloat16 and not uses_native_dequantize(state.shape):
-        return TORCH_FALLBACK_BF16_NANS
-    return None
-
-
-def output_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The shape bnb's CPU ``dequantize_4bit`` returns for a state of ``shape`` (values: :func:`dequantize`).
-
-    The native kernel views a 1-D tensor as one row, so an even-length 1-D tensor comes back (1, n);
-    and when the packed tensor has a single row (n <= 2) bnb transposes its result.
-    """
-    shape = tuple(shape)
-    if not shape:
-        raise ValueError("bitsandbytes fails to dequantize a 0-d tensor (it indexes shape[-1])")
-    out = (1, shape[0]) if len(shape) == 1 and uses_native_dequantize(shape) else shape
-    return single_byte_shim(shape, out)
-
-
-def single_byte_shim(shape: tuple[int, ...], out: tuple[int, ...]) -> tuple[int, ...]:
-    """The shape ``functional.dequantize_4bit`` (any device) returns for a state of ``shape`` whose kernel
-    wrote ``out``: when the packed tensor has a single row, which for bnb's own (bytes, 1) packing
-    means one byte (n <= 2), it calls ``.t()`` on the result, which reverses a 2-D shape, leaves a 1-D
-    one and raises ValueError (as bnb does) for more dimensions."""
-    if (math.prod(shape) + 1) // 2 != 1:
-        return out
-    if len(out) > 2:
-        raise ValueError(f"bitsandbytes fails to dequantize shape {shape}: .t() of a {len(out)}-D tensor")
-    return out[::-1]
-
-
-def in_returned_shape(values: np.ndarray, shape: tuple[int, ...], output_shape) -> np.ndarray:
-    """``values`` (a state of ``shape``, in its element order) in the shape ``output_shape(shape)`` says
-    bnb returns; in ``shape`` itself where bnb raises instead (raising on a valid state is not a rule of
-    a dialect but a bug of the library, which the backend declares)."""
-    try:
-        return values.reshape(output_shape(shape))
-    except ValueError:
-        return values.reshape(shape)

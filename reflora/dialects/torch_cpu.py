@@ -40,16 +40,21 @@ _ILP = 4  # registers summed side by side
 
 @dataclass(frozen=True)
 class Host:
-    """The two machine facts that change torch's CPU bits: SIMD width and intra-op thread count.
+    """The machine facts that change the CPU bits of torch and of libraries built on it: SIMD width,
+    intra-op thread count, and whether the CPU converts to bfloat16 in hardware.
 
-    lanes:   floats per SIMD register of the host's capability (``torch.backends.cpu.
-             get_cpu_capability()``: "AVX2" -> 8, "AVX512" -> 16); :attr:`kernel_lanes` is what the
-             sum and copy kernels use.
-    threads: ``torch.get_num_threads()``; matters only for loops over >= 32768 elements.
+    lanes:       floats per SIMD register of the host's capability (``torch.backends.cpu.
+                 get_cpu_capability()``: "AVX2" -> 8, "AVX512" -> 16); :attr:`kernel_lanes` is what the
+                 sum and copy kernels use.
+    threads:     ``torch.get_num_threads()``; matters only for loops over >= 32768 elements.
+    avx512_bf16: the CPU has AVX512_BF16 (``bitsandbytes.functional.has_avx512bf16()``), so bitsandbytes'
+                 AVX-512 dequantize rounds to bfloat16 with ``vcvtneps2bf16`` (the bnb-cpu dialect's
+                 rule 10); read only where ``lanes == 16``.
     """
 
     lanes: int = 8
     threads: int = 1
+    avx512_bf16: bool = False
 
     def __post_init__(self) -> None:
         if self.lanes not in (4, 8, 16) or self.threads < 1:
