@@ -33,6 +33,7 @@ from reflora.dtypes import as_dtype, dtype_name
 __all__ = [
     "bf16_matmul_flushes",
     "check_built",
+    "cpu_host",
     "import_error",
     "library_errors",
     "quiet_logging",
@@ -73,6 +74,21 @@ def bf16_matmul_flushes(device: str = "cpu") -> bool:
     tiny = torch.full((128, 128), 2.0**-130, dtype=torch.bfloat16, device=device)  # subnormal in bf16
     one = torch.ones((128, 128), dtype=torch.bfloat16, device=device)
     return bool((tiny @ one == 0).any())
+
+
+def cpu_host(avx512_bf16: bool | None = None) -> Any:
+    """This machine's facts for the dialects that model torch-based libraries on the CPU: a
+    :class:`reflora.dialects.torch_cpu.Host` with torch's SIMD width (capability "AVX512": 16 floats,
+    else 8), its intra-op threads, and whether the CPU has AVX512_BF16 (``avx512_bf16``, default torch's
+    answer; the bitsandbytes adapter passes its library's own)."""
+    import torch
+
+    from reflora.dialects.torch_cpu import Host
+
+    if avx512_bf16 is None:
+        avx512_bf16 = bool(torch.cpu._is_avx512_bf16_supported())
+    avx512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    return Host(lanes=16 if avx512 else 8, threads=torch.get_num_threads(), avx512_bf16=avx512_bf16)
 
 
 def torch_arithmetic(arith: Any, dtype: str, device: str = "cpu") -> Any:

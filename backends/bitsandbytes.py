@@ -49,6 +49,7 @@ import numpy as np
 from reflora import bounds
 from reflora.backends._tensors import (
     check_built,
+    cpu_host,
     import_error,
     library_errors,
     to_numpy,
@@ -57,6 +58,7 @@ from reflora.backends._tensors import (
     view,
 )
 from reflora.backends.protocol import BaseBackend
+from reflora.dialects import bnb_cpu
 from reflora.state import NestedState, QuantState
 
 __all__ = ["BitsandbytesBackend", "check_round_trip", "lora_term", "to_bnb", "to_reflora", "torch_qlora"]
@@ -213,10 +215,38 @@ class BitsandbytesBackend(BaseBackend):
         be the state's, so the declaration is the largest: 2. Where torch's bfloat16 matmul flushes
         subnormals (``_tensors.bf16_matmul_flushes``: AVX512_BF16 CPUs), bfloat16 ops declare
         ``flush_to_zero``: the products around bnb's dequantize are torch's."""
-        arith = torch_arithmetic(super().arithmetic(op, dtype), dtype, _device())
+        arith = super().arithmetic(op, dtype)
+        if self.dialect == "bnb-cpu":
+            arith = torch_arithmetic(arith, dtype)
         if op == "qlora_forward" and self.dialect == "bnb-cuda":
             arith = dataclasses.replace(arith, dequant_ulps=bounds.dequant_ulps("float32", fma_absmax=True))
         return arith
+
+    def dialect_options(self) -> dict[str, Any]:
+        """The machine facts of the bnb-cpu dialect (``host=``): torch's SIMD width and threads, and
+        whether bnb's library converts to bfloat16 with AVX512_BF16 (its ``has_avx512bf16()``). None on
+        CUDA, whose dialect takes none."""
+        if self.dialect != "bnb-cpu":
+            return {}
+        from bitsandbytes.functional import has_avx512bf16
+
+        return {"host": cpu_host(avx512_bf16=bool(has_avx512bf16()))}
+
+    def deviation_condition(self, name: str, inputs: Any) -> bool:
+        """The conditions this backend's deviations file names (``when``; docs/conformance.md).
+
+        ``avx512_misindexed``: bnb's AVX-512 dequantize loop reads another block's absmax for this
+        weight (``bnb_cpu.avx512_misindexed`` of its shape and blocksize). It runs only on the CPU of an
+        AVX-512 host (``inputs`` None: whether this machine is one)."""
+        if name != "avx512_misindexed":
+            raise ValueError(f"bitsandbytes defines no condition {name!r} (it has: avx512_misindexed)")
+        options = self.dialect_options()
+        if not options or options["host"].lanes != 16:
+            return False
+        if inputs is None:
+            return True
+        weight = inputs.arrays.get("W" if inputs.op.startswith("qlora") else "x")
+        return weight is not None and bnb_cpu.avx512_misindexed(weight.shape, int(inputs.params["blocksize"]))
 
     def supports(self, op: str, dtype: str) -> bool | str:
         if op.startswith("lora_"):

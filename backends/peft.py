@@ -168,6 +168,14 @@ class PeftBackend(BaseBackend):
     def available(self) -> bool | str:
         return import_error("torch", "peft", "bitsandbytes", "transformers") or True
 
+    def dialect_options(self) -> dict:
+        """bitsandbytes' (its 4-bit base is bnb's)."""
+        return BitsandbytesBackend().dialect_options()
+
+    def deviation_condition(self, name: str, inputs) -> bool:
+        """bitsandbytes' conditions (its 4-bit base is bnb's): ``avx512_misindexed``."""
+        return BitsandbytesBackend().deviation_condition(name, inputs)
+
     def arithmetic(self, op: str, dtype: str) -> bounds.Arithmetic:
         """The protocol's default, with ``flush_to_zero`` for bfloat16 where torch's bfloat16 matmul
         flushes subnormals (``_tensors.bf16_matmul_flushes``): PEFT's layers multiply through torch."""

@@ -48,6 +48,7 @@ import numpy as np
 from reflora import bounds
 from reflora.backends._tensors import (
     check_built,
+    cpu_host,
     import_error,
     library_errors,
     to_numpy,
@@ -86,6 +87,10 @@ class TorchaoBackend(BaseBackend):
 
     def supports(self, op: str, dtype: str) -> bool | str:
         return _REASONS.get(op) or super().supports(op, dtype)
+
+    def dialect_options(self) -> dict:
+        """The torchao dialect's machine facts (``host=``: the threads and SIMD width of torch's mean)."""
+        return {"host": cpu_host()}
 
     def arithmetic(self, op: str, dtype: str) -> bounds.Arithmetic:
         """The protocol's default, with ``flush_to_zero`` for bfloat16 where torch's bfloat16 matmul

@@ -8,6 +8,12 @@ scales are >= 0; the dialect's ``dequantize`` is the rule). The suite
 accepts either form from a backend: the QuantState form is compared with the dialect's state
 converted, the native form field by field.
 
+Machine facts: a dialect that models a library on a CPU takes the facts that change its bits as keyword
+arguments (``host=``, a :class:`reflora.dialects.torch_cpu.Host`: SIMD width, threads, AVX512_BF16). A
+backend that knows them says so with ``dialect_options() -> dict`` (the bitsandbytes, PEFT and torchao
+adapters read them from torch and bitsandbytes); :func:`for_backend` passes them to every function of
+the dialect that takes them, so the suite holds the library to its model *on this machine*.
+
 The double-quantization offset: the canonical dialect ("reflora") requires the exactly rounded mean;
 any other dialect's offset may sit within :func:`reflora.bounds.offset_bound` of the
 exact mean (its own summation order), and the suite then replays that offset through the dialect's
@@ -17,7 +23,8 @@ exact mean (its own summation order), and the suite then replays that offset thr
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import inspect
+from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
@@ -27,7 +34,7 @@ from reflora import nf4
 from reflora.double_quant import quantize as quantize_absmax
 from reflora.state import QuantState
 
-__all__ = ["CANONICAL", "Dialect", "get"]
+__all__ = ["CANONICAL", "Dialect", "for_backend", "get"]
 
 CANONICAL = "reflora"
 
@@ -66,10 +73,18 @@ def _module(name: str) -> Any:
 
 @dataclass(frozen=True)
 class Dialect:
-    """name: the dialect's name; module: its implementation (a module or an object with the same API)."""
+    """name: the dialect's name; module: its implementation (a module or an object with the same API);
+    options: keyword arguments (machine facts, ``host=``) for each of its functions that takes them."""
 
     name: str
     module: ModuleType | Any
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def _call(self, fn, *args, **kwargs):
+        """``fn(*args, **kwargs)`` plus the options ``fn`` has parameters for."""
+        params = inspect.signature(fn).parameters
+        extra = {k: v for k, v in self.options.items() if k in params and k not in kwargs}
+        return fn(*args, **kwargs, **extra)
 
     @property
     def canonical(self) -> bool:
@@ -80,7 +95,7 @@ class Dialect:
         kwargs = {"quant_type": quant_type, "double_quant": double_quant}
         if offset is not None:
             kwargs["offset"] = offset
-        return self.module.quantize(x, blocksize, **kwargs)
+        return self._call(self.module.quantize, x, blocksize, **kwargs)
 
     def as_quant_state(self, native) -> QuantState:
         """A :class:`reflora.QuantState` for a native state (itself if it is one)."""
@@ -92,7 +107,7 @@ class Dialect:
         ``to_quant_state`` is defined to match)."""
         if isinstance(state, QuantState) and not self.native_is_quant_state():
             return nf4.dequantize(state, dtype)
-        return self.module.dequantize(state, dtype)
+        return self._call(self.module.dequantize, state, dtype)
 
     def native_is_quant_state(self) -> bool:
         """Whether this dialect's own states are QuantStates: False when the module defines a state
@@ -105,7 +120,7 @@ class Dialect:
         """Where the dialect's dequantize of ``state`` writes a NaN, the bit patterns the implementation
         may write instead (a tuple, or "any"), when it declares more than one; None: exactly its own."""
         declared = getattr(self.module, "nan_encodings", None)
-        return None if declared is None else declared(state, dtype)
+        return None if declared is None else self._call(declared, state, dtype)
 
     def allowed_codes(self, x: np.ndarray, blocksize: int, quant_type: str) -> tuple[np.ndarray, ...] | None:
         """Alternative codes the dialect declares (bnb-cuda's fast-math reciprocal: the codes with the
@@ -116,9 +131,15 @@ class Dialect:
         return tuple(slack(x, blocksize, quant_type=quant_type))
 
 
-def get(name: str) -> Dialect:
-    """The dialect called ``name``; ValueError if it is unknown."""
-    return Dialect(name, _module(name))
+def get(name: str, options: dict[str, Any] | None = None) -> Dialect:
+    """The dialect called ``name`` (with the machine facts ``options``); ValueError if it is unknown."""
+    return Dialect(name, _module(name), dict(options or {}))
+
+
+def for_backend(backend: Any) -> Dialect:
+    """The dialect ``backend`` claims, with the machine facts it reports (``dialect_options()``, if any)."""
+    options = getattr(backend, "dialect_options", None)
+    return get(backend.dialect, options() if options is not None else None)
 
 
 def offset_of(state: Any) -> tuple[np.ndarray, np.dtype] | None:

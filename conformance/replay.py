@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from reflora.conformance.bundle import load
-from reflora.conformance.dialect import get as get_dialect
+from reflora.conformance.dialect import for_backend as dialect_for
 from reflora.conformance.mismatch import Declined, Mismatch, Rejected
 from reflora.conformance.properties import Context, run_check
 
@@ -79,7 +79,7 @@ def replay(path: str | Path, backend: str | None = None) -> ReplayResult:
         verdict = impl.supports(op, inputs.dtype) if hasattr(impl, "supports") else True
         if verdict is not True:
             return ReplayResult("unsupported", spec, inputs.test_id, f"{op}: {verdict}", meta)
-    ctx = Context(impl, spec, get_dialect(impl.dialect), None)
+    ctx = Context(impl, spec, dialect_for(impl), None)
     try:
         run_check(ctx, inputs)
     except Declined as d:

@@ -35,7 +35,7 @@ from typing import Any
 from reflora.conformance import deviations as _deviations
 from reflora.conformance import profiles
 from reflora.conformance.bundle import save
-from reflora.conformance.dialect import get as get_dialect
+from reflora.conformance.dialect import for_backend as dialect_for
 from reflora.conformance.findings import Findings
 from reflora.conformance.mismatch import Declined, Mismatch, Rejected
 from reflora.conformance.properties import Context, _arithmetic, run_check
@@ -103,6 +103,8 @@ class Report:
     # What the backend declared for each LoRA op it supports: the arithmetic every BOUND tolerance of
     # that op is derived from ("op dtype" -> Arithmetic fields, or why it could not be had).
     arithmetic: dict[str, Any] = field(default_factory=dict)
+    # The machine facts the dialect was evaluated with (conformance.dialect.for_backend), as text.
+    dialect_options: dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -312,7 +314,7 @@ def run_backend(
     on_test: called as ``on_test(result, done, total)`` after each test (a progress bar's hook).
     """
     start = time.perf_counter()
-    dialect = get_dialect(backend.dialect)
+    dialect = dialect_for(backend)
     findings = Findings(dialect)
     ctx = Context(backend, spec, dialect, findings)
     patterns = [_deviations.pattern_regex(p) for p in select]
@@ -342,7 +344,13 @@ def run_backend(
         findings.natural(profile.natural_elements, DTYPES)
     return Report(spec, getattr(backend, "name", spec), dialect.name, profile.name, seed, results,
                   findings.as_list(), findings.lines(), warnings, time.perf_counter() - start,
-                  _declared_arithmetic(ctx, {(t.op, t.dtype) for t in chosen}))  # fmt: skip
+                  _declared_arithmetic(ctx, {(t.op, t.dtype) for t in chosen}),
+                  {k: repr(v) for k, v in dialect.options.items()})  # fmt: skip
+
+
+def _options_text(report: Report) -> str:
+    """ ", host=Host(lanes=16, ...)": the machine facts the dialect was evaluated with, if any."""
+    return "".join(f", {k}={v}" for k, v in report.dialect_options.items())
 
 
 def _declared_arithmetic(ctx: Context, cells: set[tuple[str, str]]) -> dict[str, Any]:
@@ -373,7 +381,7 @@ def unusable(backend: Any) -> str | None:
     """Why the suite cannot run ``backend`` (an unknown dialect, a deviations file that is missing or
     malformed), found before any test runs; None when it can."""
     try:
-        get_dialect(backend.dialect)
+        dialect_for(backend)
         _deviations.active(backend, _deviations.for_backend(backend))
     except (ValueError, OSError) as exc:  # DeviationsError is a ValueError
         return f"{type(exc).__name__}: {exc}"
@@ -488,8 +496,8 @@ def matrix_text(report: Report) -> str:
     # a column is as wide as its longest cell and two spaces, at least 30 (a long cell must not run on)
     width = max([30] + [len(text) + 2 for _, cells in rows for text in cells])
     lines = [
-        f"{report.backend} (dialect {report.dialect}): {verdict}  [profile {report.profile}, seed "
-        f"{report.seed}, {len(report.results)} tests, {report.seconds:.1f} s]",
+        f"{report.backend} (dialect {report.dialect}{_options_text(report)}): {verdict}  [profile "
+        f"{report.profile}, seed {report.seed}, {len(report.results)} tests, {report.seconds:.1f} s]",
         (f"  {'op':<16}" + "".join(f"{d:<{width}}" for d in DTYPES)).rstrip(),
     ]
     lines += [(f"  {op:<16}" + "".join(f"{text:<{width}}" for text in cells)).rstrip() for op, cells in rows]

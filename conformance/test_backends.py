@@ -17,7 +17,7 @@ import pytest
 
 from reflora import backends
 from reflora.conformance import deviations, profiles, runner, suite
-from reflora.conformance.dialect import get as get_dialect
+from reflora.conformance.dialect import for_backend as dialect_for
 from reflora.conformance.properties import Context
 from reflora.conformance.pytest_plugin import RESULTS, SEED
 
@@ -56,7 +56,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 def _context(config: pytest.Config, spec: str) -> tuple[Context, list]:
     if spec not in _CONTEXTS:
         backend = backends.get(spec)
-        ctx = Context(backend, spec, get_dialect(backend.dialect), None)
+        ctx = Context(backend, spec, dialect_for(backend), None)
         entries = deviations.active(backend, deviations.for_backend(backend))
         _CONTEXTS[spec] = (ctx, entries)
         config.stash[RESULTS][spec] = (entries, [])

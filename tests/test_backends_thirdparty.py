@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from reflora import backends, lora
-from reflora.conformance import runner
+from reflora.conformance import deviations, runner
 from reflora.conformance.suite import tests as suite_tests
 
 THIRD_PARTY = ("bitsandbytes", "torchao", "peft", "triton")
@@ -97,7 +97,13 @@ def test_backend_passes_the_ci_profile_apart_from_its_declared_deviations(name, 
     report = _ci_report(name, tmp_path)
     assert report.dialect == dialect
     assert report.ok, runner.matrix_text(report)
-    assert {r.id for r in report.by_status("declared")} == declared
+    # Declarations that hold only for some inputs on some machines (an entry's `when`: bnb's AVX-512
+    # dequantize misreading the scales of rows that straddle blocks) come on top, each for a failing
+    # example that meets its condition.
+    conditional = [r for r in report.by_status("declared") if r.deviation["when"]]
+    assert {r.id for r in report.by_status("declared")} - {r.id for r in conditional} == declared
+    backend = backends.get(name)
+    assert all(deviations.condition(backend, r.deviation["when"], r.inputs) for r in conditional)
     assert not report.warnings, report.warnings
     # the backend was really exercised: tests that compared a value ("rejected" ones compared nothing;
     # measured 2026-11-24: bitsandbytes 311, peft 308, torchao 97, which rejects most quantize shapes)
