@@ -59,8 +59,9 @@ def import_error(*modules: str) -> str | None:
 
 @functools.cache  # a property of the machine and the torch build: asked once a process
 def bf16_matmul_flushes(device: str = "cpu") -> bool:
-    """Whether torch's bfloat16 matmul on ``device`` reads subnormal operands as zero and flushes
-    subnormal results to zero: measured, on a 128 x 128 x 128 product of subnormal bfloat16 values.
+    """Whether torch's bfloat16 matmul on ``device`` reads subnormal operands as zero or flushes subnormal
+    results to zero: measured on two 128 x 128 x 128 products, one of subnormal operands (2**-130 times
+    one) and one of normal operands whose exact result is subnormal (2**-70 times 2**-70, summed).
 
     On x86 CPUs with AVX512_BF16, torch 2.13 sends bfloat16 matmuls of all but the smallest shapes to
     oneDNN's ``vdpbf16ps`` kernels, and that instruction treats subnormal inputs and outputs as zero
@@ -73,7 +74,8 @@ def bf16_matmul_flushes(device: str = "cpu") -> bool:
 
     tiny = torch.full((128, 128), 2.0**-130, dtype=torch.bfloat16, device=device)  # subnormal in bf16
     one = torch.ones((128, 128), dtype=torch.bfloat16, device=device)
-    return bool((tiny @ one == 0).any())
+    small = torch.full((128, 128), 2.0**-70, dtype=torch.bfloat16, device=device)  # normal; 128 * 2**-140
+    return bool((tiny @ one == 0).any() or (small @ small == 0).any())  # is a subnormal 2**-133
 
 
 def cpu_host(avx512_bf16: bool | None = None) -> Any:

@@ -224,8 +224,8 @@ class BitsandbytesBackend(BaseBackend):
 
     def dialect_options(self) -> dict[str, Any]:
         """The machine facts of the bnb-cpu dialect (``host=``): torch's SIMD width and threads, and
-        whether bnb's library converts to bfloat16 with AVX512_BF16 (its ``has_avx512bf16()``). None on
-        CUDA, whose dialect takes none."""
+        whether bnb's library converts to bfloat16 with AVX512_BF16 (its ``has_avx512bf16()``). None (an
+        empty dict) on CUDA, whose dialect takes none."""
         if self.dialect != "bnb-cpu":
             return {}
         from bitsandbytes.functional import has_avx512bf16
@@ -245,8 +245,11 @@ class BitsandbytesBackend(BaseBackend):
             return False
         if inputs is None:
             return True
-        weight = inputs.arrays.get("W" if inputs.op.startswith("qlora") else "x")
-        return weight is not None and bnb_cpu.avx512_misindexed(weight.shape, int(inputs.params["blocksize"]))
+        weight = inputs.get("W" if inputs.op.startswith("qlora") else "x")  # as the check saw it (views)
+        blocksize = inputs.params.get("blocksize")
+        if weight is None or blocksize is None:
+            return False
+        return bnb_cpu.avx512_misindexed(weight.shape, blocksize)
 
     def supports(self, op: str, dtype: str) -> bool | str:
         if op.startswith("lora_"):

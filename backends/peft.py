@@ -43,6 +43,7 @@ layer; the LoRA ops involve no quantization and are held to the same error bound
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -172,7 +173,7 @@ class PeftBackend(BaseBackend):
         """bitsandbytes' (its 4-bit base is bnb's)."""
         return BitsandbytesBackend().dialect_options()
 
-    def deviation_condition(self, name: str, inputs) -> bool:
+    def deviation_condition(self, name: str, inputs: Any) -> bool:
         """bitsandbytes' conditions (its 4-bit base is bnb's): ``avx512_misindexed``."""
         return BitsandbytesBackend().deviation_condition(name, inputs)
 

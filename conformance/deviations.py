@@ -25,7 +25,8 @@ of a condition the backend defines on a failing example's inputs (:func:`conditi
 failure only if the condition holds for the minimal example hypothesis found, so an entry about a defect
 that only some inputs meet (a shape, a machine) cannot declare a different failure of the same test. An
 entry whose condition cannot hold on this machine (asked with no inputs) is inactive: it declares nothing
-and draws no warning. Unknown keys are an error, so a typo cannot silently disable an entry.
+and draws no warning; an active one that declared nothing in a run draws none either (the draws may not
+have met its condition). Unknown keys are an error, so a typo cannot silently disable an entry.
 
 A failing test that matches an entry is reported as *declared* (listed with its reason and message,
 not counted as a failure). An entry that matches no test id of the suite draws a warning, and so does

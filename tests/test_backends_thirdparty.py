@@ -175,3 +175,33 @@ def test_bitsandbytes_declares_the_fma_absmax_of_its_cuda_inference_gemv(monkeyp
     assert backend.arithmetic("qlora_forward", "bfloat16").dequant_ulps == 2
     assert backend.arithmetic("qlora_forward", "float32").dequant_ulps == 2
     assert backend.arithmetic("qlora_backward", "bfloat16").dequant_ulps == 0
+
+
+def test_bitsandbytes_avx512_condition_reads_the_weight_as_the_check_saw_it():
+    """The `avx512_misindexed` condition (bnb's AVX-512 dequantize misreading the scales of rows that
+    straddle blocks) is a property of the weight bnb received: a view's shape, not its base's."""
+    pytest.importorskip("bitsandbytes")
+    from reflora.conformance.bundle import Inputs
+
+    backend = backends.get("bitsandbytes")
+    if not deviations.condition(backend, "avx512_misindexed"):
+        pytest.skip("bnb's AVX-512 dequantize loop runs only on AVX-512 hosts")
+    base = np.zeros((9, 16), dtype=np.float32)
+    plain = Inputs("dequantize_4bit[random, float32]", "dequantize_4bit", "dequantize", "float32",
+                   {"x": base}, {}, {"blocksize": 64})  # fmt: skip
+    transposed = Inputs("dequantize_4bit[random, float32]", "dequantize_4bit", "dequantize", "float32",
+                        {"x": base}, {"x": (("T",),)}, {"blocksize": 64})  # fmt: skip
+    assert deviations.condition(backend, "avx512_misindexed", plain)  # (9, 16) at 64: straddles
+    assert not deviations.condition(backend, "avx512_misindexed", transposed)  # (16, 9): odd, torch path
+    no_blocksize = Inputs("dequantize_4bit[x, float32]", "dequantize_4bit", "dequantize", "float32",
+                          {"x": base})  # fmt: skip
+    assert not deviations.condition(backend, "avx512_misindexed", no_blocksize)
+
+
+def test_an_unknown_condition_in_a_deviations_file_refuses_the_run(tmp_path, capsys):
+    from reflora import cli
+
+    path = tmp_path / "when.toml"
+    path.write_text('[[deviation]]\ntest = "quantize_4bit[*]"\nreason = "r"\nwhen = "typo"\n')
+    assert cli.main(["conform", "--backend", "reference", "--deviations", str(path)]) == 2
+    assert "has no deviation_condition" in capsys.readouterr().err

@@ -269,7 +269,7 @@ def test_minilm_avx512_misindexing(minilm, blocksize):
     """On an AVX-512 host bnb dequantizes a MiniLM weight wrong exactly when ``bnb_cpu.avx512_misindexed``
     says so (NF4, float32); the dialect gives the correctly indexed values. Counts go to docs/dialects.md."""
     layers = misindexed = wrong = 0
-    error = norm = 0.0
+    error = quant_error = norm = 0.0
     for name, w in minilm.items():
         packed, qs = bnb_f.quantize_4bit(to_torch(w), blocksize=blocksize, quant_type="nf4")
         out = bnb_f.dequantize_4bit(packed, qs).numpy().reshape(-1)
@@ -282,6 +282,7 @@ def test_minilm_avx512_misindexing(minilm, blocksize):
             misindexed += int((index != np.arange(w.size) // blocksize).sum())
             wrong += int(differ.sum())
         error += float(((out.astype(np.float64) - mine) ** 2).sum())
+        quant_error += float(((mine.astype(np.float64) - w.reshape(-1)) ** 2).sum())
         norm += float((w.astype(np.float64) ** 2).sum())
     assert (layers, misindexed) == MINILM_MISINDEXED[blocksize]
     report(
@@ -291,5 +292,6 @@ def test_minilm_avx512_misindexing(minilm, blocksize):
             "weights misindexed": misindexed,
             "dequantized wrong": wrong,
             "||bnb - dialect|| / ||W||": (error / norm) ** 0.5,
+            "||dialect - W|| / ||W|| (the 4-bit error itself)": (quant_error / norm) ** 0.5,
         },
     )
