@@ -17,7 +17,8 @@ the table, the conversion to the output dtype and the shape returned (:func:`deq
 float16 output is ``_mm_cvtps_ph`` / ``_mm512_cvtps_ph`` / torch's, which agree: RNE with quieted NaN
 payloads (:func:`reflora.dialects.torch_cpu.narrow_f16`). Host facts: ``host.lanes == 16`` is torch's CPU
 capability "AVX512", which bnb tests for the blocksize >= 2048 fallback and which implies AVX-512F, which
-its C++ kernel tests for the vector loop.
+its C++ kernel tests (by CPUID) for the vector loop. Not modelled: an AVX-512F CPU whose torch capability
+is forced lower (``ATEN_CPU_CAPABILITY=avx2``), where the C++ vector loop runs with lanes 8.
 """
 
 from __future__ import annotations
