@@ -215,10 +215,10 @@ class BitsandbytesBackend(BaseBackend):
         be the state's, so the declaration is the largest: 2. Where torch's bfloat16 matmul flushes
         subnormals (``_tensors.bf16_matmul_flushes``: AVX512_BF16 CPUs), bfloat16 ops declare
         ``flush_to_zero``: the products around bnb's dequantize are torch's."""
-        arith = super().arithmetic(op, dtype)
-        if self.dialect == "bnb-cpu":
+        arith, dialect = super().arithmetic(op, dtype), self.dialect
+        if dialect == "bnb-cpu":
             arith = torch_arithmetic(arith, dtype)
-        if op == "qlora_forward" and self.dialect == "bnb-cuda":
+        if op == "qlora_forward" and dialect == "bnb-cuda":
             arith = dataclasses.replace(arith, dequant_ulps=bounds.dequant_ulps("float32", fma_absmax=True))
         return arith
 

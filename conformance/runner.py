@@ -257,7 +257,7 @@ def _run_property(ctx: Context, test: Test, profile: profiles.Profile, seed: int
     result.message = "\n".join(notes)
 
 
-def _declare(results: list[TestResult], entries: list[_deviations.Deviation], backend: Any = None) -> None:
+def _declare(results: list[TestResult], entries: list[_deviations.Deviation], backend: Any) -> None:
     """Mark each failure that matches a known deviation as declared (an entry with ``when``: only where
     the backend's condition holds for the failing example's inputs)."""
 

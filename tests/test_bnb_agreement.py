@@ -33,9 +33,9 @@ bnb_f = pytest.importorskip("bitsandbytes.functional", reason="issue #2 compares
 from bnb_helpers import BF16, bits, eager_bnb, to_torch  # noqa: E402, F401  (eager_bnb: autouse)
 
 from reflora import codebooks, dialects, nf4  # noqa: E402
+from reflora.backends._tensors import cpu_host  # noqa: E402
 from reflora.codebooks import DYNAMIC_MAP  # noqa: E402
 from reflora.dialects import bnb_cpu  # noqa: E402
-from reflora.dialects.torch_cpu import Host  # noqa: E402
 from reflora.double_quant import mean_f32  # noqa: E402
 from reflora.double_quant import quantize as quantize_absmax  # noqa: E402
 from reflora.state import BLOCKSIZES  # noqa: E402
@@ -44,11 +44,7 @@ canonical = dialects.get("reflora")
 DTYPES = [np.dtype(np.float32), np.dtype(np.float16), BF16]
 F32 = np.float32
 AVX512_BF16 = bnb_f.has_avx512bf16()
-HOST = Host(
-    lanes=16 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 8,
-    threads=torch.get_num_threads(),
-    avx512_bf16=AVX512_BF16,
-)
+HOST = cpu_host(avx512_bf16=AVX512_BF16)
 NATIVE_MODELLED = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")  # bnb's C++ on x86
 
 

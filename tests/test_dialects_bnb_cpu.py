@@ -29,6 +29,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from reflora import codebooks, dialects, nf4  # noqa: E402
+from reflora.backends._tensors import cpu_host  # noqa: E402
 from reflora.dialects import bnb_cpu  # noqa: E402
 from reflora.dialects.torch_cpu import Host  # noqa: E402
 from reflora.state import BLOCKSIZES, QuantState  # noqa: E402
@@ -36,11 +37,7 @@ from reflora.state import BLOCKSIZES, QuantState  # noqa: E402
 DTYPES = [np.dtype(np.float32), np.dtype(np.float16), BF16]
 CAPABILITY = torch.backends.cpu.get_cpu_capability()
 AVX512_BF16 = bnb_f.has_avx512bf16()  # the C++ vector loop converts to bfloat16 with vcvtneps2bf16
-HOST = Host(
-    lanes=16 if CAPABILITY.startswith("AVX512") else 8,
-    threads=torch.get_num_threads(),
-    avx512_bf16=AVX512_BF16,
-)
+HOST = cpu_host(avx512_bf16=AVX512_BF16)
 AVX512 = HOST.lanes == 16
 NATIVE_MODELLED = CAPABILITY in ("AVX2", "AVX512")  # the dialect models bnb's C++ dequantize on x86
 NOT_AVX512 = f"bnb's AVX-512 dequantize loop runs only on AVX-512 hosts (torch capability here: {CAPABILITY})"

@@ -13,11 +13,11 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="the emulation is checked against torch itself")
 
+from reflora.backends._tensors import cpu_host  # noqa: E402
 from reflora.dialects.torch_cpu import Host, mean_f32, narrow_f16, sum_f32, thread_ranges, widen_f16  # noqa: E402
 from reflora.double_quant import mean_f32 as exact_mean  # noqa: E402
 
-CAPABILITY = torch.backends.cpu.get_cpu_capability()
-HOST = Host(lanes=16 if CAPABILITY.startswith("AVX512") else 8, threads=torch.get_num_threads())
+HOST = cpu_host()
 LENGTHS = [1, 2, 3, 5, 7, 8, 9, 15, 16, 17, 31, 33, 64, 100, 127, 129, 255, 257, 512, 513, 1000, 4096, 9216]
 
 

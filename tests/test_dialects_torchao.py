@@ -20,15 +20,12 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from reflora import dialects, nf4  # noqa: E402
+from reflora.backends._tensors import cpu_host  # noqa: E402
 from reflora.dialects import torchao_nf4 as ao  # noqa: E402
-from reflora.dialects.torch_cpu import Host  # noqa: E402
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 DTYPES = [np.dtype(np.float32), np.dtype(np.float16), BF16]
-HOST = Host(
-    lanes=16 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 8,
-    threads=torch.get_num_threads(),
-)
+HOST = cpu_host()
 # (shape, blocksize): accepted by torchao with scaler_block_size 256.
 SHAPES = [((16384,), 64), ((128, 128), 64), ((3, 16384), 64), ((256, 64), 32), ((64, 1024), 256)]
 
