@@ -46,6 +46,8 @@ from reflora.dtypes import DTYPES, dtype_name
 from reflora.state import BLOCKSIZES, NestedState, QuantState
 
 __all__ = [
+    "QUANT_STATE",
+    "STATISTICS",
     "StateDictError",
     "dequantize_state_dict",
     "from_state_dict",
@@ -57,7 +59,8 @@ __all__ = [
 QUANT_STATE = "quant_state.bitsandbytes__"
 _PLAIN_FIELDS = ("quant_type", "blocksize", "dtype", "shape")
 _NESTED_FIELDS = ("nested_blocksize", "nested_dtype", "nested_offset")
-_STATS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
+#: The statistics a 4-bit weight ``P`` stores beside it, as ``P.<name>``.
+STATISTICS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 _QS_KEY = re.compile(r"(?P<prefix>.+)\.quant_state\.", re.DOTALL)
 
 
@@ -326,7 +329,7 @@ def dequantize_state_dict(d: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if k in consumed:
             continue
         parent, _, last = k.rpartition(".")
-        if last in _STATS and parent in d:
+        if last in STATISTICS and parent in d:
             raise StateDictError(
                 k, f"looks like a quantization statistic of {parent!r}, which has no quant_state key"
             )

@@ -247,7 +247,7 @@ def _split(blob: bytes | bytearray | memoryview, file_size: int | None = None) -
     return bytes(blob[8 : 8 + n]), size - 8 - n
 
 
-def _decode(blob: bytes | bytearray, copy: bool) -> dict[str, np.ndarray]:
+def _decode(blob: bytes | bytearray | np.ndarray, copy: bool) -> dict[str, np.ndarray]:
     head, n_data = _split(blob)
     _, entries = _parse_header(head, n_data)
     data = memoryview(blob)[8 + len(head) :]
@@ -276,11 +276,16 @@ def metadata_from_bytes(blob: bytes | bytearray) -> dict[str, str]:
     return dict(metadata or {})
 
 
-def load(path: str | os.PathLike) -> dict[str, np.ndarray]:
+def load(path: str | os.PathLike, *, mmap: bool = False) -> dict[str, np.ndarray]:
     """The tensors of the safetensors file at ``path``, as :func:`from_bytes` returns them.
 
     The arrays are writable views into one buffer read from the file (no second copy of the data).
+    mmap: map the file instead of reading it; the arrays are then read-only views of the mapping, and
+    each tensor's bytes are read from disk only when used (for checkpoints larger than memory). The
+    whole header is still validated first.
     """
+    if mmap and os.path.getsize(path) > 0:  # numpy cannot map an empty file; _split refuses it below
+        return _decode(np.memmap(path, dtype=np.uint8, mode="r"), copy=False)
     with open(path, "rb") as f:
         blob = bytearray(f.read())
     return _decode(blob, copy=False)

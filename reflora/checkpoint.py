@@ -1,0 +1,305 @@
+"""Inspecting a 4-bit checkpoint: is every weight valid, healthy, and the one its original quantizes to?
+
+A checkpoint in the Hugging Face + bitsandbytes 4-bit layout (:mod:`reflora.formats.bnb`) holds each
+quantized Linear weight as packed codes and scales. Nothing in the file says which implementation
+wrote those bytes, or whether they are right. :func:`inspect` reads every 4-bit weight and reports:
+
+* **validity**: the weight reads back under :func:`reflora.formats.bnb.from_state_dict`'s rules (an
+  invalid one is reported with its error, naming the key, and the others are still inspected);
+* **health**, from the stored bytes alone: blocks that dequantize to all zeros, blocks
+  whose double-quantized scale rebuilds *negative* (their nonzero weights dequantize with the sign
+  flipped; docs/spec.md), and dequantized values that are not finite;
+* **provenance**, given the unquantized ``original`` (the same key names): the original is quantized
+  again by each dialect of :data:`DIALECTS` with the checkpoint's own parameters (quant type,
+  blocksize, double quantization), and the stored bytes are compared with each result, codes and
+  scales, byte for byte. ``reproduced_by`` lists the dialects that give exactly these bytes; where
+  none does, the dialect with the fewest differing codes and the first differing element are
+  reported. Two rules make the comparison fair:
+
+  - the original is first cast to the dtype the checkpoint records (``QuantState.dtype``, the dtype
+    the writer quantized from), rounding to nearest even;
+  - the double-quantization offset is replayed from the checkpoint, because it is a float32 mean whose
+    summation order belongs to the machine that wrote it (a GPU's reduction, a CPU's SIMD width), not
+    to the rules being compared.
+
+  ``rel_error`` is ``||dequant(checkpoint) - original|| / ||original||`` in float64 (the original as
+  cast), a size for the quantization error, whoever wrote the bytes.
+
+A weight *passes* when it is valid and, with an original, reproduced by at least one dialect. The
+``bnb-cuda`` dialect is an emulation of bitsandbytes' CUDA kernels read from their source and not yet
+confirmed on a GPU (docs/dialects.md), so a checkpoint written on a GPU that only it reproduces is
+reproduced by a model, not by a confirmed implementation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import warnings
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from reflora import dialects, nf4
+from reflora.double_quant import NegativeScaleWarning
+from reflora.dtypes import DTYPES, dtype_name
+from reflora.formats import bnb
+from reflora.formats import safetensors as sft
+from reflora.state import QuantState
+
+__all__ = [
+    "DIALECTS",
+    "InspectError",
+    "WeightReport",
+    "inspect",
+    "inspect_weight",
+    "open_tensors",
+    "quantized_keys",
+]
+
+#: The dialects that write the bitsandbytes layout, tried in this order.
+DIALECTS = ("reflora", "bnb-cpu", "bnb-cuda")
+
+
+class InspectError(ValueError):
+    """A checkpoint or original that cannot be inspected at all (a missing file, no 4-bit weights)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightReport:
+    """What :func:`inspect_weight` found for one 4-bit weight. Counts are of blocks or of weights, as named.
+
+    error: why the weight is not valid (and nothing else was measured), or why its original could not
+        be compared (``shape`` and the health counts are then set).
+    reproduced_by: dialects whose quantization of the original gives the stored bytes (None: no original).
+    code_diffs / scale_diffs: per dialect, codes (of the n weights, plus the padding nibble of odd n)
+        and stored scale entries (absmax, or absmax_q and absmax2) that differ; a dialect that refused
+        the original (the canonical rules refuse NaN) maps to -1.
+    first_diff: where the nearest dialect first differs, in words, when none reproduces the bytes.
+    rel_error: ``||dequant - original|| / ||original||`` (the plain norm for an all-zero original; None
+        for an original with NaN or inf).
+    """
+
+    key: str
+    error: str | None = None
+    shape: tuple[int, ...] | None = None
+    quant_type: str | None = None
+    blocksize: int | None = None
+    double_quant: bool | None = None
+    dtype: str | None = None
+    bits_per_weight: float | None = None
+    zero_blocks: int = 0
+    negative_blocks: int = 0
+    flipped_weights: int = 0
+    nonfinite: int = 0
+    reproduced_by: tuple[str, ...] | None = None
+    code_diffs: dict[str, int] | None = None
+    scale_diffs: dict[str, int] | None = None
+    first_diff: str | None = None
+    rel_error: float | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.error is None and (self.reproduced_by is None or bool(self.reproduced_by))
+
+
+def open_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The tensors of a safetensors file, or of every ``*.safetensors`` file in a directory (shards).
+
+    Files are memory-mapped (:func:`reflora.formats.safetensors.load` with ``mmap=True``), so a large
+    checkpoint is read only where inspected. InspectError for a path that does not exist, a directory
+    without safetensors files, or a key found in two files; SafetensorsError for a malformed file.
+    """
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(p.glob("*.safetensors"))
+        if not files:
+            raise InspectError(f"{p}: a directory with no *.safetensors file")
+    elif p.is_file():
+        files = [p]
+    else:
+        raise InspectError(f"{p}: no such file or directory")
+    tensors: dict[str, np.ndarray] = {}
+    where: dict[str, Path] = {}
+    for f in files:
+        for k, v in sft.load(f, mmap=True).items():
+            if k in tensors:
+                raise InspectError(f"{k!r} is in both {where[k]} and {f}")
+            tensors[k], where[k] = v, f
+    return tensors
+
+
+def _bits_per_weight(d: Mapping[str, np.ndarray], prefix: str, n: int) -> float:
+    """Stored bits over weights: codes and scales (the tables and JSON are per tensor, not per weight)."""
+    keys = [prefix, f"{prefix}.absmax", f"{prefix}.nested_absmax"]
+    return 8 * sum(d[k].nbytes for k in keys if k in d) / n
+
+
+def _codes(state: QuantState) -> np.ndarray:
+    """uint8 (2 * len(packed),): every nibble, the padding one of odd n included, high nibble first."""
+    return np.stack([state.packed >> 4, state.packed & 15], axis=1).reshape(-1)
+
+
+def _scale_entries(state: QuantState) -> np.ndarray:
+    """The stored scales as raw bytes: absmax, or absmax_q followed by absmax2."""
+    if state.nested is None:
+        return state.absmax.view(np.uint32)
+    return np.concatenate([state.nested.absmax_q.astype(np.uint32), state.nested.absmax2.view(np.uint32)])
+
+
+def _where(index: int, shape: tuple[int, ...], n: int) -> str:
+    if index >= n:
+        return "the padding nibble after the last weight"
+    return f"element {[int(i) for i in np.unravel_index(index, shape)]}"
+
+
+def _health(state: QuantState) -> dict[str, int]:
+    scales = nf4.block_scales(state)
+    codes = _codes(state)[: state.numel]
+    starts = np.arange(0, state.numel, state.blocksize)
+    blocks = np.arange(state.numel) // state.blocksize
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an overflowing rebuilt scale: counted below
+        values = nf4.dequantize(state, "float32").reshape(-1)
+    return {
+        "zero_blocks": int(np.count_nonzero(~np.logical_or.reduceat(values != 0, starts))),
+        "negative_blocks": int(np.count_nonzero(scales < 0)),
+        "flipped_weights": int(np.count_nonzero((scales < 0)[blocks] & (state.code[codes] != 0))),
+        "nonfinite": int(np.count_nonzero(~np.isfinite(values))),
+    }
+
+
+def _requantize(name: str, original: np.ndarray, state: QuantState) -> QuantState:
+    offset = None if state.nested is None else float(state.nested.offset)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NegativeScaleWarning)  # reported by _health on the stored bytes
+        quantize, dq, qt = dialects.get(name).quantize, offset is not None, state.quant_type
+        return quantize(original, state.blocksize, quant_type=qt, double_quant=dq, offset=offset)
+
+
+def _provenance(state: QuantState, original: np.ndarray, names: tuple[str, ...]) -> dict[str, object]:
+    codes, scales, n = _codes(state), _scale_entries(state), state.numel
+    code_diffs, scale_diffs, firsts = {}, {}, {}
+    for name in names:
+        try:
+            theirs = _requantize(name, original, state)
+        except ValueError:  # the canonical rules refuse NaN and inf; the libraries' dialects take them
+            code_diffs[name] = scale_diffs[name] = -1
+            continue
+        their_codes = _codes(theirs)
+        differ = np.flatnonzero(codes != their_codes)
+        code_diffs[name] = int(differ.size)
+        scale_diffs[name] = int(np.count_nonzero(scales != _scale_entries(theirs)))
+        if differ.size:
+            i = int(differ[0])
+            value = "" if i >= n else f", original {float(original.reshape(-1)[i]):.9g}"
+            firsts[name] = (
+                f"{_where(i, state.shape, n)}: stored code {codes[i]}, {name} gives {their_codes[i]}{value}"
+            )
+        elif scale_diffs[name]:
+            firsts[name] = f"codes equal; {scale_diffs[name]} stored scale entries differ"
+    reproduced = tuple(d for d in names if code_diffs[d] == 0 and scale_diffs[d] == 0)
+    compared = [d for d in names if code_diffs[d] >= 0]
+    first = None
+    if not reproduced and compared:
+        nearest = min(compared, key=lambda d: (code_diffs[d], scale_diffs[d]))
+        first = f"nearest {nearest}: {firsts[nearest]}"
+    w = original.astype(np.float64)
+    err = nf4.dequantize(state, "float32").astype(np.float64) - w
+    norm = float(np.linalg.norm(w))
+    rel = float(np.linalg.norm(err)) / norm if norm > 0 else float(np.linalg.norm(err))
+    return {
+        "reproduced_by": reproduced,
+        "code_diffs": code_diffs,
+        "scale_diffs": scale_diffs,
+        "first_diff": first,
+        "rel_error": rel if math.isfinite(rel) else None,
+    }
+
+
+def inspect_weight(
+    tensors: Mapping[str, np.ndarray],
+    prefix: str,
+    original: Mapping[str, np.ndarray] | None = None,
+    names: tuple[str, ...] = DIALECTS,
+) -> WeightReport:
+    """The report for the 4-bit weight at key ``prefix`` of ``tensors`` (see the module docstring).
+
+    original: the unquantized tensors by key (None: validity and health only). names: dialects to try.
+    An invalid weight, or an original that is missing, of another shape, or not float32 / float16 /
+    bfloat16, is reported in ``error``; nothing raises for a bad weight.
+    """
+    try:
+        state = bnb.from_state_dict(tensors, prefix)
+    except ValueError as e:  # StateDictError names the key; a state the oracle refuses says why
+        return WeightReport(key=prefix, error=f"not a valid 4-bit weight: {e}")
+    facts = {
+        "key": prefix,
+        "shape": state.shape,
+        "quant_type": state.quant_type,
+        "blocksize": state.blocksize,
+        "double_quant": state.double_quant,
+        "dtype": dtype_name(state.dtype),
+        "bits_per_weight": _bits_per_weight(tensors, prefix, state.numel),
+        **_health(state),
+    }
+    if original is None:
+        return WeightReport(**facts)
+    w = original.get(prefix)
+    problem = None
+    if w is None:
+        problem = "not in the original"
+    elif tuple(w.shape) != state.shape:
+        problem = f"the original has shape {tuple(w.shape)}, the checkpoint records {state.shape}"
+    elif w.dtype not in DTYPES.values():
+        problem = f"the original is {w.dtype}, not float32, float16 or bfloat16"
+    if problem:
+        return WeightReport(**facts, error=problem)
+    cast = np.asarray(w).astype(state.dtype)  # round to nearest even, as torch's .to(dtype)
+    return WeightReport(**facts, **_provenance(state, cast, names))
+
+
+def quantized_keys(tensors: Mapping[str, np.ndarray]) -> list[str]:
+    """The keys of the 4-bit weights in ``tensors``, in file order: those with a
+    ``quant_state.bitsandbytes__*`` entry, and those with only a statistic (``P.absmax``, ``P.quant_map``,
+    ...), which :func:`inspect_weight` then reports as missing their quant_state."""
+    found = []
+    for k in tensors:
+        prefix, sep, _ = k.rpartition(f".{bnb.QUANT_STATE}")
+        parent, _, last = k.rpartition(".")
+        if not sep and last in bnb.STATISTICS and parent in tensors:
+            prefix = parent
+        if prefix and prefix not in found:
+            found.append(prefix)
+    return found
+
+
+def inspect(
+    checkpoint: str | os.PathLike,
+    original: str | os.PathLike | None = None,
+    *,
+    names: tuple[str, ...] = DIALECTS,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> list[WeightReport]:
+    """One :class:`WeightReport` per 4-bit weight of ``checkpoint``, in file order.
+
+    checkpoint / original: a safetensors file or a directory of them (:func:`open_tensors`).
+    progress: called as ``progress(done, total, key)`` before each weight.
+    InspectError when the checkpoint has no 4-bit weight (nothing would be checked).
+    """
+    tensors = open_tensors(checkpoint)
+    keys = quantized_keys(tensors)
+    if not keys:
+        raise InspectError(
+            f"{checkpoint}: no bitsandbytes 4-bit weight (no key ending in "
+            f"'.{bnb.QUANT_STATE}nf4' or '.{bnb.QUANT_STATE}fp4')"
+        )
+    source = None if original is None else open_tensors(original)
+    reports = []
+    for i, key in enumerate(keys):
+        if progress:
+            progress(i, len(keys), key)
+        reports.append(inspect_weight(tensors, key, source, names))
+    return reports
