@@ -18,13 +18,16 @@
 #            of the CPU backends' audit runs in docs/conformance.md, for a like-for-like comparison)
 #   conform  `reflora conform` (ci profile) on every backend, on CUDA: torch on the GPU, bitsandbytes' CUDA
 #            path held to the bnb-cuda dialect
+#   provenance
+#            benchmarks/provenance.py: a random Llama quantized by transformers + bitsandbytes on CUDA, every
+#            4-bit weight of it reproduced byte for byte by the bnb-cuda dialect (reflora inspect); ~1 min
 #   tests    the project's tests with TRITON_INTERPRET unset: Triton compiled, torch and bitsandbytes on CUDA
 #
 # Logs and JSON go to $OUT (the device tool brings them back), else to ./gpu-out. The exit status is
 # non-zero when any phase failed; every phase still runs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-phases="check harness tiles audit audit-dequant audit-forward audit-backward conform tests"
+phases="check harness tiles audit audit-dequant audit-forward audit-backward conform provenance tests"
 [ $# -gt 0 ] || { echo "usage: gpu_session.sh PHASE... (phases: $phases)" >&2; exit 2; }
 for name in "$@"; do
     case " $phases " in
@@ -117,6 +120,7 @@ for name in "$@"; do
         audit-dequant | audit-forward | audit-backward) audit_op "${name#audit-}" ;;
         conform) phase conform "$py" -m reflora conform --json "$out/conform-ci-cuda.json" \
             --bundle-dir "$out/failures" ;;
+        provenance) phase provenance "$py" benchmarks/provenance.py --device cuda --out "$out" ;;
         tests)
             xdist=()
             "$py" -c "import xdist" 2>/dev/null && xdist=(-n 8)
