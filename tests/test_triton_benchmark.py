@@ -111,7 +111,8 @@ def test_gpu_session_refuses_bad_phases_before_running_any(args, message, tmp_pa
     assert done.returncode == 2
     assert (
         message in done.stderr
-        and "phases: check harness tiles audit audit-dequant audit-forward audit-backward conform tests"
+        and "phases: check harness tiles audit audit-dequant audit-forward audit-backward conform provenance "
+        "tests"
         in done.stderr
     )
     assert not any(tmp_path.iterdir())  # no phase ran, no log written
