@@ -6,13 +6,14 @@ wrote those bytes, or whether they are right. :func:`inspect` reads every 4-bit 
 
 * **validity**: the weight reads back under :func:`reflora.formats.bnb.from_state_dict`'s rules (an
   invalid one is reported with its error, naming the key, and the others are still inspected);
-* **health**, from the stored bytes alone: blocks that dequantize to all zeros, blocks
-  whose double-quantized scale rebuilds *negative* (their nonzero weights dequantize with the sign
-  flipped; docs/spec.md), and dequantized values that are not finite;
+* **health**, from the stored bytes alone, on the values dequantized in the recorded dtype: blocks
+  that dequantize to all zeros, blocks whose double-quantized scale rebuilds *negative* (their
+  nonzero weights dequantize with the sign flipped; docs/spec.md), and values that are not finite;
 * **provenance**, given the unquantized ``original`` (the same key names): the original is quantized
   again by each dialect of :data:`DIALECTS` with the checkpoint's own parameters (quant type,
-  blocksize, double quantization), and the stored bytes are compared with each result, codes and
-  scales, byte for byte. ``reproduced_by`` lists the dialects that give exactly these bytes; where
+  blocksize, double quantization and its group size), and the stored codes and scales are compared
+  with each result byte for byte (the JSON's fields are those parameters; its formatting is not
+  compared). ``reproduced_by`` lists the dialects that give exactly these codes and scales; where
   none does, the dialect with the fewest differing codes and the first differing element are
   reported. Two rules make the comparison fair:
 
@@ -42,8 +43,8 @@ from pathlib import Path
 
 import numpy as np
 
-from reflora import dialects, nf4
-from reflora.double_quant import NegativeScaleWarning
+from reflora import dialects, double_quant, nf4
+from reflora.double_quant import BLOCKSIZE2, NegativeScaleWarning
 from reflora.dtypes import DTYPES, dtype_name
 from reflora.formats import bnb
 from reflora.formats import safetensors as sft
@@ -75,8 +76,9 @@ class WeightReport:
         be compared (``shape`` and the health counts are then set).
     reproduced_by: dialects whose quantization of the original gives the stored bytes (None: no original).
     code_diffs / scale_diffs: per dialect, codes (of the n weights, plus the padding nibble of odd n)
-        and stored scale entries (absmax, or absmax_q and absmax2) that differ; a dialect that refused
-        the original (the canonical rules refuse NaN) maps to -1.
+        and stored scale entries (absmax, or absmax_q and absmax2) that differ; -1 for a dialect that
+        could not quantize the original with these parameters, whose reason is in ``refused`` (the
+        canonical rules refuse NaN and inf; bitsandbytes double-quantizes in groups of 256 only).
     first_diff: where the nearest dialect first differs, in words, when none reproduces the bytes.
     rel_error: ``||dequant - original|| / ||original||`` (the plain norm for an all-zero original; None
         for an original with NaN or inf).
@@ -98,6 +100,7 @@ class WeightReport:
     code_diffs: dict[str, int] | None = None
     scale_diffs: dict[str, int] | None = None
     first_diff: str | None = None
+    refused: dict[str, str] | None = None
     rel_error: float | None = None
 
     @property
@@ -110,7 +113,7 @@ def open_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
     Files are memory-mapped (:func:`reflora.formats.safetensors.load` with ``mmap=True``), so a large
     checkpoint is read only where inspected. InspectError for a path that does not exist, a directory
-    without safetensors files, or a key found in two files; SafetensorsError for a malformed file.
+    without safetensors files, a key found in two files, or a malformed file (naming it).
     """
     p = Path(path)
     if p.is_dir():
@@ -124,7 +127,11 @@ def open_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     tensors: dict[str, np.ndarray] = {}
     where: dict[str, Path] = {}
     for f in files:
-        for k, v in sft.load(f, mmap=True).items():
+        try:
+            loaded = sft.load(f, mmap=True)
+        except sft.SafetensorsError as e:
+            raise InspectError(f"{f}: {e}") from e
+        for k, v in loaded.items():
             if k in tensors:
                 raise InspectError(f"{k!r} is in both {where[k]} and {f}")
             tensors[k], where[k] = v, f
@@ -156,13 +163,13 @@ def _where(index: int, shape: tuple[int, ...], n: int) -> str:
 
 
 def _health(state: QuantState) -> dict[str, int]:
-    scales = nf4.block_scales(state)
+    """Counted on the values in the recorded dtype, as bitsandbytes returns them: a tiny scale can
+    dequantize a float16 block to zeros, a huge one to inf."""
     codes = _codes(state)[: state.numel]
     starts = np.arange(0, state.numel, state.blocksize)
     blocks = np.arange(state.numel) // state.blocksize
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # an overflowing rebuilt scale: counted below
-        values = nf4.dequantize(state, "float32").reshape(-1)
+    scales = nf4.block_scales(state)
+    values = nf4.dequantize(state).reshape(-1)
     return {
         "zero_blocks": int(np.count_nonzero(~np.logical_or.reduceat(values != 0, starts))),
         "negative_blocks": int(np.count_nonzero(scales < 0)),
@@ -172,21 +179,33 @@ def _health(state: QuantState) -> dict[str, int]:
 
 
 def _requantize(name: str, original: np.ndarray, state: QuantState) -> QuantState:
-    offset = None if state.nested is None else float(state.nested.offset)
+    """``original`` quantized by dialect ``name`` with ``state``'s parameters and replayed offset.
+
+    ValueError where the dialect cannot: the canonical rules refuse NaN and inf, and bitsandbytes
+    double-quantizes in groups of 256 only (the canonical rules take the stored group size)."""
+    nested = state.nested
+    offset = None if nested is None else float(nested.offset)
+    if nested is not None and nested.blocksize2 != BLOCKSIZE2 and name != "reflora":
+        raise ValueError(f"it double-quantizes in groups of {BLOCKSIZE2} only, not {nested.blocksize2}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NegativeScaleWarning)  # reported by _health on the stored bytes
+        if name == "reflora" and nested is not None:
+            plain = nf4.quantize(original, state.blocksize, quant_type=state.quant_type)
+            again = double_quant.quantize(plain.absmax, nested.blocksize2, offset=offset)
+            return dataclasses.replace(plain, absmax=None, nested=again)
         quantize, dq, qt = dialects.get(name).quantize, offset is not None, state.quant_type
         return quantize(original, state.blocksize, quant_type=qt, double_quant=dq, offset=offset)
 
 
 def _provenance(state: QuantState, original: np.ndarray, names: tuple[str, ...]) -> dict[str, object]:
     codes, scales, n = _codes(state), _scale_entries(state), state.numel
-    code_diffs, scale_diffs, firsts = {}, {}, {}
+    code_diffs, scale_diffs, firsts, refused = {}, {}, {}, {}
     for name in names:
         try:
             theirs = _requantize(name, original, state)
-        except ValueError:  # the canonical rules refuse NaN and inf; the libraries' dialects take them
+        except ValueError as e:
             code_diffs[name] = scale_diffs[name] = -1
+            refused[name] = str(e)
             continue
         their_codes = _codes(theirs)
         differ = np.flatnonzero(codes != their_codes)
@@ -215,6 +234,7 @@ def _provenance(state: QuantState, original: np.ndarray, names: tuple[str, ...])
         "code_diffs": code_diffs,
         "scale_diffs": scale_diffs,
         "first_diff": first,
+        "refused": refused,
         "rel_error": rel if math.isfinite(rel) else None,
     }
 
@@ -235,6 +255,18 @@ def inspect_weight(
         state = bnb.from_state_dict(tensors, prefix)
     except ValueError as e:  # StateDictError names the key; a state the oracle refuses says why
         return WeightReport(key=prefix, error=f"not a valid 4-bit weight: {e}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # overflowing scales: counted as non-finite
+        return _inspect_state(state, tensors, prefix, original, names)
+
+
+def _inspect_state(
+    state: QuantState,
+    tensors: Mapping[str, np.ndarray],
+    prefix: str,
+    original: Mapping[str, np.ndarray] | None,
+    names: tuple[str, ...],
+) -> WeightReport:
     facts = {
         "key": prefix,
         "shape": state.shape,

@@ -3,7 +3,8 @@
 One row a 4-bit weight (shape, format, stored bits a weight, health counts and, with an original, the
 quantization error and the dialects that reproduce its bytes), a line under any weight that is invalid
 or reproduced by no dialect, then a summary. Exit status: 0 when every weight passes
-(:attr:`reflora.checkpoint.WeightReport.passed`), 1 when one does not, 2 when nothing could be inspected.
+(:attr:`reflora.checkpoint.WeightReport.passed`), 1 when one does not, 2 when nothing could be inspected
+or the ``--json`` file could not be written.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from pathlib import Path
 from typing import TextIO
 
 from reflora import checkpoint as ck
@@ -49,7 +51,7 @@ def _notes(r: ck.WeightReport) -> list[str]:
         notes.append(f"  ! {r.nonfinite} dequantized values are not finite")
     if r.reproduced_by == ():
         diffs = "; ".join(
-            f"{d}: {'refused the original' if n < 0 else f'{n} codes, {r.scale_diffs[d]} scales'}"
+            f"{d}: {r.refused[d] if n < 0 else f'{n} codes, {r.scale_diffs[d]} scales'}"
             for d, n in r.code_diffs.items()
         )
         where = f"; {r.first_diff}" if r.first_diff else ""
@@ -64,7 +66,7 @@ def _summary(reports: list[ck.WeightReport], with_original: bool) -> list[str]:
         compared = [r for r in reports if r.reproduced_by is not None]
         per = {d: sum(d in r.reproduced_by for r in compared) for d in ck.DIALECTS}
         lines.append(
-            f"compared with the original: {len(compared)}; reproduced byte for byte by "
+            f"compared with the original: {len(compared)}; codes and scales reproduced byte for byte by "
             + ", ".join(f"{d} {k}" for d, k in per.items())
             + f"; by none {sum(not r.reproduced_by for r in compared)}"
         )
@@ -121,6 +123,9 @@ def run(
 ) -> int:
     """Inspect as ``reflora inspect`` does; returns the exit status (0 pass, 1 fail, 2 nothing inspected)."""
     out, err = out or sys.stdout, err or sys.stderr
+    if json_path and not Path(json_path).resolve().parent.is_dir():
+        print(f"reflora inspect: --json {json_path}: its directory does not exist", file=err)
+        return 2
     try:
         reports = ck.inspect(checkpoint, original, progress=_progress(err))
     except (ck.InspectError, SafetensorsError, OSError) as e:
@@ -143,8 +148,11 @@ def run(
             "passed": all(r.passed for r in reports),
             "weights": [{**dataclasses.asdict(r), "passed": r.passed} for r in reports],
         }
-        with open(json_path, "w") as f:
-            json.dump(record, f, indent=1)
+        try:
+            Path(json_path).write_text(json.dumps(record, indent=1))
+        except OSError as e:
+            print(f"reflora inspect: --json {json_path}: {e}", file=err)
+            return 2
     return 0 if all(r.passed for r in reports) else 1
 
 

@@ -7,6 +7,7 @@ one scale code, a bad JSON) must be found and located; healthy weights must pass
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import warnings
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 
 from reflora import checkpoint as ck
-from reflora import dialects, nf4
+from reflora import dialects, double_quant, nf4
 from reflora.checkpoint_cli import run
 from reflora.double_quant import NegativeScaleWarning, negative_scales
 from reflora.formats import bnb as fb
@@ -98,7 +99,7 @@ def test_the_padding_nibble_of_odd_n_is_compared_too(model, tmp_path) -> None:
         d["layer.1.up.weight"][-1, 0] ^= 0x01  # n = 231: the last low nibble is padding
 
     (_, r) = ck.inspect(damaged(model, tmp_path, change), model[1])
-    assert r.code_diffs["reflora"] == 1 and not r.passed
+    assert r.code_diffs == dict.fromkeys(ck.DIALECTS, 1) and not r.passed  # each pads with zero's code
     assert "the padding nibble after the last weight" in r.first_diff
 
 
@@ -156,8 +157,9 @@ def test_an_original_the_canonical_rules_refuse(model, tmp_path, capsys) -> None
     r = ck.inspect(model[0], tmp_path / "nan.safetensors")[0]
     assert r.code_diffs["reflora"] == -1 and r.code_diffs["bnb-cpu"] > 0 and not r.passed
     assert r.first_diff.startswith("nearest bnb-")
+    assert "nan" in r.refused["reflora"].lower() and set(r.refused) == {"reflora"}
     run(str(model[0]), str(tmp_path / "nan.safetensors"))
-    assert "(reflora: refused the original; bnb-cpu: " in capsys.readouterr().out
+    assert f"(reflora: {r.refused['reflora']}; bnb-cpu: " in capsys.readouterr().out
 
 
 def test_the_original_is_cast_to_the_recorded_dtype(tmp_path) -> None:
@@ -271,3 +273,68 @@ def test_a_checkpoint_bitsandbytes_wrote_is_reproduced_by_its_cpu_dialect(tmp_pa
     assert all(r.passed and "bnb-cpu" in r.reproduced_by for r in reports)
     # bnb's 8-bit scale codes round some absmax values unlike the canonical rules (a lookup table)
     assert any(r.scale_diffs["reflora"] > 0 for r in reports)
+
+
+@pytest.mark.parametrize("key", ["absmax", "nested_absmax"])
+def test_a_changed_scale_is_found_in_every_layout(tmp_path, key) -> None:
+    w = weights()
+    double_quant = key == "nested_absmax"
+    ckpt = fb.quantize_state_dict(w, targets=TARGETS, blocksize=64, double_quant=double_quant)
+    ckpt[f"layer.0.q.weight.{key}"] = ckpt[f"layer.0.q.weight.{key}"].copy()
+    ckpt[f"layer.0.q.weight.{key}"].view(np.uint32)[0] ^= 1  # one ulp of a float32 scale
+    sft.save(ckpt, tmp_path / "q.safetensors")
+    sft.save(w, tmp_path / "orig.safetensors")
+    (r, ok) = ck.inspect(tmp_path / "q.safetensors", tmp_path / "orig.safetensors")
+    assert ok.passed and not r.passed and r.scale_diffs["reflora"] == 1
+
+
+def test_health_is_counted_in_the_recorded_dtype(tmp_path) -> None:
+    w = weights()["layer.0.q.weight"].astype(np.float16)
+    state = nf4.quantize(w, 64)
+    absmax = state.absmax.copy()
+    absmax[0], absmax[1] = 1e6, 1e-9  # float16 overflows in block 0 and underflows to zero in block 1
+    d = fb.to_state_dict(state, "w")
+    d["w.absmax"] = absmax
+    sft.save(d, tmp_path / "q.safetensors")
+    (r,) = ck.inspect(tmp_path / "q.safetensors")
+    codes = np.stack([state.packed >> 4, state.packed & 15], axis=1).reshape(-1)[:64]
+    with np.errstate(over="ignore"):
+        block0 = (state.code[codes] * np.float32(1e6)).astype(np.float16)
+    assert r.nonfinite == np.count_nonzero(np.isinf(block0)) > 0
+    assert r.zero_blocks == 1
+
+
+def test_a_ragged_all_zero_last_block_counts(tmp_path) -> None:
+    w = np.random.default_rng(3).standard_normal((3, 50)).astype(np.float32)  # n = 150: a block of 22 last
+    w.reshape(-1)[128:] = 0.0
+    sft.save(fb.to_state_dict(nf4.quantize(w, 64), "w"), tmp_path / "q.safetensors")
+    (r,) = ck.inspect(tmp_path / "q.safetensors")
+    assert r.zero_blocks == 1 and r.passed
+
+
+def test_a_nested_group_size_other_than_256(tmp_path) -> None:
+    w = (np.random.default_rng(4).standard_normal((64, 512)) * 0.02).astype(np.float32)  # 512 blocks
+    plain = nf4.quantize(w, 64)
+    nested = double_quant.quantize(plain.absmax, 128)
+    state = dataclasses.replace(plain, absmax=None, nested=nested)
+    sft.save(fb.to_state_dict(state, "w"), tmp_path / "q.safetensors")
+    sft.save({"w": w}, tmp_path / "orig.safetensors")
+    (r,) = ck.inspect(tmp_path / "q.safetensors", tmp_path / "orig.safetensors")
+    assert r.reproduced_by == ("reflora",) and r.passed
+    assert set(r.refused) == {"bnb-cpu", "bnb-cuda"}
+    assert all("groups of 256 only, not 128" in why for why in r.refused.values())
+
+
+def test_a_bad_shard_is_named(model, tmp_path) -> None:
+    d = tmp_path / "shards"
+    d.mkdir()
+    sft.save(model[2], d / "a.safetensors")
+    (d / "b.safetensors").write_bytes(b"\x01\x02")
+    with pytest.raises(ck.InspectError, match=r"b\.safetensors: a file of 2 bytes"):
+        ck.open_tensors(d)
+
+
+def test_an_unwritable_json_path_stops_before_inspecting(model, tmp_path, capsys) -> None:
+    assert run(str(model[0]), json_path=str(tmp_path / "no" / "r.json")) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "its directory does not exist" in err
