@@ -202,6 +202,12 @@ def test_config_fields_are_checked_by_name(saved, case) -> None:
     assert info.value.key == key
 
 
+def test_a_config_field_unknown_to_peft_0_21_warns_by_name(saved) -> None:
+    _config(saved, use_some_new_feature=True, also_new=None)  # the empty one says nothing
+    with pytest.warns(UserWarning, match=r"does not know \(use_some_new_feature\)"):
+        read_config(saved)
+
+
 def test_config_file_defects(saved) -> None:
     (saved / ADAPTER_CONFIG).write_text('{"r": 2, "r": 3}')
     with pytest.raises(AdapterError, match="appears twice") as info:

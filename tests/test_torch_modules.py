@@ -121,6 +121,36 @@ def test_alpha_is_kept_as_a_plain_number(tmp_path) -> None:
             apply_lora(Toy(), 4, bad, ["q_proj"], verbose=False)
 
 
+class ScaledLinear(nn.Linear):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def test_a_layer_whose_own_forward_would_be_skipped_is_refused() -> None:
+    """The adapted layer computes from the weight: a subclass's forward or a hook would be lost."""
+    model = Toy()
+    model.block["q_proj"] = ScaledLinear(33, 65)
+    with pytest.raises(TypeError, match=r"ScaledLinear; LoRA here adapts .* only; a subclass"):
+        apply_lora(model, 4, 8, ["q_proj"], verbose=False)
+    mha = nn.MultiheadAttention(16, 2)
+    with pytest.raises(TypeError, match="'out_proj' is a NonDynamicallyQuantizableLinear"):
+        apply_lora(mha, 4, 8, "all-linear", verbose=False)
+    bnb = pytest.importorskip("bitsandbytes")
+    model = Toy()
+    model.block["q_proj"] = bnb.nn.Linear4bit(33, 65)
+    with pytest.raises(TypeError, match=r"Linear4bit; .*\.from_bitsandbytes\(model\)"):
+        apply_lora(model, 4, 8, ["q_proj"], verbose=False)
+    model = Toy()
+    model.block["q_proj"].register_forward_hook(lambda m, i, o: o * 2)
+    with pytest.raises(TypeError, match=r"'block\.q_proj' has forward hooks"):
+        apply_lora(model, 4, 8, ["q_proj"], verbose=False)
+    assert not any(p.requires_grad is False for p in model.parameters())  # nothing was touched
+    with torch.device("meta"):
+        model = Toy()
+    with pytest.raises(ValueError, match=r"'block\.q_proj' is on the meta device"):
+        apply_lora(model, 4, 8, ["q_proj"], quantize="nf4", verbose=False)
+
+
 def test_bad_arguments_are_refused() -> None:
     with pytest.raises(TypeError, match="'norm' is a LayerNorm"):
         apply_lora(Toy(), 4, 8, ["norm"])

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -175,6 +176,8 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
     ``lora_alpha`` not a finite number, ``use_rslora`` not a bool, ``lora_dropout`` outside [0, 1),
     ``target_modules`` not a list of names or a regex, an ``init_lora_weights`` that also rewrites
     the base weight (PiSSA, OLoRA, LoftQ, ...), and any feature of :data:`_UNSUPPORTED` switched on.
+    A field PEFT 0.21 does not have, set to anything but an empty value (null, false, [], {}, "none"),
+    gives a UserWarning naming it: a newer PEFT's feature would otherwise pass unseen.
     """
     path = Path(directory) / ADAPTER_CONFIG
     if not path.is_file():
@@ -210,10 +213,21 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
             "init_lora_weights", f"{init!r} is not supported (true, false, or one of {list(_RANDOM_INITS)})"
         )
     for name in _UNSUPPORTED:
-        value = cfg[name]
-        if not any(value is e or (type(value) is type(e) and value == e) for e in _EMPTY):
-            raise AdapterError(name, f"= {value!r} is a PEFT feature this backend does not implement")
+        if not _empty(cfg[name]):
+            raise AdapterError(name, f"= {cfg[name]!r} is a PEFT feature this backend does not implement")
+    unknown = sorted(k for k in fields if k not in _PEFT_DEFAULTS and not _empty(fields[k]))
+    if unknown:
+        warnings.warn(
+            f"{ADAPTER_CONFIG} sets fields this version of reflora does not know ({', '.join(unknown)}): "
+            "a newer PEFT's feature would be ignored here, and the outputs would differ from PEFT's",
+            UserWarning,
+            stacklevel=2,
+        )
     return cfg
+
+
+def _empty(value: Any) -> bool:
+    return any(value is e or (type(value) is type(e) and value == e) for e in _EMPTY)
 
 
 def _tensor(d: dict[str, np.ndarray], key: str, shape: tuple[int, int]) -> torch.Tensor:

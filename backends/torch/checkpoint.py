@@ -45,7 +45,13 @@ from reflora.formats import safetensors as sft
 from reflora.formats.bnb import StateDictError
 from reflora.formats.files import write_files
 
-__all__ = ["CheckpointError", "load_4bit_checkpoint", "quantize_model", "save_4bit_checkpoint"]
+__all__ = [
+    "CheckpointError",
+    "from_bitsandbytes",
+    "load_4bit_checkpoint",
+    "quantize_model",
+    "save_4bit_checkpoint",
+]
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -67,20 +73,24 @@ def quantize_model(
     progress: bool | None = None,
 ) -> list[str]:
     """Replace ``model``'s ``nn.Linear`` layers by frozen :class:`NF4Linear` ones, in place (what
-    transformers' ``load_in_4bit`` does). target_modules: None for every linear layer, else PEFT's
-    matching rule (:func:`.modules.apply_lora`). Layers inside LoRA wrappers (adapters and their
-    bases) are left alone: quantize those through ``apply_lora(quantize=...)``. progress: as for
-    :func:`.modules.apply_lora`; a target that matches no layer to quantize is a ValueError, as there.
-    Returns the paths replaced."""
+    transformers' ``load_in_4bit`` does). target_modules: None for every linear layer but those
+    transformers' ``load_in_4bit`` keeps in full precision, the output embeddings
+    (``get_output_embeddings()``, a language-model head) and layers whose weight is tied to another
+    parameter; else PEFT's matching rule (:func:`.modules.apply_lora`), which can name those too. Layers
+    inside LoRA wrappers (adapters and their bases) are left alone: quantize those through
+    ``apply_lora(quantize=...)``. progress: as for :func:`.modules.apply_lora`; a target that matches no
+    layer to quantize is a ValueError, as there. Returns the paths replaced."""
     if target_modules is not None:
         target_modules = _check_targets(target_modules, model)
     wrapped = tuple(f"{n}." for n in lora_modules(model))
+    kept = _kept_in_full_precision(model) if target_modules is None else set()
     chosen = [
         n
         for n, m in model.named_modules()
         if isinstance(m, nn.Linear)
         and n
         and not n.startswith(wrapped)
+        and n not in kept
         and (target_modules is None or _matches(n, target_modules))
     ]
     if target_modules is not None and not chosen:
@@ -92,6 +102,48 @@ def quantize_model(
     kw = {"quant_type": quant_type, "double_quant": double_quant}
     names = progress_bar(chosen, "quantize_model", progress)
     built = [_quantize_layer(n, model.get_submodule(n), blocksize, **kw) for n in names]
+    for name, q in zip(chosen, built, strict=True):
+        _set_submodule(model, name, q.requires_grad_(False))
+    return chosen
+
+
+def _tied(model: nn.Module) -> list[list[str]]:
+    """The groups of parameter names that reach one Parameter (tied weights), each in module order."""
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def _kept_in_full_precision(model: nn.Module) -> set[str]:
+    """Layers transformers' load_in_4bit leaves unquantized by default: the output embeddings and
+    the layers whose weight is tied to another parameter."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    kept = {n for n, m in model.named_modules() if head is not None and m is head}
+    kept |= {name.rsplit(".", 1)[0] for group in _tied(model) for name in group}
+    return kept
+
+
+def from_bitsandbytes(model: nn.Module) -> list[str]:
+    """Replace ``model``'s bitsandbytes ``Linear4bit`` layers (a model loaded with
+    ``BitsAndBytesConfig(load_in_4bit=True)``), in place, by frozen :class:`NF4Linear` ones holding the
+    same bytes, read from each layer's own state dict through :func:`reflora.formats.bnb.from_state_dict`
+    (so a layer bitsandbytes could not serialize is a :class:`StateDictError` naming the key), with its
+    bias. :func:`.modules.apply_lora` then adapts them. All layers are read before any is replaced.
+    Returns the paths replaced (ValueError when there is none)."""
+    chosen = [n for n, m in model.named_modules() if n and type(m).__name__ == "Linear4bit"]
+    if not chosen:
+        raise ValueError(f"the {type(model).__name__} has no bitsandbytes Linear4bit layer")
+    built = []
+    for name in chosen:
+        layer = model.get_submodule(name)
+        own = {k: torch_to_numpy(v) for k, v in layer.state_dict().items()}
+        try:
+            state = bnb.from_state_dict(own, "weight")
+        except StateDictError as e:
+            raise CheckpointError(f"{name}.{e.key}", str(e).split(": ", 1)[-1]) from None
+        bias = None if layer.bias is None else layer.bias.detach().clone()
+        built.append(NF4Linear(TorchQuantState.from_state(state, layer.weight.device), bias))
     for name, q in zip(chosen, built, strict=True):
         _set_submodule(model, name, q.requires_grad_(False))
     return chosen
@@ -129,12 +181,24 @@ def _quantization_config(
         "bnb_4bit_use_double_quant": double_quant,
         "llm_int8_enable_fp32_cpu_offload": False,
         "llm_int8_has_fp16_weight": False,
-        "llm_int8_skip_modules": skip or None,
+        "llm_int8_skip_modules": skip or (None if _default_skips_hold(model, layers) else []),
         "llm_int8_threshold": 6.0,
         "load_in_4bit": True,
         "load_in_8bit": False,
         "quant_method": "bitsandbytes",
     }
+
+
+def _default_skips_hold(model: nn.Module, layers: dict[str, NF4Linear]) -> bool:
+    """Whether ``llm_int8_skip_modules: null`` would load ``layers`` as they are: given null,
+    transformers skips its own choice (the output embeddings, tied layers and the owner of the last
+    parameter named ``*.weight``), so null is written, as transformers writes it, only when none of
+    those is a 4-bit layer here; otherwise an explicit list, empty if need be."""
+    default = _kept_in_full_precision(model)
+    params = [n for n, _ in model.named_parameters()]
+    if params and params[-1].endswith(".weight"):
+        default.add(params[-1].removesuffix(".weight"))
+    return not {_hf_path(n) for n in default} & set(layers)
 
 
 def save_4bit_checkpoint(
@@ -171,6 +235,7 @@ def save_4bit_checkpoint(
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_dict"):
         fields = config.to_dict()
+        fields["architectures"] = [type(model).__name__]  # as save_pretrained records it: what to rebuild
         fields["quantization_config"] = _quantization_config(layers, model, compute_dtype)
         files[out / CONFIG] = (json.dumps(fields, indent=2, sort_keys=True) + "\n").encode("utf-8")
     out.mkdir(parents=True, exist_ok=True)
@@ -183,7 +248,10 @@ def _read_tensors(directory: Path) -> dict[str, np.ndarray]:
         return sft.load(directory / WEIGHTS)
     if not (directory / INDEX).is_file():
         raise CheckpointError(WEIGHTS, f"missing from {directory} (and no {INDEX})")
-    index = json.loads((directory / INDEX).read_text(encoding="utf-8"))
+    try:
+        index = json.loads((directory / INDEX).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(INDEX, f"is not UTF-8 JSON: {e}") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict):
         raise CheckpointError("weight_map", f"{INDEX} has no weight_map object")
@@ -241,10 +309,12 @@ def load_4bit_checkpoint(directory: str | os.PathLike, model: nn.Module | None =
         replaced); None builds it from the config with transformers.
     Each 4-bit weight (found by its ``P.weight.quant_state.bitsandbytes__*`` key) is read with
     :func:`reflora.formats.bnb.from_state_dict` and becomes an :class:`NF4Linear` holding the same
-    bytes, with ``P.bias``; every other tensor is assigned as stored (its dtype kept). All parameters
-    end frozen. Raises :class:`CheckpointError` naming the key for a tensor the model does not have, a
-    parameter the file lacks, a shape that differs, or a 4-bit weight at a path that is not a linear
-    layer of matching shape; :class:`StateDictError` for a malformed 4-bit weight.
+    bytes, with ``P.bias``; every other tensor is assigned as stored (its dtype kept). Weights the
+    model ties (an LM head sharing the input embeddings) may be stored once, as transformers stores
+    them, and are tied again after loading. All parameters end frozen. Raises :class:`CheckpointError`
+    naming the key for a tensor the model does not have, a parameter the file lacks, a shape that
+    differs, or a 4-bit weight at a path that is not a linear layer of matching shape, or naming the
+    file for an index that is not JSON; :class:`StateDictError` for a malformed 4-bit weight.
     """
     directory = Path(directory)
     config = _read_config(directory)
@@ -287,10 +357,20 @@ def load_4bit_checkpoint(directory: str | os.PathLike, model: nn.Module | None =
             raise CheckpointError(key, f"matches no parameter or buffer of the {type(model).__name__}")
         if tuple(own[key].shape) != value.shape:
             raise CheckpointError(key, f"has shape {value.shape}; the model's is {tuple(own[key].shape)}")
+    # Tied weights are stored once (transformers leaves the others out): a name is present if any
+    # name of its group is, and the group is tied again after loading.
+    groups = [g for g in _tied(model) if any(k in rest for k in g)]
+    tied = {k for g in groups for k in g}
     for key in own:
-        if key not in rest and key.rsplit(".", 1)[0] not in quantized:
+        if key not in rest and key not in tied and key.rsplit(".", 1)[0] not in quantized:
             raise CheckpointError(key, "the model has it, the checkpoint does not")
     device = next(model.parameters()).device
     model.load_state_dict({k: numpy_to_torch(v, device) for k, v in rest.items()}, strict=False, assign=True)
+    for group in groups:
+        source = next(k for k in group if k in rest)
+        loaded = model.get_parameter(source)
+        for key in group:
+            owner, _, leaf = key.rpartition(".")
+            setattr(model.get_submodule(owner), leaf, loaded)
     model.requires_grad_(False)
     return model

@@ -577,6 +577,30 @@ def _init_adapter_weights(in_f: int, out_f: int, r: int, init: str, rng: np.rand
     return numpy_to_torch(A), numpy_to_torch(B)
 
 
+def _check_adaptable(name: str, m: nn.Module) -> None:
+    """TypeError unless ``m`` is exactly an ``nn.Linear`` or an :class:`NF4Linear` whose forward nothing
+    changes: the adapted layer computes from the weight itself, so a subclass's own forward (a
+    bitsandbytes ``Linear4bit``, ``nn.MultiheadAttention``'s ``out_proj``) or a hook on the layer would
+    be dropped without a word. ValueError for a layer on the meta device (no weights to adapt yet)."""
+    if not (type(m) is nn.Linear or isinstance(m, NF4Linear)):
+        where = type(m).__module__
+        kind = type(m).__name__ if where.startswith("torch.nn") else f"{where}.{type(m).__qualname__}"
+        hint = ""
+        if type(m).__name__ in ("Linear4bit", "Params4bit") or "bitsandbytes" in type(m).__module__:
+            hint = (
+                "; for a model loaded with BitsAndBytesConfig(load_in_4bit=True), call "
+                "reflora.backends.torch.checkpoint.from_bitsandbytes(model) first, which puts the same "
+                "bytes into NF4Linear layers"
+            )
+        elif isinstance(m, nn.Linear):
+            hint = "; a subclass of nn.Linear may compute its own forward, which the adapter would not run"
+        raise TypeError(f"target {name!r} is a {kind}; LoRA here adapts nn.Linear and NF4Linear only{hint}")
+    if m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook"):
+        raise TypeError(f"target {name!r} has forward hooks, which the adapted layer would not run")
+    if any(t.is_meta for t in m.parameters()) or any(t.is_meta for t in m.buffers()):
+        raise ValueError(f"target {name!r} is on the meta device: load its weights before apply_lora")
+
+
 def apply_lora(
     model: nn.Module,
     r: int,
@@ -599,10 +623,12 @@ def apply_lora(
     r, alpha: rank and LoRA alpha; scaling = alpha/r (alpha/√r with ``rslora``).
     target_modules: PEFT's rule: a list of names, each matching a layer whose path equals it or ends in
         "." + it, or one regular expression the whole path must match. Each name must match at least
-        one layer (ValueError naming the layers that exist); every match must be an ``nn.Linear`` or an
-        :class:`NF4Linear` (TypeError otherwise). ``"all-linear"`` (any case), as in PEFT, is every
-        linear layer but the model's output embeddings (``get_output_embeddings()``, an LM head); it is
-        recorded, and saved, as the list of their full paths, as PEFT records it.
+        one layer (ValueError naming the layers that exist); every match must be exactly an
+        ``nn.Linear`` (not a subclass, which may compute its own forward) or an :class:`NF4Linear`,
+        with no forward hooks (TypeError otherwise), and not on the meta device (ValueError).
+        ``"all-linear"`` (any case), as in PEFT, is every linear layer but the model's output
+        embeddings (``get_output_embeddings()``, an LM head); it is recorded, and saved, as the list
+        of their full paths, as PEFT records it.
     dropout: probability of the adapter-input dropout, in [0, 1).
     quantize: None keeps nn.Linear bases in full precision (:class:`LoRALinear`); "nf4" (or "fp4")
         quantizes them (``blocksize``, ``double_quant``) into :class:`QLoRALinear`. Layers that are
@@ -641,10 +667,7 @@ def apply_lora(
     else:
         chosen = [(n, m) for n, m in model.named_modules() if n and _matches(n, targets)]
     for n, m in chosen:
-        if not isinstance(m, (nn.Linear, NF4Linear)):
-            raise TypeError(
-                f"target {n!r} is a {type(m).__name__}; LoRA here adapts nn.Linear and NF4Linear only"
-            )
+        _check_adaptable(n, m)
 
     # Every replacement is built before the model is touched, so that a layer that cannot be
     # quantized (a NaN weight, say) leaves the model exactly as it was, full-precision weights included.
