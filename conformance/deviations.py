@@ -136,8 +136,9 @@ def condition(backend: Any, name: str, inputs: Any = None) -> bool:
     on this machine at all.
 
     A backend defines its conditions with a method ``deviation_condition(name, inputs) -> bool`` that
-    raises ValueError for a name it does not know. DeviationsError for a backend without the method or
-    an unknown name (checked before any test runs, so a typo cannot silently disable an entry).
+    raises ValueError for a name it does not know. DeviationsError for a backend without the method, an
+    unknown name (checked before any test runs, so a typo cannot silently disable an entry), or a
+    condition that raises anything else.
     """
     method = getattr(backend, "deviation_condition", None)
     if method is None:
@@ -148,6 +149,8 @@ def condition(backend: Any, name: str, inputs: Any = None) -> bool:
         return bool(method(name, inputs))
     except ValueError as exc:
         raise DeviationsError(f"deviation condition {name!r}: {exc}") from exc
+    except Exception as exc:  # a bug in the backend's condition: reported by the caller, not a crash
+        raise DeviationsError(f"deviation condition {name!r} raised {type(exc).__name__}: {exc}") from exc
 
 
 def active(backend: Any, entries: list[Deviation]) -> list[Deviation]:

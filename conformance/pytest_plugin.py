@@ -46,6 +46,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--reflora-seed", type=int, default=None, metavar="N", help="the run's seed")
     group.addoption("--reflora-bundle-dir", default="reflora-failures", metavar="DIR",
                     help="where failing inputs are saved as .npz bundles")  # fmt: skip
+    group.addoption("--reflora-select", action="append", default=[], metavar="PATTERN",
+                    help="run only tests whose id matches PATTERN ('*' wildcards, repeatable), as "
+                    "reflora conform -k; ids hold characters pytest's -k cannot")  # fmt: skip
+    group.addoption("--reflora-deviations", default=None, metavar="FILE",
+                    help="a deviations file (TOML) to use instead of each backend's own")  # fmt: skip
 
 
 def _seed(config: pytest.Config) -> int:

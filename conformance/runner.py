@@ -264,7 +264,13 @@ def _declare(results: list[TestResult], entries: list[_deviations.Deviation], ba
     def applies(d: _deviations.Deviation, r: TestResult) -> bool:
         if not d.matches(r.id, r.output, r.message):
             return False
-        return not d.when or (r.inputs is not None and _deviations.condition(backend, d.when, r.inputs))
+        if not d.when:
+            return True
+        try:
+            return r.inputs is not None and _deviations.condition(backend, d.when, r.inputs)
+        except _deviations.DeviationsError as exc:  # the failure stays a failure, and says why
+            r.message += f"\n(not declared by {d.test!r} ({d.source}): its {exc})"
+            return False
 
     for r in results:
         if r.status in FAILED:

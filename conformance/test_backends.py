@@ -6,7 +6,7 @@ prints the same message, bundle and replay command. A test the backend does not 
 with its reason; a failure its deviations file declares is an expected failure (xfail) with the
 reason; a backend that is registered but unavailable here is skipped, not failed. The options come from
 the plug-in :mod:`reflora.conformance.pytest_plugin` (``--reflora-backend``, ``--reflora-profile``,
-``--reflora-seed``, ``--reflora-bundle-dir``).
+``--reflora-seed``, ``--reflora-bundle-dir``, ``--reflora-select``, ``--reflora-deviations``).
 """
 
 from __future__ import annotations
@@ -46,10 +46,16 @@ def _backends(config: pytest.Config) -> list[tuple[str, str | None]]:
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "conformance_test" not in metafunc.fixturenames:
         return
+    select = metafunc.config.getoption("reflora_select", default=None) or []
+    missing = runner.unmatched(select)
+    if missing:
+        raise pytest.UsageError(f"--reflora-select {missing[0]!r} matches no test id of the suite")
+    patterns = [deviations.pattern_regex(p) for p in select]
+    chosen = [t for t in suite.tests() if not patterns or any(p.match(t.id) for p in patterns)]
     params = []
     for spec, reason in _backends(metafunc.config):
         marks = [pytest.mark.skip(reason=f"backend {spec} is unavailable here: {reason}")] if reason else []
-        params += [pytest.param((spec, t), id=f"{spec}-{t.id}", marks=marks) for t in suite.tests()]
+        params += [pytest.param((spec, t), id=f"{spec}-{t.id}", marks=marks) for t in chosen]
     metafunc.parametrize("conformance_test", params)
 
 
@@ -57,7 +63,12 @@ def _context(config: pytest.Config, spec: str) -> tuple[Context, list]:
     if spec not in _CONTEXTS:
         backend = backends.get(spec)
         ctx = Context(backend, spec, dialect_for(backend), None)
-        entries = deviations.active(backend, deviations.for_backend(backend))
+        path = config.getoption("reflora_deviations", default=None)
+        try:
+            listed = deviations.load(path) if path else deviations.for_backend(backend)
+            entries = deviations.active(backend, listed)
+        except deviations.DeviationsError as exc:
+            raise pytest.UsageError(f"--reflora-backend {spec}: {exc}") from None
         _CONTEXTS[spec] = (ctx, entries)
         config.stash[RESULTS][spec] = (entries, [])
     return _CONTEXTS[spec]

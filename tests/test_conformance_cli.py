@@ -161,6 +161,9 @@ def test_replay_against_an_unknown_backend(capsys, tmp_path):
     assert "unknown backend 'nope'" in capsys.readouterr().err
 
 
+TIES_F32 = "quantize_4bit[nf4 x exactly at threshold *, float32]"
+
+
 def _pytest(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     command = [
@@ -195,3 +198,19 @@ def test_the_suite_runs_under_pytest_with_the_same_messages(tmp_path):
     unknown = _pytest("--reflora-backend", "nope", cwd=tmp_path)
     assert unknown.returncode != 0  # a collection error, not tests that silently ran on something else
     assert "unknown backend 'nope'" in unknown.stdout and "installed backends:" in unknown.stdout
+
+
+@pytest.mark.slow
+def test_the_pytest_route_selects_by_id_and_takes_a_deviations_file(tmp_path):
+    """Ids hold '|', '[' and ',', which pytest's -k cannot express; --reflora-select takes the suite's own
+    patterns, and --reflora-deviations a file, as reflora conform -k / --deviations do."""
+    path = tmp_path / "ties.toml"
+    path.write_text(f'[[deviation]]\ntest = "{TIES_F32}"\nreason = "rounds ties up"\n')
+    select = "quantize_4bit[nf4 x exactly at threshold 7|8*"
+    args = ["--reflora-backend", "mutants:TiesUp", "--reflora-select", select]
+    declared = _pytest(*args, "--reflora-deviations", str(path), "-rx", cwd=tmp_path)
+    assert declared.returncode == 0, declared.stdout[-3000:]
+    assert "1 xfailed" in declared.stdout and "declared deviation: rounds ties up" in declared.stdout
+    assert "1 failed" in _pytest(*args, cwd=tmp_path).stdout  # without the file: a failure
+    typo = _pytest("--reflora-backend", "reference", "--reflora-select", "quantise_4bit[*", cwd=tmp_path)
+    assert typo.returncode != 0 and "'quantise_4bit[*' matches no test id of the suite" in typo.stdout

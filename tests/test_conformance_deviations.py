@@ -240,3 +240,21 @@ def test_an_unknown_condition_is_an_error_before_any_test_runs(tmp_path, backend
     assert error in runner.unusable(backend)
     with pytest.raises(deviations.DeviationsError, match=error):
         _run(backend, deviations.load(path), tmp_path)
+
+
+class _TiesUpWithABuggyCondition(TiesUp):
+    """A condition with a bug of its own: it reads a param as an array (KeyError) on a failing example."""
+
+    def deviation_condition(self, name, inputs):
+        if name != "buggy":
+            raise ValueError(f"no condition {name!r}")
+        return inputs is None or inputs["blocksize"] == 64
+
+
+def test_a_condition_that_raises_leaves_the_failure_undeclared_and_says_why(tmp_path):
+    path = tmp_path / "when.toml"
+    path.write_text(f'[[deviation]]\ntest = "{TIES}"\nreason = "ties"\nwhen = "buggy"\n')
+    rep = _run(_TiesUpWithABuggyCondition(), deviations.load(path), tmp_path)  # no crash: a report
+    failed = rep.by_status("fail")
+    assert failed and not rep.by_status("declared")
+    assert all(f"(not declared by {TIES!r}" in r.message and "raised KeyError" in r.message for r in failed)

@@ -1,0 +1,36 @@
+"""Failure messages that point at the fault: an op that raises says where, and codes that are the
+expected ones with their nibbles swapped say so."""
+
+from __future__ import annotations
+
+from mutants import NibbleOrder
+
+from reflora.backends.reference import ReferenceBackend
+from reflora.conformance import profiles, runner
+
+
+def _run(backend, select, tmp_path) -> runner.Report:
+    prof = profiles.get("ci")
+    return runner.run_backend(backend, "test", prof, 0, bundle_dir=tmp_path, select=select, entries=[])
+
+
+class _RaisesInQLoRA(ReferenceBackend):
+    def qlora_forward(self, x, state, A, B, scaling, *, bias=None, dropout_mask=None):
+        return self._helper(x)
+
+    def _helper(self, x):
+        raise TypeError("a bug in my kernel wrapper")  # the line the report must name
+
+
+def test_an_op_that_raises_is_reported_with_the_line_in_the_backend(tmp_path):
+    rep = _run(_RaisesInQLoRA(), ["qlora_forward[random, float32]"], tmp_path)
+    (r,) = rep.by_status("fail")
+    first = r.message.splitlines()[0]
+    assert "TypeError: a bug in my kernel wrapper (raised at " in first
+    assert f"{__file__}:" in first and "in _helper)" in first
+
+
+def test_swapped_nibbles_are_named(tmp_path):
+    rep = _run(NibbleOrder(), ["quantize_4bit[random, float32]"], tmp_path)
+    (r,) = rep.by_status("fail")
+    assert "with their two nibbles swapped: element 2j goes in the high nibble" in r.message
