@@ -352,6 +352,27 @@ def _lora(op, n_in, out, r, lead=(3,), *, alpha=16.0, rslora=False, bias=False, 
     return build
 
 
+def _one_hot(op: str, n_in: int, out: int):
+    """A QLoRA case whose result *is* the dequantized base: one-hot rows (x = I for the forward, y = Ŵᵀ;
+    grad_y = I for the backward, grad_x = Ŵ) and B = 0, so each output is one product by 1 and its
+    bound is the output's declared roundings, with nothing from a long accumulation. A kernel that
+    forms Ŵ another way (a 16-bit product of code and scale) is off by up to two ulps of it, which the
+    bound of a random sum hides: tests/mutants' QLoRABackwardBase16Bit (declaring unfused float32
+    accumulation) fails here in float16, and in no random float16 test of the state's own dtype."""
+    forward = op.endswith("forward")
+    build = _lora(op, n_in, out, 4, lead=(n_in if forward else out,), zero_B=True, double_quant=True,
+                  blocksize=32)  # fmt: skip
+
+    def one_hot(dtype, rng):
+        inputs = build(dtype, rng)
+        name = "x" if forward else "grad_y"
+        inputs.put(name, np.eye(*inputs[name].shape).astype(as_dtype(dtype)))
+        inputs.note = f"{name} = I and B = 0: the result is the dequantized base itself"
+        return inputs
+
+    return one_hot
+
+
 def _broken(build: Callable, name: str, axis: int, *, state_1d: bool = False):
     """A valid case with operand ``name`` grown by one along ``axis``: the op must raise."""
 
@@ -415,6 +436,7 @@ def _lora_cases(op: str) -> list[Case]:
             Case(op, "blocksize 4096 base", op, _lora(op, 96, 50, 4, blocksize=4096)),
             # W (2, 1) packs into one byte: the corner of bitsandbytes' single-row transpose shim
             Case(op, "2-element base weight (one packed byte)", op, _lora(op, 1, 2, 1, lead=(1,))),
+            Case(op, "one-hot rows, B = 0: the result is the dequantized base", op, _one_hot(op, 64, 40)),
         ]
     if op.startswith("qlora"):
         # A base torchao quantizes (256 blocks of 64, double-quantized); the cases above fall outside

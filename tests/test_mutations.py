@@ -48,6 +48,7 @@ CAUGHT_BY_CASE = {
     "AcceptsNaN": "NaN weight -> error",
     "MergeFanInIgnored": "fan_in_fan_out, square W",
     "QLoRABaseSkipsStateDtype": "base weight in bfloat16",
+    "QLoRABackwardBase16Bit": "one-hot rows, B = 0",
 }
 
 HEADLINE = re.compile(

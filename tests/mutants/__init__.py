@@ -15,7 +15,7 @@ import numpy as np
 
 from reflora import blockwise, codebooks, lora, nf4, qlora
 from reflora.backends.reference import ReferenceBackend
-from reflora.bounds import round_to
+from reflora.bounds import Arithmetic, round_to
 from reflora.double_quant import quantize as quantize_absmax
 from reflora.dtypes import bfloat16
 from reflora.state import QuantState
@@ -257,6 +257,27 @@ class QLoRABaseSkipsStateDtype(_Mutant):
         return lora.forward(x, W, A, B, scaling, bias=bias, dropout_mask=dropout_mask)
 
 
+class QLoRABackwardBase16Bit(_Mutant):
+    name, ops, bug = (
+        "mutant-qlora-grad-x-base-16bit",
+        ("qlora_backward",),
+        "grad_x through a base formed by a 16-bit product (code and absmax rounded to the state's dtype "
+        "first), as a fused kernel might form it",
+    )
+
+    def arithmetic(self, op, dtype):  # what a fused GPU kernel declares: float32 accumulation
+        return Arithmetic(operand=dtype, accumulate="float32", intermediate=dtype, output=dtype)
+
+    def qlora_backward(self, grad_y, x, state, A, B, scaling, *, dropout_mask=None):
+        qlora.dequantized_base(state)  # its checks: a 2-D QuantState
+        dt = np.dtype(state.dtype)
+        codes = state.code[nf4.unpack(state.packed, state.numel)].astype(dt)
+        scales = np.repeat(nf4.block_scales(state), state.blocksize)[: state.numel].astype(dt)
+        W = (codes * scales).reshape(state.shape)  # one rounding of the product, in dt
+        grads = lora.backward(grad_y, x, W, A, B, scaling, dropout_mask=dropout_mask)  # float64
+        return tuple(round_to(g, np.asarray(a).dtype) for g, a in zip(grads, (x, A, B), strict=True))
+
+
 class ScalingTruncated(_Mutant):
     name, ops, bug = (
         "mutant-scaling-int",
@@ -356,6 +377,7 @@ MUTANTS: tuple[type[_Mutant], ...] = (
     RankOneDropsAdapter,
     OddInFeatures,
     QLoRAGradXBaseOnly,
+    QLoRABackwardBase16Bit,
     ScalingTruncated,
     ZeroGradA,
     BiasIgnored,
