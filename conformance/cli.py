@@ -286,6 +286,11 @@ def replay(
         print(f"REJECTED (not a failure; no value compared): {result.message}", file=out)
         return 0
     print(f"{result.status.upper()}: {result.message}", file=out)
+    if result.declared:
+        d = result.declared
+        up = f" ({d['upstream']})" if d.get("upstream") else ""
+        where = f"{result.backend} ({d['source']})"
+        print(f"\nDeclared: a known deviation of {where}: {d['reason']}{up}", file=out)
     return 1
 
 

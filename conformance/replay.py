@@ -40,6 +40,7 @@ class ReplayResult:
     test_id: str
     message: str
     meta: dict[str, Any] = field(default_factory=dict)
+    declared: dict[str, Any] | None = None  # a failure the backend's deviations file declares: its entry
 
     @property
     def ok(self) -> bool:
@@ -59,6 +60,22 @@ class ReplayResult:
         for note in m.get("hypothesis") or []:
             lines.extend("  " + line for line in str(note).splitlines())
         return "\n".join(lines)
+
+
+def _declared(impl: Any, inputs: Any, m: Mismatch, message: str) -> dict[str, Any] | None:
+    """The backend's own deviation entry that declares this failure, as a run would, or None."""
+    from reflora.conformance import deviations
+
+    try:
+        entries = deviations.active(impl, deviations.for_backend(impl))
+        for d in entries:
+            if d.matches(inputs.test_id, m.output, message) and (
+                not d.when or deviations.condition(impl, d.when, inputs)
+            ):
+                return d.as_dict()
+    except deviations.DeviationsError:  # a run would refuse the file; replay still shows the failure
+        return None
+    return None
 
 
 def replay(path: str | Path, backend: str | None = None) -> ReplayResult:
@@ -88,7 +105,8 @@ def replay(path: str | Path, backend: str | None = None) -> ReplayResult:
         return ReplayResult("rejected", spec, inputs.test_id, str(r), meta)
     except Mismatch as m:
         m.bundle, m.replay = str(path), replay_command(path, spec)
-        return ReplayResult("fail", spec, inputs.test_id, m.message(), meta)
+        message = m.message()
+        return ReplayResult("fail", spec, inputs.test_id, message, meta, _declared(impl, inputs, m, message))
     except Exception as exc:
         text = f"{inputs.test_id}: the suite raised {type(exc).__name__}: {exc}\n{traceback.format_exc()}"
         return ReplayResult("error", spec, inputs.test_id, text, meta)

@@ -34,3 +34,4 @@ def test_swapped_nibbles_are_named(tmp_path):
     rep = _run(NibbleOrder(), ["quantize_4bit[random, float32]"], tmp_path)
     (r,) = rep.by_status("fail")
     assert "with their two nibbles swapped: element 2j goes in the high nibble" in r.message
+    assert "Max absolute difference" in r.message and "Max relative difference" not in r.message  # codes

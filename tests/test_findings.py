@@ -41,6 +41,7 @@ def test_the_library_still_deviates_and_the_oracle_does_not(bundle):
         pytest.skip(f"recorded against {name}'s {recorded} path; here it runs as {row.dialect}")
     result = replay(bundle)
     assert result.backend == name and result.status == "fail", result.message
+    assert result.declared is not None  # each finding is a declared deviation, and replay says so
     assert replay(bundle, "reference").status == "pass"
 
 
