@@ -343,7 +343,13 @@ def check_quantize(ctx: Context, inputs: Inputs) -> None:
     if ctx.findings is not None:
         ctx.findings.record(inputs, x, expected)
     if p["double_quant"]:
-        offset = _check_offset(ctx, inputs, state, x, context)
+        try:
+            offset = _check_offset(ctx, inputs, state, x, context)
+        except Mismatch:
+            # The offset is the mean of the block scales: codes cut from the wrong blocks spoil both,
+            # and the codes (which the offset does not change) are the cause to report.
+            _codes_first(ctx, state, expected, x, p, context)
+            raise
         if offset is not None and not ctx.dialect.canonical:
             expected = ctx.dialect.quantize(x, p["blocksize"], p["quant_type"], True, offset=offset)
     native_form = not isinstance(state, QuantState)
@@ -355,6 +361,16 @@ def check_quantize(ctx: Context, inputs: Inputs) -> None:
         return
     allowed = ctx.dialect.allowed_codes(x, p["blocksize"], p["quant_type"])
     _compare_quant_states("quantize_4bit", state, ctx.dialect.as_quant_state(expected), x, context, allowed)
+
+
+def _codes_first(ctx: Context, state: Any, expected: Any, x: np.ndarray, p: dict, context: dict) -> None:
+    """A codes Mismatch if the backend's codes differ from the dialect's (a QuantState of the same size)."""
+    want = ctx.dialect.as_quant_state(expected)
+    if not isinstance(state, QuantState) or np.shape(state.packed) != np.shape(want.packed):
+        return
+    allowed = ctx.dialect.allowed_codes(x, p["blocksize"], p["quant_type"])
+    scales = nf4.block_scales(want)
+    _compare_codes("quantize_4bit", state.packed, want.packed, x, scales, want.blocksize, context, allowed)
 
 
 def check_dequantize(ctx: Context, inputs: Inputs) -> None:

@@ -179,9 +179,8 @@ def _differences(actual: np.ndarray, expected: np.ndarray, bad: np.ndarray) -> l
     if np.isfinite(diff).all() and diff.size:
         i = _argmax(diff)
         lines.append(f"Max absolute difference: {diff[i]:.3g} at {fmt_index(i) or '[]'}")
-        if np.asarray(expected).dtype.kind == "f" or np.asarray(expected).dtype == bfloat16:  # not codes
-            j = _argmax(rel)
-            lines.append(f"Max relative difference: {rel[j]:.3g} at {fmt_index(j) or '[]'}")
+        j = _argmax(rel)
+        lines.append(f"Max relative difference: {rel[j]:.3g} at {fmt_index(j) or '[]'}")
     return lines
 
 

@@ -3,7 +3,7 @@ expected ones with their nibbles swapped say so."""
 
 from __future__ import annotations
 
-from mutants import NibbleOrder
+from mutants import MemoryOrder, NibbleOrder
 
 from reflora.backends.reference import ReferenceBackend
 from reflora.conformance import profiles, runner
@@ -34,4 +34,11 @@ def test_swapped_nibbles_are_named(tmp_path):
     rep = _run(NibbleOrder(), ["quantize_4bit[random, float32]"], tmp_path)
     (r,) = rep.by_status("fail")
     assert "with their two nibbles swapped: element 2j goes in the high nibble" in r.message
-    assert "Max absolute difference" in r.message and "Max relative difference" not in r.message  # codes
+
+
+def test_wrong_codes_are_reported_before_the_offset_they_spoil(tmp_path):
+    """Blocks cut from memory order change the scales, so the double-quant offset (their mean) is wrong
+    too; the codes are the cause, and the report names them first."""
+    rep = _run(MemoryOrder(), ["quantize_4bit[transposed view, torchao-shaped, float32]"], tmp_path)
+    (r,) = rep.by_status("fail")
+    assert r.message.startswith("quantize_4bit: code[")
