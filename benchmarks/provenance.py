@@ -10,7 +10,7 @@ which was written from bitsandbytes' CUDA source, on whole checkpoints.
 
 Usage: ``python benchmarks/provenance.py [--device cpu|cuda] [--hidden H] [--layers L] [--out DIR]``
 (needs torch, transformers and bitsandbytes). Default: CUDA when available; hidden 1024, intermediate
-2816, 2 layers (14 Linear weights, 15.7M weights); nf4 with double quantization, nf4 and fp4 without.
+2816, 2 layers (14 Linear weights, 25.7M weights); nf4 with double quantization, nf4 and fp4 without.
 Writes ``provenance-<device>.json`` to ``--out`` when given.
 """
 

@@ -42,3 +42,19 @@ def test_wrong_codes_are_reported_before_the_offset_they_spoil(tmp_path):
     rep = _run(MemoryOrder(), ["quantize_4bit[transposed view, torchao-shaped, float32]"], tmp_path)
     (r,) = rep.by_status("fail")
     assert r.message.startswith("quantize_4bit: code[")
+
+
+def test_a_backend_class_without_a_source_file_still_gets_its_failure(tmp_path):
+    """A class defined in __main__ (python -c, a REPL) has no source file: the report still names the
+    deepest frame, and never the suite's own."""
+    namespace: dict = {"ReferenceBackend": ReferenceBackend}
+    # the point is a class whose source inspect cannot find
+    exec(
+        "class Anon(ReferenceBackend):\n"
+        "    def qlora_forward(self, x, state, A, B, scaling, *, bias=None, dropout_mask=None):\n"
+        "        raise RuntimeError('boom')\n",
+        namespace,
+    )
+    rep = _run(namespace["Anon"](), ["qlora_forward[random, float32]"], tmp_path)
+    (r,) = rep.by_status("fail")
+    assert "RuntimeError: boom (raised at <string>:3 in qlora_forward)" in r.message.splitlines()[0]

@@ -45,6 +45,17 @@ def test_the_library_still_deviates_and_the_oracle_does_not(bundle):
     assert replay(bundle, "reference").status == "pass"
 
 
+def test_replay_prints_the_declaration(capsys):
+    from reflora import cli
+
+    bundle = FINDINGS / "torchao-nan-accepted.npz"
+    if not any(s.name == "torchao" and s.available for s in backends.status()):
+        pytest.skip("torchao is not available")
+    assert cli.main(["replay", str(bundle)]) == 1
+    out = capsys.readouterr().out
+    assert "\nDeclared: a known deviation of torchao (" in out and "torchao quantizes NaN" in out
+
+
 def test_torch_linear_rounds_the_bias_by_the_layout_of_x():
     """docs/findings.md, torch: F.linear adds the bias after rounding x Wᵀ for a non-contiguous 3-D x,
     in the same rounding for a contiguous one. When torch changes this, update the finding (the

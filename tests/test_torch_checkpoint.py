@@ -218,9 +218,9 @@ def test_quantize_model_refuses_targets_that_match_nothing_to_quantize() -> None
 # ------------------------------------------------------------------------- causal LMs, tied heads
 
 
-def tiny_llama(tied: bool) -> nn.Module:
+def tiny_llama(tied: bool, hidden: int = 64, intermediate: int = 96) -> nn.Module:
     config = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=2,
+        hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=1, num_attention_heads=2,
         num_key_value_heads=1, vocab_size=80, max_position_embeddings=32, tie_word_embeddings=tied,
     )  # fmt: skip
     torch.manual_seed(0)
@@ -303,3 +303,30 @@ def test_from_bitsandbytes_takes_a_model_loaded_in_4bit(tmp_path) -> None:
     assert all(isinstance(m, QLoRALinear) for m in lora_modules(theirs).values())
     with pytest.raises(ValueError, match="has no bitsandbytes Linear4bit layer"):
         from_bitsandbytes(tiny_bert())
+
+
+def test_from_bitsandbytes_refuses_a_layer_its_cpu_forward_repacked(tmp_path) -> None:
+    """bitsandbytes repacks a layer for its CPU kernel at the first forward (where it does: an AVX-512
+    BF16 CPU), and its state dict then holds scales double-quantized again."""
+    model = tiny_llama(False, hidden=128, intermediate=256)  # its kernel repacks in column blocks of 32
+    theirs, _ = quantized_by_transformers(model, tmp_path)
+    with torch.no_grad():
+        theirs(torch.arange(12).reshape(1, 12))
+    states = [getattr(getattr(m, "weight", None), "quant_state", None) for m in theirs.modules()]
+    repacked = [q for q in states if getattr(q, "packing_format_for_cpu", False)]
+    if not repacked:
+        pytest.skip("this CPU's bitsandbytes does not repack layers at the first forward")
+    with pytest.raises(ValueError, match="repacked by a bitsandbytes CPU forward"):
+        from_bitsandbytes(theirs)
+
+
+def test_tied_names_stored_with_different_values_are_refused(tmp_path) -> None:
+    tiny_llama(False).save_pretrained(tmp_path / "plain")
+    config = transformers.BitsAndBytesConfig(**bnb_config("nf4", True))
+    untied = transformers.LlamaForCausalLM.from_pretrained(
+        tmp_path / "plain", quantization_config=config, device_map="cpu"
+    )
+    untied.save_pretrained(tmp_path / "q")
+    with pytest.raises(CheckpointError, match="the model ties it to") as info:
+        load_4bit_checkpoint(tmp_path / "q", tiny_llama(True))  # a tied model, a file of an untied one
+    assert info.value.key in ("lm_head.weight", "model.embed_tokens.weight")

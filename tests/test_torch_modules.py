@@ -145,6 +145,10 @@ def test_a_layer_whose_own_forward_would_be_skipped_is_refused() -> None:
     with pytest.raises(TypeError, match=r"'block\.q_proj' has forward hooks"):
         apply_lora(model, 4, 8, ["q_proj"], verbose=False)
     assert not any(p.requires_grad is False for p in model.parameters())  # nothing was touched
+    model = Toy()
+    model.block["q_proj"].register_full_backward_hook(lambda m, gi, go: None)
+    with pytest.raises(TypeError, match=r"'block\.q_proj' has backward hooks"):
+        apply_lora(model, 4, 8, ["q_proj"], verbose=False)
     with torch.device("meta"):
         model = Toy()
     with pytest.raises(ValueError, match=r"'block\.q_proj' is on the meta device"):

@@ -131,12 +131,25 @@ def from_bitsandbytes(model: nn.Module) -> list[str]:
     (so a layer bitsandbytes could not serialize is a :class:`StateDictError` naming the key), with its
     bias. :func:`.modules.apply_lora` then adapts them. All layers are read before any is replaced.
     Returns the paths replaced (ValueError when there is none)."""
-    chosen = [n for n, m in model.named_modules() if n and type(m).__name__ == "Linear4bit"]
+
+    def bnb_layer(m: nn.Module) -> bool:
+        return type(m).__name__ == "Linear4bit" and type(m).__module__.startswith("bitsandbytes")
+
+    chosen = [n for n, m in model.named_modules() if n and bnb_layer(m)]
+    if any(type(m).__module__.startswith("peft") for m in model.modules()):
+        raise ValueError("a PEFT model: call from_bitsandbytes on the base model, before get_peft_model")
     if not chosen:
         raise ValueError(f"the {type(model).__name__} has no bitsandbytes Linear4bit layer")
     built = []
     for name in chosen:
         layer = model.get_submodule(name)
+        if getattr(getattr(layer.weight, "quant_state", None), "packing_format_for_cpu", False):
+            # bitsandbytes repacks a layer for its CPU kernel at the first forward, and its state dict
+            # then holds scales double-quantized again: not the bytes the model was loaded with
+            raise ValueError(
+                f"{name!r} was repacked by a bitsandbytes CPU forward; call from_bitsandbytes before "
+                "running the model"
+            )
         own = {k: torch_to_numpy(v) for k, v in layer.state_dict().items()}
         try:
             state = bnb.from_state_dict(own, "weight")
@@ -367,7 +380,13 @@ def load_4bit_checkpoint(directory: str | os.PathLike, model: nn.Module | None =
     device = next(model.parameters()).device
     model.load_state_dict({k: numpy_to_torch(v, device) for k, v in rest.items()}, strict=False, assign=True)
     for group in groups:
-        source = next(k for k in group if k in rest)
+        stored = [k for k in group if k in rest]
+        differ = [k for k in stored[1:] if rest[k].tobytes() != rest[stored[0]].tobytes()]
+        if differ:
+            raise CheckpointError(
+                differ[0], f"the model ties it to {stored[0]!r}, but the checkpoint holds different values"
+            )
+        source = stored[0]
         loaded = model.get_parameter(source)
         for key in group:
             owner, _, leaf = key.rpartition(".")

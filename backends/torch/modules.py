@@ -597,6 +597,8 @@ def _check_adaptable(name: str, m: nn.Module) -> None:
         raise TypeError(f"target {name!r} is a {kind}; LoRA here adapts nn.Linear and NF4Linear only{hint}")
     if m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook"):
         raise TypeError(f"target {name!r} has forward hooks, which the adapted layer would not run")
+    if m._backward_hooks or m._backward_pre_hooks:
+        raise TypeError(f"target {name!r} has backward hooks, which the adapted layer would not run")
     if any(t.is_meta for t in m.parameters()) or any(t.is_meta for t in m.buffers()):
         raise ValueError(f"target {name!r} is on the meta device: load its weights before apply_lora")
 
@@ -625,7 +627,7 @@ def apply_lora(
         "." + it, or one regular expression the whole path must match. Each name must match at least
         one layer (ValueError naming the layers that exist); every match must be exactly an
         ``nn.Linear`` (not a subclass, which may compute its own forward) or an :class:`NF4Linear`,
-        with no forward hooks (TypeError otherwise), and not on the meta device (ValueError).
+        with no forward or backward hooks (TypeError otherwise), and not on the meta device (ValueError).
         ``"all-linear"`` (any case), as in PEFT, is every linear layer but the model's output
         embeddings (``get_output_embeddings()``, an LM head); it is recorded, and saved, as the list
         of their full paths, as PEFT records it.
