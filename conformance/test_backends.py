@@ -52,6 +52,12 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         raise pytest.UsageError(f"--reflora-select {missing[0]!r} matches no test id of the suite")
     patterns = [deviations.pattern_regex(p) for p in select]
     chosen = [t for t in suite.tests() if not patterns or any(p.match(t.id) for p in patterns)]
+    path = metafunc.config.getoption("reflora_deviations", default=None)
+    if path:  # a bad file is one usage error at collection, not a failure in every test
+        try:
+            deviations.load(path)
+        except deviations.DeviationsError as exc:
+            raise pytest.UsageError(f"--reflora-deviations {path}: {exc}") from None
     params = []
     for spec, reason in _backends(metafunc.config):
         marks = [pytest.mark.skip(reason=f"backend {spec} is unavailable here: {reason}")] if reason else []

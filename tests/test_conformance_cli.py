@@ -212,5 +212,9 @@ def test_the_pytest_route_selects_by_id_and_takes_a_deviations_file(tmp_path):
     assert declared.returncode == 0, declared.stdout[-3000:]
     assert "1 xfailed" in declared.stdout and "declared deviation: rounds ties up" in declared.stdout
     assert "1 failed" in _pytest(*args, cwd=tmp_path).stdout  # without the file: a failure
+    (tmp_path / "bad.toml").write_text('[[deviation]]\ntest = "x"\n')  # no reason
+    bad = _pytest(*args, "--reflora-deviations", str(tmp_path / "bad.toml"), cwd=tmp_path)
+    assert bad.returncode != 0 and "1 error" in bad.stdout and "failed" not in bad.stdout  # once
+    assert f"--reflora-deviations {tmp_path / 'bad.toml'}: " in bad.stdout
     typo = _pytest("--reflora-backend", "reference", "--reflora-select", "quantise_4bit[*", cwd=tmp_path)
     assert typo.returncode != 0 and "'quantise_4bit[*' matches no test id of the suite" in typo.stdout
