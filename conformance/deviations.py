@@ -42,7 +42,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Deviation", "DeviationsError", "active", "condition", "for_backend", "load", "pattern_regex"]
+__all__ = [
+    "Deviation",
+    "DeviationsError",
+    "active",
+    "condition",
+    "declaring",
+    "for_backend",
+    "load",
+    "pattern_regex",
+]
 
 _KEYS = {"test", "reason", "upstream", "output", "message", "when"}
 
@@ -157,3 +166,24 @@ def active(backend: Any, entries: list[Deviation]) -> list[Deviation]:
     """The entries that can apply on this machine: those without ``when``, and those whose condition can
     hold here (:func:`condition` with no inputs). DeviationsError for an unknown condition."""
     return [d for d in entries if not d.when or condition(backend, d.when)]
+
+
+def declaring(
+    entries: list[Deviation], backend: Any, test_id: str, output: str | None, message: str, inputs: Any
+) -> tuple[Deviation | None, list[str]]:
+    """The first of ``entries`` that declares a failure of ``test_id`` (in ``output``, with ``message``,
+    on the failing example's ``inputs``), or None; and, for each entry before it whose pattern matched
+    but whose condition raised, why it declared nothing (a bug in a condition leaves the failure a
+    failure, and says so, rather than stopping the run)."""
+    notes = []
+    for d in entries:
+        if not d.matches(test_id, output, message):
+            continue
+        if not d.when:
+            return d, notes
+        try:
+            if inputs is not None and condition(backend, d.when, inputs):
+                return d, notes
+        except DeviationsError as exc:
+            notes.append(f"(not declared by {d.test!r} ({d.source}): its {exc})")
+    return None, notes

@@ -224,9 +224,13 @@ def _absmax_detail(x: np.ndarray, blocksize: int):
     return detail
 
 
-def _compare_quant_states(op, actual: QuantState, expected: QuantState, x, context, allowed) -> None:
+def _compare_header(op: str, actual: QuantState, expected: QuantState, context: dict) -> None:
     for field in ("shape", "blocksize", "quant_type"):
         tol.expect_equal(op, f"state.{field}", getattr(actual, field), getattr(expected, field), context)
+
+
+def _compare_quant_states(op, actual: QuantState, expected: QuantState, x, context, allowed) -> None:
+    _compare_header(op, actual, expected, context)
     tol.expect_equal(op, "state.dtype", np.dtype(actual.dtype).name, np.dtype(expected.dtype).name, context)
     tol.expect_bits(op, "state.code", actual.code, expected.code, context)
     scales = nf4.block_scales(expected)
@@ -370,9 +374,7 @@ def _codes_first(ctx: Context, state: Any, expected: Any, x: np.ndarray, p: dict
     want = ctx.dialect.as_quant_state(expected)
     if not isinstance(state, QuantState):
         return
-    for field in ("shape", "blocksize", "quant_type"):  # a wrong header explains the codes and the offset
-        mine, theirs = getattr(state, field), getattr(want, field)
-        tol.expect_equal("quantize_4bit", f"state.{field}", mine, theirs, context)
+    _compare_header("quantize_4bit", state, want, context)  # a wrong header explains codes and offset
     if np.shape(state.packed) != np.shape(want.packed):
         return
     allowed = ctx.dialect.allowed_codes(x, p["blocksize"], p["quant_type"])

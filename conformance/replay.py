@@ -70,15 +70,8 @@ def _declared(impl: Any, inputs: Any, m: Mismatch, message: str) -> dict[str, An
         entries = deviations.active(impl, deviations.for_backend(impl))
     except deviations.DeviationsError:  # a run would refuse the file; replay still shows the failure
         return None
-    for d in entries:
-        if not d.matches(inputs.test_id, m.output, message):
-            continue
-        try:
-            if not d.when or deviations.condition(impl, d.when, inputs):
-                return d.as_dict()
-        except deviations.DeviationsError:  # a condition that raises declares nothing, as in a run
-            continue
-    return None
+    hit, _ = deviations.declaring(entries, impl, inputs.test_id, m.output, message, inputs)
+    return None if hit is None else hit.as_dict()
 
 
 def replay(path: str | Path, backend: str | None = None) -> ReplayResult:

@@ -259,22 +259,11 @@ def _run_property(ctx: Context, test: Test, profile: profiles.Profile, seed: int
 
 def _declare(results: list[TestResult], entries: list[_deviations.Deviation], backend: Any) -> None:
     """Mark each failure that matches a known deviation as declared (an entry with ``when``: only where
-    the backend's condition holds for the failing example's inputs)."""
-
-    def applies(d: _deviations.Deviation, r: TestResult) -> bool:
-        if not d.matches(r.id, r.output, r.message):
-            return False
-        if not d.when:
-            return True
-        try:
-            return r.inputs is not None and _deviations.condition(backend, d.when, r.inputs)
-        except _deviations.DeviationsError as exc:  # the failure stays a failure, and says why
-            r.message += f"\n(not declared by {d.test!r} ({d.source}): its {exc})"
-            return False
-
+    the backend's condition holds for the failing example's inputs; :func:`deviations.declaring`)."""
     for r in results:
         if r.status in FAILED:
-            hit = next((d for d in entries if applies(d, r)), None)
+            hit, notes = _deviations.declaring(entries, backend, r.id, r.output, r.message, r.inputs)
+            r.message += "".join(f"\n{n}" for n in notes)
             if hit is not None:
                 r.status, r.deviation = "declared", hit.as_dict()
 

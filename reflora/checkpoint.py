@@ -146,7 +146,7 @@ def _bits_per_weight(d: Mapping[str, np.ndarray], prefix: str, n: int) -> float:
 
 def _codes(state: QuantState) -> np.ndarray:
     """uint8 (2 * len(packed),): every nibble, the padding one of odd n included, high nibble first."""
-    return np.stack([state.packed >> 4, state.packed & 15], axis=1).reshape(-1)
+    return nf4.unpack(state.packed, 2 * state.packed.size)
 
 
 def _scale_entries(state: QuantState) -> np.ndarray:
@@ -162,14 +162,15 @@ def _where(index: int, shape: tuple[int, ...], n: int) -> str:
     return f"element {[int(i) for i in np.unravel_index(index, shape)]}"
 
 
-def _health(state: QuantState) -> dict[str, int]:
+def _health(state: QuantState, values32: np.ndarray) -> dict[str, int]:
     """Counted on the values in the recorded dtype, as bitsandbytes returns them: a tiny scale can
-    dequantize a float16 block to zeros, a huge one to inf."""
-    codes = _codes(state)[: state.numel]
+    dequantize a float16 block to zeros, a huge one to inf. values32: ``nf4.dequantize(state,
+    "float32")``, which the recorded dtype rounds once, as :func:`reflora.nf4.dequantize` does."""
+    codes = nf4.unpack(state.packed, state.numel)
     starts = np.arange(0, state.numel, state.blocksize)
     blocks = np.arange(state.numel) // state.blocksize
     scales = nf4.block_scales(state)
-    values = nf4.dequantize(state).reshape(-1)
+    values = values32.astype(state.dtype).reshape(-1)
     return {
         "zero_blocks": int(np.count_nonzero(~np.logical_or.reduceat(values != 0, starts))),
         "negative_blocks": int(np.count_nonzero(scales < 0)),
@@ -197,7 +198,9 @@ def _requantize(name: str, original: np.ndarray, state: QuantState) -> QuantStat
         return quantize(original, state.blocksize, quant_type=qt, double_quant=dq, offset=offset)
 
 
-def _provenance(state: QuantState, original: np.ndarray, names: tuple[str, ...]) -> dict[str, object]:
+def _provenance(
+    state: QuantState, values32: np.ndarray, original: np.ndarray, names: tuple[str, ...]
+) -> dict[str, object]:
     codes, scales, n = _codes(state), _scale_entries(state), state.numel
     code_diffs, scale_diffs, firsts, refused = {}, {}, {}, {}
     for name in names:
@@ -226,7 +229,7 @@ def _provenance(state: QuantState, original: np.ndarray, names: tuple[str, ...])
         nearest = min(compared, key=lambda d: (code_diffs[d], scale_diffs[d]))
         first = f"nearest {nearest}: {firsts[nearest]}"
     w = original.astype(np.float64)
-    err = nf4.dequantize(state, "float32").astype(np.float64) - w
+    err = values32.astype(np.float64) - w
     norm = float(np.linalg.norm(w))
     rel = float(np.linalg.norm(err)) / norm if norm > 0 else float(np.linalg.norm(err))
     return {
@@ -267,6 +270,7 @@ def _inspect_state(
     original: Mapping[str, np.ndarray] | None,
     names: tuple[str, ...],
 ) -> WeightReport:
+    values32 = nf4.dequantize(state, "float32")  # once, for the health counts and the error
     facts = {
         "key": prefix,
         "shape": state.shape,
@@ -275,7 +279,7 @@ def _inspect_state(
         "double_quant": state.double_quant,
         "dtype": dtype_name(state.dtype),
         "bits_per_weight": _bits_per_weight(tensors, prefix, state.numel),
-        **_health(state),
+        **_health(state, values32),
     }
     if original is None:
         return WeightReport(**facts)
@@ -290,7 +294,7 @@ def _inspect_state(
     if problem:
         return WeightReport(**facts, error=problem)
     cast = np.asarray(w).astype(state.dtype)  # round to nearest even, as torch's .to(dtype)
-    return WeightReport(**facts, **_provenance(state, cast, names))
+    return WeightReport(**facts, **_provenance(state, values32, cast, names))
 
 
 def quantized_keys(tensors: Mapping[str, np.ndarray]) -> list[str]:

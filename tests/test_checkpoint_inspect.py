@@ -297,7 +297,7 @@ def test_health_is_counted_in_the_recorded_dtype(tmp_path) -> None:
     d["w.absmax"] = absmax
     sft.save(d, tmp_path / "q.safetensors")
     (r,) = ck.inspect(tmp_path / "q.safetensors")
-    codes = np.stack([state.packed >> 4, state.packed & 15], axis=1).reshape(-1)[:64]
+    codes = nf4.unpack(state.packed, 64)
     with np.errstate(over="ignore"):
         block0 = (state.code[codes] * np.float32(1e6)).astype(np.float16)
     assert r.nonfinite == np.count_nonzero(np.isinf(block0)) > 0

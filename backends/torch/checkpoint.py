@@ -34,6 +34,7 @@ from reflora.backends.torch.modules import (
     NF4Linear,
     _check_targets,
     _matches,
+    _output_embeddings,
     _quantize_layer,
     _set_submodule,
     lora_modules,
@@ -118,7 +119,7 @@ def _tied(model: nn.Module) -> list[list[str]]:
 def _kept_in_full_precision(model: nn.Module) -> set[str]:
     """Layers transformers' load_in_4bit leaves unquantized by default: the output embeddings and
     the layers whose weight is tied to another parameter."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = _output_embeddings(model)
     kept = {n for n, m in model.named_modules() if head is not None and m is head}
     kept |= {name.rsplit(".", 1)[0] for group in _tied(model) for name in group}
     return kept
@@ -377,8 +378,7 @@ def load_4bit_checkpoint(directory: str | os.PathLike, model: nn.Module | None =
     for key in own:
         if key not in rest and key not in tied and key.rsplit(".", 1)[0] not in quantized:
             raise CheckpointError(key, "the model has it, the checkpoint does not")
-    device = next(model.parameters()).device
-    model.load_state_dict({k: numpy_to_torch(v, device) for k, v in rest.items()}, strict=False, assign=True)
+    sources = []  # each group's first stored name, whose tensor the group shares after loading
     for group in groups:
         stored = [k for k in group if k in rest]
         differ = [k for k in stored[1:] if rest[k].tobytes() != rest[stored[0]].tobytes()]
@@ -386,7 +386,10 @@ def load_4bit_checkpoint(directory: str | os.PathLike, model: nn.Module | None =
             raise CheckpointError(
                 differ[0], f"the model ties it to {stored[0]!r}, but the checkpoint holds different values"
             )
-        source = stored[0]
+        sources.append(stored[0])
+    device = next(model.parameters()).device
+    model.load_state_dict({k: numpy_to_torch(v, device) for k, v in rest.items()}, strict=False, assign=True)
+    for group, source in zip(groups, sources, strict=True):
         loaded = model.get_parameter(source)
         for key in group:
             owner, _, leaf = key.rpartition(".")

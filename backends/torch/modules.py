@@ -537,8 +537,13 @@ def _all_linear(model: nn.Module) -> list[str]:
         raise TypeError(
             f"'all-linear' would include Conv1D layers ({conv[0]!r}, ...), which reflora does not adapt"
         )
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = _output_embeddings(model)
     return [n for n in _linear_names(model) if model.get_submodule(n) is not head]
+
+
+def _output_embeddings(model: nn.Module) -> nn.Module | None:
+    """The model's output embeddings (a language-model head), as transformers names them, or None."""
+    return model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
 
 
 def _check_targets(target_modules: Sequence[str] | str, model: nn.Module) -> list[str] | str:
@@ -586,7 +591,7 @@ def _check_adaptable(name: str, m: nn.Module) -> None:
         where = type(m).__module__
         kind = type(m).__name__ if where.startswith("torch.nn") else f"{where}.{type(m).__qualname__}"
         hint = ""
-        if type(m).__name__ in ("Linear4bit", "Params4bit") or "bitsandbytes" in type(m).__module__:
+        if type(m).__name__ in ("Linear4bit", "Params4bit") or "bitsandbytes" in where:
             hint = (
                 "; for a model loaded with BitsAndBytesConfig(load_in_4bit=True), call "
                 "reflora.backends.torch.checkpoint.from_bitsandbytes(model) first, which puts the same "
