@@ -57,7 +57,6 @@ __all__ = [
     "inspect",
     "inspect_weight",
     "open_tensors",
-    "quantized_keys",
 ]
 
 #: The dialects that write the bitsandbytes layout, tried in this order.
@@ -297,21 +296,6 @@ def _inspect_state(
     return WeightReport(**facts, **_provenance(state, values32, cast, names))
 
 
-def quantized_keys(tensors: Mapping[str, np.ndarray]) -> list[str]:
-    """The keys of the 4-bit weights in ``tensors``, in file order: those with a
-    ``quant_state.bitsandbytes__*`` entry, and those with only a statistic (``P.absmax``, ``P.quant_map``,
-    ...), which :func:`inspect_weight` then reports as missing their quant_state."""
-    found = []
-    for k in tensors:
-        prefix, sep, _ = k.rpartition(f".{bnb.QUANT_STATE}")
-        parent, _, last = k.rpartition(".")
-        if not sep and last in bnb.STATISTICS and parent in tensors:
-            prefix = parent
-        if prefix and prefix not in found:
-            found.append(prefix)
-    return found
-
-
 def inspect(
     checkpoint: str | os.PathLike,
     original: str | os.PathLike | None = None,
@@ -326,7 +310,7 @@ def inspect(
     InspectError when the checkpoint has no 4-bit weight (nothing would be checked).
     """
     tensors = open_tensors(checkpoint)
-    keys = quantized_keys(tensors)
+    keys = bnb.quantized_prefixes(tensors)
     if not keys:
         raise InspectError(
             f"{checkpoint}: no bitsandbytes 4-bit weight (no key ending in "

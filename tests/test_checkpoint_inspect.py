@@ -136,6 +136,17 @@ def test_a_weight_that_lost_its_quant_state_is_reported(model, tmp_path) -> None
     assert "'layer.1.up.weight.quant_state.bitsandbytes__nf4': missing" in bad.error
 
 
+def test_a_quant_state_key_of_another_type_is_reported_not_skipped(model, tmp_path) -> None:
+    key = "layer.1.up.weight.quant_state.bitsandbytes__"
+
+    def change(d):
+        d[f"{key}int8"] = d.pop(f"{key}nf4")
+
+    (good, bad) = ck.inspect(damaged(model, tmp_path, change))
+    assert good.passed and bad.key == "layer.1.up.weight" and not bad.passed
+    assert f"{key}int8': quant_type 'nf4' must be 'nf4' or 'fp4' and match the key's suffix" in bad.error
+
+
 @pytest.mark.parametrize(
     "original, words",
     [

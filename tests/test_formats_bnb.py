@@ -292,6 +292,25 @@ def test_quantize_and_dequantize_state_dict() -> None:
         assert (back[k].dtype, back[k].shape, back[k].tobytes()) == (w.dtype, w.shape, expected.tobytes()), k
 
 
+def test_quantized_prefixes_finds_every_weight_and_every_orphan() -> None:
+    """One rule finds the 4-bit weights for every reader of whole state dicts: a quant_state key of any
+    suffix (the reader then names a wrong one), or a statistic beside its own weight with none."""
+    keys = [
+        "a.weight", "a.weight.absmax", "a.weight.quant_map", f"a.weight.{fb.QUANT_STATE}nf4",
+        "norm.weight", "norm.bias",  # not 4-bit
+        "b.weight.quant_state.bitsandbytes__int8",  # garbled suffix: still a 4-bit weight to report
+        "c.weight", "c.weight.absmax",  # lost its quant_state
+        "d.absmax",  # a statistic without its weight: passes through
+        "a.quant_state.x.quant_state.bitsandbytes__fp4",  # the last .quant_state. ends the prefix
+    ]  # fmt: skip
+    assert fb.quantized_prefixes(keys) == ["a.weight", "b.weight", "c.weight", "a.quant_state.x"]
+    assert fb.quantized_prefixes({}) == []
+    with pytest.raises(StateDictError, match="quant_type 'int4' must be 'nf4' or 'fp4'"):
+        fb.dequantize_state_dict(
+            {k.replace("__nf4", "__int4"): v for k, v in with_json(good(), quant_type="int4").items()}
+        )
+
+
 def test_checkpoint_helpers_reject_bad_input() -> None:
     w = {"a.weight": np.ones((4, 4), np.float32), "b.weight": np.ones(4, np.float32)}
     with pytest.raises(StateDictError, match="not in the weights") as info:
@@ -314,9 +333,9 @@ def test_checkpoint_helpers_reject_bad_input() -> None:
     with pytest.raises(TypeError, match=r"not the str 'a.weight'; use \['a.weight'\]"):
         fb.quantize_state_dict(w, targets="a.weight")
     orphan = {k: v for k, v in good().items() if "quant_state" not in k}
-    with pytest.raises(StateDictError, match="no quant_state key") as info:
+    with pytest.raises(StateDictError, match=rf"no quant_state key .*which has \['{PREFIX}.absmax'") as info:
         fb.dequantize_state_dict(orphan)
-    assert info.value.key == f"{PREFIX}.absmax"
+    assert info.value.key == f"{PREFIX}.{fb.QUANT_STATE}nf4"
     with pytest.raises(StateDictError, match="quant_type 'int4'"):
         fb.dequantize_state_dict(with_json(good(), quant_type="int4"))
 

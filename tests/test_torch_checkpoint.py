@@ -170,6 +170,12 @@ WORDS = "embeddings.word_embeddings.weight"
 LN = "embeddings.LayerNorm.weight"
 CASES = {
     "absmax missing": (lambda t: t.pop(f"{Q}.weight.absmax"), f"{Q}.weight.absmax", StateDictError),
+    "quant_state missing": (lambda t: t.pop(f"{Q}.weight.quant_state.bitsandbytes__nf4"),
+                            f"{Q}.weight.quant_state.bitsandbytes__nf4", StateDictError),
+    "quant_state of another type": (
+        lambda t: t.update({f"{Q}.weight.quant_state.bitsandbytes__int8":
+                            t.pop(f"{Q}.weight.quant_state.bitsandbytes__nf4")}),
+        f"{Q}.weight.quant_state.bitsandbytes__int8", StateDictError),
     "unknown tensor": (lambda t: t.update({"extra.weight": np.ones(3, np.float32)}), "extra.weight",
                        CheckpointError),
     "parameter missing": (lambda t: t.pop(WORDS), WORDS, CheckpointError),

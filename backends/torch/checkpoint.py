@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +56,6 @@ __all__ = [
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 CONFIG = "config.json"
-_QS = re.compile(r"(?P<prefix>.+)\.quant_state\.bitsandbytes__(nf4|fp4)$", re.DOTALL)
 
 
 class CheckpointError(StateDictError):
@@ -321,7 +319,7 @@ def load_4bit_checkpoint(directory: str | os.PathLike, model: nn.Module | None =
         ``model.safetensors`` (or ``model.safetensors.index.json`` and its shards).
     model: the unquantized model to load into (its ``nn.Linear`` layers at the quantized paths are
         replaced); None builds it from the config with transformers.
-    Each 4-bit weight (found by its ``P.weight.quant_state.bitsandbytes__*`` key) is read with
+    Each 4-bit weight (found by ``reflora.formats.bnb.quantized_prefixes``) is read with
     :func:`reflora.formats.bnb.from_state_dict` and becomes an :class:`NF4Linear` holding the same
     bytes, with ``P.bias``; every other tensor is assigned as stored (its dtype kept). Weights the
     model ties (an LM head sharing the input embeddings) may be stored once, as transformers stores
@@ -335,7 +333,7 @@ def load_4bit_checkpoint(directory: str | os.PathLike, model: nn.Module | None =
     tensors = _read_tensors(directory)
     if model is None:
         model = _skeleton(directory, config)
-    prefixes = [m["prefix"] for k in tensors if (m := _QS.match(k))]
+    prefixes = bnb.quantized_prefixes(tensors)
     if not prefixes:
         raise CheckpointError(WEIGHTS, "holds no 4-bit weight (no '*.quant_state.bitsandbytes__*' key)")
     consumed: set[str] = set()

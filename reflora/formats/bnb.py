@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -53,6 +52,7 @@ __all__ = [
     "from_state_dict",
     "quant_state_json",
     "quantize_state_dict",
+    "quantized_prefixes",
     "to_state_dict",
 ]
 
@@ -61,7 +61,6 @@ _PLAIN_FIELDS = ("quant_type", "blocksize", "dtype", "shape")
 _NESTED_FIELDS = ("nested_blocksize", "nested_dtype", "nested_offset")
 #: The statistics a 4-bit weight ``P`` stores beside it, as ``P.<name>``.
 STATISTICS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
-_QS_KEY = re.compile(r"(?P<prefix>.+)\.quant_state\.", re.DOTALL)
 
 
 class StateDictError(ValueError):
@@ -70,6 +69,29 @@ class StateDictError(ValueError):
     def __init__(self, key: str, message: str) -> None:
         super().__init__(f"{key!r}: {message}")
         self.key = key
+
+
+def quantized_prefixes(keys: Iterable[str]) -> list[str]:
+    """The 4-bit weights among a state dict's ``keys``, as their prefixes ``P``, in key order.
+
+    ``P`` is one when a key ``P.quant_state.<anything>`` exists (the last ``.quant_state.`` in the key;
+    :func:`from_state_dict` then checks the suffix and the rest), or when ``P`` itself and a statistic
+    ``P.absmax`` / ``P.quant_map`` / ... exist without one (the weight lost its quant_state key, which
+    :func:`from_state_dict` reports; passing it through would leave stray statistics and a uint8
+    array where a weight belongs). Every reader of whole state dicts finds its weights here:
+    :func:`dequantize_state_dict`, ``reflora inspect`` and the torch backend's checkpoint loader.
+    """
+    keys = list(keys)
+    present = set(keys)
+    found: dict[str, None] = {}
+    for k in keys:
+        prefix, sep, _ = k.rpartition(".quant_state.")
+        if not sep:
+            parent, _, last = k.rpartition(".")
+            prefix = parent if last in STATISTICS and parent in present else ""
+        if prefix:
+            found.setdefault(prefix)
+    return list(found)
 
 
 def quant_state_json(state: QuantState) -> bytes:
@@ -152,7 +174,11 @@ def _read_json(d: Mapping[str, Any], prefix: str) -> tuple[str, dict[str, Any]]:
     """The quant-state key under ``prefix`` and its decoded, checked JSON fields."""
     found = [k for k in d if k.startswith(f"{prefix}.quant_state.")]
     if not found:
-        raise StateDictError(f"{prefix}.{QUANT_STATE}nf4", "missing (no quant_state key under this prefix)")
+        beside = [k for k in (f"{prefix}.{s}" for s in STATISTICS) if k in d]
+        raise StateDictError(
+            f"{prefix}.{QUANT_STATE}nf4",
+            "missing (no quant_state key under this prefix" + (f", which has {beside})" if beside else ")"),
+        )
     if len(found) > 1:
         raise StateDictError(found[1], f"a second quant_state key besides {found[0]!r}")
     key = found[0]
@@ -309,29 +335,18 @@ def quantize_state_dict(
 def dequantize_state_dict(d: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """``d`` with every 4-bit weight replaced by its dequantized tensor (``state.dtype``, ``state.shape``).
 
-    A quantized weight is found by its ``P.quant_state.*`` key and read with :func:`from_state_dict`;
-    its other keys are dropped. Every other entry passes through unchanged. A key named like a
-    quantization statistic (``P.absmax``, ``P.quant_map``, ...) whose ``P`` is in ``d`` but has no
-    quant_state raises :class:`StateDictError`: it would otherwise pass through as a stray tensor.
+    The quantized weights are those :func:`quantized_prefixes` finds, each read with
+    :func:`from_state_dict`, which raises :class:`StateDictError` for a malformed one (a weight ``P``
+    with statistics ``P.absmax``, ... but no quant_state key among them); their other keys are
+    dropped. Every other entry passes through unchanged.
     """
-    states = {}
-    for k in d:
-        m = _QS_KEY.match(k)
-        if m:
-            states[m["prefix"]] = from_state_dict(d, m["prefix"])
+    states = {p: from_state_dict(d, p) for p in quantized_prefixes(d)}
     # from_state_dict has checked that every key under a prefix is one of its statistics
     consumed = {k for k in d for p in states if k.startswith(f"{p}.")} if states else set()
     out: dict[str, np.ndarray] = {}
     for k, v in d.items():
         if k in states:
             out[k] = nf4.dequantize(states[k])
-            continue
-        if k in consumed:
-            continue
-        parent, _, last = k.rpartition(".")
-        if last in STATISTICS and parent in d:
-            raise StateDictError(
-                k, f"looks like a quantization statistic of {parent!r}, which has no quant_state key"
-            )
-        out[k] = v
+        elif k not in consumed:
+            out[k] = v
     return out
