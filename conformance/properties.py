@@ -370,16 +370,25 @@ def check_quantize(ctx: Context, inputs: Inputs) -> None:
 
 
 def _codes_first(ctx: Context, state: Any, expected: Any, x: np.ndarray, p: dict, context: dict) -> None:
-    """A codes Mismatch if the backend's codes differ from the dialect's (a QuantState of the same size)."""
+    """A codes Mismatch if the backend's codes differ from the dialect's: a QuantState's (after its
+    header), or the packed codes of a native state of the dialect's own type (torchao's
+    ``quantized_data``), where the sizes agree."""
     want = ctx.dialect.as_quant_state(expected)
-    if not isinstance(state, QuantState):
+    if isinstance(state, QuantState):
+        _compare_header("quantize_4bit", state, want, context)  # a wrong header explains codes and offset
+        got, ref = state.packed, want.packed
+        allowed = ctx.dialect.allowed_codes(x, p["blocksize"], p["quant_type"])
+    elif type(state) is type(expected) and dataclasses.is_dataclass(expected):
+        field = next((f for f in ("quantized_data", "packed") if hasattr(expected, f)), None)
+        if field is None:
+            return
+        got, ref, allowed = np.asarray(getattr(state, field)), np.asarray(getattr(expected, field)), None
+    else:
         return
-    _compare_header("quantize_4bit", state, want, context)  # a wrong header explains codes and offset
-    if np.shape(state.packed) != np.shape(want.packed):
+    if np.shape(got) != np.shape(ref):
         return
-    allowed = ctx.dialect.allowed_codes(x, p["blocksize"], p["quant_type"])
     scales = nf4.block_scales(want)
-    _compare_codes("quantize_4bit", state.packed, want.packed, x, scales, want.blocksize, context, allowed)
+    _compare_codes("quantize_4bit", got, ref, x, scales, want.blocksize, context, allowed)
 
 
 def check_dequantize(ctx: Context, inputs: Inputs) -> None:

@@ -3,6 +3,7 @@ expected ones with their nibbles swapped say so."""
 
 from __future__ import annotations
 
+import pytest
 from mutants import MemoryOrder, NibbleOrder
 
 from reflora.backends.reference import ReferenceBackend
@@ -58,3 +59,21 @@ def test_a_backend_class_without_a_source_file_still_gets_its_failure(tmp_path):
     rep = _run(namespace["Anon"](), ["qlora_forward[random, float32]"], tmp_path)
     (r,) = rep.by_status("fail")
     assert "RuntimeError: boom (raised at <string>:3 in qlora_forward)" in r.message.splitlines()[0]
+
+
+def test_wrong_codes_in_a_native_state_are_reported_before_its_offset(tmp_path):
+    """torchao's own state (codes, int8 scalers, a scaler mean): a backend that cuts the blocks of a
+    transposed view from memory order has wrong codes, and a wrong mean because of them."""
+    pytest.importorskip("torchao")
+    from reflora.backends.torchao import TorchaoBackend
+
+    class TorchaoMemoryOrder(TorchaoBackend):
+        def quantize_4bit(self, x, **kwargs):
+            return super().quantize_4bit(x.ravel(order="K").reshape(x.shape), **kwargs)
+
+    backend = TorchaoMemoryOrder()
+    prof = profiles.get("ci")
+    select = ["quantize_4bit[transposed view, torchao-shaped, float32]"]
+    rep = runner.run_backend(backend, "torchao", prof, 0, bundle_dir=tmp_path, select=select, entries=[])
+    (r,) = rep.by_status("fail")
+    assert r.message.startswith("quantize_4bit: code[")
