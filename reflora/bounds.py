@@ -327,6 +327,21 @@ def _add(p: _Tracked, q: _Tracked, acc: _Fmt) -> _Tracked:
     return _round(summed, acc)
 
 
+def _add_onto(p: _Tracked, q: _Tracked, k: int, acc: _Fmt) -> _Tracked:
+    """[acc](v̂_p + v̂_q) where v̂_q is a sum of k terms that a kernel may accumulate onto p instead
+    (``addmm(p, ...)``, a GEMM whose accumulator starts from p, split-K partial sums added into an
+    output holding p): every order is a tree over the k terms and p (§3, more leaves), so p may lie
+    below all k adders, k - 1 more than :func:`_add` counts. A partial sum is bounded by abs_bound."""
+    extra = max(k - 1, 0)
+    if extra:
+        groups = tuple((_plus(c, ((acc.u, extra),)), a) for c, a in p.groups)
+        eta = p.eta * (1 + gamma(extra, acc.u)) + extra * acc.add_eta
+        p = _Tracked(groups, eta, p.overflow, p.value)
+    summed = _add(p, q, acc)
+    overflow = summed.overflow | (summed.abs_bound() >= acc.threshold)
+    return _Tracked(summed.groups, summed.eta, overflow, summed.value)
+
+
 def _final(p: _Tracked, f: _Fmt, value: np.ndarray) -> _Tracked:
     """fl(v̂), the last rounding of a result, bounded relative to the exact value instead of per path.
 
@@ -421,6 +436,10 @@ class Arithmetic:
         multiplied: "tfloat32" (float32's exponent range, 10 fraction bits, u = 2^-11; Triton's default
         for float32 ``tl.dot``, cuBLAS with TF32 allowed), "bfloat16" or "float16" (autocast). One
         rounding of at most acc_slack·u (to nearest; Triton's TF32 truncates: slack 2).
+    fold_scaling: the backend folds s into one adapter weight, A or B, first: [op][acc](s·A) or
+        [op][acc](s·B) (vLLM and punica scale lora_b when they load it; autograd through ``A * s``). That
+        rounds a weight in the operand dtype, in the subnormal range too, where s·B may become 0:
+        each of A and B is then read as s applied last to a weight off by u_op·|v| + η_op/|s|.
     """
 
     operand: str = "float32"
@@ -432,6 +451,7 @@ class Arithmetic:
     fused: bool = False
     dequant_ulps: int = 0
     dot_input: str | None = None
+    fold_scaling: bool = False
 
     def __post_init__(self) -> None:
         for name in ("operand", "accumulate", "intermediate", "output"):
@@ -462,6 +482,18 @@ class Arithmetic:
     def _read(self, v, ulps: int = 0) -> _Tracked:
         """An operand as this arithmetic reads it (:func:`_input`)."""
         return _input(v, _tiny(self.accumulate) if self.flush_to_zero else 0.0, ulps, self.operand)
+
+    def _read_adapter(self, v, s: float) -> _Tracked:
+        """A or B as this arithmetic reads it: exact, or under ``fold_scaling`` the weight [op](s·v)
+        seen with s applied last: v off by at most u_op·|v| + η_op/|s| (|[op](s·v) - s·v| <=
+        u_op·|s·v| + η_op), and overflowed where |s·v| may round past op's largest number."""
+        t = self._read(v)
+        if not self.fold_scaling or s == 0:  # s·v = 0 exactly
+            return t
+        op = _fmt(self.operand, 1.0, self.flush_to_zero)
+        error = op.u * np.abs(t.value) + op.eta / abs(s)
+        overflow = t.overflow | (abs(s) * np.abs(t.value) * (1 + op.u) >= op.threshold)
+        return _Tracked(t.groups, t.eta + error, overflow, t.value)
 
     def _read_base(self, W, base_dtype: str) -> _Tracked:
         """The base weight as this arithmetic reads it. A QLoRA base Ŵ is dequantized in its state's
@@ -543,8 +575,9 @@ def _forward_model(x, W, A, B, s, bias, mask, ar: Arithmetic, value=None, base_d
     else:
         x_d = _round(_mul(xt, ar._read(mask), acc), op)  # [op](x ⊙ mask)
     x_d = _may_scale(x_d, s, ar)
-    t = _may_scale(_to_mid(_matmul(x_d, ar._read(A).T, acc), ar, mid), s, ar)  # (N, r) = [mid](x_d Aᵀ)
-    z = _to_mid(_matmul(t, ar._read(B).T, acc), ar, mid)  # (N, out) = [mid](t Bᵀ), K = r
+    A_, B_ = ar._read_adapter(A, s), ar._read_adapter(B, s)
+    t = _may_scale(_to_mid(_matmul(x_d, A_.T, acc), ar, mid), s, ar)  # (N, r) = [mid](x_d Aᵀ)
+    z = _to_mid(_matmul(t, B_.T, acc), ar, mid)  # (N, out) = [mid](t Bᵀ), K = r
     lora = _to_mid(_scale(z, s, ar), ar, mid)  # [mid][acc]([acc](s)·z)
     b = () if bias is None else (ar._read(bias[None, :]),)
     if ar.fused:  # one accumulator, x Wᵀ with the low-rank term and the bias as leaves of its sum
@@ -555,7 +588,8 @@ def _forward_model(x, W, A, B, s, bias, mask, ar: Arithmetic, value=None, base_d
         # tensor (matmul, then add) and once when it is contiguous (addmm), whose split-K may start
         # from the bias: the bias a leaf of the sum and two roundings to out cover both.
         base = _round(base, out)
-    return _round(_add(base, lora, acc), out)  # [out]([acc](base + lora))
+    # [out]([acc](base + lora)), the base below the r adders of t Bᵀ where they accumulate onto it
+    return _round(_add_onto(base, lora, np.shape(B)[1], acc), out)
 
 
 def lora_forward_bound(
@@ -570,13 +604,14 @@ def lora_forward_bound(
         x_d = [op][acc](x ⊙ mask)                 t = [mid](x_d Aᵀ)   accumulated, K = in
         z   = [mid](t Bᵀ)   accumulated, K = r     l = [mid][acc]([acc](s)·z)
         b   = [out](x Wᵀ)   accumulated, K = in    with a bias, b = [out][out](x Wᵀ + bias), K = in + 1
-        y   = [out][acc](b + l)
+        y   = [out][acc](b + l)    b below up to r adders (z's products may accumulate onto it)
 
     A summation in any order (split-K too) of the K products and of terms added into the same
-    accumulation (the bias) is a tree over all of them (:func:`_matmul`). Paths and their roundings
-    (c = 1 with a bias, m = 1 with a mask): base terms x_k W_ik: in + 1 + c of acc and 2 + c of out;
-    the bias: in + 1 of acc, 3 of out; LoRA terms s x_k m_k A_jk B_ij: in + r + 3 + m of acc, 3 of mid,
-    1 of out (+m of op). Hence, with θ from the Lemma,
+    accumulation (the bias; b, where z is accumulated onto it) is a tree over all of them
+    (:func:`_matmul`, :func:`_add_onto`). Paths and their roundings (c = 1 with a bias, m = 1 with a
+    mask): base terms x_k W_ik: in + r + c of acc and 2 + c of out; the bias: in + r of acc, 3 of
+    out; LoRA terms s x_k m_k A_jk B_ij: in + r + 3 + m of acc, 3 of mid, 1 of out (+m of op).
+    Hence, with θ from the Lemma,
 
         |ŷ - y| <= θ_base·|x||W|ᵀ + θ_bias·|bias| + θ_lora·|s|·(|x_d||A|ᵀ)|B|ᵀ + E,
 
@@ -634,20 +669,22 @@ def _backward_model(
 
     x_d = _may_scale(xt if mask is None else keep(_mul(xt, ar._read(mask), acc)), s, ar)
     g_l = _may_scale(gt, s, ar)  # g as the low-rank chains see it: s may be applied to it first
-    t = _may_scale(_to_mid(_matmul(x_d, ar._read(A).T, acc), ar, mid), s, ar)  # (N, r), K = in
-    u = _may_scale(_to_mid(_matmul(g_l, ar._read(B), acc), ar, mid), s, ar)  # (N, r) = g B, K = out
-    grad_B = last(keep_mid(_scale(_matmul(g_l.T, t, acc), s, ar)), 2)  # (out, r) = s·gᵀ t, K = N
-    grad_A = last(keep_mid(_scale(_matmul(u.T, x_d, acc), s, ar)), 1)  # (r, in) = s·uᵀ x_d, K = N
+    A_, B_ = ar._read_adapter(A, s), ar._read_adapter(B, s)
+    t = _may_scale(_to_mid(_matmul(x_d, A_.T, acc), ar, mid), s, ar)  # (N, r), K = in
+    u = _may_scale(_to_mid(_matmul(g_l, B_, acc), ar, mid), s, ar)  # (N, r) = g B, K = out
+    # (out, r) = s·gᵀ t and (r, in) = s·uᵀ x_d, K = N; s may be applied to the stored product
+    grad_B = last(keep_mid(_scale(_may_scale(_matmul(g_l.T, t, acc), s, ar), s, ar)), 2)
+    grad_A = last(keep_mid(_scale(_may_scale(_matmul(u.T, x_d, acc), s, ar), s, ar)), 1)
     if not need_x:
         return None, grad_A.error(), grad_B.error()
-    lora = keep_mid(_scale(keep_mid(_matmul(u, ar._read(A), acc)), s, ar))  # (N, in) = s·(u A), K = r
+    lora = keep_mid(_scale(keep_mid(_matmul(u, A_, acc)), s, ar))  # (N, in) = s·(u A), K = r
     if mask is not None:
         lora = keep(_mul(lora, ar._read(mask), acc))
     W_ = ar._read_base(W, base_dtype or ar.operand)
     if ar.fused:  # one accumulator: g W with the low-rank term as a leaf of its sum, K' = out + 1
         grad_x = last(_matmul(gt, W_, acc, (lora,)), 0)
-    else:  # [out]([acc]([out](g W) + lora)), K = out
-        grad_x = last(_add(_round(_matmul(gt, W_, acc), out), lora, acc), 0)
+    else:  # [out]([acc]([out](g W) + lora)), K = out; g W below the r adders of u A accumulated onto it
+        grad_x = last(_add_onto(_round(_matmul(gt, W_, acc), out), lora, np.shape(A)[0], acc), 0)
     return grad_x.error(), grad_A.error(), grad_B.error()
 
 
@@ -680,10 +717,12 @@ def lora_backward_bound(
     and its store moved to the end. Paths (the "+1"s apply with a mask): grad_B: s g_ni x_dk A_jk, with
     in + N + 2 (+1) of acc, 2 of mid, 1 of out (+1 of op); grad_A: s g_ni B_ij x_dk, with
     out + N + 2 (+1) of acc, 2 of mid, 1 of out (+1 of op);
-    grad_x: g_ni W_ik with out + 1 of acc and 2 of out, and s g_ni B_ij A_jk m_k with
+    grad_x: g_ni W_ik with out + r of acc (u A's r products may accumulate onto [out](g W)) and 2 of
+    out, and s g_ni B_ij A_jk m_k with
     out + r + 3 (+1) of acc, 3 of mid, 1 of out (+1 of op). The absolute-value expressions are
     |s|·|g|ᵀ(|x_d||A|ᵀ), |s|·(|g||B|)ᵀ|x_d|, and |g||W| + |s|·((|g||B|)|A|) ⊙ |m|. The underflow
-    terms allow s anywhere along each chain (see :func:`lora_forward_bound`).
+    terms allow s anywhere along each chain (see :func:`lora_forward_bound`), also after the product
+    gᵀt or uᵀx_d is stored.
     The bound is the backend's plus the reference's (every dtype float64).
 
     With ``arith.fused``: x_d = [acc](x ⊙ mask), no [mid] on the scaled results (nor on u A), and
@@ -718,15 +757,16 @@ def lora_backward_bound(
 
 def _delta_model(A, B, s, ar: Arithmetic, fan_in_fan_out: bool) -> _Tracked:
     acc, mid, _, _ = ar.formats()
-    Bt, At = _may_scale(ar._read(B), s, ar), _may_scale(ar._read(A), s, ar)
+    Bt, At = _may_scale(ar._read_adapter(B, s), s, ar), _may_scale(ar._read_adapter(A, s), s, ar)
     d = _round(_matmul(Bt, At, acc), mid)  # (out, in) = [mid](B A), K = r
     d = _round(_scale(d, s, ar), mid)  # [mid][acc]([acc](s)·B A)
     return d.T if fan_in_fan_out else d
 
 
 def _merge_sum(W, A, B, s, ar: Arithmetic, fan_in_fan_out: bool) -> _Tracked:
-    """[acc](W + ΔW): the merged weight before its one rounding to output."""
-    return _add(ar._read(W), _delta_model(A, B, s, ar, fan_in_fan_out), ar.formats()[0])
+    """[acc](W + ΔW): the merged weight before its one rounding to output; W below the r adders of B A
+    where a kernel accumulates them onto it (``acc = W; acc = dot(B, A, acc)``)."""
+    return _add_onto(ar._read(W), _delta_model(A, B, s, ar, fan_in_fan_out), np.shape(A)[0], ar.formats()[0])
 
 
 def _merge_inputs(W, A, B, arith: Arithmetic, fan_in_fan_out: bool):
@@ -750,7 +790,8 @@ def merge_bound(W, A, B, scaling: float, arith: Arithmetic, *, fan_in_fan_out: b
     :func:`reflora.lora.merge` on the same W (so rounded once to W's dtype).
 
     Model: ΔW = [mid][acc]([acc](s)·[mid](B A)) with K = r, W' = [out][acc](W + ΔW). Paths: W_ik with
-    1 of acc and 1 of out; s B_ij A_jk with r + 3 of acc, 2 of mid, 1 of out. So
+    r of acc (B A's products may accumulate onto it) and 1 of out; s B_ij A_jk with r + 3 of acc,
+    2 of mid, 1 of out. So
     |Ŵ' - W'| <= θ_W |W| + θ_Δ |s|(|B||A|) + E. The reference is the same model with float64 for
     accumulate and intermediate and W's dtype as output (its one final rounding). Since both results
     are rounded, this allows at least a whole ulp of W'; the conformance check uses the sharper

@@ -787,6 +787,83 @@ def test_unfused_bounds_allow_the_scaling_anywhere_along_the_low_rank_chain():
         assert _ok(np.abs(out - ref), bounds.lora_forward_bound(xs, W, As, Bs, s, f32))
 
 
+def test_backward_bound_allows_the_scaling_after_the_stored_product():
+    # float16, grad_A = [f16]([f32](s)·[f16](uᵀ x)): the product stored in float16, then scaled (the
+    # order of autograd through an adapter whose scaling is folded into A, or of unsloth's fast_lora).
+    # uᵀx = 1.5·2^-24 is a subnormal tie stored as 2^-23, and s = 16 carries that to grad_A: the error
+    # is 2^-21 = 16·η. The model gave the stored product no room and was exceeded 7.6 times.
+    ar = Arithmetic("float16", "float32", "float16", "float16")
+    g, x, W = np.array([[1.0]]), np.array([[2.0**-14]]), np.zeros((1, 1))
+    A, B, s = np.array([[1.0]]), np.array([[1.5 * 2.0**-10]]), 16.0
+    u = rnd(g @ B, F16)
+    grad_A = mul_round(rnd(u.T @ x, F16), s, F16)
+    _, ref_A, _ = lora.backward(g, x, W, A, B, s)
+    assert 0.8 < _ratio(grad_A, ref_A, bounds.lora_backward_bound(g, x, W, A, B, s, ar)[1]) <= 1
+
+
+def test_unfused_bounds_hold_when_the_low_rank_product_accumulates_onto_the_base():
+    """A kernel may accumulate the low-rank product onto what it is added to: addmm(base, t, Bᵀ), a
+    merge starting its accumulator from W. That operand then lies below all r adders (§3, more leaves);
+    the model added it once and was exceeded 8x (forward, float32, r = 32) and by an ulp (merge)."""
+    f32 = Arithmetic("float32", "float32", "float32", "float32")
+    r = 32
+    x, W = np.array([[1.0]]), np.array([[1.0]])  # base = 1 exactly
+    A = np.full((r, 1), 2.0**-12)
+    B = np.full((1, r), rnd(2.0**-12 * (1 - 2.0**-20), F32))  # each product just under half an ulp of 1
+    t = x @ A.T  # exact
+    y = sim_matmul_sum(
+        [x @ W.T, *(mul_round(t[:, j : j + 1], B[:, j : j + 1].T, F32) for j in range(r))], F32
+    )
+    ratio = _ratio(y, lora.forward(x, W, A, B, 1.0), bounds.lora_forward_bound(x, W, A, B, 1.0, f32))
+    assert y[0, 0] == 1.0 and 0.85 < ratio <= 1
+    # bfloat16 merge, float32 accumulator started from W = 1: one product of 2^-8, then 15 just under half
+    # a float32 ulp of 1, all lost; the float32 sum 1 + 2^-8 is then a bfloat16 tie that goes to 1, while
+    # W + s·B A is above the tie and lora.merge gives 1 + 2^-7.
+    r = 16
+    W = np.array([[1.0]])
+    A, B = np.zeros((r, 1)), np.zeros((1, r))
+    B[0, 0] = A[0, 0] = 2.0**-4
+    B[0, 1:], A[1:, 0] = 2.0**-12, rnd(2.0**-12 * (1 - 2.0**-8), BF16)
+    merged = rnd(
+        sim_matmul_sum([W, *(mul_round(B[:, j : j + 1], A[j : j + 1], F32) for j in range(r))], F32), BF16
+    )
+    assert (
+        merged[0, 0] == 1.0
+        and lora.merge(W.astype(BF16), A.astype(BF16), B.astype(BF16), 1.0)[0, 0] == 1 + 2.0**-7
+    )
+    for fused in (False, True):
+        lo, hi = bounds.merge_interval(
+            W, A, B, 1.0, Arithmetic("bfloat16", "float32", "float32", "bfloat16", fused=fused)
+        )
+        assert lo[0, 0] <= merged[0, 0] <= hi[0, 0]
+
+
+def test_fold_scaling_declares_a_scaling_folded_into_an_adapter_weight():
+    # float16, s = 1/3 folded into B first (vLLM and punica scale lora_b when they load it): s·B with
+    # B = 2^-24 rounds to 0, and x = 32768 carries the lost 2^-24/3 to y. Undeclared, the model (s
+    # applied to activations or products only) is exceeded 467 times; with fold_scaling it holds, for
+    # the forward and for grad_x and grad_A through the folded weight, B or A.
+    f16 = Arithmetic("float16", "float32", "float16", "float16")
+    folded = dataclasses.replace(f16, fold_scaling=True)
+    g, x, W, s = np.array([[1.0]]), np.array([[32768.0]]), np.zeros((1, 1)), 1 / 3
+    for A, B, into in (
+        (np.array([[1.0]]), np.array([[2.0**-24]]), "B"),
+        (np.array([[2.0**-24]]), np.ones((1, 1)), "A"),
+    ):
+        A_s, B_s = (mul_round(A, s, F16), B) if into == "A" else (A, mul_round(B, s, F16))
+        y = rnd(sim_matmul(rnd(sim_matmul(x, A_s.T, F32), F16), B_s.T, F32), F16)
+        ref = lora.forward(x, W, A, B, s)
+        assert y[0, 0] == 0 and ref[0, 0] > 0
+        assert _ratio(y, ref, bounds.lora_forward_bound(x, W, A, B, s, f16)) > 400
+        assert _ok(np.abs(y - ref), bounds.lora_forward_bound(x, W, A, B, s, folded))
+        u = rnd(sim_matmul(g, B_s, F32), F16)  # (1, r)
+        grad_x = rnd(sim_matmul(u, A_s, F32), F16)
+        grad_A = rnd(sim_matmul(u.T, x, F32), F16) if into == "B" else mul_round(rnd(u.T @ x, F16), s, F16)
+        ref_x, ref_A, _ = lora.backward(g, x, W, A, B, s)
+        bx, bA, _ = bounds.lora_backward_bound(g, x, W, A, B, s, folded)
+        assert _ok(np.abs(grad_x - ref_x), bx) and _ok(np.abs(grad_A - ref_A), bA)
+
+
 def test_underflow_terms_are_needed_and_attained_in_float16():
     # float16: x·A = 1.5·2^-24, a tie between the two smallest subnormals, is stored as t = 2^-23 (an
     # error of η = 2^-25), then B = 2^10 carries it to y: error 2^-15, nearly all of it η·|B|. The bound
@@ -1135,14 +1212,15 @@ def _closed_forms(g, x, W, A, B, s, mask, ar, bias=None):
     xd = xa if mask is None else xa * np.abs(mask)
     theta_lora = _theta((acc, n_in + r + 3 + m), (mid, 3), (op, m), (out, 1))
     b = 0 if bias is None else 1
-    fwd = _theta((acc, n_in + 1 + b), (out, 2 + b)) * (xa @ Wa.T) + theta_lora * abs(s) * ((xd @ Aa.T) @ Ba.T)
-    if bias is not None:  # a leaf of the x Wᵀ sum (K = in + 1), two [out], then the sum with the LoRA term
-        fwd = fwd + _theta((acc, n_in + 1), (out, 3)) * np.abs(bias)
+    # the base may lie below the r adders of a low-rank product accumulated onto it (addmm(base, t, Bᵀ))
+    fwd = _theta((acc, n_in + r + b), (out, 2 + b)) * (xa @ Wa.T) + theta_lora * abs(s) * ((xd @ Aa.T) @ Ba.T)
+    if bias is not None:  # a leaf of the x Wᵀ sum (K = in + 1), two [out], then below the r adders
+        fwd = fwd + _theta((acc, n_in + r), (out, 3)) * np.abs(bias)
     bB = _theta((acc, n_in + n_tok + 2 + m), (mid, 2), (out, 1), (op, m)) * abs(s) * (ga.T @ (xd @ Aa.T))
     bA = _theta((acc, n_out + n_tok + 2 + m), (mid, 2), (out, 1), (op, m)) * abs(s) * ((ga @ Ba).T @ xd)
     lora_x = (ga @ Ba) @ Aa if mask is None else ((ga @ Ba) @ Aa) * np.abs(mask)
     theta_x = _theta((acc, n_out + r + 3 + m), (mid, 3), (out, 1), (op, m))
-    bx = _theta((acc, n_out + 1), (out, 2)) * (ga @ Wa) + theta_x * abs(s) * lora_x
+    bx = _theta((acc, n_out + r), (out, 2)) * (ga @ Wa) + theta_x * abs(s) * lora_x
     return fwd, bx, bA, bB
 
 
