@@ -237,9 +237,20 @@ class BitsandbytesBackend(BaseBackend):
 
         ``avx512_misindexed``: bnb's AVX-512 dequantize loop reads another block's absmax for this
         weight (``bnb_cpu.avx512_misindexed`` of its shape and blocksize). It runs only on the CPU of an
-        AVX-512 host (``inputs`` None: whether this machine is one)."""
+        AVX-512 host (``inputs`` None: whether this machine is one).
+
+        ``state_dtype_skipped``: the QLoRA base's state is float16 or bfloat16 and the activations are
+        of another dtype, so bnb's forward, which dequantizes straight into the activations' dtype,
+        skips a rounding to the state's (a float32 state has none to skip). Any host."""
+        if name == "state_dtype_skipped":
+            if inputs is None:
+                return True
+            base, x = inputs.params.get("base_dtype"), inputs.get("x")
+            return base in ("float16", "bfloat16") and x is not None and str(x.dtype) != base
         if name != "avx512_misindexed":
-            raise ValueError(f"bitsandbytes defines no condition {name!r} (it has: avx512_misindexed)")
+            raise ValueError(
+                f"bitsandbytes defines no condition {name!r} (it has: avx512_misindexed, state_dtype_skipped)"
+            )
         options = self.dialect_options()
         if not options or options["host"].lanes != 16:
             return False

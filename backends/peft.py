@@ -174,7 +174,8 @@ class PeftBackend(BaseBackend):
         return BitsandbytesBackend().dialect_options()
 
     def deviation_condition(self, name: str, inputs: Any) -> bool:
-        """bitsandbytes' conditions (its 4-bit base is bnb's): ``avx512_misindexed``."""
+        """bitsandbytes' conditions (its 4-bit base is bnb's): ``avx512_misindexed``,
+        ``state_dtype_skipped``."""
         return BitsandbytesBackend().deviation_condition(name, inputs)
 
     def arithmetic(self, op: str, dtype: str) -> bounds.Arithmetic:

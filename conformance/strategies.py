@@ -294,7 +294,12 @@ def lora_values(
     elif family == "sparse":
         v = rng.standard_normal(n) * scale * (rng.random(n) < 0.2)
     elif family == "tiny":
-        v = rng.standard_normal(n) * float(ml_dtypes.finfo(dtype).smallest_normal) * 64
+        # Products of three such values (grad_A, grad_B, the low-rank path) land midway down the
+        # subnormal range, at smallest_normal·2^(-mantissa bits/2); of two, above it. Values of 64·tiny
+        # (as before) made float32's and bfloat16's three-factor products underflow far below the
+        # bound's η terms: a backend returning zeros passed every grad_A and grad_B of this family.
+        fi = ml_dtypes.finfo(dtype)
+        v = rng.standard_normal(n) * (float(fi.smallest_normal) * 2.0 ** (-int(fi.nmant) / 2)) ** (1 / 3)
     else:
         raise ValueError(f"unknown LoRA value family {family!r}")
     return _finite(v, dtype).reshape(shape)

@@ -39,13 +39,17 @@ ONE_BYTE_BACKWARD = _ids("qlora_backward", "[2-element base weight (one packed b
 # bnb's forward dequantizes into the activations' dtype, skipping the state's: under float32 activations
 # every base of 16 bits fails; under float16 the random test meets a small sum whose bound a bfloat16
 # step exceeds (the 128-wide cases stay within it). Under bfloat16 a float16 base differs by a double
-# rounding (within the bound for normal weights, not for ones in float16's subnormal range, which seed 0
-# does not draw) and a float32 base not at all.
+# rounding (within the bound for normal weights, not for ones in float16's subnormal range) and a float32
+# base not at all. The random test's entry holds only where the state is 16-bit and not the activations'
+# dtype (when = "state_dtype_skipped"): it declared a bfloat16 draw with a float32 base once, whose cause
+# was the AVX-512 misindexing instead.
 MIXED_FORWARD = {
-    "qlora_forward[random, base weight in another dtype, float32]",
-    "qlora_forward[random, base weight in another dtype, float16]",
     "qlora_forward[base weight in bfloat16, torchao-shaped, float32]",
     "qlora_forward[base weight in float16, torchao-shaped, float32]",
+}
+MIXED_RANDOM = {
+    "qlora_forward[random, base weight in another dtype, float32]",
+    "qlora_forward[random, base weight in another dtype, float16]",
 }
 # float16's maximum is far below float32's, so its scale mean cannot overflow: only float32 and bfloat16
 NEAR_OVERFLOW = {
@@ -104,6 +108,9 @@ def test_backend_passes_the_ci_profile_apart_from_its_declared_deviations(name, 
     assert {r.id for r in report.by_status("declared")} - {r.id for r in conditional} == declared
     backend = backends.get(name)
     assert all(deviations.condition(backend, r.deviation["when"], r.inputs) for r in conditional)
+    if name != "torchao":  # the random mixed-dtype draws of seed 0 meet bnb's skipped state rounding
+        skipped = {r.id for r in conditional if r.deviation["when"] == "state_dtype_skipped"}
+        assert skipped == MIXED_RANDOM
     assert not report.warnings, report.warnings
     # the backend was really exercised: tests that compared a value ("rejected" ones compared nothing;
     # measured 2026-11-24: bitsandbytes 311, peft 308, torchao 97, which rejects most quantize shapes)
