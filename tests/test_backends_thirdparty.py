@@ -47,10 +47,11 @@ MIXED_FORWARD = {
     "qlora_forward[base weight in bfloat16, torchao-shaped, float32]",
     "qlora_forward[base weight in float16, torchao-shaped, float32]",
 }
-MIXED_RANDOM = {
+# float32 activations with a 16-bit state fail in every draw that has one; under float16 only some draws
+MIXED_RANDOM = (
     "qlora_forward[random, base weight in another dtype, float32]",
     "qlora_forward[random, base weight in another dtype, float16]",
-}
+)
 # float16's maximum is far below float32's, so its scale mean cannot overflow: only float32 and bfloat16
 NEAR_OVERFLOW = {
     f"dequantize_4bit[own state round trip, near overflow, finite, {d}]" for d in ("float32", "bfloat16")
@@ -110,7 +111,7 @@ def test_backend_passes_the_ci_profile_apart_from_its_declared_deviations(name, 
     assert all(deviations.condition(backend, r.deviation["when"], r.inputs) for r in conditional)
     if name != "torchao":  # the random mixed-dtype draws of seed 0 meet bnb's skipped state rounding
         skipped = {r.id for r in conditional if r.deviation["when"] == "state_dtype_skipped"}
-        assert skipped == MIXED_RANDOM
+        assert skipped <= set(MIXED_RANDOM) and MIXED_RANDOM[0] in skipped
     assert not report.warnings, report.warnings
     # the backend was really exercised: tests that compared a value ("rejected" ones compared nothing;
     # measured 2026-11-24: bitsandbytes 311, peft 308, torchao 97, which rejects most quantize shapes)

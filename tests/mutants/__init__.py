@@ -222,6 +222,18 @@ class RankOneDropsAdapter(_Mutant):
         return lora.forward(x, W, A, B, s, bias=bias, dropout_mask=dropout_mask)
 
 
+class SkipsSmallAdapter(_Mutant):
+    name, ops, bug = (
+        "mutant-skips-small-adapter",
+        ("lora_forward",),
+        "the low-rank term is skipped where max|s·B| < 1e-3 (an early adapter; a 'negligible' shortcut)",
+    )
+
+    def lora_forward(self, x, W, A, B, scaling, *, bias=None, dropout_mask=None):
+        s = 0.0 if np.max(np.abs(scaling * np.asarray(B, np.float64)), initial=0.0) < 1e-3 else scaling
+        return lora.forward(x, W, A, B, s, bias=bias, dropout_mask=dropout_mask)
+
+
 class OddInFeatures(_Mutant):
     name, ops, bug = "mutant-odd-in", ("lora_forward",), "the last input feature is dropped when in is odd"
 
@@ -388,4 +400,5 @@ MUTANTS: tuple[type[_Mutant], ...] = (
     ScratchInputs,
     NegativeScaleClamped,
     QLoRABaseSkipsStateDtype,
+    SkipsSmallAdapter,
 )
