@@ -249,12 +249,16 @@ def _compare_quant_states(op, actual: QuantState, expected: QuantState, x, conte
     tol.expect_bits(op, "nested.absmax2", a.absmax2, e.absmax2, context)
 
 
+# The field of a dialect's own state dataclass that holds the packed codes (torchao: quantized_data).
+_CODE_FIELDS = ("quantized_data", "packed")
+
+
 def _compare_native(op, actual, expected, quant_state: QuantState, x, context) -> None:
     """Field by field for a dialect's own state dataclass; packed codes reported per element."""
     scales = nf4.block_scales(quant_state)
     for f in dataclasses.fields(expected):
         va, ve = getattr(actual, f.name), getattr(expected, f.name)
-        if f.name in ("quantized_data", "packed"):
+        if f.name in _CODE_FIELDS:
             _compare_codes(
                 op, np.asarray(va), np.asarray(ve), x, scales, quant_state.blocksize, context, None
             )
@@ -379,7 +383,7 @@ def _codes_first(ctx: Context, state: Any, expected: Any, x: np.ndarray, p: dict
         got, ref = state.packed, want.packed
         allowed = ctx.dialect.allowed_codes(x, p["blocksize"], p["quant_type"])
     elif type(state) is type(expected) and dataclasses.is_dataclass(expected):
-        field = next((f for f in ("quantized_data", "packed") if hasattr(expected, f)), None)
+        field = next((f for f in _CODE_FIELDS if hasattr(expected, f)), None)
         if field is None:
             return
         got, ref, allowed = np.asarray(getattr(state, field)), np.asarray(getattr(expected, field)), None

@@ -359,7 +359,7 @@ def load_4bit_checkpoint(directory: str | os.PathLike, model: nn.Module | None =
         device = target.bias.device if target.bias is not None else next(model.parameters()).device
         ts = TorchQuantState.from_state(state, device)
         _set_submodule(model, path, NF4Linear(ts, None if bias is None else numpy_to_torch(bias, device)))
-        consumed |= {k for k in tensors if k == prefix or k.startswith(f"{prefix}.")}
+        consumed |= bnb.weight_keys(tensors, prefix)
         consumed.add(f"{path}.bias")
     rest = {k: v for k, v in tensors.items() if k not in consumed}
     own = model.state_dict()

@@ -54,6 +54,7 @@ __all__ = [
     "quantize_state_dict",
     "quantized_prefixes",
     "to_state_dict",
+    "weight_keys",
 ]
 
 QUANT_STATE = "quant_state.bitsandbytes__"
@@ -92,6 +93,12 @@ def quantized_prefixes(keys: Iterable[str]) -> list[str]:
         if prefix:
             found.setdefault(prefix)
     return list(found)
+
+
+def weight_keys(keys: Iterable[str], prefix: str) -> set[str]:
+    """The entries among ``keys`` that the 4-bit weight at ``prefix`` stores: ``P`` and every ``P.*``
+    (which :func:`from_state_dict` has checked are its statistics and its quant_state)."""
+    return {k for k in keys if k == prefix or k.startswith(f"{prefix}.")}
 
 
 def quant_state_json(state: QuantState) -> bytes:
@@ -341,8 +348,7 @@ def dequantize_state_dict(d: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     dropped. Every other entry passes through unchanged.
     """
     states = {p: from_state_dict(d, p) for p in quantized_prefixes(d)}
-    # from_state_dict has checked that every key under a prefix is one of its statistics
-    consumed = {k for k in d for p in states if k.startswith(f"{p}.")} if states else set()
+    consumed = set().union(*(weight_keys(d, p) for p in states))
     out: dict[str, np.ndarray] = {}
     for k, v in d.items():
         if k in states:
