@@ -28,8 +28,16 @@ above: the computed result is Σ_τ τ·Π_τ(1 + δ) + E, where τ runs over th
 exact result written as a sum of products of inputs, Π_τ holds one factor per rounding on that path,
 and E gathers the η's, each multiplied by whatever follows it. So |computed - exact| <= Σ θ_τ |τ| + |E|:
 for each group of paths with the same rounding counts, θ times that group's absolute-value
-expression, plus the underflow terms. :class:`_Tracked` does this bookkeeping operation by operation,
-so each LoRA bound below is its computation model written as code.
+expression, plus the underflow terms.
+
+Charging a rounding against its value. The roundings of a summation are counted along its paths. A
+rounding of a whole computed value v̂ (a stored intermediate, an output) is charged against the
+value instead: fl(v̂) - v = (v̂ - v)(1 + δ) + δ·v + η, which costs u·|v| (plus u times v̂'s own path
+error) where one more factor on every path costs u·Σ|τ|. Where v cancels, as a dot product of signed
+values does, |v| is far below Σ|τ|. The roundings of the scaling s are the exception: a backend may
+apply s at any point of a low-rank chain, before anything has cancelled, so they are counted along
+the paths. :class:`_Tracked` does this bookkeeping operation by operation, so each LoRA bound below is
+its computation model written as code; docs/bounds.md §4 states the rules.
 """
 
 from __future__ import annotations
@@ -189,58 +197,76 @@ _U64 = 2.0**-53
 
 @dataclass(frozen=True)
 class _Tracked:
-    """A computed array v̂ of exact value v, known to satisfy v̂ = Σ_g Σ_{τ in g} τ·Π_τ(1+δ) + E with
+    """A computed array v̂ of exact value v, known to satisfy v̂ = R + H + L with
+    R = Σ_g Σ_{τ in g} τ·Π_τ(1+δ), where
 
     groups: ((counts, abs_g), ...): every path τ of group g has at most n roundings of unit roundoff u
         for each (u, n) in counts, and Σ_{τ in g} |τ| <= abs_g elementwise (abs_g is the group's
-        absolute-value expression);
-    eta: |E| <= eta elementwise (subnormal errors with everything that multiplies them downstream);
+        absolute-value expression); a summation's roundings are counted here, along its paths;
+    eta: |H| <= eta elementwise: the underflow terms (the η's) with everything that multiplies them
+        downstream;
+    rel: |L| <= rel elementwise: the errors of the roundings charged against the value they round
+        (:func:`_round`), with everything that multiplies them downstream. Unlike H, L scales with s
+        exactly (:func:`_scale`);
     overflow: True where some rounding on the way may have overflowed (then nothing is known);
-    value: v evaluated in float64 along the same operations (signed), for :meth:`magnitude`.
+    value: v evaluated in float64 along the same operations (signed), for :meth:`magnitude`;
+    depth: the most float64 roundings along any path of that evaluation (a sum of K products: K).
     """
 
     groups: tuple
     eta: np.ndarray
     overflow: np.ndarray
     value: np.ndarray
+    rel: np.ndarray
+    depth: int
 
     def rounded_part(self) -> np.ndarray:
-        """An upper bound of |v̂ - E| = |Σ τ·Π_τ(1+δ)|: Σ_g abs_g·(1 + θ_g)."""
+        """An upper bound of |R| = |Σ τ·Π_τ(1+δ)|: Σ_g abs_g·(1 + θ_g)."""
         return sum(a * (1 + _theta(c)) for c, a in self.groups)
 
     def abs_bound(self) -> np.ndarray:
         """An upper bound of |v̂| from the absolute values alone; it also bounds every partial sum of
         an accumulation of v̂ in any order."""
-        return self.rounded_part() + self.eta
+        return self.rounded_part() + self.eta + self.rel
+
+    def _value_error(self) -> np.ndarray:
+        """An upper bound of |value - v|: each path of value has at most ``depth`` float64 roundings,
+        so γ_depth(u64)·Σ_g abs_g, and its underflow terms are among those of v̂ (float64's η is the
+        smallest)."""
+        return gamma(self.depth, _U64) * sum(a for _, a in self.groups) + self.eta
+
+    def exact_bound(self) -> np.ndarray:
+        """An upper bound of |v|: Σ_g abs_g, or where v cancels the smaller |value| + |value - v| (its
+        own float64 evaluation is covered by the factor :meth:`error` applies to the whole bound)."""
+        return np.fmin(sum(a for _, a in self.groups), np.abs(self.value) + self._value_error())
 
     def magnitude(self) -> np.ndarray:
         """An upper bound of |v̂|: :meth:`abs_bound`, or where v cancels the smaller
-        |value| + |value - v| + |v̂ - v|. value is v in float64 along the same operations, each path
-        rounded at most as often as its total count N here, so |value - v| <= Σ_g γ_N(u64)·abs_g + eta
-        (its underflow terms are among those of v̂, float64's η being the smallest)."""
-        via_value = np.abs(self.value) + self.eta * 2
+        |value| + |value - v| + |v̂ - v|."""
+        via_value = np.abs(self.value) + self._value_error() + self.eta + self.rel
         for c, a in self.groups:
-            via_value = via_value + (_theta(c) + gamma(sum(n for _, n in c), _U64)) * a
+            via_value = via_value + _theta(c) * a
         return np.fmin(self.abs_bound(), via_value * _SELF)  # fmin: a float64 inf or NaN value is no help
 
     def error(self) -> np.ndarray:
-        """An upper bound of |v̂ - v|: Σ_g θ(counts_g)·abs_g + eta, inf where it may have overflowed."""
-        e = sum(_theta(c) * a for c, a in self.groups) + self.eta
+        """An upper bound of |v̂ - v|: Σ_g θ(counts_g)·abs_g + eta + rel, inf where it may have overflowed."""
+        e = sum(_theta(c) * a for c, a in self.groups) + self.eta + self.rel
         return np.where(self.overflow, np.inf, e * _SELF)
 
     @property
     def T(self) -> _Tracked:
-        return _Tracked(tuple((c, a.T) for c, a in self.groups), self.eta.T, self.overflow.T, self.value.T)
+        groups = tuple((c, a.T) for c, a in self.groups)
+        return _Tracked(groups, self.eta.T, self.overflow.T, self.value.T, self.rel.T, self.depth)
 
-    def negated(self) -> _Tracked:
-        return _Tracked(self.groups, self.eta, self.overflow, -self.value)  # same paths, counts and |τ|
+    def negated(self) -> _Tracked:  # same paths, counts and |τ|
+        return dataclasses.replace(self, value=-self.value)
 
 
 def _exact(v, eta=0.0) -> _Tracked:
     """An input: its value exactly, or up to ``eta`` (elementwise) where it may be read differently."""
     v = np.asarray(v, dtype=np.float64)
     a = np.abs(v)
-    return _Tracked((((), a),), np.zeros_like(a) + eta, np.zeros(a.shape, dtype=bool), v)
+    return _Tracked((((), a),), np.zeros_like(a) + eta, np.zeros(a.shape, dtype=bool), v, np.zeros_like(a), 0)
 
 
 def _tiny(dtype) -> float:
@@ -265,20 +291,44 @@ def _input(v, daz: float = 0.0, ulps: int = 0, dtype="float32") -> _Tracked:
     return _exact(v, np.where(np.abs(v) - e < daz, np.maximum(np.abs(v), e), e))
 
 
-def _round(p: _Tracked, f: _Fmt) -> _Tracked:
-    """fl(v̂) = v̂(1 + δ) + η: one more factor on every path, E grows by (1 + u) and gains η."""
+def _round(p: _Tracked, f: _Fmt, against: np.ndarray | None = None) -> _Tracked:
+    """fl(v̂) = v̂(1 + δ) + η, charged against the value it rounds, not along the paths.
+
+    With v̂ = R + H + L: fl(v̂) = R + [(1 + δ)H + η] + [(1 + δ)L + δR], and |R| <= |v| + Σ_g θ_g·abs_g
+    (R - v = Σ τ(Π_τ - 1)). So the paths keep their counts, H grows by (1 + u) and gains η, and L grows
+    by (1 + u) and gains u·(|v| + Σ_g θ_g·abs_g): where v cancels, u·|v| is far below the u·Σ|τ| that
+    one more factor on every path would charge, and never above it.
+
+    This assumes the rounding is of v̂ whole, from the accumulator that holds it. Where a backend rounds
+    a part of it first (x Wᵀ before a bias is added), ``against`` bounds the value of that part instead.
+    """
+    overflow = p.overflow | (p.magnitude() >= f.threshold)
+    r = (p.exact_bound() if against is None else against) + sum(_theta(c) * a for c, a in p.groups)
+    rel = p.rel * (1 + f.u) + f.u * r
+    return _Tracked(p.groups, p.eta * (1 + f.u) + f.eta, overflow, p.value, rel, p.depth)
+
+
+def _round_paths(p: _Tracked, f: _Fmt) -> _Tracked:
+    """fl(v̂) = v̂(1 + δ) + η charged along the paths: one more factor on every path, H and L grow by
+    (1 + u) and H gains η. For the roundings of the scaling, which a backend may apply at any point of
+    a low-rank chain (to g or x first, where nothing has cancelled yet), so that charging them against
+    the value at the end would be too little (:func:`_scale`)."""
     overflow = p.overflow | (p.magnitude() >= f.threshold)
     groups = tuple((_plus(c, ((f.u, 1),)), a) for c, a in p.groups)
-    return _Tracked(groups, p.eta * (1 + f.u) + f.eta, overflow, p.value)
+    return _Tracked(groups, p.eta * (1 + f.u) + f.eta, overflow, p.value, p.rel * (1 + f.u), p.depth)
 
 
 def _mul(p: _Tracked, q: _Tracked, acc: _Fmt) -> _Tracked:
-    """Elementwise (broadcast) product rounded in acc. (R_p + E_p)(R_q + E_q) = R_p R_q + E', with
-    |E'| <= E_p·|R_q| + |R_p|·E_q + E_p·E_q and |R| bounded by rounded_part."""
+    """Elementwise (broadcast) product rounded in acc. (R_p + H_p + L_p)(R_q + H_q + L_q) = R_p R_q
+    + H' + L': every cross term with an H goes to H', the others (L_p R_q, L_p L_q, R_p L_q) to L',
+    |R| bounded by rounded_part."""
     mp, mq = p.rounded_part(), q.rounded_part()
     groups = tuple((_plus(cp, cq), ap * aq) for cp, ap in p.groups for cq, aq in q.groups)
-    eta = p.eta * mq + mp * q.eta + p.eta * q.eta
-    return _round(_Tracked(groups, eta, p.overflow | q.overflow, p.value * q.value), acc)
+    eta = p.eta * (mq + q.eta + q.rel) + (mp + p.rel) * q.eta
+    rel = p.rel * (mq + q.rel) + mp * q.rel
+    depth = p.depth + q.depth + 1
+    product = _Tracked(groups, eta, p.overflow | q.overflow, p.value * q.value, rel, depth)
+    return _round(product, acc)
 
 
 def _matmul(p: _Tracked, q: _Tracked, acc: _Fmt, leaves: tuple[_Tracked, ...] = ()) -> _Tracked:
@@ -288,7 +338,8 @@ def _matmul(p: _Tracked, q: _Tracked, acc: _Fmt, leaves: tuple[_Tracked, ...] = 
     The summation is a tree over K' = K + len(leaves) leaves (:func:`matmul_bound`): a product path
     gains at most K' factors (its product's rounding and K' - 1 adders), a leaf's path at most K' - 1.
     A kernel may start its accumulator from a leaf, or add partial sums into an output that holds one:
-    every order is a tree. With ``acc.dot_input`` each operand is first rounded to that format."""
+    every order is a tree. With ``acc.dot_input`` each operand is first rounded to that format. The
+    operands' H and L are multiplied as in :func:`_mul`, then by the summation's (1 + γ_K')."""
     if acc.dot_input is not None:
         p, q = _round(p, acc.dot_input), _round(q, acc.dot_input)
     k = p.eta.shape[-1]
@@ -300,30 +351,40 @@ def _matmul(p: _Tracked, q: _Tracked, acc: _Fmt, leaves: tuple[_Tracked, ...] = 
             c = _plus(_plus(cp, cq), ((acc.u, n),))
             groups[c] = groups.get(c, 0) + ap @ aq
     underflow = k * acc.eta + (n - 1) * acc.add_eta  # K products and K' - 1 additions
-    eta = (p.eta @ mq + mp @ q.eta + p.eta @ q.eta + underflow) * (1 + gamma(n, acc.u))
+    grow = 1 + gamma(n, acc.u)
+    eta = (p.eta @ (mq + q.eta + q.rel) + (mp + p.rel) @ q.eta + underflow) * grow
+    rel = (p.rel @ (mq + q.rel) + mp @ q.rel) * grow
     # inf·0 is NaN, so an overflowed operand poisons its whole row or column, whatever it meets.
     overflow = (p.overflow.any(axis=-1, keepdims=True) | q.overflow.any(axis=0, keepdims=True)) & np.ones(
         eta.shape, dtype=bool
     )
-    value = p.value @ q.value
+    value, depth = p.value @ q.value, p.depth + q.depth + k
     for leaf in leaves:
         for c, a in leaf.groups:
             c = _plus(c, ((acc.u, n - 1),))
             groups[c] = groups.get(c, 0) + a
         eta = eta + leaf.eta * (1 + gamma(n - 1, acc.u))
+        rel = rel + leaf.rel * (1 + gamma(n - 1, acc.u))
         overflow = overflow | leaf.overflow
-        value = value + leaf.value
-    result = _Tracked(tuple(groups.items()), eta, overflow, value)
+        value, depth = value + leaf.value, max(depth, leaf.depth) + 1
+    result = _Tracked(tuple(groups.items()), eta, overflow, value, rel, depth)
     # A partial sum may exceed the final |v| where v cancels: only abs_bound bounds them all.
-    return _Tracked(result.groups, eta, overflow | (result.abs_bound() >= acc.threshold), value)
+    return dataclasses.replace(result, overflow=overflow | (result.abs_bound() >= acc.threshold))
 
 
 def _add(p: _Tracked, q: _Tracked, acc: _Fmt) -> _Tracked:
-    """v̂_p + v̂_q rounded in acc: the paths of both, one more factor each."""
+    """v̂_p + v̂_q rounded in acc: the paths of both, then :func:`_round`."""
     groups: dict = {}
     for c, a in (*p.groups, *q.groups):
         groups[c] = groups.get(c, 0) + a
-    summed = _Tracked(tuple(groups.items()), p.eta + q.eta, p.overflow | q.overflow, p.value + q.value)
+    summed = _Tracked(
+        tuple(groups.items()),
+        p.eta + q.eta,
+        p.overflow | q.overflow,
+        p.value + q.value,
+        p.rel + q.rel,
+        max(p.depth, q.depth) + 1,
+    )
     return _round(summed, acc)
 
 
@@ -331,28 +392,16 @@ def _add_onto(p: _Tracked, q: _Tracked, k: int, acc: _Fmt) -> _Tracked:
     """[acc](v̂_p + v̂_q) where v̂_q is a sum of k terms that a kernel may accumulate onto p instead
     (``addmm(p, ...)``, a GEMM whose accumulator starts from p, split-K partial sums added into an
     output holding p): every order is a tree over the k terms and p (§3, more leaves), so p may lie
-    below all k adders, k - 1 more than :func:`_add` counts. A partial sum is bounded by abs_bound."""
+    below all k adders: k - 1 more factors on its paths, its H and L times (1 + γ_(k-1)). The last adder
+    is :func:`_add`'s rounding, charged against the sum. A partial sum is bounded by abs_bound."""
     extra = max(k - 1, 0)
     if extra:
         groups = tuple((_plus(c, ((acc.u, extra),)), a) for c, a in p.groups)
-        eta = p.eta * (1 + gamma(extra, acc.u)) + extra * acc.add_eta
-        p = _Tracked(groups, eta, p.overflow, p.value)
+        grow = 1 + gamma(extra, acc.u)
+        eta = p.eta * grow + extra * acc.add_eta
+        p = dataclasses.replace(p, groups=groups, eta=eta, rel=p.rel * grow)
     summed = _add(p, q, acc)
-    overflow = summed.overflow | (summed.abs_bound() >= acc.threshold)
-    return _Tracked(summed.groups, summed.eta, overflow, summed.value)
-
-
-def _final(p: _Tracked, f: _Fmt, value: np.ndarray) -> _Tracked:
-    """fl(v̂), the last rounding of a result, bounded relative to the exact value instead of per path.
-
-    fl(v̂) = v̂(1 + δ) + η, so fl(v̂) - v = (v̂ - v)(1 + δ) + δ·v + η and
-    |fl(v̂) - v| <= (1 + u)·|v̂ - v| + u·|v| + η, ``value`` bounding |v| elementwise. Every group is
-    carried on scaled by (1 + u) with its counts unchanged, and u·|v| + η joins E. Where v cancels,
-    u·|v| is far below the per-path u·Σ|τ| of :func:`_round`; magnitude() stays an upper bound of |fl(v̂)|.
-    """
-    overflow = p.overflow | (p.magnitude() >= f.threshold)
-    groups = tuple((c, a * (1 + f.u)) for c, a in p.groups)
-    return _Tracked(groups, p.eta * (1 + f.u) + f.u * value + f.eta, overflow, p.value)
+    return dataclasses.replace(summed, overflow=summed.overflow | (summed.abs_bound() >= acc.threshold))
 
 
 def final_rounding_bound(error, value, dtype) -> np.ndarray:
@@ -427,8 +476,8 @@ class Arithmetic:
     fused: one accumulator per result, rounded to output once (a fused kernel's epilogue): the forward
         adds x Wᵀ, the bias and the low-rank term in ``accumulate`` and stores y once (no rounding of
         x Wᵀ + bias to output first), grad_x likewise adds g W and the masked low-rank term, and
-        x ⊙ mask stays in ``accumulate``. Each result's single output rounding is then bounded
-        relative to the exact value (:func:`final_rounding_bound`), not per path.
+        x ⊙ mask stays in ``accumulate``. Each result's single output rounding is charged against
+        its value, as every rounding of a whole value is (:func:`_round`).
     dequant_ulps: for the QLoRA ops, how many steps of the dtype it is dequantized in (the state's;
         ``operand`` unless the bound is given another ``base_dtype``) the backend's dequantized base
         weight may lie from reflora's (:func:`dequant_ulps`; 0: bit for bit).
@@ -491,9 +540,11 @@ class Arithmetic:
         if not self.fold_scaling or s == 0:  # s·v = 0 exactly
             return t
         op = _fmt(self.operand, 1.0, self.flush_to_zero)
-        error = op.u * np.abs(t.value) + op.eta / abs(s)
         overflow = t.overflow | (abs(s) * np.abs(t.value) * (1 + op.u) >= op.threshold)
-        return _Tracked(t.groups, t.eta + error, overflow, t.value)
+        # u_op·|v| scales with s (L); η_op/|s| is an underflow term (H)
+        return dataclasses.replace(
+            t, eta=t.eta + op.eta / abs(s), rel=t.rel + op.u * np.abs(t.value), overflow=overflow
+        )
 
     def _read_base(self, W, base_dtype: str) -> _Tracked:
         """The base weight as this arithmetic reads it. A QLoRA base Ŵ is dequantized in its state's
@@ -548,23 +599,31 @@ def _may_scale(v: _Tracked, s: float, ar: Arithmetic) -> _Tracked:
     big = max(1.0, abs(s))
     overflow = v.overflow | (big * v.magnitude() >= min(acc.threshold, mid.threshold))
     overflow |= big * v.abs_bound() >= acc.threshold
-    return _Tracked(v.groups, v.eta + acc.eta + mid.eta, overflow, v.value)
+    return dataclasses.replace(v, eta=v.eta + acc.eta + mid.eta, overflow=overflow)
 
 
-def _scale(p: _Tracked, s: float, ar: Arithmetic) -> _Tracked:
-    """[acc]([acc](s)·v̂), s applied last to a low-rank chain's v̂, its underflow terms multiplied by
-    max(1, |s|) instead of |s| (they may have arisen after s); a product with s applied earlier has
-    partial sums up to |s| times those of v̂."""
+def _scale(p: _Tracked, s: float, ar: Arithmetic, store: _Fmt | None = None) -> _Tracked:
+    """[store][acc]([acc](s)·v̂), s applied last to a low-rank chain's v̂ = R + H + L, the store
+    (if any) the one that holds the scaled result.
+
+    A backend may apply s at any earlier point of the chain instead, to g or x_d before anything has
+    cancelled (autograd scales g by s and stores it in the activations' dtype), so these three
+    roundings are charged along the paths (:func:`_round_paths`), as they would be there: the counts are
+    the same wherever s is. L is multiplied by |ŝ| (it was charged against values s scales exactly); H
+    by max(1, |ŝ|) instead of |ŝ| (an underflow term may have arisen after s). A product with s applied
+    earlier has partial sums up to |s| times those of v̂."""
     acc = ar.formats()[0]
-    sa = _round(ar._read(s), acc)
+    sa = _round_paths(ar._read(s), acc)
     factor = max(1.0, float(sa.magnitude()))
     groups = tuple((_plus(c, cs), a * a_s) for c, a in p.groups for cs, a_s in sa.groups)
-    eta = p.eta * factor + p.rounded_part() * sa.eta  # as _mul, E_p·|s| + E_p·E_s <= E_p·factor
+    eta = p.eta * factor + (p.rounded_part() + p.rel) * sa.eta  # H_p·ŝ + (R_p + L_p)·H_s
+    rel = p.rel * sa.rounded_part()  # L_p·R_s
     overflow = p.overflow | (factor * p.abs_bound() >= acc.threshold)
-    return _round(_Tracked(groups, eta, overflow, p.value * s), acc)
+    scaled = _round_paths(_Tracked(groups, eta, overflow, p.value * s, rel, p.depth + 1), acc)
+    return scaled if store is None else _round_paths(scaled, store)
 
 
-def _forward_model(x, W, A, B, s, bias, mask, ar: Arithmetic, value=None, base_dtype=None) -> _Tracked:
+def _forward_model(x, W, A, B, s, bias, mask, ar: Arithmetic, base_dtype=None) -> _Tracked:
     acc, mid, op, out = ar.formats()
     xt = ar._read(x)
     W_T = ar._read_base(W, base_dtype or ar.operand).T
@@ -578,16 +637,24 @@ def _forward_model(x, W, A, B, s, bias, mask, ar: Arithmetic, value=None, base_d
     A_, B_ = ar._read_adapter(A, s), ar._read_adapter(B, s)
     t = _may_scale(_to_mid(_matmul(x_d, A_.T, acc), ar, mid), s, ar)  # (N, r) = [mid](x_d Aᵀ)
     z = _to_mid(_matmul(t, B_.T, acc), ar, mid)  # (N, out) = [mid](t Bᵀ), K = r
-    lora = _to_mid(_scale(z, s, ar), ar, mid)  # [mid][acc]([acc](s)·z)
+    keep = None if ar.fused and ar.intermediate == ar.accumulate else mid  # as _to_mid
+    lora = _scale(z, s, ar, keep)  # [mid][acc]([acc](s)·z)
     b = () if bias is None else (ar._read(bias[None, :]),)
     if ar.fused:  # one accumulator, x Wᵀ with the low-rank term and the bias as leaves of its sum
-        return _final(_matmul(xt, W_T, acc, (lora, *b)), out, value)
-    base = _round(_matmul(xt, W_T, acc, b), out)  # [out](x Wᵀ + bias), the bias a leaf of the sum, K = in + 1
-    if bias is not None:
+        return _round(_matmul(xt, W_T, acc, (lora, *b)), out)
+    xw = _matmul(xt, W_T, acc, b)  # x Wᵀ + bias, the bias a leaf of the sum, K = in + 1
+    if bias is None:
+        base = _round(xw, out)  # [out](x Wᵀ)
+    else:
         # torch.nn.functional.linear rounds x Wᵀ before adding the bias when x is a non-contiguous N-D
         # tensor (matmul, then add) and once when it is contiguous (addmm), whose split-K may start
-        # from the bias: the bias a leaf of the sum and two roundings to out cover both.
-        base = _round(base, out)
+        # from the bias: the bias a leaf of the sum (its adder among the K' = in + 1), a rounding to out
+        # charged against |x Wᵀ| (value - bias, within value's error of it) and then that adder's
+        # (1 + u_acc), and a rounding of the sum to out cover both.
+        xw_only = np.abs(xw.value - bias[None, :]) + xw._value_error()
+        first = _round(xw, out, against=np.fmin(sum(a for _, a in xw.groups), xw_only))
+        first = dataclasses.replace(first, eta=first.eta * (1 + acc.u), rel=first.rel * (1 + acc.u))
+        base = _round(first, out)
     # [out]([acc](base + lora)), the base below the r adders of t Bᵀ where they accumulate onto it
     return _round(_add_onto(base, lora, np.shape(B)[1], acc), out)
 
@@ -603,28 +670,32 @@ def lora_forward_bound(
 
         x_d = [op][acc](x ⊙ mask)                 t = [mid](x_d Aᵀ)   accumulated, K = in
         z   = [mid](t Bᵀ)   accumulated, K = r     l = [mid][acc]([acc](s)·z)
-        b   = [out](x Wᵀ)   accumulated, K = in    with a bias, b = [out][out](x Wᵀ + bias), K = in + 1
+        b   = [out](x Wᵀ)   accumulated, K = in    with a bias, b = [out][acc]([out](x Wᵀ) + bias)
         y   = [out][acc](b + l)    b below up to r adders (z's products may accumulate onto it)
 
     A summation in any order (split-K too) of the K products and of terms added into the same
-    accumulation (the bias; b, where z is accumulated onto it) is a tree over all of them
-    (:func:`_matmul`, :func:`_add_onto`). Paths and their roundings (c = 1 with a bias, m = 1 with a
-    mask): base terms x_k W_ik: in + r + c of acc and 2 + c of out; the bias: in + r of acc, 3 of
-    out; LoRA terms s x_k m_k A_jk B_ij: in + r + 3 + m of acc, 3 of mid, 1 of out (+m of op).
-    Hence, with θ from the Lemma,
+    accumulation (the bias, a leaf of the x Wᵀ sum, K' = in + 1; b, where z is accumulated onto it) is
+    a tree over all of them (:func:`_matmul`, :func:`_add_onto`). Its roundings are counted along the
+    paths (c = 1 with a bias): base terms x_k W_ik: in + r - 1 + c of acc; the bias: in + r - 1 of acc;
+    LoRA terms s x_k m_k A_jk B_ij: in + r + 2 of acc (two for s and s·z) and 1 of mid (s·z's store).
+    Every other rounding rounds a whole computed value and is charged against it (module docstring):
+    x ⊙ mask, t, z, [out](x Wᵀ), the sum with the bias, and y's two. To first order, with θ from the
+    Lemma,
 
-        |ŷ - y| <= θ_base·|x||W|ᵀ + θ_bias·|bias| + θ_lora·|s|·(|x_d||A|ᵀ)|B|ᵀ + E,
+        |ŷ - y| <= θ_base·|x||W|ᵀ + θ_bias·|bias| + θ_lora·|s|·(|x_d||A|ᵀ)|B|ᵀ
+                   + u_mid·|s|·(|t||B|ᵀ + |z|) + u_out·(|x Wᵀ| (+ |x Wᵀ + bias|)) + (u_acc + u_out)·|y|
+                   (+ (u_acc + u_op)·|s|·(|x_d||A|ᵀ)|B|ᵀ with a mask) + E,
 
     E the subnormal terms, which allow the scaling anywhere along the low-rank chain (each η made
-    before it is multiplied by max(1, |s|)). The bound returned is that of the backend plus that of the
-    reference (the same model with every dtype float64), because |out - ref| <= |out - y| + |y - ref|.
+    before it is multiplied by max(1, |s|)); the code carries the exact (1 + u) factors of docs/bounds.md
+    §4. The bound returned is that of the backend plus that of the reference (the same model with every
+    dtype float64), because |out - ref| <= |out - y| + |y - ref|.
 
     With ``arith.fused`` the model is one accumulator, rounded once: y = [out](x Wᵀ + l + bias)
     accumulated over K' = in + 1 + c leaves, x_d = [acc](x ⊙ mask). A kernel may start its accumulator
     from l or the bias, or add split-K partial sums into an output that holds them, so every path
     meets up to K' - 1 adders: x_k W_ik: in + 1 + c of acc; l: its own counts plus in + c; the bias:
-    in + 1. The last rounding contributes u_out·|y| (:func:`final_rounding_bound`, |y| <= |ref| + the
-    reference's bound) instead of u_out on every path. A declared ``dequant_ulps`` adds
+    in + 1. The one rounding to out is charged against |y|. A declared ``dequant_ulps`` adds
     |x|·(n·spacing(|W|))ᵀ to E.
 
     ``base_dtype``: the dtype W is given in when it is not ``arith.operand``: a QLoRA base dequantized in
@@ -645,27 +716,24 @@ def lora_forward_bound(
     m64 = None if dropout_mask is None else _operand("dropout_mask", dropout_mask, op).reshape(-1, n_in)
     s = float(scaling)
     ref_error = _forward_model(x64, W64, A64, B64, s, b64, m64, REFERENCE).error()
-    value = None
-    if arith.fused:  # |y| <= |ref| + the reference's error, ref = reflora.lora.forward
-        value = np.abs(_lora.forward(x64, W64, A64, B64, s, bias=b64, dropout_mask=m64)) + ref_error
-    total = _forward_model(x64, W64, A64, B64, s, b64, m64, arith, value, w_dtype).error() + ref_error
+    total = _forward_model(x64, W64, A64, B64, s, b64, m64, arith, w_dtype).error() + ref_error
     return total.reshape(*x_shape[:-1], out_f)
 
 
-def _backward_model(
-    g, x, W, A, B, s, mask, ar: Arithmetic, values=None, need_x: bool = True, base_dtype=None
-):
+def _backward_model(g, x, W, A, B, s, mask, ar: Arithmetic, need_x: bool = True, base_dtype=None):
     acc, mid, op, out = ar.formats()
     xt, gt = ar._read(x), ar._read(g)
 
-    def last(v: _Tracked, i: int) -> _Tracked:  # the one [out] of grad_x (0), grad_A (1), grad_B (2)
-        return _final(v, out, values[i]) if ar.fused else _round(v, out)
+    def last(v: _Tracked) -> _Tracked:  # the one [out] of grad_x, grad_A, grad_B
+        return _round(v, out)
 
     def keep(v: _Tracked) -> _Tracked:  # x ⊙ mask and the masked low-rank term: [op], or kept in acc
         return v if ar.fused else _round(v, op)
 
-    def keep_mid(v: _Tracked) -> _Tracked:  # a low-rank product and its scaling: [mid], or kept in acc
+    def keep_mid(v: _Tracked) -> _Tracked:  # a low-rank product: [mid], or kept in acc
         return v if ar.fused else _round(v, mid)
+
+    keep_scaled = None if ar.fused else mid  # the store of a scaled result: [mid], or kept in acc
 
     x_d = _may_scale(xt if mask is None else keep(_mul(xt, ar._read(mask), acc)), s, ar)
     g_l = _may_scale(gt, s, ar)  # g as the low-rank chains see it: s may be applied to it first
@@ -673,18 +741,18 @@ def _backward_model(
     t = _may_scale(_to_mid(_matmul(x_d, A_.T, acc), ar, mid), s, ar)  # (N, r), K = in
     u = _may_scale(_to_mid(_matmul(g_l, B_, acc), ar, mid), s, ar)  # (N, r) = g B, K = out
     # (out, r) = s·gᵀ t and (r, in) = s·uᵀ x_d, K = N; s may be applied to the stored product
-    grad_B = last(keep_mid(_scale(_may_scale(_matmul(g_l.T, t, acc), s, ar), s, ar)), 2)
-    grad_A = last(keep_mid(_scale(_may_scale(_matmul(u.T, x_d, acc), s, ar), s, ar)), 1)
+    grad_B = last(_scale(_may_scale(_matmul(g_l.T, t, acc), s, ar), s, ar, keep_scaled))
+    grad_A = last(_scale(_may_scale(_matmul(u.T, x_d, acc), s, ar), s, ar, keep_scaled))
     if not need_x:
         return None, grad_A.error(), grad_B.error()
-    lora = keep_mid(_scale(keep_mid(_matmul(u, A_, acc)), s, ar))  # (N, in) = s·(u A), K = r
+    lora = _scale(keep_mid(_matmul(u, A_, acc)), s, ar, keep_scaled)  # (N, in) = s·(u A), K = r
     if mask is not None:
         lora = keep(_mul(lora, ar._read(mask), acc))
     W_ = ar._read_base(W, base_dtype or ar.operand)
     if ar.fused:  # one accumulator: g W with the low-rank term as a leaf of its sum, K' = out + 1
-        grad_x = last(_matmul(gt, W_, acc, (lora,)), 0)
+        grad_x = last(_matmul(gt, W_, acc, (lora,)))
     else:  # [out]([acc]([out](g W) + lora)), K = out; g W below the r adders of u A accumulated onto it
-        grad_x = last(_add_onto(_round(_matmul(gt, W_, acc), out), lora, np.shape(A)[0], acc), 0)
+        grad_x = last(_add_onto(_round(_matmul(gt, W_, acc), out), lora, np.shape(A)[0], acc))
     return grad_x.error(), grad_A.error(), grad_B.error()
 
 
@@ -714,23 +782,23 @@ def lora_backward_bound(
         grad_x = [out][acc]( [out](g W) + [op][acc]([mid][acc]([acc](s)·[mid](u A)) ⊙ mask) ),  K = out, r
 
     These are the counts of scaling g first (reflora.lora.backward does), with the scaling's rounding
-    and its store moved to the end. Paths (the "+1"s apply with a mask): grad_B: s g_ni x_dk A_jk, with
-    in + N + 2 (+1) of acc, 2 of mid, 1 of out (+1 of op); grad_A: s g_ni B_ij x_dk, with
-    out + N + 2 (+1) of acc, 2 of mid, 1 of out (+1 of op);
-    grad_x: g_ni W_ik with out + r of acc (u A's r products may accumulate onto [out](g W)) and 2 of
-    out, and s g_ni B_ij A_jk m_k with
-    out + r + 3 (+1) of acc, 3 of mid, 1 of out (+1 of op). The absolute-value expressions are
-    |s|·|g|ᵀ(|x_d||A|ᵀ), |s|·(|g||B|)ᵀ|x_d|, and |g||W| + |s|·((|g||B|)|A|) ⊙ |m|. The underflow
-    terms allow s anywhere along each chain (see :func:`lora_forward_bound`), also after the product
-    gᵀt or uᵀx_d is stored.
+    and its store moved to the end. Counted along the paths (the summations, s, s·P and its store):
+    grad_B: s g_ni x_dk A_jk, in + N + 2 of acc, 1 of mid; grad_A: s g_ni B_ij x_dk, out + N + 2 of acc,
+    1 of mid; grad_x: g_ni W_ik, out + r - 1 of acc (u A's r products may accumulate onto [out](g W)),
+    and s g_ni B_ij A_jk m_k, out + r + 2 of acc, 1 of mid. The absolute-value expressions are
+    |s|·|g|ᵀ(|x_d||A|ᵀ), |s|·(|g||B|)ᵀ|x_d|, and |g||W| + |s|·((|g||B|)|A|) ⊙ |m|. Charged against
+    their values: x ⊙ mask, t, u, u A, each result's [out], [out](g W) and grad_x's sum. To first order
+    the value-charged part of grad_B is u_mid·|s|·|g|ᵀ|t| + u_out·|grad_B|, of grad_A
+    u_mid·|s|·|u|ᵀ|x_d| + u_out·|grad_A| (plus (u_acc + u_op) times the expression with a mask). The
+    underflow terms allow s anywhere along each chain (see :func:`lora_forward_bound`), also after the
+    product gᵀt or uᵀx_d is stored.
     The bound is the backend's plus the reference's (every dtype float64).
 
     With ``arith.fused``: x_d = [acc](x ⊙ mask), no [mid] on the scaled results (nor on u A), and
     grad_x = [out](g W + [acc]([acc]([acc](s)·u A) ⊙ mask)) accumulated over K' = out + 1 leaves, the
     low-rank term one of them (a kernel may start its accumulator from it): g_ni W_ik has out + 1 of
-    acc, the low-rank path its own counts plus out. The one output rounding of each gradient is
-    bounded relative to its exact value (:func:`final_rounding_bound`, |grad| <= |ref| + the
-    reference's bound), as in :func:`lora_forward_bound`. ``base_dtype`` as there: W of another dtype
+    acc, the low-rank path its own counts plus out. Each gradient's one output rounding is charged
+    against its value, as in :func:`lora_forward_bound`. ``base_dtype`` as there: W of another dtype
     is rounded to the operand dtype before g W.
     """
     from reflora import lora as _lora
@@ -746,11 +814,7 @@ def lora_backward_bound(
     m64 = None if dropout_mask is None else _operand("dropout_mask", dropout_mask, op).reshape(-1, n_in)
     s = float(scaling)
     ref_errors = _backward_model(g64, x64, W64, A64, B64, s, m64, REFERENCE, need_x=grad_x)
-    values = None
-    if arith.fused:
-        refs = _lora.backward(g64, x64, W64, A64, B64, s, dropout_mask=m64, grad_x=grad_x)
-        values = tuple(None if r is None else np.abs(r) + e for r, e in zip(refs, ref_errors, strict=True))
-    own = _backward_model(g64, x64, W64, A64, B64, s, m64, arith, values, need_x=grad_x, base_dtype=w_dtype)
+    own = _backward_model(g64, x64, W64, A64, B64, s, m64, arith, need_x=grad_x, base_dtype=w_dtype)
     bx, bA, bB = (None if p is None else p + q for p, q in zip(own, ref_errors, strict=True))
     return (bx.reshape(x_shape) if grad_x else None), bA, bB
 
@@ -759,7 +823,7 @@ def _delta_model(A, B, s, ar: Arithmetic, fan_in_fan_out: bool) -> _Tracked:
     acc, mid, _, _ = ar.formats()
     Bt, At = _may_scale(ar._read_adapter(B, s), s, ar), _may_scale(ar._read_adapter(A, s), s, ar)
     d = _round(_matmul(Bt, At, acc), mid)  # (out, in) = [mid](B A), K = r
-    d = _round(_scale(d, s, ar), mid)  # [mid][acc]([acc](s)·B A)
+    d = _scale(d, s, ar, mid)  # [mid][acc]([acc](s)·B A)
     return d.T if fan_in_fan_out else d
 
 
@@ -789,13 +853,13 @@ def merge_bound(W, A, B, scaling: float, arith: Arithmetic, *, fan_in_fan_out: b
     """Elementwise bound on |out - ref| for a merged weight (float64, W's shape), ref being
     :func:`reflora.lora.merge` on the same W (so rounded once to W's dtype).
 
-    Model: ΔW = [mid][acc]([acc](s)·[mid](B A)) with K = r, W' = [out][acc](W + ΔW). Paths: W_ik with
-    r of acc (B A's products may accumulate onto it) and 1 of out; s B_ij A_jk with r + 3 of acc,
-    2 of mid, 1 of out. So
-    |Ŵ' - W'| <= θ_W |W| + θ_Δ |s|(|B||A|) + E. The reference is the same model with float64 for
-    accumulate and intermediate and W's dtype as output (its one final rounding). Since both results
-    are rounded, this allows at least a whole ulp of W'; the conformance check uses the sharper
-    :func:`merge_interval`.
+    Model: ΔW = [mid][acc]([acc](s)·[mid](B A)) with K = r, W' = [out][acc](W + ΔW). Along the paths:
+    W_ik with r - 1 of acc (B A's products may accumulate onto it); s B_ij A_jk with r + 2 of acc and
+    1 of mid. Charged against their values: [mid](B A) and W''s two. So, to first order,
+    |Ŵ' - W'| <= θ_W |W| + θ_Δ |s|(|B||A|) + u_mid·|s|·|B A| + (u_acc + u_out)·|W'| + E. The reference
+    is the same model with float64 for accumulate and intermediate and W's dtype as output (its one
+    final rounding). Since both results are rounded, this allows about an ulp of W' (u_out·|W'| each);
+    the conformance check uses the sharper :func:`merge_interval`.
     """
     W64, A64, B64 = _merge_inputs(W, A, B, arith, fan_in_fan_out)
     s = float(scaling)

@@ -37,8 +37,9 @@ def _ids(op: str, pattern: str) -> set[str]:
 
 ONE_BYTE_BACKWARD = _ids("qlora_backward", "[2-element base weight (one packed byte)")
 # bnb's forward dequantizes into the activations' dtype, skipping the state's: under float32 activations
-# every base of 16 bits fails; under float16 the random test meets a small sum whose bound a bfloat16
-# step exceeds (the 128-wide cases stay within it). Under bfloat16 a float16 base differs by a double
+# every base of 16 bits fails; under float16 a bfloat16 base fails too (1.37x the bound in the 128-wide
+# case, since the bounds charge a rounding against its value), as does the random test, which meets a
+# small sum. Under bfloat16 a float16 base differs by a double
 # rounding (within the bound for normal weights, not for ones in float16's subnormal range) and a float32
 # base not at all. The random test's entry holds only where the state is 16-bit and not the activations'
 # dtype (when = "state_dtype_skipped"): it declared a bfloat16 draw with a float32 base once, whose cause
@@ -46,6 +47,7 @@ ONE_BYTE_BACKWARD = _ids("qlora_backward", "[2-element base weight (one packed b
 MIXED_FORWARD = {
     "qlora_forward[base weight in bfloat16, torchao-shaped, float32]",
     "qlora_forward[base weight in float16, torchao-shaped, float32]",
+    "qlora_forward[base weight in bfloat16, torchao-shaped, float16]",
 }
 # float32 activations with a 16-bit state fail in every draw that has one; under float16 only some draws
 MIXED_RANDOM = (
@@ -114,7 +116,7 @@ def test_backend_passes_the_ci_profile_apart_from_its_declared_deviations(name, 
         assert skipped <= set(MIXED_RANDOM) and MIXED_RANDOM[0] in skipped
     assert not report.warnings, report.warnings
     # the backend was really exercised: tests that compared a value ("rejected" ones compared nothing;
-    # measured 2026-11-24: bitsandbytes 311, peft 308, torchao 97, which rejects most quantize shapes)
+    # measured 2026-11-24: bitsandbytes 304, peft 301, torchao 97, which rejects most quantize shapes)
     ran = [r for r in report.results if r.status == "pass"]
     floor = {"bitsandbytes": 250, "peft": 250, "torchao": 60}[name]
     assert len(ran) >= floor, f"{name} ran only {len(ran)} tests"

@@ -516,9 +516,10 @@ def test_forward_bound_covers_the_bias_added_after_rounding():
     assert y[0, 0] == -2.015625  # what bitsandbytes returned
     ref = lora.forward(x, W, A, B, s, bias=bias)
     bound = bounds.lora_forward_bound(x, W, A, B, s, ar, bias=bias)
-    # Inside, at 76% of the bound: the model gives the bias three roundings to bfloat16, one more than
-    # either of torch's orders, so that one model also covers a split-K addmm starting from the bias.
-    assert 0.7 < abs(y - ref)[0, 0] / bound[0, 0] <= 1
+    # Inside, at 90% of the bound: the model rounds x Wᵀ to bfloat16 (charged against |x Wᵀ|) and then
+    # the sum, with the bias a leaf of the x Wᵀ sum, so that one model also covers the addmm order and a
+    # split-K addmm starting from the bias.
+    assert 0.85 < abs(y - ref)[0, 0] / bound[0, 0] <= 1
 
 
 def test_fused_backward_bound_carries_the_scaling_applied_after_an_underflow():
@@ -979,7 +980,8 @@ def test_merge_interval_allows_the_model_and_no_ulp_more(dtype):
     # reflora's own merge (float64 arithmetic, one rounding to W's dtype) declared: the interval admits
     # lora.merge and nothing else but the other neighbour of a near-tie, so a merge that rounds toward
     # zero or one ulp up is caught in nearly every element where it differs. merge_bound, which compares
-    # with the rounded lora.merge, allows that ulp and catches none of them.
+    # with the rounded lora.merge, allows about that ulp (u·|W'| for each of the two roundings) and
+    # catches almost none of them.
     from reflora.conformance.strategies import LORA_FAMILIES, lora_values
 
     ar = Arithmetic(dtype.name, "float64", "float64", dtype.name)
@@ -997,7 +999,7 @@ def test_merge_interval_allows_the_model_and_no_ulp_more(dtype):
             differ += int((wrong != good).sum())
             flagged += int(((wrong < lo) | (wrong > hi)).sum())
             loose += int((np.abs(wrong - good) > bounds.merge_bound(W, A, B, 4.0, ar)).sum())
-    assert differ > 1000 and flagged > 0.99 * differ and loose == 0
+    assert differ > 1000 and flagged > 0.99 * differ and loose < 0.01 * differ
 
 
 def test_merge_interval_holds_for_every_declared_order():
@@ -1037,7 +1039,7 @@ def test_special_case_in_4096_catches_16_bit_accumulation():
     ]
     for base in (sim_matmul(x, W.T, BF16, "recursive"), sim_matmul_sum(chunks, BF16)):
         out = rnd(add_round(rnd(base, BF16), low_rank, F32), BF16)
-        assert _ratio(out, ref, bound) > 2  # 107 and 3.2
+        assert _ratio(out, ref, bound) > 2  # 108 and 3.3
 
 
 def test_offset_bound_holds_in_every_order_and_is_attained():
@@ -1191,42 +1193,147 @@ def test_two_ulps_in_float32_is_attained():
     )
 
 
-# ---- The closed forms in the docstrings are what the code computes -----------------------------------
+# ---- The documented rules (docs/bounds.md §4) are what the code computes ---------------------------
 
 
-def _theta(*counts):
-    """Π_d (1 + γ_{n_d}(u_d)) - 1 over (dtype name, rounding count) pairs; a dtype playing several
-    roles (operand, intermediate and output all bf16) sums its counts."""
-    by_u = {}
-    for d, n in counts:
-        by_u[bounds.unit_roundoff(d)] = by_u.get(bounds.unit_roundoff(d), 0) + n
-    return math.prod(1 + bounds.gamma(n, u) for u, n in by_u.items() if n) - 1
+def _theta(counts):
+    """Π_u (1 + γ_n(u)) - 1 over the (u, n) pairs of a path group."""
+    return math.prod(1 + bounds.gamma(n, u) for u, n in counts) - 1
 
 
-def _closed_forms(g, x, W, A, B, s, mask, ar, bias=None):
-    """The bounds' docstring formulas, without the subnormal terms (negligible for values near 1)."""
-    acc, mid, op, out = ar.accumulate, ar.intermediate, ar.operand, ar.output
-    m = 0 if mask is None else 1
-    n_tok, (n_out, n_in), r = x.shape[0], W.shape, A.shape[0]
-    xa, Wa, Aa, Ba, ga = (np.abs(v) for v in (x, W, A, B, g))
-    xd = xa if mask is None else xa * np.abs(mask)
-    theta_lora = _theta((acc, n_in + r + 3 + m), (mid, 3), (op, m), (out, 1))
-    b = 0 if bias is None else 1
-    # the base may lie below the r adders of a low-rank product accumulated onto it (addmm(base, t, Bᵀ))
-    fwd = _theta((acc, n_in + r + b), (out, 2 + b)) * (xa @ Wa.T) + theta_lora * abs(s) * ((xd @ Aa.T) @ Ba.T)
-    if bias is not None:  # a leaf of the x Wᵀ sum (K = in + 1), two [out], then below the r adders
-        fwd = fwd + _theta((acc, n_in + r), (out, 3)) * np.abs(bias)
-    bB = _theta((acc, n_in + n_tok + 2 + m), (mid, 2), (out, 1), (op, m)) * abs(s) * (ga.T @ (xd @ Aa.T))
-    bA = _theta((acc, n_out + n_tok + 2 + m), (mid, 2), (out, 1), (op, m)) * abs(s) * ((ga @ Ba).T @ xd)
-    lora_x = (ga @ Ba) @ Aa if mask is None else ((ga @ Ba) @ Aa) * np.abs(mask)
-    theta_x = _theta((acc, n_out + r + 3 + m), (mid, 3), (out, 1), (op, m))
-    bx = _theta((acc, n_out + r), (out, 2)) * (ga @ Wa) + theta_x * abs(s) * lora_x
-    return fwd, bx, bA, bB
+def _merge(cp, cq):
+    """Two paths' rounding counts together: counts of the same u add up."""
+    merged = dict(cp)
+    for u, n in cq:
+        merged[u] = merged.get(u, 0) + n
+    return tuple(sorted(merged.items()))
+
+
+def _with(counts, u, n):
+    return _merge(counts, ((u, n),))
+
+
+@dataclasses.dataclass
+class _Q:
+    """A computed value under the rules of docs/bounds.md §4, without the underflow terms (negligible for
+    the values near 1 used here): path groups {counts: absolute-value expression}, the value-charged
+    error L, and the exact value v."""
+
+    groups: dict
+    rel: np.ndarray
+    v: np.ndarray
+
+    @staticmethod
+    def of(x):
+        return _Q({(): np.abs(x)}, np.zeros_like(x), np.asarray(x, dtype=np.float64))
+
+    @property
+    def T(self):
+        return _Q({c: a.T for c, a in self.groups.items()}, self.rel.T, self.v.T)
+
+    def paths(self):  # Σ_g θ_g·abs_g
+        return sum(_theta(c) * a for c, a in self.groups.items())
+
+    def rounded(self):  # Σ_g abs_g (1 + θ_g)
+        return sum((1 + _theta(c)) * a for c, a in self.groups.items())
+
+    def error(self):
+        return self.paths() + self.rel
+
+    def round(self, u, against=None):  # charged against the value: (1 + u)L + u(|v| + paths)
+        value = np.abs(self.v) if against is None else against
+        return _Q(self.groups, self.rel * (1 + u) + u * (value + self.paths()), self.v)
+
+    def round_paths(self, u):  # one more factor on every path
+        return _Q({_with(c, u, 1): a for c, a in self.groups.items()}, self.rel * (1 + u), self.v)
+
+    def mul(self, q, u):
+        groups = {}
+        for cp, ap in self.groups.items():
+            for cq, aq in q.groups.items():
+                c = _merge(cp, cq)
+                groups[c] = groups.get(c, 0) + ap * aq
+        rel = self.rel * (q.rounded() + q.rel) + self.rounded() * q.rel
+        return _Q(groups, rel, self.v * q.v).round(u)
+
+    def matmul(self, q, u, leaves=()):
+        n = self.v.shape[-1] + len(leaves)
+        groups = {}
+        for cp, ap in self.groups.items():
+            for cq, aq in q.groups.items():
+                c = _with(_merge(cp, cq), u, n)
+                groups[c] = groups.get(c, 0) + ap @ aq
+        rel = (self.rel @ (q.rounded() + q.rel) + self.rounded() @ q.rel) * (1 + bounds.gamma(n, u))
+        v = self.v @ q.v
+        for leaf in leaves:
+            for c, a in leaf.groups.items():
+                groups[_with(c, u, n - 1)] = groups.get(_with(c, u, n - 1), 0) + a
+            rel, v = rel + leaf.rel * (1 + bounds.gamma(n - 1, u)), v + leaf.v
+        return _Q(groups, rel, v)
+
+    def add_onto(self, q, k, u):  # self below the k - 1 other adders of q's sum, then one rounding
+        p = _Q(
+            {_with(c, u, k - 1): a for c, a in self.groups.items()},
+            self.rel * (1 + bounds.gamma(k - 1, u)),
+            self.v,
+        )
+        groups = dict(p.groups)
+        for c, a in q.groups.items():
+            groups[c] = groups.get(c, 0) + a
+        return _Q(groups, p.rel + q.rel, p.v + q.v).round(u)
+
+    def scale(self, s, u, store=None):  # [store][acc]([acc](s)·v), all three along the paths
+        scaled = _Q(
+            {_with(c, u, 1): a * abs(s) for c, a in self.groups.items()},
+            self.rel * abs(s) * (1 + u),
+            self.v * s,
+        ).round_paths(u)
+        return scaled if store is None else scaled.round_paths(store)
+
+
+def _documented(g, x, W, A, B, s, mask, bias, ar):
+    """(y, grad_x, grad_A, grad_B) as _Q, by the step lists of docs/bounds.md §6 and §7."""
+    U = {d: bounds.unit_roundoff(d) for d in ("float64", "float32", "float16", "bfloat16")}
+    acc, mid, op, out = (U[d] for d in (ar.accumulate, ar.intermediate, ar.operand, ar.output))
+    same = ar.intermediate == ar.accumulate
+    keep_t = (lambda q: q) if ar.fused and same else (lambda q: q.round(mid))  # t, u, z: [mid] or kept
+    keep = (lambda q: q) if ar.fused else (lambda q: q.round(op))  # x ⊙ m: [op] or kept
+    xq, Wq, Aq, Bq, gq = (_Q.of(v) for v in (x, W, A, B, g))
+    x_d = xq if mask is None else keep(xq.mul(_Q.of(mask), acc))
+    # forward
+    t = keep_t(x_d.matmul(Aq.T, acc))
+    lora_y = keep_t(t.matmul(Bq.T, acc)).scale(s, acc, None if ar.fused and same else mid)
+    leaves = () if bias is None else (_Q.of(bias[None, :]),)
+    if ar.fused:
+        y = xq.matmul(Wq.T, acc, (lora_y, *leaves)).round(out)
+    else:
+        xw = xq.matmul(Wq.T, acc, leaves)
+        if bias is None:
+            base = xw.round(out)
+        else:  # [out](x Wᵀ) charged against |x Wᵀ|, the bias's adder, then [out] of the sum
+            first = xw.round(out, against=np.abs(xw.v - bias[None, :]))
+            base = _Q(first.groups, first.rel * (1 + acc), first.v).round(out)
+        y = base.add_onto(lora_y, B.shape[1], acc).round(out)
+    # backward
+    store = None if ar.fused else mid
+    u_ = keep_t(gq.matmul(Bq, acc))
+    grad_B = gq.T.matmul(t, acc).scale(s, acc, store).round(out)
+    grad_A = u_.T.matmul(x_d, acc).scale(s, acc, store).round(out)
+    ua = u_.matmul(Aq, acc)
+    lo = (ua if ar.fused else ua.round(mid)).scale(s, acc, store)
+    if mask is not None:
+        lo = keep(lo.mul(_Q.of(mask), acc))
+    if ar.fused:
+        grad_x = gq.matmul(Wq, acc, (lo,)).round(out)
+    else:
+        grad_x = gq.matmul(Wq, acc).round(out).add_onto(lo, A.shape[0], acc).round(out)
+    return y, grad_x, grad_A, grad_B
 
 
 def _closed_form_inputs(seed, ar, with_mask, with_bias):
     """x (5, 9), W (4, 9), A (3, 9), B (4, 3), g (5, 4), bias (4,) or None, a 0 / 2 mask or None: values
-    of magnitude 0.5-2 in ar.operand, for the closed-form pins below."""
+    of magnitude 0.5-2 in ar.operand, of both signs (so the value-charged roundings differ from the
+    path-charged ones)."""
     rng = np.random.default_rng(seed)
     n, n_in, out, r = 5, 9, 4, 3
     x, W, A, B, g, bias = (
@@ -1237,59 +1344,55 @@ def _closed_form_inputs(seed, ar, with_mask, with_bias):
     return x, W, A, B, g, bias if with_bias else None, mask
 
 
-@pytest.mark.parametrize("ar", [ARITHMETICS[0], ARITHMETICS[1], ARITHMETICS[3]])
+@pytest.mark.parametrize(
+    "ar",
+    [
+        ARITHMETICS[0],
+        ARITHMETICS[1],
+        ARITHMETICS[3],
+        dataclasses.replace(ARITHMETICS[3], fused=True),
+        dataclasses.replace(ARITHMETICS[1], intermediate="float32", fused=True),
+        dataclasses.replace(ARITHMETICS[0], fused=True),
+    ],
+    ids=["peft-bf16", "bf16-f32mid", "fp32", "fp32-fused", "bf16-fused", "bf16-fused-bf16mid"],
+)
 @pytest.mark.parametrize("with_mask", [False, True])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_lora_bounds_equal_their_documented_closed_forms(ar, with_mask, with_bias):
+def test_lora_bounds_follow_the_documented_rules(ar, with_mask, with_bias):
+    # The bound is the backend's model plus the reference's (all float64), times (1 + 2^-20), the cover
+    # for its own float64 evaluation (bounds._SELF). The code's |v| differs from the exact one by
+    # float64 rounding and its underflow terms are left out here: rtol 1e-9. (Not float16: its η, 2^-25,
+    # is 5e-5 of these bounds.)
     s = 16 / 3
     x, W, A, B, g, bias, mask = _closed_form_inputs(7, ar, with_mask, with_bias)
-    fwd, bx, bA, bB = _closed_forms(g, x, W, A, B, s, mask, ar, bias)
-    ref = _closed_forms(g, x, W, A, B, s, mask, bounds.REFERENCE, bias)
-    got_f = bounds.lora_forward_bound(x, W, A, B, s, ar, dropout_mask=mask, bias=bias)
-    got_b = bounds.lora_backward_bound(g, x, W, A, B, s, ar, dropout_mask=mask)
-    for got, mine, theirs in zip((got_f, *got_b), (fwd, bx, bA, bB), ref, strict=True):
-        # (1 + 2^-20): the bound's cover for its own float64 evaluation, documented in bounds._SELF
-        np.testing.assert_allclose(got, (mine + theirs) * (1 + 2.0**-20), rtol=1e-12)
-
-
-@pytest.mark.parametrize("ar", [ARITHMETICS[3], dataclasses.replace(ARITHMETICS[1], intermediate="float32")])
-@pytest.mark.parametrize("with_mask", [False, True])
-@pytest.mark.parametrize("with_bias", [False, True])
-def test_fused_bounds_equal_their_documented_closed_forms(ar, with_mask, with_bias):
-    # docs/bounds.md §5: one accumulator over x Wᵀ (or g W) with the low-rank term and the bias as
-    # leaves, K' = in + 1 + c (out + 1), then one output rounding bounded by (1 + u)·e + u·(|ref| + e_ref).
-    ar = dataclasses.replace(ar, fused=True)
-    s = 16 / 3
-    x, W, A, B, g, bias, mask = _closed_form_inputs(8, ar, with_mask, with_bias)
-    (n, n_in), (out, r) = x.shape, B.shape
-    acc, u = ar.accumulate, bounds.unit_roundoff(ar.output)
-    m, c = int(with_mask), int(with_bias)
-    xa, Wa, Aa, Ba, ga = (np.abs(v) for v in (x, W, A, B, g))
-    xd = xa if mask is None else xa * np.abs(mask)
-    lora_x = (ga @ Ba) @ Aa if mask is None else ((ga @ Ba) @ Aa) * np.abs(mask)
-    fwd = _theta((acc, n_in + 1 + c)) * (xa @ Wa.T)
-    fwd = fwd + _theta((acc, 2 * n_in + r + 2 + c + m)) * abs(s) * ((xd @ Aa.T) @ Ba.T)
-    if bias is not None:
-        fwd = fwd + _theta((acc, n_in + 1)) * np.abs(bias)
-    own = (
-        fwd,
-        _theta((acc, out + 1)) * (ga @ Wa) + _theta((acc, 2 * out + r + 2 + m)) * abs(s) * lora_x,
-        _theta((acc, out + n + 2 + m)) * abs(s) * ((ga @ Ba).T @ xd),
-        _theta((acc, n_in + n + 2 + m)) * abs(s) * (ga.T @ (xd @ Aa.T)),
-    )
-    theirs = _closed_forms(g, x, W, A, B, s, mask, bounds.REFERENCE, bias)
-    refs = (
-        lora.forward(x, W, A, B, s, bias=bias, dropout_mask=mask),
-        *lora.backward(g, x, W, A, B, s, dropout_mask=mask),
-    )
+    mine = _documented(g, x, W, A, B, s, mask, bias, ar)
+    theirs = _documented(g, x, W, A, B, s, mask, bias, bounds.REFERENCE)
     got = (
         bounds.lora_forward_bound(x, W, A, B, s, ar, dropout_mask=mask, bias=bias),
         *bounds.lora_backward_bound(g, x, W, A, B, s, ar, dropout_mask=mask),
     )
-    for got_i, mine, ref_e, ref in zip(got, own, theirs, refs, strict=True):
-        ref_e = ref_e * (1 + 2.0**-20)
-        final = (1 + u) * mine + u * (np.abs(ref) + ref_e)
-        np.testing.assert_allclose(got_i, final * (1 + 2.0**-20) + ref_e, rtol=1e-12)
+    for got_i, m, t in zip(got, mine, theirs, strict=True):
+        np.testing.assert_allclose(got_i, (m.error() + t.error()) * (1 + 2.0**-20), rtol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "ar", [ARITHMETICS[0], ARITHMETICS[2], ARITHMETICS[3]], ids=["peft-bf16", "fp16", "fp32"]
+)
+def test_value_charged_roundings_are_never_looser_than_path_charged_ones(ar):
+    # docs/bounds.md §4: charging a rounding u·(|v| + path error) instead of one more factor on every
+    # path can only lower the bound (|v| <= Σ|τ|), and lowers it by the cancellation where values have
+    # both signs. The path-charged model: every round() replaced by round_paths().
+    x, W, A, B, g, bias, mask = _closed_form_inputs(9, ar, True, True)
+    saved = _Q.round
+    try:
+        _Q.round = lambda q, u, against=None: q.round_paths(u)
+        paths_only = _documented(g, x, W, A, B, 16 / 3, mask, bias, ar)
+    finally:
+        _Q.round = saved
+    valued = _documented(g, x, W, A, B, 16 / 3, mask, bias, ar)
+    for p, v in zip(paths_only, valued, strict=True):
+        assert np.all(v.error() <= p.error() * (1 + 1e-12))
+        assert np.median(v.error() / p.error()) < (0.9 if ar.operand != "float32" else 1.0)
 
 
 @SLOW_SETTINGS
@@ -1302,3 +1405,21 @@ def test_backward_bound_without_grad_x_gives_the_same_grad_a_and_grad_b(case):
         assert bx is None
         np.testing.assert_array_equal(bA2, bA)
         np.testing.assert_array_equal(bB2, bB)
+
+
+def test_the_scalings_roundings_are_counted_along_the_paths():
+    # A bfloat16 backward that scales g first, as autograd does for z * s: g_s = [bf16](s·g) rounds 1.0·s
+    # up by 0.0104 and 1.0078125·s to itself, then u = g_s B with B = (1, -1) cancels them to -0.03125
+    # against the exact s·(g B) = -0.0417. Charged against that value, the three roundings of the
+    # scaling (s, s·g, its store) would allow 3·u_bf16·|ref|; the error is more than 20 times that. The
+    # model counts them along the paths, as if s were applied to g first, where nothing has cancelled.
+    ar = ARITHMETICS[0]
+    s, x, A, W = 16 / 3, np.ones((1, 1)), np.ones((1, 1)), np.zeros((2, 1))
+    B, g = np.array([[1.0], [-1.0]]), np.array([[1.0, 1.0078125]])
+    ref = lora.backward(g, x, W, A, B, s)[1]
+    out = sim_backward(g, x, W, A, B, s, ar, "recursive")[1]
+    assert out[0, 0] == -0.03125
+    err = abs(out - ref)[0, 0]
+    assert err > 20 * 3 * bounds.unit_roundoff("bfloat16") * abs(ref[0, 0])
+    bound = bounds.lora_backward_bound(g, x, W, A, B, s, ar)[1]
+    assert 0.2 < err / bound[0, 0] <= 1
