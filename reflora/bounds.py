@@ -229,28 +229,34 @@ class _Tracked:
         an accumulation of v̂ in any order."""
         return self.rounded_part() + self.eta + self.rel
 
+    def abs_sum(self) -> np.ndarray:
+        """Σ_g abs_g, an upper bound of Σ_τ |τ| and so of |v|."""
+        return sum(a for _, a in self.groups)
+
+    def path_error(self) -> np.ndarray:
+        """Σ_g θ(counts_g)·abs_g, an upper bound of |R - v|."""
+        return sum(_theta(c) * a for c, a in self.groups)
+
     def _value_error(self) -> np.ndarray:
         """An upper bound of |value - v|: each path of value has at most ``depth`` float64 roundings,
         so γ_depth(u64)·Σ_g abs_g, and its underflow terms are among those of v̂ (float64's η is the
         smallest)."""
-        return gamma(self.depth, _U64) * sum(a for _, a in self.groups) + self.eta
+        return gamma(self.depth, _U64) * self.abs_sum() + self.eta
 
     def exact_bound(self) -> np.ndarray:
         """An upper bound of |v|: Σ_g abs_g, or where v cancels the smaller |value| + |value - v| (its
         own float64 evaluation is covered by the factor :meth:`error` applies to the whole bound)."""
-        return np.fmin(sum(a for _, a in self.groups), np.abs(self.value) + self._value_error())
+        return np.fmin(self.abs_sum(), np.abs(self.value) + self._value_error())
 
     def magnitude(self) -> np.ndarray:
         """An upper bound of |v̂|: :meth:`abs_bound`, or where v cancels the smaller
         |value| + |value - v| + |v̂ - v|."""
-        via_value = np.abs(self.value) + self._value_error() + self.eta + self.rel
-        for c, a in self.groups:
-            via_value = via_value + _theta(c) * a
+        via_value = np.abs(self.value) + self._value_error() + self.eta + self.rel + self.path_error()
         return np.fmin(self.abs_bound(), via_value * _SELF)  # fmin: a float64 inf or NaN value is no help
 
     def error(self) -> np.ndarray:
         """An upper bound of |v̂ - v|: Σ_g θ(counts_g)·abs_g + eta + rel, inf where it may have overflowed."""
-        e = sum(_theta(c) * a for c, a in self.groups) + self.eta + self.rel
+        e = self.path_error() + self.eta + self.rel
         return np.where(self.overflow, np.inf, e * _SELF)
 
     @property
@@ -303,7 +309,7 @@ def _round(p: _Tracked, f: _Fmt, against: np.ndarray | None = None) -> _Tracked:
     a part of it first (x Wᵀ before a bias is added), ``against`` bounds the value of that part instead.
     """
     overflow = p.overflow | (p.magnitude() >= f.threshold)
-    r = (p.exact_bound() if against is None else against) + sum(_theta(c) * a for c, a in p.groups)
+    r = (p.exact_bound() if against is None else against) + p.path_error()
     rel = p.rel * (1 + f.u) + f.u * r
     return _Tracked(p.groups, p.eta * (1 + f.u) + f.eta, overflow, p.value, rel, p.depth)
 
@@ -577,10 +583,17 @@ def _operand(name: str, a, dtype: str) -> np.ndarray:
     return a64
 
 
+def _mid_store(ar: Arithmetic, mid: _Fmt) -> _Fmt | None:
+    """The rounding that stores an intermediate: mid, or None for a fused kernel whose intermediates
+    are accumulate-dtype numbers, which it stores as they are (re-rounding a number to its own dtype
+    is exact, so no factor)."""
+    return None if ar.fused and ar.intermediate == ar.accumulate else mid
+
+
 def _to_mid(v: _Tracked, ar: Arithmetic, mid: _Fmt) -> _Tracked:
-    """[mid](v) for v just computed in acc. A fused kernel whose intermediates are accumulate-dtype
-    numbers stores them as they are: re-rounding a number to its own dtype is exact, so no factor."""
-    return v if ar.fused and ar.intermediate == ar.accumulate else _round(v, mid)
+    """[mid](v) for v just computed in acc, or v as it is (:func:`_mid_store`)."""
+    store = _mid_store(ar, mid)
+    return v if store is None else _round(v, store)
 
 
 # The scaling s may be applied anywhere along a low-rank chain: to x or g first, between the two
@@ -637,8 +650,7 @@ def _forward_model(x, W, A, B, s, bias, mask, ar: Arithmetic, base_dtype=None) -
     A_, B_ = ar._read_adapter(A, s), ar._read_adapter(B, s)
     t = _may_scale(_to_mid(_matmul(x_d, A_.T, acc), ar, mid), s, ar)  # (N, r) = [mid](x_d Aᵀ)
     z = _to_mid(_matmul(t, B_.T, acc), ar, mid)  # (N, out) = [mid](t Bᵀ), K = r
-    keep = None if ar.fused and ar.intermediate == ar.accumulate else mid  # as _to_mid
-    lora = _scale(z, s, ar, keep)  # [mid][acc]([acc](s)·z)
+    lora = _scale(z, s, ar, _mid_store(ar, mid))  # [mid][acc]([acc](s)·z)
     b = () if bias is None else (ar._read(bias[None, :]),)
     if ar.fused:  # one accumulator, x Wᵀ with the low-rank term and the bias as leaves of its sum
         return _round(_matmul(xt, W_T, acc, (lora, *b)), out)
@@ -649,10 +661,10 @@ def _forward_model(x, W, A, B, s, bias, mask, ar: Arithmetic, base_dtype=None) -
         # torch.nn.functional.linear rounds x Wᵀ before adding the bias when x is a non-contiguous N-D
         # tensor (matmul, then add) and once when it is contiguous (addmm), whose split-K may start
         # from the bias: the bias a leaf of the sum (its adder among the K' = in + 1), a rounding to out
-        # charged against |x Wᵀ| (value - bias, within value's error of it) and then that adder's
-        # (1 + u_acc), and a rounding of the sum to out cover both.
-        xw_only = np.abs(xw.value - bias[None, :]) + xw._value_error()
-        first = _round(xw, out, against=np.fmin(sum(a for _, a in xw.groups), xw_only))
+        # charged against |x Wᵀ| (the exact bound of value - bias) and then that adder's (1 + u_acc),
+        # and a rounding of the sum to out cover both.
+        x_w = dataclasses.replace(xw, value=xw.value - bias[None, :])
+        first = _round(xw, out, against=x_w.exact_bound())
         first = dataclasses.replace(first, eta=first.eta * (1 + acc.u), rel=first.rel * (1 + acc.u))
         base = _round(first, out)
     # [out]([acc](base + lora)), the base below the r adders of t Bᵀ where they accumulate onto it

@@ -214,24 +214,32 @@ class DropoutOnBase(_Mutant):
         return lora.forward(x_d, W, A, B, scaling, bias=bias)
 
 
-class RankOneDropsAdapter(_Mutant):
-    name, ops, bug = "mutant-rank-one", ("lora_forward",), "the adapter is skipped when r == 1"
+class _SkipsAdapter(_Mutant):
+    """A forward that drops the low-rank term (scaling 0) where :meth:`skips` says so."""
+
+    ops = ("lora_forward",)
+
+    def skips(self, A, B, scaling) -> bool:
+        raise NotImplementedError
 
     def lora_forward(self, x, W, A, B, scaling, *, bias=None, dropout_mask=None):
-        s = 0.0 if np.shape(A)[0] == 1 else scaling
+        s = 0.0 if self.skips(A, B, scaling) else scaling
         return lora.forward(x, W, A, B, s, bias=bias, dropout_mask=dropout_mask)
 
 
-class SkipsSmallAdapter(_Mutant):
-    name, ops, bug = (
-        "mutant-skips-small-adapter",
-        ("lora_forward",),
-        "the low-rank term is skipped where max|s·B| < 1e-3 (an early adapter; a 'negligible' shortcut)",
-    )
+class RankOneDropsAdapter(_SkipsAdapter):
+    name, bug = "mutant-rank-one", "the adapter is skipped when r == 1"
 
-    def lora_forward(self, x, W, A, B, scaling, *, bias=None, dropout_mask=None):
-        s = 0.0 if np.max(np.abs(scaling * np.asarray(B, np.float64)), initial=0.0) < 1e-3 else scaling
-        return lora.forward(x, W, A, B, s, bias=bias, dropout_mask=dropout_mask)
+    def skips(self, A, B, scaling) -> bool:
+        return np.shape(A)[0] == 1
+
+
+class SkipsSmallAdapter(_SkipsAdapter):
+    name = "mutant-skips-small-adapter"
+    bug = "the low-rank term is skipped where max|s·B| < 1e-3 (an early adapter; a 'negligible' shortcut)"
+
+    def skips(self, A, B, scaling) -> bool:
+        return np.max(np.abs(scaling * np.asarray(B, np.float64)), initial=0.0) < 1e-3
 
 
 class OddInFeatures(_Mutant):
