@@ -1,9 +1,10 @@
 """The runner: drives every test of the suite against a backend, outside pytest or inside it.
 
-For a property, hypothesis draws examples under the profile's settings (a fixed seed per test derived
-from the run's seed and the test id, no example database, so a run is reproducible from its seed
-alone); on a failure it shrinks to a minimal example, whose :class:`Mismatch` the runner catches,
-saves as an ``.npz`` bundle and turns into a result. A case runs once. Every result is one of
+For a property, hypothesis draws examples under the profile's settings: a fixed seed per test derived
+from the run's seed and the test id, no example database, and a provider that ignores which modules
+are loaded (:mod:`reflora.conformance.draws`), so a run is reproducible from its seed alone (for one
+Hypothesis version). On a failure it shrinks to a minimal example, whose :class:`Mismatch` the runner
+catches, saves as an ``.npz`` bundle and turns into a result. A case runs once. Every result is one of
 
 ``pass``         every example met its tolerance;
 ``fail``         a mismatch (message, bundle, replay command);
@@ -36,6 +37,7 @@ from reflora.conformance import deviations as _deviations
 from reflora.conformance import profiles
 from reflora.conformance.bundle import save
 from reflora.conformance.dialect import for_backend as dialect_for
+from reflora.conformance.draws import seed_only_draws
 from reflora.conformance.findings import Findings
 from reflora.conformance.mismatch import Declined, Mismatch, Rejected
 from reflora.conformance.properties import Context, _arithmetic, run_check
@@ -245,7 +247,8 @@ def _run_property(ctx: Context, test: Test, profile: profiles.Profile, seed: int
             result.rejected += 1
             last["rejected"] = str(r)
 
-    prop()
+    with seed_only_draws():
+        prop()
     notes = []
     if result.declined and result.declined + result.rejected < result.examples:
         notes.append(f"{result.declined} of {result.examples} examples declined: {result.reason}")

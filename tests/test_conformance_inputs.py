@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -69,6 +73,94 @@ def test_same_seed_same_failure_same_bundle(tmp_path):
     a, b = bundle(tmp_path / "a"), bundle(tmp_path / "b")
     assert a.message.splitlines()[:-2] == b.message.splitlines()[:-2]  # all but the bundle paths
     assert (tmp_path / "a").iterdir().__next__().name == (tmp_path / "b").iterdir().__next__().name
+
+
+# Run in a child process: a module, once imported, stays in hypothesis' pool for the whole session.
+_DRAWS_SCRIPT = r"""
+import contextlib, hashlib, importlib, json, sys
+import numpy as np
+from reflora.conformance import profiles, runner, suite
+from reflora.conformance.dialect import get as get_dialect
+from reflora.conformance.properties import Context
+from reflora.backends.reference import ReferenceBackend
+
+ci = profiles.get("ci")
+chosen = [t for t in suite.tests(dtypes=("float32", "bfloat16")) if t.kind != "case"]
+seen = []
+runner.run_check = lambda ctx, inputs: seen.append(
+    "".join(k + str(a.dtype) + str(a.shape) + hashlib.sha1(np.ascontiguousarray(a).tobytes()).hexdigest()
+            for k, a in sorted(inputs.arrays.items())) + repr(inputs.params))
+ctx = Context(ReferenceBackend(), "reference", get_dialect("reflora"), None)
+
+def draws(fixed):
+    runner.seed_only_draws = fixed
+    out = {}
+    for t in chosen:
+        seen.clear()
+        result = runner.TestResult(t.id, t.op, t.dtype, t.kind, "pass")
+        runner._run_property(ctx, t, ci, runner._test_seed(0, t.id), result, {})
+        out[t.id] = hashlib.sha1("|".join(seen).encode()).hexdigest()
+    return out
+
+fixed, free = runner.seed_only_draws, contextlib.nullcontext
+before = {"free": draws(free), "fixed": draws(fixed)}
+sys.path.insert(0, sys.argv[1])
+importlib.import_module("plugin_numbers")
+after = {"fixed": draws(fixed), "free": draws(free)}
+print(json.dumps({"before": before, "after": after}))
+"""
+
+
+def test_draws_depend_on_the_seed_not_on_the_modules_loaded(tmp_path):
+    """A local module's literals (here a plug-in's) join hypothesis' pool of constants; under the runner
+    they must not change what a seed draws. The free draws show the hazard is real in this Hypothesis."""
+    from reflora.conformance.draws import seed_only_provider
+
+    if seed_only_provider() == "none needed":
+        pytest.skip("this Hypothesis draws no literals of loaded modules")
+    (tmp_path / "plugin_numbers.py").write_text("NUMBERS = (12345, 777, 31337, 0.123, 3.75, 65519.0)\n")
+    run = subprocess.run([sys.executable, "-c", _DRAWS_SCRIPT, str(tmp_path)], capture_output=True,
+                         text=True, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    got = json.loads(run.stdout)
+    before, after = got["before"], got["after"]
+    assert len(before["fixed"]) >= 20
+    moved = sorted(i for i in before["fixed"] if before["fixed"][i] != after["fixed"][i])
+    assert moved == [], f"the runner's draws changed with a module's import: {moved}"
+    free_moved = [i for i in before["free"] if before["free"][i] != after["free"][i]]
+    assert free_moved, "hypothesis' free draws no longer depend on loaded modules: seed_only_draws may go"
+
+
+@pytest.mark.parametrize("kind", ["keeps the pool elsewhere", "draws no constants"])
+def test_a_hypothesis_the_provider_does_not_fit_is_named_not_ignored(kind, monkeypatch):
+    """Where Hypothesis' internals are not the ones seed_only_draws knows, it warns that draws may depend
+    on the loaded modules, and leaves the provider alone; where there is nothing to remove, it is silent."""
+    import warnings
+
+    from hypothesis.internal.conjecture import providers
+
+    from reflora.conformance import draws
+
+    def draw_constant(self, *args, **kwargs):
+        return None
+
+    fields = {"_maybe_draw_constant": draw_constant} if kind == "keeps the pool elsewhere" else {}
+    monkeypatch.setattr(providers, "HypothesisProvider", type("Other", (), fields))
+    monkeypatch.setattr(draws, "_warn", functools.cache(draws._warn.__wrapped__))
+    draws.seed_only_provider.cache_clear()
+    before = providers.AVAILABLE_PROVIDERS["hypothesis"]
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with draws.seed_only_draws():
+                assert providers.AVAILABLE_PROVIDERS["hypothesis"] is before
+    finally:
+        draws.seed_only_provider.cache_clear()
+    said = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    if kind == "keeps the pool elsewhere":
+        assert len(said) == 1 and "may draw different inputs" in said[0], said
+    else:
+        assert said == []
 
 
 def test_profiles_ci_is_fixed_audit_is_fresh_and_bigger():
