@@ -227,6 +227,18 @@ def test_a_prepared_model_must_agree_with_the_file(saved) -> None:
     with pytest.raises(AdapterError, match="is 2 in the file but 3") as info:
         load_adapter(model, saved)
     assert info.value.key == "r"
+    # dropout too: it was not compared, and a model prepared with 0.2 kept it for a file of 0.0
+    model = apply_lora(Toy(), 2, 4, ["q_proj", "v_proj"], dropout=0.2, verbose=False)
+    with pytest.raises(AdapterError, match=r"is 0\.0 in the file but 0\.2") as info:
+        load_adapter(model, saved)
+    assert info.value.key == "lora_dropout"
+
+
+def test_a_path_that_is_not_a_directory_says_so(saved) -> None:
+    with pytest.raises(AdapterError, match="which is a file"):
+        load_adapter(Toy(), saved / ADAPTER_CONFIG)
+    with pytest.raises(AdapterError, match="which does not exist"):
+        load_adapter(Toy(), saved / "nowhere")
 
 
 def test_a_truncated_file_names_the_tensor(saved) -> None:

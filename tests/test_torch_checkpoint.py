@@ -147,6 +147,46 @@ def test_load_into_a_given_model_round_trips(tmp_path) -> None:
         assert torch.equal(model(x).last_hidden_state, back(x).last_hidden_state)
 
 
+def test_a_built_model_comes_back_in_eval_mode_a_given_one_in_its_own(tmp_path) -> None:
+    """As from_pretrained: a model built from the config is in eval mode (it came back in training
+    mode, BERT's dropout on, two forwards of one batch differing by up to 5.4 on MiniLM)."""
+    model = tiny_bert()
+    quantize_model(model)
+    save_4bit_checkpoint(model, tmp_path)
+    built = load_4bit_checkpoint(tmp_path)
+    assert not any(m.training for m in built.modules())
+    x = torch.arange(10).reshape(1, 10)
+    with torch.no_grad():
+        assert torch.equal(built(x).last_hidden_state, built(x).last_hidden_state)
+    given = load_4bit_checkpoint(tmp_path, tiny_bert().train())
+    assert all(m.training for m in given.modules())
+
+
+def test_a_bfloat16_model_is_saved_as_bfloat16(tmp_path) -> None:
+    """config.json records the model's dtype and computes in it, as save_pretrained would: it said
+    float32, and transformers then loaded a model mixing float32 and bfloat16 whose forward failed."""
+    model = tiny_bert().to(torch.bfloat16)
+    quantize_model(model)
+    written = save_4bit_checkpoint(model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["dtype"] == "bfloat16"
+    assert config["quantization_config"]["bnb_4bit_compute_dtype"] == "bfloat16"
+    loaded = assert_loaded_by_transformers(tmp_path, written)
+    assert {p.dtype for p in loaded.parameters() if p.is_floating_point()} == {torch.bfloat16}
+    # In training mode: in eval mode an AVX512_BF16 CPU repacks the weight first, which bitsandbytes
+    # 0.50 refuses for 100 rows ("N must be divisible by block_n"), whatever wrote the file.
+    with torch.no_grad():
+        y = loaded.train()(torch.arange(10).reshape(1, 10)).last_hidden_state
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+    save_4bit_checkpoint(model, tmp_path / "f32", compute_dtype="float32")  # given, it is kept
+    config = json.loads((tmp_path / "f32" / "config.json").read_text())
+    assert config["dtype"] == "bfloat16"
+    assert config["quantization_config"]["bnb_4bit_compute_dtype"] == "float32"
+    with pytest.raises(ValueError, match="compute_dtype must be one of"):
+        save_4bit_checkpoint(model, tmp_path / "bad", compute_dtype="fp32")
+    assert not (tmp_path / "bad").exists()
+
+
 # ------------------------------------------------------------------------------------- corruption
 
 Q = "encoder.layer.0.attention.self.query"
@@ -195,6 +235,19 @@ def test_a_corrupt_checkpoint_names_the_key(saved, case) -> None:
     with pytest.raises(error) as info:
         load_4bit_checkpoint(saved, tiny_bert())
     assert info.value.key == key and repr(key) in str(info.value)
+
+
+def test_a_failed_load_leaves_the_given_model_as_it_was(saved) -> None:
+    """Layers were replaced one by one before a later one failed: a 12-layer BERT was left with 37 of
+    them 4-bit. Now the last layer's broken weight undoes the replacements before it."""
+    last = "pooler.dense"
+    rewrite(saved, lambda t: t.pop(f"{last}.weight.absmax"))
+    model = tiny_bert()
+    before = dict(model.named_modules())
+    with pytest.raises(StateDictError) as info:
+        load_4bit_checkpoint(saved, model)
+    assert info.value.key == f"{last}.weight.absmax"
+    assert dict(model.named_modules()) == before  # the very same modules, none 4-bit
 
 
 def test_a_config_that_is_not_bitsandbytes_4bit_names_the_field(saved) -> None:

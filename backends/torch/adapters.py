@@ -180,6 +180,9 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
     gives a UserWarning naming it: a newer PEFT's feature would otherwise pass unseen.
     """
     path = Path(directory) / ADAPTER_CONFIG
+    if not Path(directory).is_dir():
+        what = "is a file" if Path(directory).exists() else "does not exist"
+        raise AdapterError(ADAPTER_CONFIG, f"expected in the directory {str(directory)!r}, which {what}")
     if not path.is_file():
         raise AdapterError(ADAPTER_CONFIG, f"missing from {Path(directory)}")
     try:
@@ -260,7 +263,8 @@ def load_adapter(
     model: either a model without adapters, which is first prepared by :func:`.modules.apply_lora`
         with the file's r, lora_alpha, target_modules, lora_dropout and use_rslora (``quantize``,
         ``double_quant`` and ``blocksize`` choose its base as there); or a model already prepared with
-        the same r, alpha, rsLoRA and adapted layers.
+        the same r, alpha, rsLoRA, dropout and adapted layers.
+    New layers take the train/eval mode of the layers they wrap (:func:`.modules.apply_lora`).
     The tensors are copied into lora_A / lora_B (converted to the parameters' dtype).
     Raises :class:`AdapterError` naming the key for a missing, extra, non-float, wrongly shaped or
     non-finite tensor, or for a config field it cannot honour (:func:`read_config`); the
@@ -315,7 +319,9 @@ def _load_tensors(model: nn.Module, cfg: dict[str, Any], tensors: dict[str, np.n
     """Copy the file's lora_A / lora_B into the adapted layers, after checking they all fit."""
     layers = lora_modules(model)
     for name, m in layers.items():
-        for field, value in (("r", m.r), ("lora_alpha", m.lora_alpha), ("use_rslora", m.use_rslora)):
+        agree = (("r", m.r), ("lora_alpha", m.lora_alpha), ("use_rslora", m.use_rslora),
+                 ("lora_dropout", m.lora_dropout))  # fmt: skip
+        for field, value in agree:
             if cfg[field] != value:
                 raise AdapterError(
                     field, f"is {cfg[field]!r} in the file but {value!r} in the model's {name!r}"

@@ -102,7 +102,7 @@ def quantize_model(
     names = progress_bar(chosen, "quantize_model", progress)
     built = [_quantize_layer(n, model.get_submodule(n), blocksize, **kw) for n in names]
     for name, q in zip(chosen, built, strict=True):
-        _set_submodule(model, name, q.requires_grad_(False))
+        _set_submodule(model, name, q.requires_grad_(False).train(model.get_submodule(name).training))
     return chosen
 
 
@@ -157,7 +157,7 @@ def from_bitsandbytes(model: nn.Module) -> list[str]:
         bias = None if layer.bias is None else layer.bias.detach().clone()
         built.append(NF4Linear(TorchQuantState.from_state(state, layer.weight.device), bias))
     for name, q in zip(chosen, built, strict=True):
-        _set_submodule(model, name, q.requires_grad_(False))
+        _set_submodule(model, name, q.requires_grad_(False).train(model.get_submodule(name).training))
     return chosen
 
 
@@ -213,15 +213,32 @@ def _default_skips_hold(model: nn.Module, layers: dict[str, NF4Linear]) -> bool:
     return not {_hf_path(n) for n in default} & set(layers)
 
 
+_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _model_dtype(model: nn.Module, layers: dict[str, NF4Linear]) -> str:
+    """The dtype a checkpoint's config records: the first floating-point parameter's, adapters aside
+    (they are not saved), else the first 4-bit weight's."""
+    adapters = {id(p) for m in lora_modules(model).values() for p in (m.lora_A.weight, m.lora_B.weight)}
+    for p in model.parameters():
+        if p.is_floating_point() and id(p) not in adapters:
+            return str(p.dtype).removeprefix("torch.")
+    return str(next(iter(layers.values())).dtype).removeprefix("torch.")
+
+
 def save_4bit_checkpoint(
-    model: nn.Module, directory: str | os.PathLike, *, compute_dtype: str = "float32"
+    model: nn.Module, directory: str | os.PathLike, *, compute_dtype: str | None = None
 ) -> dict[str, np.ndarray]:
     """Write ``model`` as a Hugging Face bitsandbytes 4-bit checkpoint in ``directory``.
 
     model: a torch model (normally a transformers ``PreTrainedModel``, whose ``config`` is written)
         with at least one :class:`NF4Linear` layer; all of them must share quant type and double
         quantization. LoRA adapters are not written; adapted layers are written as their base.
-    compute_dtype: ``bnb_4bit_compute_dtype`` in the config (what bitsandbytes computes in).
+    compute_dtype: ``bnb_4bit_compute_dtype`` in the config (what bitsandbytes computes in):
+        "float32", "float16" or "bfloat16"; None, the model's dtype (float32 for any other).
+    The config's ``dtype`` is the model's dtype, that of its first floating-point parameter outside the
+    adapters (as transformers' ``save_pretrained`` records it), so ``from_pretrained`` rebuilds a
+    bfloat16 model in bfloat16.
     Writes ``model.safetensors`` (metadata {"format": "pt"}) and, when the model has a ``config``,
     ``config.json``, all or none of them (:func:`reflora.formats.files.write_files`). Returns the
     tensors written, name -> numpy array.
@@ -229,6 +246,11 @@ def save_4bit_checkpoint(
     layers = _quantized_layers(model)
     if not layers:
         raise ValueError("the model has no 4-bit layers; quantize it first (quantize_model or apply_lora)")
+    dtype = _model_dtype(model, layers)
+    if compute_dtype is None:
+        compute_dtype = dtype if dtype in _DTYPES else "float32"
+    if compute_dtype not in _DTYPES:
+        raise ValueError(f"compute_dtype must be one of {', '.join(_DTYPES)} or None, got {compute_dtype!r}")
     adapted = lora_modules(model)
     skip = {f"{n}.{part}" for n in adapted for part in ("lora_A", "lora_B")}
     skip |= {n for n, m in model.named_modules() if isinstance(m, NF4Linear)}
@@ -248,6 +270,9 @@ def save_4bit_checkpoint(
     if config is not None and hasattr(config, "to_dict"):
         fields = config.to_dict()
         fields["architectures"] = [type(model).__name__]  # as save_pretrained records it: what to rebuild
+        for key in ("dtype", "torch_dtype"):  # transformers 5 writes "dtype", 4 "torch_dtype"
+            if key in fields or key == "dtype":
+                fields[key] = dtype
         fields["quantization_config"] = _quantization_config(layers, model, compute_dtype)
         files[out / CONFIG] = (json.dumps(fields, indent=2, sort_keys=True) + "\n").encode("utf-8")
     out.mkdir(parents=True, exist_ok=True)
@@ -312,30 +337,11 @@ def _skeleton(directory: Path, config: dict[str, Any]) -> nn.Module:
     return cls(hf_config) if cls is not None else transformers.AutoModel.from_config(hf_config)
 
 
-def load_4bit_checkpoint(directory: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
-    """Load a Hugging Face bitsandbytes 4-bit checkpoint into reflora's layers; returns the model.
-
-    directory: holds ``config.json`` (with a bitsandbytes 4-bit ``quantization_config``) and
-        ``model.safetensors`` (or ``model.safetensors.index.json`` and its shards).
-    model: the unquantized model to load into (its ``nn.Linear`` layers at the quantized paths are
-        replaced); None builds it from the config with transformers.
-    Each 4-bit weight (found by ``reflora.formats.bnb.quantized_prefixes``) is read with
-    :func:`reflora.formats.bnb.from_state_dict` and becomes an :class:`NF4Linear` holding the same
-    bytes, with ``P.bias``; every other tensor is assigned as stored (its dtype kept). Weights the
-    model ties (an LM head sharing the input embeddings) may be stored once, as transformers stores
-    them, and are tied again after loading. All parameters end frozen. Raises :class:`CheckpointError`
-    naming the key for a tensor the model does not have, a parameter the file lacks, a shape that
-    differs, or a 4-bit weight at a path that is not a linear layer of matching shape, or naming the
-    file for an index that is not JSON; :class:`StateDictError` for a malformed 4-bit weight.
-    """
-    directory = Path(directory)
-    config = _read_config(directory)
-    tensors = _read_tensors(directory)
-    if model is None:
-        model = _skeleton(directory, config)
-    prefixes = bnb.quantized_prefixes(tensors)
-    if not prefixes:
-        raise CheckpointError(WEIGHTS, "holds no 4-bit weight (no '*.quant_state.bitsandbytes__*' key)")
+def _replace_quantized(
+    model: nn.Module, tensors: dict[str, np.ndarray], prefixes: list[str], replaced: list
+) -> dict[str, np.ndarray]:
+    """Put an :class:`NF4Linear` of each 4-bit weight in place of its layer (noting each in
+    ``replaced``, in the layer's train/eval mode); returns the tensors left to assign."""
     consumed: set[str] = set()
     for prefix in prefixes:
         state = bnb.from_state_dict(tensors, prefix)
@@ -358,10 +364,17 @@ def load_4bit_checkpoint(directory: str | os.PathLike, model: nn.Module | None =
             raise CheckpointError(f"{path}.bias", f"has shape {bias.shape}, expected ({state.shape[0]},)")
         device = target.bias.device if target.bias is not None else next(model.parameters()).device
         ts = TorchQuantState.from_state(state, device)
-        _set_submodule(model, path, NF4Linear(ts, None if bias is None else numpy_to_torch(bias, device)))
+        layer = NF4Linear(ts, None if bias is None else numpy_to_torch(bias, device)).train(target.training)
+        _set_submodule(model, path, layer)
+        replaced.append((path, target))
         consumed |= bnb.weight_keys(tensors, prefix)
         consumed.add(f"{path}.bias")
-    rest = {k: v for k, v in tensors.items() if k not in consumed}
+    return {k: v for k, v in tensors.items() if k not in consumed}
+
+
+def _check_rest(model: nn.Module, rest: dict[str, np.ndarray]) -> tuple[list[list[str]], list[str]]:
+    """Check that the tensors left fit the model's other parameters and buffers, every one of them
+    (tied weights may be stored once); returns the tied groups present and each one's stored name."""
     own = model.state_dict()
     quantized = {n for n, m in model.named_modules() if isinstance(m, NF4Linear)}
     for key, value in rest.items():
@@ -385,6 +398,45 @@ def load_4bit_checkpoint(directory: str | os.PathLike, model: nn.Module | None =
                 differ[0], f"the model ties it to {stored[0]!r}, but the checkpoint holds different values"
             )
         sources.append(stored[0])
+    return groups, sources
+
+
+def load_4bit_checkpoint(directory: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
+    """Load a Hugging Face bitsandbytes 4-bit checkpoint into reflora's layers; returns the model.
+
+    directory: holds ``config.json`` (with a bitsandbytes 4-bit ``quantization_config``) and
+        ``model.safetensors`` (or ``model.safetensors.index.json`` and its shards).
+    model: the unquantized model to load into (its ``nn.Linear`` layers at the quantized paths are
+        replaced); None builds it from the config with transformers.
+    Each 4-bit weight (found by ``reflora.formats.bnb.quantized_prefixes``) is read with
+    :func:`reflora.formats.bnb.from_state_dict` and becomes an :class:`NF4Linear` holding the same
+    bytes, with ``P.bias``; every other tensor is assigned as stored (its dtype kept). Weights the
+    model ties (an LM head sharing the input embeddings) may be stored once, as transformers stores
+    them, and are tied again after loading. All parameters end frozen. Raises :class:`CheckpointError`
+    naming the key for a tensor the model does not have, a parameter the file lacks, a shape that
+    differs, or a 4-bit weight at a path that is not a linear layer of matching shape, or naming the
+    file for an index that is not JSON; :class:`StateDictError` for a malformed 4-bit weight. An
+    error leaves a given model as it was. A model built here is returned in eval mode, as
+    ``from_pretrained`` returns one; a given model keeps its mode (each new layer takes the mode of the
+    layer it replaces).
+    """
+    directory = Path(directory)
+    config = _read_config(directory)
+    tensors = _read_tensors(directory)
+    fresh = model is None
+    if model is None:
+        model = _skeleton(directory, config)
+    prefixes = bnb.quantized_prefixes(tensors)
+    if not prefixes:
+        raise CheckpointError(WEIGHTS, "holds no 4-bit weight (no '*.quant_state.bitsandbytes__*' key)")
+    replaced: list[tuple[str, nn.Module]] = []  # (path, the layer it held), to undo on an error
+    try:
+        rest = _replace_quantized(model, tensors, prefixes, replaced)
+        groups, sources = _check_rest(model, rest)
+    except BaseException:
+        for path, original in reversed(replaced):
+            _set_submodule(model, path, original)
+        raise
     device = next(model.parameters()).device
     model.load_state_dict({k: numpy_to_torch(v, device) for k, v in rest.items()}, strict=False, assign=True)
     for group, source in zip(groups, sources, strict=True):
@@ -393,4 +445,4 @@ def load_4bit_checkpoint(directory: str | os.PathLike, model: nn.Module | None =
             owner, _, leaf = key.rpartition(".")
             setattr(model.get_submodule(owner), leaf, loaded)
     model.requires_grad_(False)
-    return model
+    return model.eval() if fresh else model  # a built model is returned as from_pretrained returns it

@@ -181,6 +181,14 @@ class NF4Linear(nn.Module):
                     "weights or a 4-bit checkpoint (load_4bit_checkpoint)"
                 )
                 return
+        elif len(ours) != len(self._buffers):
+            # codes, scales and tables are one weight: a part of it would load beside the layer's own rest
+            lacking = [prefix + n for n in self._buffers if prefix + n not in state_dict]
+            error_msgs.append(
+                f"{name}: the state dict holds {key!r} but not {', '.join(map(repr, lacking))}: part of a "
+                "4-bit weight would load beside the rest of this layer's own; the layer was left as it was"
+            )
+            return
         else:
             try:
                 meta = _decode_meta(state_dict[key])
@@ -693,7 +701,7 @@ def apply_lora(
                 wrapped = QLoRALinear(base, r, alpha, **kw)
             else:
                 wrapped = LoRALinear(m, r, alpha, **kw)
-            built.append((name, wrapped))
+            built.append((name, wrapped.train(m.training)))  # eval stays eval: no adapter dropout
     except BaseException:
         for p, flag in flags:  # the wrappers froze the bases they took
             p.requires_grad_(flag)
@@ -816,7 +824,7 @@ def merge_adapter(model: nn.Module, *, force: bool = False) -> dict:
         if not force:
             raise ValueError(message + "; nothing was changed. Pass force=True to merge anyway.")
     for name, new in replacements.items():
-        _set_submodule(model, name, new)
+        _set_submodule(model, name, new.train(layers[name].training))
     for attr in ("reflora_lora", "reflora_summary"):  # they describe adapters that are gone
         if hasattr(model, attr):
             delattr(model, attr)

@@ -296,7 +296,10 @@ def lora_linear(
     docstring). scaling: a finite real (alpha / r, or alpha / sqrt(r) with rsLoRA).
     Returns (..., out) in the compute dtype. Gradients flow to whatever requires them (W normally
     does not). The adapter term is formed as PEFT forms it, ``B(A(x_d)) * scaling`` added to the
-    base output, so with the same inputs the result is bit-identical to PEFT's ``lora.Linear``.
+    base output, so with x, W, A and B of one dtype the result is bit-identical to PEFT's
+    ``lora.Linear``. With adapters of another dtype (float32 adapters in a bfloat16 model, PEFT's
+    default) it is not: PEFT computes the adapter term in the adapters' dtype, this in the compute
+    dtype (docs/training.md, "Compute dtype").
     """
     if W.ndim != 2:
         raise ValueError(f"W must be 2-D (out, in), got shape {tuple(W.shape)}")
