@@ -169,7 +169,11 @@ def save(inputs: Inputs, directory: str | Path, **meta: Any) -> Path:
     backend = _slug(str(meta.get("backend", "backend")))
     path = directory / f"{backend}-{_slug(inputs.test_id)}-{digest:08x}.npz"
     entries["meta"] = np.frombuffer(text.encode(), dtype=np.uint8)
-    np.savez_compressed(path, **entries)
+    try:
+        np.savez_compressed(path, **entries)
+    except BaseException:  # a full disk, say: no truncated bundle is left to be mistaken for one
+        path.unlink(missing_ok=True)
+        raise
     return path
 
 

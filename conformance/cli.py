@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from reflora.cli import seed_int, silence
+
 __all__ = ["add_conform_parser", "add_replay_parser", "conform", "replay"]
 
 
@@ -110,7 +112,9 @@ def conform(
     except ValueError as exc:
         print(f"reflora conform: {exc}", file=err)
         return 2
-    problem = _unwritable(json_path, markdown_path, bundle_dir)
+    problem = _unwritable(json_path, markdown_path, bundle_dir) or _clobbers(
+        {"--json": json_path, "--markdown": markdown_path}, {"--deviations": deviations}
+    )
     if problem:
         print(f"reflora conform: {problem}", file=err)
         return 2
@@ -121,8 +125,11 @@ def conform(
               f"{example!r}; '*' is the wildcard)", file=err)  # fmt: skip
         return 2
     seed = runner.resolve_seed(prof, seed)
-    print(f"reflora conform: profile {prof.name}, seed {seed} (repeat this run with --seed {seed})", file=out,
-          flush=True)  # fmt: skip
+    try:
+        print(f"reflora conform: profile {prof.name}, seed {seed} (repeat this run with --seed {seed})",
+              file=out, flush=True)  # fmt: skip
+    except BrokenPipeError:  # nobody reads the report: the run, its files and its status still count
+        silence(out)
     progress = _Progress(err, tty)
     try:
         reports, unavailable, seed = runner.run(
@@ -134,11 +141,6 @@ def conform(
         print(f"reflora conform: {exc}", file=err)
         return 2
     progress.close()
-    for name, reason in unavailable:
-        print(f"{name}: unavailable here, not run: {reason}", file=out)
-    for rep in reports:
-        print("", file=out)
-        print(runner.matrix_text(rep), file=out)
     ok = bool(reports) and all(r.ok for r in reports)
     files: dict[Path, bytes] = {}
     if json_path:
@@ -153,13 +155,42 @@ def conform(
     if markdown_path:
         files[Path(markdown_path)] = runner.markdown(reports, unavailable, seed, prof.name).encode("utf-8")
     unwritten = None
-    try:
+    try:  # before printing, so that a reader who stops reading (`| head`) loses no report
         write_files(files)
     except OSError as exc:  # checked before the run; this is the disk or the directory changing since
         unwritten = f"reflora conform: the report files were not written: {exc}"
-    if not reports:
+    status = _status(reports, ok, unwritten)
+    try:
+        _print_summary(reports, unavailable, bundle_dir, out)
+    except BrokenPipeError:  # the reader stopped reading: the run's verdict still stands
+        silence(out)
+    if unwritten:
+        print(unwritten, file=err)
+    elif not reports:
         print("reflora conform: no backend is available to run (see `reflora backends`)", file=err)
+    elif status == 2:
+        print("reflora conform: no test checked anything: every selected test was unsupported, declined or "
+              "rejected (outside the dialect) for the backends run", file=err)  # fmt: skip
+    return status
+
+
+def _status(reports: list, ok: bool, unwritten: str | None) -> int:
+    """0 pass, 1 fail, 2 no run (no backend, nothing checked, or the reports unwritten)."""
+    if unwritten or not reports or (ok and not any(r.checked for r in reports)):
         return 2
+    return 0 if ok else 1
+
+
+def _print_summary(reports: list, unavailable: list[tuple[str, str]], bundle_dir: str, out: TextIO) -> None:
+    from reflora.conformance import runner
+
+    for name, reason in unavailable:
+        print(f"{name}: unavailable here, not run: {reason}", file=out)
+    for rep in reports:
+        print("", file=out)
+        print(runner.matrix_text(rep), file=out)
+    if not reports:
+        return
     print("", file=out)
     for rep in reports:
         failed = len(rep.by_status("fail", "error"))
@@ -173,14 +204,7 @@ def conform(
         declared = sum(r.status == "declared" for r in saved)
         print(f"Counterexamples saved in {bundle_dir}/: {len(saved) - declared} of failures, {declared} of "
               "declared deviations (`reflora replay FILE` runs one again)", file=out)  # fmt: skip
-    if unwritten:
-        print(unwritten, file=err)
-        return 2
-    if ok and not any(r.checked for r in reports):
-        print("reflora conform: no test checked anything: every selected test was unsupported, declined or "
-              "rejected (outside the dialect) for the backends run", file=err)  # fmt: skip
-        return 2
-    return 0 if ok else 1
+    out.flush()
 
 
 def _unwritable(json_path: str | None, markdown_path: str | None, bundle_dir: str) -> str | None:
@@ -201,6 +225,20 @@ def _unwritable(json_path: str | None, markdown_path: str | None, bundle_dir: st
     existing = next(a for a in (d, *d.parents) if a.exists())  # where mkdir would start
     if not existing.is_dir() or not os.access(existing, os.W_OK):
         return f"--bundle-dir {bundle_dir}: cannot create or write it under {existing}"
+    return None
+
+
+def _clobbers(outputs: dict[str, str | None], inputs: dict[str, str | None]) -> str | None:
+    """Why an output would overwrite an input of the run or another output: it did, silently (a report
+    written over the deviations file it was run with, the Markdown over the JSON)."""
+    seen: dict[Path, str] = {}
+    for option, path in {**inputs, **outputs}.items():
+        if not path:
+            continue
+        key = Path(path).resolve()
+        if key in seen:
+            return f"{option} {path} is also {seen[key]}'s file: it would be overwritten; give another name"
+        seen[key] = option
     return None
 
 
@@ -239,7 +277,8 @@ def add_conform_parser(subparsers: argparse._SubParsersAction) -> None:
         choices=("ci", "audit"),
         help="ci: bounded and reproducible (seed 0); audit: thorough, a fresh seed (default: ci)",
     )
-    p.add_argument("--seed", type=int, help="the run's seed (default: the profile's; printed either way)")
+    p.add_argument("--seed", type=seed_int, help="the run's seed, in [0, 2**32) (default: the profile's; "
+                   "printed either way)")  # fmt: skip
     p.add_argument("--json", metavar="FILE", help="write every result, the matrix and the findings as JSON")
     p.add_argument("--markdown", metavar="FILE", help="write the report as Markdown")
     p.add_argument(

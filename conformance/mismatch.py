@@ -54,7 +54,7 @@ class Mismatch(AssertionError):
     actual / expected: the two values as text; why: the broken tolerance ("|Δ| = 3e-3 > ULP(0) = 0");
     context: backend, dialect, dtype and the drawn parameters; summary: further lines (counts,
     max errors, details). The runner attaches ``inputs`` (an :class:`reflora.conformance.bundle.Inputs`)
-    and, once saved, ``bundle`` and ``replay``.
+    and, once saved, ``bundle`` and ``replay`` (or ``unsaved``, why the bundle could not be saved).
     """
 
     def __init__(
@@ -75,6 +75,7 @@ class Mismatch(AssertionError):
         self.inputs = None
         self.bundle: str | None = None
         self.replay: str | None = None
+        self.unsaved: str | None = None  # why no bundle could be saved (a full disk), once tried
         super().__init__(self.headline())
 
     def headline(self) -> str:
@@ -88,6 +89,8 @@ class Mismatch(AssertionError):
             lines.append(f"Bundle: {self.bundle}")
         if self.replay:
             lines.append(f"Reproduce: {self.replay}")
+        if self.unsaved:
+            lines.append(f"Not saved: {self.unsaved}")
         return "\n".join(lines)
 
     def __str__(self) -> str:

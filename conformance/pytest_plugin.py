@@ -43,7 +43,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         choices=tuple(PROFILE_SEEDS),
         help="ci: bounded and reproducible (seed 0); audit: thorough, a fresh seed",
     )
-    group.addoption("--reflora-seed", type=int, default=None, metavar="N", help="the run's seed")
+    group.addoption("--reflora-seed", type=_seed_int, default=None, metavar="N",
+                    help="the run's seed, in [0, 2**32)")  # fmt: skip
     group.addoption("--reflora-bundle-dir", default="reflora-failures", metavar="DIR",
                     help="where failing inputs are saved as .npz bundles")  # fmt: skip
     group.addoption("--reflora-select", action="append", default=[], metavar="PATTERN",
@@ -51,6 +52,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     "reflora conform -k; ids hold characters pytest's -k cannot")  # fmt: skip
     group.addoption("--reflora-deviations", default=None, metavar="FILE",
                     help="a deviations file (TOML) to use instead of each backend's own")  # fmt: skip
+
+
+def _seed_int(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**32:  # as reflora.cli.seed_int, without importing it (module docstring)
+        raise ValueError(f"a seed is an integer in [0, 2**32), got {text}")
+    return value
 
 
 def _seed(config: pytest.Config) -> int:

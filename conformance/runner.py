@@ -24,6 +24,7 @@ catches, saves as an ``.npz`` bundle and turns into a result. A case runs once. 
 
 from __future__ import annotations
 
+import numbers
 import random
 import time
 import traceback
@@ -138,6 +139,9 @@ class Report:
 def resolve_seed(profile: profiles.Profile, seed: int | None) -> int:
     """The run's seed: the one given, else the profile's, else a fresh random one (printed by callers)."""
     if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**32:
+            # _test_seed folds the seed modulo 2**32: a larger one would draw a smaller one's examples
+            raise ValueError(f"a seed is an integer in [0, 2**32), got {seed!r}")
         return int(seed)
     if profile.seed is not None:
         return profile.seed
@@ -174,9 +178,13 @@ def _unsupported(backend: Any, test: Test) -> str | None:
 def _save(m: Mismatch, ctx: Context, profile: str, seed: int, bundle_dir: Path, notes: list[str]) -> None:
     if m.inputs is None:
         return
-    path = save(m.inputs, bundle_dir, backend=ctx.backend.name, backend_target=ctx.name,
-                dialect=ctx.dialect.name, profile=profile, seed=seed, hypothesis=notes,
-                message=m.headline())  # fmt: skip
+    try:
+        path = save(m.inputs, bundle_dir, backend=ctx.backend.name, backend_target=ctx.name,
+                    dialect=ctx.dialect.name, profile=profile, seed=seed, hypothesis=notes,
+                    message=m.headline())  # fmt: skip
+    except OSError as exc:  # a full disk must not end the run: the failure is reported without its bundle
+        m.unsaved = f"its counterexample bundle could not be saved in {bundle_dir}: {exc}"
+        return
     m.bundle = str(path)
     m.replay = replay_command(path, ctx.name)
 
@@ -217,6 +225,8 @@ def run_test(ctx: Context, test: Test, profile: profiles.Profile, seed: int, bun
             m.inputs = last["inputs"]
             _save(m, ctx, profile.name, seed, bundle_dir, [])
             result.bundle, result.replay = m.bundle, m.replay
+            if m.unsaved:
+                result.message += f"\nNot saved: {m.unsaved}"
     result.seconds = time.perf_counter() - start
     if result.status == "pass" and result.examples and result.declined + result.rejected == result.examples:
         result.status = "unsupported" if result.declined else "rejected"  # a decline is the backend's word

@@ -12,11 +12,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import TextIO
 
 from reflora import checkpoint as ck
+from reflora.cli import silence
 from reflora.formats.safetensors import SafetensorsError
 
 __all__ = ["add_parser", "format_report", "run"]
@@ -123,8 +125,9 @@ def run(
 ) -> int:
     """Inspect as ``reflora inspect`` does; returns the exit status (0 pass, 1 fail, 2 nothing inspected)."""
     out, err = out or sys.stdout, err or sys.stderr
-    if json_path and not Path(json_path).resolve().parent.is_dir():
-        print(f"reflora inspect: --json {json_path}: its directory does not exist", file=err)
+    problem = _json_problem(json_path, {"the checkpoint": checkpoint, "--original": original})
+    if problem:
+        print(f"reflora inspect: --json {json_path}: {problem}", file=err)
         return 2
     try:
         reports = ck.inspect(checkpoint, original, progress=_progress(err))
@@ -134,18 +137,13 @@ def run(
     finally:
         if err.isatty():
             err.write("\r\033[K")
-    files = f"{checkpoint}" + (f"; original: {original}" if original else "")
-    print(f"reflora inspect {files}", file=out)
-    if original:
-        print(f"dialects tried: {', '.join(ck.DIALECTS)} (bnb-cuda is emulated from source)", file=out)
-    print(file=out)
-    print(format_report(reports, original is not None), file=out)
-    if json_path:
+    passed = all(r.passed for r in reports)
+    if json_path:  # before printing, so that a reader who stops reading (`| head`) loses no report
         record = {
             "checkpoint": str(checkpoint),
             "original": None if original is None else str(original),
             "dialects": list(ck.DIALECTS),
-            "passed": all(r.passed for r in reports),
+            "passed": passed,
             "weights": [{**dataclasses.asdict(r), "passed": r.passed} for r in reports],
         }
         try:
@@ -153,7 +151,36 @@ def run(
         except OSError as e:
             print(f"reflora inspect: --json {json_path}: {e}", file=err)
             return 2
-    return 0 if all(r.passed for r in reports) else 1
+    files = f"{checkpoint}" + (f"; original: {original}" if original else "")
+    try:
+        print(f"reflora inspect {files}", file=out)
+        if original:
+            print(f"dialects tried: {', '.join(ck.DIALECTS)} (bnb-cuda is emulated from source)", file=out)
+        print(file=out)
+        print(format_report(reports, original is not None), file=out)
+        out.flush()
+    except BrokenPipeError:  # the reader stopped reading: the verdict still stands
+        silence(out)
+    return 0 if passed else 1
+
+
+def _json_problem(json_path: str | None, inputs: dict[str, str | None]) -> str | None:
+    """Why the report cannot go to ``json_path``, checked before the inspection: a missing directory, a
+    directory, or a path that is an input or inside an input directory (it was written over the
+    checkpoint it described)."""
+    if not json_path:
+        return None
+    target = Path(json_path).resolve()
+    if target.is_dir():
+        return "is a directory; give a file name"
+    if not target.parent.is_dir():
+        return "its directory does not exist"
+    if not os.access(target.parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        return "is not writable"
+    for what, path in inputs.items():
+        if path and (target == Path(path).resolve() or Path(path).resolve() in target.parents):
+            return f"is {what} or inside it: it would be overwritten; give another name"
+    return None
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

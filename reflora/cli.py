@@ -10,11 +10,22 @@ plug-in fails to load is still listed, and running it prints why.
 from __future__ import annotations
 
 import argparse
+import io
 import math
+import os
 import sys
 from importlib.metadata import entry_points
 
-__all__ = ["build_parser", "main", "nonnegative_int", "positive_float", "positive_int"]
+__all__ = [
+    "SEEDS",
+    "build_parser",
+    "main",
+    "nonnegative_int",
+    "positive_float",
+    "positive_int",
+    "seed_int",
+    "silence",
+]
 
 
 def positive_int(text: str) -> int:
@@ -22,6 +33,27 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def silence(out) -> None:
+    """After a BrokenPipeError on ``out`` (the reader stopped reading, as ``| head`` does): point its
+    descriptor at /dev/null, so that the interpreter's last flush does not raise again on the way out.
+    A command that caught the error this way keeps its own exit status."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):  # not a real file (a StringIO)
+        pass
+
+
+SEEDS = 2**32  # numpy's and hypothesis' seeds are 32-bit; a larger one would alias a smaller one
+
+
+def seed_int(text: str) -> int:
+    """argparse type: a seed, an integer in [0, 2**32)."""
+    value = int(text)
+    if not 0 <= value < SEEDS:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**32), got {text}")
     return value
 
 

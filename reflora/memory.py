@@ -271,7 +271,7 @@ def _report(args: argparse.Namespace) -> dict:
                 n, args.r, layers=shape["layers"], hidden=shape["hidden"], intermediate=shape["intermediate"],
                 heads=shape["heads"], batch=args.batch, seq=args.seq, vocab=shape["vocab"],
                 blocksize=args.blocksize, double_quant=not args.no_double_quant,
-                checkpointing=not args.no_checkpointing,
+                checkpointing=not args.no_checkpointing, flash_attention=not args.eager_attention,
             )  # fmt: skip
         except ValueError as e:
             raise UsageError(f"the given shape does not fit --params {P:.4g}: {e}") from None
@@ -341,7 +341,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--layers", type=positive_int, help="blocks (default: the nearest LLaMA shape)")
     p.add_argument("--hidden", type=positive_int, help="hidden size h")
     p.add_argument("--intermediate", type=positive_int, help="MLP width f (default 4h)")
-    p.add_argument("--heads", type=positive_int, help="attention heads (default h/64)")
+    p.add_argument("--heads", type=positive_int,
+                   help="attention heads (default h/64); they count only with --eager-attention")  # fmt: skip
     p.add_argument("--vocab", type=nonnegative_int, help="vocabulary of a language-model head (0: none)")
     p.add_argument("--batch", type=positive_int, default=1)
     p.add_argument("--seq", type=positive_int, default=512)
@@ -349,5 +350,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="NF4 blocksize, a power of two from 32 to 4096 (default 64)")  # fmt: skip
     p.add_argument("--no-double-quant", action="store_true")
     p.add_argument("--no-checkpointing", action="store_true")
+    p.add_argument("--eager-attention", action="store_true",
+                   help="the attention keeps its s×s score matrices, a of them a layer (default: a flash "
+                   "attention, which keeps none)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.set_defaults(func=_run)

@@ -349,3 +349,15 @@ def test_an_unwritable_json_path_stops_before_inspecting(model, tmp_path, capsys
     assert run(str(model[0]), json_path=str(tmp_path / "no" / "r.json")) == 2
     out, err = capsys.readouterr()
     assert out == "" and "its directory does not exist" in err
+
+
+def test_the_json_report_never_overwrites_what_it_inspects(model, tmp_path, capsys) -> None:
+    # `--json CHECKPOINT` exited 0 and left the report where the checkpoint had been.
+    checkpoint = model[0]
+    before = checkpoint.read_bytes()
+    for target in (checkpoint, checkpoint.parent / "inside" if checkpoint.is_dir() else checkpoint):
+        assert run(str(checkpoint), json_path=str(target)) == 2
+        assert "it would be overwritten" in capsys.readouterr().err
+    assert checkpoint.read_bytes() == before
+    assert run(str(checkpoint), json_path=str(tmp_path)) == 2
+    assert "is a directory" in capsys.readouterr().err

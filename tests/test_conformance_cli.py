@@ -108,6 +108,66 @@ def test_outputs_that_cannot_be_written_are_refused_before_the_run(capsys, tmp_p
         assert "PASS" not in out and "pass 12/12" not in err  # refused before any test ran
 
 
+def test_an_output_that_would_overwrite_an_input_or_the_other_output_is_refused(capsys, tmp_path):
+    # Both ran and exited 0: the JSON report replaced the deviations file it ran with, and the Markdown
+    # replaced the JSON.
+    dev = tmp_path / "dev.toml"
+    dev.write_text("")
+    for args, message in [
+        (["--deviations", str(dev), "--json", str(dev)], f"--json {dev} is also --deviations's file"),
+        (["--json", str(tmp_path / "r"), "--markdown", str(tmp_path / "r")], "is also --json's file"),
+    ]:
+        rc, out, err = _conform(capsys, "--backend", "reference", "-k", MERGE, *args)
+        assert rc == 2 and message in err, err
+        assert "PASS" not in out
+    assert dev.read_text() == "" and not (tmp_path / "r").exists()
+
+
+class _Closed(io.StringIO):
+    """A stdout whose reader went away after the first line (``| head -1``)."""
+
+    def write(self, text: str) -> int:
+        if self.getvalue().endswith("\n"):
+            raise BrokenPipeError(32, "Broken pipe")
+        return super().write(text)
+
+
+def test_a_reader_that_stops_reading_loses_neither_the_status_nor_the_reports(tmp_path):
+    # Piped into `head`, a failing run exited 0 and wrote no report: the pipe broke while the matrix was
+    # printed, before the files were written.
+    j = tmp_path / "r.json"
+    rc = conform_cli.conform(
+        ["mutants:TiesUp"], select=["quantize_4bit[nf4 x exactly at*"], bundle_dir=str(tmp_path / "b"),
+        json_path=str(j), out=_Closed(), err=io.StringIO(),
+    )  # fmt: skip
+    assert rc == 1
+    assert json.loads(j.read_text())["ok"] is False
+
+
+def test_a_bundle_that_cannot_be_saved_is_reported_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    # A full disk raised out of the run with a traceback, no summary, and a 0-byte .npz left behind.
+    def full(path, **entries):
+        Path(path).write_bytes(b"")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez_compressed", full)
+    rc, out, _ = _conform(capsys, "--backend", "mutants:TiesUp", "-k", "quantize_4bit[nf4 x exactly at*",
+                          "--bundle-dir", str(tmp_path))  # fmt: skip
+    assert rc == 1 and "FAIL mutants:TiesUp: " in out
+    assert "Not saved: its counterexample bundle could not be saved" in out and "No space left" in out
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**32), str(2**40)])
+def test_a_seed_outside_32_bits_is_refused_not_aliased(capsys, seed):
+    # 2**40 drew exactly seed 0's examples, -1 those of 2**32 - 1, each printed as itself.
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["conform", "--backend", "reference", "--seed", seed])
+    assert exc.value.code == 2 and "[0, 2**32)" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"\[0, 2\*\*32\)"):
+        runner.resolve_seed(runner.profiles.get("ci"), int(seed))
+
+
 def test_bad_profile_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["conform", "--profile", "thorough"])

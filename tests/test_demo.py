@@ -60,8 +60,27 @@ def test_the_output_directory_must_be_new_empty_or_a_previous_runs(tmp_path, cap
     previous = tmp_path / "previous"
     (previous / "adapter").mkdir(parents=True)
     (previous / "metrics.json").write_text("{}")
+    (previous / "metrics.json").write_text(json.dumps({"loss": [], "accuracy_after": 0, "impl": [],
+                                                       "estimate": {}}))  # fmt: skip
     demo.check_out(previous)  # a previous run's output may be replaced
     demo.check_out(tmp_path / "new")
+    # a file of the user's that shares a name the demo writes is not a previous run's: it was replaced
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "metrics.json").write_text("USER DATA")
+    assert cli.main(["demo", "--out", str(user)]) == 2
+    assert "no metrics.json of a previous demo" in capsys.readouterr().err
+    assert (user / "metrics.json").read_text() == "USER DATA"
+
+
+def test_a_batch_larger_than_the_training_set_and_a_bad_seed_are_refused(tmp_path, capsys):
+    # --batch-size 5000 ran on all 828 pairs and recorded 5000; --seed -1 was a traceback
+    assert cli.main(["demo", "--out", str(tmp_path / "o"), "--batch-size", "5000"]) == 2
+    assert "more than the 828 training pairs" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["demo", "--out", str(tmp_path / "o"), "--seed", "-1"])
+    assert exc.value.code == 2
+    assert not (tmp_path / "o").exists()
 
 
 def test_demo_end_to_end(tmp_path, capsys):

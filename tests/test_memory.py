@@ -141,3 +141,15 @@ def test_cli_refuses_a_blocksize_nf4_does_not_have(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["memory", "--params", "7e9", "--blocksize", "3"])
     assert e.value.code == 2 and "invalid choice: 3" in capsys.readouterr().err
+
+
+def test_heads_count_with_eager_attention_only(capsys):
+    # --heads used to change nothing: the CLI always estimated a flash attention
+    def total(*extra: str) -> float:
+        argv = ["memory", "--params", "7e9", "--layers", "32", "--hidden", "4096", "--intermediate", "11008",
+                "--json", *extra]  # fmt: skip
+        assert cli.main(argv) == 0
+        return json.loads(capsys.readouterr().out)["training"]["total_bytes"]
+
+    assert total("--heads", "1") == total("--heads", "64")
+    assert total("--heads", "1", "--eager-attention") < total("--heads", "64", "--eager-attention")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from reflora.cli import positive_int
+from reflora.cli import positive_int, seed_int
 
 __all__ = ["add_parser"]
 
@@ -58,6 +58,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=positive_int, default=120, help="optimizer steps (default 120)")
     p.add_argument("--out", default="reflora-demo", help="output directory (default reflora-demo)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0, help="in [0, 2**32) (default 0)")
     p.add_argument("--batch-size", type=positive_int, default=16, help="pairs a step (default 16)")
     p.set_defaults(func=_run)

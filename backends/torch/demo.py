@@ -58,6 +58,21 @@ def check_out(out: Path) -> None:
                 f"--out {out} holds files that are not the demo's ({', '.join(others[:3])}"
                 f"{', ...' if len(others) > 3 else ''}); choose a new or empty directory"
             )
+        if any(out.iterdir()) and not _demo_metrics(out / "metrics.json"):
+            # a name the demo writes is not proof the file is the demo's: a user's metrics.json was replaced
+            raise DemoError(
+                f"--out {out} holds {', '.join(sorted(p.name for p in out.iterdir()))} but no metrics.json "
+                "of a previous demo; choose a new or empty directory"
+            )
+
+
+def _demo_metrics(path: Path) -> bool:
+    """Whether ``path`` is the metrics.json a demo run wrote."""
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(metrics, dict) and {"loss", "accuracy_after", "impl", "estimate"} <= metrics.keys()
 
 
 TARGETS = ["query", "key", "value", "output.dense", "intermediate.dense"]
@@ -277,11 +292,16 @@ def run(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise DemoError("--device cuda was asked for, but torch.cuda.is_available() is False")
+    train, test = demo_data.build(seed)
+    if batch_size > len(train):
+        raise DemoError(f"--batch-size {batch_size} is more than the {len(train)} training pairs")
     out = Path(out)
     check_out(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DemoError(f"--out {out}: cannot create it: {e}") from None
     torch.manual_seed(seed)
-    train, test = demo_data.build(seed)
     test = test[:eval_limit] if eval_limit else test
     path = model_path()
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
