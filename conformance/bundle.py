@@ -31,7 +31,7 @@ import numpy as np
 
 from reflora.dtypes import bfloat16
 
-__all__ = ["FORMAT", "Inputs", "apply_view", "describe_view", "load", "make_view", "save"]
+__all__ = ["FORMAT", "Inputs", "apply_view", "describe_view", "load", "make_view", "matches_its_name", "save"]
 
 FORMAT = "reflora-conformance-bundle/1"
 
@@ -180,6 +180,8 @@ def save(inputs: Inputs, directory: str | Path, **meta: Any) -> Path:
 def load(path: str | Path) -> tuple[Inputs, dict[str, Any]]:
     """(inputs, meta) from a bundle written by :func:`save`; ValueError naming the reason if it is
     not one (OSError if it cannot be read at all)."""
+    if Path(path).is_dir():
+        raise IsADirectoryError(f"{path} is a directory; give one bundle (.npz) in it")
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: no such file")
     # np.load takes a file that is not a zip archive for a pickle and says so; tell the user plainly.
@@ -191,6 +193,21 @@ def load(path: str | Path) -> tuple[Inputs, dict[str, Any]]:
         # TypeError / AttributeError: JSON of the wrong shape (a list where an object belongs, ...)
         detail = str(exc) if type(exc) is ValueError else f"{type(exc).__name__}: {exc}"
         raise ValueError(f"{path} is not a reflora conformance bundle ({detail})") from None
+
+
+def matches_its_name(path: str | Path) -> bool | None:
+    """Whether the bundle's content is still what :func:`save` wrote: the 8 hex digits that end its
+    name are the crc32 of its record and arrays. None when the name carries no such digest (a bundle
+    renamed by hand); False when the content changed after it was saved (edited: its note, message and
+    recorded failure may no longer describe it)."""
+    m = re.search(r"-([0-9a-f]{8})\.npz$", Path(path).name)
+    if m is None:
+        return None
+    with np.load(path, allow_pickle=False) as z:
+        meta = z["meta"].tobytes()
+        names = json.loads(meta.decode())["dtypes"]
+        digest = zlib.crc32(meta + b"".join(z[f"a.{n}"].tobytes() for n in names))
+    return f"{digest:08x}" == m.group(1)
 
 
 def _load(path: str | Path) -> tuple[Inputs, dict[str, Any]]:

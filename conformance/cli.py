@@ -132,8 +132,9 @@ def conform(
         silence(out)
     progress = _Progress(err, tty)
     try:
+        named = list(dict.fromkeys(backends)) if backends else None  # a backend named twice runs once
         reports, unavailable, seed = runner.run(
-            backends or None, prof.name, seed, bundle_dir=bundle_dir, progress=progress.line,
+            named, prof.name, seed, bundle_dir=bundle_dir, progress=progress.line,
             on_test=progress.test, select=select or (), entries=entries,
         )  # fmt: skip
     except BackendError as exc:
@@ -210,6 +211,8 @@ def _print_summary(reports: list, unavailable: list[tuple[str, str]], bundle_dir
 def _unwritable(json_path: str | None, markdown_path: str | None, bundle_dir: str) -> str | None:
     """Why an output of the run could not be written, checked before the run rather than after it."""
     for option, path in (("--json", json_path), ("--markdown", markdown_path)):
+        if path == "-":
+            return f"{option} -: the report goes to stdout already; give a file name"
         if not path:
             continue
         p = Path(path)
@@ -219,6 +222,8 @@ def _unwritable(json_path: str | None, markdown_path: str | None, bundle_dir: st
             return f"{option} {path}: the directory {p.parent} does not exist"
         if not os.access(p.parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
             return f"{option} {path} is not writable"
+    if not bundle_dir:
+        return "--bundle-dir is empty; give a directory (default: reflora-failures)"
     d = Path(bundle_dir)
     if d.exists() and not d.is_dir():
         return f"--bundle-dir {bundle_dir} exists and is not a directory"

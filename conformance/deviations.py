@@ -96,6 +96,8 @@ def load(path: str | Path) -> list[Deviation]:
     path = Path(path)
     try:
         data: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:  # it named neither the file nor what it is not
+        raise DeviationsError(f"{path}: not a TOML deviations file (not UTF-8 text: {exc})") from exc
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise DeviationsError(f"{path}: {exc}") from exc
     unknown = set(data) - {"deviation"}

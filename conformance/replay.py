@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reflora.conformance.bundle import load
+from reflora.conformance.bundle import load, matches_its_name
 from reflora.conformance.dialect import for_backend as dialect_for
 from reflora.conformance.mismatch import Declined, Mismatch, Rejected
 from reflora.conformance.properties import Context, run_check
@@ -41,6 +41,7 @@ class ReplayResult:
     message: str
     meta: dict[str, Any] = field(default_factory=dict)
     declared: dict[str, Any] | None = None  # a failure the backend's deviations file declares: its entry
+    edited: bool = False  # the content no longer matches the digest in the file's name
 
     @property
     def ok(self) -> bool:
@@ -59,6 +60,11 @@ class ReplayResult:
             lines.append(f"  inputs: {m['note']}")
         for note in m.get("hypothesis") or []:
             lines.extend("  " + line for line in str(note).splitlines())
+        if self.edited:
+            lines.append(
+                "  note: the bundle was changed after it was saved (its content no longer matches the digest "
+                "in its name): the lines above may not describe its inputs"
+            )
         return "\n".join(lines)
 
 
@@ -74,20 +80,51 @@ def _declared(impl: Any, inputs: Any, m: Mismatch, message: str) -> dict[str, An
     return None if hit is None else hit.as_dict()
 
 
+def _oracle_problem(inputs: Any) -> str | None:
+    """Why the reference does not pass the bundle's check, or None. The suite holds the reference to
+    every check, so a bundle it fails is broken (missing parameters, impossible views, a dropped array),
+    and replaying it would blame the backend for the file."""
+    from reflora.backends.reference import ReferenceBackend
+
+    ref = ReferenceBackend()
+    try:
+        run_check(Context(ref, "reference", dialect_for(ref), None), inputs)
+    except Mismatch as m:
+        return m.headline()
+    except Exception as exc:  # the check could not run on these inputs at all
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
 def replay(path: str | Path, backend: str | None = None) -> ReplayResult:
     """Run the check saved in the bundle at ``path`` against ``backend`` (a registered name or
-    ``module:attr``; default: the backend the bundle was recorded against).
+    ``module:attr``; default: the backend the bundle was recorded against). The result notes a bundle
+    changed since it was saved (``edited``, :func:`reflora.conformance.bundle.matches_its_name`).
 
-    Raises ValueError for a file that is not a bundle and :class:`reflora.backends.BackendError` for a
-    backend that cannot be had; every outcome of the check itself is a :class:`ReplayResult`.
+    Raises ValueError for a file that is not a bundle, or whose check the oracle itself does not pass
+    (broken content: parameters, views or arrays the check cannot use), and
+    :class:`reflora.backends.BackendError` for a backend that cannot be had; every outcome of the check
+    itself is a :class:`ReplayResult`.
     """
     from reflora import backends
 
     inputs, meta = load(path)  # ValueError, naming the reason, for a file that is not a bundle
-    spec = backend or meta.get("backend_target") or meta.get("backend")
-    if not spec:
-        raise ValueError(f"{path}: the bundle names no backend; pass one with --backend")
+    spec = backend  # given, even empty: '' is an unknown backend, as in conform
+    if spec is None:
+        spec = meta.get("backend_target") or meta.get("backend")
+        if not spec:
+            raise ValueError(f"{path}: the bundle names no backend; pass one with --backend")
     impl = backends.get(spec)
+    problem = _oracle_problem(load(path)[0])  # a fresh copy: the check may not see what it touched
+    if problem:
+        raise ValueError(f"{path} is not a valid bundle: the oracle itself does not pass its check "
+                         f"({problem})")  # fmt: skip
+    result = _check(path, impl, spec, inputs, meta)
+    result.edited = matches_its_name(path) is False
+    return result
+
+
+def _check(path: str | Path, impl: Any, spec: str, inputs: Any, meta: dict[str, Any]) -> ReplayResult:
     for op in {inputs.op, *(("quantize_4bit",) if inputs.check == "roundtrip" else ())}:
         verdict = impl.supports(op, inputs.dtype) if hasattr(impl, "supports") else True
         if verdict is not True:

@@ -262,6 +262,8 @@ def _no_shape_note(params: float) -> str:
 
 def _report(args: argparse.Namespace) -> dict:
     P = args.params
+    if P < 1:
+        raise UsageError(f"--params {P:g} is less than one parameter")
     found = _training_shape(args)
     est = None
     if found is not None:

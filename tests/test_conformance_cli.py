@@ -101,6 +101,8 @@ def test_outputs_that_cannot_be_written_are_refused_before_the_run(capsys, tmp_p
         (["--markdown", str(tmp_path)], f"--markdown {tmp_path} is a directory"),
         (["--bundle-dir", str(tmp_path / "file")], "exists and is not a directory"),
         (["--bundle-dir", str(tmp_path / "file" / "sub")], "cannot create or write it"),
+        (["--bundle-dir", ""], "--bundle-dir is empty"),  # bundles went to ".", reported as saved in "/"
+        (["--json", "-"], "--json -: the report goes to stdout already"),  # it made a file named "-"
     ]
     for args, message in cases:
         rc, out, err = _conform(capsys, "--backend", "reference", "-k", MERGE, *args)
@@ -168,6 +170,18 @@ def test_a_seed_outside_32_bits_is_refused_not_aliased(capsys, seed):
         runner.resolve_seed(runner.profiles.get("ci"), int(seed))
 
 
+def test_a_backend_named_twice_runs_once(capsys, tmp_path):
+    rc, out, _ = _conform(capsys, "--backend", "reference", "--backend", "reference", "-k", MERGE,
+                          "--bundle-dir", str(tmp_path))  # fmt: skip
+    assert rc == 0 and out.count("PASS reference: 36 passed") == 1
+
+
+def test_a_deviations_file_that_is_not_text_is_named(capsys, tmp_path):
+    (tmp_path / "bin.toml").write_bytes(b"\xff\xfe")
+    rc, _, err = _conform(capsys, "--backend", "reference", "--deviations", str(tmp_path / "bin.toml"))
+    assert rc == 2 and f"{tmp_path / 'bin.toml'}: not a TOML deviations file (not UTF-8 text" in err
+
+
 def test_bad_profile_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["conform", "--profile", "thorough"])
@@ -219,6 +233,47 @@ def test_replay_against_an_unknown_backend(capsys, tmp_path):
     bundle = reports[0].by_status("fail")[0].bundle
     assert cli.main(["replay", bundle, "--backend", "nope"]) == 2
     assert "unknown backend 'nope'" in capsys.readouterr().err
+
+
+def _rewrite_bundle(src: Path, dst: Path, change) -> Path:
+    """A copy of the bundle ``src`` at ``dst`` with ``change(meta, arrays)`` applied."""
+    with np.load(src, allow_pickle=False) as z:
+        entries = {k: z[k] for k in z.files}
+    meta = json.loads(entries.pop("meta").tobytes().decode())
+    arrays = {k: v.copy() for k, v in entries.items()}
+    change(meta, arrays)
+    np.savez_compressed(dst, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
+    return dst
+
+
+def test_replay_refuses_a_bundle_the_oracle_cannot_pass_and_notes_an_edited_one(capsys, tmp_path):
+    # Broken content was blamed on the backend (exit 1, "the suite raised KeyError"), or on the oracle
+    # itself for a dropped array; an edited bundle replayed under its stale header without a word.
+    one = "lora_backward[random, float32]"
+    reports, _, _ = runner.run(["mutants:ZeroGradA"], select=[one], bundle_dir=tmp_path / "b")
+    bundle = Path(reports[0].by_status("fail")[0].bundle)
+    broken = {
+        "no params": lambda meta, a: meta.update(params={}),
+        "a dropped array": lambda meta, a: (a.pop("a.grad_y"), meta["dtypes"].pop("grad_y")),
+        "a view step out of range": lambda meta, a: meta["views"].update(x=[["step", 5, 2]]),
+    }
+    for name, change in broken.items():
+        path = _rewrite_bundle(bundle, tmp_path / f"{name.replace(' ', '-')}.npz", change)
+        assert cli.main(["replay", str(path), "--backend", "reference"]) == 2, name
+        out, err = capsys.readouterr()
+        assert "is not a valid bundle: the oracle itself does not pass its check" in err, (name, err)
+        assert out == ""
+    assert cli.main(["replay", str(bundle), "--backend", "reference"]) == 0
+    assert "changed after it was saved" not in capsys.readouterr().out
+    edited = bundle.parent / "edited" / bundle.name  # the same name, other content
+    edited.parent.mkdir()
+    _rewrite_bundle(bundle, edited, lambda meta, a: a["a.x"].__setitem__((0, 0), a["a.x"][0, 0] + 1))
+    assert cli.main(["replay", str(edited), "--backend", "reference"]) == 0
+    assert "note: the bundle was changed after it was saved" in capsys.readouterr().out
+    assert cli.main(["replay", str(bundle.parent)]) == 2
+    assert "is a directory; give one bundle" in capsys.readouterr().err
+    assert cli.main(["replay", str(bundle), "--backend", ""]) == 2
+    assert "unknown backend ''" in capsys.readouterr().err
 
 
 TIES_F32 = "quantize_4bit[nf4 x exactly at threshold *, float32]"

@@ -218,7 +218,11 @@ GOOD = raw({"a": entry("F32", [2], 0, 8), "b": entry("U8", [3], 8, 11)}, bytes(1
 CORRUPT = {
     "file shorter than 8 bytes": (b"\x01\x00", None, "no room"),
     "header length beyond file": (GOOD[:-12], None, "beyond the file"),
-    "header length over the limit": (struct.pack("<Q", sft.MAX_HEADER + 1) + b"{}", None, "exceeds"),
+    "header length over the limit": (
+        struct.pack("<Q", sft.MAX_HEADER + 1) + b"{}",
+        None,
+        "not a safetensors file: its first 8 bytes",
+    ),
     "header not JSON": (raw('{"a": {"dtype": "F32"'), None, "not JSON"),
     "header nested too deeply": (raw(b"[" * 50_000 + b"]" * 50_000), None, "nested too deeply"),
     "header not UTF-8": (raw(b'{"\xff": 1}'), None, "not UTF-8"),

@@ -153,3 +153,8 @@ def test_heads_count_with_eager_attention_only(capsys):
 
     assert total("--heads", "1") == total("--heads", "64")
     assert total("--heads", "1", "--eager-attention") < total("--heads", "64", "--eager-attention")
+
+
+def test_less_than_one_parameter_is_a_usage_error(capsys):
+    assert cli.main(["memory", "--params", "1e-3"]) == 2  # it printed "0.001 params ... 0 B"
+    assert "less than one parameter" in capsys.readouterr().err

@@ -241,7 +241,10 @@ def _split(blob: bytes | bytearray | memoryview, file_size: int | None = None) -
         raise SafetensorsError(f"a file of {size} bytes has no room for the 8-byte header length")
     (n,) = struct.unpack("<Q", bytes(blob[:8]))
     if n > MAX_HEADER:
-        raise SafetensorsError(f"header length {n} exceeds the limit of {MAX_HEADER} bytes")
+        raise SafetensorsError(
+            f"not a safetensors file: its first 8 bytes, read as the header length, say {n}, beyond the "
+            f"limit of {MAX_HEADER} bytes"
+        )
     if 8 + n > size:
         raise SafetensorsError(f"header length {n} runs beyond the file of {size} bytes")
     return bytes(blob[8 : 8 + n]), size - 8 - n
