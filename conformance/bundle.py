@@ -197,16 +197,18 @@ def load(path: str | Path) -> tuple[Inputs, dict[str, Any]]:
 
 def matches_its_name(path: str | Path) -> bool | None:
     """Whether the bundle's content is still what :func:`save` wrote: the 8 hex digits that end its
-    name are the crc32 of its record and arrays. None when the name carries no such digest (a bundle
-    renamed by hand); False when the content changed after it was saved (edited: its note, message and
+    name are the crc32 of its record and arrays. None when it does not bear the name save() gave it (a
+    bundle renamed by hand); False when the content changed after it was saved (edited: its note, message and
     recorded failure may no longer describe it)."""
-    m = re.search(r"-([0-9a-f]{8})\.npz$", Path(path).name)
-    if m is None:
-        return None
     with np.load(path, allow_pickle=False) as z:
         meta = z["meta"].tobytes()
-        names = json.loads(meta.decode())["dtypes"]
-        digest = zlib.crc32(meta + b"".join(z[f"a.{n}"].tobytes() for n in names))
+        record = json.loads(meta.decode())
+        # only the name save() gave it: a date or a counter that ends a name given by hand is no digest
+        given = f"{_slug(str(record.get('backend', 'backend')))}-{_slug(record['test_id'])}-"
+        m = re.fullmatch(re.escape(given) + r"([0-9a-f]{8})\.npz", Path(path).name)
+        if m is None:
+            return None
+        digest = zlib.crc32(meta + b"".join(z[f"a.{n}"].tobytes() for n in record["dtypes"]))
     return f"{digest:08x}" == m.group(1)
 
 

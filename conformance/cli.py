@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from reflora.cli import seed_int, silence
+from reflora.cli import PipeSafe, seed_int
 
 __all__ = ["add_conform_parser", "add_replay_parser", "conform", "replay"]
 
@@ -104,8 +104,8 @@ def conform(
     from reflora.conformance import profiles, runner
     from reflora.formats.files import write_files
 
-    out = out or sys.stdout
-    err = err or sys.stderr
+    out = PipeSafe(out or sys.stdout)  # a reader that stops reading costs neither reports nor status
+    err = PipeSafe(err or sys.stderr)
     try:
         prof = profiles.get(profile)
         entries = _deviations.load(deviations) if deviations else None
@@ -125,11 +125,8 @@ def conform(
               f"{example!r}; '*' is the wildcard)", file=err)  # fmt: skip
         return 2
     seed = runner.resolve_seed(prof, seed)
-    try:
-        print(f"reflora conform: profile {prof.name}, seed {seed} (repeat this run with --seed {seed})",
-              file=out, flush=True)  # fmt: skip
-    except BrokenPipeError:  # nobody reads the report: the run, its files and its status still count
-        silence(out)
+    print(f"reflora conform: profile {prof.name}, seed {seed} (repeat this run with --seed {seed})", file=out,
+          flush=True)  # fmt: skip
     progress = _Progress(err, tty)
     try:
         named = list(dict.fromkeys(backends)) if backends else None  # a backend named twice runs once
@@ -161,10 +158,7 @@ def conform(
     except OSError as exc:  # checked before the run; this is the disk or the directory changing since
         unwritten = f"reflora conform: the report files were not written: {exc}"
     status = _status(reports, ok, unwritten)
-    try:
-        _print_summary(reports, unavailable, bundle_dir, out)
-    except BrokenPipeError:  # the reader stopped reading: the run's verdict still stands
-        silence(out)
+    _print_summary(reports, unavailable, bundle_dir, out)
     if unwritten:
         print(unwritten, file=err)
     elif not reports:
@@ -311,8 +305,8 @@ def replay(
     from reflora.backends import BackendError
     from reflora.conformance.replay import replay as run_replay
 
-    out = out or sys.stdout
-    err = err or sys.stderr
+    out = PipeSafe(out or sys.stdout)  # `| head` must not turn a FAIL into exit 0
+    err = PipeSafe(err or sys.stderr)
     try:
         result = run_replay(path, backend)
     except (OSError, ValueError, KeyError, BackendError) as exc:

@@ -81,17 +81,20 @@ def _declared(impl: Any, inputs: Any, m: Mismatch, message: str) -> dict[str, An
 
 
 def _oracle_problem(inputs: Any) -> str | None:
-    """Why the reference does not pass the bundle's check, or None. The suite holds the reference to
-    every check, so a bundle it fails is broken (missing parameters, impossible views, a dropped array),
-    and replaying it would blame the backend for the file."""
+    """Why the check cannot even run on the bundle's inputs with the reference, or None: the suite or
+    the reference raised (missing parameters, impossible views, a dropped array), so replaying it would
+    blame the backend for the file. A value mismatch of the reference is not such a problem: it is
+    what someone working on the oracle replays, and is left to the replay itself."""
     from reflora.backends.reference import ReferenceBackend
 
     ref = ReferenceBackend()
     try:
         run_check(Context(ref, "reference", dialect_for(ref), None), inputs)
     except Mismatch as m:
-        return m.headline()
-    except Exception as exc:  # the check could not run on these inputs at all
+        return m.headline() if m.__cause__ is not None else None  # raised from an exception: it raised
+    except (Declined, Rejected):  # the reference declines nothing and has no dialect to leave
+        return None
+    except Exception as exc:  # the suite itself could not run the check on these inputs
         return f"{type(exc).__name__}: {exc}"
     return None
 
@@ -101,8 +104,8 @@ def replay(path: str | Path, backend: str | None = None) -> ReplayResult:
     ``module:attr``; default: the backend the bundle was recorded against). The result notes a bundle
     changed since it was saved (``edited``, :func:`reflora.conformance.bundle.matches_its_name`).
 
-    Raises ValueError for a file that is not a bundle, or whose check the oracle itself does not pass
-    (broken content: parameters, views or arrays the check cannot use), and
+    Raises ValueError for a file that is not a bundle, or whose check cannot run on its inputs even
+    with the reference (broken content: parameters, views or arrays the check cannot use), and
     :class:`reflora.backends.BackendError` for a backend that cannot be had; every outcome of the check
     itself is a :class:`ReplayResult`.
     """
@@ -115,10 +118,14 @@ def replay(path: str | Path, backend: str | None = None) -> ReplayResult:
         if not spec:
             raise ValueError(f"{path}: the bundle names no backend; pass one with --backend")
     impl = backends.get(spec)
-    problem = _oracle_problem(load(path)[0])  # a fresh copy: the check may not see what it touched
+    from reflora.backends.reference import ReferenceBackend
+
+    # a fresh copy of the inputs: the check must not see what another run touched; against the
+    # reference itself the replay shows what it does, whatever that is
+    problem = None if type(impl) is ReferenceBackend else _oracle_problem(load(path)[0])
     if problem:
-        raise ValueError(f"{path} is not a valid bundle: the oracle itself does not pass its check "
-                         f"({problem})")  # fmt: skip
+        raise ValueError(f"{path} is not a valid bundle: its check cannot run on its inputs even with the "
+                         f"reference ({problem})")  # fmt: skip
     result = _check(path, impl, spec, inputs, meta)
     result.edited = matches_its_name(path) is False
     return result

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TextIO
 
 from reflora import checkpoint as ck
-from reflora.cli import silence
+from reflora.cli import PipeSafe
 from reflora.formats.safetensors import SafetensorsError
 
 __all__ = ["add_parser", "format_report", "run"]
@@ -124,7 +124,7 @@ def run(
     err: TextIO | None = None,
 ) -> int:
     """Inspect as ``reflora inspect`` does; returns the exit status (0 pass, 1 fail, 2 nothing inspected)."""
-    out, err = out or sys.stdout, err or sys.stderr
+    out, err = PipeSafe(out or sys.stdout), PipeSafe(err or sys.stderr)  # `| head`: status and JSON kept
     problem = _json_problem(json_path, {"the checkpoint": checkpoint, "--original": original})
     if problem:
         print(f"reflora inspect: --json {json_path}: {problem}", file=err)
@@ -152,15 +152,12 @@ def run(
             print(f"reflora inspect: --json {json_path}: {e}", file=err)
             return 2
     files = f"{checkpoint}" + (f"; original: {original}" if original else "")
-    try:
-        print(f"reflora inspect {files}", file=out)
-        if original:
-            print(f"dialects tried: {', '.join(ck.DIALECTS)} (bnb-cuda is emulated from source)", file=out)
-        print(file=out)
-        print(format_report(reports, original is not None), file=out)
-        out.flush()
-    except BrokenPipeError:  # the reader stopped reading: the verdict still stands
-        silence(out)
+    print(f"reflora inspect {files}", file=out)
+    if original:
+        print(f"dialects tried: {', '.join(ck.DIALECTS)} (bnb-cuda is emulated from source)", file=out)
+    print(file=out)
+    print(format_report(reports, original is not None), file=out)
+    out.flush()
     return 0 if passed else 1
 
 

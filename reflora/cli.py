@@ -18,6 +18,7 @@ from importlib.metadata import entry_points
 
 __all__ = [
     "SEEDS",
+    "PipeSafe",
     "build_parser",
     "main",
     "nonnegative_int",
@@ -44,6 +45,37 @@ def silence(out) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
     except (OSError, ValueError, AttributeError, io.UnsupportedOperation):  # not a real file (a StringIO)
         pass
+
+
+class PipeSafe:
+    """``stream`` for the output of a command whose reader may stop reading (``| head``, ``2>&1 | head``):
+    after a BrokenPipeError the writes go nowhere (:func:`silence`) and the command runs on, so its
+    report files are written and its exit status kept. ``broken`` says whether that happened."""
+
+    def __init__(self, stream) -> None:
+        self.stream, self.broken = stream, False
+
+    def write(self, text: str) -> int:
+        if not self.broken:
+            try:
+                return self.stream.write(text)
+            except BrokenPipeError:
+                self._break()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                self.stream.flush()
+            except BrokenPipeError:
+                self._break()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    def _break(self) -> None:
+        self.broken = True
+        silence(self.stream)
 
 
 SEEDS = 2**32  # numpy's and hypothesis' seeds are 32-bit; a larger one would alias a smaller one

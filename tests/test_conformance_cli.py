@@ -137,13 +137,19 @@ class _Closed(io.StringIO):
 def test_a_reader_that_stops_reading_loses_neither_the_status_nor_the_reports(tmp_path):
     # Piped into `head`, a failing run exited 0 and wrote no report: the pipe broke while the matrix was
     # printed, before the files were written.
-    j = tmp_path / "r.json"
-    rc = conform_cli.conform(
-        ["mutants:TiesUp"], select=["quantize_4bit[nf4 x exactly at*"], bundle_dir=str(tmp_path / "b"),
-        json_path=str(j), out=_Closed(), err=io.StringIO(),
-    )  # fmt: skip
-    assert rc == 1
-    assert json.loads(j.read_text())["ok"] is False
+    # `2>&1 | head` broke the pipe in the progress on stderr, inside the run: exit 0, no report, no bundle.
+    for closed in ("out", "err"):
+        j = tmp_path / closed / "r.json"
+        j.parent.mkdir()
+        streams = {"out": io.StringIO(), "err": io.StringIO(), closed: _Closed()}
+        rc = conform_cli.conform(
+            ["mutants:TiesUp"], select=["quantize_4bit[nf4 x exactly at*"], bundle_dir=str(j.parent / "b"),
+            json_path=str(j), **streams,
+        )  # fmt: skip
+        assert rc == 1, closed
+        assert json.loads(j.read_text())["ok"] is False and list((j.parent / "b").glob("*.npz"))
+    bundle = next((tmp_path / "out" / "b").glob("*.npz"))
+    assert conform_cli.replay(str(bundle), out=_Closed(), err=io.StringIO()) == 1  # a FAIL stays 1
 
 
 def test_a_bundle_that_cannot_be_saved_is_reported_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
@@ -259,9 +265,10 @@ def test_replay_refuses_a_bundle_the_oracle_cannot_pass_and_notes_an_edited_one(
     }
     for name, change in broken.items():
         path = _rewrite_bundle(bundle, tmp_path / f"{name.replace(' ', '-')}.npz", change)
-        assert cli.main(["replay", str(path), "--backend", "reference"]) == 2, name
+        assert cli.main(["replay", str(path)]) == 2, name  # against mutants:ZeroGradA, which it names
         out, err = capsys.readouterr()
-        assert "is not a valid bundle: the oracle itself does not pass its check" in err, (name, err)
+        assert "is not a valid bundle: its check cannot run on its inputs even with the reference" in err, (
+            name, err)  # fmt: skip
         assert out == ""
     assert cli.main(["replay", str(bundle), "--backend", "reference"]) == 0
     assert "changed after it was saved" not in capsys.readouterr().out
@@ -270,10 +277,30 @@ def test_replay_refuses_a_bundle_the_oracle_cannot_pass_and_notes_an_edited_one(
     _rewrite_bundle(bundle, edited, lambda meta, a: a["a.x"].__setitem__((0, 0), a["a.x"][0, 0] + 1))
     assert cli.main(["replay", str(edited), "--backend", "reference"]) == 0
     assert "note: the bundle was changed after it was saved" in capsys.readouterr().out
+    dated = tmp_path / "zero-grad-a-20261124.npz"  # renamed by hand: eight digits that are no digest
+    dated.write_bytes(bundle.read_bytes())
+    assert cli.main(["replay", str(dated), "--backend", "reference"]) == 0
+    assert "changed after it was saved" not in capsys.readouterr().out
     assert cli.main(["replay", str(bundle.parent)]) == 2
     assert "is a directory; give one bundle" in capsys.readouterr().err
     assert cli.main(["replay", str(bundle), "--backend", ""]) == 2
     assert "unknown backend ''" in capsys.readouterr().err
+
+
+def test_a_wrong_oracle_is_replayed_not_refused(capsys, tmp_path, monkeypatch):
+    # Someone working on the oracle replays what `conform --backend reference` printed: a value mismatch
+    # of the reference is a finding to see, not a broken bundle.
+    one = "lora_backward[random, float32]"
+    reports, _, _ = runner.run(["mutants:ZeroGradA"], select=[one], bundle_dir=tmp_path)
+    bundle = reports[0].by_status("fail")[0].bundle
+    from reflora import bounds
+
+    real = bounds.lora_backward_bound
+    monkeypatch.setattr(bounds, "lora_backward_bound", lambda *a, **k: [-b for b in real(*a, **k)])
+    for backend in ("reference", "torch"):
+        assert cli.main(["replay", bundle, "--backend", backend]) == 1, backend
+        out = capsys.readouterr().out
+        assert f"against {backend}" in out and "FAIL: lora_backward: grad_x" in out
 
 
 TIES_F32 = "quantize_4bit[nf4 x exactly at threshold *, float32]"

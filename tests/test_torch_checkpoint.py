@@ -162,6 +162,34 @@ def test_a_built_model_comes_back_in_eval_mode_a_given_one_in_its_own(tmp_path) 
     assert all(m.training for m in given.modules())
 
 
+def test_every_replacement_takes_the_mode_of_the_layer_it_replaces(tmp_path) -> None:
+    """quantize_model, from_bitsandbytes and load_4bit_checkpoint into a given model: an eval model stays
+    in eval (new modules start in training mode, so a layer put in without its mode broke that)."""
+    model = tiny_bert()  # eval
+    quantize_model(model)
+    assert not any(m.training for m in model.modules())
+    save_4bit_checkpoint(model, tmp_path / "q")
+    given = load_4bit_checkpoint(tmp_path / "q", tiny_bert())
+    assert not any(m.training for m in given.modules())
+    theirs, _ = quantized_by_transformers(tiny_bert(), tmp_path / "bnb")
+    from_bitsandbytes(theirs.eval())
+    assert not any(m.training for m in theirs.modules())
+
+
+def test_a_model_of_bias_free_4bit_layers_only_loads(tmp_path) -> None:
+    # It has no parameter left to take the device from: a bare StopIteration, the layers left replaced.
+    source = nn.Sequential(nn.Linear(64, 32, bias=False), nn.Linear(32, 16, bias=False))
+    quantize_model(source, ["0", "1"])
+    save_4bit_checkpoint(source, tmp_path)
+    quantization = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": quantization}))
+    given = load_4bit_checkpoint(
+        tmp_path, nn.Sequential(nn.Linear(64, 32, bias=False), nn.Linear(32, 16, bias=False))
+    )
+    assert all(isinstance(m, NF4Linear) for m in given)
+    assert torch.equal(given[1].dequantized_weight(), source[1].dequantized_weight())
+
+
 def test_a_bfloat16_model_is_saved_as_bfloat16(tmp_path) -> None:
     """config.json records the model's dtype and computes in it, as save_pretrained would: it said
     float32, and transformers then loaded a model mixing float32 and bfloat16 whose forward failed."""

@@ -296,6 +296,11 @@ def test_a_state_dict_the_layer_cannot_take_is_refused_before_anything_changes()
             r"absmax is torch.uint8 \(34,\), this layer's is torch.uint8 \(17,\)",
         ),
         (NF4Linear.from_linear(lin), no_meta, "holds 'packed' but not '_extra_state'"),
+        (  # the other kind is named as such, not as a state lacking the nested buffers
+            NF4Linear.from_linear(lin),
+            NF4Linear.from_linear(lin, double_quant=False).state_dict(),
+            "does not hold a double-quantized weight; this layer is the other kind",
+        ),
         (  # codes and offset without their scales would load beside the layer's own absmax
             NF4Linear.from_linear(lin),
             {k: v for k, v in sd.items() if k != "absmax"},

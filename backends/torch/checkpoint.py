@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
 from reflora.backends.torch.modules import (
@@ -337,6 +338,14 @@ def _skeleton(directory: Path, config: dict[str, Any]) -> nn.Module:
     return cls(hf_config) if cls is not None else transformers.AutoModel.from_config(hf_config)
 
 
+def _device(model: nn.Module) -> torch.device:
+    """Where the model lives: its first parameter's or buffer's device (a model whose only weights are
+    bias-free 4-bit layers has no parameter), else the CPU."""
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
 def _replace_quantized(
     model: nn.Module, tensors: dict[str, np.ndarray], prefixes: list[str], replaced: list
 ) -> dict[str, np.ndarray]:
@@ -362,7 +371,7 @@ def _replace_quantized(
             raise CheckpointError(f"{path}.bias", "present in only one of the checkpoint and the model")
         if bias is not None and bias.shape != (state.shape[0],):
             raise CheckpointError(f"{path}.bias", f"has shape {bias.shape}, expected ({state.shape[0]},)")
-        device = target.bias.device if target.bias is not None else next(model.parameters()).device
+        device = target.bias.device if target.bias is not None else _device(model)
         ts = TorchQuantState.from_state(state, device)
         layer = NF4Linear(ts, None if bias is None else numpy_to_torch(bias, device)).train(target.training)
         _set_submodule(model, path, layer)
@@ -437,7 +446,7 @@ def load_4bit_checkpoint(directory: str | os.PathLike, model: nn.Module | None =
         for path, original in reversed(replaced):
             _set_submodule(model, path, original)
         raise
-    device = next(model.parameters()).device
+    device = _device(model)
     model.load_state_dict({k: numpy_to_torch(v, device) for k, v in rest.items()}, strict=False, assign=True)
     for group, source in zip(groups, sources, strict=True):
         loaded = model.get_parameter(source)

@@ -181,20 +181,17 @@ class NF4Linear(nn.Module):
                     "weights or a 4-bit checkpoint (load_4bit_checkpoint)"
                 )
                 return
-        elif len(ours) != len(self._buffers):
-            # codes, scales and tables are one weight: a part of it would load beside the layer's own rest
-            lacking = [prefix + n for n in self._buffers if prefix + n not in state_dict]
-            error_msgs.append(
-                f"{name}: the state dict holds {key!r} but not {', '.join(map(repr, lacking))}: part of a "
-                "4-bit weight would load beside the rest of this layer's own; the layer was left as it was"
-            )
-            return
         else:
             try:
                 meta = _decode_meta(state_dict[key])
                 problem = self._incompatible(meta, state_dict, prefix)
             except ValueError as e:
                 problem = f"{key} is not NF4Linear metadata: {e}"
+            lacking = [prefix + n for n in self._buffers if prefix + n not in state_dict]
+            if not problem and lacking:
+                # codes, scales and tables are one weight: a part would load beside the layer's own rest
+                problem = (f"the state dict holds {key!r} but not {', '.join(map(repr, lacking))}: part of "
+                           "a 4-bit weight would load beside the rest of this layer's own")  # fmt: skip
             if problem:
                 error_msgs.append(f"{name}: {problem}; the layer was left as it was")
                 return
