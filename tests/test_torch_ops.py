@@ -367,3 +367,67 @@ def test_linear_ops_reject_bad_shapes() -> None:
         ops.qlora_linear(x.double(), ts, A, B, 1.0)
     with pytest.raises(ValueError, match="2-D"):
         ops.qlora_linear(x, TorchQuantState.from_state(nf4.quantize(np.ones(60, np.float32))), A, B, 1.0)
+
+
+def test_scaling_takes_numpy_scalars_and_refuses_what_float32_cannot_hold() -> None:
+    # np.float32(0.5) was refused (the oracle and the Triton layer take it); 1e39 passed the finiteness
+    # check and turned every output into NaN, even with B = 0.
+    ts = TorchQuantState.from_state(nf4.quantize(np.ones((6, 10), np.float32), 32))
+    x, A, B = torch.ones(3, 10), torch.ones(2, 10), torch.zeros(6, 2)
+    for s in (np.float32(0.5), np.int64(2), torch.tensor(0.5)):
+        assert torch.equal(ops.qlora_linear(x, ts, A, B, s), ops.qlora_linear(x, ts, A, B, float(s)))
+    for s in (1e39, -1e39):
+        with pytest.raises(ValueError, match="scaling must be finite in float32"):
+            ops.qlora_linear(x, ts, A, B, s)
+        with pytest.raises(ValueError, match="scaling must be finite in float32"):
+            ops.lora_linear(x, torch.ones(6, 10), A, B, s)
+
+
+def test_a_malformed_state_is_refused_naming_the_field() -> None:
+    # A float64 code table and absmax of shape (n_blocks, 1) dequantized to garbage without an error;
+    # blocksize2 = 0, a missing offset and a float64 dtype raised bare ZeroDivisionError, TypeError, KeyError.
+    import dataclasses
+
+    ts = TorchQuantState.from_state(nf4.quantize(np.ones((6, 64), np.float32), 64, double_quant=True))
+    plain = TorchQuantState.from_state(nf4.quantize(np.ones((6, 64), np.float32), 64))
+    cases = [
+        (
+            dataclasses.replace(ts, code=ts.code.double()),
+            r"state\.code must be a contiguous 1-D torch\.float32",
+        ),
+        (dataclasses.replace(plain, absmax=plain.absmax[:, None]), r"state\.absmax must be a contiguous 1-D"),
+        (dataclasses.replace(ts, blocksize2=0), r"state\.blocksize2 must be a power of two >= 1"),
+        (dataclasses.replace(ts, offset=float("nan")), r"state\.offset must be a finite float"),
+        (dataclasses.replace(ts, dtype=torch.float64), r"state\.dtype must be float32, float16 or bfloat16"),
+        (dataclasses.replace(ts, code2=ts.code2[:8]), r"state\.code2 must be a contiguous 1-D"),
+    ]
+    x = torch.ones(2, 64)
+    for state, message in cases:
+        with pytest.raises(ValueError, match=message):
+            ops.dequantize_4bit(state)
+        with pytest.raises(ValueError, match=message):
+            ops.qlora_linear(x, state, None, None, 0.0)
+
+
+def test_second_derivatives_through_grad_b_are_kept() -> None:
+    """create_graph=True: grad_B = s·gᵀ(x_d Aᵀ) depends on x and A, but the backward used t = x_d Aᵀ
+    saved from the forward, without a graph, and d(sum grad_B)/dx came out 26.6 off a max of 54.
+    Small dyadic values make every float32 operation exact, so the float64 autograd of the same
+    function must agree bit for bit."""
+    rng = np.random.default_rng(0)
+    ts = TorchQuantState.from_state(nf4.quantize(rng.standard_normal((5, 8)).astype(np.float32), 32))
+    W = ops.dequantize_4bit(ts)
+    x, A, B, g = (torch.from_numpy(rng.integers(-4, 5, shape).astype(np.float32) / 4)
+                  for shape in ((3, 8), (2, 8), (5, 2), (3, 5)))  # fmt: skip
+    s = 0.5
+
+    def second(op, dtype):
+        xx, aa, bb = (t.to(dtype).requires_grad_() for t in (x, A, B))
+        y = op(xx, aa, bb)
+        _, _, grad_b = torch.autograd.grad(y, (xx, aa, bb), g.to(dtype), create_graph=True)
+        return torch.autograd.grad(grad_b.sum(), (xx, aa))
+
+    ours = second(lambda xx, aa, bb: ops.qlora_linear(xx, ts, aa, bb, s), torch.float32)
+    ref = second(lambda xx, aa, bb: xx @ W.double().T + s * (xx @ aa.T) @ bb.T, torch.float64)
+    assert all(torch.equal(o.double(), r) for o, r in zip(ours, ref, strict=True))
+    assert any(r.abs().max() > 0 for r in ref)

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from reflora import codebooks
-from reflora.backends.torch.quant_state import TorchQuantState, numpy_to_torch
+from reflora.backends.torch.quant_state import TorchQuantState, check_fields, check_scaling, numpy_to_torch
 from reflora.double_quant import NegativeScaleWarning, mean_f32
 from reflora.state import check_blocksize
 
@@ -199,12 +199,7 @@ def quantize_4bit(
 def _check_state(ts: TorchQuantState) -> None:
     if not isinstance(ts, TorchQuantState):
         raise TypeError(f"expected a TorchQuantState, got {type(ts).__name__}")
-    n_blocks = math.ceil(ts.numel / ts.blocksize)
-    if ts.packed.dtype != torch.uint8 or ts.packed.numel() != (ts.numel + 1) // 2:
-        raise ValueError(f"packed must be uint8 with {(ts.numel + 1) // 2} bytes for shape {ts.shape}")
-    scales = ts.absmax_q if ts.double_quant else ts.absmax
-    if scales is None or scales.numel() != n_blocks:
-        raise ValueError(f"{n_blocks} block scales expected for shape {ts.shape} at blocksize {ts.blocksize}")
+    check_fields(ts)  # ValueError naming the field: a malformed state gave wrong values, or bare errors
 
 
 def block_scales(ts: TorchQuantState) -> torch.Tensor:
@@ -311,10 +306,8 @@ def lora_linear(
     return F.linear(x, W, bias) + F.linear(F.linear(x_d, A), B) * s  # (..., out) + (..., r) -> (..., out)
 
 
-def _scaling(scaling: float) -> float:
-    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
-        raise ValueError(f"scaling must be a finite real number, got {scaling!r}")
-    return float(scaling)
+def _scaling(scaling) -> float:
+    return check_scaling(scaling)
 
 
 @dataclass(frozen=True, eq=False)
@@ -362,6 +355,8 @@ class _QLoRAFunction(torch.autograd.Function):
             grad_t = None
             if A is not None:
                 x_d = x if mask is None else x * mask
+                if torch.is_grad_enabled():  # create_graph=True: t saved from forward carries no graph,
+                    t = F.linear(x_d, A)  # and grad_B's second-order terms through x and A were lost
                 g_s = g * cfg.scaling  # (N, out); the oracle's order: s·g first, then both products
                 if need_B:
                     grad_B = g_s.t() @ t  # (out, N) @ (N, r) -> (out, r)
@@ -416,10 +411,13 @@ def qlora_linear(
     x (..., in); ts: W (out, in) as a 2-D :class:`TorchQuantState` (NF4 or FP4, plain or
     double-quantized), frozen; A (r, in); B (out, r); bias (out,) or None; dropout_mask x's shape or
     None. Floats of any of float32 / float16 / bfloat16, cast to the compute dtype (module
-    docstring); all on one device. scaling: a finite real.
+    docstring); all on one device. scaling: a real number finite in float32 (a numpy scalar or a
+    one-element tensor without a gradient too). ts is checked field by field (ValueError naming it).
     Returns (..., out) in the compute dtype. Gradients: x, A, B (and bias, if it requires one); Ŵ
     gets none. The backward dequantizes Ŵ again instead of keeping it: between forward and backward
-    only x, A, B, mask and the (N, r) product x_d Aᵀ are held.
+    only x, A, B, mask and the (N, r) product x_d Aᵀ are held. The backward is itself differentiable
+    (``create_graph=True``, for a gradient penalty): it then forms x_d Aᵀ again with its graph. The
+    Triton layer refuses that instead (docs/triton.md).
     """
     return _qlora(x, ts, A, B, scaling, bias, dropout_mask)
 

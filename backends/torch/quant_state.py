@@ -15,7 +15,14 @@ import torch
 from reflora.dtypes import dtype_name
 from reflora.state import NestedState, QuantState
 
-__all__ = ["TorchQuantState", "numpy_to_torch", "torch_dtype", "torch_to_numpy"]
+__all__ = [
+    "TorchQuantState",
+    "check_fields",
+    "check_scaling",
+    "numpy_to_torch",
+    "torch_dtype",
+    "torch_to_numpy",
+]
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -135,3 +142,65 @@ class TorchQuantState:
             self.offset,
             self.blocksize2,
         )
+
+
+_STATE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_fields(ts: TorchQuantState) -> None:
+    """ValueError naming the field unless ``ts`` is well formed: the dtype one of float32, float16,
+    bfloat16; blocksize a power of two in 32..4096 (blocksize2 a power of two); every tensor contiguous,
+    1-D, of its dtype and size, on the device of ``packed``; a finite float offset when double-quantized.
+    Both the torch ops and the Triton launchers check a state with this before reading it: a malformed
+    one (a float64 code table, absmax of shape (n_blocks, 1), blocksize2 = 0) gave wrong values or a
+    bare ZeroDivisionError, KeyError or IndexError."""
+    if ts.dtype not in _STATE_DTYPES:
+        raise ValueError(f"state.dtype must be float32, float16 or bfloat16, got {ts.dtype}")
+    b = ts.blocksize
+    if isinstance(b, bool) or not isinstance(b, int) or b & (b - 1) or not 32 <= b <= 4096:
+        raise ValueError(f"state.blocksize must be a power of two in 32..4096, got {ts.blocksize!r}")
+    n = ts.numel
+    n_blocks = math.ceil(n / ts.blocksize)
+    want = {"packed": (ts.packed, torch.uint8, (n + 1) // 2), "code": (ts.code, torch.float32, 16)}
+    if ts.double_quant:
+        b2 = ts.blocksize2
+        if isinstance(b2, bool) or not isinstance(b2, int) or b2 < 1 or b2 & (b2 - 1):
+            raise ValueError(f"state.blocksize2 must be a power of two >= 1, got {b2!r}")
+        if not isinstance(ts.offset, (int, float)) or not math.isfinite(ts.offset):
+            raise ValueError(f"state.offset must be a finite float when double-quantized, got {ts.offset!r}")
+        want["absmax_q"] = (ts.absmax_q, torch.uint8, n_blocks)
+        want["absmax2"] = (ts.absmax2, torch.float32, math.ceil(n_blocks / b2))
+        want["code2"] = (ts.code2, torch.float32, 256)
+    else:
+        want["absmax"] = (ts.absmax, torch.float32, n_blocks)
+    for field, (t, dtype, size) in want.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"state.{field} is missing")
+        if t.dtype != dtype or t.ndim != 1 or t.numel() != size or not t.is_contiguous():
+            raise ValueError(
+                f"state.{field} must be a contiguous 1-D {dtype} tensor of {size} elements, got "
+                f"{t.dtype} shape {tuple(t.shape)} strides {t.stride()}"
+            )
+        if t.device != ts.packed.device:
+            raise ValueError(f"state.{field} is on {t.device}, state.packed on {ts.packed.device}")
+
+
+_F32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def check_scaling(scaling) -> float:
+    """``scaling`` as a float for the torch ops and the Triton kernels: the oracle's rule (a finite real
+    number, numpy's scalars included; :func:`reflora.lora._check_scaling`), a one-element tensor
+    without a gradient included, and finite in float32, the widest dtype either applies it in (1e39
+    passed the oracle's rule and turned every output into NaN)."""
+    from reflora.lora import _check_scaling
+
+    if isinstance(scaling, torch.Tensor):
+        if scaling.numel() != 1 or scaling.requires_grad:
+            raise TypeError("scaling must be a number (a one-element tensor without requires_grad: it is "
+                            f"not differentiated), got a tensor of shape {tuple(scaling.shape)}")  # fmt: skip
+        scaling = scaling.item()
+    s = _check_scaling(scaling)
+    if abs(s) > _F32_MAX:
+        raise ValueError(f"scaling must be finite in float32, got {s!r}")
+    return s

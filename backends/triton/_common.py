@@ -14,7 +14,6 @@ is the same function of the same inputs. On a GPU the native instructions are us
 from __future__ import annotations
 
 import functools
-import math
 import os
 from collections import Counter
 
@@ -22,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from reflora.backends.torch.quant_state import TorchQuantState
+from reflora.backends.torch.quant_state import TorchQuantState, check_fields
 from reflora.backends.triton.backend import triton_version_problem
 
 if _problem := triton_version_problem(triton.__version__):
@@ -132,31 +131,7 @@ def check_state(ts: TorchQuantState, *, matrix: bool) -> None:
         raise ValueError("the quantized tensor is empty")
     if n >= 2**31:
         raise ValueError(f"{n} elements: the kernels index with int32 and take fewer than 2**31")
-    if ts.blocksize & (ts.blocksize - 1) or not 32 <= ts.blocksize <= 4096:
-        raise ValueError(f"blocksize must be a power of two in 32..4096, got {ts.blocksize}")
-    want = {
-        "packed": (ts.packed, torch.uint8, (n + 1) // 2),
-        "code": (ts.code, torch.float32, 16),
-    }
-    n_blocks = math.ceil(n / ts.blocksize)
-    if ts.double_quant:
-        if ts.blocksize2 & (ts.blocksize2 - 1):
-            raise ValueError(f"blocksize2 must be a power of two, got {ts.blocksize2}")
-        want["absmax_q"] = (ts.absmax_q, torch.uint8, n_blocks)
-        want["absmax2"] = (ts.absmax2, torch.float32, math.ceil(n_blocks / ts.blocksize2))
-        want["code2"] = (ts.code2, torch.float32, 256)
-    else:
-        want["absmax"] = (ts.absmax, torch.float32, n_blocks)
-    for field, (t, dtype, size) in want.items():
-        if t is None:
-            raise ValueError(f"state.{field} is missing")
-        if t.dtype != dtype or t.ndim != 1 or t.numel() != size or not t.is_contiguous():
-            raise ValueError(
-                f"state.{field} must be a contiguous 1-D {dtype} tensor of {size} elements, got "
-                f"{t.dtype} shape {tuple(t.shape)} strides {t.stride()}"
-            )
-        if t.device != ts.packed.device:
-            raise ValueError(f"state.{field} is on {t.device}, state.packed on {ts.packed.device}")
+    check_fields(ts)
 
 
 def check_positive_int(owner: str, **values: int) -> None:

@@ -25,12 +25,11 @@ from dataclasses import dataclass
 
 import torch
 
-from reflora.backends.torch.quant_state import TorchQuantState
+from reflora.backends.torch.quant_state import TorchQuantState, check_scaling
 from reflora.backends.triton._common import check_device, check_float, check_state
 from reflora.backends.triton.gemm import GemmConfig, nf4_gemm
 from reflora.backends.triton.gemv import GEMV_MAX_M, GemvConfig, nf4_gemv
 from reflora.backends.triton.lowrank import LowRankConfig, lowrank_matmul
-from reflora.lora import _check_scaling as check_scaling
 
 __all__ = ["LinearConfig", "nf4_matmul", "qlora_linear"]
 
@@ -123,17 +122,6 @@ class _NF4LinearFn(torch.autograd.Function):
         return grad_x, grad_a, grad_b, grad_bias, None, None
 
 
-def _check_scaling(scaling) -> float:
-    """``scaling`` as a float: the oracle's rule (:func:`reflora.lora._check_scaling`: a finite real
-    number), a one-element tensor without a gradient included."""
-    if isinstance(scaling, torch.Tensor):
-        if scaling.numel() != 1 or scaling.requires_grad:
-            raise TypeError("scaling must be a number (a one-element tensor without requires_grad: it is "
-                            f"not differentiated), got a tensor of shape {tuple(scaling.shape)}")  # fmt: skip
-        scaling = scaling.item()
-    return check_scaling(scaling)
-
-
 def _apply(x, ts, a, b, scaling, bias, mask, cfg_overrides):
     check_state(ts, matrix=True)
     check_float("x", x)
@@ -162,7 +150,7 @@ def _apply(x, ts, a, b, scaling, bias, mask, cfg_overrides):
     # reshape is a view when the strides allow it and a copy otherwise; the kernels take any strides.
     x2 = x.reshape(-1, k)
     mask2 = None if mask is None else mask.reshape(-1, k)
-    cfg = LinearConfig(weight=ts, scaling=_check_scaling(scaling) if a is not None else 0.0, **cfg_overrides)
+    cfg = LinearConfig(weight=ts, scaling=check_scaling(scaling) if a is not None else 0.0, **cfg_overrides)
     y = _NF4LinearFn.apply(x2, a, b, bias, mask2, cfg)
     return y.reshape(*lead, n)
 
