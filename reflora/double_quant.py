@@ -36,9 +36,18 @@ import numpy as np
 
 from reflora import blockwise
 from reflora.codebooks import DYNAMIC_MAP
+from reflora.dtypes import as_dtype
 from reflora.state import NestedState, check_blocksize2
 
-__all__ = ["NegativeScaleWarning", "dequantize", "mean_f32", "negative_scales", "quantize"]
+__all__ = [
+    "NegativeScaleWarning",
+    "ScaleRangeWarning",
+    "dequantize",
+    "mean_f32",
+    "negative_scales",
+    "quantize",
+    "scales_out_of_range",
+]
 
 BLOCKSIZE2 = 256
 
@@ -46,6 +55,13 @@ BLOCKSIZE2 = 256
 class NegativeScaleWarning(RuntimeWarning):
     """Double quantization rebuilt some block scales below zero (rule 5): those blocks dequantize with
     their signs flipped. The bytes are what the format computes; the warning makes the loss visible."""
+
+
+class ScaleRangeWarning(RuntimeWarning):
+    """Double quantization rebuilt some block scales beyond the largest value of the weight's dtype:
+    elements at those scales dequantize to ±inf (and a zero element to NaN where the float32 scale is
+    itself infinite), from finite input. The bytes are what the format computes; the warning makes the
+    loss visible (docs/spec.md, rebuilt scales beyond the dtype's range)."""
 
 
 def mean_f32(values: np.ndarray) -> np.float32:
@@ -120,3 +136,11 @@ def dequantize(nested: NestedState) -> np.ndarray:
 def negative_scales(nested: NestedState) -> np.ndarray:
     """int64 (k,): the blocks whose absmax :func:`dequantize` rebuilds below zero (rule 5), ascending."""
     return np.flatnonzero(dequantize(nested) < 0)
+
+
+def scales_out_of_range(nested: NestedState, dtype) -> np.ndarray:
+    """int64 (k,): the blocks whose rebuilt absmax is not finite in ``dtype`` (float32, float16 or
+    bfloat16), ascending. A block's largest element has code ±1, so it dequantizes to exactly the
+    rebuilt scale in ``dtype``: here ±inf."""
+    with np.errstate(over="ignore"):
+        return np.flatnonzero(~np.isfinite(dequantize(nested).astype(as_dtype(dtype))))

@@ -25,7 +25,9 @@ The canonical rules, each a guarantee of :func:`quantize` and :func:`dequantize`
   state to float16 may overflow to inf, as any such conversion does.)
 * **Double quantization** of absmax: :mod:`reflora.double_quant`. Some block scales can rebuild
   negative (its rule 5), flipping those blocks' signs: :func:`quantize` then warns with
-  :class:`reflora.double_quant.NegativeScaleWarning`, and the bytes stay what the format computes.
+  :class:`reflora.double_quant.NegativeScaleWarning`, and the bytes stay what the format computes. Some
+  can rebuild beyond the dtype's largest value, so that finite input dequantizes to inf: it warns
+  :class:`reflora.double_quant.ScaleRangeWarning`, and the bytes again stay as computed.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import warnings
 import numpy as np
 
 from reflora import blockwise, codebooks
-from reflora.double_quant import NegativeScaleWarning, negative_scales
+from reflora.double_quant import NegativeScaleWarning, ScaleRangeWarning, negative_scales, scales_out_of_range
 from reflora.double_quant import dequantize as dequantize_absmax
 from reflora.double_quant import quantize as quantize_absmax
 from reflora.dtypes import as_dtype, dtype_name
@@ -92,7 +94,8 @@ def quantize(
 
     Returns a :class:`reflora.QuantState` whose ``dtype`` (in native byte order) and ``shape`` are those
     of ``x``. With double_quant, warns :class:`reflora.double_quant.NegativeScaleWarning` when some block
-    scales rebuild negative; the state is returned as computed.
+    scales rebuild negative, and :class:`reflora.double_quant.ScaleRangeWarning` when some rebuild beyond
+    the dtype's largest value (those elements dequantize to inf); the state is returned as computed.
     """
     x = check_input(x)
     blocksize = check_blocksize(blocksize)
@@ -102,7 +105,9 @@ def quantize(
     q = blockwise.encode(flat, absmax, blocksize, codebook)
     nested = quantize_absmax(absmax) if double_quant else None
     if nested is not None:
-        _warn_negative_scales(nested, blocksize, flat.size)
+        with np.errstate(over="ignore"):  # a rebuild past float32 is what ScaleRangeWarning reports
+            _warn_negative_scales(nested, blocksize, flat.size)
+            _warn_scales_out_of_range(nested, x.dtype)
     return QuantState(
         packed=pack(q, codebook.zero_code),
         absmax=None if double_quant else absmax,
@@ -113,6 +118,20 @@ def quantize(
         code=codebook.values,
         nested=nested,
     )
+
+
+def _warn_scales_out_of_range(nested: NestedState, dtype) -> None:
+    beyond = scales_out_of_range(nested, dtype)
+    if beyond.size:
+        warnings.warn(
+            ScaleRangeWarning(
+                f"double quantization rebuilds {beyond.size} of {nested.absmax_q.size} block scales beyond "
+                f"the largest {np.dtype(dtype).name} (first: block {int(beyond[0])}); elements at those "
+                "scales dequantize to inf from finite input (docs/spec.md, rebuilt scales beyond the "
+                "dtype's range). Quantize without double quantization to keep them finite."
+            ),
+            stacklevel=3,
+        )
 
 
 def _warn_negative_scales(nested: NestedState, blocksize: int, n: int) -> None:
@@ -163,7 +182,8 @@ def dequantize(state: QuantState, dtype: str | np.dtype | None = None) -> np.nda
     The stored scales must be finite, and absmax (or absmax2) >= 0 as the canonical rules store them,
     else ValueError naming the first bad one. (A state can hold other values, such as a dialect's NaN
     absmax: :mod:`reflora.dialects` dequantizes those.) Any finite offset is used as stored, and a
-    double-quantized scale that rebuilds negative is used as rebuilt.
+    double-quantized scale that rebuilds negative, or beyond the output dtype's largest value (giving
+    ±inf, :func:`reflora.double_quant.scales_out_of_range`), is used as rebuilt.
     """
     _check_scales(state)
     out_dtype = state.dtype if dtype is None else as_dtype(dtype)

@@ -1,5 +1,6 @@
 """Double quantization: the exact mean, the 8-bit codes, the two-rounding reconstruction."""
 
+import warnings
 from fractions import Fraction
 
 import numpy as np
@@ -208,3 +209,35 @@ def test_negative_scales_measured_on_a_weight_with_an_outlier_column():
                 np.float32(-0.0049973726)
             }
     assert counts == {32: 0, 64: 59211, 128: 1233, 256: 0}
+
+
+@pytest.mark.parametrize(("dtype", "zero_blocks", "beyond"), [("float32", 1, 255), ("float16", 4, 252),
+                                                              ("bfloat16", 24, 232)])  # fmt: skip
+def test_scales_rebuilt_beyond_the_dtype_are_warned_about(dtype, zero_blocks, beyond):
+    """Zero blocks beside blocks of the dtype's largest value: the offset and absmax2 are near the maximum,
+    and f32(code2·absmax2) + offset passes it, so finite input dequantized to inf without a word (found by
+    a review; docs/spec.md). Now quantize warns, as it does for negative scales, and the torch op too."""
+    import ml_dtypes
+
+    from reflora.dtypes import as_dtype
+
+    dt = as_dtype(dtype)
+    x = np.zeros((256, 64), dtype=dt)
+    x[zero_blocks:] = ml_dtypes.finfo(dt).max
+    with pytest.warns(double_quant.ScaleRangeWarning, match=f"rebuilds {beyond} of 256 block scales beyond"):
+        state = nf4.quantize(x, 64, double_quant=True)
+    np.testing.assert_array_equal(
+        double_quant.scales_out_of_range(state.nested, dt), np.arange(256 - beyond, 256)
+    )
+    with np.errstate(over="ignore"):
+        assert np.isinf(nf4.dequantize(state).astype(np.float32)[zero_blocks:]).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", double_quant.ScaleRangeWarning)
+        nf4.quantize(x, 64)  # without double quantization: no warning, and finite
+        nf4.quantize(np.ones((256, 64), dt), 64, double_quant=True)  # ordinary scales: none either
+    pytest.importorskip("torch")
+    from reflora.backends.torch import ops
+    from reflora.backends.torch.quant_state import numpy_to_torch
+
+    with pytest.warns(double_quant.ScaleRangeWarning, match=f"rebuilds {beyond} of 256 block scales beyond"):
+        ops.quantize_4bit(numpy_to_torch(x), 64, double_quant=True)

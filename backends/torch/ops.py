@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from reflora import codebooks
 from reflora.backends.torch.quant_state import TorchQuantState, check_fields, check_scaling, numpy_to_torch
-from reflora.double_quant import NegativeScaleWarning, mean_f32
+from reflora.double_quant import NegativeScaleWarning, ScaleRangeWarning, mean_f32
 from reflora.state import check_blocksize
 
 __all__ = [
@@ -183,7 +183,18 @@ def quantize_4bit(
         blocksize2=256,
         **common,
     )
-    flipped = int((block_scales(ts) < 0).sum())
+    rebuilt = block_scales(ts)
+    beyond = int((~torch.isfinite(rebuilt.to(x.dtype))).sum())
+    if beyond:  # as nf4.quantize does, say so
+        warnings.warn(
+            ScaleRangeWarning(
+                f"double quantization rebuilds {beyond} of {absmax.numel()} block scales beyond the largest "
+                f"{str(x.dtype).removeprefix('torch.')}; elements at those scales dequantize to inf from "
+                "finite input (docs/spec.md). Quantize without double quantization to keep them finite."
+            ),
+            stacklevel=2,
+        )
+    flipped = int((rebuilt < 0).sum())
     if flipped:  # the oracle's rule 5: as nf4.quantize does, say so
         warnings.warn(
             NegativeScaleWarning(
