@@ -70,7 +70,10 @@ class Codebook:
         distinct, first = np.unique(values, return_index=True)  # sorted ascending; first index wins
         mids = (distinct[:-1].astype(np.float64) + distinct[1:].astype(np.float64)) / 2  # exact in f64
         zero_code = int(np.flatnonzero(values == 0)[0])
-        return cls(name, values, mids, first.astype(np.uint8), zero_code, negative_zero_code)
+        codes = first.astype(np.uint8)
+        for table in (mids, codes):  # shared module globals: a write would change every later quantize
+            table.setflags(write=False)
+        return cls(name, values, mids, codes, zero_code, negative_zero_code)
 
     @property
     def bits(self) -> int:

@@ -110,6 +110,8 @@ class NestedState:
         object.__setattr__(self, "code2", _frozen(self.code2, np.float32, "code2"))
         if self.code2.size != 256:
             raise ValueError(f"code2 must have 256 entries, got {self.code2.size}")
+        if np.ndim(self.offset) != 0:  # an array would be applied block by block, silently
+            raise ValueError(f"offset must be a scalar, got shape {np.shape(self.offset)}")
         object.__setattr__(self, "offset", np.float32(self.offset))
         object.__setattr__(self, "blocksize2", check_blocksize2(self.blocksize2))
         expected = math.ceil(self.absmax_q.size / self.blocksize2)

@@ -125,3 +125,12 @@ def test_fp4_zero_has_one_code_and_ties_go_down():
 def test_get_rejects_unknown_type():
     with pytest.raises(ValueError, match="nf4"):
         codebooks.get("int4")
+
+
+def test_the_shared_tables_cannot_be_written_to() -> None:
+    # thresholds and sorted_codes were writable module globals: `NF4.thresholds[:] = 0` changed every
+    # later quantize (codes [0 1 3 5 9 12 14 15] became [0 0 0 0 15 15 15 15]).
+    for book in (codebooks.NF4, codebooks.FP4, codebooks.DYNAMIC_MAP):
+        for table in (book.values, book.thresholds, book.sorted_codes):
+            with pytest.raises(ValueError, match="read-only"):
+                table[0] = 0

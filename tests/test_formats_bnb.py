@@ -233,6 +233,8 @@ CORRUPT = {
     "nested_offset not float32": (lambda: with_json(good(), nested_offset=0.1), QS, "float32 value"),
     "nested_offset NaN": (lambda: with_json(good(), nested_offset=float("nan")), QS, "float32 value"),
     "nested_offset a string": (lambda: with_json(good(), nested_offset="0.5"), QS, "float32 value"),
+    # a negative mean of non-negative scales: every block rebuilt another (negative) scale, silently
+    "nested_offset negative": (lambda: with_json(good(), nested_offset=-0.5), QS, "is negative"),
     "unknown key under prefix": (
         lambda: good() | {f"{PREFIX}.SCB": np.ones(3, np.float32)},
         f"{PREFIX}.SCB",

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from reflora import QuantState, codebooks, double_quant, nf4
-from reflora.state import BLOCKSIZES
+from reflora.state import BLOCKSIZES, NestedState
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 DTYPES = [np.dtype(np.float32), np.dtype(np.float16), BF16]
@@ -342,3 +342,11 @@ def test_double_quant_is_quiet_when_every_scale_rebuilds_non_negative():
         assert (nf4.block_scales(state) >= 0).all()
         other_blocksize = nf4.quantize(_outlier_matrix(), 32, double_quant=True)  # no warning: none flips
         assert (nf4.block_scales(other_blocksize) >= 0).all()
+
+
+def test_a_nested_state_takes_a_scalar_offset_only() -> None:
+    # An offset array was applied block by block by block_scales, and broke dequantize and the bnb writer.
+    good = nf4.quantize(np.arange(1, 513, dtype=np.float32), 64, double_quant=True).nested
+    for offset in (np.array([0.5, 100.0], np.float32), np.array([0.5], np.float32)):
+        with pytest.raises(ValueError, match="offset must be a scalar"):
+            NestedState(good.absmax_q, good.absmax2, good.code2, offset, good.blocksize2)

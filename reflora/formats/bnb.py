@@ -236,6 +236,9 @@ def _read_json(d: Mapping[str, Any], prefix: str) -> tuple[str, dict[str, Any]]:
         # bitsandbytes writes a float32's Python float: anything else would not survive a round trip
         if not (isinstance(off, float) and math.isfinite(off) and float(np.float32(off)) == off):
             raise StateDictError(key, f"nested_offset {off!r} is not a finite float32 value")
+        if off < 0:  # the mean of scales, which are >= 0: every block would rebuild another scale
+            raise StateDictError(key, f"nested_offset {off!r} is negative; bitsandbytes writes the mean of "
+                                 "the block scales, which is never below 0")  # fmt: skip
     return key, fields
 
 
