@@ -75,10 +75,11 @@ def _frozen(a: np.ndarray, dtype: type, name: str, ndim: int = 1) -> np.ndarray:
         raise TypeError(f"{name} must be {np.dtype(dtype).name}, got {a.dtype}")
     if a.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {a.shape}")
-    # Always a private copy: a read-only array can still be a view of memory its owner writes.
+    # Always a private copy: a read-only array can still be a view of memory its owner writes. Held
+    # through a view of it, so that setflags(write=True), which an owning array allows, is refused.
     a = np.array(a, order="C", copy=True)
     a.setflags(write=False)
-    return a
+    return a.view()
 
 
 def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
@@ -120,6 +121,10 @@ class NestedState:
                 f"absmax2 has {self.absmax2.size} entries; {self.absmax_q.size} codes in groups of "
                 f"{self.blocksize2} need {expected}"
             )
+
+    def __reduce__(self):
+        # through the constructor: pickle and copy.deepcopy give a checked state of read-only arrays
+        return (type(self), (self.absmax_q, self.absmax2, self.code2, self.offset, self.blocksize2))
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, NestedState):
@@ -182,6 +187,11 @@ class QuantState:
     @property
     def double_quant(self) -> bool:
         return self.nested is not None
+
+    def __reduce__(self):
+        # through the constructor: pickle and copy.deepcopy give a checked state of read-only arrays
+        layout = (self.shape, self.dtype, self.blocksize, self.quant_type)
+        return (type(self), (self.packed, self.absmax, *layout, self.code, self.nested))
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, QuantState):

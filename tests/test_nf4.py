@@ -350,3 +350,18 @@ def test_a_nested_state_takes_a_scalar_offset_only() -> None:
     for offset in (np.array([0.5, 100.0], np.float32), np.array([0.5], np.float32)):
         with pytest.raises(ValueError, match="offset must be a scalar"):
             NestedState(good.absmax_q, good.absmax2, good.code2, offset, good.blocksize2)
+
+
+def test_a_state_stays_a_value_through_pickle_and_copy() -> None:
+    # After pickle.loads or copy.deepcopy the arrays were writable, and a write changed the state; on any
+    # state setflags(write=True) succeeded, since each array owned its private copy.
+    import copy
+    import pickle
+
+    state = nf4.quantize(np.arange(1, 513, dtype=np.float32), 64, double_quant=True)
+    for other in (pickle.loads(pickle.dumps(state)), copy.deepcopy(state), copy.copy(state)):
+        assert other == state
+        for a in (other.packed, other.code, other.nested.absmax_q, other.nested.absmax2, other.nested.code2):
+            assert not a.flags.writeable
+            with pytest.raises(ValueError, match="WRITEABLE"):
+                a.setflags(write=True)
