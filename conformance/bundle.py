@@ -133,6 +133,11 @@ class Inputs:
         return ctx
 
 
+def _stem(backend: Any, test_id: str) -> str:
+    """The name :func:`save` gives a bundle, up to its digest: ``backend-test-id-``."""
+    return f"{_slug(str(backend))}-{_slug(test_id)}-"
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")[:80]
 
@@ -166,8 +171,7 @@ def save(inputs: Inputs, directory: str | Path, **meta: Any) -> Path:
     }
     text = json.dumps(record, indent=1, default=str)
     digest = zlib.crc32(text.encode() + b"".join(a.tobytes() for a in entries.values()))
-    backend = _slug(str(meta.get("backend", "backend")))
-    path = directory / f"{backend}-{_slug(inputs.test_id)}-{digest:08x}.npz"
+    path = directory / f"{_stem(meta.get('backend', 'backend'), inputs.test_id)}{digest:08x}.npz"
     entries["meta"] = np.frombuffer(text.encode(), dtype=np.uint8)
     try:
         np.savez_compressed(path, **entries)
@@ -204,7 +208,7 @@ def matches_its_name(path: str | Path) -> bool | None:
         meta = z["meta"].tobytes()
         record = json.loads(meta.decode())
         # only the name save() gave it: a date or a counter that ends a name given by hand is no digest
-        given = f"{_slug(str(record.get('backend', 'backend')))}-{_slug(record['test_id'])}-"
+        given = _stem(record.get("backend", "backend"), record["test_id"])
         m = re.fullmatch(re.escape(given) + r"([0-9a-f]{8})\.npz", Path(path).name)
         if m is None:
             return None

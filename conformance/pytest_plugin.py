@@ -55,10 +55,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def _seed_int(text: str) -> int:
-    value = int(text)
-    if not 0 <= value < 2**32:  # as reflora.cli.seed_int, without importing it (module docstring)
-        raise ValueError(f"a seed is an integer in [0, 2**32), got {text}")
-    return value
+    from reflora.cli import seed_int  # only when the option is given: the plug-in loads the stdlib only
+
+    return seed_int(text)
 
 
 def _seed(config: pytest.Config) -> int:

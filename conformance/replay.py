@@ -9,6 +9,7 @@ is this function on the command line.
 
 from __future__ import annotations
 
+import copy
 import shlex
 import traceback
 from dataclasses import dataclass, field
@@ -80,13 +81,16 @@ def _declared(impl: Any, inputs: Any, m: Mismatch, message: str) -> dict[str, An
     return None if hit is None else hit.as_dict()
 
 
-def _oracle_problem(inputs: Any) -> str | None:
+def _oracle_problem(impl: Any, inputs: Any) -> str | None:
     """Why the check cannot even run on the bundle's inputs with the reference, or None: the suite or
     the reference raised (missing parameters, impossible views, a dropped array), so replaying it would
-    blame the backend for the file. A value mismatch of the reference is not such a problem: it is
-    what someone working on the oracle replays, and is left to the replay itself."""
+    blame the backend ``impl`` for the file. A value mismatch of the reference is not such a problem:
+    it is what someone working on the oracle replays, and is left to the replay itself; against the
+    reference itself the replay shows what it does, whatever that is."""
     from reflora.backends.reference import ReferenceBackend
 
+    if type(impl) is ReferenceBackend:
+        return None
     ref = ReferenceBackend()
     try:
         run_check(Context(ref, "reference", dialect_for(ref), None), inputs)
@@ -118,11 +122,7 @@ def replay(path: str | Path, backend: str | None = None) -> ReplayResult:
         if not spec:
             raise ValueError(f"{path}: the bundle names no backend; pass one with --backend")
     impl = backends.get(spec)
-    from reflora.backends.reference import ReferenceBackend
-
-    # a fresh copy of the inputs: the check must not see what another run touched; against the
-    # reference itself the replay shows what it does, whatever that is
-    problem = None if type(impl) is ReferenceBackend else _oracle_problem(load(path)[0])
+    problem = _oracle_problem(impl, copy.deepcopy(inputs))  # a copy: the replay sees nothing it touched
     if problem:
         raise ValueError(f"{path} is not a valid bundle: its check cannot run on its inputs even with the "
                          f"reference ({problem})")  # fmt: skip

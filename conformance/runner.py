@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from reflora.cli import SEEDS
 from reflora.conformance import deviations as _deviations
 from reflora.conformance import profiles
 from reflora.conformance.bundle import save
@@ -139,7 +140,7 @@ class Report:
 def resolve_seed(profile: profiles.Profile, seed: int | None) -> int:
     """The run's seed: the one given, else the profile's, else a fresh random one (printed by callers)."""
     if seed is not None:
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**32:
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < SEEDS:
             # _test_seed folds the seed modulo 2**32: a larger one would draw a smaller one's examples
             raise ValueError(f"a seed is an integer in [0, 2**32), got {seed!r}")
         return int(seed)

@@ -271,9 +271,9 @@ def save_4bit_checkpoint(
     if config is not None and hasattr(config, "to_dict"):
         fields = config.to_dict()
         fields["architectures"] = [type(model).__name__]  # as save_pretrained records it: what to rebuild
-        for key in ("dtype", "torch_dtype"):  # transformers 5 writes "dtype", 4 "torch_dtype"
-            if key in fields or key == "dtype":
-                fields[key] = dtype
+        fields["dtype"] = dtype  # as transformers 5 writes it; 4 wrote "torch_dtype", kept in step
+        if "torch_dtype" in fields:
+            fields["torch_dtype"] = dtype
         fields["quantization_config"] = _quantization_config(layers, model, compute_dtype)
         files[out / CONFIG] = (json.dumps(fields, indent=2, sort_keys=True) + "\n").encode("utf-8")
     out.mkdir(parents=True, exist_ok=True)

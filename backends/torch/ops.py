@@ -310,15 +310,11 @@ def lora_linear(
     if W.ndim != 2:
         raise ValueError(f"W must be 2-D (out, in), got shape {tuple(W.shape)}")
     _check_lora_shapes(x, W.shape[0], W.shape[1], A, B, bias, dropout_mask)
-    s = _scaling(scaling)
+    s = check_scaling(scaling)
     dt = compute_dtype(x)
     x, W, A, B, bias, mask = (_cast(t, dt) for t in (x, W, A, B, bias, dropout_mask))
     x_d = x if mask is None else x * mask
     return F.linear(x, W, bias) + F.linear(F.linear(x_d, A), B) * s  # (..., out) + (..., r) -> (..., out)
-
-
-def _scaling(scaling) -> float:
-    return check_scaling(scaling)
 
 
 @dataclass(frozen=True, eq=False)
@@ -399,7 +395,7 @@ def _qlora(x, ts, A, B, scaling, bias, mask) -> torch.Tensor:
     dt = compute_dtype(x)
     x, A, B, bias, mask = (_cast(t, dt) for t in (x, A, B, bias, mask))
     lead = x.shape[:-1]
-    cfg = _QLoRAConfig(ts, _scaling(scaling) if A is not None else 0.0)
+    cfg = _QLoRAConfig(ts, check_scaling(scaling) if A is not None else 0.0)
     with torch.autocast(x.device.type, enabled=False):
         y = _QLoRAFunction.apply(
             x.reshape(-1, in_f), A, B, bias, None if mask is None else mask.reshape(-1, in_f), cfg
@@ -466,7 +462,7 @@ def lora_merge(
             f"W {tuple(W.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)} do not fit "
             f"(fan_in_fan_out={fan_in_fan_out}): A must be (r, {in_f}) and B ({out_f}, r), r >= 1"
         )
-    s = _scaling(scaling)
+    s = check_scaling(scaling)
     with torch.no_grad():
         delta = (B.to(W.dtype) @ A.to(W.dtype)) * s  # (out, r) @ (r, in) -> (out, in), rounded, then scaled
         return W + (delta.t() if fan_in_fan_out else delta)
