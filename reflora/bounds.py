@@ -50,6 +50,7 @@ import ml_dtypes
 import numpy as np
 
 from reflora import codebooks
+from reflora.checks import check_flag
 
 __all__ = [
     "REFERENCE",
@@ -509,6 +510,8 @@ class Arithmetic:
     fold_scaling: bool = False
 
     def __post_init__(self) -> None:
+        for name in ("flush_to_zero", "fused", "fold_scaling"):
+            object.__setattr__(self, name, check_flag(name, getattr(self, name)))
         for name in ("operand", "accumulate", "intermediate", "output"):
             object.__setattr__(self, name, _dtype(getattr(self, name)).name)
         if not (self.acc_slack >= 1 and math.isfinite(self.acc_slack)):
@@ -846,6 +849,7 @@ def _merge_sum(W, A, B, s, ar: Arithmetic, fan_in_fan_out: bool) -> _Tracked:
 
 
 def _merge_inputs(W, A, B, arith: Arithmetic, fan_in_fan_out: bool):
+    fan_in_fan_out = check_flag("fan_in_fan_out", fan_in_fan_out)
     W64, A64, B64 = (_operand(n, a, arith.operand) for n, a in (("W", W), ("A", A), ("B", B)))
     expected = (B64.shape[0], A64.shape[1])
     if A64.shape[0] != B64.shape[1] or W64.shape != (expected[::-1] if fan_in_fan_out else expected):
@@ -1060,6 +1064,6 @@ def dequant_ulps(dtype="float32", *, fma_absmax: bool = False) -> int:
     wider), at most 1 step. Returns 2 for float32 and 1 for float16 / bfloat16 in that case.
     """
     dt = _dtype(dtype)
-    if not fma_absmax:
+    if not check_flag("fma_absmax", fma_absmax):
         return 0
     return 2 if dt == np.float32 else 1

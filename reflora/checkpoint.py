@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from reflora import dialects, double_quant, nf4
-from reflora.double_quant import BLOCKSIZE2, NegativeScaleWarning
+from reflora.double_quant import BLOCKSIZE2, RebuiltScaleWarning
 from reflora.dtypes import DTYPES, dtype_name
 from reflora.formats import bnb
 from reflora.formats import safetensors as sft
@@ -188,7 +188,7 @@ def _requantize(name: str, original: np.ndarray, state: QuantState) -> QuantStat
     if nested is not None and nested.blocksize2 != BLOCKSIZE2 and name != "reflora":
         raise ValueError(f"it double-quantizes in groups of {BLOCKSIZE2} only, not {nested.blocksize2}")
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NegativeScaleWarning)  # reported by _health on the stored bytes
+        warnings.simplefilter("ignore", RebuiltScaleWarning)  # reported by _health on the stored bytes
         if name == "reflora" and nested is not None:
             plain = nf4.quantize(original, state.blocksize, quant_type=state.quant_type)
             again = double_quant.quantize(plain.absmax, nested.blocksize2, offset=offset)

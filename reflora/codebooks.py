@@ -173,11 +173,11 @@ _BY_NAME = {"nf4": NF4, "fp4": FP4}
 
 
 def get(quant_type: str) -> Codebook:
-    """The 4-bit codebook called ``quant_type`` ("nf4" or "fp4"); ValueError for anything else."""
-    try:
-        return _BY_NAME[quant_type]
-    except KeyError:
-        raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}") from None
+    """The 4-bit codebook called ``quant_type`` ("nf4" or "fp4"); ValueError for anything else (a list,
+    None or "NF4" too)."""
+    if not isinstance(quant_type, str) or quant_type not in _BY_NAME:
+        raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
+    return _BY_NAME[quant_type]
 
 
 # --- How the NF4 table is made (for teaching; the table above is what everyone ships) ---------------
@@ -190,9 +190,14 @@ def torch_linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
 
     torch rounds ``step = (end - start)/(steps - 1)`` to float32, fills the first half forwards from
     ``start`` and the second half backwards from ``end``, each point rounded once (a fused multiply-add).
-    numpy's linspace rounds differently, and that difference alone changes NF4 entries.
+    numpy's linspace rounds differently, and that difference alone changes NF4 entries. steps: an
+    int >= 0 (ValueError otherwise); 0 gives an empty array and 1 gives [start], as torch does.
     """
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
+        raise ValueError(f"steps must be an int >= 0, got {steps!r}")
     s, e = np.float32(start), np.float32(end)
+    if steps <= 1:  # torch gives [] and [start]: there is no step to divide by
+        return np.full(steps, s, dtype=np.float32)
     step = np.float32((np.float64(e) - np.float64(s)) / (steps - 1))
     # Each product step*i (24-bit by <= 12-bit integer) and the sum are exact in float64, so rounding
     # the float64 result to float32 is exactly one rounding, as an FMA does.

@@ -26,11 +26,22 @@ Rules (names as in :class:`reflora.state.NestedState`):
    code2[q] * absmax2 >= -offset otherwise): one holding an outlier scale. :func:`negative_scales`
    finds such blocks; :func:`reflora.nf4.quantize` warns with :class:`NegativeScaleWarning`.
    docs/spec.md ("Negative rebuilt scales") has the derivation and measured cases.
+6. A rebuilt absmax can also be exactly **zero** for a block that is not: when f32(code2 * absmax2) is
+   exactly -offset. Every element of that block then dequantizes to 0. (Measured: 123 scales of 503,
+   128 of 1.0 and 5 of 247 have the exact mean 247 and absmax2 = 256, and -246/256 takes the code
+   -0.96484375 = -247/256, so the 128 blocks of 1.0 rebuild to 0.) :func:`zero_scales` finds them;
+   quantize warns with :class:`ZeroScaleWarning`.
+7. A rebuilt absmax can be beyond the largest value of the weight's dtype (:func:`scales_out_of_range`):
+   elements at that scale dequantize to inf from finite input; :class:`ScaleRangeWarning`.
+
+:func:`warn_lost_scales` issues the three warnings (rules 5 to 7) for :func:`reflora.nf4.quantize`
+and the torch backend alike.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 
@@ -41,23 +52,38 @@ from reflora.state import NestedState, check_blocksize2
 
 __all__ = [
     "NegativeScaleWarning",
+    "RebuiltScaleWarning",
     "ScaleRangeWarning",
+    "ZeroScaleWarning",
     "dequantize",
     "mean_f32",
     "negative_scales",
     "quantize",
     "scales_out_of_range",
+    "warn_lost_scales",
+    "zero_scales",
 ]
 
 BLOCKSIZE2 = 256
 
 
-class NegativeScaleWarning(RuntimeWarning):
+class RebuiltScaleWarning(RuntimeWarning):
+    """Double quantization rebuilt some block scales so that those blocks lose their values: the base
+    of :class:`NegativeScaleWarning`, :class:`ZeroScaleWarning` and :class:`ScaleRangeWarning`. The
+    bytes are what the format computes; the warning makes the loss visible."""
+
+
+class NegativeScaleWarning(RebuiltScaleWarning):
     """Double quantization rebuilt some block scales below zero (rule 5): those blocks dequantize with
     their signs flipped. The bytes are what the format computes; the warning makes the loss visible."""
 
 
-class ScaleRangeWarning(RuntimeWarning):
+class ZeroScaleWarning(RebuiltScaleWarning):
+    """Double quantization rebuilt the scale of some blocks that are not all zero to exactly 0 (rule 6):
+    every element of those blocks dequantizes to 0."""
+
+
+class ScaleRangeWarning(RebuiltScaleWarning):
     """Double quantization rebuilt some block scales beyond the largest value of the weight's dtype:
     elements at those scales dequantize to ±inf (and a zero element to NaN where the float32 scale is
     itself infinite), from finite input. The bytes are what the format computes; the warning makes the
@@ -138,9 +164,51 @@ def negative_scales(nested: NestedState) -> np.ndarray:
     return np.flatnonzero(dequantize(nested) < 0)
 
 
+def zero_scales(nested: NestedState, absmax: np.ndarray) -> np.ndarray:
+    """int64 (k,): the blocks whose scale ``absmax`` (float32 (n_blocks,), what was double-quantized)
+    is above 0 but rebuilds to exactly 0 (rule 6), ascending."""
+    absmax = np.asarray(absmax)
+    if absmax.shape != nested.absmax_q.shape:
+        raise ValueError(f"absmax has shape {absmax.shape}, the nested state {nested.absmax_q.shape}")
+    return np.flatnonzero((dequantize(nested) == 0) & (absmax > 0))
+
+
 def scales_out_of_range(nested: NestedState, dtype) -> np.ndarray:
     """int64 (k,): the blocks whose rebuilt absmax is not finite in ``dtype`` (float32, float16 or
     bfloat16), ascending. A block's largest element has code ±1, so it dequantizes to exactly the
     rebuilt scale in ``dtype``: here ±inf."""
     with np.errstate(over="ignore"):
         return np.flatnonzero(~np.isfinite(dequantize(nested).astype(as_dtype(dtype))))
+
+
+def warn_lost_scales(
+    nested: NestedState, absmax: np.ndarray, dtype, blocksize: int, n: int, *, stacklevel: int = 3
+) -> None:
+    """Warn about every kind of block the rebuild of ``nested`` loses (rules 5 to 7), one warning a kind:
+    :class:`NegativeScaleWarning`, :class:`ZeroScaleWarning`, :class:`ScaleRangeWarning`, each with the
+    count and the first block. absmax: the float32 scales that were double-quantized; dtype: the
+    weight's (float32, float16 or bfloat16); blocksize and n: the weight's, to name elements.
+    stacklevel: as for :func:`warnings.warn`, counted from this function (3: the caller's caller)."""
+    total, name = nested.absmax_q.size, as_dtype(dtype).name
+    with np.errstate(over="ignore"):  # a rebuild past float32 is what ScaleRangeWarning reports
+        found = (
+            (negative_scales(nested), NegativeScaleWarning, "negative",
+             "those blocks dequantize with their signs flipped. It happens to scales far below the mean "
+             "in a group whose largest is far above it (docs/spec.md, negative rebuilt scales). To keep "
+             "every sign, quantize without double quantization, or try a smaller blocksize (it moves "
+             "offset/absmax2; check that this warning is gone)."),
+            (zero_scales(nested, absmax), ZeroScaleWarning, "to exactly 0 where the block is not zero",
+             "every element of those blocks dequantizes to 0 (docs/spec.md, scales rebuilt to zero). "
+             "Quantize without double quantization to keep them."),
+            (scales_out_of_range(nested, dtype), ScaleRangeWarning, f"beyond the largest {name}",
+             "elements at those scales dequantize to inf from finite input (docs/spec.md, rebuilt scales "
+             "beyond the dtype's range). Quantize without double quantization to keep them finite."),
+        )  # fmt: skip
+    for blocks, category, how, effect in found:
+        if blocks.size:
+            first = int(blocks[0])
+            last = min(n, (first + 1) * blocksize) - 1
+            where = f"first: block {first}, flat elements {first * blocksize} to {last}"
+            message = f"double quantization rebuilds {blocks.size} of {total} block scales {how} ({where}); "
+            message += effect
+            warnings.warn(category(message), stacklevel=stacklevel)

@@ -32,6 +32,7 @@ import math
 import numpy as np
 
 from reflora.bounds import round_to
+from reflora.checks import check_flag
 from reflora.dtypes import bfloat16
 
 __all__ = [
@@ -53,8 +54,10 @@ def scaling(alpha: float, r: int, rslora: bool = False) -> float:
     """The adapter's output factor: alpha / r, or alpha / sqrt(r) with rsLoRA (Kalajdzievski, 2023).
 
     r: the rank, a positive int. alpha: any finite real (PEFT's ``lora_alpha``).
-    rsLoRA keeps the adapter's output scale independent of r as r grows; PEFT's ``use_rslora``.
+    rsLoRA keeps the adapter's output scale independent of r as r grows; PEFT's ``use_rslora``
+    (True or False; TypeError for anything else).
     """
+    rslora = check_flag("rslora", rslora)
     if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r < 1:
         raise ValueError(f"r must be a positive int, got {r!r}")
     alpha = float(alpha)
@@ -182,6 +185,7 @@ def backward(
     order that :func:`reflora.bounds.lora_backward_bound` models for the reference.
     """
     x_shape = np.shape(x)
+    grad_x = check_flag("grad_x", grad_x)
     out, n_in, _ = check_shapes(x, W, A, B, None, dropout_mask, grad_y)
     s = _check_scaling(scaling)
     g = as_float64("grad_y", grad_y).reshape(-1, out)
@@ -202,10 +206,22 @@ def backward(
 
 
 def delta(A: np.ndarray, B: np.ndarray, scaling: float, *, fan_in_fan_out: bool = False) -> np.ndarray:
-    """ΔW = scaling · B A in float64: (out, in), or its transpose (in, out) with fan_in_fan_out."""
-    if np.ndim(A) != 2 or np.ndim(B) != 2 or np.shape(B)[1] != np.shape(A)[0]:
-        raise ValueError(f"A must be (r, in) and B (out, r), got A {np.shape(A)}, B {np.shape(B)}")
-    d = _check_scaling(scaling) * (as_float64("B", B) @ as_float64("A", A))  # (out, r) @ (r, in)
+    """ΔW = scaling · (B A) in float64: (out, in), or its transpose (in, out) with fan_in_fan_out.
+
+    A (r, in) and B (out, r) with r >= 1 (ValueError otherwise). B A is formed first, then scaled,
+    the order :func:`reflora.bounds.merge_bound` models. Where that overflows float64 (only for values
+    near 1e154 and beyond) ValueError names the first index, rather than an inf and a RuntimeWarning.
+    """
+    fan_in_fan_out = check_flag("fan_in_fan_out", fan_in_fan_out)
+    if np.ndim(A) != 2 or np.ndim(B) != 2 or np.shape(B)[1] != np.shape(A)[0] or np.shape(A)[0] < 1:
+        raise ValueError(f"A must be (r, in) and B (out, r), r >= 1; got A {np.shape(A)}, B {np.shape(B)}")
+    s = _check_scaling(scaling)
+    with np.errstate(over="ignore", invalid="ignore"):  # reported just below, with its index
+        d = s * (as_float64("B", B) @ as_float64("A", A))  # (out, r) @ (r, in) -> (out, in)
+    bad = ~np.isfinite(d)
+    if bad.any():
+        where = tuple(int(i) for i in np.unravel_index(int(np.flatnonzero(bad)[0]), d.shape))
+        raise ValueError(f"scaling · B A overflows float64 at index {where} of B A (out, in)")
     return d.T if fan_in_fan_out else d
 
 

@@ -40,6 +40,7 @@ import math
 import sys
 from dataclasses import dataclass
 
+from reflora.checks import check_flag
 from reflora.cli import nonnegative_int, positive_float, positive_int
 
 __all__ = [
@@ -58,7 +59,7 @@ def bits_per_parameter(blocksize: int = 64, *, double_quant: bool = False, block
     """Storage bits a parameter of a 4-bit tensor, scales included (see the module docstring)."""
     if blocksize <= 0 or blocksize2 <= 0:
         raise ValueError("block sizes must be positive")
-    if double_quant:
+    if check_flag("double_quant", double_quant):
         return 4 + 8 / blocksize + 32 / (blocksize * blocksize2)
     return 4 + 32 / blocksize
 
@@ -180,8 +181,13 @@ def training_memory(
     checkpointing: keep only each block's input (plus one block's activations); dropout: masks are
     kept; flash_attention: the attention keeps no s×s matrices.
     Returns a :class:`MemoryEstimate`. ValueError for non-positive sizes or more quantized than total
-    parameters.
+    parameters; TypeError for a flag (double_quant, checkpointing, dropout, flash_attention) that is not
+    True or False.
     """
+    flags = {"double_quant": double_quant, "checkpointing": checkpointing, "dropout": dropout,
+             "flash_attention": flash_attention}  # fmt: skip
+    for name, v in flags.items():
+        check_flag(name, v)
     f = 4 * hidden if intermediate is None else intermediate
     a = max(1, hidden // 64) if heads is None else heads
     sizes = {"params": params, "r": r, "layers": layers, "hidden": hidden, "intermediate": f, "heads": a,

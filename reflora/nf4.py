@@ -26,22 +26,23 @@ The canonical rules, each a guarantee of :func:`quantize` and :func:`dequantize`
 * **Double quantization** of absmax: :mod:`reflora.double_quant`. Some block scales can rebuild
   negative (its rule 5), flipping those blocks' signs: :func:`quantize` then warns with
   :class:`reflora.double_quant.NegativeScaleWarning`, and the bytes stay what the format computes. Some
-  can rebuild beyond the dtype's largest value, so that finite input dequantizes to inf: it warns
-  :class:`reflora.double_quant.ScaleRangeWarning`, and the bytes again stay as computed.
+  can rebuild to exactly 0 for a block that is not zero (every element then dequantizes to 0):
+  :class:`reflora.double_quant.ZeroScaleWarning`. Some can rebuild beyond the dtype's largest value, so
+  that finite input dequantizes to inf: :class:`reflora.double_quant.ScaleRangeWarning`. In each case
+  the bytes stay as computed.
 """
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 
 from reflora import blockwise, codebooks
-from reflora.double_quant import NegativeScaleWarning, ScaleRangeWarning, negative_scales, scales_out_of_range
+from reflora.checks import check_flag
+from reflora.double_quant import BLOCKSIZE2, warn_lost_scales
 from reflora.double_quant import dequantize as dequantize_absmax
 from reflora.double_quant import quantize as quantize_absmax
 from reflora.dtypes import as_dtype, dtype_name
-from reflora.state import NestedState, QuantState, check_blocksize
+from reflora.state import QuantState, check_blocksize, check_blocksize2
 
 __all__ = ["block_scales", "check_input", "dequantize", "pack", "quantize", "unpack"]
 
@@ -83,31 +84,40 @@ def unpack(packed: np.ndarray, n: int) -> np.ndarray:
 
 
 def quantize(
-    x: np.ndarray, blocksize: int = 64, *, quant_type: str = "nf4", double_quant: bool = False
+    x: np.ndarray,
+    blocksize: int = 64,
+    *,
+    quant_type: str = "nf4",
+    double_quant: bool = False,
+    blocksize2: int = BLOCKSIZE2,
 ) -> QuantState:
     """Quantize ``x`` to 4 bits, blockwise, by the module's rules.
 
     x: float32 / float16 / ml_dtypes.bfloat16 array, any shape, finite, non-empty.
     blocksize: elements per block, one of 32 ... 4096 (default 64, as Hugging Face always uses).
     quant_type: "nf4" or "fp4".
-    double_quant: also quantize the block scales (:mod:`reflora.double_quant`).
+    double_quant: also quantize the block scales (:mod:`reflora.double_quant`), True or False.
+    blocksize2: block scales a double-quantization group, a positive int (default 256, as bitsandbytes
+    and Hugging Face use; torchao's ``scaler_block_size``); used only with double_quant.
 
     Returns a :class:`reflora.QuantState` whose ``dtype`` (in native byte order) and ``shape`` are those
-    of ``x``. With double_quant, warns :class:`reflora.double_quant.NegativeScaleWarning` when some block
-    scales rebuild negative, and :class:`reflora.double_quant.ScaleRangeWarning` when some rebuild beyond
-    the dtype's largest value (those elements dequantize to inf); the state is returned as computed.
+    of ``x``. With double_quant, warns (:func:`reflora.double_quant.warn_lost_scales`)
+    :class:`~reflora.double_quant.NegativeScaleWarning` when some block scales rebuild negative,
+    :class:`~reflora.double_quant.ZeroScaleWarning` when a block that is not zero gets a scale of exactly
+    0, and :class:`~reflora.double_quant.ScaleRangeWarning` when some rebuild beyond the dtype's largest
+    value (those elements dequantize to inf); the state is returned as computed.
     """
     x = check_input(x)
     blocksize = check_blocksize(blocksize)
+    double_quant = check_flag("double_quant", double_quant)
+    blocksize2 = check_blocksize2(blocksize2)
     codebook = codebooks.get(quant_type)
     flat = x.reshape(-1).astype(np.float32, copy=False)  # logical row-major order; exact widening
     absmax = blockwise.block_absmax(flat, blocksize)
     q = blockwise.encode(flat, absmax, blocksize, codebook)
-    nested = quantize_absmax(absmax) if double_quant else None
+    nested = quantize_absmax(absmax, blocksize2) if double_quant else None
     if nested is not None:
-        with np.errstate(over="ignore"):  # a rebuild past float32 is what ScaleRangeWarning reports
-            _warn_negative_scales(nested, blocksize, flat.size)
-            _warn_scales_out_of_range(nested, x.dtype)
+        warn_lost_scales(nested, absmax, x.dtype, blocksize, flat.size)
     return QuantState(
         packed=pack(q, codebook.zero_code),
         absmax=None if double_quant else absmax,
@@ -118,38 +128,6 @@ def quantize(
         code=codebook.values,
         nested=nested,
     )
-
-
-def _warn_scales_out_of_range(nested: NestedState, dtype) -> None:
-    beyond = scales_out_of_range(nested, dtype)
-    if beyond.size:
-        warnings.warn(
-            ScaleRangeWarning(
-                f"double quantization rebuilds {beyond.size} of {nested.absmax_q.size} block scales beyond "
-                f"the largest {np.dtype(dtype).name} (first: block {int(beyond[0])}); elements at those "
-                "scales dequantize to inf from finite input (docs/spec.md, rebuilt scales beyond the "
-                "dtype's range). Quantize without double quantization to keep them finite."
-            ),
-            stacklevel=3,
-        )
-
-
-def _warn_negative_scales(nested: NestedState, blocksize: int, n: int) -> None:
-    flipped = negative_scales(nested)
-    if flipped.size:
-        first = int(flipped[0])
-        last_element = min(n, (first + 1) * blocksize) - 1
-        warnings.warn(
-            NegativeScaleWarning(
-                f"double quantization rebuilds {flipped.size} of {nested.absmax_q.size} block scales "
-                f"negative (first: block {first}, flat elements {first * blocksize} to {last_element}); "
-                "those blocks dequantize with their signs flipped. It happens to scales far below the mean "
-                "in a group of 256 whose largest is far above it (docs/spec.md, negative rebuilt scales). "
-                "To keep every sign, quantize without double quantization, or try a smaller blocksize "
-                "(it moves offset/absmax2; check that this warning is gone)."
-            ),
-            stacklevel=3,
-        )
 
 
 def block_scales(state: QuantState) -> np.ndarray:

@@ -158,11 +158,13 @@ def merge(
 
     Rules. merged = fl32(Ŵ + ΔW): Ŵ widened exactly, ΔW = scaling·B A and the sum in float64, one
     rounding to float32 (PEFT adds in float32 too). The new state is ``reflora.nf4.quantize(merged)``
-    with the same blocksize, quant_type and double quantization, and keeps the original ``state.dtype``
+    with the same blocksize, quant_type and double quantization (blocksize2 included), and keeps the
+    original ``state.dtype``
     (PEFT's 4-bit merge silently changes it to float32; reflora does not). The bias is unchanged.
     A merged weight beyond the range of ``state.dtype`` (the float32 sum, or the requantized weight
     dequantized to ``state.dtype``) raises ValueError naming the first such index, worded as
-    :func:`reflora.lora.merge` words it, and no RuntimeWarning comes before it.
+    :func:`reflora.lora.merge` words it, and no RuntimeWarning comes before it; so does a ΔW that
+    overflows float64 (:func:`reflora.lora.delta`).
     """
     W_hat = as_float64("dequantized base", dequantized_base(state))
     d = lora.delta(A, B, scaling)
@@ -172,7 +174,10 @@ def merge(
     with np.errstate(over="ignore"):  # an overflow is reported below, with its index
         merged = target.astype(np.float32)
     _check_fits(merged, state.dtype)  # beyond float32 is beyond every state dtype
-    new = nf4.quantize(merged, state.blocksize, quant_type=state.quant_type, double_quant=state.double_quant)
+    b2 = {} if state.nested is None else {"blocksize2": state.nested.blocksize2}
+    new = nf4.quantize(
+        merged, state.blocksize, quant_type=state.quant_type, double_quant=state.double_quant, **b2
+    )
     new = dataclasses.replace(new, dtype=state.dtype)
     with np.errstate(over="ignore"):
         requantized = nf4.dequantize(new)  # values beyond state.dtype's range become inf, reported below

@@ -123,8 +123,20 @@ def test_fp4_zero_has_one_code_and_ties_go_down():
 
 
 def test_get_rejects_unknown_type():
-    with pytest.raises(ValueError, match="nf4"):
-        codebooks.get("int4")
+    for bad in ("int4", "NF4", None, ["nf4"]):  # a list raised a bare TypeError (unhashable) before
+        with pytest.raises(ValueError, match="nf4"):
+            codebooks.get(bad)
+
+
+def test_torch_linspace_emulation_of_zero_and_one_steps():
+    # steps = 1 divided by zero and gave [nan]; torch gives [start] (and [] for 0).
+    torch = pytest.importorskip("torch", reason="torch not installed")
+    for steps in (0, 1, 2):
+        theirs = torch.linspace(0.9677083, 0.5, steps, dtype=torch.float32).numpy()
+        assert np.array_equal(codebooks.torch_linspace_f32(0.9677083, 0.5, steps), theirs), steps
+    for bad in (-1, 2.0, True):
+        with pytest.raises(ValueError, match="steps must be an int >= 0"):
+            codebooks.torch_linspace_f32(0.0, 1.0, bad)
 
 
 def test_the_shared_tables_cannot_be_written_to() -> None:

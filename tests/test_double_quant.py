@@ -241,3 +241,95 @@ def test_scales_rebuilt_beyond_the_dtype_are_warned_about(dtype, zero_blocks, be
 
     with pytest.warns(double_quant.ScaleRangeWarning, match=f"rebuilds {beyond} of 256 block scales beyond"):
         ops.quantize_4bit(numpy_to_torch(x), 64, double_quant=True)
+
+
+def _zero_scale_matrix() -> np.ndarray:
+    """One group of 256 scales: 123 of 503, 128 of 1.0 and 5 of 247. The exact mean is 247 and absmax2 =
+    503 - 247 = 256; c/absmax2 = -246/256 takes the code -0.96484375 = -247/256, so the blocks of 1.0
+    rebuild to f32(-247) + 247 = 0 (docs/spec.md, scales rebuilt to zero)."""
+    scales = np.array([503.0] * 123 + [1.0] * 128 + [247.0] * 5, np.float32)
+    return np.repeat(scales[:, None], 64, axis=1)  # (256, 64): one block a row, each block constant
+
+
+def test_nonzero_blocks_whose_scale_rebuilds_to_zero_are_warned_about():
+    """Found by the oracle review: a block that is not zero can rebuild its scale to exactly 0, and then
+    all its elements dequantize to 0 without a word (8,192 of 16,384 here; bitsandbytes 0.50 gives the same
+    offset 247 and absmax2 256, and the same zeros)."""
+    x = _zero_scale_matrix()
+    with pytest.warns(double_quant.ZeroScaleWarning, match=r"128 of 256 block scales to exactly 0 .*first: "
+                      r"block 123, flat elements 7872 to 7935"):  # fmt: skip
+        state = nf4.quantize(x, 64, double_quant=True)
+    assert (state.nested.offset, state.nested.absmax2[0]) == (np.float32(247), np.float32(256))
+    absmax = nf4.quantize(x, 64).absmax
+    np.testing.assert_array_equal(double_quant.zero_scales(state.nested, absmax), np.arange(123, 251))
+    out = nf4.dequantize(state)
+    assert (out[123:251] == 0).all() and (out[:123] != 0).all()
+    assert issubclass(double_quant.ZeroScaleWarning, double_quant.RebuiltScaleWarning)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", double_quant.RebuiltScaleWarning)
+        nf4.quantize(x, 64)  # without double quantization nothing is lost
+        zero = x.copy()
+        zero[123:251] = 0  # zero blocks rebuilding to 0 lose nothing: no warning
+        assert double_quant.zero_scales(double_quant.quantize(nf4.quantize(zero, 64).absmax),
+                                        nf4.quantize(zero, 64).absmax).size == 0  # fmt: skip
+    with pytest.raises(ValueError, match="absmax has shape"):
+        double_quant.zero_scales(state.nested, absmax[:-1])
+    pytest.importorskip("torch")
+    from reflora.backends.torch import ops
+    from reflora.backends.torch.quant_state import numpy_to_torch
+
+    with pytest.warns(double_quant.ZeroScaleWarning, match="128 of 256 block scales to exactly 0"):
+        ts = ops.quantize_4bit(numpy_to_torch(x), 64, double_quant=True)
+    assert ts.to_state() == state
+
+
+@pytest.mark.parametrize("blocksize2", [1, 7, 100, 256, 300])
+def test_blocksize2_is_taken_by_quantize_and_kept_by_merge(blocksize2):
+    """nf4.quantize's groups of block scales: any positive size, as double_quant.quantize takes it (torchao's
+    scaler_block_size); qlora.merge re-double-quantizes with the state's own (it used 256 whatever it was)."""
+    from reflora import qlora
+
+    x = np.random.default_rng(blocksize2).standard_normal((40, 96)).astype(np.float32)
+    state = nf4.quantize(x, 32, double_quant=True, blocksize2=blocksize2)
+    assert state.nested == double_quant.quantize(nf4.quantize(x, 32).absmax, blocksize2)
+    assert state.nested.absmax2.size == -(-120 // blocksize2)
+    merged, _ = qlora.merge(state, np.ones((1, 96)) / 8, np.ones((40, 1)) / 8, 1.0)
+    assert merged.nested.blocksize2 == blocksize2
+    for bad in (0, -1, True, 2.5):
+        with pytest.raises(ValueError, match="blocksize2 must be a positive int"):
+            nf4.quantize(x, 32, double_quant=True, blocksize2=bad)
+    pytest.importorskip("torch")
+    from reflora.backends.torch import ops
+    from reflora.backends.torch.quant_state import numpy_to_torch
+
+    ts = ops.quantize_4bit(numpy_to_torch(x), 32, double_quant=True, blocksize2=blocksize2)
+    assert ts.to_state() == state  # byte for byte, and dequantized bit for bit
+    np.testing.assert_array_equal(ops.dequantize_4bit(ts).numpy(), nf4.dequantize(state))
+
+
+def test_flags_must_be_bools():
+    """A string is truthy: double_quant='no' double-quantized. Every flag of the oracle takes True or False
+    only (numpy's bool too)."""
+    from reflora import bounds, memory
+    from reflora.formats import bnb
+
+    x = np.ones((4, 32), np.float32)
+    calls = {
+        "double_quant": [
+            lambda v: nf4.quantize(x, 32, double_quant=v),
+            lambda v: bnb.quantize_state_dict({"w": x}, targets=["w"], double_quant=v),
+            lambda v: memory.bits_per_parameter(64, double_quant=v),
+        ],
+        "flush_to_zero": [lambda v: bounds.Arithmetic(flush_to_zero=v)],
+        "fused": [lambda v: bounds.Arithmetic(fused=v)],
+        "fold_scaling": [lambda v: bounds.Arithmetic(fold_scaling=v)],
+        "fma_absmax": [lambda v: bounds.dequant_ulps("float32", fma_absmax=v)],
+        "checkpointing": [lambda v: memory.training_memory(1e9, 16, layers=8, hidden=1024, checkpointing=v)],
+    }
+    for name, fns in calls.items():
+        for fn in fns:
+            for bad in ("no", 1, None):
+                with pytest.raises(TypeError, match=f"{name} must be True or False, got {bad!r}"):
+                    fn(bad)
+            fn(np.bool_(False))
+    assert bounds.Arithmetic(fused=np.bool_(True)).fused is True  # stored as a plain bool

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reflora import bounds, lora
+from reflora import bounds, lora, nf4, qlora
 from reflora.bounds import REFERENCE, Arithmetic
 
 torch = pytest.importorskip("torch")
@@ -279,6 +279,43 @@ def test_merge_refuses_overflow():
     W = np.array([[60000.0]], dtype=np.float16)
     with pytest.raises(ValueError, match=r"overflows float16 at index \(0, 0\)"):
         lora.merge(W, np.array([[100.0]]), np.array([[100.0]]), 1.0)
+
+
+def test_a_delta_overflowing_float64_is_refused_without_a_warning():
+    # B A is formed before the scaling: 1e200 · 1e200 overflows float64 even where s · B A would fit. It
+    # gave inf with a RuntimeWarning, which qlora.merge's docstring says never comes; now a ValueError.
+    A, B = np.full((2, 3), 1e200), np.zeros((4, 2))
+    B[1, 1] = 1e200
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for call in (lora.delta, lambda *a: lora.merge(np.zeros((4, 3)), *a)):
+            with pytest.raises(ValueError, match=r"scaling · B A overflows float64 at index \(1, 0\)"):
+                call(A, B, 1e-300)
+        with pytest.raises(ValueError, match=r"overflows float64 at index \(1, 0\)"):
+            qlora.merge(nf4.quantize(np.zeros((4, 32), np.float32), 32), np.full((2, 32), 1e200), B, 1e-300)
+
+
+def test_merge_refuses_rank_zero():
+    # check_shapes refuses r = 0 for forward and backward; merge took A (0, in), B (out, 0) as ΔW = 0.
+    with pytest.raises(ValueError, match=r"r >= 1; got A \(0, 3\), B \(4, 0\)"):
+        lora.merge(np.zeros((4, 3)), np.zeros((0, 3)), np.zeros((4, 0)), 1.0)
+
+
+def test_flags_must_be_bools():
+    # The string 'no' is truthy: rslora='no' used alpha/sqrt(r), fan_in_fan_out='no' transposed ΔW.
+    x, W, A, B = np.ones((2, 3)), np.ones((4, 3)), np.ones((2, 3)), np.ones((4, 2))
+    calls = {
+        "rslora": lambda v: lora.scaling(8, 4, v),
+        "grad_x": lambda v: lora.backward(np.ones((2, 4)), x, W, A, B, 1.0, grad_x=v),
+        "fan_in_fan_out": lambda v: lora.merge(
+            np.ones((3, 3)), np.ones((2, 3)), np.ones((3, 2)), 1.0, fan_in_fan_out=v
+        ),
+    }
+    for name, call in calls.items():
+        for bad in ("no", 0, None):
+            with pytest.raises(TypeError, match=f"{name} must be True or False, got {bad!r}"):
+                call(bad)
+        call(np.bool_(True))  # numpy's bool is a bool
 
 
 # ---- Initialisers ----------------------------------------------------------------------------------

@@ -589,7 +589,7 @@ def test_gradient_checkpointing_gives_the_same_adapter_gradients(minilm_dir, use
 
 
 def test_quantizing_a_layer_whose_scales_rebuild_negative_warns_naming_it() -> None:
-    from reflora.double_quant import NegativeScaleWarning
+    from reflora.double_quant import NegativeScaleWarning, ZeroScaleWarning
 
     w = np.full((256, 64), 1e-3, np.float32)  # one outlier block among 255 tiny ones: one group of 256
     w[:, 1], w[-1, 0] = -2e-3, 100.0
@@ -604,3 +604,11 @@ def test_quantizing_a_layer_whose_scales_rebuild_negative_warns_naming_it() -> N
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # without double quantization every sign is kept: no warning
         NF4Linear.from_linear(nn.Linear(64, 256), double_quant=False)
+    # The other losses of the rebuild are named alike, each in its own class (docs/spec.md).
+    z = np.repeat(np.array([503.0] * 123 + [1.0] * 128 + [247.0] * 5, np.float32)[:, None], 64, axis=1)
+    model = nn.Sequential(nn.Linear(64, 256, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.from_numpy(z))
+    expected = r"layer '0': double quantization rebuilds 128 of 256 block scales to exactly 0"
+    with pytest.warns(ZeroScaleWarning, match=expected):
+        apply_lora(model, 2, 4, ["0"], quantize="nf4", verbose=False)

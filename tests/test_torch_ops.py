@@ -396,7 +396,7 @@ def test_a_malformed_state_is_refused_naming_the_field() -> None:
             r"state\.code must be a contiguous 1-D torch\.float32",
         ),
         (dataclasses.replace(plain, absmax=plain.absmax[:, None]), r"state\.absmax must be a contiguous 1-D"),
-        (dataclasses.replace(ts, blocksize2=0), r"state\.blocksize2 must be a power of two >= 1"),
+        (dataclasses.replace(ts, blocksize2=0), r"state\.blocksize2 must be a positive int"),
         (dataclasses.replace(ts, offset=float("nan")), r"state\.offset must be a finite float"),
         (dataclasses.replace(ts, dtype=torch.float64), r"state\.dtype must be float32, float16 or bfloat16"),
         (dataclasses.replace(ts, code2=ts.code2[:8]), r"state\.code2 must be a contiguous 1-D"),

@@ -271,3 +271,8 @@ def test_bad_arguments_raise():
         dequantize_nf4(short)
     with pytest.raises(ValueError, match="one device"):
         dequantize_launch(ts, torch.empty(128, device="meta"))
+    # The oracle and the torch ops take any positive blocksize2; the kernels only powers of two.
+    odd = TorchQuantState.from_state(nf4.quantize(np.ones((2, 64), np.float32), 32, double_quant=True,
+                                                  blocksize2=3), DEVICE)  # fmt: skip
+    with pytest.raises(ValueError, match=r"state\.blocksize2 must be a power of two >= 1, got 3"):
+        dequantize_nf4(odd)

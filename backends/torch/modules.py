@@ -34,7 +34,7 @@ from torch import nn
 
 from reflora.backends.torch import ops
 from reflora.backends.torch.quant_state import TorchQuantState, numpy_to_torch, torch_dtype, torch_to_numpy
-from reflora.double_quant import NegativeScaleWarning
+from reflora.double_quant import RebuiltScaleWarning
 
 __all__ = [
     "LoRAConfig",
@@ -734,16 +734,16 @@ def _quantize_layer(
     name: str, linear: nn.Linear, blocksize: int, *, quant_type: str, double_quant: bool
 ) -> NF4Linear:
     """:meth:`NF4Linear.from_linear`, with the layer's path in any error (ValueError or TypeError) and
-    in a :class:`reflora.double_quant.NegativeScaleWarning`."""
+    in a :class:`reflora.double_quant.RebuiltScaleWarning` (negative, zero or out-of-range scales)."""
     try:
         with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", NegativeScaleWarning)
+            warnings.simplefilter("always", RebuiltScaleWarning)
             q = NF4Linear.from_linear(linear, blocksize, quant_type=quant_type, double_quant=double_quant)
     except (ValueError, TypeError) as e:
         raise type(e)(f"cannot quantize layer {name!r}: {e}") from e
     for w in caught:
-        if issubclass(w.category, NegativeScaleWarning):
-            warnings.warn(NegativeScaleWarning(f"layer {name!r}: {w.message}"), stacklevel=4)
+        if issubclass(w.category, RebuiltScaleWarning):
+            warnings.warn(w.category(f"layer {name!r}: {w.message}"), stacklevel=4)
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return q

@@ -30,7 +30,6 @@ bitsandbytes does; a float32 state used in bfloat16 therefore computes with bf16
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,8 +38,9 @@ import torch.nn.functional as F
 
 from reflora import codebooks
 from reflora.backends.torch.quant_state import TorchQuantState, check_fields, check_scaling, numpy_to_torch
-from reflora.double_quant import NegativeScaleWarning, ScaleRangeWarning, mean_f32
-from reflora.state import check_blocksize
+from reflora.checks import check_flag
+from reflora.double_quant import BLOCKSIZE2, mean_f32, warn_lost_scales
+from reflora.state import NestedState, check_blocksize, check_blocksize2
 
 __all__ = [
     "compute_dtype",
@@ -143,20 +143,30 @@ def _pack(q: torch.Tensor, pad: int) -> torch.Tensor:
 
 
 def quantize_4bit(
-    x: torch.Tensor, blocksize: int = 64, *, quant_type: str = "nf4", double_quant: bool = False
+    x: torch.Tensor,
+    blocksize: int = 64,
+    *,
+    quant_type: str = "nf4",
+    double_quant: bool = False,
+    blocksize2: int = BLOCKSIZE2,
 ) -> TorchQuantState:
     """Quantize ``x`` to 4 bits, blockwise: byte-identical to :func:`reflora.nf4.quantize`.
 
     x: float32 / float16 / bfloat16 tensor on any device, any shape and strides, finite, non-empty;
         blocks run over the row-major flattening of its logical indices.
     blocksize: one of 32, 64, ..., 4096. quant_type: "nf4" or "fp4".
-    double_quant: also quantize the block scales (:mod:`reflora.double_quant`, groups of 256).
+    double_quant: also quantize the block scales (:mod:`reflora.double_quant`), True or False;
+    blocksize2: scales a group (default 256), used only with double_quant.
     Returns a :class:`TorchQuantState` on x's device with x's shape and dtype. Raises ValueError for
-    non-finite input (naming the first bad index), an empty tensor or a bad blocksize; TypeError for
-    another dtype.
+    non-finite input (naming the first bad index), an empty tensor or a bad blocksize or blocksize2;
+    TypeError for another dtype or a double_quant that is not a bool. Warns as
+    :func:`reflora.nf4.quantize` does about block scales the double quantization loses
+    (:func:`reflora.double_quant.warn_lost_scales`).
     """
     _check_input(x)
     blocksize = check_blocksize(blocksize)
+    double_quant = check_flag("double_quant", double_quant)
+    blocksize2 = check_blocksize2(blocksize2)
     codebook = codebooks.get(quant_type)
     device = x.device
     flat = x.detach().reshape(-1).to(torch.float32)  # logical row-major order; exact widening
@@ -171,8 +181,8 @@ def quantize_4bit(
     # (docs/dialects.md).
     offset = mean_f32(absmax.cpu().numpy())
     centred = absmax - torch.tensor(offset, dtype=torch.float32, device=device)  # one float32 rounding
-    absmax2 = _block_absmax(centred, 256)
-    absmax_q = _encode(centred, absmax2, 256, codebooks.DYNAMIC_MAP)
+    absmax2 = _block_absmax(centred, blocksize2)
+    absmax_q = _encode(centred, absmax2, blocksize2, codebooks.DYNAMIC_MAP)
     code2 = numpy_to_torch(codebooks.DYNAMIC_MAP.values, device)
     ts = TorchQuantState(
         absmax=None,
@@ -180,30 +190,15 @@ def quantize_4bit(
         absmax2=absmax2,
         code2=code2,
         offset=float(offset),
-        blocksize2=256,
+        blocksize2=blocksize2,
         **common,
     )
-    rebuilt = block_scales(ts)
-    beyond = int((~torch.isfinite(rebuilt.to(x.dtype))).sum())
-    if beyond:  # as nf4.quantize does, say so
-        warnings.warn(
-            ScaleRangeWarning(
-                f"double quantization rebuilds {beyond} of {absmax.numel()} block scales beyond the largest "
-                f"{str(x.dtype).removeprefix('torch.')}; elements at those scales dequantize to inf from "
-                "finite input (docs/spec.md). Quantize without double quantization to keep them finite."
-            ),
-            stacklevel=2,
-        )
-    flipped = int((rebuilt < 0).sum())
-    if flipped:  # the oracle's rule 5: as nf4.quantize does, say so
-        warnings.warn(
-            NegativeScaleWarning(
-                f"double quantization rebuilds {flipped} of {absmax.numel()} block scales negative; those "
-                "blocks dequantize with their signs flipped (docs/spec.md, negative rebuilt scales). To "
-                "keep every sign, quantize without double quantization."
-            ),
-            stacklevel=2,
-        )
+    # The oracle's checks, on the (n_blocks,) scales only: as nf4.quantize does, say what is lost.
+    nested = NestedState(
+        absmax_q.cpu().numpy(), absmax2.cpu().numpy(), code2.cpu().numpy(), offset, blocksize2
+    )
+    dtype = str(x.dtype).removeprefix("torch.")
+    warn_lost_scales(nested, absmax.cpu().numpy(), dtype, blocksize, flat.numel())
     return ts
 
 

@@ -149,7 +149,8 @@ _STATE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def check_fields(ts: TorchQuantState) -> None:
     """ValueError naming the field unless ``ts`` is well formed: the dtype one of float32, float16,
-    bfloat16; blocksize a power of two in 32..4096 (blocksize2 a power of two); every tensor contiguous,
+    bfloat16; blocksize a power of two in 32..4096 (blocksize2 a positive int, as the oracle's
+    :func:`reflora.state.check_blocksize2` takes it); every tensor contiguous,
     1-D, of its dtype and size, on the device of ``packed``; a finite float offset when double-quantized.
     Both the torch ops and the Triton launchers check a state with this before reading it: a malformed
     one (a float64 code table, absmax of shape (n_blocks, 1), blocksize2 = 0) gave wrong values or a
@@ -164,8 +165,8 @@ def check_fields(ts: TorchQuantState) -> None:
     want = {"packed": (ts.packed, torch.uint8, (n + 1) // 2), "code": (ts.code, torch.float32, 16)}
     if ts.double_quant:
         b2 = ts.blocksize2
-        if isinstance(b2, bool) or not isinstance(b2, int) or b2 < 1 or b2 & (b2 - 1):
-            raise ValueError(f"state.blocksize2 must be a power of two >= 1, got {b2!r}")
+        if isinstance(b2, bool) or not isinstance(b2, int) or b2 < 1:
+            raise ValueError(f"state.blocksize2 must be a positive int, got {b2!r}")
         if not isinstance(ts.offset, (int, float)) or not math.isfinite(ts.offset):
             raise ValueError(f"state.offset must be a finite float when double-quantized, got {ts.offset!r}")
         want["absmax_q"] = (ts.absmax_q, torch.uint8, n_blocks)

@@ -121,7 +121,9 @@ def bias_operand(bias: torch.Tensor | None, n: int) -> torch.Tensor | None:
 
 
 def check_state(ts: TorchQuantState, *, matrix: bool) -> None:
-    """ValueError unless ``ts`` is a well-formed 4-bit state the kernels can read (a matrix if asked)."""
+    """ValueError unless ``ts`` is a well-formed 4-bit state the kernels can read (a matrix if asked):
+    :func:`check_fields`, and a blocksize2 that is a power of two (the kernels are tested with those;
+    bitsandbytes and Hugging Face use 256)."""
     if not isinstance(ts, TorchQuantState):
         raise ValueError(f"expected a TorchQuantState, got {type(ts).__name__}")
     if matrix and len(ts.shape) != 2:
@@ -132,6 +134,8 @@ def check_state(ts: TorchQuantState, *, matrix: bool) -> None:
     if n >= 2**31:
         raise ValueError(f"{n} elements: the kernels index with int32 and take fewer than 2**31")
     check_fields(ts)
+    if ts.double_quant:
+        check_power_of_two("state", blocksize2=(ts.blocksize2, 1))
 
 
 def check_positive_int(owner: str, **values: int) -> None:

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from reflora import codebooks, nf4
+from reflora.checks import check_flag
 from reflora.codebooks import DYNAMIC_MAP
 from reflora.dtypes import DTYPES, dtype_name
 from reflora.state import BLOCKSIZES, NestedState, QuantState
@@ -310,12 +311,13 @@ def quantize_state_dict(
 
     weights: name -> array (float32 / float16 / bfloat16 for the targets; anything for the rest).
     targets: the keys of the Linear weights (2-D, (out, in)) to quantize with :func:`reflora.nf4.quantize`;
-    a collection of names, never a single str (TypeError).
+    a collection of names, never a single str (TypeError). double_quant: True or False (TypeError).
     Returns a new dict in the order of ``weights``: each target replaced by its keys from
     :func:`to_state_dict`, every other entry passed through unchanged (the same array object).
     Raises :class:`StateDictError` naming the key for a target that is missing from ``weights``, not
     2-D, not float32 / float16 / bfloat16, or not finite, or whose new keys are already in ``weights``.
     """
+    check_flag("double_quant", double_quant)
     if isinstance(targets, str):
         raise TypeError(
             f"targets must be a collection of key names, not the str {targets!r}; use [{targets!r}]"
