@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from reflora.cli import PipeSafe, seed_int
+from reflora.cli import PipeSafe, output_problem, seed_int
 
 __all__ = ["add_conform_parser", "add_replay_parser", "conform", "replay"]
 
@@ -112,9 +112,8 @@ def conform(
     except ValueError as exc:
         print(f"reflora conform: {exc}", file=err)
         return 2
-    problem = _unwritable(json_path, markdown_path, bundle_dir) or _clobbers(
-        {"--json": json_path, "--markdown": markdown_path}, {"--deviations": deviations}
-    )
+    outputs = {"--json": json_path, "--markdown": markdown_path}
+    problem = output_problem(outputs, {"--deviations": deviations}) or _bundle_dir_problem(bundle_dir)
     if problem:
         print(f"reflora conform: {problem}", file=err)
         return 2
@@ -202,20 +201,8 @@ def _print_summary(reports: list, unavailable: list[tuple[str, str]], bundle_dir
     out.flush()
 
 
-def _unwritable(json_path: str | None, markdown_path: str | None, bundle_dir: str) -> str | None:
-    """Why an output of the run could not be written, checked before the run rather than after it."""
-    for option, path in (("--json", json_path), ("--markdown", markdown_path)):
-        if path == "-":
-            return f"{option} -: the report goes to stdout already; give a file name"
-        if not path:
-            continue
-        p = Path(path)
-        if p.is_dir():
-            return f"{option} {path} is a directory; give a file name"
-        if not p.parent.is_dir():
-            return f"{option} {path}: the directory {p.parent} does not exist"
-        if not os.access(p.parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
-            return f"{option} {path} is not writable"
+def _bundle_dir_problem(bundle_dir: str) -> str | None:
+    """Why failure bundles could not be saved under ``bundle_dir``, checked before the run."""
     if not bundle_dir:
         return "--bundle-dir is empty; give a directory (default: reflora-failures)"
     d = Path(bundle_dir)
@@ -224,20 +211,6 @@ def _unwritable(json_path: str | None, markdown_path: str | None, bundle_dir: st
     existing = next(a for a in (d, *d.parents) if a.exists())  # where mkdir would start
     if not existing.is_dir() or not os.access(existing, os.W_OK):
         return f"--bundle-dir {bundle_dir}: cannot create or write it under {existing}"
-    return None
-
-
-def _clobbers(outputs: dict[str, str | None], inputs: dict[str, str | None]) -> str | None:
-    """Why an output would overwrite an input of the run or another output: it did, silently (a report
-    written over the deviations file it was run with, the Markdown over the JSON)."""
-    seen: dict[Path, str] = {}
-    for option, path in {**inputs, **outputs}.items():
-        if not path:
-            continue
-        key = Path(path).resolve()
-        if key in seen:
-            return f"{option} {path} is also {seen[key]}'s file: it would be overwritten; give another name"
-        seen[key] = option
     return None
 
 

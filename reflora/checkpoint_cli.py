@@ -12,13 +12,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 from pathlib import Path
 from typing import TextIO
 
 from reflora import checkpoint as ck
-from reflora.cli import PipeSafe
+from reflora.cli import PipeSafe, output_problem
 from reflora.formats.safetensors import SafetensorsError
 
 __all__ = ["add_parser", "format_report", "run"]
@@ -125,9 +124,9 @@ def run(
 ) -> int:
     """Inspect as ``reflora inspect`` does; returns the exit status (0 pass, 1 fail, 2 nothing inspected)."""
     out, err = PipeSafe(out or sys.stdout), PipeSafe(err or sys.stderr)  # `| head`: status and JSON kept
-    problem = _json_problem(json_path, {"the checkpoint": checkpoint, "--original": original})
+    problem = output_problem({"--json": json_path}, {"the checkpoint": checkpoint, "--original": original})
     if problem:
-        print(f"reflora inspect: --json {json_path}: {problem}", file=err)
+        print(f"reflora inspect: {problem}", file=err)
         return 2
     try:
         reports = ck.inspect(checkpoint, original, progress=_progress(err))
@@ -159,25 +158,6 @@ def run(
     print(format_report(reports, original is not None), file=out)
     out.flush()
     return 0 if passed else 1
-
-
-def _json_problem(json_path: str | None, inputs: dict[str, str | None]) -> str | None:
-    """Why the report cannot go to ``json_path``, checked before the inspection: a missing directory, a
-    directory, or a path that is an input or inside an input directory (it was written over the
-    checkpoint it described)."""
-    if not json_path:
-        return None
-    target = Path(json_path).resolve()
-    if target.is_dir():
-        return "is a directory; give a file name"
-    if not target.parent.is_dir():
-        return "its directory does not exist"
-    if not os.access(target.parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
-        return "is not writable"
-    for what, path in inputs.items():
-        if path and (target == Path(path).resolve() or Path(path).resolve() in target.parents):
-            return f"is {what} or inside it: it would be overwritten; give another name"
-    return None
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

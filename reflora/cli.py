@@ -14,7 +14,9 @@ import io
 import math
 import os
 import sys
+from collections.abc import Mapping
 from importlib.metadata import entry_points
+from pathlib import Path
 
 __all__ = [
     "SEEDS",
@@ -22,6 +24,7 @@ __all__ = [
     "build_parser",
     "main",
     "nonnegative_int",
+    "output_problem",
     "positive_float",
     "positive_int",
     "seed_int",
@@ -35,6 +38,39 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
+
+
+def output_problem(outputs: Mapping[str, str | None], inputs: Mapping[str, str | None] = {}) -> str | None:
+    """Why one of a command's report files cannot be written, found before the work it reports (a
+    failure after an hour's run loses the run): None if every one can be.
+
+    outputs: option -> path of each report (None or '': not asked for); inputs: option -> path the
+    command reads. Refused: '-' (the report on stdout is printed anyway; it made a file named '-'), a
+    directory, a missing directory, an unwritable file or directory, and a path that is an input, an
+    earlier output, or inside an input directory (each was overwritten silently)."""
+    read = {Path(p).resolve(): option for option, p in inputs.items() if p}
+    written: dict[Path, str] = {}
+    for option, path in outputs.items():
+        if not path:
+            continue
+        if path == "-":
+            return f"{option} -: the report goes to stdout already; give a file name"
+        p = Path(path)
+        if p.is_dir():
+            return f"{option} {path} is a directory; give a file name"
+        if not p.parent.is_dir():
+            return f"{option} {path}: the directory {p.parent} does not exist"
+        if not os.access(p.parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+            return f"{option} {path} is not writable"
+        target = p.resolve()
+        clash = read.get(target) or written.get(target)
+        if clash:
+            return f"{option} {path} is also {clash}'s file: it would be overwritten; give another name"
+        holder = next((o for at, o in read.items() if at in target.parents), None)
+        if holder:
+            return f"{option} {path} is inside {holder}'s directory: it would overwrite it; give another name"
+        written[target] = option
+    return None
 
 
 def silence(out) -> None:

@@ -64,3 +64,26 @@ def test_a_broken_plugin_is_listed_and_explains_itself(monkeypatch, capsys):
     assert cli.main(["broken"]) == 2
     assert "reflora_missing_module" in capsys.readouterr().err
     assert cli.main(["explain", "nf4"]) == 0  # the others still work
+
+
+def test_output_problem_names_each_output_that_cannot_be_written(tmp_path) -> None:
+    # One check for every report file of every command (conform and inspect each had their own, with
+    # different gaps: inspect wrote a file named '-', conform refused nothing inside an input directory).
+    from reflora.cli import output_problem
+
+    model = tmp_path / "model"
+    model.mkdir()
+    read = {"the checkpoint": str(model), "--deviations": str(tmp_path / "dev.toml")}
+    cases = [
+        ({"--json": "-"}, "--json -: the report goes to stdout already"),
+        ({"--json": str(tmp_path)}, f"--json {tmp_path} is a directory"),
+        ({"--json": str(tmp_path / "no" / "r.json")}, f"the directory {tmp_path / 'no'} does not exist"),
+        ({"--json": str(tmp_path / "dev.toml")}, "is also --deviations's file: it would be overwritten"),
+        ({"--json": str(model / "r.json")}, "is inside the checkpoint's directory: it would overwrite it"),
+        ({"--json": str(tmp_path / "r"), "--markdown": str(tmp_path / "r")}, "--markdown"),
+    ]
+    for outputs, message in cases:
+        problem = output_problem(outputs, read)
+        assert problem is not None and message in problem, (outputs, problem)
+    assert output_problem({"--json": str(tmp_path / "r.json"), "--markdown": None}, read) is None
+    assert output_problem({"--json": ""}) is None  # not asked for

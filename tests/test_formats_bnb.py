@@ -375,8 +375,10 @@ def to_torch(a: np.ndarray):
 def bnb_dequantize_matches(bnb, state, packed_t, qs) -> None:
     """bitsandbytes' dequantization of (packed_t, qs) equals reflora's of ``state``, bit for bit.
 
-    One known exception, asserted as such: bitsandbytes' native CPU kernel (used for an even number
-    of elements) decodes FP4 nibble 8 to -0.0 though its own quant_map[8] is +0.0.
+    One known exception, asserted as such: for an even number of elements bitsandbytes' native CPU
+    kernel runs, and its scalar loop decodes FP4 nibble 8 to -0.0 though its own quant_map[8] is +0.0
+    (its AVX-512 loop gives +0.0; which runs depends on the shape and the host, docs/dialects.md bnb-cpu
+    rule 10): such values are asserted to be a zero of either sign.
     """
     theirs = to_numpy(bnb.functional.dequantize_4bit(packed_t, qs))
     mine = nf4.dequantize(state)

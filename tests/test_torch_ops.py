@@ -363,8 +363,8 @@ def test_linear_ops_reject_bad_shapes() -> None:
         ops.qlora_linear(x, ts, A, B, 1.0, dropout_mask=torch.ones(3, 9))
     with pytest.raises(ValueError, match="scaling"):
         ops.qlora_linear(x, ts, A, B, float("nan"))
-    with pytest.raises(TypeError, match="float64"):
-        ops.qlora_linear(x.double(), ts, A, B, 1.0)
+    with pytest.raises(TypeError, match=r"must be float64, float32, float16 or bfloat16, got torch\.int64"):
+        ops.qlora_linear(x.long(), ts, A, B, 1.0)
     with pytest.raises(ValueError, match="2-D"):
         ops.qlora_linear(x, TorchQuantState.from_state(nf4.quantize(np.ones(60, np.float32))), A, B, 1.0)
 
@@ -431,3 +431,61 @@ def test_second_derivatives_through_grad_b_are_kept() -> None:
     ref = second(lambda xx, aa, bb: xx @ W.double().T + s * (xx @ aa.T) @ bb.T, torch.float64)
     assert all(torch.equal(o.double(), r) for o, r in zip(ours, ref, strict=True))
     assert any(r.abs().max() > 0 for r in ref)
+
+
+def test_a_state_written_in_place_between_forward_and_backward_is_refused() -> None:
+    # The backward dequantizes Ŵ again: a state changed after the forward gave grad_x of the new weight
+    # (4370 against the forward's), silently. Autograd refuses the same for any tensor it saved.
+    ts = TorchQuantState.from_state(
+        nf4.quantize(np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32))
+    )
+    x, A, B = (torch.randn(*s, requires_grad=True) for s in ((3, 64), (2, 64), (8, 2)))
+    for change in (lambda: ts.packed.zero_(), lambda: ts.absmax.mul_(2)):
+        y = ops.qlora_linear(x, ts, A, B, 0.5)
+        change()
+        with pytest.raises(RuntimeError, match="modified in place between the forward and the backward"):
+            y.sum().backward()
+    ops.qlora_linear(x, ts, A, B, 0.5).sum().backward()  # a forward after the change is fine
+
+
+def test_meta_tensors_give_shapes() -> None:
+    # Shape inference on the meta device raised "unknown device type for autocast".
+    ts = TorchQuantState.from_state(nf4.quantize(np.ones((8, 64), np.float32)), "meta")
+    x = torch.empty(2, 3, 64, device="meta")
+    A, B = torch.empty(4, 64, device="meta"), torch.empty(8, 4, device="meta")
+    for y in (ops.qlora_linear(x, ts, A, B, 0.5), ops.nf4_linear(x, ts),
+              ops.lora_linear(x, torch.empty(8, 64, device="meta"), A, B, 0.5)):  # fmt: skip
+        assert y.device.type == "meta" and y.shape == (2, 3, 8) and y.dtype == torch.float32
+
+
+def test_a_dropout_mask_without_an_adapter_is_refused() -> None:
+    # It was ignored (the Triton layer refused it): the mask applies to the adapter's input only.
+    ts = TorchQuantState.from_state(nf4.quantize(np.ones((8, 64), np.float32)))
+    x = torch.ones(3, 64)
+    with pytest.raises(ValueError, match="dropout_mask needs an adapter"):
+        ops.qlora_linear(x, ts, None, None, 0.5, dropout_mask=torch.zeros(3, 64))
+
+
+def test_float64_layers_pass_gradcheck_and_stay_within_the_float64_bound() -> None:
+    # float64 activations and adapters were refused (TypeError), so torch.autograd.gradcheck could not
+    # run on the ops and a float64 model (which PEFT runs) failed on its first forward.
+    from reflora import bounds, lora
+
+    rng = np.random.default_rng(3)
+    ts = TorchQuantState.from_state(nf4.quantize(rng.standard_normal((6, 40)).astype(np.float32), 32))
+    x, A, B = (
+        torch.from_numpy(rng.standard_normal(s)).requires_grad_() for s in ((2, 3, 40), (4, 40), (6, 4))
+    )
+    mask = torch.from_numpy((rng.random((2, 3, 40)) < 0.8) / 0.8)
+    assert torch.autograd.gradcheck(lambda x, A, B: ops.qlora_linear(x, ts, A, B, 0.75, dropout_mask=mask),
+                                    (x, A, B))  # fmt: skip
+    W = ops.dequantize_4bit(ts).double()
+    assert torch.autograd.gradcheck(lambda x, A, B: ops.lora_linear(x, W, A, B, 0.75), (x, A, B))
+    y = ops.qlora_linear(x, ts, A, B, 0.75)
+    assert y.dtype == torch.float64
+    args = [t.detach().numpy() for t in (x, W, A, B)]
+    ref = lora.forward(*args, 0.75)
+    f64 = bounds.Arithmetic("float64", "float64", "float64", "float64")
+    assert np.all(np.abs(y.detach().numpy() - ref) <= bounds.lora_forward_bound(*args, 0.75, f64))
+    with pytest.raises(TypeError, match=r"not torch\.float64"):  # the 4-bit ops stay in the oracle's dtypes
+        ops.quantize_4bit(W)

@@ -729,6 +729,21 @@ def test_second_derivatives_raise_rather_than_come_out_wrong():
     assert gx.shape == x.shape
 
 
+def test_a_state_written_in_place_between_forward_and_backward_is_refused():
+    # grad_x dequantizes the weight again: a state zeroed after the forward gave grad_x of another
+    # weight, silently.
+    ts, _ = make_weight(8, 64)
+    x = torch.randn(3, 64, device=DEVICE, requires_grad=True)
+    a = torch.randn(2, 64, device=DEVICE, requires_grad=True)
+    b = torch.randn(8, 2, device=DEVICE, requires_grad=True)
+    y = qlora_linear(x, ts, a, b, 0.5)
+    ts.absmax.mul_(2)
+    with pytest.raises(RuntimeError, match="modified in place between the forward and the backward"):
+        y.sum().backward()
+    (ga,) = torch.autograd.grad(qlora_linear(x.detach(), ts, a, b, 0.5).sum(), a)  # A's needs no W
+    assert ga.shape == a.shape
+
+
 def test_the_package_exports_the_functions_whatever_was_imported_first():
     # The launcher module was also called nf4_gemm: once qlora.py imported it, the package attribute
     # `nf4_gemm` was that module, and `from reflora.backends.triton import nf4_gemm` gave the module.

@@ -34,6 +34,14 @@ def test_mask_past_int32_reach_raises():
         lowrank.lowrank_matmul(left, right, mask=mask, mask_on="left")
 
 
+def test_a_broadcast_operand_of_too_many_elements_is_named_by_its_count():
+    # A stride-0 view with 2**31 elements spans one element of memory: "left spans 1 elements" said
+    # nothing about why it was refused.
+    left = torch.empty(1, 1, device="meta").expand(2**16, 2**15)
+    with pytest.raises(ValueError, match=r"left has 2147483648 elements; the kernels index with int32"):
+        lowrank.lowrank_matmul(left, torch.empty(2**15, 16, device="meta"))
+
+
 def test_splits_are_capped_so_that_partials_stay_within_int32(monkeypatch):
     # 2**30 outputs: 8 float32 partials would be 2**33 elements; one split fits.
     grids = []

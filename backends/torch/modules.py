@@ -265,7 +265,10 @@ def _quantized_forward(owner, ts, x, A, B, scaling, bias, mask) -> torch.Tensor:
     if owner.impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {owner.impl!r}")
     kernel = None
-    if owner.impl == "triton" or (owner.impl == "auto" and x.device.type == "cuda"):
+    # auto: the kernels on CUDA, except in float64, which they do not take
+    if owner.impl == "triton" or (
+        owner.impl == "auto" and x.device.type == "cuda" and ops.compute_dtype(x) != torch.float64
+    ):
         kernel = _triton_qlora()
         if kernel is None and owner.impl == "triton":
             raise RuntimeError("impl='triton' but reflora.backends.triton cannot be imported")
@@ -278,7 +281,7 @@ def _quantized_forward(owner, ts, x, A, B, scaling, bias, mask) -> torch.Tensor:
     dt = ops.compute_dtype(x)
     x, A, B, bias, mask = (ops._cast(t, dt) for t in (x, A, B, bias, mask))
     owner.last_impl = "triton"
-    with torch.autocast(x.device.type, enabled=False):
+    with ops.autocast_off(x.device.type):
         if A is None:
             from reflora.backends.triton import nf4_matmul
 

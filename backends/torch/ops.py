@@ -25,10 +25,16 @@ What each op guarantees against the numpy oracle:
 float operand (W or Ŵ, A, B, bias, mask) is cast to it by a differentiable ``.to``, so gradients reach
 parameters in their own dtype. Ŵ is dequantized in ``ts.dtype`` (exactly) and then cast, as
 bitsandbytes does; a float32 state used in bfloat16 therefore computes with bf16(Ŵ).
+
+**float64.** The layers' float operands may also be float64 (``torch.autograd.gradcheck`` needs it,
+and PEFT runs float64 models); a 4-bit state's dtype and the quantize / dequantize ops stay float32,
+float16 or bfloat16, as the oracle's. The conformance suite checks the three narrower dtypes. The
+Triton kernels refuse float64; the modules' ``impl="auto"`` then uses these ops.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -37,12 +43,20 @@ import torch
 import torch.nn.functional as F
 
 from reflora import codebooks
-from reflora.backends.torch.quant_state import TorchQuantState, check_fields, check_scaling, numpy_to_torch
+from reflora.backends.torch.quant_state import (
+    TorchQuantState,
+    check_fields,
+    check_scaling,
+    check_unchanged,
+    numpy_to_torch,
+    versions,
+)
 from reflora.checks import check_flag
 from reflora.double_quant import BLOCKSIZE2, mean_f32, warn_lost_scales
 from reflora.state import NestedState, check_blocksize, check_blocksize2
 
 __all__ = [
+    "autocast_off",
     "compute_dtype",
     "dequantize_4bit",
     "lora_linear",
@@ -53,6 +67,9 @@ __all__ = [
 ]
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+# A layer's activations, weights and adapters may also be float64 (gradcheck; PEFT runs float64 models);
+# a 4-bit state's dtype stays one of _FLOATS, as the oracle's does.
+_LAYER_FLOATS = (torch.float64, *_FLOATS)
 # Elements whose float64 quotients are formed at once: bounds the temporaries (8 B each, twice).
 _CHUNK = 1 << 20
 
@@ -247,11 +264,20 @@ def dequantize_4bit(ts: TorchQuantState, dtype: torch.dtype | None = None) -> to
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype a layer computes in for input ``x``: the autocast dtype if autocast is on, else x's."""
+    """The dtype a layer computes in for input ``x``: the autocast dtype if autocast is on, else x's.
+    A device autocast does not know (``meta``, for shape inference) computes in x's dtype."""
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return x.dtype
+
+
+def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """A context in which autocast is off for ``device_type``: the dtypes were settled already. On a
+    device autocast does not know (``meta``) there is nothing to turn off (torch.autocast raised)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -264,6 +290,8 @@ def _check_lora_shapes(x, out_f: int, in_f: int, A, B, bias, mask) -> None:
         raise ValueError(f"x has shape {tuple(x.shape)}; its last dimension must be in_features = {in_f}")
     if (A is None) != (B is None):
         raise ValueError("A and B must both be given or both be None")
+    if A is None and mask is not None:  # it was ignored: the mask applies to the adapter's input only
+        raise ValueError("dropout_mask needs an adapter (A and B): it applies to the adapter's input only")
     if A is not None:
         r = A.shape[0] if A.ndim == 2 else 0
         if r < 1 or A.shape[1] != in_f or B.ndim != 2 or tuple(B.shape) != (out_f, r):
@@ -276,8 +304,8 @@ def _check_lora_shapes(x, out_f: int, in_f: int, A, B, bias, mask) -> None:
     if mask is not None and mask.shape != x.shape:
         raise ValueError(f"dropout_mask has shape {tuple(mask.shape)}, expected x's shape {tuple(x.shape)}")
     for name, t in (("x", x), ("A", A), ("B", B), ("bias", bias), ("dropout_mask", mask)):
-        if t is not None and t.dtype not in _FLOATS:
-            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+        if t is not None and t.dtype not in _LAYER_FLOATS:
+            raise TypeError(f"{name} must be float64, float32, float16 or bfloat16, got {t.dtype}")
 
 
 def lora_linear(
@@ -293,8 +321,8 @@ def lora_linear(
     """y = x Wᵀ + bias + scaling · ((x ⊙ mask) Aᵀ) Bᵀ, differentiable by torch's own autograd.
 
     x (..., in); W (out, in); A (r, in); B (out, r); bias (out,) or None; dropout_mask x's shape or
-    None. Float tensors of any of float32 / float16 / bfloat16, cast to the compute dtype (module
-    docstring). scaling: a finite real (alpha / r, or alpha / sqrt(r) with rsLoRA).
+    None. Float tensors of any of float64 / float32 / float16 / bfloat16, cast to the compute dtype
+    (module docstring). scaling: a finite real (alpha / r, or alpha / sqrt(r) with rsLoRA).
     Returns (..., out) in the compute dtype. Gradients flow to whatever requires them (W normally
     does not). The adapter term is formed as PEFT forms it, ``B(A(x_d)) * scaling`` added to the
     base output, so with x, W, A and B of one dtype the result is bit-identical to PEFT's
@@ -304,6 +332,8 @@ def lora_linear(
     """
     if W.ndim != 2:
         raise ValueError(f"W must be 2-D (out, in), got shape {tuple(W.shape)}")
+    if W.dtype not in _LAYER_FLOATS:
+        raise TypeError(f"W must be float64, float32, float16 or bfloat16, got {W.dtype}")
     _check_lora_shapes(x, W.shape[0], W.shape[1], A, B, bias, dropout_mask)
     s = check_scaling(scaling)
     dt = compute_dtype(x)
@@ -342,6 +372,7 @@ class _QLoRAFunction(torch.autograd.Function):
             y = y + F.linear(t, B) * cfg.scaling  # (N, r) @ (r, out) -> (N, out)
         ctx.save_for_backward(x, A, B, mask, t)
         ctx.cfg = cfg
+        ctx.state_versions = versions(cfg.ts)  # the backward reads the state again
         return y
 
     @staticmethod
@@ -352,7 +383,7 @@ class _QLoRAFunction(torch.autograd.Function):
         grad_x = grad_A = grad_B = grad_bias = None
         # On the CPU the backward runs in the caller's thread, where autocast may still be on; the
         # dtypes were settled in forward, so it must not recast anything here.
-        with torch.autocast(g.device.type, enabled=False):
+        with autocast_off(g.device.type):
             g = g if g.dtype == x.dtype else g.to(x.dtype)
             grad_t = None
             if A is not None:
@@ -367,6 +398,7 @@ class _QLoRAFunction(torch.autograd.Function):
                 if need_A:
                     grad_A = grad_t.t() @ x_d  # (r, N) @ (N, in) -> (r, in)
             if need_x:
+                check_unchanged(cfg.ts, ctx.state_versions)
                 W = _base_weight(cfg.ts, x.dtype)  # dequantized again: nothing was kept from forward
                 grad_x = g @ W  # (N, out) @ (out, in) -> (N, in)
                 del W
@@ -391,7 +423,7 @@ def _qlora(x, ts, A, B, scaling, bias, mask) -> torch.Tensor:
     x, A, B, bias, mask = (_cast(t, dt) for t in (x, A, B, bias, mask))
     lead = x.shape[:-1]
     cfg = _QLoRAConfig(ts, check_scaling(scaling) if A is not None else 0.0)
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x.device.type):
         y = _QLoRAFunction.apply(
             x.reshape(-1, in_f), A, B, bias, None if mask is None else mask.reshape(-1, in_f), cfg
         )
@@ -412,14 +444,16 @@ def qlora_linear(
 
     x (..., in); ts: W (out, in) as a 2-D :class:`TorchQuantState` (NF4 or FP4, plain or
     double-quantized), frozen; A (r, in); B (out, r); bias (out,) or None; dropout_mask x's shape or
-    None. Floats of any of float32 / float16 / bfloat16, cast to the compute dtype (module
+    None. Floats of any of float64 / float32 / float16 / bfloat16, cast to the compute dtype (module
     docstring); all on one device. scaling: a real number finite in float32 (a numpy scalar or a
     one-element tensor without a gradient too). ts is checked field by field (ValueError naming it).
     Returns (..., out) in the compute dtype. Gradients: x, A, B (and bias, if it requires one); Ŵ
     gets none. The backward dequantizes Ŵ again instead of keeping it: between forward and backward
     only x, A, B, mask and the (N, r) product x_d Aᵀ are held. The backward is itself differentiable
     (``create_graph=True``, for a gradient penalty): it then forms x_d Aᵀ again with its graph. The
-    Triton layer refuses that instead (docs/triton.md).
+    Triton layer refuses that instead (docs/triton.md). A state written in place between the forward
+    and a backward that needs grad_x raises RuntimeError there, as autograd does for saved tensors. A
+    dropout_mask without A and B is refused (ValueError). Meta tensors give the output's shape.
     """
     return _qlora(x, ts, A, B, scaling, bias, dropout_mask)
 
@@ -439,17 +473,18 @@ def lora_merge(
     """The merged weight W' = W + scaling · B A, computed in torch in W's dtype (not differentiated).
 
     W (out, in), or (in, out) with ``fan_in_fan_out`` (then ΔW is transposed); A (r, in); B (out, r);
-    all float32 / float16 / bfloat16 on one device, A and B cast to W's dtype d. scaling: a finite real.
+    all float64 / float32 / float16 / bfloat16 on one device, A and B cast to W's dtype d. scaling: a
+    finite real.
     Returns a new tensor of W's shape and dtype on W's device.
 
-    Arithmetic, as :func:`reflora.bounds.merge_bound` models it with accumulate float32 and
-    intermediate = output = d: ΔW = d(s · d(B A)) (the product accumulated in float32 and rounded
-    once to d, then scaled), W' = d(W + ΔW). A merged value beyond d's range becomes ±inf, as IEEE
+    Arithmetic, as :func:`reflora.bounds.merge_bound` models it with accumulate float32 (float64 for
+    d = float64) and intermediate = output = d: ΔW = d(s · d(B A)) (the product accumulated and
+    rounded once to d, then scaled), W' = d(W + ΔW). A merged value beyond d's range becomes ±inf, as IEEE
     rounding gives it; :func:`reflora.lora.merge` (one rounding from float64) raises there instead.
     """
     for name, t in (("W", W), ("A", A), ("B", B)):
-        if not isinstance(t, torch.Tensor) or t.ndim != 2 or t.dtype not in _FLOATS:
-            raise ValueError(f"{name} must be a 2-D float32 / float16 / bfloat16 tensor, got {t!r:.80}")
+        if not isinstance(t, torch.Tensor) or t.ndim != 2 or t.dtype not in _LAYER_FLOATS:
+            raise ValueError(f"{name} must be a 2-D float64/float32/float16/bfloat16 tensor, got {t!r:.80}")
     out_f, in_f = (W.shape[1], W.shape[0]) if fan_in_fan_out else tuple(W.shape)
     r = A.shape[0]
     if r < 1 or tuple(A.shape) != (r, in_f) or tuple(B.shape) != (out_f, r):

@@ -186,6 +186,25 @@ def check_fields(ts: TorchQuantState) -> None:
             raise ValueError(f"state.{field} is on {t.device}, state.packed on {ts.packed.device}")
 
 
+def versions(ts: TorchQuantState) -> tuple[int, ...]:
+    """The version counters of the state's tensors, which every in-place write bumps. Autograd checks
+    them for the tensors a Function saves; a layer's state is held outside those, so the forward records
+    them and the backward compares (:func:`check_unchanged`)."""
+    fields = (ts.packed, ts.absmax, ts.absmax_q, ts.absmax2, ts.code, ts.code2)
+    return tuple(t._version for t in fields if t is not None)
+
+
+def check_unchanged(ts: TorchQuantState, recorded: tuple[int, ...]) -> None:
+    """RuntimeError if a tensor of ``ts`` was written in place since :func:`versions` gave ``recorded``:
+    the backward would read another weight than the forward did, and grad_x would be silently wrong."""
+    if versions(ts) != recorded:
+        raise RuntimeError(
+            "the 4-bit weight's state was modified in place between the forward and the backward, so "
+            "grad_x would use another weight than the output did; run the forward again after changing "
+            "the weight (autograd refuses the same for any tensor it saved)"
+        )
+
+
 _F32_MAX = float(torch.finfo(torch.float32).max)
 
 

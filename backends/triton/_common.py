@@ -89,9 +89,7 @@ def check_float(name: str, t: torch.Tensor, ndim: int | None = None) -> None:
         raise ValueError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
     if ndim is not None and t.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
-    reach = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride(), strict=True))
-    if reach >= 2**31 or t.numel() >= 2**31:
-        raise ValueError(f"{name} spans {reach + 1} elements; the kernels index with int32 (< 2**31)")
+    check_reach(name, t)
 
 
 def lora_operands(lora, m: int, n: int, dummy: torch.Tensor, cols: str = "N") -> tuple:
@@ -547,6 +545,8 @@ def sm_count(device: torch.device) -> int:
 def check_reach(name: str, t: torch.Tensor) -> None:
     """ValueError unless every element of ``t`` (any dtype) lies within int32 offsets of its first:
     :func:`check_float`'s reach rule for tensors whose dtype it does not restrict (a dropout mask)."""
+    if t.numel() >= 2**31:  # a broadcast view (stride 0) can have that many and span one
+        raise ValueError(f"{name} has {t.numel()} elements; the kernels index with int32 (< 2**31)")
     reach = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride(), strict=True))
-    if reach >= 2**31 or t.numel() >= 2**31:
+    if reach >= 2**31:
         raise ValueError(f"{name} spans {reach + 1} elements; the kernels index with int32 (< 2**31)")

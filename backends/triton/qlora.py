@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from reflora.backends.torch.quant_state import TorchQuantState, check_scaling
+from reflora.backends.torch.quant_state import TorchQuantState, check_scaling, check_unchanged, versions
 from reflora.backends.triton._common import check_device, check_float, check_state
 from reflora.backends.triton.gemm import GemmConfig, nf4_gemm
 from reflora.backends.triton.gemv import GEMV_MAX_M, GemvConfig, nf4_gemv
@@ -78,6 +78,7 @@ class _NF4LinearFn(torch.autograd.Function):
         ctx.save_for_backward(x2, a, b, mask, t)
         ctx.cfg = cfg
         ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.state_versions = versions(cfg.weight)  # grad_x reads the state again
         return y
 
     @staticmethod
@@ -106,6 +107,7 @@ class _NF4LinearFn(torch.autograd.Function):
         if a is not None and (need_x or need_a):
             u = lowrank_matmul(g, b, config=cfg.lowrank)  # (M, N) @ (N, r) -> (M, r) float32
         if need_x:
+            check_unchanged(cfg.weight, ctx.state_versions)
             lora = None if a is None else (u, a, cfg.scaling)
             grad_x = nf4_gemm(g, cfg.weight, transposed=True, lora=lora, mask=mask, config=cfg.gemm)
         if need_a:
@@ -177,7 +179,9 @@ def qlora_linear(
     (``reflora.bounds.lora_forward_bound``, fused arithmetic); W is dequantized inside the kernels'
     tiles, or from ``gemm.DEQUANT_FIRST_MIN_M`` rows once a GEMM into a buffer freed when that GEMM
     returns (the same bits either way). An x with no rows (e.g. shape (0, K)) gives an empty y and zero
-    gradients for A, B and bias without launching a kernel.
+    gradients for A, B and bias without launching a kernel. A state written in place between the
+    forward and a backward that needs grad_x raises RuntimeError there, as autograd does for saved
+    tensors.
     """
     return _apply(x, ts, A, B, scaling, bias, dropout_mask, config)
 
