@@ -14,6 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
+from reflora.backends.torch import ops  # noqa: E402
 from reflora.backends.torch.adapters import (  # noqa: E402
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -305,3 +306,50 @@ def test_all_linear_refuses_conv1d_layers(peft) -> None:
     gpt2 = transformers.GPT2Model(transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=32))
     with pytest.raises(TypeError, match=r"Conv1D layers \('h\.0\.attn\.c_attn'"):
         apply_lora(gpt2, 2, 4, "all-linear", verbose=False)
+
+
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_adapter_compute_peft_is_peft_bit_for_bit_in_bfloat16(minilm, peft, tmp_path, quantize) -> None:
+    """PEFT's default QLoRA setup: a bfloat16 model whose adapters are float32 (autocast_adapter_dtype).
+    PEFT computes the adapter term in float32; reflora's default computes it in bfloat16 (docs/training.md,
+    compute dtype), 2.9e-3 from float64 in grad_A against PEFT's 3.0e-7 on one layer. adapter_compute="peft"
+    follows PEFT's order: with a full-precision base the sum is formed in float32 and rounded once; with
+    a 4-bit base PEFT's Linear4bit rounds the term to bfloat16 first, checked here against the same
+    formula on our own 4-bit base (bitsandbytes' CPU layer is not bit-comparable: docs/findings.md)."""
+    fresh, batch = minilm
+    config = peft.LoraConfig(r=6, lora_alpha=12, target_modules=["query", "value"], init_lora_weights=False)
+    theirs = peft.get_peft_model(fresh().to(torch.bfloat16), config).eval()  # BERT's own dropout off
+    theirs.save_pretrained(tmp_path)
+    ours = load_adapter(fresh().to(torch.bfloat16), tmp_path, adapter_compute="peft", quantize=quantize)
+    default = load_adapter(fresh().to(torch.bfloat16), tmp_path, quantize=quantize)
+    layers = lora_modules(ours)
+    assert len(layers) == 12 and all(m.lora_A.weight.dtype == torch.float32 for m in layers.values())
+    assert (
+        all(m.adapter_compute == "peft" for m in layers.values())
+        and ours.reflora_lora.adapter_compute == "peft"
+    )
+    w = torch.randn(384, generator=torch.Generator().manual_seed(0))
+    outs = {}
+    for name, model in (("ours", ours), ("default", default), ("theirs", theirs)):
+        y = model(**batch).last_hidden_state
+        (y.float() @ w).sum().backward()
+        outs[name] = y
+    if quantize is None:  # PEFT's own lora.Linear over the same bfloat16 base
+        assert torch.equal(outs["ours"], outs["theirs"])
+        for n, m in layers.items():
+            peft_layer = theirs.base_model.model.get_submodule(n)
+            for mine, other in (
+                (m.lora_A, peft_layer.lora_A["default"]),
+                (m.lora_B, peft_layer.lora_B["default"]),
+            ):
+                assert torch.equal(mine.weight.grad, other.weight.grad), n
+    else:  # Linear4bit's order, on our base: y = base(x) + bf16(B(A(f32(x))) * s)
+        m = layers["encoder.layer.0.attention.self.query"]
+        x = torch.randn(5, 384, dtype=torch.bfloat16)
+        base = ops.nf4_linear(x, m.base_layer.quant_state, bias=m.base_layer.bias)
+        term = (
+            nn.functional.linear(nn.functional.linear(x.float(), m.lora_A.weight), m.lora_B.weight)
+            * m.scaling
+        )
+        assert torch.equal(m(x), base + term.to(torch.bfloat16))
+    assert not torch.equal(outs["default"], outs["ours"])  # the option changes the arithmetic

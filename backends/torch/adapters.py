@@ -36,6 +36,7 @@ from reflora.backends.torch.modules import (
     _matches,
     _set_submodule,
     apply_lora,
+    check_adapter_compute,
     lora_modules,
 )
 from reflora.backends.torch.quant_state import numpy_to_torch, torch_to_numpy
@@ -257,13 +258,15 @@ def load_adapter(
     quantize: str | None = None,
     double_quant: bool = True,
     blocksize: int = 64,
+    adapter_compute: str = "compute",
 ) -> nn.Module:
     """Load the PEFT-format adapter in ``directory`` into ``model``; returns the model.
 
     model: either a model without adapters, which is first prepared by :func:`.modules.apply_lora`
         with the file's r, lora_alpha, target_modules, lora_dropout and use_rslora (``quantize``,
-        ``double_quant`` and ``blocksize`` choose its base as there); or a model already prepared with
-        the same r, alpha, rsLoRA, dropout and adapted layers.
+        ``double_quant`` and ``blocksize`` choose its base as there, ``adapter_compute`` its adapter
+        arithmetic); or a model already prepared with the same r, alpha, rsLoRA, dropout and adapted
+        layers (which keep their own adapter_compute).
     New layers take the train/eval mode of the layers they wrap (:func:`.modules.apply_lora`).
     The tensors are copied into lora_A / lora_B (converted to the parameters' dtype).
     Raises :class:`AdapterError` naming the key for a missing, extra, non-float, wrongly shaped or
@@ -275,6 +278,7 @@ def load_adapter(
     weights = Path(directory) / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise AdapterError(ADAPTER_WEIGHTS, f"missing from {Path(directory)}")
+    check_adapter_compute(adapter_compute)
     tensors = sft.load(weights)
     if lora_modules(model):
         _load_tensors(model, cfg, tensors)
@@ -285,7 +289,7 @@ def load_adapter(
     apply_lora(
         model, cfg["r"], cfg["lora_alpha"], _peft_targets(cfg["target_modules"], model),
         dropout=float(cfg["lora_dropout"]), rslora=cfg["use_rslora"], quantize=quantize,
-        double_quant=double_quant, blocksize=blocksize,
+        double_quant=double_quant, blocksize=blocksize, adapter_compute=adapter_compute,
         init="gaussian" if cfg["init_lora_weights"] == "gaussian" else "kaiming", verbose=False,
     )  # fmt: skip
     try:

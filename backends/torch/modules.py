@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from reflora.backends.torch import ops
@@ -37,12 +38,14 @@ from reflora.backends.torch.quant_state import TorchQuantState, numpy_to_torch, 
 from reflora.double_quant import RebuiltScaleWarning
 
 __all__ = [
+    "ADAPTER_COMPUTE",
     "LoRAConfig",
     "LoRALinear",
     "LoRASummary",
     "NF4Linear",
     "QLoRALinear",
     "apply_lora",
+    "check_adapter_compute",
     "lora_modules",
     "lora_summary",
     "merge_adapter",
@@ -317,12 +320,33 @@ def scaling_for(alpha: float, r: int, rslora: bool = False) -> float:
     return alpha / math.sqrt(r) if rslora else alpha / r
 
 
+ADAPTER_COMPUTE = ("compute", "peft")
+
+
+def check_adapter_compute(value: str) -> str:
+    """``value`` if it is one of :data:`ADAPTER_COMPUTE`, else ValueError.
+
+    "compute" (the default): the adapter term is computed in the compute dtype, A and B cast to it, as
+    Unsloth's kernels and ours in Triton do; one rounding of the output for the base and the term. "peft":
+    as PEFT's layers compute it: x cast to the adapters' dtype (float32 adapters in a bfloat16 model:
+    the term in float32), then for a full-precision base the sum formed in the wider dtype and rounded
+    once to the output's (``lora.Linear``), for a 4-bit base the term rounded to the output's dtype and
+    then added (``Linear4bit``). Bit-identical to PEFT there, at the cost of the term's float32 products
+    and, on CUDA, of the fused Triton epilogue (the base runs alone, the term in torch)."""
+    if value not in ADAPTER_COMPUTE:
+        raise ValueError(f"adapter_compute must be one of {ADAPTER_COMPUTE}, got {value!r}")
+    return value
+
+
 class _AdapterMixin:
     """The adapter every wrapper carries: lora_A (r, in), lora_B (out, r), scaling, dropout."""
 
-    def _init_adapter(self, in_f, out_f, r, alpha, *, dropout, rslora, A, B, dtype, device) -> None:
+    def _init_adapter(
+        self, in_f, out_f, r, alpha, *, dropout, rslora, A, B, dtype, device, adapter_compute="compute"
+    ) -> None:
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.adapter_compute = adapter_compute
         self.r, self.lora_alpha, self.use_rslora, self.lora_dropout = (
             _check_rank(r),
             alpha,
@@ -338,12 +362,31 @@ class _AdapterMixin:
         self.impl = "auto"
         self.last_impl: str | None = None
 
-    def _dropout_mask(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Inverted dropout: 0 with probability p, else 1/(1-p); None outside training or at p = 0."""
+    @property
+    def adapter_compute(self) -> str:
+        """The adapter arithmetic, "compute" or "peft" (:func:`check_adapter_compute`); checked when set."""
+        return self._adapter_compute
+
+    @adapter_compute.setter
+    def adapter_compute(self, value: str) -> None:
+        self._adapter_compute = check_adapter_compute(value)
+
+    def _dropout_mask(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+        """Inverted dropout: 0 with probability p, else 1/(1-p), in ``dtype`` (default: the compute
+        dtype); None outside training or at p = 0."""
         if not self.training or self.lora_dropout == 0.0:
             return None
         keep = 1.0 - self.lora_dropout
-        return torch.empty_like(x, dtype=ops.compute_dtype(x)).bernoulli_(keep) / keep
+        return torch.empty_like(x, dtype=dtype or ops.compute_dtype(x)).bernoulli_(keep) / keep
+
+    def _peft_adapter_term(self, x: torch.Tensor) -> torch.Tensor:
+        """``adapter_compute="peft"``: scaling·B(A(dropout(x))) as PEFT's layers form it, x cast to the
+        adapters' dtype first (exact when it widens), by plain torch calls under the caller's autocast."""
+        A, B = self.lora_A.weight, self.lora_B.weight
+        x = x if x.dtype == A.dtype else x.to(A.dtype)
+        mask = self._dropout_mask(x, x.dtype)
+        x_d = x if mask is None else x * mask
+        return F.linear(F.linear(x_d, A), B) * self.scaling  # (..., in) -> (..., r) -> (..., out)
 
     def adapter_repr(self) -> str:
         rs = ", rslora" if self.use_rslora else ""
@@ -370,18 +413,23 @@ class LoRALinear(_AdapterMixin, nn.Module):
         dropout: float = 0.0,
         rslora: bool = False,
         dtype: torch.dtype = torch.float32,
+        adapter_compute: str = "compute",
     ) -> None:
         super().__init__()
         self.base_layer = base.requires_grad_(False)
         self.in_features, self.out_features = base.in_features, base.out_features
         self._init_adapter(
             base.in_features, base.out_features, r, alpha, dropout=dropout, rslora=rslora, A=A, B=B,
-            dtype=dtype, device=base.weight.device,
+            dtype=dtype, device=base.weight.device, adapter_compute=adapter_compute,
         )  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.last_impl = "torch"
         base = self.base_layer
+        if self.adapter_compute == "peft":  # PEFT's lora.Linear: the sum in the wider dtype, then rounded
+            dt = ops.compute_dtype(x)
+            y = F.linear(*(ops._cast(t, dt) for t in (x, base.weight, base.bias)))  # (..., out)
+            return (y + self._peft_adapter_term(x)).to(y.dtype)
         return ops.lora_linear(
             x, base.weight, self.lora_A.weight, self.lora_B.weight, self.scaling,
             bias=base.bias, dropout_mask=self._dropout_mask(x),
@@ -409,6 +457,7 @@ class QLoRALinear(_AdapterMixin, nn.Module):
         dropout: float = 0.0,
         rslora: bool = False,
         dtype: torch.dtype = torch.float32,
+        adapter_compute: str = "compute",
     ) -> None:
         super().__init__()
         if not isinstance(base, NF4Linear):
@@ -417,11 +466,15 @@ class QLoRALinear(_AdapterMixin, nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         self._init_adapter(
             base.in_features, base.out_features, r, alpha, dropout=dropout, rslora=rslora, A=A, B=B,
-            dtype=dtype, device=base.packed.device,
+            dtype=dtype, device=base.packed.device, adapter_compute=adapter_compute,
         )  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
+        if self.adapter_compute == "peft":  # PEFT's Linear4bit: the term rounded to y's dtype, then added
+            y = _quantized_forward(self, base.quant_state, x, None, None, 0.0, base.bias, None)
+            base.last_impl = self.last_impl
+            return y + self._peft_adapter_term(x).to(y.dtype)
         y = _quantized_forward(
             self, base.quant_state, x, self.lora_A.weight, self.lora_B.weight, self.scaling, base.bias,
             self._dropout_mask(x),
@@ -451,6 +504,7 @@ class LoRAConfig:
     blocksize: int = 64
     seed: int = 0
     modules: list[str] = field(default_factory=list)
+    adapter_compute: str = "compute"
 
 
 @dataclass(frozen=True)
@@ -630,6 +684,7 @@ def apply_lora(
     init: str = "kaiming",
     seed: int = 0,
     adapter_dtype: torch.dtype = torch.float32,
+    adapter_compute: str = "compute",
     verbose: bool = True,
     progress: bool | None = None,
 ) -> nn.Module:
@@ -652,7 +707,10 @@ def apply_lora(
     init: "kaiming" (A ~ U(±1/√in)) or "gaussian" (A ~ N(0, 1/r²)); B = 0 in both
         (:func:`reflora.lora.init_lora`), drawn from ``numpy.random.default_rng(seed)`` layer by layer in
         module order, so a seed fixes the adapter.
-    adapter_dtype: dtype of lora_A / lora_B. verbose: print the :class:`LoRASummary`.
+    adapter_dtype: dtype of lora_A / lora_B (float32, as PEFT's default autocast_adapter_dtype).
+    adapter_compute: "compute" or "peft", the dtype the adapter term is computed in when the adapters'
+        dtype is not the compute dtype (:func:`check_adapter_compute`); settable later on each layer's
+        ``adapter_compute``. verbose: print the :class:`LoRASummary`.
     progress: a progress bar (tqdm, on stderr) while layers are quantized, which takes about a second a
         layer on a CPU; None shows it when stderr is a terminal and tqdm is installed.
 
@@ -662,6 +720,7 @@ def apply_lora(
     r = _check_rank(r)
     alpha = _check_alpha(alpha)
     scaling_for(alpha, r, rslora)
+    check_adapter_compute(adapter_compute)
     if quantize not in (None, "nf4", "fp4"):
         raise ValueError(f"quantize must be None, 'nf4' or 'fp4', got {quantize!r}")
     if init not in ("kaiming", "gaussian"):
@@ -693,7 +752,8 @@ def apply_lora(
         bar = progress if quantize is not None else False  # only quantizing takes long enough to show
         for name, m in progress_bar(chosen, "apply_lora: quantizing", bar):
             A, B = _init_adapter_weights(m.in_features, m.out_features, r, init, rng)
-            kw = {"A": A, "B": B, "dropout": dropout, "rslora": rslora, "dtype": adapter_dtype}
+            kw = {"A": A, "B": B, "dropout": dropout, "rslora": rslora, "dtype": adapter_dtype,
+                  "adapter_compute": adapter_compute}  # fmt: skip
             if isinstance(m, NF4Linear):
                 wrapped: nn.Module = QLoRALinear(m, r, alpha, **kw)
             elif quantize is not None:
@@ -711,7 +771,7 @@ def apply_lora(
         _set_submodule(model, name, wrapped)
     model.reflora_lora = LoRAConfig(
         r, alpha, targets, dropout, bool(rslora), init, quantize, double_quant, blocksize, seed,
-        [n for n, _ in chosen],
+        [n for n, _ in chosen], adapter_compute,
     )  # fmt: skip
     model.reflora_summary = lora_summary(model)
     if verbose:
