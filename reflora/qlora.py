@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from reflora import lora, nf4
+from reflora.double_quant import BLOCKSIZE2
 from reflora.lora import as_float64
 from reflora.state import QuantState
 
@@ -159,8 +160,8 @@ def merge(
     Rules. merged = fl32(Ŵ + ΔW): Ŵ widened exactly, ΔW = scaling·B A and the sum in float64, one
     rounding to float32 (PEFT adds in float32 too). The new state is ``reflora.nf4.quantize(merged)``
     with the same blocksize, quant_type and double quantization (blocksize2 included), and keeps the
-    original ``state.dtype``
-    (PEFT's 4-bit merge silently changes it to float32; reflora does not). The bias is unchanged.
+    original ``state.dtype`` (PEFT's 4-bit merge silently changes it to float32; reflora does not). The
+    bias is unchanged.
     A merged weight beyond the range of ``state.dtype`` (the float32 sum, or the requantized weight
     dequantized to ``state.dtype``) raises ValueError naming the first such index, worded as
     :func:`reflora.lora.merge` words it, and no RuntimeWarning comes before it; so does a ΔW that
@@ -174,9 +175,9 @@ def merge(
     with np.errstate(over="ignore"):  # an overflow is reported below, with its index
         merged = target.astype(np.float32)
     _check_fits(merged, state.dtype)  # beyond float32 is beyond every state dtype
-    b2 = {} if state.nested is None else {"blocksize2": state.nested.blocksize2}
+    b2 = BLOCKSIZE2 if state.nested is None else state.nested.blocksize2  # used only with double_quant
     new = nf4.quantize(
-        merged, state.blocksize, quant_type=state.quant_type, double_quant=state.double_quant, **b2
+        merged, state.blocksize, quant_type=state.quant_type, double_quant=state.double_quant, blocksize2=b2
     )
     new = dataclasses.replace(new, dtype=state.dtype)
     with np.errstate(over="ignore"):

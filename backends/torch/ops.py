@@ -211,9 +211,8 @@ def quantize_4bit(
         **common,
     )
     # The oracle's checks, on the (n_blocks,) scales only: as nf4.quantize does, say what is lost.
-    nested = NestedState(
-        absmax_q.cpu().numpy(), absmax2.cpu().numpy(), code2.cpu().numpy(), offset, blocksize2
-    )
+    map2 = codebooks.DYNAMIC_MAP.values
+    nested = NestedState(absmax_q.cpu().numpy(), absmax2.cpu().numpy(), map2, offset, blocksize2)
     dtype = str(x.dtype).removeprefix("torch.")
     warn_lost_scales(nested, absmax.cpu().numpy(), dtype, blocksize, flat.numel())
     return ts
