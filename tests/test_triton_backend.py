@@ -100,3 +100,62 @@ def test_too_old_triton_is_refused_by_name(version, ok, monkeypatch):
         assert f"Triton {version} is too old" in problem and "triton>=3.4" in problem
         monkeypatch.setattr(triton, "__version__", version)
         assert TritonBackend().available() == problem
+
+
+@pytest.fixture
+def interpreted():
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("runs the kernels under the interpreter")
+    import torch
+
+    from reflora.backends.triton import subnormals
+
+    return torch, subnormals
+
+
+def test_the_subnormal_probe_finds_the_interpreter_keeps_them(interpreted):
+    """The probe through qlora_linear (GEMV at 1 row, in-tile GEMM at 16; the GEMM after dequantize, at
+    256 rows, is left to the GPU for time): numpy keeps subnormals, so it finds nothing, and the backend
+    declares no flushing. On a GPU the same probe decides flush_to_zero."""
+    torch, subnormals = interpreted
+    assert subnormals.probe(torch.bfloat16, "cpu", rows=(1, 16)) == []
+    from reflora.backends.triton.backend import TritonBackend
+
+    assert TritonBackend().arithmetic("qlora_forward", "bfloat16").flush_to_zero is False
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        subnormals.probe(torch.float64, "cpu")
+
+
+@pytest.mark.parametrize("where", ["inputs", "outputs"])
+def test_the_subnormal_probe_sees_a_kernel_that_flushes(interpreted, monkeypatch, where):
+    """A planted flush, of the operands read (denormals-are-zero) or of the results (flush-to-zero), is
+    what the probe reports and what the backend then declares."""
+    torch, subnormals = interpreted
+    import reflora.backends.triton as package
+    from reflora.backends.triton import backend as backend_module
+
+    real = package.qlora_linear
+
+    def ftz(t):
+        tiny = torch.finfo(t.dtype).tiny  # the smallest normal number
+        return torch.where(t.abs() < tiny, torch.zeros_like(t), t)
+
+    def flushing(x, ts, a, b, s):
+        if where == "inputs":
+            return real(ftz(x), ts, a, b, s)
+        return ftz(real(x, ts, a, b, s))
+
+    monkeypatch.setattr(package, "qlora_linear", flushing)
+    found = subnormals.probe(torch.bfloat16, "cpu", rows=(1,))
+    if where == "inputs":  # x = 2**-130 read as 0: y, and grad_x through the graph, come out 0
+        assert found[0] == "subnormal operands, 1 rows: y 0 of 256 equal", found
+    else:  # y = 2**-132, a subnormal result, flushed (and grad_x behind torch.where's zero gradient)
+        assert found[0] == "subnormal results, 1 rows: y 0 of 256 equal", found
+        assert not any(line.startswith("subnormal operands") for line in found), found
+    monkeypatch.setattr(backend_module, "_interpret", lambda: False)  # as on a GPU: probed, not assumed
+    monkeypatch.setattr(backend_module, "_device", lambda: "cpu")
+    monkeypatch.setattr(
+        subnormals, "flushes", lambda dtype, device: bool(subnormals.probe(dtype, device, (1,)))
+    )
+    arith = backend_module.TritonBackend().arithmetic("qlora_backward", "bfloat16")
+    assert arith.flush_to_zero is True and arith.acc_slack == 2.0

@@ -22,7 +22,9 @@ in float32, the rank-r intermediates
 (t = (x*mask) Aᵀ, u = grad_y B) kept in float32, the low-rank term and the bias added to the float32
 output tile, one rounding to the output dtype (``fused=True``: one accumulator, one output rounding).
 On a GPU tensor cores may truncate when they align and add (``acc_slack=2``); the interpreter runs
-IEEE float32 dots (``acc_slack=1``).
+IEEE float32 dots (``acc_slack=1``). Whether subnormals are flushed (``flush_to_zero``) is measured on
+the GPU through the kernels, once a process and dtype (:mod:`reflora.backends.triton.subnormals`); the
+interpreter keeps them.
 
 Under the interpreter every program runs as numpy on one core, so examples above
 :data:`INTERPRETER_MAX_WORK` multiply-adds are declined (NotImplementedError, which the suite counts and
@@ -99,6 +101,19 @@ def _device() -> str:
     return "cpu" if _interpret() else "cuda"
 
 
+def _flushes(dtype: str) -> bool:
+    """Whether the kernels flush subnormals for activations of ``dtype`` on the GPU, measured once a
+    process (:func:`reflora.backends.triton.subnormals.flushes`). Under the interpreter, whose numpy
+    arithmetic keeps them (the probe finds nothing there: tests/test_triton_backend.py), not measured."""
+    if _interpret():
+        return False
+    import torch
+
+    from reflora.backends.triton import subnormals
+
+    return subnormals.flushes(getattr(torch, dtype), _device())
+
+
 class TritonBackend(BaseBackend):
     """reflora's fused NF4 / QLoRA Triton kernels, on CUDA or under ``TRITON_INTERPRET=1`` on the CPU."""
 
@@ -134,7 +149,7 @@ class TritonBackend(BaseBackend):
     def arithmetic(self, op: str, dtype: str) -> Arithmetic:
         slack = 1.0 if _interpret() else 2.0
         return Arithmetic(operand=dtype, accumulate="float32", intermediate="float32", output=dtype,
-                          acc_slack=slack, fused=True)  # fmt: skip
+                          acc_slack=slack, fused=True, flush_to_zero=_flushes(dtype))  # fmt: skip
 
     def dequantize_4bit(self, state, *, dtype=None):
         from reflora.backends.torch.quant_state import TorchQuantState
