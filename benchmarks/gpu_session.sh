@@ -26,7 +26,8 @@
 # Logs and JSON go to $OUT (the device tool brings them back), else to ./gpu-out. The exit status is
 # non-zero when any phase failed or was skipped; every phase still runs while the call has time
 # (CALL_LIMIT_S, default 570 s: the device tool's 600 s less a margin; PHASE_LIMIT_S caps each phase).
-# `reflora conform` writes its JSON at the end only: give each audit phase a call of its own.
+# `reflora conform` keeps its results so far in its JSON ("complete": false; rewritten every 30 s and on
+# SIGTERM), but an audit phase stopped early is still a partial audit: give each one a call of its own.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 phases="check harness tiles audit audit-dequant audit-forward audit-backward conform provenance tests"

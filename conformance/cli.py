@@ -7,7 +7,9 @@ the seed first, progress while it runs (a status line on a terminal, one line pe
 otherwise, both on stderr), then for each backend the support matrix, every failure with its message,
 bundle and replay command, the declared deviations with their reasons, warnings about deviation
 entries that match nothing, and the findings. Exit status: 0 when every test a backend supports
-passes, 1 when one fails, 2 when the run cannot start (an unknown or broken backend, a bad option).
+passes, 1 when one fails, 2 when the run cannot start (an unknown or broken backend, a bad option),
+130 when it is stopped (Ctrl-C or SIGTERM). While it runs, ``--json`` holds the results so far
+(``"complete": false``, rewritten every 30 s and when it is stopped); the finished run replaces it.
 
 ``reflora replay FILE [--backend NAME]`` runs the check saved in a bundle again (default: against the
 backend it was recorded against) and prints the same message: exit 1 on a mismatch, 0 when it passes
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -78,6 +81,52 @@ class _Progress:
         self._clear()
 
 
+PARTIAL_EVERY_S = 30.0
+"""How often, at most, a run with ``--json`` rewrites the file with its results so far."""
+
+
+class _Partial:
+    """The JSON record of an unfinished run, kept on disk while it goes: rewritten at most every
+    ``every`` seconds as tests finish, and by :meth:`write` when the run is stopped, so that a run cut
+    off (Ctrl-C, a ``timeout``'s SIGTERM, or a SIGKILL after the last rewrite) keeps what it measured.
+    The finished run's record replaces it."""
+
+    def __init__(self, path: str | None, profile: str, seed: int, every: float | None = None) -> None:
+        self.path, self.profile, self.seed = path, profile, seed
+        self.every = PARTIAL_EVERY_S if every is None else every
+        self.backends: list[dict[str, Any]] = []
+        self.last = time.perf_counter()
+
+    def backend(self, spec: str) -> None:
+        self.backends.append({"backend": spec, "results": [], "total": None})
+
+    def test(self, result: Any, done: int, total: int) -> None:
+        if not self.backends:  # not through runner.run's hook (a caller of run_backend): unnamed
+            self.backend("?")
+        self.backends[-1]["results"].append(result.as_dict())
+        self.backends[-1]["total"] = total
+        if time.perf_counter() - self.last >= self.every:
+            self.write(None)
+
+    def write(self, interrupted: str | None) -> bool:
+        """Write the record so far; False when it could not be written (a full disk, say)."""
+        from reflora.formats.files import write_files
+
+        self.last = time.perf_counter()
+        if not self.path:
+            return True
+        record = {"profile": self.profile, "seed": self.seed, "ok": None, "complete": False,
+                  "interrupted": interrupted, "partial": self.backends}  # fmt: skip
+        try:
+            write_files({Path(self.path): (json.dumps(record, indent=1, default=str) + "\n").encode("utf-8")})
+        except OSError:
+            return False
+        return True
+
+    def done(self) -> int:
+        return sum(len(b["results"]) for b in self.backends)
+
+
 def conform(
     backends: list[str] | None,
     *,
@@ -127,16 +176,29 @@ def conform(
     print(f"reflora conform: profile {prof.name}, seed {seed} (repeat this run with --seed {seed})", file=out,
           flush=True)  # fmt: skip
     progress = _Progress(err, tty)
+    partial = _Partial(json_path, prof.name, seed)
+
+    def on_test(result: Any, done: int, total: int) -> None:
+        progress.test(result, done, total)
+        partial.test(result, done, total)
+
     try:
         named = list(dict.fromkeys(backends)) if backends else None  # a backend named twice runs once
         reports, unavailable, seed = runner.run(
             named, prof.name, seed, bundle_dir=bundle_dir, progress=progress.line,
-            on_test=progress.test, select=select or (), entries=entries,
+            on_test=on_test, on_backend=partial.backend, select=select or (), entries=entries,
         )  # fmt: skip
     except BackendError as exc:
         progress.close()
         print(f"reflora conform: {exc}", file=err)
         return 2
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM through the command's handler
+        progress.close()
+        why = str(exc) or "KeyboardInterrupt"
+        kept = (f"; the {partial.done()} finished tests' results are in {json_path} (\"complete\": false)"
+                if json_path and partial.write(why) else "")  # fmt: skip
+        print(f"reflora conform: interrupted ({why}) after {partial.done()} tests{kept}", file=err)
+        return 130
     progress.close()
     ok = bool(reports) and all(r.ok for r in reports)
     files: dict[Path, bytes] = {}
@@ -145,6 +207,7 @@ def conform(
             "profile": prof.name,
             "seed": seed,
             "ok": ok,
+            "complete": True,
             "unavailable": [{"name": n, "reason": r} for n, r in unavailable],
             "reports": [r.as_dict() for r in reports],
         }
@@ -225,9 +288,17 @@ def _choose_triton_mode() -> None:
 
 def _run_conform(args: argparse.Namespace) -> int:
     _choose_triton_mode()
-    return conform(args.backend, profile=args.profile, seed=args.seed, json_path=args.json,
-                   markdown_path=args.markdown, bundle_dir=args.bundle_dir, select=args.select,
-                   deviations=args.deviations)  # fmt: skip
+
+    def stopped(signum: int, frame: Any) -> None:  # `timeout` sends SIGTERM: stop as Ctrl-C does
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, stopped)
+    try:
+        return conform(args.backend, profile=args.profile, seed=args.seed, json_path=args.json,
+                       markdown_path=args.markdown, bundle_dir=args.bundle_dir, select=args.select,
+                       deviations=args.deviations)  # fmt: skip
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def add_conform_parser(subparsers: argparse._SubParsersAction) -> None:

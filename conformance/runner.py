@@ -417,7 +417,9 @@ def run(
 ) -> tuple[list[Report], list[tuple[str, str]], int]:
     """Run the suite against the backends named in ``specs`` (registered names or module:attr; default:
     every registered backend available here). Returns (reports, unavailable (name, reason), seed).
-    An unknown or broken backend named explicitly raises :class:`reflora.backends.BackendError`."""
+    An unknown or broken backend named explicitly raises :class:`reflora.backends.BackendError`.
+    kwargs: those of :func:`run_backend`, and ``on_backend``, called with each backend's spec before
+    its tests run."""
     from reflora import backends
 
     prof = profiles.get(profile)
@@ -433,6 +435,7 @@ def run(
                 else unavailable.append((status.name, status.reason))
             )
     chosen = []
+    on_backend = kwargs.pop("on_backend", None)  # called with each backend's spec before it runs
     entries = kwargs.get("entries")
     for spec in specs:
         backend = backends.get(spec)  # raises, listing what is installed
@@ -443,7 +446,11 @@ def run(
             unavailable.append((spec, problem))
         else:
             chosen.append((spec, backend))
-    reports = [run_backend(b, spec, prof, seed, **kwargs) for spec, b in chosen]
+    reports = []
+    for spec, b in chosen:
+        if on_backend is not None:
+            on_backend(spec)
+        reports.append(run_backend(b, spec, prof, seed, **kwargs))
     return reports, unavailable, seed
 
 

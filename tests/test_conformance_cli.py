@@ -360,3 +360,64 @@ def test_the_pytest_route_selects_by_id_and_takes_a_deviations_file(tmp_path):
     assert f"--reflora-deviations {tmp_path / 'bad.toml'}: " in bad.stdout
     typo = _pytest("--reflora-backend", "reference", "--reflora-select", "quantise_4bit[*", cwd=tmp_path)
     assert typo.returncode != 0 and "'quantise_4bit[*' matches no test id of the suite" in typo.stdout
+
+
+def test_a_stopped_run_keeps_its_results_so_far(tmp_path, monkeypatch):
+    """An audit cut off by a time limit wrote nothing: --json was written only at the end. Now the file
+    holds the results so far while the run goes, and a stopped run writes them, with exit 130."""
+    monkeypatch.setattr(conform_cli, "PARTIAL_EVERY_S", 0.0)  # rewrite after every test
+    j = tmp_path / "r.json"
+    real, seen = runner.run_test, []
+
+    def run_test(*args, **kwargs):
+        if len(seen) == 5:  # the file holds the five finished tests, then the run is stopped
+            seen.append(json.loads(j.read_text()))
+            raise KeyboardInterrupt("SIGTERM")
+        seen.append(None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "run_test", run_test)
+    err = io.StringIO()
+    rc = conform_cli.conform(["reference"], select=[MERGE], json_path=str(j), bundle_dir=str(tmp_path / "b"),
+                             out=io.StringIO(), err=err)  # fmt: skip
+    assert rc == 130
+    during = seen[-1]
+    assert (during["complete"], during["interrupted"]) == (False, None)
+    assert len(during["partial"][0]["results"]) == 5
+    record = json.loads(j.read_text())
+    assert record["complete"] is False and record["interrupted"] == "SIGTERM" and record["ok"] is None
+    (part,) = record["partial"]
+    assert part["backend"] == "reference" and part["total"] == 36 and len(part["results"]) == 5
+    assert {r["status"] for r in part["results"]} == {"pass"}
+    assert f"interrupted (SIGTERM) after 5 tests; the 5 finished tests' results are in {j}" in err.getvalue()
+
+
+def test_sigterm_stops_the_command_and_keeps_the_results(tmp_path):
+    """As `timeout` stops it: SIGTERM, then the JSON of the finished tests and exit 130."""
+    import signal
+    import time
+
+    j = tmp_path / "r.json"
+    cmd = [sys.executable, "-m", "reflora", "conform", "--backend", "reference", "--profile", "audit",
+           "--seed", "1", "--json", str(j), "--bundle-dir", str(tmp_path / "b")]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:  # non-TTY progress: a line after each op x dtype
+            if line.startswith("  "):
+                break
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    record = json.loads(j.read_text())
+    assert record["complete"] is False and record["interrupted"] == "SIGTERM"
+    assert len(record["partial"][0]["results"]) >= 1 and "interrupted (SIGTERM) after" in err
+
+
+def test_a_finished_run_says_it_is_complete(capsys, tmp_path):
+    j = tmp_path / "r.json"
+    rc, _, _ = _conform(capsys, "--backend", "reference", "-k", MERGE, "--json", str(j), "--bundle-dir",
+                        str(tmp_path / "b"))  # fmt: skip
+    assert rc == 0 and json.loads(j.read_text())["complete"] is True
