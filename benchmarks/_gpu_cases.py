@@ -5,9 +5,12 @@ before anything is timed. Imported by gpu.py after it has decided between a CUDA
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -57,7 +60,9 @@ class Shapes:
     alpha: float = 32.0
     copy_bytes: int = 1 << 30
     mm: int = 8192
-    check_rows: int = 128  # rows of the MLP layers compared with float64 (the full grads are checked)
+    # The matmuls' rows compared with float64: one in every band of this many rows (spread_rows), so
+    # every M tile of every tiling in the sweep (tiles of 64 rows or multiples) has rows checked.
+    check_band: int = 64
 
 
 DRY_SHAPES = Shapes(
@@ -70,7 +75,7 @@ DRY_SHAPES = Shapes(
     alpha=8.0,
     copy_bytes=1 << 20,
     mm=64,
-    check_rows=8,
+    check_band=16,
 )
 
 
@@ -142,6 +147,9 @@ class Row:
     check: str = ""
     note: str = ""
     extra: dict = field(default_factory=dict)
+    # Another impl of the same case this row varies (a variant of a non-default kernel): derive reports
+    # this row's speed against that one too, beside the usual speedup against the default.
+    versus: str | None = None
 
     def gbps(self) -> float | None:
         return (
@@ -179,6 +187,49 @@ def baseline(case: str, impl: str, fn) -> list[Row]:
 
 
 # ------------------------------------------------------------------------------------------ checks
+
+
+@contextlib.contextmanager
+def poisoned_outputs():
+    """Within it, every ``torch.empty`` comes back filled with NaN (integers with their largest value),
+    through torch's deterministic mode (``torch.utils.deterministic.fill_uninitialized_memory``). Our
+    kernels allocate their outputs that way, so one that leaves part of its output unwritten fails its
+    check here, rather than passing on correct values an earlier call left in memory the caching
+    allocator hands back. For checks only: the filling is a pass over each output. ``warn_only``: an
+    op without a deterministic variant warns (silenced) instead of raising."""
+    was = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*deterministic.*", category=UserWarning)
+            yield
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=warn_only)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
+def spread_rows(m: int, band: int, seed: int = 0) -> np.ndarray:
+    """Sorted row indices of [0, m): one in every band of ``band`` rows, at an offset drawn per band,
+    and the last row. Every M tile of a tiling whose tiles are ``band`` rows or a multiple of it then
+    has a row checked, at varying offsets inside the tiles."""
+    starts = np.arange(0, m, band)
+    offsets = np.random.default_rng(seed).integers(0, band, size=starts.size)
+    return np.unique(np.append(np.minimum(starts + offsets, m - 1), m - 1))
+
+
+def check_finite(what: str, t: torch.Tensor) -> None:
+    """ConformanceError unless every element of ``t`` is finite. With finite inputs of moderate size a
+    correct result is; under :func:`poisoned_outputs` an element the kernel never wrote is NaN."""
+    bad = ~torch.isfinite(t.detach())
+    if bad.any():
+        first = tuple(int(i) for i in torch.nonzero(bad)[0])
+        raise ConformanceError(
+            f"{what}: {int(bad.sum())} of {t.numel()} elements are not finite (NaN where the output was "
+            f"never written: its buffer was filled with NaN), first at index {first}"
+        )
 
 
 def check_exact(what: str, got: torch.Tensor, want: np.ndarray) -> str:
@@ -314,7 +365,7 @@ def torch_eager_dequantize(ts: TorchQuantState, dtype: torch.dtype) -> torch.Ten
 # ------------------------------------------------------------------------------------------ cases
 
 
-def ceilings(timer: Timer, shapes: Shapes, device) -> list[Row]:
+def ceilings(timer: Timer, shapes: Shapes, device, rows: list[Row]) -> None:
     n = shapes.copy_bytes // 4
     src = torch.randn(n, device=device)
     dst = torch.empty_like(src)
@@ -325,29 +376,28 @@ def ceilings(timer: Timer, shapes: Shapes, device) -> list[Row]:
             a @ a
             torch.cuda.synchronize()
     med, p20, p80 = timer(lambda: dst.copy_(src))
-    rows = [Row("ceiling", "HBM copy (device-to-device)", med, p20, p80, bytes=2 * n * 4, check="-")]
+    rows.append(Row("ceiling", "HBM copy (device-to-device)", med, p20, p80, bytes=2 * n * 4, check="-"))
     a = torch.randn(shapes.mm, shapes.mm, device=device).to(torch.bfloat16)
     b = torch.randn(shapes.mm, shapes.mm, device=device).to(torch.bfloat16)
     med, p20, p80 = timer(lambda: a @ b)
     rows.append(Row("ceiling", "bf16 matmul (torch)", med, p20, p80, flops=2.0 * shapes.mm**3, check="-"))
-    return rows
 
 
-def dequant_case(timer: Timer, shapes: Shapes, device) -> list[Row]:
+def dequant_case(timer: Timer, shapes: Shapes, device, rows: list[Row]) -> None:
     case = f"dequantize {shapes.w_out}x{shapes.w_in} -> bf16"
     n = shapes.w_out * shapes.w_in
     k = copies_to_defeat_l2(n // 2 + 2 * n, device)
     weights = [quantize_weight(shapes.w_out, shapes.w_in, device, seed=i) for i in range(k)]
     out_bytes = 2 * n
-    rows = []
 
     # Ours: checked bit for bit against the oracle on the first matrix, for bf16 and float32.
     ts0 = weights[0].ts
     state0 = oracle_state(ts0)
-    check = check_exact(
-        "dequantize bf16", dequantize_nf4(ts0, torch.bfloat16), nf4.dequantize(state0, "bfloat16")
-    )
-    check_exact("dequantize f32", dequantize_nf4(ts0, torch.float32), nf4.dequantize(state0, "float32"))
+    with poisoned_outputs():
+        check = check_exact(
+            "dequantize bf16", dequantize_nf4(ts0, torch.bfloat16), nf4.dequantize(state0, "bfloat16")
+        )
+        check_exact("dequantize f32", dequantize_nf4(ts0, torch.float32), nf4.dequantize(state0, "float32"))
     reset_launch_counts()
     dequantize_nf4(ts0, torch.bfloat16)
     assert launch_counts() == {"dequant": 1}, launch_counts()
@@ -388,7 +438,6 @@ def dequant_case(timer: Timer, shapes: Shapes, device) -> list[Row]:
 
     rows += baseline(case, "torch eager", eager_row)
     rows += baseline(case, "torchao NF4Tensor", lambda: _torchao_dequant(timer, case, weights))
-    return rows
 
 
 def _torchao_dequant(timer: Timer, case: str, weights: list[Weight]) -> Row:
@@ -414,7 +463,7 @@ def _torchao_dequant(timer: Timer, case: str, weights: list[Weight]) -> Row:
     return Row(case, "torchao NF4Tensor", med, p20, p80, stored + 2 * t0.numel(), check=check)
 
 
-def gemv_case(timer: Timer, shapes: Shapes, device) -> list[Row]:
+def gemv_case(timer: Timer, shapes: Shapes, device, rows: list[Row]) -> None:
     case = f"GEMV 1x{shapes.w_in} @ ({shapes.w_out}x{shapes.w_in})^T bf16"
     n = shapes.w_out * shapes.w_in
     k = copies_to_defeat_l2(n // 2, device)
@@ -423,16 +472,18 @@ def gemv_case(timer: Timer, shapes: Shapes, device) -> list[Row]:
     x = torch.randn(1, shapes.w_in, generator=g).to(torch.bfloat16).to(device)
     io_bytes = 2 * (shapes.w_in + shapes.w_out)
     w0 = weights[0]
-    w_bf16 = dequantize_nf4(w0.ts, torch.bfloat16)  # the operand the kernel multiplies, checked exact
+    with poisoned_outputs():
+        w_bf16 = dequantize_nf4(w0.ts, torch.bfloat16)  # the operand the kernel multiplies, checked exact
     check_exact("dequantize bf16 (GEMV reference)", w_bf16, nf4.dequantize(oracle_state(w0.ts), "bfloat16"))
     x64, w64 = _np(x.double()), _np(w_bf16.double())
     ref, bound = forward_check(x64, w64, arithmetic(torch.bfloat16))
-    rows = []
 
     with torch.no_grad():
         reset_launch_counts()
-        y = nf4_matmul(x, w0.ts)
+        with poisoned_outputs():
+            y = nf4_matmul(x, w0.ts)
         assert launch_counts() == {"nf4_gemv": 1}, launch_counts()
+        check_finite("nf4 GEMV", y)
         check = check_within("nf4 GEMV", y, ref, bound)
         fns = [lambda w=w: nf4_matmul(x, w.ts) for w in weights]
         med, p20, p80 = timer(Rotation(fns), graph=True)
@@ -441,7 +492,10 @@ def gemv_case(timer: Timer, shapes: Shapes, device) -> list[Row]:
         # The other way of reading the 4-bit table (tl.gather from shared memory), measured beside the
         # default so that the faster one can become the default: checked the same way first.
         cfg = dataclasses.replace(gemv_config(1, shapes.w_out, shapes.w_in), table="shared")
-        check = check_within("nf4 GEMV, table shared", nf4_matmul(x, w0.ts, gemv=cfg), ref, bound)
+        with poisoned_outputs():
+            y = nf4_matmul(x, w0.ts, gemv=cfg)
+        check_finite("nf4 GEMV, table shared", y)
+        check = check_within("nf4 GEMV, table shared", y, ref, bound)
         fns = [lambda w=w: nf4_matmul(x, w.ts, gemv=cfg) for w in weights]
         med, p20, p80 = timer(Rotation(fns), graph=True)
         rows.append(Row(case, VARIANT_SHARED, med, p20, p80, nf4_bytes(w0.ts) + io_bytes, check=check))
@@ -473,7 +527,6 @@ def gemv_case(timer: Timer, shapes: Shapes, device) -> list[Row]:
         fns = [lambda d=d: torch.nn.functional.linear(x, d) for d in dense]
         med, p20, p80 = timer(Rotation(fns), graph=True)
         rows.append(Row(case, "bf16 dense (cuBLAS GEMV)", med, p20, p80, 2 * n + io_bytes, check=check))
-    return rows
 
 
 # ------------------------------------------------------------------------------------------ QLoRA MLP
@@ -512,28 +565,34 @@ def ours_mlp(p: MlpParams, x: torch.Tensor, lora: dict, **config) -> torch.Tenso
 
 
 def check_layer(
-    what: str, w: Weight, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float, rows: int, **config
+    what: str, w: Weight, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float, band: int, **config
 ):
-    """One qlora_linear at full size against float64: y and grad_x on the first ``rows`` rows, grad_A
-    and grad_B in full (they reduce over every row). Raises ConformanceError."""
+    """One qlora_linear forward and backward at full size against float64: y and grad_x on one row in
+    every ``band`` rows (:func:`spread_rows`), grad_A and grad_B in full (they reduce over every row),
+    and all four finite everywhere, their buffers filled with NaN first (:func:`poisoned_outputs`): a
+    tile the kernels skip fails. Raises ConformanceError."""
     x = x.detach().requires_grad_()
     a = a.detach().requires_grad_()
     b = b.detach().requires_grad_()
-    y = qlora_linear(x, w.ts, a, b, s, **config)
     gen = torch.Generator(device="cpu").manual_seed(3)
-    gy = torch.randn(y.shape, generator=gen).to(y.dtype).to(y.device)
-    y.backward(gy)
+    with poisoned_outputs():
+        y = qlora_linear(x, w.ts, a, b, s, **config)
+        gy = torch.randn(y.shape, generator=gen).to(y.dtype).to(y.device)
+        y.backward(gy)
+    for name, t in (("y", y), ("grad_x", x.grad), ("grad_A", a.grad), ("grad_B", b.grad)):
+        check_finite(f"{what} {name}", t)
     x64, g64, a64, b64 = (_np(t.detach().double()) for t in (x, gy, a, b))
     # W as the kernels multiply it: the oracle's dequantization in the activation dtype.
     w64 = nf4.dequantize(oracle_state(w.ts), str(x.dtype).removeprefix("torch.")).astype(np.float64)
-    sl = slice(0, rows)
+    sl = spread_rows(x.shape[0], band)
     ar = arithmetic(x.dtype)
     ref, bound = forward_check(x64[sl], w64, ar, a64, b64, s)
-    out = {"y": bound_ratio(f"{what} y", y[sl], ref, bound)}
-    # grad_x on the first rows (it is row-wise); grad_A and grad_B reduce over every row.
+    rows = torch.from_numpy(sl).to(y.device)
+    out = {"y": bound_ratio(f"{what} y", y[rows], ref, bound)}
+    # grad_x on the same rows (it is row-wise); grad_A and grad_B reduce over every row.
     refs = lora.backward(g64[sl], x64[sl], w64, a64, b64, s)
     bx = bounds.lora_backward_bound(g64[sl], x64[sl], w64, a64, b64, s, ar)[0]
-    out["grad_x"] = bound_ratio(f"{what} grad_x", x.grad[sl], refs[0], bx)
+    out["grad_x"] = bound_ratio(f"{what} grad_x", x.grad[rows], refs[0], bx)
     # Over every row, but without the (tokens, out) x (out, in) products only grad_x needs.
     _, ref_a, ref_b = lora.backward(g64, x64, w64, a64, b64, s, grad_x=False)
     _, bA, bB = bounds.lora_backward_bound(
@@ -548,7 +607,7 @@ def check_layer(
 MLP_REP_MS = 1000
 
 
-def mlp_case(timer: Timer, shapes: Shapes, device) -> list[Row]:
+def mlp_case(timer: Timer, shapes: Shapes, device, rows: list[Row]) -> None:
     case = f"QLoRA MLP fwd+bwd h{shapes.hidden} i{shapes.inter} {shapes.tokens} tok r{shapes.rank}"
     p = make_mlp(shapes, device)
     gen = torch.Generator(device="cpu").manual_seed(5)
@@ -556,13 +615,12 @@ def mlp_case(timer: Timer, shapes: Shapes, device) -> list[Row]:
     gy = torch.randn(shapes.tokens, shapes.hidden, generator=gen).to(torch.bfloat16).to(device)
     h, i, t = shapes.hidden, shapes.inter, shapes.tokens
     flops = 4.0 * t * (3 * h * i)  # forward x W^T and backward grad_x for three layers; LoRA excluded
-    rows = []
 
     # Conformance of every layer shape at full size, before any timing.
     mid = torch.randn(t, i, generator=gen).to(torch.bfloat16).to(device)
     checks = [
-        check_layer("gate", p.gate, x, *p.lora["gate"], p.scaling, shapes.check_rows),
-        check_layer("down", p.down, mid, *p.lora["down"], p.scaling, shapes.check_rows),
+        check_layer("gate", p.gate, x, *p.lora["gate"], p.scaling, shapes.check_band),
+        check_layer("down", p.down, mid, *p.lora["down"], p.scaling, shapes.check_band),
     ]
     lora = {k: (a.clone().requires_grad_(), b.clone().requires_grad_()) for k, (a, b) in p.lora.items()}
     params = [t_ for pair in lora.values() for t_ in pair]
@@ -586,22 +644,24 @@ def mlp_case(timer: Timer, shapes: Shapes, device) -> list[Row]:
     # the table read by tl.gather; each checked on the down layer at full size before it is timed.
     # default_config's tiles depend on M and the blocksize, not on the layer's width (all are
     # multiples of 16 here).
+    # The shared table varies the in-tile decode: its row is compared with that one's (``versus``), which
+    # at this M is the "fused decode" row, not the default.
     fused = gemm_config(min(t, DEQUANT_FIRST_MIN_M - 1), h, i, 64)
-    variants = [(VARIANT_SHARED, dataclasses.replace(fused, table="shared"))]
+    versus = VARIANT_FUSED if t >= DEQUANT_FIRST_MIN_M else None
+    variants = [(VARIANT_SHARED, dataclasses.replace(fused, table="shared"), versus)]
     if t >= DEQUANT_FIRST_MIN_M:
-        variants.insert(0, (VARIANT_FUSED, fused))
-    for impl, cfg in variants:
+        variants.insert(0, (VARIANT_FUSED, fused, None))
+    for impl, cfg, versus in variants:
         check = "within reflora's bound, max |Δ|/bound: " + check_layer(
-            "down", p.down, mid, *p.lora["down"], p.scaling, shapes.check_rows, gemm=cfg
+            "down", p.down, mid, *p.lora["down"], p.scaling, shapes.check_band, gemm=cfg
         )
 
         def run_variant(cfg=cfg):
             ours_mlp(p, xg, lora, gemm=cfg).backward(gy)
 
         med, p20, p80 = timer(run_variant, grad_to_none=[xg, *params], min_rep_ms=MLP_REP_MS)
-        rows.append(Row(case, impl, med, p20, p80, flops=flops, check=check))
-    rows.extend(_peft_rows(timer, case, shapes, p, x, gy, flops, ours_out))
-    return rows
+        rows.append(Row(case, impl, med, p20, p80, flops=flops, check=check, versus=versus))
+    _peft_rows(timer, case, shapes, p, x, gy, flops, ours_out, rows)
 
 
 class _Mlp(torch.nn.Module):
@@ -634,17 +694,19 @@ def _inject_lora(model: torch.nn.Module, p: MlpParams, shapes: Shapes):
     return model, params
 
 
-def _peft_rows(timer, case, shapes, p: MlpParams, x, gy, flops, ours_out) -> list[Row]:
-    """PEFT + bitsandbytes, and bf16 dense + PEFT (which needs no bitsandbytes), each on its own."""
+def _peft_rows(timer, case, shapes, p: MlpParams, x, gy, flops, ours_out, rows: list[Row]) -> None:
+    """PEFT + bitsandbytes, and bf16 dense + PEFT (which needs no bitsandbytes), each on its own, each
+    timed twice: as a plain call, and under bfloat16 autocast (the Trainer's ``bf16=True``, where PEFT
+    runs its float32 adapters' products in bfloat16). The targets take the faster of the two."""
     args = (timer, case, shapes, p, x, gy, flops, ours_out)
     if p.gate.bnb is None:
-        rows = [unavailable(case, "PEFT + bitsandbytes", BNB_PROBLEM or "bitsandbytes not installed")]
+        rows.append(unavailable(case, "PEFT + bitsandbytes", BNB_PROBLEM or "bitsandbytes not installed"))
     else:
-        rows = baseline(case, "PEFT + bitsandbytes", lambda: _peft_bnb_row(*args))
-    return rows + baseline(case, "bf16 dense + PEFT LoRA", lambda: _peft_dense_row(*args))
+        rows += baseline(case, "PEFT + bitsandbytes", lambda: _peft_bnb_rows(*args))
+    rows += baseline(case, "bf16 dense + PEFT LoRA", lambda: _peft_dense_rows(*args))
 
 
-def _peft_bnb_row(timer, case, shapes, p: MlpParams, x, gy, flops, ours_out) -> Row:
+def _peft_bnb_rows(timer, case, shapes, p: MlpParams, x, gy, flops, ours_out) -> list[Row]:
     import bitsandbytes as bnb
 
     def linear4(w: Weight) -> torch.nn.Module:
@@ -664,7 +726,7 @@ def _peft_bnb_row(timer, case, shapes, p: MlpParams, x, gy, flops, ours_out) -> 
     return _time_module(timer, case, impl, model, params, x, gy, flops, ours_out)
 
 
-def _peft_dense_row(timer, case, shapes, p: MlpParams, x, gy, flops, ours_out) -> Row:
+def _peft_dense_rows(timer, case, shapes, p: MlpParams, x, gy, flops, ours_out) -> list[Row]:
     def dense(w: Weight) -> torch.nn.Module:
         out_f, in_f = w.dense.shape
         layer = torch.nn.Linear(in_f, out_f, bias=False, device=w.dense.device, dtype=torch.bfloat16)
@@ -679,19 +741,31 @@ def _peft_dense_row(timer, case, shapes, p: MlpParams, x, gy, flops, ours_out) -
     return _time_module(timer, case, impl, model, params, x, gy, flops, ours_out)
 
 
-def _time_module(timer, case, impl, model, params, x, gy, flops, ours_out) -> Row:
+AUTOCAST = "bf16 autocast"
+
+
+def _time_module(timer, case, impl, model, params, x, gy, flops, ours_out) -> list[Row]:
+    """Two rows: ``impl`` called as it is, and under bfloat16 autocast (``impl`` with ", bf16 autocast"
+    before its closing parenthesis)."""
     xg = x.clone().requires_grad_()
-    with torch.no_grad():
-        out = model(x).float()
     ref = ours_out.float()
-    rel = float((out - ref).norm() / ref.norm())
-    check = f"info: ‖y−y_reflora‖/‖y_reflora‖ {rel:.2e}{' (unquantized W)' if 'dense' in impl else ''}"
+    out = []
+    for autocast in (False, True):
+        name = impl[:-1] + f", {AUTOCAST})" if autocast else impl
+        context = functools.partial(torch.autocast, x.device.type, torch.bfloat16, enabled=autocast)
+        with torch.no_grad(), context():
+            y = model(x).float()
+        rel = float((y - ref).norm() / ref.norm())
+        check = f"info: ‖y−y_reflora‖/‖y_reflora‖ {rel:.2e}{' (unquantized W)' if 'dense' in impl else ''}"
 
-    def run():
-        model(xg).backward(gy)
+        def run(context=context):
+            with context():
+                y = model(xg)
+            y.backward(gy)
 
-    med, p20, p80 = timer(run, grad_to_none=[xg, *params], min_rep_ms=MLP_REP_MS)
-    return Row(case, impl, med, p20, p80, flops=flops, check=check)
+        med, p20, p80 = timer(run, grad_to_none=[xg, *params], min_rep_ms=MLP_REP_MS)
+        out.append(Row(case, name, med, p20, p80, flops=flops, check=check))
+    return out
 
 
 # ------------------------------------------------------------------------------------------ tile sweep
@@ -738,19 +812,24 @@ def tile_name(cfg) -> str:
     return text + (" +shared" if cfg.table == "shared" else "")
 
 
-def _sweep(timer, case, configs, default, run, check, flops, nbytes) -> list[Row]:
-    """Time ``run(cfg)`` for each config, each checked first by ``check(out)``: a wrong kernel is never
-    timed (a wrong default stops the run; a wrong candidate is a row that says so). The default's row
-    is named "reflora triton", so that every other row's speedup reads as the default's time over it
-    (below 1: the candidate wins).
+def _sweep(
+    timer, case, configs, default, run, check, flops, nbytes, rows: list[Row] | None = None, bench=None
+) -> list[Row]:
+    """Time ``run(cfg)`` for each config, each checked first by ``check(out)``, its output allocated
+    under :func:`poisoned_outputs`: a wrong kernel is never timed (a wrong default stops the run; a
+    wrong candidate is a row that says so). The default's row is named "reflora triton", so that every
+    other row's speedup reads as the default's time over it (below 1: the candidate wins).
     A config that does not compile (too many registers or too much shared memory) becomes a row that
-    says why."""
-    rows = []
+    says why. Rows are appended to ``rows`` (returned; a new list by default) as each is done.
+    bench: cfg -> (function to time, whether to time it as a CUDA graph); default (run(cfg), False)."""
+    rows = [] if rows is None else rows
+    bench = bench or (lambda cfg: (lambda: run(cfg), False))
     for cfg in dict.fromkeys((default, *configs)):  # the default first, once
         impl = "reflora triton" if cfg == default else f"reflora triton {tile_name(cfg)}"
         note = f"default: {tile_name(cfg)}" if cfg == default else ""
         try:
-            out = run(cfg)
+            with poisoned_outputs():
+                out = run(cfg)
         except Exception as e:  # a launch the compiler refuses: recorded, not fatal
             rows.append(unavailable(case, impl, f"{type(e).__name__}: {str(e)[:160]}"))
             continue
@@ -762,22 +841,25 @@ def _sweep(timer, case, configs, default, run, check, flops, nbytes) -> list[Row
             rows.append(Row(case, impl, None, None, None, bytes=nbytes, flops=flops,
                             check=f"FAILED, not timed: {e}"))  # fmt: skip
             continue
-        med, p20, p80 = timer(lambda cfg=cfg: run(cfg))
+        fn, graph = bench(cfg)
+        med, p20, p80 = timer(fn, graph=graph)
         rows.append(Row(case, impl, med, p20, p80, bytes=nbytes, flops=flops, check=status, note=note))
     return rows
 
 
-def tiles_case(timer: Timer, shapes: Shapes, device) -> list[Row]:
+def tiles_case(timer: Timer, shapes: Shapes, device, rows: list[Row]) -> None:
     """Tile candidates for the QLoRA MLP's GEMMs (forward with its LoRA epilogue, and grad_x with
-    its own) and for the GEMV, each checked against float64 on its first rows, then timed beside the
-    default: what the defaults of default_config should be, measured. Not part of the default run."""
+    its own) and for the GEMV, each checked (finite everywhere after a poisoned allocation, and against
+    float64 on rows spread over every M tile), then timed beside the default: what the defaults of
+    default_config should be, measured. Not part of the default run."""
     dry = timer.dry_run
     gemm_tiles, gemv_tiles = (DRY_GEMM_TILES, DRY_GEMV_TILES) if dry else (GEMM_TILES, GEMV_TILES)
     p = make_mlp(shapes, device)
-    t, h, i, n_rows = shapes.tokens, shapes.hidden, shapes.inter, shapes.check_rows
+    t, h, i = shapes.tokens, shapes.hidden, shapes.inter
     gen = torch.Generator(device="cpu").manual_seed(17)
     ar = arithmetic(torch.bfloat16)
-    rows = []
+    sl = spread_rows(t, shapes.check_band)
+    picked = torch.from_numpy(sl).to(device)
     layers = {"gate/up": (p.gate, h, i, "gate"), "down": (p.down, i, h, "down")}
     for label, (w, k_in, n_out, name) in layers.items():
         a, b = p.lora[name]
@@ -788,7 +870,6 @@ def tiles_case(timer: Timer, shapes: Shapes, device) -> list[Row]:
         with torch.no_grad():
             lt = lowrank_matmul(x, a.t())  # x Aᵀ, float32, as the forward keeps it
             u = lowrank_matmul(g, b)  # g B, float32, as the backward forms it
-        sl = slice(0, n_rows)
         fwd_ref = forward_check(_np(x.double())[sl], w64, ar, a64, b64, p.scaling)
         # grad_x = g W + s (g B) A is the forward form with W -> Wᵀ, A -> Bᵀ, B -> Aᵀ.
         bwd_ref = forward_check(_np(g.double())[sl], w64.T, ar, b64.T, a64.T, p.scaling)
@@ -805,14 +886,19 @@ def tiles_case(timer: Timer, shapes: Shapes, device) -> list[Row]:
                 return nf4_gemm(a_in, w.ts, transposed=transposed, lora=lora_args, config=cfg)
 
             def check(out, case=case, ref=ref):
-                return check_within(case, out[:n_rows], *ref)
+                check_finite(case, out)
+                return check_within(case, out[picked], *ref)
 
             default = gemm_config(m, p_dim, q_dim, w.ts.blocksize)
             with torch.no_grad():
-                rows += _sweep(timer, case, gemm_tiles, default, run, check, flops, None)
+                _sweep(timer, case, gemm_tiles, default, run, check, flops, None, rows)
 
-    # The batch-1 GEMV on the dequantize case's matrix.
-    w = quantize_weight(shapes.w_out, shapes.w_in, device, seed=100)
+    # The batch-1 GEMV on the dequantize case's matrix, timed as the GEMV case times it: a CUDA graph
+    # of calls rotating over copies of the matrix, so that no call finds its weight in L2.
+    n = shapes.w_out * shapes.w_in
+    k = copies_to_defeat_l2(n // 2, device)
+    weights = [quantize_weight(shapes.w_out, shapes.w_in, device, seed=100 + j) for j in range(k)]
+    w = weights[0]
     x = torch.randn(1, shapes.w_in, generator=gen).to(torch.bfloat16).to(device)
     w64 = nf4.dequantize(oracle_state(w.ts), "bfloat16").astype(np.float64)
     ref = forward_check(_np(x.double()), w64, ar)
@@ -823,9 +909,12 @@ def tiles_case(timer: Timer, shapes: Shapes, device) -> list[Row]:
         return nf4_gemv(x, w.ts, config=cfg)
 
     def check_gemv(out):
+        check_finite(case, out)
         return check_within(case, out, *ref)
+
+    def bench_gemv(cfg):
+        return Rotation([lambda w=w_: nf4_gemv(x, w.ts, config=cfg) for w_ in weights]), True
 
     default = gemv_config(1, shapes.w_out, shapes.w_in)
     with torch.no_grad():
-        rows += _sweep(timer, case, gemv_tiles, default, run_gemv, check_gemv, None, nbytes)
-    return rows
+        _sweep(timer, case, gemv_tiles, default, run_gemv, check_gemv, None, nbytes, rows, bench_gemv)

@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -159,3 +160,84 @@ def test_tile_sweep_times_the_default_first_and_records_configs_that_do_not_comp
     rows = cases._sweep(slow_timer, "tiles: x", (other,), default, run, wrong_candidate, 1.0, None)
     assert rows[1].median_ms is None and rows[1].check.startswith("FAILED, not timed: |computed")
     assert timed == [default.bm]  # only the default was timed; the wrong candidate never
+
+
+def test_targets_take_the_fastest_row_of_each_baseline():
+    """PEFT is timed with and without bf16 autocast: the ≥2x target is judged against the faster."""
+    rows = [
+        _row("QLoRA MLP fwd+bwd", "reflora triton", 6.0),
+        _row("QLoRA MLP fwd+bwd", "PEFT + bitsandbytes (LoRA float32)", 13.0, speedup=13 / 6),
+        _row("QLoRA MLP fwd+bwd", "PEFT + bitsandbytes (LoRA float32, bf16 autocast)", 9.0, speedup=9 / 6),
+        _row("QLoRA MLP fwd+bwd", "bf16 dense + PEFT LoRA (float32)", 5.0, speedup=5 / 6),
+    ]
+    verdict = gpu.evaluate_targets(rows, dry_run=False)["QLoRA MLP"]
+    assert verdict.startswith("MISSED: 1.50x vs PEFT + bitsandbytes (need 2.00x)"), verdict
+    assert "bf16 dense" not in verdict.split(" -- ")[0]  # 0.83x is within 1.3x of dense
+
+
+def test_a_variant_is_compared_with_the_row_it_varies():
+    import _gpu_cases as cases
+
+    rows = [
+        cases.Row("mlp", "reflora triton", 5.0, 5.0, 5.0),
+        cases.Row("mlp", cases.VARIANT_FUSED, 8.0, 8.0, 8.0),
+        cases.Row("mlp", cases.VARIANT_SHARED, 6.4, 6.4, 6.4, versus=cases.VARIANT_FUSED),
+    ]
+    shared = gpu.derive(rows, None, None)[2]
+    assert shared["reflora_speedup"] == pytest.approx(6.4 / 5.0)  # against the default, as every row
+    assert shared["versus"] == cases.VARIANT_FUSED and shared["versus_speedup"] == pytest.approx(8.0 / 6.4)
+
+
+def test_spread_rows_check_every_tile_of_every_tiling():
+    import _gpu_cases as cases
+
+    rows = cases.spread_rows(8192, 64)
+    assert rows[-1] == 8191 and len(rows) == 129 and (np.diff(rows) > 0).all()
+    for bm in (64, 128, 256):  # every M tile of these tilings holds a checked row
+        assert set(range(8192 // bm)) == set(rows // bm)
+    assert len(set(rows % 64)) > 32  # and at varying offsets inside the tiles
+    assert list(cases.spread_rows(40, 16, seed=1)) == sorted(set(cases.spread_rows(40, 16, seed=1)))
+    assert set(cases.spread_rows(40, 16) // 16) == {0, 1, 2}
+
+
+def test_an_output_left_partly_unwritten_fails_its_check_and_is_not_timed():
+    """The kernels' outputs come from torch.empty, which may hand back memory holding an earlier call's
+    correct values; under poisoned_outputs it holds NaN, so a candidate that skips a tile fails."""
+    import _gpu_cases as cases
+
+    def run(cfg):
+        out = torch.empty(40, 8)  # as the launchers allocate
+        out[: cfg.bm] = 1.0  # writes only its first M tile
+        return out
+
+    def check(out):
+        cases.check_finite("tiles: x", out)
+        return "ok"
+
+    timed = []
+    timer = lambda fn, **kw: timed.append(fn) or (1.0, 1.0, 1.0)  # noqa: E731
+    full, partial = cases.GemmConfig(bm=64, bp=16, bq=16), cases.GemmConfig(bm=16, bp=16, bq=16)
+    rows = cases._sweep(timer, "tiles: x", (partial,), full, run, check, 1.0, None)
+    assert rows[0].check == "ok" and rows[1].median_ms is None and len(timed) == 1
+    assert rows[1].check.startswith("FAILED, not timed: tiles: x: 192 of 320 elements are not finite")
+    assert "never written" in rows[1].check and "first at index (16, 0)" in rows[1].check
+    assert not torch.are_deterministic_algorithms_enabled()  # the poisoning is undone after each check
+    assert torch.isfinite(torch.zeros(3)).all()
+
+
+def test_the_json_records_the_digest_gpu_session_prints(tmp_path):
+    """gpu_session.sh hashes the sha256sum listing of the sources; gpu.py records the same digest."""
+    import subprocess
+
+    root = BENCH.parent
+    listing = subprocess.run(
+        "find reflora backends conformance benchmarks -name '*.py' -o -name '*.toml' | LC_ALL=C sort "
+        "| xargs sha256sum | sha256sum",
+        shell=True, cwd=root, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert gpu.sources_digest() == listing.stdout.split()[0]
+    (tmp_path / "reflora").mkdir()
+    (tmp_path / "reflora" / "a.py").write_text("x = 1\n")
+    before = gpu.sources_digest(tmp_path)
+    (tmp_path / "reflora" / "a.py").write_text("x = 2\n")
+    assert gpu.sources_digest(tmp_path) != before
