@@ -23,7 +23,7 @@ import numpy as np
 from reflora import codebooks, lora, nf4
 from reflora.bounds import round_to
 from reflora.conformance.bundle import Inputs
-from reflora.conformance.strategies import _step_ulps, family_values, lora_values
+from reflora.conformance.strategies import TINY_LEVELS, _step_ulps, family_values, lora_values
 from reflora.dialects import torchao_nf4
 from reflora.dtypes import DTYPES, as_dtype
 
@@ -308,11 +308,17 @@ def _positive(rng, shape, scale, dt) -> np.ndarray:
 
 def _lora(op, n_in, out, r, lead=(3,), *, alpha=16.0, rslora=False, bias=False, p=None, fan=False,
           zero_B=False, views=(), check=None, mask_zero=False, blocksize=64, quant_type="nf4",
-          double_quant=False, positive=False, base_dtype=None):  # fmt: skip
+          double_quant=False, positive=False, base_dtype=None, tiny=False):  # fmt: skip
     """A LoRA/QLoRA case builder: shapes, scaling and options; values from the case's generator
-    (all positive with ``positive``); a QLoRA base W in ``base_dtype`` instead of the case's dtype."""
+    (all positive with ``positive``; every value of the "tiny" family's "normal products" level with
+    ``tiny``); a QLoRA base W in ``base_dtype`` instead of the case's dtype."""
 
     def build(dtype, rng):
+        def values(family, shape, scale, dt):
+            if tiny:
+                return lora_values("tiny", rng, shape, scale, dt, TINY_LEVELS[1])
+            return lora_values(family, rng, shape, scale, dt)
+
         dt = as_dtype(dtype)
         w_dt = as_dtype(base_dtype or dtype)
         if positive:
@@ -321,10 +327,10 @@ def _lora(op, n_in, out, r, lead=(3,), *, alpha=16.0, rslora=False, bias=False, 
             A = _positive(rng, (r, n_in), 1 / math.sqrt(n_in), dt)
             B = _positive(rng, (out, r), 1e-3, dt)  # s·x Aᵀ Bᵀ about 1% of x Wᵀ: the base path dominates
         else:
-            x = lora_values("normal", rng, (*lead, n_in), 1.0, dt)
-            W = lora_values("normal", rng, (out, n_in), 1 / math.sqrt(n_in), w_dt)
-            A = lora_values("uniform", rng, (r, n_in), 1 / math.sqrt(n_in), dt)
-            B = np.zeros((out, r), dtype=dt) if zero_B else lora_values("normal", rng, (out, r), 0.1, dt)
+            x = values("normal", (*lead, n_in), 1.0, dt)
+            W = values("normal", (out, n_in), 1 / math.sqrt(n_in), w_dt)
+            A = values("uniform", (r, n_in), 1 / math.sqrt(n_in), dt)
+            B = np.zeros((out, r), dtype=dt) if zero_B else values("normal", (out, r), 0.1, dt)
         params = {"in": n_in, "out": out, "r": r, "alpha": alpha, "rslora": rslora,
                   "scaling": lora.scaling(alpha, r, rslora), "seed": 0}  # fmt: skip
         inputs = Inputs("", op, check or op, dtype, params=params)
@@ -337,12 +343,12 @@ def _lora(op, n_in, out, r, lead=(3,), *, alpha=16.0, rslora=False, bias=False, 
         inputs.put("A", A)
         inputs.put("B", B)
         if bias:
-            inputs.put("bias", lora_values("normal", rng, (out,), 1.0, dt))
+            inputs.put("bias", values("normal", (out,), 1.0, dt))
         if p is not None or mask_zero:
             keep = np.zeros(x.shape, dtype=bool) if mask_zero else rng.random(x.shape) >= p
             inputs.put("dropout_mask", round_to(keep / (1 - (p or 0.0)), dt))
         if op.endswith("backward"):
-            inputs.put("grad_y", lora_values("normal", rng, (*lead, out), 1.0, dt))
+            inputs.put("grad_y", values("normal", (*lead, out), 1.0, dt))
         if op.startswith("qlora"):
             params.update(blocksize=blocksize, quant_type=quant_type, double_quant=double_quant)
             if base_dtype is not None:
@@ -403,6 +409,12 @@ def _lora_cases(op: str) -> list[Case]:
         Case(op, "dropout p=0.5", op, _lora(op, 24, 10, 4, p=0.5)),
         Case(op, "B = 0 (fresh adapter)", op, _lora(op, 24, 10, 4, zero_B=True)),
     ]
+    # Products of three values at 2**20 float32 smallest normals: normal numbers throughout, but far
+    # below any random family's. A backend that declares flush_to_zero is held to them, where the
+    # tiny family's first level (products down in the subnormal range) holds it to nothing in grad_A
+    # and grad_B; float16 has no such values.
+    tiny = _lora(op, 64, 40, 4, lead=(8,), tiny=True)
+    cases.append(Case(op, "tiny values, products normal in float32", op, tiny, ("bfloat16", "float32")))
     if not op.startswith("qlora"):
         cases += [
             Case(op, "rank 256", op, _lora(op, 16, 8, 256, lead=(4,))),

@@ -71,6 +71,9 @@ FAMILIES = (
 )
 LORA_FAMILIES = ("normal", "uniform", "heavy-tailed", "wide range", "sparse", "tiny")
 B_SCALES = (0.1, 1e-2, 1e-3, 1e-4)  # B's typical magnitude (the "tiny" family has its own)
+# Where the "tiny" family puts a product of three values (lora_values); the second is drawn only for
+# bfloat16 and float32, whose range float32 accumulation shares (label "tiny level").
+TINY_LEVELS = ("subnormal products", "normal products")
 SPECIAL_DIMS = (1, 2, 3, 5, 7, 8, 13, 16, 31, 63, 64, 65, 97, 127, 128, 257)
 SEEDS = st.integers(0, 2**32 - 1)
 
@@ -279,9 +282,15 @@ def _dim(data, hi: int, label: str) -> int:
 
 
 def lora_values(
-    family: str, rng: np.random.Generator, shape: tuple[int, ...], scale: float, dtype
+    family: str,
+    rng: np.random.Generator,
+    shape: tuple[int, ...],
+    scale: float,
+    dtype,
+    level: str = TINY_LEVELS[0],
 ) -> np.ndarray:
-    """Values of ``dtype`` and ``shape`` from a LoRA value family, typical magnitude ``scale``."""
+    """Values of ``dtype`` and ``shape`` from a LoRA value family, typical magnitude ``scale`` (the
+    "tiny" family ignores it and takes ``level``, one of :data:`TINY_LEVELS`, instead)."""
     dtype = as_dtype(dtype)
     n = math.prod(shape)
     if family == "normal":
@@ -299,8 +308,17 @@ def lora_values(
         # subnormal range, at smallest_normal·2^(-mantissa bits/2); of two, above it. Values of 64·tiny
         # (as before) made float32's and bfloat16's three-factor products underflow far below the
         # bound's η terms: a backend returning zeros passed every grad_A and grad_B of this family.
+        # "normal products": products of three at 2**20 smallest normals, normal in float32 too. At
+        # the first level a backend that flushes subnormals (flush_to_zero, whose bound then allows an
+        # error of (2K - 1) float32 smallest normals) is held to nothing in grad_A and grad_B: one that
+        # returned them as zeros for such inputs passed (tests/mutants FlushingSkipsTinyGradients).
+        # Here the values are still far below any other family's, and below float16's range.
         fi = ml_dtypes.finfo(dtype)
-        v = rng.standard_normal(n) * (float(fi.smallest_normal) * 2.0 ** (-int(fi.nmant) / 2)) ** (1 / 3)
+        tiny = float(fi.smallest_normal)
+        if level not in TINY_LEVELS:
+            raise ValueError(f"unknown tiny level {level!r}; one of {TINY_LEVELS}")
+        product = tiny * 2.0 ** (-int(fi.nmant) / 2) if level == TINY_LEVELS[0] else tiny * 2.0**20
+        v = rng.standard_normal(n) * product ** (1 / 3)
     else:
         raise ValueError(f"unknown LoRA value family {family!r}")
     return _finite(v, dtype).reshape(shape)
@@ -337,20 +355,25 @@ def draw_lora(
     alpha = data.draw(st.sampled_from([16.0, 1.0, 8.0, 32.0, 0.5, -2.0, 3.0]), label="alpha")
     rslora = data.draw(st.booleans(), label="rslora")
     family = data.draw(st.sampled_from(LORA_FAMILIES), label="values")
+    dt = as_dtype(dtype)
+    level = TINY_LEVELS[0]
+    if family == "tiny" and float(ml_dtypes.finfo(dt).smallest_normal) == float(np.finfo(np.float32).tiny):
+        level = data.draw(st.sampled_from(TINY_LEVELS), label="tiny level")
     # B's typical size: a trained adapter's, or an early one's, whose low-rank term is small but not
     # negligible (a backend that skips it below some size must fail; with B near 0.1 alone one that
     # skipped |s·B| < 1e-3 passed every test)
     b_scale = data.draw(st.sampled_from(B_SCALES), label="B scale")
     seed = data.draw(SEEDS, label="seed")
     rng = np.random.default_rng(seed)
-    dt = as_dtype(dtype)
-    x = lora_values(family, rng, (*lead, n_in), 1.0, dt)
-    W = lora_values(family, rng, (out, n_in), 1 / math.sqrt(n_in), dt)
-    A = lora_values(family, rng, (rank, n_in), 1 / math.sqrt(n_in), dt)
-    B = lora_values(family, rng, (out, rank), b_scale, dt)
+    x = lora_values(family, rng, (*lead, n_in), 1.0, dt, level)
+    W = lora_values(family, rng, (out, n_in), 1 / math.sqrt(n_in), dt, level)
+    A = lora_values(family, rng, (rank, n_in), 1 / math.sqrt(n_in), dt, level)
+    B = lora_values(family, rng, (out, rank), b_scale, dt, level)
     params = {"in": n_in, "out": out, "r": rank, "alpha": alpha, "rslora": rslora,
               "scaling": lora.scaling(alpha, rank, rslora), "values": family, "B scale": b_scale,
               "seed": seed}  # fmt: skip
+    if family == "tiny":
+        params["tiny level"] = level
     inputs = Inputs(test_id, op, op, dtype, params=params)  # the LoRA checks are named after their ops
     if op == "lora_merge":
         fan = data.draw(st.booleans(), label="fan_in_fan_out")
@@ -362,7 +385,7 @@ def draw_lora(
     inputs.put("A", A)
     inputs.put("B", B)
     if op == "lora_forward" and data.draw(st.booleans(), label="bias"):
-        inputs.put("bias", lora_values(family, rng, (out,), 1.0, dt))
+        inputs.put("bias", lora_values(family, rng, (out,), 1.0, dt, level))
     if op != "lora_merge":
         p = data.draw(st.sampled_from([None, 0.1, 0.5]), label="dropout p")
         if p is not None:
@@ -370,7 +393,7 @@ def draw_lora(
             inputs.put("dropout_mask", round_to(keep / (1 - p), dt))
             inputs.params["dropout_p"] = p
     if op == "lora_backward":
-        inputs.put("grad_y", lora_values(family, rng, (*lead, out), 1.0, dt))
+        inputs.put("grad_y", lora_values(family, rng, (*lead, out), 1.0, dt, level))
     return inputs
 
 
@@ -422,7 +445,8 @@ def draw_qlora(
         others = [d for d in DTYPES if d != dtype]
         base_dtype = data.draw(st.sampled_from(others), label="base dtype")
         rng = np.random.default_rng(inputs.params["seed"] + 2)  # +1 is the broken-shape draw's
-        W = lora_values(inputs.params["values"], rng, W.shape, 1 / math.sqrt(W.shape[1]), base_dtype)
+        level = inputs.params.get("tiny level", TINY_LEVELS[0])
+        W = lora_values(inputs.params["values"], rng, W.shape, 1 / math.sqrt(W.shape[1]), base_dtype, level)
         inputs.put("W", W)
         inputs.params["base_dtype"] = base_dtype
     inputs.params["blocksize"] = blocksize

@@ -49,6 +49,7 @@ CAUGHT_BY_CASE = {
     "MergeFanInIgnored": "fan_in_fan_out, square W",
     "QLoRABaseSkipsStateDtype": "base weight in bfloat16",
     "QLoRABackwardBase16Bit": "one-hot rows, B = 0",
+    "FlushingSkipsTinyGradients": "tiny values, products normal in float32",
 }
 
 HEADLINE = re.compile(

@@ -381,6 +381,28 @@ class ScratchInputs(_Mutant):
         return y
 
 
+class FlushingSkipsTinyGradients(_Mutant):
+    name, ops, bug = (
+        "mutant-ftz-skips-tiny-grads",
+        ("lora_backward",),
+        "a backend declaring flush-to-zero (float32 accumulation) returns grad_A and grad_B as zeros where "
+        "max|x|·max|grad_y| < 2**-60 (a 'negligible gradient' shortcut)",
+    )
+
+    def arithmetic(self, op, dtype):  # what a torch backend on an AVX512_BF16 CPU declares in bfloat16
+        return Arithmetic(operand=dtype, accumulate="float32", intermediate="float32", output=dtype,
+                          flush_to_zero=True)  # fmt: skip
+
+    def lora_backward(self, grad_y, x, W, A, B, scaling, *, dropout_mask=None):
+        grads = lora.backward(grad_y, x, W, A, B, scaling, dropout_mask=dropout_mask)
+        gx, gA, gB = (round_to(g, np.asarray(a).dtype) for g, a in zip(grads, (x, A, B), strict=True))
+        scale = float(np.max(np.abs(np.asarray(x, np.float64)), initial=0.0))
+        scale *= float(np.max(np.abs(np.asarray(grad_y, np.float64)), initial=0.0))
+        if scale < 2.0**-60:
+            return gx, np.zeros_like(gA), np.zeros_like(gB)
+        return gx, gA, gB
+
+
 MUTANTS: tuple[type[_Mutant], ...] = (
     NibbleOrder,
     TiesUp,
@@ -409,4 +431,5 @@ MUTANTS: tuple[type[_Mutant], ...] = (
     NegativeScaleClamped,
     QLoRABaseSkipsStateDtype,
     SkipsSmallAdapter,
+    FlushingSkipsTinyGradients,
 )
