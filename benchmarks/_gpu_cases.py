@@ -697,16 +697,28 @@ def _inject_lora(model: torch.nn.Module, p: MlpParams, shapes: Shapes):
 def _peft_rows(timer, case, shapes, p: MlpParams, x, gy, flops, ours_out, rows: list[Row]) -> None:
     """PEFT + bitsandbytes, and bf16 dense + PEFT (which needs no bitsandbytes), each on its own, each
     timed twice: as a plain call, and under bfloat16 autocast (the Trainer's ``bf16=True``, where PEFT
-    runs its float32 adapters' products in bfloat16). The targets take the faster of the two."""
-    args = (timer, case, shapes, p, x, gy, flops, ours_out)
-    if p.gate.bnb is None:
-        rows.append(unavailable(case, "PEFT + bitsandbytes", BNB_PROBLEM or "bitsandbytes not installed"))
-    else:
-        rows += baseline(case, "PEFT + bitsandbytes", lambda: _peft_bnb_rows(*args))
-    rows += baseline(case, "bf16 dense + PEFT LoRA", lambda: _peft_dense_rows(*args))
+    runs its float32 adapters' products in bfloat16). The targets take the faster of the two. Each row
+    is its own baseline: one that fails leaves the others, and each is appended when it is done."""
+    builders = {"PEFT + bitsandbytes": _peft_bnb_model, "bf16 dense + PEFT LoRA": _peft_dense_model}
+    for label, build in builders.items():
+        if label.startswith("PEFT + bitsandbytes") and p.gate.bnb is None:
+            rows.append(unavailable(case, label, BNB_PROBLEM or "bitsandbytes not installed"))
+            continue
+        built = baseline(case, label, lambda build=build: [build(p, shapes)])
+        if isinstance(built[0], Row):  # the model could not be built: that row says why
+            rows += built
+            continue
+        model, params = built[0]
+        impl = f"{label} ({str(params[0].dtype).removeprefix('torch.')})"
+        if label.startswith("PEFT + bitsandbytes"):
+            impl = f"{label} (LoRA {str(params[0].dtype).removeprefix('torch.')})"
+        for autocast in (False, True):
+            name = impl[:-1] + f", {AUTOCAST})" if autocast else impl
+            run = functools.partial(_time_module, timer, case, name, model, params, x, gy, flops, ours_out)
+            rows += baseline(case, name, functools.partial(run, autocast))
 
 
-def _peft_bnb_rows(timer, case, shapes, p: MlpParams, x, gy, flops, ours_out) -> list[Row]:
+def _peft_bnb_model(p: MlpParams, shapes: Shapes):
     import bitsandbytes as bnb
 
     def linear4(w: Weight) -> torch.nn.Module:
@@ -721,12 +733,10 @@ def _peft_bnb_rows(timer, case, shapes, p: MlpParams, x, gy, flops, ours_out) ->
 
     model = _Mlp(linear4(p.gate), linear4(p.up), linear4(p.down))
     model.is_loaded_in_4bit = True  # PEFT dispatches its bnb 4-bit LoRA layer only for flagged models
-    model, params = _inject_lora(model, p, shapes)
-    impl = f"PEFT + bitsandbytes (LoRA {str(params[0].dtype).removeprefix('torch.')})"
-    return _time_module(timer, case, impl, model, params, x, gy, flops, ours_out)
+    return _inject_lora(model, p, shapes)
 
 
-def _peft_dense_rows(timer, case, shapes, p: MlpParams, x, gy, flops, ours_out) -> list[Row]:
+def _peft_dense_model(p: MlpParams, shapes: Shapes):
     def dense(w: Weight) -> torch.nn.Module:
         out_f, in_f = w.dense.shape
         layer = torch.nn.Linear(in_f, out_f, bias=False, device=w.dense.device, dtype=torch.bfloat16)
@@ -736,36 +746,29 @@ def _peft_dense_rows(timer, case, shapes, p: MlpParams, x, gy, flops, ours_out) 
         return layer
 
     model = _Mlp(dense(p.gate), dense(p.up), dense(p.down))
-    model, params = _inject_lora(model, p, shapes)
-    impl = f"bf16 dense + PEFT LoRA ({str(params[0].dtype).removeprefix('torch.')})"
-    return _time_module(timer, case, impl, model, params, x, gy, flops, ours_out)
+    return _inject_lora(model, p, shapes)
 
 
 AUTOCAST = "bf16 autocast"
 
 
-def _time_module(timer, case, impl, model, params, x, gy, flops, ours_out) -> list[Row]:
-    """Two rows: ``impl`` called as it is, and under bfloat16 autocast (``impl`` with ", bf16 autocast"
-    before its closing parenthesis)."""
+def _time_module(timer, case, impl, model, params, x, gy, flops, ours_out, autocast: bool) -> Row:
+    """``model``'s forward + backward, called as it is or under bfloat16 autocast."""
     xg = x.clone().requires_grad_()
+    context = functools.partial(torch.autocast, x.device.type, torch.bfloat16, enabled=autocast)
+    with torch.no_grad(), context():
+        y = model(x).float()
     ref = ours_out.float()
-    out = []
-    for autocast in (False, True):
-        name = impl[:-1] + f", {AUTOCAST})" if autocast else impl
-        context = functools.partial(torch.autocast, x.device.type, torch.bfloat16, enabled=autocast)
-        with torch.no_grad(), context():
-            y = model(x).float()
-        rel = float((y - ref).norm() / ref.norm())
-        check = f"info: ‖y−y_reflora‖/‖y_reflora‖ {rel:.2e}{' (unquantized W)' if 'dense' in impl else ''}"
+    rel = float((y - ref).norm() / ref.norm())
+    check = f"info: ‖y−y_reflora‖/‖y_reflora‖ {rel:.2e}{' (unquantized W)' if 'dense' in impl else ''}"
 
-        def run(context=context):
-            with context():
-                y = model(xg)
-            y.backward(gy)
+    def run():
+        with context():
+            out = model(xg)
+        out.backward(gy)
 
-        med, p20, p80 = timer(run, grad_to_none=[xg, *params], min_rep_ms=MLP_REP_MS)
-        out.append(Row(case, name, med, p20, p80, flops=flops, check=check))
-    return out
+    med, p20, p80 = timer(run, grad_to_none=[xg, *params], min_rep_ms=MLP_REP_MS)
+    return Row(case, impl, med, p20, p80, flops=flops, check=check)
 
 
 # ------------------------------------------------------------------------------------------ tile sweep

@@ -27,6 +27,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, TextIO
@@ -81,6 +82,12 @@ class _Progress:
         self._clear()
 
 
+# The signal that asked the run to stop, once one has. Python runs a signal handler between any two
+# bytecodes, a garbage collector's callback included (Hypothesis installs one), and there the handler's
+# KeyboardInterrupt is printed and dropped ("Exception ignored in: ... gc_callback"): the run went on,
+# measured under load. So the handler records it too, and the run stops after the test in progress.
+_STOP: str | None = None
+
 PARTIAL_EVERY_S = 30.0
 """How often, at most, a run with ``--json`` rewrites the file with its results so far."""
 
@@ -105,6 +112,8 @@ class _Partial:
             self.backend("?")
         self.backends[-1]["results"].append(result.as_dict())
         self.backends[-1]["total"] = total
+        if _STOP is not None:  # its KeyboardInterrupt was lost (see _STOP): stop here instead
+            raise KeyboardInterrupt(_STOP)
         if time.perf_counter() - self.last >= self.every:
             self.write(None)
 
@@ -289,16 +298,26 @@ def _choose_triton_mode() -> None:
 def _run_conform(args: argparse.Namespace) -> int:
     _choose_triton_mode()
 
-    def stopped(signum: int, frame: Any) -> None:  # `timeout` sends SIGTERM: stop as Ctrl-C does
-        raise KeyboardInterrupt(signal.Signals(signum).name)
+    global _STOP
+    _STOP = None
 
-    previous = signal.signal(signal.SIGTERM, stopped)
+    def stopped(signum: int, frame: Any) -> None:  # `timeout` sends SIGTERM: stop as Ctrl-C does
+        global _STOP
+        if _STOP is not None:  # a second one must not cut the partial write short
+            return
+        _STOP = signal.Signals(signum).name
+        raise KeyboardInterrupt(_STOP)
+
+    # Only the main thread may install a handler; from another (a library caller's), runs stop as before.
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, stopped) if main else None
     try:
         return conform(args.backend, profile=args.profile, seed=args.seed, json_path=args.json,
                        markdown_path=args.markdown, bundle_dir=args.bundle_dir, select=args.select,
                        deviations=args.deviations)  # fmt: skip
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if main:  # a handler installed outside Python reads as None: put the default back
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def add_conform_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -324,6 +324,11 @@ def lora_values(
     return _finite(v, dtype).reshape(shape)
 
 
+def _float32_range(dtype) -> bool:
+    """Whether ``dtype`` has float32's exponent range (float32, bfloat16): the tiny family's second level."""
+    return float(ml_dtypes.finfo(as_dtype(dtype)).smallest_normal) == float(np.finfo(np.float32).tiny)
+
+
 def _lora_dims(data, profile: Profile, base: tuple[int, int] | None = None):
     """(in, out, r, x's leading dims); ``base`` fixes (out, in) instead of drawing them."""
     cap = profile.max_elements
@@ -357,7 +362,7 @@ def draw_lora(
     family = data.draw(st.sampled_from(LORA_FAMILIES), label="values")
     dt = as_dtype(dtype)
     level = TINY_LEVELS[0]
-    if family == "tiny" and float(ml_dtypes.finfo(dt).smallest_normal) == float(np.finfo(np.float32).tiny):
+    if family == "tiny" and _float32_range(dt):
         level = data.draw(st.sampled_from(TINY_LEVELS), label="tiny level")
     # B's typical size: a trained adapter's, or an early one's, whose low-rank term is small but not
     # negligible (a backend that skips it below some size must fail; with B near 0.1 alone one that
@@ -446,6 +451,8 @@ def draw_qlora(
         base_dtype = data.draw(st.sampled_from(others), label="base dtype")
         rng = np.random.default_rng(inputs.params["seed"] + 2)  # +1 is the broken-shape draw's
         level = inputs.params.get("tiny level", TINY_LEVELS[0])
+        if not _float32_range(base_dtype):  # the second level is not tiny in float16 (values near 3)
+            level = TINY_LEVELS[0]
         W = lora_values(inputs.params["values"], rng, W.shape, 1 / math.sqrt(W.shape[1]), base_dtype, level)
         inputs.put("W", W)
         inputs.params["base_dtype"] = base_dtype

@@ -74,7 +74,8 @@ def sim_matmul(P, Q, acc, order="recursive", truncate=False) -> np.ndarray:
     if order == "blas":  # the platform's own float32/float64 GEMM (blocked, FMA), a real backend
         with np.errstate(invalid="ignore", over="ignore"):  # overflow: see add_round
             return (P.astype(acc) @ Q.astype(acc)).astype(np.float64)
-    exact = P[:, :, None] * Q[None, :, :]  # (n, K, m), exact for float32 operands
+    with np.errstate(invalid="ignore"):  # inf · 0 is NaN, quietly, as in mul_round
+        exact = P[:, :, None] * Q[None, :, :]  # (n, K, m), exact for float32 operands
     terms = [exact[:, k, :] for k in range(exact.shape[1])]
     if order == "fma":  # s = fl(s + a·b), one rounding a step
         s = rnd(terms[0], acc)

@@ -392,6 +392,28 @@ def test_a_stopped_run_keeps_its_results_so_far(tmp_path, monkeypatch):
     assert f"interrupted (SIGTERM) after 5 tests; the 5 finished tests' results are in {j}" in err.getvalue()
 
 
+def test_a_stop_whose_interrupt_was_lost_ends_the_run_after_the_test_in_progress(tmp_path, monkeypatch):
+    """A SIGTERM landing in a garbage-collector callback (Hypothesis installs one) had its
+    KeyboardInterrupt printed and dropped, and the run went on past a `timeout`: the handler also
+    records the signal, and the run stops once the test in progress is done."""
+    j = tmp_path / "r.json"
+    real, calls = runner.run_test, []
+
+    def run_test(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            monkeypatch.setattr(conform_cli, "_STOP", "SIGTERM")  # as the handler leaves it
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "run_test", run_test)
+    err = io.StringIO()
+    rc = conform_cli.conform(["reference"], select=[MERGE], json_path=str(j), bundle_dir=str(tmp_path / "b"),
+                             out=io.StringIO(), err=err)  # fmt: skip
+    assert rc == 130 and len(calls) == 5
+    record = json.loads(j.read_text())
+    assert record["interrupted"] == "SIGTERM" and len(record["partial"][0]["results"]) == 5
+
+
 def test_sigterm_stops_the_command_and_keeps_the_results(tmp_path):
     """As `timeout` stops it: SIGTERM, then the JSON of the finished tests and exit 130."""
     import signal
@@ -421,3 +443,24 @@ def test_a_finished_run_says_it_is_complete(capsys, tmp_path):
     rc, _, _ = _conform(capsys, "--backend", "reference", "-k", MERGE, "--json", str(j), "--bundle-dir",
                         str(tmp_path / "b"))  # fmt: skip
     assert rc == 0 and json.loads(j.read_text())["complete"] is True
+
+
+def test_conform_runs_from_a_thread_that_is_not_the_main_one(tmp_path):
+    """The SIGTERM handler is the main thread's to install: from another thread (a library caller's) the
+    command ran before it existed and must still run (signal.signal raised ValueError there)."""
+    import threading
+
+    out: dict[str, object] = {}
+
+    def run():
+        try:
+            out["rc"] = cli.main(
+                ["conform", "--backend", "reference", "-k", MERGE, "--bundle-dir", str(tmp_path)]
+            )
+        except BaseException as exc:  # reported below
+            out["error"] = exc
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(120)
+    assert out == {"rc": 0}, out

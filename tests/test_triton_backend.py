@@ -124,6 +124,11 @@ def test_the_subnormal_probe_finds_the_interpreter_keeps_them(interpreted):
     assert TritonBackend().arithmetic("qlora_forward", "bfloat16").flush_to_zero is False
     with pytest.raises(ValueError, match="dtype must be one of"):
         subnormals.probe(torch.float64, "cpu")
+    # whatever mode the first caller is in (it raised under no_grad and inference_mode)
+    with torch.no_grad():
+        assert subnormals.probe(torch.float16, "cpu", rows=(1,)) == []
+    with torch.inference_mode():
+        assert subnormals.probe(torch.float16, "cpu", rows=(1,)) == []
 
 
 @pytest.mark.parametrize("where", ["inputs", "outputs"])
@@ -153,9 +158,34 @@ def test_the_subnormal_probe_sees_a_kernel_that_flushes(interpreted, monkeypatch
         assert found[0] == "subnormal results, 1 rows: y 0 of 256 equal", found
         assert not any(line.startswith("subnormal operands") for line in found), found
     monkeypatch.setattr(backend_module, "_interpret", lambda: False)  # as on a GPU: probed, not assumed
+    # a dtype the kernels do not take is not probed (it raised from getattr or the probe's own check)
+    assert backend_module.TritonBackend().arithmetic("qlora_forward", "float64").flush_to_zero is False
     monkeypatch.setattr(backend_module, "_device", lambda: "cpu")
     monkeypatch.setattr(
         subnormals, "flushes", lambda dtype, device: bool(subnormals.probe(dtype, device, (1,)))
     )
     arith = backend_module.TritonBackend().arithmetic("qlora_backward", "bfloat16")
     assert arith.flush_to_zero is True and arith.acc_slack == 2.0
+
+
+def test_the_subnormal_probe_sees_grad_a_flushed_and_refuses_a_wrong_kernel(interpreted, monkeypatch):
+    """grad_A's products are subnormal in one probe (u = 2**-62 times x = 2**-70): a kernel that zeroes
+    grad_A is seen (the first probes never had a nonzero grad_A). A result above the oracle's cannot
+    come from flushing these all-positive sums: that is an error, not a declared flush."""
+    torch, subnormals = interpreted
+    import reflora.backends.triton as package
+
+    real = package.qlora_linear
+
+    def zero_grad_a(x, ts, a, b, s):
+        a2 = a * 1
+        a2.register_hook(torch.zeros_like)
+        return real(x, ts, a2, b, s)
+
+    monkeypatch.setattr(package, "qlora_linear", zero_grad_a)
+    found = subnormals.probe(torch.bfloat16, "cpu", rows=(1,))
+    assert found == ["subnormal products in grad_A, 1 rows: grad_A 0 of 4096 equal"], found
+
+    monkeypatch.setattr(package, "qlora_linear", lambda x, ts, a, b, s: real(x, ts, a, b, s) * 2)
+    with pytest.raises(RuntimeError, match=r"subnormal operands, 1 rows: y element 0 is .*above the exact"):
+        subnormals.probe(torch.float16, "cpu", rows=(1,))

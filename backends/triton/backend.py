@@ -111,7 +111,10 @@ def _flushes(dtype: str) -> bool:
 
     from reflora.backends.triton import subnormals
 
-    return subnormals.flushes(getattr(torch, dtype), _device())
+    torch_dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else None
+    if torch_dtype not in subnormals.CASES:  # not an activation dtype: Arithmetic's own check says so
+        return False
+    return subnormals.flushes(torch_dtype, _device())
 
 
 class TritonBackend(BaseBackend):
