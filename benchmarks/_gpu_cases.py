@@ -174,15 +174,23 @@ def unavailable(case: str, impl: str, why: str) -> Row:
     return Row(case, impl, None, None, None, check="not run", note=why)
 
 
-def baseline(case: str, impl: str, fn) -> list[Row]:
-    """fn()'s rows, or one row saying why not: a baseline that fails (a library version that refuses
-    the call, a check it fails, an out-of-memory) is reported, and the run goes on to reflora's rows."""
+def attempt(case: str, impl: str, fn):
+    """(fn(), None), or (None, a row saying why fn failed): a library version that refuses the call, a
+    check it fails, an out-of-memory (the cache is emptied for what follows)."""
     try:
-        rows = fn()
+        return fn(), None
     except Exception as e:
         if isinstance(e, torch.cuda.OutOfMemoryError):
             torch.cuda.empty_cache()
-        return [unavailable(case, impl, f"{type(e).__name__}: {str(e)[:200]}")]
+        return None, unavailable(case, impl, f"{type(e).__name__}: {str(e)[:200]}")
+
+
+def baseline(case: str, impl: str, fn) -> list[Row]:
+    """fn()'s rows, or one row saying why not: a baseline that fails is reported (:func:`attempt`), and
+    the run goes on to reflora's rows."""
+    rows, failed = attempt(case, impl, fn)
+    if failed is not None:
+        return [failed]
     return rows if isinstance(rows, list) else [rows]
 
 
@@ -463,11 +471,16 @@ def _torchao_dequant(timer: Timer, case: str, weights: list[Weight]) -> Row:
     return Row(case, "torchao NF4Tensor", med, p20, p80, stored + 2 * t0.numel(), check=check)
 
 
+def gemv_weights(shapes: Shapes, device) -> list[Weight]:
+    """The GEMV's matrix (w_out, w_in), in as many copies as rotating over them takes to defeat L2."""
+    k = copies_to_defeat_l2(shapes.w_out * shapes.w_in // 2, device)
+    return [quantize_weight(shapes.w_out, shapes.w_in, device, seed=100 + i) for i in range(k)]
+
+
 def gemv_case(timer: Timer, shapes: Shapes, device, rows: list[Row]) -> None:
     case = f"GEMV 1x{shapes.w_in} @ ({shapes.w_out}x{shapes.w_in})^T bf16"
     n = shapes.w_out * shapes.w_in
-    k = copies_to_defeat_l2(n // 2, device)
-    weights = [quantize_weight(shapes.w_out, shapes.w_in, device, seed=100 + i) for i in range(k)]
+    weights = gemv_weights(shapes, device)
     g = torch.Generator(device="cpu").manual_seed(1)
     x = torch.randn(1, shapes.w_in, generator=g).to(torch.bfloat16).to(device)
     io_bytes = 2 * (shapes.w_in + shapes.w_out)
@@ -699,19 +712,21 @@ def _peft_rows(timer, case, shapes, p: MlpParams, x, gy, flops, ours_out, rows: 
     timed twice: as a plain call, and under bfloat16 autocast (the Trainer's ``bf16=True``, where PEFT
     runs its float32 adapters' products in bfloat16). The targets take the faster of the two. Each row
     is its own baseline: one that fails leaves the others, and each is appended when it is done."""
-    builders = {"PEFT + bitsandbytes": _peft_bnb_model, "bf16 dense + PEFT LoRA": _peft_dense_model}
-    for label, build in builders.items():
-        if label.startswith("PEFT + bitsandbytes") and p.gate.bnb is None:
+    # label -> (model builder, what precedes the adapters' dtype in the row's name)
+    builders = {
+        "PEFT + bitsandbytes": (_peft_bnb_model, "LoRA "),
+        "bf16 dense + PEFT LoRA": (_peft_dense_model, ""),
+    }
+    for label, (build, prefix) in builders.items():
+        if build is _peft_bnb_model and p.gate.bnb is None:
             rows.append(unavailable(case, label, BNB_PROBLEM or "bitsandbytes not installed"))
             continue
-        built = baseline(case, label, lambda build=build: [build(p, shapes)])
-        if isinstance(built[0], Row):  # the model could not be built: that row says why
-            rows += built
+        built, failed = attempt(case, label, functools.partial(build, p, shapes))
+        if failed is not None:
+            rows.append(failed)
             continue
-        model, params = built[0]
-        impl = f"{label} ({str(params[0].dtype).removeprefix('torch.')})"
-        if label.startswith("PEFT + bitsandbytes"):
-            impl = f"{label} (LoRA {str(params[0].dtype).removeprefix('torch.')})"
+        model, params = built
+        impl = f"{label} ({prefix}{str(params[0].dtype).removeprefix('torch.')})"
         for autocast in (False, True):
             name = impl[:-1] + f", {AUTOCAST})" if autocast else impl
             run = functools.partial(_time_module, timer, case, name, model, params, x, gy, flops, ours_out)
@@ -898,9 +913,7 @@ def tiles_case(timer: Timer, shapes: Shapes, device, rows: list[Row]) -> None:
 
     # The batch-1 GEMV on the dequantize case's matrix, timed as the GEMV case times it: a CUDA graph
     # of calls rotating over copies of the matrix, so that no call finds its weight in L2.
-    n = shapes.w_out * shapes.w_in
-    k = copies_to_defeat_l2(n // 2, device)
-    weights = [quantize_weight(shapes.w_out, shapes.w_in, device, seed=100 + j) for j in range(k)]
+    weights = gemv_weights(shapes, device)
     w = weights[0]
     x = torch.randn(1, shapes.w_in, generator=gen).to(torch.bfloat16).to(device)
     w64 = nf4.dequantize(oracle_state(w.ts), "bfloat16").astype(np.float64)

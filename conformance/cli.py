@@ -108,8 +108,6 @@ class _Partial:
         self.backends.append({"backend": spec, "results": [], "total": None})
 
     def test(self, result: Any, done: int, total: int) -> None:
-        if not self.backends:  # not through runner.run's hook (a caller of run_backend): unnamed
-            self.backend("?")
         self.backends[-1]["results"].append(result.as_dict())
         self.backends[-1]["total"] = total
         if _STOP is not None:  # its KeyboardInterrupt was lost (see _STOP): stop here instead

@@ -42,6 +42,7 @@ import torch
 from reflora import lora, nf4
 from reflora.backends._tensors import to_numpy
 from reflora.backends.torch.quant_state import TorchQuantState, numpy_to_torch
+from reflora.backends.triton.gemm import DEQUANT_FIRST_MIN_M
 from reflora.dtypes import as_dtype
 
 __all__ = ["PROBE_ROWS", "flushes", "probe"]
@@ -52,17 +53,9 @@ TOLERANCE = "exact"
 _SIZE, _RANK = 256, 16
 
 
-def _rows() -> tuple[int, ...]:
-    from reflora.backends.triton.gemm import DEQUANT_FIRST_MIN_M
-
-    return (1, 64, DEQUANT_FIRST_MIN_M)
-
-
-PROBE_ROWS = _rows()
+PROBE_ROWS = (1, 64, DEQUANT_FIRST_MIN_M)
 """The row counts probed: one for each kernel that computes the layer (GEMV, in-tile GEMM, GEMM after
 dequantize)."""
-
-_NP = {torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float16: "float16"}
 
 # name -> (x, grad_y, W, A, B), each a constant tensor of that value.
 _WIDE = {
@@ -92,14 +85,15 @@ def probe(dtype: torch.dtype, device: str | torch.device, rows: tuple[int, ...] 
 
     if dtype not in CASES:
         raise ValueError(f"dtype must be one of {sorted(map(str, CASES))}, not {dtype}")
-    np_dtype = as_dtype(_NP[dtype])
+    name_of_dtype = str(dtype).removeprefix("torch.")
+    np_dtype = as_dtype(name_of_dtype)
     device = torch.device(device)
     found = []
     with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
         for name, (xv, gv, wv, av, bv) in CASES[dtype].items():
             state = nf4.quantize(np.full((_SIZE, _SIZE), wv, dtype=np.float32).astype(np_dtype), 64)
             ts = TorchQuantState.from_state(state, device)
-            w = nf4.dequantize(state, _NP[dtype])  # what the kernels multiply: exactly wv
+            w = nf4.dequantize(state, name_of_dtype)  # what the kernels multiply: exactly wv
             a_np = np.full((_RANK, _SIZE), av, dtype=np.float32).astype(np_dtype)
             b_np = np.full((_SIZE, _RANK), bv, dtype=np.float32).astype(np_dtype)
             for m in rows:
