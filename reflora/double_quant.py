@@ -161,24 +161,40 @@ def dequantize(nested: NestedState) -> np.ndarray:
 
 def negative_scales(nested: NestedState) -> np.ndarray:
     """int64 (k,): the blocks whose absmax :func:`dequantize` rebuilds below zero (rule 5), ascending."""
-    return np.flatnonzero(dequantize(nested) < 0)
+    return _negative(dequantize(nested))
+
+
+def _negative(rebuilt: np.ndarray) -> np.ndarray:
+    return np.flatnonzero(rebuilt < 0)
 
 
 def zero_scales(nested: NestedState, absmax: np.ndarray) -> np.ndarray:
     """int64 (k,): the blocks whose scale ``absmax`` (float32 (n_blocks,), what was double-quantized)
     is above 0 but rebuilds to exactly 0 (rule 6), ascending."""
+    return _zero(dequantize(nested), _matching(nested, absmax))
+
+
+def _matching(nested: NestedState, absmax: np.ndarray) -> np.ndarray:
     absmax = np.asarray(absmax)
     if absmax.shape != nested.absmax_q.shape:
         raise ValueError(f"absmax has shape {absmax.shape}, the nested state {nested.absmax_q.shape}")
-    return np.flatnonzero((dequantize(nested) == 0) & (absmax > 0))
+    return absmax
+
+
+def _zero(rebuilt: np.ndarray, absmax: np.ndarray) -> np.ndarray:
+    return np.flatnonzero((rebuilt == 0) & (absmax > 0))
 
 
 def scales_out_of_range(nested: NestedState, dtype) -> np.ndarray:
     """int64 (k,): the blocks whose rebuilt absmax is not finite in ``dtype`` (float32, float16 or
     bfloat16), ascending. A block's largest element has code ±1, so it dequantizes to exactly the
     rebuilt scale in ``dtype``: here ±inf."""
+    return _out_of_range(dequantize(nested), dtype)
+
+
+def _out_of_range(rebuilt: np.ndarray, dtype) -> np.ndarray:
     with np.errstate(over="ignore"):
-        return np.flatnonzero(~np.isfinite(dequantize(nested).astype(as_dtype(dtype))))
+        return np.flatnonzero(~np.isfinite(rebuilt.astype(as_dtype(dtype))))
 
 
 def warn_lost_scales(
@@ -190,17 +206,19 @@ def warn_lost_scales(
     weight's (float32, float16 or bfloat16); blocksize and n: the weight's, to name elements.
     stacklevel: as for :func:`warnings.warn`, counted from this function (3: the caller's caller)."""
     total, name = nested.absmax_q.size, as_dtype(dtype).name
+    absmax = _matching(nested, absmax)
     with np.errstate(over="ignore"):  # a rebuild past float32 is what ScaleRangeWarning reports
+        rebuilt = dequantize(nested)  # once for the three rules
         found = (
-            (negative_scales(nested), NegativeScaleWarning, "negative",
+            (_negative(rebuilt), NegativeScaleWarning, "negative",
              "those blocks dequantize with their signs flipped. It happens to scales far below the mean "
              "in a group whose largest is far above it (docs/spec.md, negative rebuilt scales). To keep "
              "every sign, quantize without double quantization, or try a smaller blocksize (it moves "
              "offset/absmax2; check that this warning is gone)."),
-            (zero_scales(nested, absmax), ZeroScaleWarning, "to exactly 0 where the block is not zero",
+            (_zero(rebuilt, absmax), ZeroScaleWarning, "to exactly 0 where the block is not zero",
              "every element of those blocks dequantizes to 0 (docs/spec.md, scales rebuilt to zero). "
              "Quantize without double quantization to keep them."),
-            (scales_out_of_range(nested, dtype), ScaleRangeWarning, f"beyond the largest {name}",
+            (_out_of_range(rebuilt, dtype), ScaleRangeWarning, f"beyond the largest {name}",
              "elements at those scales dequantize to inf from finite input (docs/spec.md, rebuilt scales "
              "beyond the dtype's range). Quantize without double quantization to keep them finite."),
         )  # fmt: skip

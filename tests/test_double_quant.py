@@ -274,6 +274,8 @@ def test_nonzero_blocks_whose_scale_rebuilds_to_zero_are_warned_about():
                                         nf4.quantize(zero, 64).absmax).size == 0  # fmt: skip
     with pytest.raises(ValueError, match="absmax has shape"):
         double_quant.zero_scales(state.nested, absmax[:-1])
+    with pytest.raises(ValueError, match="absmax has shape"):  # a mismatch is not read as no lost scales
+        double_quant.warn_lost_scales(state.nested, absmax[:-1], "float32", 64, x.size)
     pytest.importorskip("torch")
     from reflora.backends.torch import ops
     from reflora.backends.torch.quant_state import numpy_to_torch
