@@ -8,7 +8,9 @@ hypothesis drew it, and the bundle can rebuild that same view later.
 View recipes (a tuple of steps, applied in order):
 
 * ``("T",)``            reverse all axes (``base.T``): a transposed matrix, memory in the other order;
-* ``("step", axis, k)`` every k-th element along ``axis`` (``base[..., ::k, ...]``): gaps in memory.
+* ``("step", axis, k)`` every k-th element along ``axis`` (``base[..., ::k, ...]``): gaps in memory;
+* ``("pad", axis, k)``  all but the last k elements along ``axis`` (``base[..., :-k, ...]``): on the last
+  axis, rows of unit stride whose row stride is longer than a row (a slice of a wider buffer).
 
 Bundle format (``numpy.savez_compressed``, readable with ``allow_pickle=False``): one entry
 ``a.<name>`` per array (bfloat16 stored as its uint16 bits), and ``meta``, the UTF-8 JSON of
@@ -47,6 +49,11 @@ def apply_view(base: np.ndarray, recipe: tuple) -> np.ndarray:
             index = [slice(None)] * v.ndim
             index[axis] = slice(None, None, k)
             v = v[tuple(index)]
+        elif step[0] == "pad":
+            _, axis, k = step
+            index = [slice(None)] * v.ndim
+            index[axis] = slice(0, v.shape[axis] - k)
+            v = v[tuple(index)]
         else:
             raise ValueError(f"unknown view step {step!r}")
     return v
@@ -63,6 +70,11 @@ def make_view(x: np.ndarray, recipe: tuple, fill: float = np.nan) -> np.ndarray:
     for step in reversed(recipe):
         if step[0] == "T":
             target = np.ascontiguousarray(target.T)
+        elif step[0] == "pad":
+            _, axis, k = step
+            shape = list(target.shape)
+            shape[axis] = k
+            target = np.concatenate([target, np.full(shape, fill, dtype=x.dtype)], axis=axis)
         else:
             _, axis, k = step
             shape = list(target.shape)
@@ -83,7 +95,12 @@ def describe_view(recipe: tuple) -> str:
         return "contiguous"
     words = []
     for step in recipe:
-        words.append("transposed" if step[0] == "T" else f"every {step[2]}th along axis {step[1]}")
+        if step[0] == "T":
+            words.append("transposed")
+        elif step[0] == "pad":
+            words.append(f"{step[2]} more in memory after each run along axis {step[1]}")
+        else:
+            words.append(f"every {step[2]}th along axis {step[1]}")
     return " then ".join(words)
 
 

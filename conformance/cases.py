@@ -308,10 +308,16 @@ def _positive(rng, shape, scale, dt) -> np.ndarray:
 
 def _lora(op, n_in, out, r, lead=(3,), *, alpha=16.0, rslora=False, bias=False, p=None, fan=False,
           zero_B=False, views=(), check=None, mask_zero=False, blocksize=64, quant_type="nf4",
-          double_quant=False, positive=False, base_dtype=None, tiny=False):  # fmt: skip
+          double_quant=False, positive=False, base_dtype=None, tiny=False, recipes=None):  # fmt: skip
     """A LoRA/QLoRA case builder: shapes, scaling and options; values from the case's generator
     (all positive with ``positive``; every value of the "tiny" family's "normal products" level with
-    ``tiny``); a QLoRA base W in ``base_dtype`` instead of the case's dtype."""
+    ``tiny``); a QLoRA base W in ``base_dtype`` instead of the case's dtype. ``views``: the operands
+    handed over transposed; ``recipes``: other views by operand name (:mod:`.bundle`)."""
+
+    def recipe(name: str, a: np.ndarray) -> tuple:
+        if recipes and name in recipes:
+            return recipes[name]
+        return (("T",),) if name in views and a.ndim > 1 else ()
 
     def build(dtype, rng):
         def values(family, shape, scale, dt):
@@ -336,19 +342,21 @@ def _lora(op, n_in, out, r, lead=(3,), *, alpha=16.0, rslora=False, bias=False, 
         inputs = Inputs("", op, check or op, dtype, params=params)
         if op == "lora_merge":
             params["fan_in_fan_out"] = fan
-            inputs.put("W", W.T.copy() if fan else W, (("T",),) if "W" in views else ())
+            W = W.T.copy() if fan else W
+            inputs.put("W", W, recipe("W", W))
         else:
-            inputs.put("x", x, (("T",),) if "x" in views and x.ndim > 1 else ())
-            inputs.put("W", W, (("T",),) if "W" in views else ())
-        inputs.put("A", A)
-        inputs.put("B", B)
+            inputs.put("x", x, recipe("x", x))
+            inputs.put("W", W, recipe("W", W))
+        inputs.put("A", A, recipe("A", A))
+        inputs.put("B", B, recipe("B", B))
         if bias:
             inputs.put("bias", values("normal", (out,), 1.0, dt))
         if p is not None or mask_zero:
             keep = np.zeros(x.shape, dtype=bool) if mask_zero else rng.random(x.shape) >= p
             inputs.put("dropout_mask", round_to(keep / (1 - (p or 0.0)), dt))
         if op.endswith("backward"):
-            inputs.put("grad_y", values("normal", (*lead, out), 1.0, dt))
+            grad_y = values("normal", (*lead, out), 1.0, dt)
+            inputs.put("grad_y", grad_y, recipe("grad_y", grad_y))
         if op.startswith("qlora"):
             params.update(blocksize=blocksize, quant_type=quant_type, double_quant=double_quant)
             if base_dtype is not None:
@@ -415,11 +423,40 @@ def _lora_cases(op: str) -> list[Case]:
     # and grad_B; float16 has no such values.
     tiny = _lora(op, 64, 40, 4, lead=(8,), tiny=True)
     cases.append(Case(op, "tiny values, products normal in float32", op, tiny, ("bfloat16", "float32")))
+    # Shapes and layouts a kernel may get wrong outside its usual tiles: a fourth dimension of x (a grid
+    # sized from two leading dims), x and the adapters as slices of wider buffers (unit stride, rows
+    # further apart than their length) and every other row of a matrix.
+    padded = {"x": (("pad", 3, 5),), "A": (("pad", 1, 3),), "B": (("step", 0, 2),), "W": (("pad", 1, 7),)}
+    cases += [
+        Case(op, "4-D x", op, _lora(op, 16, 9, 3, lead=(2, 3, 2))),
+        Case(
+            op,
+            # a QLoRA base reaches the backend as a state, whatever the view of W
+            "row-padded x and A, every other row of B"
+            if op.startswith("qlora")
+            else "row-padded x, W and A, every other row of B",
+            op,
+            _lora(op, 24, 10, 4, lead=(2, 3, 2), recipes=padded),
+        ),
+    ]
+    if not forward:
+        # autograd hands a backward gradients in the layout the next op made: often transposed
+        cases.append(Case(op, "transposed grad_y, A and B", op,
+                          _lora(op, 24, 10, 4, lead=(7,), views=("grad_y", "A", "B"))))  # fmt: skip
+        # the weight gradients reduce over rows: more rows than any fixed grid of row tiles
+        cases.append(Case(op, "4099 rows", op, _lora(op, 8, 8, 2, lead=(4099,))))
+        # grad_x reduces over out: a long one that is not a multiple of any tile
+        cases.append(Case(op, "out 1031 (prime)", op, _lora(op, 8, 1031, 2, lead=(2,))))
+    else:
+        # a long reduction over in that is not a multiple of any tile or split
+        cases.append(Case(op, "in 1031 (prime)", op, _lora(op, 1031, 8, 4, lead=(4,))))
     if not op.startswith("qlora"):
         cases += [
             Case(op, "rank 256", op, _lora(op, 16, 8, 256, lead=(4,))),
             Case(op, "transposed x and W", op, _lora(op, 24, 10, 4, lead=(7,), views=("x", "W"))),
         ]
+    else:  # more than one 64-wide tile of rank
+        cases.append(Case(op, "rank 65", op, _lora(op, 24, 10, 65, lead=(4,))))
     if forward:
         # A long sum that does not cancel: random draws keep in <= 512 and signed values, whose error
         # is far below the bound. Here x, W, A and B are all positive and in = 4096, so the bound is
@@ -501,8 +538,15 @@ def _merge_cases() -> list[Case]:
         Case(op, "fan_in_fan_out", op, _lora(op, 24, 10, 4, fan=True)),
         Case(op, "fan_in_fan_out, square W", op, _lora(op, 12, 12, 4, fan=True)),
         Case(op, "rank 1", op, _lora(op, 24, 10, 1)),
+        Case(op, "rank 65", op, _lora(op, 24, 10, 65)),
         Case(op, "odd and prime dimensions", op, _lora(op, 31, 17, 5)),
         Case(op, "rsLoRA scaling", op, _lora(op, 24, 10, 8, rslora=True)),
+        Case(
+            op,
+            "row-padded W, transposed A, every other row of B",
+            op,
+            _lora(op, 24, 10, 4, recipes={"W": (("pad", 1, 5),), "A": (("T",),), "B": (("step", 0, 2),)}),
+        ),
         Case(op, "B = 0 (W unchanged)", op, _lora(op, 24, 10, 4, zero_B=True)),
         Case(op, "transposed W", op, _lora(op, 24, 10, 4, views=("W",))),
         Case(op, "tiny delta", op, tiny_delta),
@@ -539,6 +583,10 @@ CASES: tuple[Case, ...] = (
          _q_case(lambda rng: _normal(rng, 37 * 20).reshape(37, 20), recipe=(("T",),))),
     Case("quantize_4bit", "strided view, NaN in the skipped memory", "quantize",
          _q_case(lambda rng: _normal(rng, 30 * 50).reshape(30, 50), recipe=(("step", 1, 3),))),
+    Case("quantize_4bit", "row-padded view, NaN in the padding", "quantize",
+         _q_case(lambda rng: _normal(rng, 20 * 40).reshape(20, 40), recipe=(("pad", 1, 9),))),
+    Case("quantize_4bit", "every other row, NaN between", "quantize",
+         _q_case(lambda rng: _normal(rng, 21 * 40).reshape(21, 40), recipe=(("step", 0, 2),))),
     Case("quantize_4bit", "3-D input", "quantize",
          _q_case(lambda rng: _normal(rng, 105).reshape(3, 5, 7), blocksize=32)),
     Case("quantize_4bit", "double quant, one block", "quantize",
@@ -558,6 +606,8 @@ CASES: tuple[Case, ...] = (
          _ao_case((256, 64), recipe=(("T",),))),
     Case("quantize_4bit", "strided view, NaN in the skipped memory, torchao-shaped", "quantize",
          _ao_case((128, 128), recipe=(("step", 1, 3),))),
+    Case("quantize_4bit", "row-padded view, NaN in the padding, torchao-shaped", "quantize",
+         _ao_case((128, 128), recipe=(("pad", 1, 8),))),
     Case("quantize_4bit", "blocksize 128, torchao-shaped", "quantize", _ao_case((128, 256), blocksize=128)),
     Case("quantize_4bit", "blocksize 4096, absmax in the last element, torchao-shaped", "quantize",
          _ao_large_block),
@@ -582,6 +632,14 @@ CASES: tuple[Case, ...] = (
          lambda d, rng: _q(_normal(rng, 3 * 64, 3.0), d, out_dtype="float16", check="dequantize")),
     Case("dequantize_4bit", "output bfloat16", "dequantize",
          lambda d, rng: _q(_normal(rng, 3 * 64, 3.0), d, out_dtype="bfloat16", check="dequantize")),
+    # One multiply in float32, then the conversion: past the output dtype's largest finite value it
+    # overflows to inf (round to nearest), which a saturating conversion would turn into the maximum.
+    Case("dequantize_4bit", "output float16 past its largest -> inf", "dequantize",
+         lambda d, rng: _q(_normal(rng, 2 * 64, 3e4), d, out_dtype="float16", check="dequantize"),
+         ("float32",)),
+    Case("dequantize_4bit", "output bfloat16 past its largest -> inf", "dequantize",
+         lambda d, rng: _q(np.r_[np.finfo(np.float32).max, _normal(rng, 63, 1e37)], d, out_dtype="bfloat16",
+                           check="dequantize"), ("float32",)),
     Case("dequantize_4bit", "subnormal float16 outputs", "dequantize",
          lambda d, rng: _q(_normal(rng, 2 * 64, 2e-5), d, out_dtype="float16", check="dequantize")),
     Case("dequantize_4bit", "blocksize 4096", "dequantize",

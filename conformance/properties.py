@@ -407,9 +407,11 @@ def check_dequantize(ctx: Context, inputs: Inputs) -> None:
         "dequantize_4bit", "out", _call(ctx, inputs, "dequantize_4bit", state, dtype=out_dtype), context
     )
     expected = ctx.dialect.dequantize(native, out_dtype)
-    tol.expect_ulp(
-        "dequantize_4bit", "out", out, expected, tol.entry("dequantize_4bit", "out").tolerance.n, context
-    )
+    n = tol.entry("dequantize_4bit", "out").tolerance.n
+    tol.expect_ulp("dequantize_4bit", "out", out, expected, n, context)  # values first, then the dtype
+    if not n:  # 0 ulp: the bits, a zero's sign too (+0.0 for a zero block, -0.0 where its scale is < 0)
+        nan_bits = ctx.dialect.nan_encodings(native, out_dtype)
+        tol.expect_bits("dequantize_4bit", "out", out, expected, context, nan_bits=nan_bits)
 
 
 def check_roundtrip(ctx: Context, inputs: Inputs) -> None:

@@ -191,12 +191,23 @@ def _threshold_values(rng: np.random.Generator, n: int, dtype: np.dtype, blocksi
     return x
 
 
+VIEW_KINDS = ("contiguous", "transposed", "strided", "both", "row-padded", "every k-th row")
+
+
 def _view_recipe(data, ndim: int, name: str) -> tuple:
-    kinds = ["contiguous", "strided"] if ndim == 1 else ["contiguous", "transposed", "strided", "both"]
+    """A view of an array of ``ndim`` dims (:mod:`.bundle`): contiguous; transposed; every k-th element
+    of a row ("strided"); both; rows of unit stride further apart than a row is long ("row-padded", a
+    slice ``buf[..., :n]`` of a wider buffer: a kernel that takes unit stride for density reads the
+    padding); every k-th row (a step along the first axis). NaN fills the memory the view skips."""
+    kinds = ["contiguous", "strided"] if ndim == 1 else list(VIEW_KINDS)
     kind = data.draw(st.sampled_from(kinds), label=f"{name} view")
     if kind == "contiguous":
         return ()
+    if kind == "row-padded":
+        return (("pad", ndim - 1, data.draw(st.sampled_from([1, 3, 8]), label=f"{name} row padding")),)
     step = data.draw(st.sampled_from([2, 3]), label=f"{name} stride") if kind != "transposed" else 0
+    if kind == "every k-th row":
+        return (("step", 0, step),)
     recipe = [("T",)] if kind in ("transposed", "both") else []
     if step:
         recipe.append(("step", ndim - 1, step))
@@ -338,15 +349,19 @@ def _lora_dims(data, profile: Profile, base: tuple[int, int] | None = None):
     else:
         out, n_in = base
     rank = _dim(data, min(profile.max_rank, max(1, cap // (n_in + out))), "r")
-    lead_ndim = data.draw(st.sampled_from([1, 0, 2]), label="x leading dims")
+    lead_ndim = data.draw(st.sampled_from([1, 0, 2, 3]), label="x leading dims")
     rows_cap = max(1, cap // max(n_in, out))
     if lead_ndim == 0:
         lead: tuple[int, ...] = ()
     elif lead_ndim == 1:
         lead = (_dim(data, rows_cap, "rows"),)
     else:
-        b = _dim(data, min(8, rows_cap), "batch")
-        lead = (b, _dim(data, max(1, rows_cap // b), "seq"))
+        # (batch, seq), or (batch, heads, seq): a kernel that sizes its grid from two leading dims
+        # misses the rows of a third
+        lead = ()
+        for label in ("batch", "heads")[: lead_ndim - 1]:
+            lead += (_dim(data, min(8, max(1, rows_cap // math.prod(lead))), label),)
+        lead += (_dim(data, max(1, rows_cap // math.prod(lead)), "seq"),)
     return n_in, out, rank, lead
 
 
@@ -387,8 +402,10 @@ def draw_lora(
     else:
         inputs.put("x", x, _view_recipe(data, x.ndim, "x"))
         inputs.put("W", W, _view_recipe(data, 2, "W"))
-    inputs.put("A", A)
-    inputs.put("B", B)
+    # The adapters and grad_y are views too: autograd hands a backward gradients in whatever layout the
+    # next op produced (a transposed grad_y is common), and adapters may be slices of fused weights.
+    inputs.put("A", A, _view_recipe(data, 2, "A"))
+    inputs.put("B", B, _view_recipe(data, 2, "B"))
     if op == "lora_forward" and data.draw(st.booleans(), label="bias"):
         inputs.put("bias", lora_values(family, rng, (out,), 1.0, dt, level))
     if op != "lora_merge":
@@ -398,7 +415,8 @@ def draw_lora(
             inputs.put("dropout_mask", round_to(keep / (1 - p), dt))
             inputs.params["dropout_p"] = p
     if op == "lora_backward":
-        inputs.put("grad_y", lora_values(family, rng, (*lead, out), 1.0, dt, level))
+        grad_y = lora_values(family, rng, (*lead, out), 1.0, dt, level)
+        inputs.put("grad_y", grad_y, _view_recipe(data, grad_y.ndim, "grad_y"))
     return inputs
 
 

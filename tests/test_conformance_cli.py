@@ -18,7 +18,7 @@ from reflora.conformance import cli as conform_cli
 from reflora.conformance import runner
 
 TESTS = Path(__file__).resolve().parent
-MERGE = "lora_merge[*"  # a cheap slice of the suite (36 tests, well under a second)
+MERGE = "lora_merge[*"  # a cheap slice of the suite (42 tests, well under a second)
 
 
 def _conform(capsys, *args: str) -> tuple[int, str, str]:
@@ -32,10 +32,10 @@ def test_conform_passes_reference_and_prints_seed_matrix_and_summary(capsys, tmp
     assert rc == 0
     lines = out.splitlines()
     assert lines[0] == "reflora conform: profile ci, seed 0 (repeat this run with --seed 0)"
-    assert "reference (dialect reflora): PASS  [profile ci, seed 0, 36 tests" in out
-    assert any(line.split()[:3] == ["lora_merge", "pass", "12/12"] for line in lines)
-    assert "PASS reference: 36 passed, 0 declared, 0 rejected, 0 unsupported" in out
-    assert "lora_merge       float32   pass 12/12" in err  # non-TTY progress: a line per op × dtype
+    assert "reference (dialect reflora): PASS  [profile ci, seed 0, 42 tests" in out
+    assert any(line.split()[:3] == ["lora_merge", "pass", "14/14"] for line in lines)
+    assert "PASS reference: 42 passed, 0 declared, 0 rejected, 0 unsupported" in out
+    assert "lora_merge       float32   pass 14/14" in err  # non-TTY progress: a line per op × dtype
     assert not list(tmp_path.iterdir())  # nothing failed, nothing saved
     assert "Counterexamples saved" not in out
 
@@ -179,7 +179,7 @@ def test_a_seed_outside_32_bits_is_refused_not_aliased(capsys, seed):
 def test_a_backend_named_twice_runs_once(capsys, tmp_path):
     rc, out, _ = _conform(capsys, "--backend", "reference", "--backend", "reference", "-k", MERGE,
                           "--bundle-dir", str(tmp_path))  # fmt: skip
-    assert rc == 0 and out.count("PASS reference: 36 passed") == 1
+    assert rc == 0 and out.count("PASS reference: 42 passed") == 1
 
 
 def test_a_deviations_file_that_is_not_text_is_named(capsys, tmp_path):
@@ -202,7 +202,7 @@ def test_default_runs_every_available_backend_and_lists_the_unavailable(capsys, 
     rc, out, _ = _conform(capsys, "-k", MERGE, "--bundle-dir", str(tmp_path))
     assert rc == 0  # unavailable is listed, not failed
     assert "gpu-only: unavailable here, not run: needs CUDA" in out
-    assert "PASS reference: 36 passed" in out and "gpu-only (dialect" not in out
+    assert "PASS reference: 42 passed" in out and "gpu-only (dialect" not in out
 
 
 def test_progress_on_a_terminal_is_one_rewritten_status_line(tmp_path):
@@ -212,7 +212,7 @@ def test_progress_on_a_terminal_is_one_rewritten_status_line(tmp_path):
     )
     assert rc == 0
     progress = err.getvalue()
-    assert "\r\033[K[" in progress and "36/36" in progress and "lora_merge[" in progress
+    assert "\r\033[K[" in progress and "42/42" in progress and "lora_merge[" in progress
     assert "lora_merge       float32" not in progress  # the per-cell lines are for logs, not terminals
     assert progress.endswith("\r\033[K")  # the status line is cleared before the report
 
@@ -326,7 +326,7 @@ def test_the_suite_runs_under_pytest_with_the_same_messages(tmp_path):
     ok = _pytest("--reflora-backend", "reference", "-k", "lora_merge", cwd=tmp_path)
     assert ok.returncode == 0, ok.stdout[-3000:]
     assert "reflora conformance: profile ci, seed 0" in ok.stdout
-    assert "36 passed" in ok.stdout
+    assert "42 passed" in ok.stdout
     bad = _pytest(
         "--reflora-backend", "mutants:TiesUp", "-k", "exactly and threshold and float32", cwd=tmp_path
     )
@@ -387,7 +387,7 @@ def test_a_stopped_run_keeps_its_results_so_far(tmp_path, monkeypatch):
     record = json.loads(j.read_text())
     assert record["complete"] is False and record["interrupted"] == "SIGTERM" and record["ok"] is None
     (part,) = record["partial"]
-    assert part["backend"] == "reference" and part["total"] == 36 and len(part["results"]) == 5
+    assert part["backend"] == "reference" and part["total"] == 42 and len(part["results"]) == 5
     assert {r["status"] for r in part["results"]} == {"pass"}
     assert f"interrupted (SIGTERM) after 5 tests; the 5 finished tests' results are in {j}" in err.getvalue()
 

@@ -251,3 +251,28 @@ def test_a_backend_returning_the_wrong_shape_fails(tmp_path):
     rep = _report(WrongOutputShape(), ["lora_forward[3-D x, float32]"], tmp_path)
     (r,) = rep.by_status("fail")
     assert r.message.startswith("lora_forward: y.shape = (10, 9), expected (2, 5, 9) (EXACT)")
+
+
+@pytest.mark.parametrize(
+    "recipe, text",
+    [
+        ((("pad", 1, 3),), "3 more in memory after each run along axis 1"),
+        ((("step", 0, 2),), "every 2th along axis 0"),
+        ((("T",), ("pad", 1, 2)), "transposed then 2 more in memory after each run along axis 1"),
+    ],
+)
+def test_a_view_a_bundle_saves_is_the_view_it_loads(recipe, text, tmp_path):
+    """Row-padded views (unit inner stride, rows further apart than their length) and every other row:
+    the backend gets a non-contiguous view with NaN in the memory it skips, and the bundle rebuilds it."""
+    from reflora.conformance.bundle import Inputs, describe_view, load, save
+
+    x = np.arange(5 * 7, dtype=np.float32).reshape(5, 7)
+    inputs = Inputs("t[case, float32]", "quantize_4bit", "quantize", "float32")
+    inputs.put("x", x, recipe)
+    view, base = inputs["x"], inputs.arrays["x"]
+    assert np.array_equal(view, x) and not view.flags.c_contiguous and np.shares_memory(view, base)
+    assert np.isnan(base).sum() == base.size - x.size  # everything the view skips is NaN
+    assert describe_view(recipe) == text
+    loaded, _ = load(save(inputs, tmp_path))
+    assert loaded.views["x"] == recipe and np.array_equal(loaded["x"], x)
+    assert loaded["x"].strides == view.strides

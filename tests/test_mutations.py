@@ -50,6 +50,17 @@ CAUGHT_BY_CASE = {
     "QLoRABaseSkipsStateDtype": "base weight in bfloat16",
     "QLoRABackwardBase16Bit": "one-hot rows, B = 0",
     "FlushingSkipsTinyGradients": "tiny values, products normal in float32",
+    "QLoRARankTile64": "rank 65",
+    "MergeRankTile64": "rank 65",
+    "SplitKTail": "in 1031 (prime)",
+    "FourDimX": "4-D x",
+    "WeightGradRowCap": "4099 rows",
+    "GradYAssumedContiguous": "transposed grad_y",
+    "AdapterAssumedContiguous": "every other row of B",
+    "DenseRowsAssumed": "row-padded x",
+    "QuantizeDenseRowsAssumed": "row-padded view, NaN in the padding",
+    "DequantSaturates": "past its largest -> inf",
+    "ZeroAsNegativeZero": "all-zero block -> +0.0",
 }
 
 HEADLINE = re.compile(
@@ -128,8 +139,10 @@ def test_ci_kills_the_mutant_with_a_readable_message(mutant, bundles):
         scalar = "Mismatched elements: 1 / 1 (" in m and "at []" in m  # a 0-d output: the DQ offset
         assert HEADLINE.match(m).group("index") or scalar, m
         assert re.search(r"^Mismatched elements: \d+ / \d+ \(", m, re.M)
-        assert re.search(r"^Max absolute difference: \S+ at \[", m, re.M)
-        assert re.search(r"^Max relative difference: \S+ at \[", m, re.M)
+        if not HEADLINE.match(m).group("actual").startswith("nan"):  # NaN read from a view's padding
+            assert re.search(r"^Max absolute difference: \S+ at \[", m, re.M)
+            if not re.search(r"^Max absolute difference: inf ", m, re.M):  # inf / inf: no relative one
+                assert re.search(r"^Max relative difference: \S+ at \[", m, re.M)
     else:  # the bad element itself: where it is and what it was
         assert any(r.message.startswith("quantize_4bit: x[4, 37] = nan (accepted") for r in failures)
     if mutant.__name__ in CAUGHT_BY_CASE:

@@ -9,6 +9,7 @@ tests folder is on ``sys.path``, as it is under pytest.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import ml_dtypes
 import numpy as np
@@ -403,6 +404,192 @@ class FlushingSkipsTinyGradients(_Mutant):
         return gx, gA, gB
 
 
+def _dense_read(a) -> np.ndarray:
+    """What a kernel that takes the first element's address and assumes dense rows reads for ``a``: its
+    memory from that element on, as a C-contiguous array of its shape."""
+    a = np.asarray(a)
+    strides, step = [], a.itemsize
+    for d in reversed(a.shape):
+        strides.append(step)
+        step *= d
+    return np.lib.stride_tricks.as_strided(a, a.shape, tuple(reversed(strides)), writeable=False).copy()
+
+
+def _unchecked_forward(x, W, A, B, scaling, bias, mask) -> np.ndarray:
+    """The LoRA forward in float64 (the reference's arithmetic) with no check of its inputs: what a kernel
+    computes from whatever memory it read (NaN read from padding gives NaN outputs, not an error)."""
+    x, W, A, B = (np.asarray(a, dtype=np.float64) for a in (x, W, A, B))
+    x_d = x if mask is None else x * np.asarray(mask, dtype=np.float64)
+    y = x @ W.T + scaling * ((x_d @ A.T) @ B.T)
+    if bias is not None:
+        y = y + np.asarray(bias, dtype=np.float64)
+    return y
+
+
+def _memory_order(a) -> np.ndarray:
+    """``a``'s elements in memory order, read as a row-major array of its shape (a missing .contiguous())."""
+    a = np.asarray(a)
+    return a.ravel(order="K").reshape(a.shape) if a.ndim >= 2 and not a.flags.c_contiguous else a
+
+
+class QLoRARankTile64(_Mutant):
+    name, ops, bug = (
+        "mutant-qlora-rank-tile-64",
+        ("qlora_forward",),
+        "the fused QLoRA forward takes the rank in one 64-wide tile, without a loop: ranks past 64 dropped",
+    )
+
+    def qlora_forward(self, x, state, A, B, scaling, *, bias=None, dropout_mask=None):
+        if np.shape(A)[0] > 64 and np.shape(B)[1] == np.shape(A)[0]:
+            A, B = np.asarray(A)[:64], np.asarray(B)[:, :64]
+        return qlora.forward(x, state, A, B, scaling, bias=bias, dropout_mask=dropout_mask)
+
+
+class MergeRankTile64(_Mutant):
+    name, ops, bug = (
+        "mutant-merge-rank-tile-64",
+        ("lora_merge",),
+        "the merge forms B A in one 64-wide tile of rank, without a loop: ranks past 64 dropped",
+    )
+
+    def lora_merge(self, W, A, B, scaling, *, fan_in_fan_out=False):
+        if np.shape(A)[0] > 64 and np.shape(B)[1] == np.shape(A)[0]:
+            A, B = np.asarray(A)[:64], np.asarray(B)[:, :64]
+        return lora.merge(W, A, B, scaling, fan_in_fan_out=fan_in_fan_out)
+
+
+class SplitKTail(_Mutant):
+    name, ops, bug = (
+        "mutant-split-k-tail",
+        ("lora_forward",),
+        "the split-K path (in > 1024) drops the columns past the last multiple of 256",
+    )
+
+    def lora_forward(self, x, W, A, B, scaling, *, bias=None, dropout_mask=None):
+        n_in = np.shape(W)[-1]
+        if np.ndim(W) == 2 and n_in > 1024 and n_in % 256:
+            W = np.array(W)
+            W[:, n_in // 256 * 256 :] = 0
+        return lora.forward(x, W, A, B, scaling, bias=bias, dropout_mask=dropout_mask)
+
+
+class FourDimX(_Mutant):
+    name, ops, bug = (
+        "mutant-4d-x",
+        ("lora_forward",),
+        "the grid is sized from x.shape[0] * x.shape[1]: rows of a third leading dim are left at 0",
+    )
+
+    def lora_forward(self, x, W, A, B, scaling, *, bias=None, dropout_mask=None):
+        y = lora.forward(x, W, A, B, scaling, bias=bias, dropout_mask=dropout_mask)
+        if np.ndim(x) >= 4:
+            y.reshape(-1, y.shape[-1])[np.shape(x)[0] * np.shape(x)[1] :] = 0
+        return y
+
+
+class WeightGradRowCap(_Mutant):
+    name, ops, bug = (
+        "mutant-weight-grad-row-cap",
+        ("lora_backward",),
+        "grad_A and grad_B reduce over a fixed grid of row tiles: rows past 2048 never added",
+    )
+
+    def lora_backward(self, grad_y, x, W, A, B, scaling, *, dropout_mask=None):
+        gx, gA, gB = lora.backward(grad_y, x, W, A, B, scaling, dropout_mask=dropout_mask)
+        out, n_in = np.shape(W)
+        if math.prod(np.shape(x)[:-1]) > 2048:
+            m = None if dropout_mask is None else np.asarray(dropout_mask).reshape(-1, n_in)[:2048]
+            _, gA, gB = lora.backward(np.asarray(grad_y).reshape(-1, out)[:2048],
+                                      np.asarray(x).reshape(-1, n_in)[:2048], W, A, B, scaling,
+                                      dropout_mask=m)  # fmt: skip
+        return gx, gA, gB
+
+
+class GradYAssumedContiguous(_Mutant):
+    name, ops, bug = (
+        "mutant-grad-y-contiguous",
+        ("qlora_backward",),
+        "the QLoRA backward reads grad_y's memory as row-major (the missing grad_output.contiguous())",
+    )
+
+    def qlora_backward(self, grad_y, x, state, A, B, scaling, *, dropout_mask=None):
+        return qlora.backward(_memory_order(grad_y), x, state, A, B, scaling, dropout_mask=dropout_mask)
+
+
+class AdapterAssumedContiguous(_Mutant):
+    name, ops, bug = (
+        "mutant-adapter-contiguous",
+        ("lora_forward",),
+        "A's and B's memory read as row-major (a transposed or sliced adapter taken as dense)",
+    )
+
+    def lora_forward(self, x, W, A, B, scaling, *, bias=None, dropout_mask=None):
+        y = lora.forward(x, W, A, B, scaling, bias=bias, dropout_mask=dropout_mask)  # the checks
+        if np.asarray(A).flags.c_contiguous and np.asarray(B).flags.c_contiguous:
+            return y
+        return _unchecked_forward(x, W, _dense_read(A), _dense_read(B), scaling, bias, dropout_mask)
+
+
+class DenseRowsAssumed(_Mutant):
+    name, ops, bug = (
+        "mutant-dense-rows",
+        ("lora_forward",),
+        "x of unit inner stride taken as dense: its row stride assumed to be in (row padding read)",
+    )
+
+    def lora_forward(self, x, W, A, B, scaling, *, bias=None, dropout_mask=None):
+        y = lora.forward(x, W, A, B, scaling, bias=bias, dropout_mask=dropout_mask)  # the checks
+        x = np.asarray(x)
+        if x.ndim >= 2 and x.strides[-1] == x.itemsize and not x.flags.c_contiguous:
+            return _unchecked_forward(_dense_read(x), W, A, B, scaling, bias, dropout_mask)
+        return y
+
+
+class QuantizeDenseRowsAssumed(_Mutant):
+    name, ops, bug = (
+        "mutant-quantize-dense-rows",
+        ("quantize_4bit",),
+        "quantize takes x of unit inner stride as dense: row padding or skipped rows read as weights",
+    )
+
+    def quantize_4bit(self, x, *, blocksize=64, quant_type="nf4", double_quant=False):
+        x = np.asarray(x)
+        if x.ndim >= 2 and x.strides[-1] == x.itemsize and not x.flags.c_contiguous:
+            # x itself is checked; what the kernel then reads is the memory from its first element on
+            flat = lambda a: _dense_read(x).astype(a.dtype).reshape(-1)  # noqa: E731
+            return _quantize(x, blocksize, quant_type, double_quant, flat=flat)
+        return nf4.quantize(x, blocksize, quant_type=quant_type, double_quant=double_quant)
+
+
+class DequantSaturates(_Mutant):
+    name, ops, bug = (
+        "mutant-dequant-saturates",
+        ("dequantize_4bit",),
+        "the float32 -> float16/bfloat16 output conversion saturates at the largest finite value "
+        "(cvt .satfinite) instead of overflowing to inf",
+    )
+
+    def dequantize_4bit(self, state, *, dtype=None):
+        out = nf4.dequantize(state, dtype)
+        if out.dtype == np.float32:
+            return out
+        wide = nf4.dequantize(state, "float32")
+        big = np.copysign(ml_dtypes.finfo(out.dtype).max, wide).astype(out.dtype)
+        return np.where(np.isinf(out) & np.isfinite(wide), big, out)
+
+
+class ZeroAsNegativeZero(_Mutant):
+    name, ops, bug = (
+        "mutant-zero-as-negative-zero",
+        ("dequantize_4bit",),
+        "zero outputs written as -0.0 (the sign taken from a sign-magnitude decode)",
+    )
+
+    def dequantize_4bit(self, state, *, dtype=None):
+        out = nf4.dequantize(state, dtype)
+        return np.where(out == 0, -np.zeros_like(out), out)
+
+
 MUTANTS: tuple[type[_Mutant], ...] = (
     NibbleOrder,
     TiesUp,
@@ -432,4 +619,15 @@ MUTANTS: tuple[type[_Mutant], ...] = (
     QLoRABaseSkipsStateDtype,
     SkipsSmallAdapter,
     FlushingSkipsTinyGradients,
+    QLoRARankTile64,
+    MergeRankTile64,
+    SplitKTail,
+    FourDimX,
+    WeightGradRowCap,
+    GradYAssumedContiguous,
+    AdapterAssumedContiguous,
+    DenseRowsAssumed,
+    QuantizeDenseRowsAssumed,
+    DequantSaturates,
+    ZeroAsNegativeZero,
 )
