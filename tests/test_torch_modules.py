@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import warnings
 
 import numpy as np
@@ -612,3 +613,73 @@ def test_quantizing_a_layer_whose_scales_rebuild_negative_warns_naming_it() -> N
     expected = r"layer '0': double quantization rebuilds 128 of 256 block scales to exactly 0"
     with pytest.warns(ZeroScaleWarning, match=expected):
         apply_lora(model, 2, 4, ["0"], quantize="nf4", verbose=False)
+
+
+# ------------------------------------------------------------------------------------- torch.compile
+
+
+def _compile_model():
+    """Toy in QLoRA form: three 4-bit layers whose double-quant offsets differ, B nonzero."""
+    model = apply_lora(Toy(), r=4, alpha=8, target_modules=["q_proj", "v_proj", "out"], quantize="nf4")
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, QLoRALinear):
+                m.lora_B.weight.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(1))
+    offsets = {m.base_layer.offset for m in model.modules() if isinstance(m, QLoRALinear)}
+    assert len(offsets) == 3
+    return model
+
+
+def _step(model, forward, x):
+    y = forward(x)
+    y.square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return y.detach(), grads
+
+
+def test_torch_compile_traces_the_4bit_layers_whole_and_matches_eager_bit_for_bit(capsys) -> None:
+    """Before, torch.compile stopped with an internal Dynamo error ("Pending unbacked symbols") at the
+    first 4-bit layer: the forward read the state's version counters, which a traced graph does not
+    have; and once compiled code was reused for a layer of another double-quant offset, the offset came
+    as a symbolic float that math.isfinite could not take. Now the whole model traces as one graph
+    (fullgraph), per-layer compiles recompile cleanly, and both give eager's bits, gradients too."""
+    model = _compile_model()
+    capsys.readouterr()
+    x = torch.randn(3, 5, 33, generator=torch.Generator().manual_seed(2))
+    y0, g0 = _step(model, model, x)
+    whole = torch.compile(model, backend="aot_eager", fullgraph=True)
+    layers = [
+        torch.compile(model.block[k], backend="aot_eager", fullgraph=True) for k in ("q_proj", "v_proj")
+    ]
+
+    def per_layer(x):
+        h = model.norm(x)
+        return model.block["out"](layers[0](h) + layers[1](h))
+
+    for forward in (whole, per_layer):
+        y, g = _step(model, forward, x)
+        assert torch.equal(y, y0)
+        assert g.keys() == g0.keys() and all(torch.equal(g[k], g0[k]) for k in g0)
+
+
+_CXX = any(map(shutil.which, ("g++", "c++", "clang++")))
+
+
+@pytest.mark.skipif(not _CXX, reason="inductor needs a C++ compiler")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_inductor_keeps_the_dequantized_weight_exact(dtype) -> None:
+    """Under torch.compile's default backend the 4-bit layer's output is eager's bit for bit: inductor
+    generates its own code for the dequantization (the double-quant rebuild, the product by the scale,
+    the conversion), which must not fuse the rebuild's multiply and add (on the CPU it does not contract
+    by default; with TORCHINDUCTOR_CPP_ENABLE_FLOATING_POINT_CONTRACT_FLAG=fast it does, and the float32
+    and float16 cases here fail: measured 2026-11-25)."""
+    torch.manual_seed(3)
+    linear = nn.Linear(96, 40, bias=False).to(dtype)
+    with torch.no_grad():  # scales over 2^12: a contracted rebuild rounds some differently
+        linear.weight.mul_(torch.logspace(-6, 6, 40, base=2.0).to(dtype)[:, None])
+    layer = NF4Linear.from_linear(linear, 32, double_quant=True)
+    x = torch.eye(96, dtype=dtype)  # y = x Ŵᵀ = Ŵᵀ: each output one product by 1, exact
+    oracle = numpy_to_torch(nf4.dequantize(layer.quant_state.to_state())).T
+    assert torch.equal(layer(x), oracle)
+    assert torch.equal(torch.compile(layer, fullgraph=True)(x), oracle)

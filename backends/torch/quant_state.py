@@ -167,7 +167,10 @@ def check_fields(ts: TorchQuantState) -> None:
         b2 = ts.blocksize2
         if isinstance(b2, bool) or not isinstance(b2, int) or b2 < 1:
             raise ValueError(f"state.blocksize2 must be a positive int, got {b2!r}")
-        if not isinstance(ts.offset, (int, float)) or not math.isfinite(ts.offset):
+        # torch.compile hands a layer's offset over as a symbolic float once it recompiles for another
+        # layer's, and math.isfinite cannot be traced: its finiteness is checked in eager calls only
+        number = isinstance(ts.offset, (int, float))
+        if not number or not (torch.compiler.is_compiling() or math.isfinite(ts.offset)):
             raise ValueError(f"state.offset must be a finite float when double-quantized, got {ts.offset!r}")
         want["absmax_q"] = (ts.absmax_q, torch.uint8, n_blocks)
         want["absmax2"] = (ts.absmax2, torch.float32, math.ceil(n_blocks / b2))
@@ -186,17 +189,24 @@ def check_fields(ts: TorchQuantState) -> None:
             raise ValueError(f"state.{field} is on {t.device}, state.packed on {ts.packed.device}")
 
 
-def versions(ts: TorchQuantState) -> tuple[int, ...]:
+def versions(ts: TorchQuantState) -> tuple[int, ...] | None:
     """The version counters of the state's tensors, which every in-place write bumps. Autograd checks
     them for the tensors a Function saves; a layer's state is held outside those, so the forward records
-    them and the backward compares (:func:`check_unchanged`)."""
+    them and the backward compares (:func:`check_unchanged`). None while torch.compile traces: a
+    traced graph has no version counters to read (reading them there broke the trace with an internal
+    Dynamo error), so a compiled model goes without this check."""
+    if torch.compiler.is_compiling():
+        return None
     fields = (ts.packed, ts.absmax, ts.absmax_q, ts.absmax2, ts.code, ts.code2)
     return tuple(t._version for t in fields if t is not None)
 
 
-def check_unchanged(ts: TorchQuantState, recorded: tuple[int, ...]) -> None:
+def check_unchanged(ts: TorchQuantState, recorded: tuple[int, ...] | None) -> None:
     """RuntimeError if a tensor of ``ts`` was written in place since :func:`versions` gave ``recorded``:
-    the backward would read another weight than the forward did, and grad_x would be silently wrong."""
+    the backward would read another weight than the forward did, and grad_x would be silently wrong.
+    Nothing to compare where the forward was compiled (``recorded`` None)."""
+    if recorded is None or torch.compiler.is_compiling():
+        return
     if versions(ts) != recorded:
         raise RuntimeError(
             "the 4-bit weight's state was modified in place between the forward and the backward, so "
