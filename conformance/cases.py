@@ -53,9 +53,12 @@ def _cast(v, dtype: str) -> np.ndarray:
 
 
 def _q(x, dtype, *, blocksize=64, quant_type="nf4", double_quant=False, recipe=(), out_dtype=None, note="",
-       check="quantize") -> Inputs:  # fmt: skip
-    """Quantization inputs: x (float64 or already of dtype) cast to dtype, seen through ``recipe``."""
+       check="quantize", blocksize2=None) -> Inputs:  # fmt: skip
+    """Quantization inputs: x (float64 or already of dtype) cast to dtype, seen through ``recipe``;
+    ``blocksize2``: a double-quantization group size other than 256 (params, where the check reads it)."""
     params = {"blocksize": blocksize, "quant_type": quant_type, "double_quant": double_quant}
+    if blocksize2 is not None:
+        params["blocksize2"] = blocksize2
     if check in ("dequantize", "roundtrip"):
         params["out_dtype"] = out_dtype
     inputs = Inputs("", "", check, dtype, params=params, note=note)
@@ -308,7 +311,8 @@ def _positive(rng, shape, scale, dt) -> np.ndarray:
 
 def _lora(op, n_in, out, r, lead=(3,), *, alpha=16.0, rslora=False, bias=False, p=None, fan=False,
           zero_B=False, views=(), check=None, mask_zero=False, blocksize=64, quant_type="nf4",
-          double_quant=False, positive=False, base_dtype=None, tiny=False, recipes=None):  # fmt: skip
+          double_quant=False, positive=False, base_dtype=None, tiny=False, recipes=None,
+          blocksize2=None):  # fmt: skip
     """A LoRA/QLoRA case builder: shapes, scaling and options; values from the case's generator
     (all positive with ``positive``; every value of the "tiny" family's "normal products" level with
     ``tiny``); a QLoRA base W in ``base_dtype`` instead of the case's dtype. ``views``: the operands
@@ -359,6 +363,8 @@ def _lora(op, n_in, out, r, lead=(3,), *, alpha=16.0, rslora=False, bias=False, 
             inputs.put("grad_y", grad_y, recipe("grad_y", grad_y))
         if op.startswith("qlora"):
             params.update(blocksize=blocksize, quant_type=quant_type, double_quant=double_quant)
+            if blocksize2 is not None:
+                params["blocksize2"] = blocksize2
             if base_dtype is not None:
                 params["base_dtype"] = base_dtype
         return inputs
@@ -480,6 +486,13 @@ def _lora_cases(op: str) -> list[Case]:
     if op.startswith("qlora"):
         cases += [
             Case(op, "double-quantized base", op, _lora(op, 64, 40, 4, double_quant=True, blocksize=32)),
+            # 192 blocks of 32 in two groups of 128 block scales (a group size other than bitsandbytes')
+            Case(
+                op,
+                "double-quantized base in groups of 128",
+                op,
+                _lora(op, 96, 64, 4, double_quant=True, blocksize=32, blocksize2=128),
+            ),
             Case(op, "fp4 base", op, _lora(op, 24, 10, 4, quant_type="fp4")),
             Case(op, "ragged blocks", op, _lora(op, 13, 11, 3, blocksize=64)),
             Case(op, "blocksize 4096 base", op, _lora(op, 96, 50, 4, blocksize=4096)),
@@ -628,6 +641,12 @@ CASES: tuple[Case, ...] = (
     Case("dequantize_4bit", "double quant, 600 blocks", "dequantize",
          lambda d, rng: _q(_normal(rng, 600 * 32) * np.repeat(2.0 ** rng.uniform(-8, 2, 600), 32), d,
                            blocksize=32, double_quant=True, check="dequantize")),
+    # A state may group its block scales other than by 256 (reflora.nf4.quantize's blocksize2; torchao's
+    # scaler_block_size): the rebuild must read the state's group size.
+    *(Case("dequantize_4bit", f"double quant, 600 blocks in groups of {b2}", "dequantize",
+           lambda d, rng, b2=b2: _q(_normal(rng, 600 * 32) * np.repeat(2.0 ** rng.uniform(-8, 2, 600), 32), d,
+                                    blocksize=32, double_quant=True, check="dequantize", blocksize2=b2))
+      for b2 in (128, 64)),
     Case("dequantize_4bit", "output float16", "dequantize",
          lambda d, rng: _q(_normal(rng, 3 * 64, 3.0), d, out_dtype="float16", check="dequantize")),
     Case("dequantize_4bit", "output bfloat16", "dequantize",

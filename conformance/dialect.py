@@ -22,7 +22,6 @@ exact mean (its own summation order), and the suite then replays that offset thr
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -31,7 +30,6 @@ from typing import Any
 import numpy as np
 
 from reflora import nf4
-from reflora.double_quant import quantize as quantize_absmax
 from reflora.state import QuantState
 
 __all__ = ["CANONICAL", "Dialect", "for_backend", "get"]
@@ -39,36 +37,10 @@ __all__ = ["CANONICAL", "Dialect", "for_backend", "get"]
 CANONICAL = "reflora"
 
 
-class _CanonicalModule:
-    """The canonical oracle behind the dialect interface (used until ``reflora.dialects`` provides it)."""
-
-    NAME = CANONICAL
-    DESCRIPTION = "the canonical oracle"
-
-    @staticmethod
-    def quantize(x, blocksize=64, *, quant_type="nf4", double_quant=False, offset=None):
-        if offset is not None and not double_quant:
-            raise ValueError("offset is the double-quantization offset; it needs double_quant=True")
-        state = nf4.quantize(
-            x, blocksize, quant_type=quant_type, double_quant=double_quant and offset is None
-        )
-        if offset is None:
-            return state
-        return dataclasses.replace(state, absmax=None, nested=quantize_absmax(state.absmax, offset=offset))
-
-    @staticmethod
-    def dequantize(state, dtype=None):
-        return nf4.dequantize(state, dtype)
-
-
 def _module(name: str) -> Any:
     from reflora import dialects
 
-    if hasattr(dialects, "get"):
-        return dialects.get(name)
-    if name == CANONICAL:
-        return _CanonicalModule
-    raise ValueError(f"dialect {name!r} is not available: this reflora has no reflora.dialects registry")
+    return dialects.get(name)
 
 
 @dataclass(frozen=True)
@@ -90,11 +62,18 @@ class Dialect:
     def canonical(self) -> bool:
         return self.name == CANONICAL
 
-    def quantize(self, x, blocksize: int, quant_type: str, double_quant: bool, offset=None):
-        """The dialect's native state for ``x``; raises (ValueError, ...) where the dialect does."""
+    def quantize(self, x, blocksize: int, quant_type: str, double_quant: bool, offset=None, blocksize2=None):
+        """The dialect's native state for ``x``; raises (ValueError, ...) where the dialect does.
+        ``blocksize2``: the double-quantization group size, for a dialect whose quantize takes one (the
+        canonical rules); ValueError for another dialect (bitsandbytes' groups are 256 block scales)."""
         kwargs = {"quant_type": quant_type, "double_quant": double_quant}
         if offset is not None:
             kwargs["offset"] = offset
+        if blocksize2 is not None:
+            if "blocksize2" not in inspect.signature(self.module.quantize).parameters:
+                raise ValueError(f"dialect {self.name} double-quantizes in groups of 256 block scales only, "
+                                 f"not {blocksize2}")  # fmt: skip
+            kwargs["blocksize2"] = blocksize2
         return self._call(self.module.quantize, x, blocksize, **kwargs)
 
     def as_quant_state(self, native) -> QuantState:

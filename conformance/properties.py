@@ -44,7 +44,7 @@ from reflora.conformance import tolerances as tol
 from reflora.conformance.bundle import Inputs, apply_view
 from reflora.conformance.dialect import Dialect, offset_of
 from reflora.conformance.mismatch import Declined, Mismatch, Rejected, fmt_index, fmt_value
-from reflora.double_quant import mean_f32
+from reflora.double_quant import BLOCKSIZE2, mean_f32
 from reflora.state import QuantState
 
 __all__ = ["CHECKS", "Context", "run_check"]
@@ -324,7 +324,8 @@ def _dialect_state(ctx: Context, x: np.ndarray, p: dict, what: str, note: str = 
     """The claimed dialect's state of x for the params' blocksize, quant_type and double_quant; Rejected
     (``what``, ``note`` before the dialect's reason) where the dialect refuses x."""
     try:
-        return ctx.dialect.quantize(x, p["blocksize"], p["quant_type"], p["double_quant"])
+        return ctx.dialect.quantize(x, p["blocksize"], p["quant_type"], p["double_quant"],
+                                    blocksize2=p.get("blocksize2"))  # fmt: skip
     except (ValueError, TypeError, AssertionError) as exc:
         raise _outside(ctx, what, f"{note}{exc}") from None
 
@@ -470,7 +471,8 @@ def _base_state(ctx: Context, inputs: Inputs, flat: bool = False) -> tuple[Any, 
     p = inputs.params
     W = inputs["W"].reshape(-1) if flat else inputs["W"]
     if ctx.dialect.native_is_quant_state():
-        state = nf4.quantize(W, p["blocksize"], quant_type=p["quant_type"], double_quant=p["double_quant"])
+        state = nf4.quantize(W, p["blocksize"], quant_type=p["quant_type"], double_quant=p["double_quant"],
+                             blocksize2=p.get("blocksize2", BLOCKSIZE2))  # fmt: skip
         return state, (nf4.dequantize(state) if flat else qlora.dequantized_base(state))
     state = _dialect_state(ctx, W, p, f"{inputs.op} (the base weight)")
     return state, ctx.dialect.dequantize(state)

@@ -78,3 +78,20 @@ def test_every_dialect_refuses_an_offset_without_double_quant(name):
     with pytest.raises(ValueError, match=r"it needs double_quant=True|always double-quantizes"):
         quantize(x, 64, double_quant=False, offset=0.5)
     quantize(x, 64, double_quant=True, offset=0.5)  # accepted with it
+
+
+def test_a_double_quant_group_size_is_kept_or_refused_by_name():
+    """The suite's cases grouped by 128 and 64 block scales: the canonical rules group as asked (with a
+    given offset too); a dialect whose quantizer groups by 256 only refuses, naming why, so the case is
+    reported outside that dialect rather than quietly grouped by 256."""
+    from reflora.conformance.dialect import get as get_dialect
+
+    x = np.random.default_rng(5).standard_normal(300 * 32).astype(np.float32)
+    state = get_dialect("reflora").quantize(x, 32, "nf4", True, blocksize2=128)
+    assert state.nested.blocksize2 == 128 and state.nested.absmax2.size == 3
+    assert state == nf4.quantize(x, 32, double_quant=True, blocksize2=128)
+    fixed = get_dialect("reflora").quantize(x, 32, "nf4", True, offset=0.5, blocksize2=64)
+    assert fixed.nested.blocksize2 == 64 and fixed.nested.offset == np.float32(0.5)
+    for name in ("bnb-cpu", "bnb-cuda", "torchao"):
+        with pytest.raises(ValueError, match=f"dialect {name} double-quantizes in groups of 256"):
+            get_dialect(name).quantize(x, 32, "nf4", True, blocksize2=128)

@@ -61,6 +61,7 @@ CAUGHT_BY_CASE = {
     "QuantizeDenseRowsAssumed": "row-padded view, NaN in the padding",
     "DequantSaturates": "past its largest -> inf",
     "ZeroAsNegativeZero": "all-zero block -> +0.0",
+    "NestedGroups256": "in groups of",
 }
 
 HEADLINE = re.compile(

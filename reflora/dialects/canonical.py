@@ -14,6 +14,7 @@ import dataclasses
 import numpy as np
 
 from reflora import nf4
+from reflora.double_quant import BLOCKSIZE2
 from reflora.double_quant import quantize as quantize_absmax
 from reflora.state import QuantState
 
@@ -30,13 +31,16 @@ def quantize(
     quant_type: str = "nf4",
     double_quant: bool = False,
     offset: float | None = None,
+    blocksize2: int = BLOCKSIZE2,
 ) -> QuantState:
-    """:func:`reflora.nf4.quantize`, with ``offset`` replacing the DQ mean when given (needs double_quant)."""
+    """:func:`reflora.nf4.quantize`, with ``offset`` replacing the DQ mean when given (needs double_quant);
+    blocksize2: the block scales a double-quantization group (256 unless given)."""
     check_offset(offset, double_quant)
-    state = nf4.quantize(x, blocksize, quant_type=quant_type, double_quant=double_quant and offset is None)
+    dq = double_quant and offset is None
+    state = nf4.quantize(x, blocksize, quant_type=quant_type, double_quant=dq, blocksize2=blocksize2)
     if offset is None:
         return state
-    nested = quantize_absmax(state.absmax, offset=offset)
+    nested = quantize_absmax(state.absmax, blocksize2, offset=offset)
     return dataclasses.replace(state, absmax=None, nested=nested)
 
 

@@ -590,6 +590,24 @@ class ZeroAsNegativeZero(_Mutant):
         return np.where(out == 0, -np.zeros_like(out), out)
 
 
+class NestedGroups256(_Mutant):
+    name, ops, bug = (
+        "mutant-nested-groups-256",
+        ("dequantize_4bit",),
+        "the double-quant rebuild takes groups of 256 block scales whatever the state's blocksize2",
+    )
+
+    def dequantize_4bit(self, state, *, dtype=None):
+        n = state.nested
+        if n is None or n.blocksize2 == 256:
+            return nf4.dequantize(state, dtype)
+        group = np.minimum(np.arange(n.absmax_q.size) // 256, n.absmax2.size - 1)
+        scales = (n.code2[n.absmax_q] * n.absmax2[group]).astype(np.float32) + np.float32(n.offset)
+        codes = state.code[nf4.unpack(state.packed, state.numel)]
+        out = (codes * np.repeat(scales, state.blocksize)[: state.numel]).astype(np.float32)
+        return out.astype(state.dtype if dtype is None else dtype).reshape(state.shape)
+
+
 MUTANTS: tuple[type[_Mutant], ...] = (
     NibbleOrder,
     TiesUp,
@@ -630,4 +648,5 @@ MUTANTS: tuple[type[_Mutant], ...] = (
     QuantizeDenseRowsAssumed,
     DequantSaturates,
     ZeroAsNegativeZero,
+    NestedGroups256,
 )
