@@ -70,6 +70,12 @@ def _normal(rng, n, scale=1.0):
     return rng.standard_normal(n) * scale
 
 
+def _mixed_scales(rng):
+    """600 blocks of 32 normal values, each block scaled by 2^u, u uniform in [-8, 2]: scales spread
+    over ten binades, for double quantization."""
+    return _normal(rng, 600 * 32) * np.repeat(2.0 ** rng.uniform(-8, 2, 600), 32)
+
+
 # ---- quantize_4bit -------------------------------------------------------------------------------------
 
 
@@ -609,7 +615,7 @@ CASES: tuple[Case, ...] = (
     Case("quantize_4bit", "double quant, equal absmax", "quantize",
          _q_case(lambda rng: np.tile(np.r_[1.0, np.linspace(-0.5, 0.5, 63)], 10), double_quant=True)),
     Case("quantize_4bit", "double quant, 600 blocks of mixed scales", "quantize",
-         _q_case(lambda rng: _normal(rng, 600 * 32) * np.repeat(2.0 ** rng.uniform(-8, 2, 600), 32),
+         _q_case(_mixed_scales,
                  blocksize=32, double_quant=True)),
     # quantize_4bit: corners above in shapes torchao takes (it rejects the others)
     Case("quantize_4bit", "torchao nf4 x exactly at its midpoints, torchao-shaped", "quantize", _ao_ties),
@@ -639,13 +645,12 @@ CASES: tuple[Case, ...] = (
     Case("dequantize_4bit", "ragged tail", "dequantize", lambda d, rng: _q(_normal(rng, 3 * 64 + 17), d,
                                                                            check="dequantize")),
     Case("dequantize_4bit", "double quant, 600 blocks", "dequantize",
-         lambda d, rng: _q(_normal(rng, 600 * 32) * np.repeat(2.0 ** rng.uniform(-8, 2, 600), 32), d,
-                           blocksize=32, double_quant=True, check="dequantize")),
+         lambda d, rng: _q(_mixed_scales(rng), d, blocksize=32, double_quant=True, check="dequantize")),
     # A state may group its block scales other than by 256 (reflora.nf4.quantize's blocksize2; torchao's
     # scaler_block_size): the rebuild must read the state's group size.
     *(Case("dequantize_4bit", f"double quant, 600 blocks in groups of {b2}", "dequantize",
-           lambda d, rng, b2=b2: _q(_normal(rng, 600 * 32) * np.repeat(2.0 ** rng.uniform(-8, 2, 600), 32), d,
-                                    blocksize=32, double_quant=True, check="dequantize", blocksize2=b2))
+           lambda d, rng, b2=b2: _q(_mixed_scales(rng), d, blocksize=32, double_quant=True,
+                                    check="dequantize", blocksize2=b2))
       for b2 in (128, 64)),
     Case("dequantize_4bit", "output float16", "dequantize",
          lambda d, rng: _q(_normal(rng, 3 * 64, 3.0), d, out_dtype="float16", check="dequantize")),

@@ -599,13 +599,11 @@ class NestedGroups256(_Mutant):
 
     def dequantize_4bit(self, state, *, dtype=None):
         n = state.nested
-        if n is None or n.blocksize2 == 256:
-            return nf4.dequantize(state, dtype)
-        group = np.minimum(np.arange(n.absmax_q.size) // 256, n.absmax2.size - 1)
-        scales = (n.code2[n.absmax_q] * n.absmax2[group]).astype(np.float32) + np.float32(n.offset)
-        codes = state.code[nf4.unpack(state.packed, state.numel)]
-        out = (codes * np.repeat(scales, state.blocksize)[: state.numel]).astype(np.float32)
-        return out.astype(state.dtype if dtype is None else dtype).reshape(state.shape)
+        if n is not None and n.blocksize2 != 256:  # read as if grouped by 256: group g's scale at g
+            groups = np.minimum(np.arange(-(-n.absmax_q.size // 256)), n.absmax2.size - 1)
+            n = dataclasses.replace(n, absmax2=n.absmax2[groups], blocksize2=256)
+            state = dataclasses.replace(state, nested=n)
+        return nf4.dequantize(state, dtype)  # the canonical rebuild and product, negative scales too
 
 
 MUTANTS: tuple[type[_Mutant], ...] = (
