@@ -224,13 +224,41 @@ def _check_state(ts: TorchQuantState) -> None:
     check_fields(ts)  # ValueError naming the field: a malformed state gave wrong values, or bare errors
 
 
+def rebuild_scales(
+    absmax_q: torch.Tensor, absmax2: torch.Tensor, code2: torch.Tensor, offset: float, blocksize2: int
+) -> torch.Tensor:
+    """float32 (n_blocks,): ``f32(f32(code2[absmax_q] * absmax2[group]) + offset)``, the oracle's rule 4,
+    in two roundings as long as the multiply and the add run as separate kernels (eager torch)."""
+    group = torch.arange(absmax_q.numel(), device=absmax_q.device) // blocksize2
+    scaled = code2[absmax_q.long()] * absmax2[group]  # float32 * float32: first rounding
+    return scaled + torch.tensor(offset, dtype=torch.float32, device=absmax_q.device)  # second rounding
+
+
+@torch.library.custom_op("reflora::block_scales", mutates_args=())
+def _block_scales_op(
+    absmax_q: torch.Tensor, absmax2: torch.Tensor, code2: torch.Tensor, offset: float, blocksize2: int
+) -> torch.Tensor:
+    """:func:`rebuild_scales` as one op a compiler cannot see into."""
+    return rebuild_scales(absmax_q, absmax2, code2, offset, blocksize2)
+
+
+@_block_scales_op.register_fake
+def _(absmax_q, absmax2, code2, offset, blocksize2):
+    return absmax_q.new_empty(absmax_q.shape, dtype=torch.float32)
+
+
 def block_scales(ts: TorchQuantState) -> torch.Tensor:
-    """float32 (n_blocks,): each block's absmax, rebuilt by the oracle's rule 4 if double-quantized."""
+    """float32 (n_blocks,): each block's absmax, rebuilt by the oracle's rule 4 if double-quantized.
+
+    Under torch.compile the rebuild is the opaque op ``reflora::block_scales``, which runs eagerly:
+    inductor would otherwise generate the multiply and the add as one expression, and its code may
+    contract them into a fused multiply-add, one rounding instead of two (its CUDA code does by default,
+    its C++ code with the floating-point contract flag ``fast``), changing some scales by an ulp.
+    """
     if not ts.double_quant:
         return ts.absmax
-    group = torch.arange(ts.absmax_q.numel(), device=ts.device) // ts.blocksize2
-    scaled = ts.code2[ts.absmax_q.long()] * ts.absmax2[group]  # float32 * float32: first rounding
-    return scaled + torch.tensor(ts.offset, dtype=torch.float32, device=ts.device)  # second rounding
+    args = (ts.absmax_q, ts.absmax2, ts.code2, ts.offset, ts.blocksize2)
+    return torch.ops.reflora.block_scales(*args) if torch.compiler.is_compiling() else rebuild_scales(*args)
 
 
 def dequantize_4bit(ts: TorchQuantState, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -244,6 +272,11 @@ def dequantize_4bit(ts: TorchQuantState, dtype: torch.dtype | None = None) -> to
     out_dtype = ts.dtype if dtype is None else dtype
     if out_dtype not in _FLOATS:
         raise TypeError(f"dtype must be float32, float16 or bfloat16, got {out_dtype}")
+    return _dequantize(ts, out_dtype)
+
+
+def _dequantize(ts: TorchQuantState, out_dtype: torch.dtype) -> torch.Tensor:
+    """:func:`dequantize_4bit` of a state already checked."""
     n, bs = ts.numel, ts.blocksize
     n_blocks = math.ceil(n / bs)
     # A byte decodes to two table values at once: pairs[b] = (code[b >> 4], code[b & 15]). Each row's
@@ -350,8 +383,10 @@ class _QLoRAConfig:
 
 
 def _base_weight(ts: TorchQuantState, dtype: torch.dtype) -> torch.Tensor:
-    """Ŵ in ``dtype``: dequantized exactly in ts.dtype, then cast (as bitsandbytes' MatMul4Bit)."""
-    W = dequantize_4bit(ts)
+    """Ŵ in ``dtype``: dequantized exactly in ts.dtype, then cast (as bitsandbytes' MatMul4Bit). The
+    state was checked before the autograd Function that calls this (checking it inside one, under
+    torch.compile and autocast, broke the trace: "Global autocast state changed while dynamo tracing")."""
+    W = _dequantize(ts, ts.dtype)
     return W if W.dtype == dtype else W.to(dtype)
 
 

@@ -230,6 +230,10 @@ def check_scaling(scaling) -> float:
             raise TypeError("scaling must be a number (a one-element tensor without requires_grad: it is "
                             f"not differentiated), got a tensor of shape {tuple(scaling.shape)}")  # fmt: skip
         scaling = scaling.item()
+    if torch.compiler.is_compiling():
+        # Traced, it may be a symbolic float (dynamic=True), which math.isfinite cannot take; the
+        # modules' scaling was checked when set (alpha and r are).
+        return scaling
     s = _check_scaling(scaling)
     if abs(s) > _F32_MAX:
         raise ValueError(f"scaling must be finite in float32, got {s!r}")

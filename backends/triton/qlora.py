@@ -69,6 +69,31 @@ def _forward(x2, a, b, bias, mask, cfg: LinearConfig):
     return y, t
 
 
+def _grads(g, x2, a, b, mask, t, cfg: LinearConfig, needs, bias_dtype) -> tuple:
+    """(grad_x, grad_A, grad_B, grad_bias), None where ``needs`` (four bools) says not asked for, for a
+    2-D grad_y ``g`` in x's dtype and M > 0 rows. Gradients are always new tensors."""
+    need_x, need_a, need_b, need_bias = needs
+    grad_x = grad_a = grad_b = grad_bias = None
+    u = None
+    if a is not None and (need_x or need_a):
+        u = lowrank_matmul(g, b, config=cfg.lowrank)  # (M, N) @ (N, r) -> (M, r) float32
+    if need_x:
+        lora = None if a is None else (u, a, cfg.scaling)
+        grad_x = nf4_gemm(g, cfg.weight, transposed=True, lora=lora, mask=mask, config=cfg.gemm)
+    if need_a:
+        # (r, M) @ (M, K): u^T (x * mask)
+        grad_a = lowrank_matmul(
+            u.t(), x2, mask=mask, mask_on=None if mask is None else "right", config=cfg.lowrank
+        )
+        grad_a = (grad_a * cfg.scaling).to(a.dtype)
+    if need_b:
+        grad_b = lowrank_matmul(g.t(), t, config=cfg.lowrank)  # (N, M) @ (M, r)
+        grad_b = (grad_b * cfg.scaling).to(b.dtype)
+    if need_bias:
+        grad_bias = g.sum(dim=0, dtype=torch.float32).to(bias_dtype)
+    return grad_x, grad_a, grad_b, grad_bias
+
+
 class _NF4LinearFn(torch.autograd.Function):
     """y = x W^T [+ scaling ((x*mask) A^T) B^T] [+ bias] for 2-D x; gradients for x, A, B, bias."""
 
@@ -91,9 +116,7 @@ class _NF4LinearFn(torch.autograd.Function):
         x2, a, b, mask, t = ctx.saved_tensors
         cfg: LinearConfig = ctx.cfg
         need_x, need_a, need_b, need_bias = ctx.needs_input_grad[:4]
-        # Gradients are always new tensors; nothing saved is written to.
         g = grad_y if grad_y.dtype == x2.dtype else grad_y.to(x2.dtype)
-        grad_x = grad_a = grad_b = grad_bias = None
         if x2.shape[0] == 0:  # sums over no rows: zero for A, B and bias, no kernel launched
             return (
                 x2.new_empty(x2.shape) if need_x else None,
@@ -103,25 +126,9 @@ class _NF4LinearFn(torch.autograd.Function):
                 None,
                 None,
             )
-        u = None
-        if a is not None and (need_x or need_a):
-            u = lowrank_matmul(g, b, config=cfg.lowrank)  # (M, N) @ (N, r) -> (M, r) float32
         if need_x:
             check_unchanged(cfg.weight, ctx.state_versions)
-            lora = None if a is None else (u, a, cfg.scaling)
-            grad_x = nf4_gemm(g, cfg.weight, transposed=True, lora=lora, mask=mask, config=cfg.gemm)
-        if need_a:
-            # (r, M) @ (M, K): u^T (x * mask)
-            grad_a = lowrank_matmul(
-                u.t(), x2, mask=mask, mask_on=None if mask is None else "right", config=cfg.lowrank
-            )
-            grad_a = (grad_a * cfg.scaling).to(a.dtype)
-        if need_b:
-            grad_b = lowrank_matmul(g.t(), t, config=cfg.lowrank)  # (N, M) @ (M, r)
-            grad_b = (grad_b * cfg.scaling).to(b.dtype)
-        if need_bias:
-            grad_bias = g.sum(dim=0, dtype=torch.float32).to(ctx.bias_dtype)
-        return grad_x, grad_a, grad_b, grad_bias, None, None
+        return *_grads(g, x2, a, b, mask, t, cfg, ctx.needs_input_grad[:4], ctx.bias_dtype), None, None
 
 
 def _apply(x, ts, a, b, scaling, bias, mask, cfg_overrides):
@@ -152,9 +159,157 @@ def _apply(x, ts, a, b, scaling, bias, mask, cfg_overrides):
     # reshape is a view when the strides allow it and a copy otherwise; the kernels take any strides.
     x2 = x.reshape(-1, k)
     mask2 = None if mask is None else mask.reshape(-1, k)
-    cfg = LinearConfig(weight=ts, scaling=check_scaling(scaling) if a is not None else 0.0, **cfg_overrides)
-    y = _NF4LinearFn.apply(x2, a, b, bias, mask2, cfg)
+    scaling = check_scaling(scaling) if a is not None else 0.0
+    if torch.compiler.is_compiling():
+        if cfg_overrides:
+            raise ValueError(
+                f"tile overrides {sorted(cfg_overrides)} are for eager calls: under torch.compile the "
+                "layer runs as the opaque op reflora::triton_linear with the kernels' heuristics"
+            )
+        y = _compiled_linear(x2, a, b, bias, mask2, ts, scaling)
+    else:
+        y = _NF4LinearFn.apply(
+            x2, a, b, bias, mask2, LinearConfig(weight=ts, scaling=scaling, **cfg_overrides)
+        )
     return y.reshape(*lead, n)
+
+
+# ------------------------------------------------------------------------------------- torch.compile
+# Dynamo cannot trace a Triton launch under the interpreter, nor the launchers' Python (the launch
+# registry, cached heuristics), so a compiled graph calls the layer as two opaque ops, the forward and
+# its backward, each running the same launchers as an eager call: the same kernels, tiles and bits,
+# the gradient of the bias included (a sum inductor would otherwise generate in its own order). Their
+# arguments are the state's tensors and fields, as an op takes no dataclass. As on the torch path, a
+# compiled graph goes without the check that the state was not written between forward and backward.
+
+
+def _state_args(ts: TorchQuantState) -> tuple:
+    """(tensors, shape, dtype, blocksize, quant_type, offset, blocksize2): the op arguments for ``ts``."""
+    tensors = [ts.packed, ts.absmax, ts.code, ts.absmax_q, ts.absmax2, ts.code2]
+    return tensors, list(ts.shape), ts.dtype, ts.blocksize, ts.quant_type, ts.offset, ts.blocksize2
+
+
+def _op_config(tensors, shape, dtype, blocksize, quant_type, offset, blocksize2, scaling) -> LinearConfig:
+    packed, absmax, code, absmax_q, absmax2, code2 = tensors
+    ts = TorchQuantState(
+        packed,
+        absmax,
+        code,
+        tuple(shape),
+        dtype,
+        blocksize,
+        quant_type,
+        absmax_q,
+        absmax2,
+        code2,
+        offset,
+        blocksize2,
+    )
+    return LinearConfig(weight=ts, scaling=scaling)
+
+
+@torch.library.custom_op("reflora::triton_linear", mutates_args=())
+def _linear_op(
+    x2: torch.Tensor,
+    a: torch.Tensor | None,
+    b: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    tensors: list[torch.Tensor | None],
+    shape: list[int],
+    dtype: torch.dtype,
+    blocksize: int,
+    quant_type: str,
+    offset: float | None,
+    blocksize2: int,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y (M, N), t (M, r) float32, or (M, 0) without A): :func:`_forward` for M > 0 rows."""
+    cfg = _op_config(tensors, shape, dtype, blocksize, quant_type, offset, blocksize2, scaling)
+    y, t = _forward(x2, a, b, bias, mask, cfg)
+    return y, x2.new_empty((x2.shape[0], 0), dtype=torch.float32) if t is None else t
+
+
+@_linear_op.register_fake
+def _(x2, a, b, bias, mask, tensors, shape, *fields):
+    r = 0 if a is None else a.shape[0]
+    return x2.new_empty((x2.shape[0], shape[0])), x2.new_empty((x2.shape[0], r), dtype=torch.float32)
+
+
+@torch.library.custom_op("reflora::triton_linear_backward", mutates_args=())
+def _linear_backward_op(
+    g: torch.Tensor,
+    x2: torch.Tensor,
+    a: torch.Tensor | None,
+    b: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    t: torch.Tensor,
+    tensors: list[torch.Tensor | None],
+    shape: list[int],
+    dtype: torch.dtype,
+    blocksize: int,
+    quant_type: str,
+    offset: float | None,
+    blocksize2: int,
+    scaling: float,
+    needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_A, grad_B, grad_bias) by :func:`_grads`; an empty (0,) tensor stands for one not
+    asked for (``needs``: four bools)."""
+    cfg = _op_config(tensors, shape, dtype, blocksize, quant_type, offset, blocksize2, scaling)
+    grads = _grads(
+        g, x2, a, b, mask, None if a is None else t, cfg, needs, None if bias is None else bias.dtype
+    )
+    return tuple(g.new_empty((0,)) if v is None else v for v in grads)
+
+
+@_linear_backward_op.register_fake
+def _(
+    g,
+    x2,
+    a,
+    b,
+    bias,
+    mask,
+    t,
+    tensors,
+    shape,
+    dtype,
+    blocksize,
+    quant_type,
+    offset,
+    blocksize2,
+    scaling,
+    needs,
+):
+    like = (x2, a, b, bias)
+    return tuple(
+        v.new_empty(v.shape) if need else g.new_empty((0,)) for v, need in zip(like, needs, strict=True)
+    )
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x2, a, b, bias, mask, tensors = inputs[:6]
+    ctx.save_for_backward(x2, a, b, bias, mask, output[1], *tensors)
+    ctx.fields = inputs[6:]  # shape, dtype, blocksize, quant_type, offset, blocksize2, scaling
+
+
+def _backward(ctx, grad_y, _grad_t):
+    x2, a, b, bias, mask, t, *tensors = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[:4])
+    g = grad_y if grad_y.dtype == x2.dtype else grad_y.to(x2.dtype)
+    grads = torch.ops.reflora.triton_linear_backward(g, x2, a, b, bias, mask, t, tensors, *ctx.fields, needs)
+    return *(v if need else None for v, need in zip(grads, needs, strict=True)), *[None] * 9
+
+
+_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _compiled_linear(x2, a, b, bias, mask, ts: TorchQuantState, scaling: float) -> torch.Tensor:
+    if x2.shape[0] == 0:  # no rows, as on the eager path: nothing launched
+        return _NF4LinearFn.apply(x2, a, b, bias, mask, LinearConfig(weight=ts, scaling=scaling))
+    return torch.ops.reflora.triton_linear(x2, a, b, bias, mask, *_state_args(ts), scaling)[0]
 
 
 def qlora_linear(
