@@ -192,3 +192,27 @@ def test_tile_overrides_are_refused_under_compile_not_ignored() -> None:
     compiled = torch.compile(lambda x: nf4_matmul(x, ts, gemm=cfg), backend="aot_eager", fullgraph=True)
     with pytest.raises(Exception, match="tile overrides \\['gemm'\\] are for eager calls"):
         compiled(x)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a CUDA device")
+def test_reduce_overhead_mode_replays_the_kernels_from_a_cuda_graph() -> None:
+    """mode="reduce-overhead" records the compiled forward and backward, the ops' kernel launches and
+    their scratch allocations included, into CUDA graphs and replays them: warm-up, recording and two
+    replays each give eager's bits (a launcher that synchronised with the host, or allocated outside
+    the graph's pool, would fail to record)."""
+    torch.manual_seed(0)
+    model = apply_lora(_Block(), r=4, alpha=8, target_modules=["up", "down"], quantize="nf4", verbose=False)
+    model.to(DEVICE)
+    for m in model.modules():
+        if isinstance(m, QLoRALinear):
+            m.impl = "triton"
+            with torch.no_grad():
+                m.lora_B.weight.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(1))
+    params = [p for p in model.parameters() if p.requires_grad]
+    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    for step in range(4):
+        x = torch.randn(300, 48, generator=torch.Generator().manual_seed(step)).to(DEVICE, torch.bfloat16)
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            y0, g0 = _run(functools.partial(model, x), *params)
+            y1, g1 = _run(functools.partial(compiled, x), *params)
+        assert _same(y1, y0) and all(_same(g, h) for g, h in zip(g1, g0, strict=True)), f"step {step}"

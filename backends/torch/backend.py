@@ -20,6 +20,7 @@ dtype d, ``Arithmetic(operand=d, accumulate="float32", intermediate=d, output=d)
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -33,7 +34,7 @@ from reflora.backends.torch.quant_state import TorchQuantState, numpy_to_torch, 
 from reflora.bounds import Arithmetic
 from reflora.state import QuantState
 
-__all__ = ["TorchBackend"]
+__all__ = ["TorchBackend", "TorchInductorBackend"]
 
 
 @contextmanager
@@ -86,6 +87,10 @@ class TorchBackend(BaseBackend):
         arith = Arithmetic(operand=dtype, accumulate="float32", intermediate=dtype, output=dtype)
         return torch_arithmetic(arith, dtype, self.device.type)
 
+    def _op(self, name: str):
+        """The op of :mod:`.ops` called ``name`` (a subclass may wrap it)."""
+        return getattr(ops, name)
+
     # ---- the boundary
 
     def _t(self, a: np.ndarray | None, *, grad: bool = False) -> torch.Tensor | None:
@@ -113,13 +118,13 @@ class TorchBackend(BaseBackend):
 
     def dequantize_4bit(self, state, *, dtype=None) -> np.ndarray:
         out = None if dtype is None else torch_dtype(dtype)
-        return torch_to_numpy(ops.dequantize_4bit(self._state(state), out))
+        return torch_to_numpy(self._op("dequantize_4bit")(self._state(state), out))
 
     # ---- LoRA
 
     def lora_forward(self, x, W, A, B, scaling, *, bias=None, dropout_mask=None) -> np.ndarray:
         with torch.no_grad(), _full_precision_matmul(self.device):
-            y = ops.lora_linear(
+            y = self._op("lora_linear")(
                 self._t(x), self._t(W), self._t(A), self._t(B), float(scaling),
                 bias=self._t(bias), dropout_mask=self._t(dropout_mask),
             )  # fmt: skip
@@ -128,12 +133,14 @@ class TorchBackend(BaseBackend):
     def lora_backward(self, grad_y, x, W, A, B, scaling, *, dropout_mask=None) -> tuple:
         xt, At, Bt = self._t(x, grad=True), self._t(A, grad=True), self._t(B, grad=True)
         with _full_precision_matmul(self.device):
-            y = ops.lora_linear(xt, self._t(W), At, Bt, float(scaling), dropout_mask=self._t(dropout_mask))
+            y = self._op("lora_linear")(
+                xt, self._t(W), At, Bt, float(scaling), dropout_mask=self._t(dropout_mask)
+            )
             return self._grads(y, (xt, At, Bt), grad_y)
 
     def qlora_forward(self, x, state, A, B, scaling, *, bias=None, dropout_mask=None) -> np.ndarray:
         with torch.no_grad(), _full_precision_matmul(self.device):
-            y = ops.qlora_linear(
+            y = self._op("qlora_linear")(
                 self._t(x), self._state(state), self._t(A), self._t(B), float(scaling),
                 bias=self._t(bias), dropout_mask=self._t(dropout_mask),
             )  # fmt: skip
@@ -142,7 +149,7 @@ class TorchBackend(BaseBackend):
     def qlora_backward(self, grad_y, x, state, A, B, scaling, *, dropout_mask=None) -> tuple:
         xt, At, Bt = self._t(x, grad=True), self._t(A, grad=True), self._t(B, grad=True)
         with _full_precision_matmul(self.device):
-            y = ops.qlora_linear(
+            y = self._op("qlora_linear")(
                 xt, self._state(state), At, Bt, float(scaling), dropout_mask=self._t(dropout_mask)
             )
             return self._grads(y, (xt, At, Bt), grad_y)
@@ -156,7 +163,50 @@ class TorchBackend(BaseBackend):
 
     def lora_merge(self, W, A, B, scaling, *, fan_in_fan_out=False) -> np.ndarray:
         with _full_precision_matmul(self.device):
-            merged = ops.lora_merge(
+            merged = self._op("lora_merge")(
                 self._t(W), self._t(A), self._t(B), float(scaling), fan_in_fan_out=fan_in_fan_out
             )
         return torch_to_numpy(merged)
+
+
+class TorchInductorBackend(TorchBackend):
+    """The same ops compiled by ``torch.compile`` (inductor, ``dynamic=True``, ``fullgraph=True``): the
+    suite then holds the code inductor generates around them to the eager declaration. Dequantization
+    claims exactness, as eager; the LoRA ops declare the eager ops' arithmetic (code that rounds less
+    often than eager stays within it). Quantization runs eagerly (it reports lost scales on the host).
+
+    Not registered, so ``reflora conform`` does not run it by default (it compiles a graph for each new
+    dtype, optional operand and size class: the ci profile took 3 min 2 s on 2 CPU cores, more than the
+    six registered backends together): ``reflora conform --backend
+    reflora.backends.torch.backend:TorchInductorBackend``. Each compiled op may recompile as often as
+    the suite needs (a new dtype, a missing bias, a size-1 dimension), and a hit recompile limit fails
+    the call instead of quietly running eager code.
+    """
+
+    name = "torch-inductor"
+
+    def __init__(self, device: str | torch.device | None = None) -> None:
+        super().__init__(device)
+        self._compiled: dict[str, object] = {}
+
+    def __repr__(self) -> str:
+        return f"<TorchInductorBackend 'torch-inductor' dialect='reflora' device={self.device}>"
+
+    def available(self) -> bool | str:
+        if self.device.type == "cpu" and not any(map(shutil.which, ("g++", "c++", "clang++"))):
+            return "inductor compiles C++ for the CPU and no C++ compiler (g++, c++, clang++) is on PATH"
+        return super().available()
+
+    def _op(self, name: str):
+        import torch._dynamo
+
+        if name not in self._compiled:
+            self._compiled[name] = torch.compile(getattr(ops, name), dynamic=True, fullgraph=True)
+        compiled = self._compiled[name]
+
+        def call(*args, **kwargs):
+            limits = {"recompile_limit": 1_000_000, "accumulated_recompile_limit": 1_000_000}
+            with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True, **limits):
+                return compiled(*args, **kwargs)
+
+        return call

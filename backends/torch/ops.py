@@ -48,7 +48,9 @@ from reflora.backends.torch.quant_state import (
     check_fields,
     check_scaling,
     check_unchanged,
+    from_op_args,
     numpy_to_torch,
+    op_args,
     versions,
 )
 from reflora.checks import check_flag
@@ -234,31 +236,11 @@ def rebuild_scales(
     return scaled + torch.tensor(offset, dtype=torch.float32, device=absmax_q.device)  # second rounding
 
 
-@torch.library.custom_op("reflora::block_scales", mutates_args=())
-def _block_scales_op(
-    absmax_q: torch.Tensor, absmax2: torch.Tensor, code2: torch.Tensor, offset: float, blocksize2: int
-) -> torch.Tensor:
-    """:func:`rebuild_scales` as one op a compiler cannot see into."""
-    return rebuild_scales(absmax_q, absmax2, code2, offset, blocksize2)
-
-
-@_block_scales_op.register_fake
-def _(absmax_q, absmax2, code2, offset, blocksize2):
-    return absmax_q.new_empty(absmax_q.shape, dtype=torch.float32)
-
-
 def block_scales(ts: TorchQuantState) -> torch.Tensor:
-    """float32 (n_blocks,): each block's absmax, rebuilt by the oracle's rule 4 if double-quantized.
-
-    Under torch.compile the rebuild is the opaque op ``reflora::block_scales``, which runs eagerly:
-    inductor would otherwise generate the multiply and the add as one expression, and its code may
-    contract them into a fused multiply-add, one rounding instead of two (its CUDA code does by default,
-    its C++ code with the floating-point contract flag ``fast``), changing some scales by an ulp.
-    """
+    """float32 (n_blocks,): each block's absmax, rebuilt by the oracle's rule 4 if double-quantized."""
     if not ts.double_quant:
         return ts.absmax
-    args = (ts.absmax_q, ts.absmax2, ts.code2, ts.offset, ts.blocksize2)
-    return torch.ops.reflora.block_scales(*args) if torch.compiler.is_compiling() else rebuild_scales(*args)
+    return rebuild_scales(ts.absmax_q, ts.absmax2, ts.code2, ts.offset, ts.blocksize2)
 
 
 def dequantize_4bit(ts: TorchQuantState, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -276,7 +258,42 @@ def dequantize_4bit(ts: TorchQuantState, dtype: torch.dtype | None = None) -> to
 
 
 def _dequantize(ts: TorchQuantState, out_dtype: torch.dtype) -> torch.Tensor:
-    """:func:`dequantize_4bit` of a state already checked."""
+    """:func:`dequantize_4bit` of a state already checked.
+
+    Under torch.compile it runs as the opaque op ``reflora::dequantize_4bit``, in eager kernels. Left to
+    inductor, the generated code was not the oracle's in two ways: the double-quant rebuild's multiply
+    and add become one expression its code may contract into a fused multiply-add (its CUDA code does
+    by default, its C++ code with the floating-point contract flag ``fast``), and a weight rounded to a
+    16-bit state dtype and then widened for float32 activations lost that rounding (inductor drops the
+    narrowing-widening pair: the conformance suite's torch-inductor backend found it).
+    """
+    if torch.compiler.is_compiling():
+        return torch.ops.reflora.dequantize_4bit(*op_args(ts), out_dtype)
+    return _dequantize_eager(ts, out_dtype)
+
+
+@torch.library.custom_op("reflora::dequantize_4bit", mutates_args=())
+def _dequantize_op(
+    tensors: list[torch.Tensor | None],
+    shape: list[int],
+    dtype: torch.dtype,
+    blocksize: int,
+    quant_type: str,
+    offset: float | None,
+    blocksize2: int,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """:func:`_dequantize_eager` as one op a compiler cannot see into."""
+    ts = from_op_args(tensors, shape, dtype, blocksize, quant_type, offset, blocksize2)
+    return _dequantize_eager(ts, out_dtype)
+
+
+@_dequantize_op.register_fake
+def _(tensors, shape, dtype, blocksize, quant_type, offset, blocksize2, out_dtype):
+    return tensors[0].new_empty(shape, dtype=out_dtype)
+
+
+def _dequantize_eager(ts: TorchQuantState, out_dtype: torch.dtype) -> torch.Tensor:
     n, bs = ts.numel, ts.blocksize
     n_blocks = math.ceil(n / bs)
     # A byte decodes to two table values at once: pairs[b] = (code[b >> 4], code[b & 15]). Each row's

@@ -144,6 +144,32 @@ class TorchQuantState:
         )
 
 
+def op_args(ts: TorchQuantState) -> tuple:
+    """``ts`` as custom-op arguments (an op takes no dataclass): (tensors, shape, dtype, blocksize,
+    quant_type, offset, blocksize2), tensors = [packed, absmax, code, absmax_q, absmax2, code2]."""
+    tensors = [ts.packed, ts.absmax, ts.code, ts.absmax_q, ts.absmax2, ts.code2]
+    return tensors, list(ts.shape), ts.dtype, ts.blocksize, ts.quant_type, ts.offset, ts.blocksize2
+
+
+def from_op_args(tensors, shape, dtype, blocksize, quant_type, offset, blocksize2) -> TorchQuantState:
+    """The state :func:`op_args` took apart."""
+    packed, absmax, code, absmax_q, absmax2, code2 = tensors
+    return TorchQuantState(
+        packed,
+        absmax,
+        code,
+        tuple(shape),
+        dtype,
+        blocksize,
+        quant_type,
+        absmax_q,
+        absmax2,
+        code2,
+        offset,
+        blocksize2,
+    )
+
+
 _STATE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 

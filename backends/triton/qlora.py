@@ -17,6 +17,10 @@ in the output tile's epilogue. Backward = ``lowrank`` (u = grad_y B), ``nf4_gemm
 orientation with scaling * (u A) * mask in the epilogue, and ``lowrank`` twice for grad_A and grad_B.
 From ``gemm.DEQUANT_FIRST_MIN_M`` rows each ``nf4_gemm`` (forward and grad_x alike) is preceded by a
 ``dequant`` of W into a scratch buffer that lives for that call only (see :mod:`.gemm`).
+
+Under ``torch.compile`` the same launchers run inside two opaque custom ops,
+``reflora::triton_linear`` and ``reflora::triton_linear_backward`` (the section at the end): a
+compiled call launches the eager call's kernels and gives its bits.
 """
 
 from __future__ import annotations
@@ -25,7 +29,14 @@ from dataclasses import dataclass
 
 import torch
 
-from reflora.backends.torch.quant_state import TorchQuantState, check_scaling, check_unchanged, versions
+from reflora.backends.torch.quant_state import (
+    TorchQuantState,
+    check_scaling,
+    check_unchanged,
+    from_op_args,
+    op_args,
+    versions,
+)
 from reflora.backends.triton._common import check_device, check_float, check_state
 from reflora.backends.triton.gemm import GemmConfig, nf4_gemm
 from reflora.backends.triton.gemv import GEMV_MAX_M, GemvConfig, nf4_gemv
@@ -183,28 +194,8 @@ def _apply(x, ts, a, b, scaling, bias, mask, cfg_overrides):
 # compiled graph goes without the check that the state was not written between forward and backward.
 
 
-def _state_args(ts: TorchQuantState) -> tuple:
-    """(tensors, shape, dtype, blocksize, quant_type, offset, blocksize2): the op arguments for ``ts``."""
-    tensors = [ts.packed, ts.absmax, ts.code, ts.absmax_q, ts.absmax2, ts.code2]
-    return tensors, list(ts.shape), ts.dtype, ts.blocksize, ts.quant_type, ts.offset, ts.blocksize2
-
-
 def _op_config(tensors, shape, dtype, blocksize, quant_type, offset, blocksize2, scaling) -> LinearConfig:
-    packed, absmax, code, absmax_q, absmax2, code2 = tensors
-    ts = TorchQuantState(
-        packed,
-        absmax,
-        code,
-        tuple(shape),
-        dtype,
-        blocksize,
-        quant_type,
-        absmax_q,
-        absmax2,
-        code2,
-        offset,
-        blocksize2,
-    )
+    ts = from_op_args(tensors, shape, dtype, blocksize, quant_type, offset, blocksize2)
     return LinearConfig(weight=ts, scaling=scaling)
 
 
@@ -309,7 +300,7 @@ _linear_op.register_autograd(_backward, setup_context=_setup_context)
 def _compiled_linear(x2, a, b, bias, mask, ts: TorchQuantState, scaling: float) -> torch.Tensor:
     if x2.shape[0] == 0:  # no rows, as on the eager path: nothing launched
         return _NF4LinearFn.apply(x2, a, b, bias, mask, LinearConfig(weight=ts, scaling=scaling))
-    return torch.ops.reflora.triton_linear(x2, a, b, bias, mask, *_state_args(ts), scaling)[0]
+    return torch.ops.reflora.triton_linear(x2, a, b, bias, mask, *op_args(ts), scaling)[0]
 
 
 def qlora_linear(
