@@ -116,21 +116,27 @@ class _Block(nn.Module):
         return self.down(torch.relu(self.up(x)))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_a_compiled_qlora_model_on_the_kernels_trains_as_the_eager_one(backend) -> None:
-    """A model of two 4-bit layers (their double-quant offsets differ) with impl='triton', compiled as one
-    graph: outputs and every adapter gradient equal eager's, and the layers report the kernels served."""
+def _triton_model():
+    """(model, its two QLoRALinear layers, its trainable parameters): _Block in QLoRA form on DEVICE,
+    impl='triton', B drawn nonzero so that every adapter gradient is."""
     torch.manual_seed(0)
     model = apply_lora(_Block(), r=4, alpha=8, target_modules=["up", "down"], quantize="nf4", verbose=False)
     model.to(DEVICE)
     layers = [m for m in model.modules() if isinstance(m, QLoRALinear)]
-    assert len({m.base_layer.offset for m in layers}) == 2
     with torch.no_grad():
         for m in layers:
             m.impl = "triton"
             m.lora_B.weight.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(1))
+    return model, layers, [p for p in model.parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_compiled_qlora_model_on_the_kernels_trains_as_the_eager_one(backend) -> None:
+    """A model of two 4-bit layers (their double-quant offsets differ) with impl='triton', compiled as one
+    graph: outputs and every adapter gradient equal eager's, and the layers report the kernels served."""
+    model, layers, params = _triton_model()
+    assert len({m.base_layer.offset for m in layers}) == 2
     x = torch.randn(2, 7, 48, generator=torch.Generator().manual_seed(2)).to(DEVICE)
-    params = [p for p in model.parameters() if p.requires_grad]
     y0, g0 = _run(lambda: model(x), *params)
     for m in layers:
         m.last_impl = None
@@ -143,13 +149,7 @@ def test_a_compiled_qlora_model_on_the_kernels_trains_as_the_eager_one(backend) 
 def test_one_dynamic_graph_serves_several_batch_sizes_under_autocast(autocast) -> None:
     """dynamic=True (the row count and the scaling symbolic) and autocast: eager's bits at every size,
     the GEMV's (2 rows) and the GEMM's (9, 17)."""
-    torch.manual_seed(0)
-    model = apply_lora(_Block(), r=4, alpha=8, target_modules=["up", "down"], quantize="nf4", verbose=False)
-    model.to(DEVICE)
-    for m in model.modules():
-        if isinstance(m, QLoRALinear):
-            m.impl = "triton"
-    params = [p for p in model.parameters() if p.requires_grad]
+    model, _, params = _triton_model()
     compiled = torch.compile(model, backend="aot_eager", dynamic=True, fullgraph=True)
     for rows in (9, 2, 17):
         x = torch.randn(rows, 48, generator=torch.Generator().manual_seed(rows)).to(DEVICE)
@@ -197,18 +197,9 @@ def test_tile_overrides_are_refused_under_compile_not_ignored() -> None:
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a CUDA device")
 def test_reduce_overhead_mode_replays_the_kernels_from_a_cuda_graph() -> None:
     """mode="reduce-overhead" records the compiled forward and backward, the ops' kernel launches and
-    their scratch allocations included, into CUDA graphs and replays them: warm-up, recording and two
-    replays each give eager's bits (a launcher that synchronised with the host, or allocated outside
-    the graph's pool, would fail to record)."""
-    torch.manual_seed(0)
-    model = apply_lora(_Block(), r=4, alpha=8, target_modules=["up", "down"], quantize="nf4", verbose=False)
-    model.to(DEVICE)
-    for m in model.modules():
-        if isinstance(m, QLoRALinear):
-            m.impl = "triton"
-            with torch.no_grad():
-                m.lora_B.weight.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(1))
-    params = [p for p in model.parameters() if p.requires_grad]
+    their scratch allocations (300 rows: W dequantized first) included, into CUDA graphs and replays
+    them: warm-up, recording and two replays each give eager's bits."""
+    model, _, params = _triton_model()
     compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
     for step in range(4):
         x = torch.randn(300, 48, generator=torch.Generator().manual_seed(step)).to(DEVICE, torch.bfloat16)

@@ -256,27 +256,11 @@ def _linear_backward_op(
 
 
 @_linear_backward_op.register_fake
-def _(
-    g,
-    x2,
-    a,
-    b,
-    bias,
-    mask,
-    t,
-    tensors,
-    shape,
-    dtype,
-    blocksize,
-    quant_type,
-    offset,
-    blocksize2,
-    scaling,
-    needs,
-):
-    like = (x2, a, b, bias)
+def _(g, x2, a, b, bias, *rest):
+    needs = rest[-1]
     return tuple(
-        v.new_empty(v.shape) if need else g.new_empty((0,)) for v, need in zip(like, needs, strict=True)
+        v.new_empty(v.shape) if need else g.new_empty((0,))
+        for v, need in zip((x2, a, b, bias), needs, strict=True)
     )
 
 
@@ -284,6 +268,7 @@ def _setup_context(ctx, inputs, output) -> None:
     x2, a, b, bias, mask, tensors = inputs[:6]
     ctx.save_for_backward(x2, a, b, bias, mask, output[1], *tensors)
     ctx.fields = inputs[6:]  # shape, dtype, blocksize, quant_type, offset, blocksize2, scaling
+    ctx.n_inputs = len(inputs)
 
 
 def _backward(ctx, grad_y, _grad_t):
@@ -291,7 +276,8 @@ def _backward(ctx, grad_y, _grad_t):
     needs = list(ctx.needs_input_grad[:4])
     g = grad_y if grad_y.dtype == x2.dtype else grad_y.to(x2.dtype)
     grads = torch.ops.reflora.triton_linear_backward(g, x2, a, b, bias, mask, t, tensors, *ctx.fields, needs)
-    return *(v if need else None for v, need in zip(grads, needs, strict=True)), *[None] * 9
+    # gradients for x, A, B and bias; none for the mask, the state and the fields
+    return *(v if need else None for v, need in zip(grads, needs, strict=True)), *[None] * (ctx.n_inputs - 4)
 
 
 _linear_op.register_autograd(_backward, setup_context=_setup_context)
