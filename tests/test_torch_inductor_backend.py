@@ -7,17 +7,16 @@ failed before the dequantization became the opaque op reflora::dequantize_4bit),
 dequantization, exact. The second test plants that bug back and checks the suite reports it.
 """
 
-import shutil
 from pathlib import Path
 
 import pytest
 
 torch = pytest.importorskip("torch")
-if not any(map(shutil.which, ("g++", "c++", "clang++"))):
-    pytest.skip("inductor needs a C++ compiler for the CPU", allow_module_level=True)
-
 from reflora.backends.torch import ops  # noqa: E402
-from reflora.backends.torch.backend import TorchInductorBackend  # noqa: E402
+from reflora.backends.torch.backend import TorchInductorBackend, cpu_compiler  # noqa: E402
+
+if cpu_compiler() is None:
+    pytest.skip("inductor needs a C++ compiler for the CPU", allow_module_level=True)
 from reflora.conformance import profiles  # noqa: E402
 from reflora.conformance.cli import conform  # noqa: E402
 from reflora.conformance.runner import run_backend  # noqa: E402

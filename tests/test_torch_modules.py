@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import warnings
 
 import numpy as np
@@ -23,6 +22,7 @@ from torch import nn  # noqa: E402
 
 from reflora import lora, nf4, qlora  # noqa: E402
 from reflora.backends.torch import ops  # noqa: E402
+from reflora.backends.torch.backend import cpu_compiler  # noqa: E402
 from reflora.backends.torch.modules import (  # noqa: E402
     LoRALinear,
     NF4Linear,
@@ -704,7 +704,7 @@ def test_torch_compile_with_dynamic_shapes_and_autocast_gives_eager_bits(autocas
         assert g.keys() == g0.keys() and all(torch.equal(g[k], g0[k]) for k in g0)
 
 
-_CXX = any(map(shutil.which, ("g++", "c++", "clang++")))
+_CXX = cpu_compiler() is not None
 
 
 def _scaled_layer(dtype) -> NF4Linear:

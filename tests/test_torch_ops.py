@@ -8,8 +8,6 @@ intermediates). Shapes are odd on purpose: rank 1, one row, ragged last blocks, 
 
 from __future__ import annotations
 
-import shutil
-
 import ml_dtypes
 import numpy as np
 import pytest
@@ -20,6 +18,7 @@ torch = pytest.importorskip("torch")
 
 from reflora import bounds, codebooks, lora, nf4, qlora  # noqa: E402
 from reflora.backends.torch import ops  # noqa: E402
+from reflora.backends.torch.backend import cpu_compiler  # noqa: E402
 from reflora.backends.torch.quant_state import TorchQuantState, numpy_to_torch, torch_to_numpy  # noqa: E402
 from reflora.state import BLOCKSIZES, QuantState  # noqa: E402
 
@@ -224,9 +223,7 @@ def test_qlora_linear_bf16_state_and_three_d_input() -> None:
     assert_matches_reference(y, grads, g, x, state, A, B, 0.5, BF16, bias=bias)
 
 
-@pytest.mark.skipif(
-    not any(map(shutil.which, ("g++", "c++", "clang++"))), reason="inductor needs a C++ compiler"
-)
+@pytest.mark.skipif(cpu_compiler() is None, reason="inductor needs a C++ compiler")
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_inductor_compiled_qlora_linear_stays_within_the_derived_bound(dtype) -> None:
     """Compiled by inductor, the torch path's elementwise steps (the low-rank term scaled and added to y,

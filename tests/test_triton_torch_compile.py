@@ -12,7 +12,6 @@ Runs under the Triton CPU interpreter where tests/conftest.py chose it (no CUDA)
 
 import functools
 import os
-import shutil
 
 import numpy as np
 import pytest
@@ -23,6 +22,7 @@ pytest.importorskip("triton", reason="triton is not installed")
 from torch import nn  # noqa: E402
 
 from reflora import nf4  # noqa: E402
+from reflora.backends.torch.backend import cpu_compiler  # noqa: E402
 from reflora.backends.torch.modules import NF4Linear, QLoRALinear, apply_lora  # noqa: E402
 from reflora.backends.torch.quant_state import TorchQuantState  # noqa: E402
 from reflora.dtypes import as_dtype  # noqa: E402
@@ -35,7 +35,7 @@ DEVICE = "cpu" if INTERPRET else "cuda"
 from reflora.backends.triton import launch_counts, nf4_matmul, qlora_linear, reset_launch_counts  # noqa: E402
 
 # inductor compiles the graph around the ops: C++ on the CPU, Triton on CUDA
-BACKENDS = ["aot_eager"] + (["inductor"] if DEVICE == "cuda" or shutil.which("g++") else [])
+BACKENDS = ["aot_eager"] + (["inductor"] if DEVICE == "cuda" or cpu_compiler() else [])
 
 
 def _state(n, k, seed, dtype="float32", blocksize=64):

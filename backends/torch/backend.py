@@ -20,7 +20,6 @@ dtype d, ``Arithmetic(operand=d, accumulate="float32", intermediate=d, output=d)
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -34,7 +33,19 @@ from reflora.backends.torch.quant_state import TorchQuantState, numpy_to_torch, 
 from reflora.bounds import Arithmetic
 from reflora.state import QuantState
 
-__all__ = ["TorchBackend", "TorchInductorBackend"]
+__all__ = ["TorchBackend", "TorchInductorBackend", "cpu_compiler"]
+
+
+def cpu_compiler() -> str | None:
+    """The C++ compiler inductor uses for CPU code, found by inductor's own search (on Linux ``$CXX``,
+    else ``g++``; a compiler under another name is not looked for), or None: without one
+    ``torch.compile``'s inductor cannot compile for the CPU."""
+    from torch._inductor import cpp_builder, exc
+
+    try:
+        return cpp_builder.get_cpp_compiler()
+    except exc.InvalidCxxCompiler:
+        return None
 
 
 @contextmanager
@@ -193,8 +204,8 @@ class TorchInductorBackend(TorchBackend):
         return f"<TorchInductorBackend 'torch-inductor' dialect='reflora' device={self.device}>"
 
     def available(self) -> bool | str:
-        if self.device.type == "cpu" and not any(map(shutil.which, ("g++", "c++", "clang++"))):
-            return "inductor compiles C++ for the CPU and no C++ compiler (g++, c++, clang++) is on PATH"
+        if self.device.type == "cpu" and cpu_compiler() is None:
+            return "inductor compiles C++ for the CPU and finds no C++ compiler ($CXX, else g++, on PATH)"
         return super().available()
 
     def _op(self, name: str):
