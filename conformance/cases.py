@@ -70,10 +70,10 @@ def _normal(rng, n, scale=1.0):
     return rng.standard_normal(n) * scale
 
 
-def _mixed_scales(rng):
-    """600 blocks of 32 normal values, each block scaled by 2^u, u uniform in [-8, 2]: scales spread
-    over ten binades, for double quantization."""
-    return _normal(rng, 600 * 32) * np.repeat(2.0 ** rng.uniform(-8, 2, 600), 32)
+def _mixed_scales(rng, blocks=600, blocksize=32):
+    """``blocks`` blocks of ``blocksize`` normal values, each block scaled by 2^u, u uniform in [-8, 2]:
+    scales spread over ten binades, for double quantization."""
+    return _normal(rng, blocks * blocksize) * np.repeat(2.0 ** rng.uniform(-8, 2, blocks), blocksize)
 
 
 # ---- quantize_4bit -------------------------------------------------------------------------------------
@@ -216,11 +216,13 @@ def _near_overflow_roundtrip(dtype, rng):
 _AO_GROUP = torchao_nf4.SCALER_BLOCK_SIZE
 
 
-def _ao(x, dtype, *, blocksize=64, recipe=(), note="", check="quantize", out_dtype=None) -> Inputs:
-    """torchao-shaped quantization inputs: NF4, double quant, x (float64) of 256·k blocks."""
-    assert x.size % (blocksize * _AO_GROUP) == 0 and x.ndim <= 2, x.shape
+def _ao(x, dtype, *, blocksize=64, recipe=(), note="", check="quantize", out_dtype=None,
+        blocksize2=None) -> Inputs:  # fmt: skip
+    """torchao-shaped quantization inputs: NF4, double quant, x (float64) of whole groups of
+    ``blocksize2`` blocks (torchao's scaler_block_size, 256 unless given)."""
+    assert x.size % (blocksize * (blocksize2 or _AO_GROUP)) == 0 and x.ndim <= 2, x.shape
     return _q(x, dtype, blocksize=blocksize, double_quant=True, recipe=recipe, note=note, check=check,
-              out_dtype=out_dtype)  # fmt: skip
+              out_dtype=out_dtype, blocksize2=blocksize2)  # fmt: skip
 
 
 def _sparse_negative_scales(dtype, rng):
@@ -511,6 +513,8 @@ def _lora_cases(op: str) -> list[Case]:
         # its shapes, and the suite reports them rejected for a torchao-dialect backend (no state to hand it).
         ao = _lora(op, 128, 128, 8, lead=(2, 5), bias=forward, p=0.1, views=("x",), double_quant=True)
         cases.append(Case(op, "3-D transposed x, mask, torchao-shaped base", op, ao))
+        grouped = _lora(op, 128, 128, 4, double_quant=True, blocksize2=128)  # 2 groups of 128 blocks
+        cases.append(Case(op, "torchao-shaped base in groups of 128", op, grouped))
         cases.append(Case(op, "x does not fit the state, torchao-shaped -> error", "rejects",
                           _broken(ao, "x", -1)))  # fmt: skip
         cases.append(Case(op, "1-D state, torchao-shaped -> error", "rejects",
@@ -651,6 +655,11 @@ CASES: tuple[Case, ...] = (
     *(Case("dequantize_4bit", f"double quant, 600 blocks in groups of {b2}", "dequantize",
            lambda d, rng, b2=b2: _q(_mixed_scales(rng), d, blocksize=32, double_quant=True,
                                     check="dequantize", blocksize2=b2))
+      for b2 in (128, 64)),
+    # The same in a shape torchao takes (256 blocks of 64), for its scaler_block_size other than 256
+    *(Case("dequantize_4bit", f"double quant in groups of {b2}, torchao-shaped", "dequantize",
+           lambda d, rng, b2=b2: _ao(_mixed_scales(rng, 256, 64).reshape(128, 128), d, check="dequantize",
+                                     blocksize2=b2))
       for b2 in (128, 64)),
     Case("dequantize_4bit", "output float16", "dequantize",
          lambda d, rng: _q(_normal(rng, 3 * 64, 3.0), d, out_dtype="float16", check="dequantize")),

@@ -35,6 +35,9 @@ from reflora.state import QuantState
 __all__ = ["CANONICAL", "Dialect", "for_backend", "get"]
 
 CANONICAL = "reflora"
+# A dialect's quantize parameter for the double-quantization group size (block scales per group): the
+# canonical rules' name, torchao's.
+_GROUP_SIZE_NAMES = ("blocksize2", "scaler_block_size")
 
 
 def _module(name: str) -> Any:
@@ -65,15 +68,18 @@ class Dialect:
     def quantize(self, x, blocksize: int, quant_type: str, double_quant: bool, offset=None, blocksize2=None):
         """The dialect's native state for ``x``; raises (ValueError, ...) where the dialect does.
         ``blocksize2``: the double-quantization group size, for a dialect whose quantize takes one (the
-        canonical rules); ValueError for another dialect (bitsandbytes' groups are 256 block scales)."""
+        canonical rules' ``blocksize2``, torchao's ``scaler_block_size``); ValueError for another dialect
+        (bitsandbytes' groups are 256 block scales)."""
         kwargs = {"quant_type": quant_type, "double_quant": double_quant}
         if offset is not None:
             kwargs["offset"] = offset
         if blocksize2 is not None:
-            if "blocksize2" not in inspect.signature(self.module.quantize).parameters:
+            params = inspect.signature(self.module.quantize).parameters
+            name = next((n for n in _GROUP_SIZE_NAMES if n in params), None)
+            if name is None:
                 raise ValueError(f"dialect {self.name} double-quantizes in groups of 256 block scales only, "
                                  f"not {blocksize2}")  # fmt: skip
-            kwargs["blocksize2"] = blocksize2
+            kwargs[name] = blocksize2
         return self._call(self.module.quantize, x, blocksize, **kwargs)
 
     def as_quant_state(self, native) -> QuantState:

@@ -12,7 +12,9 @@ that must now catch it, with the message a reader would see:
 * and, since torchao's QLoRA base is tested, two plants in ``linear_nf4`` itself: a zero grad_x and a
   weight dequantized in bfloat16 for float32 activations;
 * PEFT's own scaling overwritten and its dropout module replaced unchecked;
-* a declared deviation whose ``*`` swallowed a new bug in another dtype, or another error of the same output.
+* a declared deviation whose ``*`` swallowed a new bug in another dtype, or another error of the same output;
+* and, added with the torchao-shaped cases grouped by 128 and 64 block scales, torchao's scalers rebuilt
+  with the first group's factor for every group.
 """
 
 from __future__ import annotations
@@ -198,6 +200,27 @@ def test_torchao_round_trip_dequantizes_the_object_torchao_returned():
     np.testing.assert_array_equal(backend.dequantize_4bit(state), backend.dequantize_4bit(fields_only))
     getattr(state, adapter._HELD).quantized_data[0] ^= 0xFF  # torchao's object, not the state's fields
     assert backend.dequantize_4bit(state)[0, 0] != backend.dequantize_4bit(fields_only)[0, 0]
+
+
+def test_torchao_scalers_of_one_group_for_every_group_fail(monkeypatch, tmp_path):
+    """torchao rebuilds the block scales group by group (its scaler_block_size); planted: every group
+    divided by group 0's quantization_factor. The torchao-shaped cases in groups of 128 and 64 (more
+    than one group in 256 blocks) fail, dequantization and the QLoRA base alike."""
+    _backend("torchao")
+    from reflora.backends.torchao import _nf4
+
+    m = _nf4()
+    rebuild = m.NF4Tensor.dequantize_scalers
+
+    def planted(self, scalers, factor, scaler_block_size):
+        return rebuild(self, scalers, factor[:1].expand(factor.shape), scaler_block_size)
+
+    monkeypatch.setattr(m.NF4Tensor, "dequantize_scalers", planted)
+    ids = ["dequantize_4bit[double quant in groups of 64, torchao-shaped, float32]",
+           "qlora_forward[torchao-shaped base in groups of 128, bfloat16]"]  # fmt: skip
+    results = _run("torchao", ids, tmp_path)
+    _failed(results, ids[0], "out[32, 0]")  # row 32 starts block 64: group 1
+    _failed(results, ids[1], "y")
 
 
 # ---- torchao's QLoRA base: linear_nf4 forward and backward ------------------------------------------

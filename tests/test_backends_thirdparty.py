@@ -54,10 +54,14 @@ MIXED_RANDOM = (
     "qlora_forward[random, base weight in another dtype, float32]",
     "qlora_forward[random, base weight in another dtype, float16]",
 )
-# bitsandbytes' 4-bit matmul refuses double-quant groups other than 256 block scales (NotImplementedError)
-GROUPS_128 = _ids("qlora_forward", "[double-quantized base in groups of 128") | _ids(
-    "qlora_backward", "[double-quantized base in groups of 128"
-)
+# bitsandbytes' 4-bit matmul refuses double-quant groups other than 256 block scales (NotImplementedError),
+# in a shape its own rules take and in a torchao-shaped one
+GROUPS_128 = {
+    t
+    for op in ("qlora_forward", "qlora_backward")
+    for kind in ("[double-quantized base in groups of 128", "[torchao-shaped base in groups of 128")
+    for t in _ids(op, kind)
+}
 # float16's maximum is far below float32's, so its scale mean cannot overflow: only float32 and bfloat16
 NEAR_OVERFLOW = {
     f"dequantize_4bit[own state round trip, near overflow, finite, {d}]" for d in ("float32", "bfloat16")
@@ -128,6 +132,10 @@ def test_backend_passes_the_ci_profile_apart_from_its_declared_deviations(name, 
     assert len(ran) >= floor, f"{name} ran only {len(ran)} tests"
     if name == "torchao":  # every kind of test reached torchao, QLoRA included
         assert {r.op for r in ran} >= {"quantize_4bit", "dequantize_4bit", "qlora_forward", "qlora_backward"}
+        # and states grouped by other than 256 block scales (its scaler_block_size), dequantized and as
+        # a QLoRA base
+        grouped = {r.id for r in ran if "groups of" in r.id and "torchao-shaped" in r.id}
+        assert len(grouped) == 12, sorted(grouped)
     if name == "bitsandbytes":  # bnb's CPU shapes are held to the dialect and reported, not reshaped
         assert any("dequantized shape is not the state's" in line for line in report.findings_lines)
 

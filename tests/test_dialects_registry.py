@@ -82,8 +82,9 @@ def test_every_dialect_refuses_an_offset_without_double_quant(name):
 
 def test_a_double_quant_group_size_is_kept_or_refused_by_name():
     """The suite's cases grouped by 128 and 64 block scales: the canonical rules group as asked (with a
-    given offset too); a dialect whose quantizer groups by 256 only refuses, naming why, so the case is
-    reported outside that dialect rather than quietly grouped by 256."""
+    given offset too), and torchao's through its ``scaler_block_size``; a dialect whose quantizer groups
+    by 256 only refuses, naming why, so the case is reported outside that dialect rather than quietly
+    grouped by 256."""
     from reflora.conformance.dialect import get as get_dialect
 
     x = np.random.default_rng(5).standard_normal(300 * 32).astype(np.float32)
@@ -92,6 +93,11 @@ def test_a_double_quant_group_size_is_kept_or_refused_by_name():
     assert state == nf4.quantize(x, 32, double_quant=True, blocksize2=128)
     fixed = get_dialect("reflora").quantize(x, 32, "nf4", True, offset=0.5, blocksize2=64)
     assert fixed.nested.blocksize2 == 64 and fixed.nested.offset == np.float32(0.5)
-    for name in ("bnb-cpu", "bnb-cuda", "torchao"):
+    for name in ("bnb-cpu", "bnb-cuda"):
         with pytest.raises(ValueError, match=f"dialect {name} double-quantizes in groups of 256"):
             get_dialect(name).quantize(x, 32, "nf4", True, blocksize2=128)
+    w = x[: 256 * 32].reshape(64, 128)  # 256 blocks of 32: two groups of 128
+    ao = get_dialect("torchao").quantize(w, 32, "nf4", True, blocksize2=128)
+    assert ao.scaler_block_size == 128 and ao.quantization_factor.shape == (2,)
+    with pytest.raises(ValueError, match="not divisible by scaler_block_size 128"):  # 300 blocks
+        get_dialect("torchao").quantize(x.reshape(75, 128), 32, "nf4", True, blocksize2=128)

@@ -62,10 +62,12 @@ def assert_same(name: str, mine: np.ndarray, theirs: torch.Tensor, ctx: str) -> 
         )
 
 
-def check_against_torchao(x: np.ndarray, blocksize: int = 64) -> ao.TorchaoNF4State:
-    ctx = f"dtype={x.dtype}, shape={x.shape}, blocksize={blocksize}"
-    ref = workflows.to_nf4(to_torch(x), blocksize, 256)
-    state = ao.quantize(x, blocksize, host=HOST)
+def check_against_torchao(
+    x: np.ndarray, blocksize: int = 64, scaler_block_size: int = 256
+) -> ao.TorchaoNF4State:
+    ctx = f"dtype={x.dtype}, shape={x.shape}, blocksize={blocksize}, scaler_block_size={scaler_block_size}"
+    ref = workflows.to_nf4(to_torch(x), blocksize, scaler_block_size)
+    state = ao.quantize(x, blocksize, scaler_block_size=scaler_block_size, host=HOST)
     assert_same("nf4", state.nf4, ref.nf4, ctx)
     assert_same("scaler_mean", state.scaler_mean, ref.scaler_mean, ctx)
     assert_same("quantization_factor", state.quantization_factor, ref.quantization_factor, ctx)
@@ -91,6 +93,25 @@ def test_random(dtype, shape, blocksize, dist):
     np.testing.assert_array_equal(
         nf4.dequantize(state.to_quant_state()).view(np.uint8), ao.dequantize(state).view(np.uint8)
     )
+
+
+@pytest.mark.parametrize("scaler_block_size", [1, 8, 64, 128, 512, 1024])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_scaler_block_sizes_other_than_256(dtype, scaler_block_size):
+    """Groups of other than 256 block scales (1024 blocks of 64, scales over ten binades; 1024 is one
+    group): each group's own factor; the conversion to a QuantState dequantizes exactly, or is refused
+    where a scale rebuilds below zero (the spread makes some small blocks' scales do so)."""
+    rng = np.random.default_rng(scaler_block_size + dtype.itemsize)
+    x = rng.standard_normal((1024, 64)) * 2.0 ** rng.uniform(-8, 2, (1024, 1))
+    state = check_against_torchao(x.reshape(256, 256).astype(np.float32).astype(dtype), 64, scaler_block_size)
+    assert state.quantization_factor.shape == (1024 // scaler_block_size,)
+    if (state.scales().astype(np.float32) < 0).any():
+        with pytest.raises(ValueError, match="stored scale must be finite and >= 0"):
+            nf4.dequantize(state.to_quant_state())
+    else:
+        np.testing.assert_array_equal(
+            nf4.dequantize(state.to_quant_state()).view(np.uint8), ao.dequantize(state).view(np.uint8)
+        )
 
 
 def _adversarial(shape=(128, 128)) -> dict[str, np.ndarray]:
@@ -155,6 +176,20 @@ def test_shape_constraints(shape, blocksize):
     if x.size:  # torchao itself asserts (an empty tensor it would turn into NaN scalers)
         with pytest.raises(AssertionError):
             workflows.to_nf4(to_torch(x), blocksize, 256)
+
+
+@pytest.mark.parametrize(
+    ("shape", "blocksize", "scaler_block_size"),
+    [((32, 32), 32, 64), ((128, 128), 64, 512), ((96,), 32, 2), ((24, 20), 64, 1)],
+    ids=str,
+)
+def test_shape_constraints_with_other_scaler_block_sizes(shape, blocksize, scaler_block_size):
+    """Rule 1 with the group size given: blocks not a multiple of it, numel not a multiple of blocksize."""
+    x = np.zeros(shape, dtype=np.float32)
+    with pytest.raises(ValueError):
+        ao.quantize(x, blocksize, scaler_block_size=scaler_block_size)
+    with pytest.raises(AssertionError):
+        workflows.to_nf4(to_torch(x), blocksize, scaler_block_size)
 
 
 def test_interface():

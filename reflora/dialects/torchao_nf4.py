@@ -6,14 +6,16 @@ rounded to T, as torch's CPU kernels do. Written ``T(...)`` below. Rules (CONFIR
 tests/test_dialects_torchao.py):
 
 1. Shape: at most 2-D; numel divisible by ``blocksize`` and by ``scaler_block_size``; the number of
-   blocks divisible by ``scaler_block_size`` (256). With the defaults numel must be a multiple of 16384.
+   blocks divisible by ``scaler_block_size`` (256 unless given; rules 3 and 5 group by it). With the
+   defaults numel must be a multiple of 16384.
    torchao asserts these (AssertionError, or nothing under ``python -O``); this dialect raises ValueError.
 2. Codebook ``nf4``: bnb's values rounded to 4 decimals, as float32 then T (:func:`codebook`).
 3. absmax = max |x| per block, in T (exact). Double quantization is always on, and linear, not bnb's
    dynamic map: ``scaler_mean = T(f32(torch_sum(absmax) / n_blocks))``; ``c = T(absmax - scaler_mean)``;
-   per group of 256 scalers ``quantization_factor = T(T(1 / T(2 * max|c|)) * 256)`` (torch's ``256 / t``
-   is ``t.reciprocal() * 256``); ``quantized_scalers = int8(clip(round_half_even(T(c * factor)), -128,
-   127))``, NaN -> 0. +max|c| lands on 128 and is clipped to 127.
+   per group of ``scaler_block_size`` scalers ``quantization_factor = T(T(1 / T(2 * max|c|)) * 256)``
+   (torch's ``256 / t`` is ``t.reciprocal() * 256``; this 256 is the int8 range);
+   ``quantized_scalers = int8(clip(round_half_even(T(c * factor)), -128, 127))``, NaN -> 0.
+   +max|c| lands on 128 and is clipped to 127.
 4. Codes: ``scaled = T(x / absmax)``; ``code = argmin_i T(|T(scaled - nf4[i])|)``, the first index on a
    tie. An all-zero block (0/0 = NaN) gets codes 0; so does a NaN element.
 5. Dequantize: ``scale = T(T(q / factor) + scaler_mean)``; ``out = T(nf4[code] * scale)``.

@@ -18,7 +18,7 @@ from reflora import blockwise, codebooks, lora, nf4, qlora
 from reflora.backends.reference import ReferenceBackend
 from reflora.bounds import Arithmetic, round_to
 from reflora.double_quant import quantize as quantize_absmax
-from reflora.dtypes import bfloat16
+from reflora.dtypes import as_dtype, bfloat16
 from reflora.state import QuantState
 
 
@@ -99,11 +99,14 @@ def _fma_scales(nested):
 
 def _dequant_with_scales(state, rebuild, dtype):
     """Canonical dequantization, except that a double-quantized state's block scales are ``rebuild(state)``
-    (float32) instead of the canonical rebuild; a state without double quantization is left canonical."""
+    (float32) instead of the canonical rebuild; a state without double quantization is left canonical.
+    The scales are used as rebuilt, below zero too (as the canonical rule uses its own), so the
+    mutant stays a wrong dequantization on the sparse-weight cases instead of raising there."""
     if state.nested is None:
         return nf4.dequantize(state, dtype)
-    plain = dataclasses.replace(state, absmax=rebuild(state), nested=None)
-    return nf4.dequantize(plain, dtype)
+    scales = np.repeat(rebuild(state).astype(np.float32), state.blocksize)[: state.numel]
+    values = state.code[nf4.unpack(state.packed, state.numel)] * scales  # float32, one rounding
+    return values.astype(state.dtype if dtype is None else as_dtype(dtype)).reshape(state.shape)
 
 
 class DequantFMA(_Mutant):
