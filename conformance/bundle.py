@@ -245,6 +245,9 @@ def _load(path: str | Path) -> tuple[Inputs, dict[str, Any]]:
         arrays = {}
         for name, dt in meta["dtypes"].items():
             a = z[f"a.{name}"]
+            stored = "uint16" if dt == "bfloat16" else dt  # save() writes bfloat16 as its bits
+            if a.dtype.name != stored or a.dtype.kind not in "fiub":
+                raise ValueError(f"array {name!r} is {a.dtype.name}, its record says {dt!r}")
             arrays[name] = a.view(bfloat16) if dt == "bfloat16" else a
     views = {k: tuple(tuple(s) for s in v) for k, v in meta["views"].items()}
     inputs = Inputs(

@@ -17,7 +17,9 @@ now (or the inputs are outside the backend's dialect, which it says: REJECTED), 
 (not a bundle, unknown backend, op unsupported).
 
 Both register through the entry-point group ``reflora.commands``; nothing heavy is imported until a
-command runs.
+command runs. Neither leaves files in the working directory: Hypothesis keeps what it caches (the
+constants it collects, its character map) under ``./.hypothesis``, which these commands point at a
+temporary directory for their run (``HYPOTHESIS_STORAGE_DIRECTORY``, when set, is kept).
 """
 
 from __future__ import annotations
@@ -27,8 +29,11 @@ import json
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -293,6 +298,24 @@ def _choose_triton_mode() -> None:
     use_interpreter()
 
 
+@contextmanager
+def _hypothesis_home_elsewhere() -> Iterator[None]:
+    """Hypothesis's storage in a temporary directory for the duration, unless the user chose one
+    (``HYPOTHESIS_STORAGE_DIRECTORY``): a command run from any directory must not leave ``.hypothesis``
+    there (module docstring)."""
+    if os.environ.get("HYPOTHESIS_STORAGE_DIRECTORY"):
+        yield
+        return
+    from hypothesis import configuration
+
+    with tempfile.TemporaryDirectory(prefix="reflora-hypothesis-") as home:
+        configuration.set_hypothesis_home_dir(home)
+        try:
+            yield
+        finally:
+            configuration.set_hypothesis_home_dir(None)
+
+
 def _run_conform(args: argparse.Namespace) -> int:
     _choose_triton_mode()
 
@@ -310,9 +333,10 @@ def _run_conform(args: argparse.Namespace) -> int:
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, stopped) if main else None
     try:
-        return conform(args.backend, profile=args.profile, seed=args.seed, json_path=args.json,
-                       markdown_path=args.markdown, bundle_dir=args.bundle_dir, select=args.select,
-                       deviations=args.deviations)  # fmt: skip
+        with _hypothesis_home_elsewhere():
+            return conform(args.backend, profile=args.profile, seed=args.seed, json_path=args.json,
+                           markdown_path=args.markdown, bundle_dir=args.bundle_dir, select=args.select,
+                           deviations=args.deviations)  # fmt: skip
     finally:
         if main:  # a handler installed outside Python reads as None: put the default back
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
@@ -407,4 +431,5 @@ def add_replay_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_replay(args: argparse.Namespace) -> int:
     _choose_triton_mode()
-    return replay(args.file, args.backend)
+    with _hypothesis_home_elsewhere():
+        return replay(args.file, args.backend)

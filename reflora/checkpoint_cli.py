@@ -13,11 +13,11 @@ import argparse
 import dataclasses
 import json
 import sys
-from pathlib import Path
 from typing import TextIO
 
 from reflora import checkpoint as ck
 from reflora.cli import PipeSafe, output_problem
+from reflora.formats.files import write_files
 from reflora.formats.safetensors import SafetensorsError
 
 __all__ = ["add_parser", "format_report", "run"]
@@ -137,7 +137,16 @@ def run(
         if err.isatty():
             err.write("\r\033[K")
     passed = all(r.passed for r in reports)
-    if json_path:  # before printing, so that a reader who stops reading (`| head`) loses no report
+    # The report first: a --json file that cannot be written after all (a full disk) loses no run.
+    # A reader who stops reading (`| head`) does not stop the command (PipeSafe): the file is still written.
+    files = f"{checkpoint}" + (f"; original: {original}" if original else "")
+    print(f"reflora inspect {files}", file=out)
+    if original:
+        print(f"dialects tried: {', '.join(ck.DIALECTS)} (bnb-cuda is emulated from source)", file=out)
+    print(file=out)
+    print(format_report(reports, original is not None), file=out)
+    out.flush()
+    if json_path:
         record = {
             "checkpoint": str(checkpoint),
             "original": None if original is None else str(original),
@@ -146,17 +155,10 @@ def run(
             "weights": [{**dataclasses.asdict(r), "passed": r.passed} for r in reports],
         }
         try:
-            Path(json_path).write_text(json.dumps(record, indent=1))
+            write_files({json_path: (json.dumps(record, indent=1, default=str) + "\n").encode("utf-8")})
         except OSError as e:
-            print(f"reflora inspect: --json {json_path}: {e}", file=err)
+            print(f"reflora inspect: the report above was not saved: --json {json_path}: {e}", file=err)
             return 2
-    files = f"{checkpoint}" + (f"; original: {original}" if original else "")
-    print(f"reflora inspect {files}", file=out)
-    if original:
-        print(f"dialects tried: {', '.join(ck.DIALECTS)} (bnb-cuda is emulated from source)", file=out)
-    print(file=out)
-    print(format_report(reports, original is not None), file=out)
-    out.flush()
     return 0 if passed else 1
 
 

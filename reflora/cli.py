@@ -32,9 +32,18 @@ __all__ = [
 ]
 
 
+def _number(text: str, kind: type, what: str):
+    """``kind(text)``, or the usage error argparse prints as it is ("must be <what>, got '7B'"; a
+    ValueError read "invalid positive_float value")."""
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1 (argparse reports anything else as a usage error)."""
-    value = int(text)
+    value = _number(text, int, "a positive integer")
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
@@ -119,7 +128,7 @@ SEEDS = 2**32  # numpy's and hypothesis' seeds are 32-bit; a larger one would al
 
 def seed_int(text: str) -> int:
     """argparse type: a seed, an integer in [0, 2**32)."""
-    value = int(text)
+    value = _number(text, int, "an integer in [0, 2**32)")
     if not 0 <= value < SEEDS:
         raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**32), got {text}")
     return value
@@ -127,7 +136,7 @@ def seed_int(text: str) -> int:
 
 def nonnegative_int(text: str) -> int:
     """argparse type: an integer >= 0."""
-    value = int(text)
+    value = _number(text, int, "an integer >= 0")
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
@@ -135,7 +144,7 @@ def nonnegative_int(text: str) -> int:
 
 def positive_float(text: str) -> float:
     """argparse type: a finite number > 0 (e.g. 7e9)."""
-    value = float(text)
+    value = _number(text, float, "a finite number > 0 (e.g. 7e9)")
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
@@ -178,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and the like: not an error
         sys.stderr.close()
         return 0
+    except KeyboardInterrupt:  # Ctrl-C in a command that does not handle it itself: a line, not a traceback
+        print(f"\nreflora {args.command}: stopped (Ctrl-C)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -235,6 +235,7 @@ def training_memory(
 
 # A model of --params borrows a LLaMA shape for its training estimate only within this ratio of it.
 BORROW_RATIO = 1.25
+MAX_PARAMS = 1e15  # the largest --params the command takes (1e308 gave inf bytes and invalid JSON)
 
 
 class UsageError(ValueError):
@@ -245,7 +246,15 @@ def _training_shape(args: argparse.Namespace) -> tuple[float, dict] | None:
     """(parameters, shape) the training estimate is for, or None when no shape is known."""
     given = {k: getattr(args, k) for k in ("layers", "hidden", "intermediate", "heads")}
     if args.layers is not None and args.hidden is not None:
-        return args.params, {**given, "vocab": args.vocab or 0, "source": "given"}
+        shape, defaults = {**given, "vocab": args.vocab or 0}, []
+        if shape["intermediate"] is None:  # the defaults training_memory takes, reported as used
+            shape["intermediate"] = 4 * args.hidden
+            defaults.append("intermediate 4h")
+        if shape["heads"] is None:
+            shape["heads"] = max(1, args.hidden // 64)
+            defaults.append("heads h/64")
+        shape["source"] = "given" + (f"; {', '.join(defaults)} by default" if defaults else "")
+        return args.params, shape
     named = [f"--{k}" for k, v in given.items() if v is not None]
     if named:
         raise UsageError(f"{', '.join(named)} alone is part of a shape: give --layers and --hidden "
@@ -270,6 +279,8 @@ def _report(args: argparse.Namespace) -> dict:
     P = args.params
     if P < 1:
         raise UsageError(f"--params {P:g} is less than one parameter")
+    if P > MAX_PARAMS:
+        raise UsageError(f"--params {P:g} is more than {MAX_PARAMS:g} parameters")
     found = _training_shape(args)
     est = None
     if found is not None:
@@ -282,7 +293,12 @@ def _report(args: argparse.Namespace) -> dict:
                 checkpointing=not args.no_checkpointing, flash_attention=not args.eager_attention,
             )  # fmt: skip
         except ValueError as e:
-            raise UsageError(f"the given shape does not fit --params {P:.4g}: {e}") from None
+            hint = ""
+            if "quantized_params" in str(e) and args.intermediate is None:
+                hint = (
+                    " (the MLP width f is 4h by default; give --intermediate, e.g. LLaMA's 11008 for h 4096)"
+                )
+            raise UsageError(f"the given shape does not fit --params {P:.4g}: {e}{hint}") from None
     bpp = {
         "nf4": bits_per_parameter(args.blocksize),
         "nf4+dq": bits_per_parameter(args.blocksize, double_quant=True),

@@ -351,6 +351,25 @@ def test_an_unwritable_json_path_stops_before_inspecting(model, tmp_path, capsys
     assert out == "" and "the directory" in err and "does not exist" in err
 
 
+def test_a_json_file_that_fails_late_keeps_the_printed_report(model, tmp_path, capsys, monkeypatch) -> None:
+    """A --json path that passes the check before the run but fails when written (a full disk): the
+    report is printed all the same, the failure said, exit 2, and no partial file is left."""
+    import errno
+
+    from reflora import checkpoint_cli
+
+    def full(files):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_cli, "write_files", full)
+    target = tmp_path / "r.json"
+    assert run(str(model[0]), str(model[1]), json_path=str(target)) == 2
+    out, err = capsys.readouterr()
+    assert out.startswith("reflora inspect ") and "PASS" in out, out
+    assert "the report above was not saved" in err and "No space left on device" in err
+    assert not target.exists()
+
+
 def test_the_json_report_never_overwrites_what_it_inspects(model, tmp_path, capsys) -> None:
     # `--json CHECKPOINT` exited 0 and left the report where the checkpoint had been.
     checkpoint = model[0]

@@ -45,7 +45,13 @@ def test_no_command_prints_help_and_fails(capsys):
         (["memory", "--params", "inf"], "argument --params: must be a finite number > 0, got inf"),
         (["memory", "--params", "7e9", "--r", "0"], "argument --r: must be a positive integer, got 0"),
         (["memory", "--params", "7e9", "--vocab", "-1"], "argument --vocab: must be >= 0, got -1"),
-        (["memory", "--params", "7e9", "--seq", "x"], "argument --seq: invalid positive_int value: 'x'"),
+        (["memory", "--params", "7e9", "--seq", "x"], "argument --seq: must be a positive integer, got 'x'"),
+        (["memory", "--params", "7B"], "argument --params: must be a finite number > 0 (e.g. 7e9), got '7B'"),
+        (
+            ["memory", "--params", "7e9", "--seq", "1e3"],
+            "argument --seq: must be a positive integer, got '1e3'",
+        ),
+        (["conform", "--seed", "1.5"], "argument --seed: must be an integer in [0, 2**32), got '1.5'"),
         (["demo", "--steps", "0"], "argument --steps: must be a positive integer, got 0"),
         (["demo", "--batch-size", "-2"], "argument --batch-size: must be a positive integer, got -2"),
     ],
@@ -87,3 +93,17 @@ def test_output_problem_names_each_output_that_cannot_be_written(tmp_path) -> No
         assert problem is not None and message in problem, (outputs, problem)
     assert output_problem({"--json": str(tmp_path / "r.json"), "--markdown": None}, read) is None
     assert output_problem({"--json": ""}) is None  # not asked for
+
+
+def test_ctrl_c_in_a_command_is_one_line_and_exit_130(monkeypatch, capsys):
+    """A command without a Ctrl-C handler of its own (demo, inspect, explain) stops with one line and
+    the shell's status for SIGINT, not a traceback."""
+    from reflora import explain
+
+    def interrupted(topic):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(explain, "explain", interrupted)
+    assert cli.main(["explain", "nf4"]) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "reflora explain: stopped (Ctrl-C)" and "Traceback" not in err

@@ -287,6 +287,23 @@ def test_replay_refuses_a_bundle_the_oracle_cannot_pass_and_notes_an_edited_one(
     assert "unknown backend ''" in capsys.readouterr().err
 
 
+def test_replay_refuses_arrays_whose_dtype_is_not_the_recorded_one(capsys, tmp_path):
+    """An array that is not what the record says (an unknown dtype name, read as raw uint16 and
+    REJECTED with exit 0; a complex array, which reached the check and raised) is no bundle: exit 2."""
+    one = "quantize_4bit[nf4 x exactly at threshold 2|3, float32]"
+    reports, _, _ = runner.run(["mutants:TiesUp"], select=[one], bundle_dir=tmp_path / "b")
+    bundle = Path(reports[0].by_status("fail")[0].bundle)
+    broken = {
+        "nosuch": lambda meta, a: meta["dtypes"].update(x="nosuch"),
+        "complex64": lambda meta, a: a.update({"a.x": a["a.x"].astype(np.complex64)}),
+    }
+    for name, change in broken.items():
+        path = _rewrite_bundle(bundle, tmp_path / f"{name}.npz", change)
+        assert cli.main(["replay", str(path)]) == 2, name
+        out, err = capsys.readouterr()
+        assert "is not a reflora conformance bundle (array 'x' is " in err and out == "", (name, err)
+
+
 def test_a_wrong_oracle_is_replayed_not_refused(capsys, tmp_path, monkeypatch):
     # Someone working on the oracle replays what `conform --backend reference` printed: a value mismatch
     # of the reference is a finding to see, not a broken bundle.
@@ -464,3 +481,25 @@ def test_conform_runs_from_a_thread_that_is_not_the_main_one(tmp_path):
     t.start()
     t.join(120)
     assert out == {"rc": 0}, out
+
+
+def test_conform_and_replay_leave_no_files_in_the_working_directory(tmp_path):
+    """Hypothesis caches what it collects under ``./.hypothesis`` (seen after a passing property); the
+    commands keep that in a temporary directory, so a run from any directory leaves only the files
+    asked for (here a failed property's bundle, in --bundle-dir)."""
+    env = {k: v for k, v in os.environ.items() if k != "HYPOTHESIS_STORAGE_DIRECTORY"}
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])
+    work, bundles = tmp_path / "work", tmp_path / "bundles"
+    work.mkdir()
+
+    def reflora(*args: str) -> int:
+        done = subprocess.run([sys.executable, "-m", "reflora", *args], capture_output=True, text=True,
+                              cwd=work, env=env, timeout=300)  # fmt: skip
+        return done.returncode
+
+    assert reflora("conform", "--backend", "reference", "-k", "lora_merge[random, float32]") == 0
+    assert reflora("conform", "--backend", "mutants:NibbleOrder", "-k", "quantize_4bit[random, float32]",
+                   "--bundle-dir", str(bundles)) == 1  # fmt: skip
+    (bundle,) = bundles.glob("*.npz")
+    assert reflora("replay", str(bundle)) == 1
+    assert list(work.iterdir()) == []

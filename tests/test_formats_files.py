@@ -37,6 +37,26 @@ def test_a_missing_directory_is_named_with_the_target(tmp_path) -> None:
     assert info.value.filename == str(target) and ".tmp" not in str(info.value)
 
 
+def test_a_directory_that_exists_but_takes_no_file_is_not_called_missing(tmp_path, monkeypatch) -> None:
+    """/proc exists and refuses new files with ENOENT: the error says so, naming the target."""
+    import errno
+    import os
+
+    real = os.open
+
+    def refuses(path, flags, mode=0o777):
+        if str(path).startswith(str(tmp_path / "proc")):
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(path))
+        return real(path, flags, mode)
+
+    (tmp_path / "proc").mkdir()
+    monkeypatch.setattr(os, "open", refuses)
+    target = tmp_path / "proc" / "x.json"
+    with pytest.raises(OSError, match=r"cannot create a file in .*proc.*: No such file or directory") as info:
+        write_files({target: b"x"})
+    assert "does not exist" not in str(info.value) and info.value.filename == str(target)
+
+
 def test_an_interrupted_write_changes_no_target(tmp_path, monkeypatch) -> None:
     (tmp_path / "a").write_bytes(b"old a")
     (tmp_path / "b").write_bytes(b"old b")

@@ -102,7 +102,16 @@ def test_cli_text_with_a_given_shape(capsys):
     out = capsys.readouterr().out
     assert "bits/param: NF4 4.5, NF4 + double quantization 4.127" in out
     assert "3.03 GB at 65B" in out
-    assert "6 layers, hidden 384 (given)" in out and "total" in out
+    assert "6 layers, hidden 384 (given; intermediate 4h, heads h/64 by default)" in out and "total" in out
+
+
+def test_cli_json_reports_the_shape_it_used(capsys):
+    # a given shape without --intermediate and --heads reported them as null, though 4h and h/64 were used
+    argv = ["memory", "--params", "22.7e6", "--layers", "6", "--hidden", "384", "--heads", "12", "--json"]
+    assert cli.main(argv) == 0
+    shape = json.loads(capsys.readouterr().out)["shape"]
+    assert (shape["intermediate"], shape["heads"]) == (1536, 12)
+    assert shape["source"] == "given; intermediate 4h by default"
 
 
 def test_cli_borrows_a_llama_shape_only_near_a_llama_size(capsys):
@@ -158,3 +167,16 @@ def test_heads_count_with_eager_attention_only(capsys):
 def test_less_than_one_parameter_is_a_usage_error(capsys):
     assert cli.main(["memory", "--params", "1e-3"]) == 2  # it printed "0.001 params ... 0 B"
     assert "less than one parameter" in capsys.readouterr().err
+
+
+def test_a_size_past_any_model_is_a_usage_error(capsys):
+    assert cli.main(["memory", "--params", "1e308", "--json"]) == 2  # it printed inf and "fp32": Infinity
+    assert "--params 1e+308 is more than 1e+15 parameters" in capsys.readouterr().err
+
+
+def test_llama_7b_shape_without_its_mlp_width_says_which_option_is_missing(capsys):
+    # 4h is the default MLP width; LLaMA's gated MLP is wider, so its linear weights outgrow 7e9
+    assert cli.main(["memory", "--params", "7e9", "--layers", "32", "--hidden", "4096"]) == 2
+    assert "give --intermediate" in capsys.readouterr().err
+    assert cli.main(["memory", "--params", "7e9", "--layers", "32", "--hidden", "4096", "--intermediate",
+                     "11008"]) == 0  # fmt: skip

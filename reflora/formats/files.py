@@ -66,7 +66,11 @@ def write_files(files: Mapping[str | os.PathLike, bytes]) -> None:
             try:
                 # private until it has the old file's bits, so its data is never more widely readable
                 fd = os.open(tmp, flags, 0o666 if mode is None else 0o600)
-            except FileNotFoundError:
+            except FileNotFoundError as e:
+                if target.parent.is_dir():  # it exists but takes no new files (/proc): say that instead
+                    raise OSError(
+                        e.errno, f"cannot create a file in {str(target.parent)!r}: {e.strerror}", str(target)
+                    ) from None
                 raise FileNotFoundError(
                     errno.ENOENT, f"the directory {str(target.parent)!r} does not exist", str(target)
                 ) from None
