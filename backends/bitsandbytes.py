@@ -209,17 +209,15 @@ class BitsandbytesBackend(BaseBackend):
     def arithmetic(self, op: str, dtype: str) -> bounds.Arithmetic:
         """The protocol's default; on CUDA a forward without gradients of one row takes bnb's inference
         GEMV (``gemv_4bit``), which rebuilds a double-quantized absmax in one FMA (docs/dialects.md,
-        bnb-cuda rule 8): its base weight may lie ``bounds.dequant_ulps(state dtype, fma_absmax=True)``
-        steps of the state's dtype from reflora's, at most 2 (a float32 state), declared for every CUDA
-        qlora_forward (READ from source; no GPU run yet). ``dtype`` is the activations', which need not
-        be the state's, so the declaration is the largest: 2. Where torch's bfloat16 matmul flushes
-        subnormals (``_tensors.bf16_matmul_flushes``: AVX512_BF16 CPUs), bfloat16 ops declare
-        ``flush_to_zero``: the products around bnb's dequantize are torch's."""
+        bnb-cuda rule 8): every CUDA qlora_forward declares ``fma_absmax`` (READ from source; no GPU run
+        yet), so its base weight may lie ``bounds.fma_dequant_error(state)`` from reflora's. Where
+        torch's bfloat16 matmul flushes subnormals (``_tensors.bf16_matmul_flushes``: AVX512_BF16 CPUs),
+        bfloat16 ops declare ``flush_to_zero``: the products around bnb's dequantize are torch's."""
         arith, dialect = super().arithmetic(op, dtype), self.dialect
         if dialect == "bnb-cpu":
             arith = torch_arithmetic(arith, dtype)
         if op == "qlora_forward" and dialect == "bnb-cuda":
-            arith = dataclasses.replace(arith, dequant_ulps=bounds.dequant_ulps("float32", fma_absmax=True))
+            arith = dataclasses.replace(arith, fma_absmax=True)
         return arith
 
     def dialect_options(self) -> dict[str, Any]:

@@ -495,11 +495,20 @@ def _forward(ctx: Context, inputs: Inputs) -> None:
     ref = lora.forward(o["x"], W, o["A"], o["B"], s, bias=o["bias"], dropout_mask=o["dropout_mask"])
     arith = _arithmetic(ctx, op, inputs.dtype, context)
     limit = _bound(op, context, bounds.lora_forward_bound, o["x"], W, o["A"], o["B"], s, arith,
-                   bias=o["bias"], dropout_mask=o["dropout_mask"],
-                   base_dtype=_base_dtype(op, W, arith))  # fmt: skip
+                   bias=o["bias"], dropout_mask=o["dropout_mask"], base_dtype=_base_dtype(op, W, arith),
+                   base_error=_base_error(state, arith) if op == "qlora_forward" else None)  # fmt: skip
     y = _array(op, "y", y, context)
     _expect_output_dtype(op, "y", y, arith, context)
     tol.expect_bound(op, "y", y, ref, limit, context, "lora_forward_bound (bounds.md §6)")
+
+
+def _base_error(state, arith: bounds.Arithmetic) -> np.ndarray | None:
+    """What the bound adds to the base weight of a backend that declares ``fma_absmax``: the state's
+    :func:`reflora.bounds.fma_dequant_error` (a QuantState's; a dialect's own state form has no nested
+    absmax to rebuild); None otherwise."""
+    if not arith.fma_absmax or not isinstance(state, QuantState):
+        return None
+    return bounds.fma_dequant_error(state)
 
 
 def _base_dtype(op: str, W: np.ndarray, arith: bounds.Arithmetic) -> str:
@@ -535,7 +544,8 @@ def _backward(ctx: Context, inputs: Inputs) -> None:
         raise Mismatch(op, "result", None, type(grads).__name__, "(grad_x, grad_A, grad_B)", "EXACT", context)
     arith = _arithmetic(ctx, op, inputs.dtype, context)
     limits = _bound(op, context, bounds.lora_backward_bound, o["grad_y"], o["x"], W, o["A"], o["B"], s, arith,
-                    dropout_mask=o["dropout_mask"], base_dtype=_base_dtype(op, W, arith))  # fmt: skip
+                    dropout_mask=o["dropout_mask"], base_dtype=_base_dtype(op, W, arith),
+                    base_error=_base_error(state, arith) if op == "qlora_backward" else None)  # fmt: skip
     for name, g, r, b in zip(("grad_x", "grad_A", "grad_B"), grads, refs, limits, strict=True):
         g = _array(op, name, g, context)
         _expect_output_dtype(op, name, g, arith, context)

@@ -59,6 +59,7 @@ __all__ = [
     "dequant_ulps",
     "dq_absmax_error_bound",
     "final_rounding_bound",
+    "fma_dequant_error",
     "gamma",
     "lora_backward_bound",
     "lora_forward_bound",
@@ -488,6 +489,10 @@ class Arithmetic:
     dequant_ulps: for the QLoRA ops, how many steps of the dtype it is dequantized in (the state's;
         ``operand`` unless the bound is given another ``base_dtype``) the backend's dequantized base
         weight may lie from reflora's (:func:`dequant_ulps`; 0: bit for bit).
+    fma_absmax: for the QLoRA ops, the backend rebuilds a double-quantized absmax with one fused
+        multiply-add (bitsandbytes' CUDA inference kernels): its base weight may lie
+        :func:`fma_dequant_error` of the state from reflora's. The bound functions take that as
+        ``base_error``, which the conformance suite computes from the state it hands the backend.
     dot_input: None, or the format every operand of a matrix product is rounded to before it is
         multiplied: "tfloat32" (float32's exponent range, 10 fraction bits, u = 2^-11; Triton's default
         for float32 ``tl.dot``, cuBLAS with TF32 allowed), "bfloat16" or "float16" (autocast). One
@@ -508,9 +513,10 @@ class Arithmetic:
     dequant_ulps: int = 0
     dot_input: str | None = None
     fold_scaling: bool = False
+    fma_absmax: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("flush_to_zero", "fused", "fold_scaling"):
+        for name in ("flush_to_zero", "fused", "fold_scaling", "fma_absmax"):
             object.__setattr__(self, name, check_flag(name, getattr(self, name)))
         for name in ("operand", "accumulate", "intermediate", "output"):
             object.__setattr__(self, name, _dtype(getattr(self, name)).name)
@@ -555,17 +561,26 @@ class Arithmetic:
             t, eta=t.eta + op.eta / abs(s), rel=t.rel + op.u * np.abs(t.value), overflow=overflow
         )
 
-    def _read_base(self, W, base_dtype: str) -> _Tracked:
+    def _read_base(self, W, base_dtype: str, base_error=None) -> _Tracked:
         """The base weight as this arithmetic reads it. A QLoRA base Ŵ is dequantized in its state's
-        dtype, ``base_dtype`` (within ``dequant_ulps``·spacing(|Ŵ|) of it, spacing in base_dtype). Where
+        dtype, ``base_dtype`` (within ``dequant_ulps``·spacing(|Ŵ|) of it, spacing in base_dtype, and
+        within ``base_error``, elementwise, where given: :func:`fma_dequant_error`). Where
         ``operand`` is another dtype, the backend's weight is then rounded to it once, [op](Ŵ), as a
         backend computing in the activations' dtype must (a float32 base under bfloat16 activations, a
         float16 base under bfloat16), except where that cast is exact: ``operand`` holds every number
         of ``base_dtype`` (bfloat16 or float16 under float32), or every entry of an exact Ŵ."""
         w = _input(W, _tiny(self.accumulate) if self.flush_to_zero else 0.0, self.dequant_ulps, base_dtype)
+        exact = base_error is None
+        if not exact:
+            e = np.broadcast_to(np.asarray(base_error, dtype=np.float64), np.shape(W))
+            w = dataclasses.replace(w, eta=w.eta + e, overflow=w.overflow | np.isinf(e))
         if base_dtype == self.operand or base_dtype in _HOLDS.get(self.operand, ()):
             return w
-        if self.dequant_ulps == 0 and np.array_equal(round_to(W, self.operand).astype(np.float64), W):
+        if (
+            exact
+            and self.dequant_ulps == 0
+            and np.array_equal(round_to(W, self.operand).astype(np.float64), W)
+        ):
             return w
         return _round(w, _fmt(self.operand, 1.0, self.flush_to_zero))
 
@@ -639,10 +654,10 @@ def _scale(p: _Tracked, s: float, ar: Arithmetic, store: _Fmt | None = None) -> 
     return scaled if store is None else _round_paths(scaled, store)
 
 
-def _forward_model(x, W, A, B, s, bias, mask, ar: Arithmetic, base_dtype=None) -> _Tracked:
+def _forward_model(x, W, A, B, s, bias, mask, ar: Arithmetic, base_dtype=None, base_error=None) -> _Tracked:
     acc, mid, op, out = ar.formats()
     xt = ar._read(x)
-    W_T = ar._read_base(W, base_dtype or ar.operand).T
+    W_T = ar._read_base(W, base_dtype or ar.operand, base_error).T
     if mask is None:
         x_d = xt
     elif ar.fused:
@@ -675,7 +690,17 @@ def _forward_model(x, W, A, B, s, bias, mask, ar: Arithmetic, base_dtype=None) -
 
 
 def lora_forward_bound(
-    x, W, A, B, scaling: float, arith: Arithmetic, *, bias=None, dropout_mask=None, base_dtype=None
+    x,
+    W,
+    A,
+    B,
+    scaling: float,
+    arith: Arithmetic,
+    *,
+    bias=None,
+    dropout_mask=None,
+    base_dtype=None,
+    base_error=None,
 ):
     """Elementwise bound on |out - ref| for the LoRA forward: float64 of shape (..., out).
 
@@ -717,6 +742,10 @@ def lora_forward_bound(
     its state's dtype under activations of another. W is then first rounded to the operand dtype,
     [op](W), one more rounding on every base path (none where the operand dtype holds every entry of
     W); a declared ``dequant_ulps`` counts steps of ``base_dtype`` (docs/bounds.md §6).
+
+    ``base_error``: where the backend's base weight may differ from W by more than its declared steps,
+    elementwise (W's shape; :func:`fma_dequant_error` for an ``arith.fma_absmax`` backend), an error of
+    the input W, as ``dequant_ulps`` adds one.
     """
     from reflora import lora as _lora  # here, not at the top: reflora.lora imports this module
 
@@ -731,11 +760,12 @@ def lora_forward_bound(
     m64 = None if dropout_mask is None else _operand("dropout_mask", dropout_mask, op).reshape(-1, n_in)
     s = float(scaling)
     ref_error = _forward_model(x64, W64, A64, B64, s, b64, m64, REFERENCE).error()
-    total = _forward_model(x64, W64, A64, B64, s, b64, m64, arith, w_dtype).error() + ref_error
+    total = _forward_model(x64, W64, A64, B64, s, b64, m64, arith, w_dtype, base_error).error() + ref_error
     return total.reshape(*x_shape[:-1], out_f)
 
 
-def _backward_model(g, x, W, A, B, s, mask, ar: Arithmetic, need_x: bool = True, base_dtype=None):
+def _backward_model(g, x, W, A, B, s, mask, ar: Arithmetic, need_x: bool = True, base_dtype=None,
+                    base_error=None):  # fmt: skip
     acc, mid, op, out = ar.formats()
     xt, gt = ar._read(x), ar._read(g)
 
@@ -763,7 +793,7 @@ def _backward_model(g, x, W, A, B, s, mask, ar: Arithmetic, need_x: bool = True,
     lora = _scale(keep_mid(_matmul(u, A_, acc)), s, ar, keep_scaled)  # (N, in) = s·(u A), K = r
     if mask is not None:
         lora = keep(_mul(lora, ar._read(mask), acc))
-    W_ = ar._read_base(W, base_dtype or ar.operand)
+    W_ = ar._read_base(W, base_dtype or ar.operand, base_error)
     if ar.fused:  # one accumulator: g W with the low-rank term as a leaf of its sum, K' = out + 1
         grad_x = last(_matmul(gt, W_, acc, (lora,)))
     else:  # [out]([acc]([out](g W) + lora)), K = out; g W below the r adders of u A accumulated onto it
@@ -783,6 +813,7 @@ def lora_backward_bound(
     dropout_mask=None,
     grad_x: bool = True,
     base_dtype=None,
+    base_error=None,
 ):
     """Elementwise bounds (bx, bA, bB) on |out - ref| for grad_x, grad_A and grad_B (float64, in the
     shapes of x, A and B), ref being :func:`reflora.lora.backward` on the same inputs. With
@@ -814,7 +845,7 @@ def lora_backward_bound(
     low-rank term one of them (a kernel may start its accumulator from it): g_ni W_ik has out + 1 of
     acc, the low-rank path its own counts plus out. Each gradient's one output rounding is charged
     against its value, as in :func:`lora_forward_bound`. ``base_dtype`` as there: W of another dtype
-    is rounded to the operand dtype before g W.
+    is rounded to the operand dtype before g W; ``base_error`` as there.
     """
     from reflora import lora as _lora
 
@@ -829,7 +860,8 @@ def lora_backward_bound(
     m64 = None if dropout_mask is None else _operand("dropout_mask", dropout_mask, op).reshape(-1, n_in)
     s = float(scaling)
     ref_errors = _backward_model(g64, x64, W64, A64, B64, s, m64, REFERENCE, need_x=grad_x)
-    own = _backward_model(g64, x64, W64, A64, B64, s, m64, arith, need_x=grad_x, base_dtype=w_dtype)
+    own = _backward_model(g64, x64, W64, A64, B64, s, m64, arith, need_x=grad_x, base_dtype=w_dtype,
+                          base_error=base_error)  # fmt: skip
     bx, bA, bB = (None if p is None else p + q for p, q in zip(own, ref_errors, strict=True))
     return (bx.reshape(x_shape) if grad_x else None), bA, bB
 
@@ -967,12 +999,17 @@ def scaled_error(quant_type: str = "nf4") -> float:
 
 
 def _dequant_rounding(magnitude: np.ndarray, dtype) -> np.ndarray:
-    """Error of dtype(f32(p)) against the exact product p, |p| <= magnitude: u32 then u_d."""
+    """Error of dtype(f32(p)) against the exact product p, |p| <= magnitude: u32 then u_d; inf where
+    the product may round past float32's overflow threshold or its float32 value past dtype's (the
+    result is then ±inf: no finite bound)."""
     u32, e32 = unit_roundoff("float32"), underflow_eta("float32")
     err = u32 * magnitude + e32
     if _dtype(dtype) != np.float32:
         err = err + unit_roundoff(dtype) * (magnitude * (1 + u32) + e32) + underflow_eta(dtype)
-    return err
+    over = (magnitude >= overflow_threshold("float32")) | (
+        magnitude * (1 + u32) + e32 >= overflow_threshold(dtype)
+    )
+    return np.where(over, np.inf, err)
 
 
 def quant_error_bound(absmax, quant_type: str = "nf4", dtype="float32", *, absmax_error=0.0) -> np.ndarray:
@@ -986,7 +1023,8 @@ def quant_error_bound(absmax, quant_type: str = "nf4", dtype="float32", *, absma
     Dequantization returns fl_d(fl_32(c·ã)): |x - c·ã| <= h·a + |c|·|a - ã| <= h·a + e_a, then the
     float32 product errs by at most u32·|c ã| + η32 <= u32·(a + e_a) + η32, and the conversion to d by
     u_d·|fl_32(c ã)| + η_d (no second rounding when d is float32). Attained up to u-terms by a value
-    just inside the widest gap's midpoint.
+    just inside the widest gap's midpoint. inf for a block whose product may overflow float32 or d
+    (a + e_a at their thresholds; a scale rebuilt past float16's largest, say): the element is ±inf.
     """
     a = np.asarray(absmax, dtype=np.float64)
     e_a = np.asarray(absmax_error, dtype=np.float64)
@@ -1019,7 +1057,9 @@ def dq_absmax_error_bound(absmax, absmax2, blocksize2: int = 256) -> np.ndarray:
     e3 = |fl32(code2·A) - code2·A| <= u32·A + η32
     e4 = the final addition's rounding, <= u32·(a + e1 + e2 + e3)
     and |â - a| <= e1 + e2 + e3 + e4. (The 8-bit code is assumed nearest; bitsandbytes' CPU
-    look-up table is not, and needs its own dialect.)
+    look-up table is not, and needs its own dialect.) inf where the final addition may overflow:
+    its exact sum lies within e1 + e2 + e3 of a, so where a + e1 + e2 + e3 reaches float32's overflow
+    threshold â may be inf.
     """
     a = np.asarray(absmax, dtype=np.float64)
     scale = np.asarray(absmax2, dtype=np.float64)[np.arange(a.size) // blocksize2]
@@ -1027,7 +1067,8 @@ def dq_absmax_error_bound(absmax, absmax2, blocksize2: int = 256) -> np.ndarray:
     e1 = u32 / (1 - u32) * scale
     e2 = scaled_error("dynamic") * scale
     e3 = u32 * scale + e32
-    return (e1 + e2 + e3 + u32 * (a + e1 + e2 + e3)) * _SELF
+    bound = (e1 + e2 + e3 + u32 * (a + e1 + e2 + e3)) * _SELF
+    return np.where(a + e1 + e2 + e3 >= overflow_threshold("float32"), np.inf, bound)
 
 
 def offset_bound(absmax: np.ndarray, offset_dtype: np.dtype | str) -> tuple[float, float]:
@@ -1048,22 +1089,64 @@ def offset_bound(absmax: np.ndarray, offset_dtype: np.dtype | str) -> tuple[floa
     return mean, (theta * mean + underflow_eta(offset_dtype)) * (1 + 2.0**-20) + 2.0**-52 * mean
 
 
-def dequant_ulps(dtype="float32", *, fma_absmax: bool = False) -> int:
+def dequant_ulps(dtype="float32") -> int:
     """How many ulps of ``dtype`` a conforming dequantization may differ from the reference: 0.
 
     Dequantization dtype(fl32(code·absmax)) is one IEEE float32 multiply then one conversion, both
     correctly rounded and so deterministic: any backend that follows the rule matches bit for bit
-    (0 ulp). The exception is the absmax itself when double quantization is rebuilt with a fused
-    multiply-add, fl32(code2·A + offset) instead of fl32(fl32(code2·A) + offset): docs/dialects.md
-    (bnb-cuda) records 1 ulp of difference on 6.5% of blocks. Given â' one float32 step from â
-    (``fma_absmax=True``):
-    with m = min(â, â') in [2^e, 2^(e+1)), |c·â' - c·â| <= |c|·ulp32(m) = |c|·2^(e-23), while
-    |c|·m >= |c|·2^e, so the exact products differ by less than 2 ulps of the smaller one. Rounding is
-    monotone and float32 steps above the smaller product are at least that ulp wide, so the float32
-    results are at most 2 steps apart; converted to float16 or bfloat16 (steps at least 2^13 times
-    wider), at most 1 step. Returns 2 for float32 and 1 for float16 / bfloat16 in that case.
+    (0 ulp). A kernel that rebuilds a double-quantized absmax with a fused multiply-add does not
+    follow it; how far its weight may lie is not a number of steps but :func:`fma_dequant_error`
+    (declared with ``Arithmetic(fma_absmax=True)``).
     """
-    dt = _dtype(dtype)
-    if not check_flag("fma_absmax", fma_absmax):
-        return 0
-    return 2 if dt == np.float32 else 1
+    _dtype(dtype)
+    return 0
+
+
+def fma_dequant_error(state) -> np.ndarray:
+    """Per element of ``nf4.dequantize(state)`` (float64, ``state.shape``): how far the weight of a kernel
+    that rebuilds the double-quantized absmax with one fused multiply-add, â' = fl32(code2·A + offset),
+    may lie from the reference's, which rounds the product first, â = fl32(fl32(code2·A) + offset);
+    both dequantized as dtype(fl32(code·scale)), dtype the state's. 0 without double quantization.
+
+    Derivation (docs/bounds.md §9), per block: p = code2·A (exact in float64, a product of two float32
+    numbers) and s = p + offset. fl32(p) = p + e with |e| <= u32·|p| + η32, so t = fl32(p) + offset =
+    s + e; â = fl32(t) errs by at most u32·|t| (an addition: no η), â' = fl32(s) by u32·|s| + η32:
+
+        Δ = |â - â'| <= u32·(|t| + |s| + |p|) + 2·η32,   |t| <= |s| + u32·|p| + η32.
+
+    Where |p| is far above |s| (a block far below the mean offset, in a group with a large scale) Δ
+    spans many float32 steps of â. An element of code c: y = fl32(c·â), y' = fl32(c·â'),
+    |y - y'| <= |c|·Δ + u32·|c|·(2|â| + Δ) + 2·η32; converted to a 16-bit dtype d, plus
+    u_d·(|y| + |y'|) + 2·η_d with |y| <= (1 + u32)·|c|·|â| + η32 and |y'| <= |y| + |y - y'|.
+    inf where a product may overflow float32 or d, or â is not finite.
+    """
+    from reflora import nf4  # here, not at the top: the oracle's modules import this one
+
+    out = np.zeros(state.shape, dtype=np.float64)
+    nested = state.nested
+    if nested is None:
+        return out
+    u32, e32 = unit_roundoff("float32"), underflow_eta("float32")
+    group = np.arange(nested.absmax_q.size) // nested.blocksize2
+    p = np.abs(nested.code2[nested.absmax_q].astype(np.float64) * nested.absmax2[group].astype(np.float64))
+    with np.errstate(over="ignore", invalid="ignore"):
+        s_abs = np.abs(nested.code2[nested.absmax_q].astype(np.float64)
+                       * nested.absmax2[group].astype(np.float64) + np.float64(nested.offset))  # fmt: skip
+        t_abs = s_abs + u32 * p + e32
+        delta = u32 * (t_abs + s_abs + p) + 2 * e32  # per block
+        scale = np.abs(nf4.block_scales(state).astype(np.float64))
+        n, bs = state.numel, state.blocksize
+        c = np.abs(state.code.astype(np.float64)[nf4.unpack(state.packed, n)])
+        d_blk, a_blk = np.repeat(delta, bs)[:n], np.repeat(scale, bs)[:n]
+        err = c * d_blk + u32 * c * (2 * a_blk + d_blk) + 2 * e32
+        y = (1 + u32) * c * a_blk + e32
+        top = y + err  # the larger of |y| and |y'|
+        if _dtype(state.dtype) != np.float32:
+            err = err + unit_roundoff(state.dtype) * (y + top) + 2 * underflow_eta(state.dtype)
+        over = (
+            ~np.isfinite(a_blk)
+            | (np.repeat(s_abs * (1 + u32) + e32, bs)[:n] >= overflow_threshold("float32"))  # â' inf
+            | (c * (a_blk + d_blk) >= overflow_threshold("float32"))
+            | (top >= overflow_threshold(state.dtype))
+        )
+    return np.where(over, np.inf, err * _SELF).reshape(state.shape)

@@ -193,12 +193,13 @@ def test_bitsandbytes_declares_the_fma_absmax_of_its_cuda_inference_gemv(monkeyp
     from reflora.backends import bitsandbytes as bnb_backend
 
     backend = bnb_backend.BitsandbytesBackend()
-    assert backend.arithmetic("qlora_forward", "bfloat16").dequant_ulps == 0  # on this CPU
+    assert not backend.arithmetic("qlora_forward", "bfloat16").fma_absmax  # on this CPU
     monkeypatch.setattr(bnb_backend, "_device", lambda: "cuda")
-    # steps of the state's dtype, which arithmetic() is not told: a float32 state's 2, whatever x's dtype
-    assert backend.arithmetic("qlora_forward", "bfloat16").dequant_ulps == 2
-    assert backend.arithmetic("qlora_forward", "float32").dequant_ulps == 2
-    assert backend.arithmetic("qlora_backward", "bfloat16").dequant_ulps == 0
+    # the suite then widens the bound by the state's fma_dequant_error, not by a number of steps
+    assert backend.arithmetic("qlora_forward", "bfloat16").fma_absmax
+    assert backend.arithmetic("qlora_forward", "float32").fma_absmax
+    assert not backend.arithmetic("qlora_backward", "bfloat16").fma_absmax
+    assert backend.arithmetic("qlora_forward", "float32").dequant_ulps == 0
 
 
 def test_bitsandbytes_avx512_condition_reads_the_weight_as_the_check_saw_it():

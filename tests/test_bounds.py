@@ -1113,6 +1113,42 @@ def test_quant_error_bounds_hold(seed, quant_type, dtype, dq, blocksize):
         )
 
 
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("dtype", [F32, F16, BF16])
+def test_quantization_bounds_are_inf_where_the_dequantized_value_overflows(dtype):
+    """Near the dtype's largest value a rebuilt scale, or its product with a code, can round to inf: the
+    bounds were finite there (a float16 block at 65504 dequantized to inf against a bound of 10436)."""
+    big = float(ml_dtypes.finfo(dtype).max)
+    x = np.zeros((256, 64))
+    if dtype == BF16:  # a group of blocks at 0 and near the largest: some scales rebuild past it
+        rng = np.random.default_rng(1)
+        rows = rng.random(256) < 0.75
+        x[rows, 0] = rng.uniform(0.99, 1, rows.sum()) * big
+    else:
+        x[4:] = big
+    x = x.astype(dtype)
+    state = nf4.quantize(x, double_quant=True)
+    absmax = np.abs(x.astype(np.float64)).max(axis=1)
+    e_a = bounds.dq_absmax_error_bound(absmax, state.nested.absmax2)
+    scales = nf4.block_scales(state).astype(np.float64)
+    assert np.all((np.abs(scales - absmax) <= e_a) | np.isinf(e_a))
+    out = nf4.dequantize(state).astype(np.float64)
+    assert np.isinf(out).any()  # the case is what it claims to be
+    with np.errstate(invalid="ignore"):
+        err = np.abs(out - x.astype(np.float64)).max(axis=1)  # NaN: 0 x an inf scale, in a block with one
+    bound = bounds.quant_error_bound(absmax, "nf4", dtype, absmax_error=e_a)
+    assert np.all((err <= bound) | np.isinf(bound)) and np.all(np.isinf(bound)[~np.isfinite(err)])
+    if dtype == F32:
+        assert np.isinf(scales).any() and np.all(np.isinf(e_a)[np.isinf(scales)])
+    # without double quantization: a float32 state of a float32 weight of 1e5, dequantized to float16
+    plain = nf4.quantize(np.full(64, 1e5, np.float32))
+    assert np.isinf(nf4.dequantize(plain, "float16")).all()
+    assert np.isinf(bounds.quant_error_bound(plain.absmax, "nf4", "float16")).all()
+    assert np.isinf(
+        bounds.code_error_bound(nf4.unpack(plain.packed, 64), plain.absmax, "nf4", "float16")
+    ).all()
+
+
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("dtype", [F32, F16, BF16])
 def test_quant_error_bound_attained_next_to_the_widest_gap(quant_type, dtype):
@@ -1161,37 +1197,83 @@ def _fma_f32(a, b, c):
     )
 
 
-@pytest.mark.parametrize("dtype", [F32, F16, BF16])
-def test_fma_absmax_moves_dequantized_values_by_at_most_dequant_ulps(dtype):
-    rng = np.random.default_rng(4)
-    w = (rng.standard_normal((512, 512)) * 0.02).astype(dtype)
-    state = nf4.quantize(w, 64, double_quant=True)
+def _fma_dequantized(state) -> tuple[np.ndarray, np.ndarray]:
+    """(dequantize(state) with the double-quant absmax rebuilt in one rounding, those scales)."""
     nested = state.nested
     group = np.arange(nested.absmax_q.size) // nested.blocksize2
     fused = _fma_f32(nested.code2[nested.absmax_q], nested.absmax2[group], np.full(group.size, nested.offset))
-    two = double_quant.dequantize(nested)
-    steps = np.abs(ordinal(fused, F32) - ordinal(two, F32))
-    assert steps.max() == 1 and 0 < (steps == 1).mean() < 0.5  # SPEC §4.4: 1 ulp on a few % of blocks
-    codes = nf4.unpack(state.packed, w.size).reshape(-1, 64)
-    deq = lambda a: (state.code[codes] * a[:, None]).astype(np.float32).astype(dtype)  # noqa: E731
-    moved = np.abs(ordinal(deq(fused), dtype) - ordinal(deq(two), dtype))
-    assert moved.max() <= bounds.dequant_ulps(dtype, fma_absmax=True)
-    assert np.array_equal(deq(two), nf4.dequantize(state).reshape(-1, 64))  # 0 ulp without the FMA
+    n = state.numel
+    v = state.code[nf4.unpack(state.packed, n)] * np.repeat(fused, state.blocksize)[:n]  # float32
+    return v.astype(state.dtype).reshape(state.shape), fused
+
+
+def _outlier_weight(dtype, rows=256):
+    """N(0, 0.02) with column 7 at 50 (docs/spec.md, "Negative rebuilt scales"): every group's scale
+    A is about 47 while most blocks sit near 0.06, far below the mean offset."""
+    w = np.random.default_rng(4).standard_normal((rows, 1024)) * 0.02
+    w[:, 7] = 50
+    return w.astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [F32, F16, BF16])
+@pytest.mark.parametrize("weight", ["normal", "outlier column"])
+def test_an_fma_rebuilt_absmax_stays_within_fma_dequant_error(dtype, weight):
+    """On a normal weight the fused rebuild moves a scale by one float32 step on a few % of blocks (the
+    premise of the 2-step allowance this replaces); on the outlier weight by hundreds, and the float32
+    weight by more than 2 steps. fma_dequant_error covers both; in float32 it is reached within a
+    factor of 2.5 (measured: 0.46 of it on the normal weight, 0.62 on the outlier one)."""
+    if weight == "normal":
+        w = (np.random.default_rng(4).standard_normal((256, 1024)) * 0.02).astype(dtype)
+    else:
+        w = _outlier_weight(dtype)
+    state = nf4.quantize(w, 64, double_quant=True)
+    out, fused = _fma_dequantized(state)
+    ref = nf4.dequantize(state)
+    err = np.abs(out.astype(np.float64) - ref.astype(np.float64))
+    bound = bounds.fma_dequant_error(state)
+    assert np.all(err <= bound)
+    steps = np.abs(ordinal(fused, F32) - ordinal(nf4.block_scales(state), F32))
+    if weight == "normal":
+        assert steps.max() == 1 and 0 < (steps == 1).mean() < 0.5  # SPEC §4.4: 1 ulp on a few % of blocks
+    else:
+        assert steps.max() > 100
+    if dtype == F32:
+        assert np.max(err / np.where(bound > 0, bound, 1)) > 0.4
+        moved = np.abs(ordinal(out, F32) - ordinal(ref, F32)).max()
+        assert moved > 2 if weight != "normal" else moved <= 2
+    assert not np.any(bounds.fma_dequant_error(nf4.quantize(w, 64)))  # no double quantization: 0
     assert bounds.dequant_ulps(dtype) == 0
 
 
-def test_two_ulps_in_float32_is_attained():
-    # NF4's 0.7229568 times two neighbouring absmax values: the exact products differ by 1.45 ulps of
-    # the product, so rounded they are 2 steps apart for a good share of absmax values.
-    rng = np.random.default_rng(5)
-    a = rng.uniform(1, 2, 4000).astype(np.float32)
-    a2 = np.nextafter(a, np.float32(3))
-    c = codebooks.NF4.values[14]
-    assert (
-        np.abs(ordinal(c * a2, F32) - ordinal(c * a, F32)).max()
-        == 2
-        == bounds.dequant_ulps("float32", fma_absmax=True)
+def test_qlora_bounds_with_fma_absmax_cover_the_fused_kernels_weight():
+    """A QLoRA forward and grad_x over the fused rebuild's weight, in float32. The state: 256 one-block
+    rows N(0, 0.02), 16 with an outlier of 50, double-quantized, its offset then moved to where the small
+    blocks' rebuild cancels, -fl32(code2·A) + 0.001 (any stored offset is a state a checkpoint can
+    hold), so their scale is 0.001 while fl32(code2·A) has dropped bits of code2·A near 3: the fused
+    rebuild moves those weights by about 1300 float32 steps. x and grad_y one-hot on the element moved
+    most, relative to its value: y and grad_x are that weight, with no long sum to hide in. Outside the
+    bound that takes the weight bit for bit, inside the one given fma_dequant_error."""
+    w = np.random.default_rng(4).standard_normal((256, 64)) * 0.02
+    w[:16, 7] = 50
+    state = nf4.quantize(w.astype(F32), 64, double_quant=True)
+    n = state.nested
+    p = np.float32(n.code2[n.absmax_q[16]]) * n.absmax2[0]  # float32 product: fl32(code2·A)
+    state = dataclasses.replace(
+        state, nested=dataclasses.replace(n, offset=np.float32(-p + np.float32(1e-3)))
     )
+    W, moved = nf4.dequantize(state).astype(np.float64), _fma_dequantized(state)[0].astype(np.float64)
+    j, k = np.unravel_index(np.argmax(np.abs(moved - W) / np.maximum(np.abs(W), 1e-30)), W.shape)
+    x, g = np.zeros((1, 64)), np.zeros((1, 256))
+    x[0, k], g[0, j] = 1.0, 1.0
+    A, B = np.zeros((2, 64)), np.zeros((256, 2))
+    ar, e = Arithmetic(), bounds.fma_dequant_error(state)
+    assert Arithmetic(fma_absmax=True).fma_absmax and not ar.fma_absmax
+    y, ref = sim_forward(x, moved, A, B, 1.0, ar, "recursive"), lora.forward(x, W, A, B, 1.0)
+    assert not _ok(np.abs(y - ref), bounds.lora_forward_bound(x, W, A, B, 1.0, ar))
+    assert _ok(np.abs(y - ref), bounds.lora_forward_bound(x, W, A, B, 1.0, ar, base_error=e))
+    gx, gref = rnd(sim_matmul(g, moved, F32), F32), lora.backward(g, x, W, A, B, 1.0)[0]
+    assert not _ok(np.abs(gx - gref), bounds.lora_backward_bound(g, x, W, A, B, 1.0, ar)[0])
+    assert _ok(np.abs(gx - gref), bounds.lora_backward_bound(g, x, W, A, B, 1.0, ar, base_error=e)[0])
 
 
 # ---- The documented rules (docs/bounds.md §4) are what the code computes ---------------------------

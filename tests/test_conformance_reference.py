@@ -101,3 +101,45 @@ def test_bnb_cpu_declares_two_nan_encodings_only_for_its_bfloat16_torch_fallback
     assert bnb_cpu.nan_encodings(odd, "bfloat16") == (0x7FC0, 0xFFFF)
     assert bnb_cpu.nan_encodings(odd, "float16") is None
     assert bnb_cpu.nan_encodings(even, "bfloat16") is None
+
+
+def test_a_fused_absmax_rebuild_fails_unless_declared_and_passes_when_it_is(tmp_path):
+    """The reference with its QLoRA base dequantized as bitsandbytes' fused inference GEMM does (the
+    double-quant absmax rebuilt in one FMA, ``bnb_cuda.dequantize(fma=True)``): its float64 arithmetic
+    leaves no room for a weight off by a float32 step, so the double-quantized cases fail; declared
+    with ``fma_absmax``, the bound takes the state's ``fma_dequant_error`` and they pass."""
+    import dataclasses
+
+    from reflora import lora
+    from reflora.backends.reference import ReferenceBackend
+    from reflora.conformance import profiles
+    from reflora.dialects import bnb_cuda
+
+    class FusedRebuild(ReferenceBackend):
+        declares = False
+
+        def arithmetic(self, op, dtype):
+            a = super().arithmetic(op, dtype)
+            return dataclasses.replace(a, fma_absmax=True) if self.declares and op.startswith("qlora") else a
+
+        def qlora_forward(self, x, state, A, B, scaling, *, bias=None, dropout_mask=None):
+            W = bnb_cuda.dequantize(state, fma=True)
+            return lora.forward(x, W, A, B, scaling, bias=bias, dropout_mask=dropout_mask)
+
+        def qlora_backward(self, grad_y, x, state, A, B, scaling, *, dropout_mask=None):
+            W = bnb_cuda.dequantize(state, fma=True)
+            return lora.backward(grad_y, x, W, A, B, scaling, dropout_mask=dropout_mask)
+
+    select = [f"qlora_{d}[double-quantized base, {t}]" for d in ("forward", "backward")
+              for t in ("float32", "float16", "bfloat16")]  # fmt: skip
+    prof = profiles.get("ci")
+    plain = runner.run_backend(FusedRebuild(), "fused", prof, prof.seed, bundle_dir=tmp_path, select=select)
+    failed = plain.by_status("fail")
+    assert failed and all(r.id.startswith("qlora_") for r in failed), [r.id for r in plain.results]
+    FusedRebuild.declares = True
+    declared = runner.run_backend(
+        FusedRebuild(), "fused", prof, prof.seed, bundle_dir=tmp_path, select=select
+    )
+    assert declared.ok and len(declared.by_status("pass")) == len(select), [
+        (r.id, r.status, r.message) for r in declared.results if r.status != "pass"
+    ]

@@ -325,7 +325,7 @@ def test_flags_must_be_bools():
         "flush_to_zero": [lambda v: bounds.Arithmetic(flush_to_zero=v)],
         "fused": [lambda v: bounds.Arithmetic(fused=v)],
         "fold_scaling": [lambda v: bounds.Arithmetic(fold_scaling=v)],
-        "fma_absmax": [lambda v: bounds.dequant_ulps("float32", fma_absmax=v)],
+        "fma_absmax": [lambda v: bounds.Arithmetic(fma_absmax=v)],
         "checkpointing": [lambda v: memory.training_memory(1e9, 16, layers=8, hidden=1024, checkpointing=v)],
     }
     for name, fns in calls.items():
