@@ -292,10 +292,16 @@ def _spacing(v: np.ndarray, dtype) -> np.ndarray:
 def _input(v, daz: float = 0.0, ulps: int = 0, dtype="float32") -> _Tracked:
     """An operand (float64 holding a number of the operand dtype), exact except where a backend may read
     it differently: a dequantized weight ``ulps`` steps of ``dtype`` away (:func:`dequant_ulps`), an
-    error below e = ulps·spacing(|v|); and, under denormals-are-zero, a value below ``daz`` (the
-    smallest normal number of the arithmetic) read as 0, an error of |v|."""
+    error below e = ulps·spacing(|v|) while the steps stay in |v|'s binade: the first step up is
+    spacing(|v|), each further one at most the spacing at |v| + 2·ulps·spacing(|v|) (n steps can cross
+    into the next binade, whose steps are twice as wide; downward steps are no wider); and, under
+    denormals-are-zero, a value below ``daz`` (the smallest normal number of the arithmetic) read as 0,
+    an error of |v|."""
     v = np.asarray(v, dtype=np.float64)
-    e = ulps * _spacing(v, dtype) if ulps else np.zeros_like(v)
+    e = np.zeros_like(v)
+    if ulps:
+        first = _spacing(v, dtype)
+        e = first + (ulps - 1) * _spacing(np.abs(v) + 2 * ulps * first, dtype)
     return _exact(v, np.where(np.abs(v) - e < daz, np.maximum(np.abs(v), e), e))
 
 

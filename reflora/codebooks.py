@@ -94,12 +94,16 @@ def count_below(thresholds: np.ndarray, scaled: np.ndarray) -> np.ndarray:
     This is the index of the nearest sorted table value with ties going down: a value exactly on
     threshold i is not above it, so it stays with the lower value i.
 
-    Why float64 division decides exactly: let x and a > 0 be float32 (24-bit significands) and m a
-    threshold, the exact midpoint of two float32 values (at most 25 significant bits). If x/a != m, then
-    x - m*a is a non-zero multiple of 2**(e_m + e_a), the product of the two lowest significand bits,
-    while |m*a| < 2**(e_m + e_a + 49); so |x/a - m| > 2**-49 * |m|. float64 division errs by at most
-    2**-53 relative, too little to reach or cross m. If x/a == m exactly, m is representable and the
-    division returns it exactly. Hence ``float64(x)/float64(a) > m`` iff ``x/a > m`` in exact arithmetic.
+    Why float64 division decides exactly: let x and a > 0 be float32 (24-bit significands, a's lowest
+    bit 2**e_a) and m a threshold, the exact midpoint of two float32 values, with k significant bits
+    (lowest bit 2**e_m, leading bit 2**E, E = e_m + k - 1). The midpoints of two table values of
+    different exponents need more bits than either: k is 26 for NF4, 29 for FP4 (the midpoint of 1/192
+    and 1/6) and 26 for the dynamic map (``test_midpoints_have_at_most_30_bits``). If x/a != m, then
+    x - m*a is a non-zero multiple of 2**(e_m + e_a), and a < 2**(e_a + 24), so
+    |x/a - m| > 2**(e_m - 24) = 2**(E - k - 23) >= 2**(E - 53) for k <= 30: more than half a float64
+    ulp of m's binade, which the correctly rounded quotient cannot cross (rounding is monotone, and m,
+    a float64 number, is not the nearest to a quotient that far from it). If x/a == m exactly, the
+    division returns m. Hence ``float64(x)/float64(a) > m`` iff ``x/a > m`` in exact arithmetic.
     """
     if thresholds.size <= 16:
         # A short table: 15 vectorised comparisons beat a binary search per element by ~7x.

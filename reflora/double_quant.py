@@ -46,6 +46,7 @@ import warnings
 import numpy as np
 
 from reflora import blockwise
+from reflora.checks import check_real
 from reflora.codebooks import DYNAMIC_MAP
 from reflora.dtypes import as_dtype
 from reflora.state import NestedState, check_blocksize2
@@ -142,6 +143,7 @@ def quantize(absmax: np.ndarray, blocksize2: int = BLOCKSIZE2, *, offset: float 
     if offset is None:
         off = mean_f32(absmax)
     else:
+        check_real("offset", offset)
         with np.errstate(over="ignore"):  # an offset beyond float32's range is refused just below
             off = np.float32(offset)
         if not (np.isfinite(off) and off >= 0):

@@ -32,7 +32,7 @@ import math
 import numpy as np
 
 from reflora.bounds import round_to
-from reflora.checks import check_flag
+from reflora.checks import check_flag, check_real
 from reflora.dtypes import bfloat16
 
 __all__ = [
@@ -53,14 +53,15 @@ _FLOATS = (np.dtype(np.float64), np.dtype(np.float32), np.dtype(np.float16), bfl
 def scaling(alpha: float, r: int, rslora: bool = False) -> float:
     """The adapter's output factor: alpha / r, or alpha / sqrt(r) with rsLoRA (Kalajdzievski, 2023).
 
-    r: the rank, a positive int. alpha: any finite real (PEFT's ``lora_alpha``).
+    r: the rank, a positive int. alpha: any finite real (PEFT's ``lora_alpha``); TypeError for a string
+    or a bool, which ``float`` would read.
     rsLoRA keeps the adapter's output scale independent of r as r grows; PEFT's ``use_rslora``
     (True or False; TypeError for anything else).
     """
     rslora = check_flag("rslora", rslora)
     if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r < 1:
         raise ValueError(f"r must be a positive int, got {r!r}")
-    alpha = float(alpha)
+    alpha = check_real("alpha", alpha)
     if not math.isfinite(alpha):
         raise ValueError(f"alpha must be finite, got {alpha}")
     return alpha / math.sqrt(r) if rslora else alpha / int(r)
@@ -234,7 +235,8 @@ def _merge(
     if d.shape != W.shape:
         layout = "(in, out)" if fan_in_fan_out else "(out, in)"
         raise ValueError(f"W has shape {W.shape} but B A gives {d.shape}; W must be stored {layout}")
-    merged = round_to(W64 + sign * d, W.dtype)  # (W ± ΔW) in float64, then one rounding
+    with np.errstate(over="ignore"):  # an overflow is refused just below, with its place, not warned of
+        merged = round_to(W64 + sign * d, W.dtype)  # (W ± ΔW) in float64, then one rounding
     if not np.isfinite(merged).all():
         flat = int(np.flatnonzero(~np.isfinite(merged.astype(np.float64)).reshape(-1))[0])
         where = tuple(int(i) for i in np.unravel_index(flat, W.shape))

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from reflora.checks import check_real
 from reflora.dtypes import dtype_name
 
 __all__ = ["BLOCKSIZES", "NestedState", "QuantState", "check_blocksize", "check_blocksize2", "check_shape"]
@@ -44,10 +45,12 @@ def check_blocksize(blocksize: int) -> int:
 
 
 def check_blocksize2(blocksize2: int) -> int:
-    """``blocksize2`` (absmax values a double-quantization group) as an int: ValueError unless it is a
-    positive integer (True is not)."""
+    """``blocksize2`` (absmax values a double-quantization group) as an int: TypeError unless it is an
+    integer (True and 256.0 are not, as for ``blocksize``), ValueError unless it is positive."""
     b2 = blocksize2
-    if isinstance(b2, bool) or not isinstance(b2, (int, np.integer)) or b2 < 1:
+    if isinstance(b2, bool) or not isinstance(b2, (int, np.integer)):
+        raise TypeError(f"blocksize2 must be a positive int, got {b2!r}")
+    if b2 < 1:
         raise ValueError(f"blocksize2 must be a positive int, got {b2!r}")
     return int(b2)
 
@@ -113,6 +116,7 @@ class NestedState:
             raise ValueError(f"code2 must have 256 entries, got {self.code2.size}")
         if np.ndim(self.offset) != 0:  # an array would be applied block by block, silently
             raise ValueError(f"offset must be a scalar, got shape {np.shape(self.offset)}")
+        check_real("offset", self.offset)  # np.float32("0.5") parses a string
         object.__setattr__(self, "offset", np.float32(self.offset))
         object.__setattr__(self, "blocksize2", check_blocksize2(self.blocksize2))
         expected = math.ceil(self.absmax_q.size / self.blocksize2)

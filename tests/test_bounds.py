@@ -923,6 +923,21 @@ def test_backward_bound_attained_on_the_low_rank_path_of_grad_x():
     assert 0.95 < _ratio(out, ref, bounds.lora_backward_bound(g, x, W, A, B, 1.0, ar)[0]) <= 1
 
 
+def test_declared_dequant_ulps_count_steps_across_a_binade():
+    """Two steps up from the top of a binade are 1 + 2 of its steps (the second in the next binade, twice
+    as wide): the allowance for n = 2 was 2·spacing(|v|), which that weight exceeded."""
+    for dtype in (F32, F16, BF16):
+        top = np.nextafter(np.array(2.0, dtype), np.array(0.0, dtype))  # the largest number below 2
+        two_up = np.nextafter(np.nextafter(top, np.array(3.0, dtype)), np.array(3.0, dtype))
+        v = np.array([float(top)])
+        assert (
+            bounds._input(v, 0.0, 2, dtype).eta[0]
+            >= float(two_up) - float(top)
+            > 2 * bounds._spacing(v, dtype)[0]
+        )
+        assert bounds._input(v, 0.0, 1, dtype).eta[0] == bounds._spacing(v, dtype)[0]  # one step: exact
+
+
 def test_declared_dequant_ulps_cover_a_weight_one_step_away():
     # A QLoRA kernel whose dequantized W is one bfloat16 step above reflora's everywhere (an FMA
     # rebuilding the absmax): with x = 1 and K = 64 the error is Σ spacing(W), 1330 times the bound that

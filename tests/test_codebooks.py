@@ -76,6 +76,19 @@ def test_thresholds_are_exact_midpoints():
             assert Fraction(float(m)) == (Fraction(float(lo)) + Fraction(float(hi))) / 2
 
 
+def _significant_bits(v: float) -> int:
+    n = abs(Fraction(v).numerator)
+    return (n >> ((n & -n).bit_length() - 1)).bit_length()  # odd part's length
+
+
+def test_midpoints_have_at_most_30_bits():
+    """count_below's proof needs k <= 30 significant bits in a threshold (its docstring): NF4's and the
+    dynamic map's need 26, FP4's 29 (the midpoint of 1/192 and 1/6 spans 29 binary places)."""
+    need = {"nf4": 26, "fp4": 29, "dynamic": 26}
+    for name, cb in (("nf4", NF4), ("fp4", FP4), ("dynamic", DYNAMIC_MAP)):
+        assert max(_significant_bits(float(m)) for m in cb.thresholds) == need[name] <= 30, name
+
+
 def _exact_code(x: float, a: float, cb: codebooks.Codebook) -> int:
     """Nearest sorted value to x/a in Fractions, ties to the lower value, mapped to its code."""
     r = Fraction(x) / Fraction(a)

@@ -147,14 +147,25 @@ def test_bits_per_parameter():
         ({"offset": -0.5}, r"offset must be finite and >= 0"),
         ({"blocksize2": 0}, "blocksize2 must be a positive int"),  # was a ZeroDivisionError
         ({"blocksize2": -256}, "blocksize2 must be a positive int"),
-        ({"blocksize2": True}, "blocksize2 must be a positive int"),
+        ({"blocksize2": True}, "blocksize2 must be a positive int"),  # TypeError, as for blocksize
         ({"blocksize2": 256.0}, "blocksize2 must be a positive int"),
+        ({"offset": "0.5"}, "offset must be a real number"),  # numpy parsed the string
     ],
     ids=repr,
 )
 def test_bad_arguments_are_refused(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    wrong_type = isinstance(kwargs.get("blocksize2", 1), (bool, float)) or isinstance(
+        kwargs.get("offset"), str
+    )
+    with pytest.raises(TypeError if wrong_type else ValueError, match=match):
         double_quant.quantize(np.array([0.5, 1.0, 2.0], dtype=np.float32), **kwargs)
+
+
+def test_a_nested_state_refuses_an_offset_that_is_not_a_number():
+    from reflora.state import NestedState
+
+    with pytest.raises(TypeError, match=r"offset must be a real number, got '0\.5'"):  # numpy parsed it
+        NestedState(np.zeros(3, np.uint8), np.zeros(1, np.float32), np.zeros(256, np.float32), "0.5", 256)
 
 
 def test_negative_absmax_is_refused():
@@ -298,7 +309,9 @@ def test_blocksize2_is_taken_by_quantize_and_kept_by_merge(blocksize2):
     merged, _ = qlora.merge(state, np.ones((1, 96)) / 8, np.ones((40, 1)) / 8, 1.0)
     assert merged.nested.blocksize2 == blocksize2
     for bad in (0, -1, True, 2.5):
-        with pytest.raises(ValueError, match="blocksize2 must be a positive int"):
+        with pytest.raises(
+            ValueError if bad in (0, -1) else TypeError, match="blocksize2 must be a positive int"
+        ):
             nf4.quantize(x, 32, double_quant=True, blocksize2=bad)
     pytest.importorskip("torch")
     from reflora.backends.torch import ops

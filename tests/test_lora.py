@@ -288,6 +288,8 @@ def test_a_delta_overflowing_float64_is_refused_without_a_warning():
     B[1, 1] = 1e200
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        with pytest.raises(ValueError, match=r"the merged weight overflows float64 at index \(0, 0\)"):
+            lora.merge(np.full((2, 4), 1.7e308), np.ones((2, 4)), np.full((2, 2), 5e307), 1.0)  # W + ΔW
         for call in (lora.delta, lambda *a: lora.merge(np.zeros((4, 3)), *a)):
             with pytest.raises(ValueError, match=r"scaling · B A overflows float64 at index \(1, 0\)"):
                 call(A, B, 1e-300)
@@ -405,6 +407,10 @@ def test_scaling():
             lora.scaling(8, bad)
     with pytest.raises(ValueError, match="alpha must be finite"):
         lora.scaling(float("inf"), 4)
+    for bad in ("16", True, None):  # float("16") is 16.0 and True is 1: neither is an alpha someone meant
+        with pytest.raises(TypeError, match="alpha must be a real number"):
+            lora.scaling(bad, 8)
+    assert lora.scaling(np.float32(16), 8) == lora.scaling(np.array(16.0), 8) == 2.0
 
 
 def test_bad_inputs_raise_clear_errors():
