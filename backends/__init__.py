@@ -6,7 +6,9 @@ its own package without editing reflora. Nothing is imported until a backend is 
 
 ``get("torch")`` returns a registered backend, ``get("mypkg.mod:MyBackend")`` one that is not registered.
 An unknown, broken or unavailable backend raises :class:`BackendError` with the list of installed
-backends and why each one is or is not available: there is no silent fallback.
+backends and why each one is or is not available: there is no silent fallback. Nor is one name quietly
+given to one of two packages that both register it: the listing shows the clash, and the name is
+refused until one is named by ``module:attr``.
 """
 
 from __future__ import annotations
@@ -54,7 +56,24 @@ class Status:
 
 
 def _entry_points() -> dict[str, str]:
-    return {ep.name: ep.value for ep in entry_points(group=GROUP)}
+    """name -> target; a name two packages register with different targets maps to all of them,
+    joined by " | " (no one of them is loaded under that name: :func:`_clash`)."""
+    found: dict[str, list[str]] = {}
+    for ep in entry_points(group=GROUP):
+        if ep.value not in found.setdefault(ep.name, []):
+            found[ep.name].append(ep.value)
+    return {name: " | ".join(targets) for name, targets in found.items()}
+
+
+def _clash(name: str, target: str) -> str | None:
+    """Why ``name`` cannot be loaded when more than one package registers it, else None."""
+    if " | " not in target:
+        return None
+    return (f"the name {name!r} is registered by more than one package ({target}); "
+            "run one with --backend module:attr")  # fmt: skip
+
+
+_LOADING: set[str] = set()  # targets being loaded: a factory that loads itself again is no backend
 
 
 def names() -> list[str]:
@@ -66,11 +85,17 @@ def _load(target: str) -> Backend:
     module, _, attr = target.partition(":")
     if not attr:
         raise BackendError(f"{target!r} is not of the form 'module:attr'")
+    if target in _LOADING:  # `--backend reflora.cli:main`: calling it ran the command, which loads it again
+        raise BackendError(f"{target} is not a backend: calling it asked for {target} again")
     obj = importlib.import_module(module)
     for part in attr.split("."):
         obj = getattr(obj, part)
     # A class or a factory is called to make the backend; an instance is used as it is.
-    backend = obj() if isinstance(obj, type) or (callable(obj) and not hasattr(obj, "dialect")) else obj
+    _LOADING.add(target)
+    try:
+        backend = obj() if isinstance(obj, type) or (callable(obj) and not hasattr(obj, "dialect")) else obj
+    finally:
+        _LOADING.discard(target)
     missing = [m for m in ("name", "dialect", "supports", *OPS) if not hasattr(backend, m)]
     if missing:
         raise BackendError(f"{target} does not implement the Backend protocol: missing {', '.join(missing)}")
@@ -87,6 +112,10 @@ def status() -> list[Status]:
     """Load every registered backend and report whether it can run here (for ``reflora backends``)."""
     rows = []
     for name, target in sorted(_entry_points().items()):
+        clash = _clash(name, target)
+        if clash:
+            rows.append(Status(name, target, None, False, clash))
+            continue
         try:
             backend = _load(target)
             ok, reason = _availability(backend)
@@ -108,6 +137,9 @@ def get(name: str) -> Backend:
     target = registered.get(name, name if ":" in name else None)
     if target is None:
         raise BackendError(f"unknown backend {name!r}\n{_listing()}")
+    clash = _clash(name, target)
+    if clash:
+        raise BackendError(f"{clash}\n{_listing()}")
     try:
         backend = _load(target)
     except BackendError as exc:

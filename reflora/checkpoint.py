@@ -121,6 +121,8 @@ def open_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
             raise InspectError(f"{p}: a directory with no *.safetensors file")
     elif p.is_file():
         files = [p]
+    elif p.exists():  # /dev/null, a pipe: there, but not a file to read tensors from
+        raise InspectError(f"{p}: not a regular file or a directory")
     else:
         raise InspectError(f"{p}: no such file or directory")
     tensors: dict[str, np.ndarray] = {}

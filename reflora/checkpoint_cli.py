@@ -37,11 +37,22 @@ def _row(r: ck.WeightReport, with_original: bool) -> tuple[str, ...]:
         f"{r.bits_per_weight:.3f}",
         str(r.zero_blocks),
         f"{r.negative_blocks} ({r.flipped_weights})",
-        "-" if r.rel_error is None else f"{r.rel_error:.4f}",
+        "-" if r.rel_error is None else _relative(r.rel_error),
     )
     if with_original:
         cells += (", ".join(r.reproduced_by) if r.reproduced_by else ("-" if r.error else "none"),)
     return cells
+
+
+def _relative(v: float) -> str:
+    """A relative error: four decimals, or three significant digits in exponent form where four
+    decimals say nothing (below 1e-4) or would widen the table (1e4 and more: a 40-digit number was
+    printed)."""
+    return f"{v:.4f}" if v == 0 or 1e-4 <= v < 1e4 else f"{v:.3e}"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _notes(r: ck.WeightReport) -> list[str]:
@@ -49,7 +60,9 @@ def _notes(r: ck.WeightReport) -> list[str]:
     if r.error:
         notes.append(f"  ! {r.error}")
     if r.nonfinite:
-        notes.append(f"  ! {r.nonfinite} dequantized values are not finite")
+        notes.append(
+            f"  ! {r.nonfinite} dequantized value{'s are' if r.nonfinite != 1 else ' is'} not finite"
+        )
     if r.reproduced_by == ():
         diffs = "; ".join(
             f"{d}: {r.refused[d] if n < 0 else f'{n} codes, {r.scale_diffs[d]} scales'}"
@@ -62,7 +75,7 @@ def _notes(r: ck.WeightReport) -> list[str]:
 
 def _summary(reports: list[ck.WeightReport], with_original: bool) -> list[str]:
     invalid = [r for r in reports if r.shape is None]
-    lines = [f"{len(reports)} weights: {len(reports) - len(invalid)} valid, {len(invalid)} invalid"]
+    lines = [f"{_count(len(reports), 'weight')}: {len(reports) - len(invalid)} valid, {len(invalid)} invalid"]
     if with_original:
         compared = [r for r in reports if r.reproduced_by is not None]
         per = {d: sum(d in r.reproduced_by for r in compared) for d in ck.DIALECTS}
@@ -75,8 +88,8 @@ def _summary(reports: list[ck.WeightReport], with_original: bool) -> list[str]:
     if flipped:
         blocks, weights = sum(r.negative_blocks for r in flipped), sum(r.flipped_weights for r in flipped)
         lines.append(
-            f"negative rebuilt scales: {len(flipped)} weights, {blocks} blocks; "
-            f"{weights} weights dequantize with the sign flipped "
+            f"negative rebuilt scales: {_count(len(flipped), 'weight')}, {_count(blocks, 'block')}; "
+            f"{_count(weights, 'weight')} dequantize with the sign flipped "
             "(docs/spec.md, negative rebuilt scales)"
         )
     zero = sum(r.zero_blocks for r in reports)

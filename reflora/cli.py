@@ -56,7 +56,7 @@ def output_problem(outputs: Mapping[str, str | None], inputs: Mapping[str, str |
     outputs: option -> path of each report (None or '': not asked for); inputs: option -> path the
     command reads. Refused: '-' (the report on stdout is printed anyway; it made a file named '-'), a
     directory, a missing directory, an unwritable file or directory, and a path that is an input, an
-    earlier output, or inside an input directory (each was overwritten silently)."""
+    earlier output, or inside an input directory (each was overwritten silently, or read back as input)."""
     read = {Path(p).resolve(): option for option, p in inputs.items() if p}
     written: dict[Path, str] = {}
     for option, path in outputs.items():
@@ -77,7 +77,8 @@ def output_problem(outputs: Mapping[str, str | None], inputs: Mapping[str, str |
             return f"{option} {path} is also {clash}'s file: it would be overwritten; give another name"
         holder = next((o for at, o in read.items() if at in target.parents), None)
         if holder:
-            return f"{option} {path} is inside {holder}'s directory: it would overwrite it; give another name"
+            return (f"{option} {path} is inside {holder}'s directory, which the command reads: "
+                    "give a path outside it")  # fmt: skip
         written[target] = option
     return None
 

@@ -215,7 +215,7 @@ def test_negative_rebuilt_scales_and_zero_blocks_are_counted(tmp_path, capsys) -
     assert r.passed  # health is reported, not failed: the bytes are what the rules give
     run(str(tmp_path / "q.safetensors"))
     out = capsys.readouterr().out
-    assert f"negative rebuilt scales: 1 weights, {negative.size} blocks; {r.flipped_weights} weights" in out
+    assert f"negative rebuilt scales: 1 weight, {negative.size} blocks; {r.flipped_weights} weights" in out
 
 
 def test_shards_in_a_directory_read_as_one_checkpoint(model, tmp_path) -> None:
@@ -380,3 +380,20 @@ def test_the_json_report_never_overwrites_what_it_inspects(model, tmp_path, caps
     assert checkpoint.read_bytes() == before
     assert run(str(checkpoint), json_path=str(tmp_path)) == 2
     assert "is a directory" in capsys.readouterr().err
+
+
+def test_a_path_that_is_not_a_file_is_named_as_such(capsys) -> None:
+    assert run("/dev/null") == 2  # it said "no such file or directory"
+    assert "/dev/null: not a regular file or a directory" in capsys.readouterr().err
+
+
+def test_numbers_and_counts_read_well() -> None:
+    from reflora.checkpoint_cli import _count, _relative
+
+    assert [_relative(v) for v in (0.0, 0.01234, 5e-6, 5.4e38)] == [
+        "0.0000",
+        "0.0123",
+        "5.000e-06",
+        "5.400e+38",
+    ]
+    assert (_count(1, "weight"), _count(2, "block")) == ("1 weight", "2 blocks")

@@ -85,7 +85,7 @@ def test_output_problem_names_each_output_that_cannot_be_written(tmp_path) -> No
         ({"--json": str(tmp_path)}, f"--json {tmp_path} is a directory"),
         ({"--json": str(tmp_path / "no" / "r.json")}, f"the directory {tmp_path / 'no'} does not exist"),
         ({"--json": str(tmp_path / "dev.toml")}, "is also --deviations's file: it would be overwritten"),
-        ({"--json": str(model / "r.json")}, "is inside the checkpoint's directory: it would overwrite it"),
+        ({"--json": str(model / "r.json")}, "is inside the checkpoint's directory, which the command reads"),
         ({"--json": str(tmp_path / "r"), "--markdown": str(tmp_path / "r")}, "--markdown"),
     ]
     for outputs, message in cases:
@@ -107,3 +107,39 @@ def test_ctrl_c_in_a_command_is_one_line_and_exit_130(monkeypatch, capsys):
     assert cli.main(["explain", "nf4"]) == 130
     err = capsys.readouterr().err
     assert err.strip() == "reflora explain: stopped (Ctrl-C)" and "Traceback" not in err
+
+
+def test_two_packages_registering_one_backend_name_is_shown_and_refused(monkeypatch):
+    """A plug-in that registers "reference" too was silently one of the two (the last entry point won)."""
+    from reflora import backends
+
+    real = list(backends.entry_points(group=backends.GROUP))
+    theirs = EntryPoint("reference", "odd_backends:UpcastOutput", backends.GROUP)
+    monkeypatch.setattr(backends, "entry_points", lambda group: [*real, theirs])
+    row = next(s for s in backends.status() if s.name == "reference")
+    assert not row.available and "registered by more than one package" in row.reason
+    assert "odd_backends:UpcastOutput" in row.target and "reflora.backends.reference" in row.target
+    with pytest.raises(backends.BackendError, match="run one with --backend module:attr"):
+        backends.get("reference")
+    assert backends.get("reflora.backends.reference:ReferenceBackend").name == "reference"
+
+
+def test_a_callable_that_runs_the_command_again_is_no_backend(tmp_path):
+    # `--backend reflora.cli:main` recursed until Python's limit and listed every backend as broken
+    import sys
+
+    argv = [sys.executable, "-m", "reflora", "conform", "--backend", "reflora.cli:main", "-k",
+            "lora_merge[random, float32]"]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "reflora.cli:main is not a backend" in done.stderr and "RecursionError" not in done.stderr
+
+
+def test_explain_states_the_rebuilt_scale_caveats(capsys):
+    """`explain nf4` said an all-zero block dequantizes to +0.0 and `explain dq` never mentioned scales
+    rebuilt below zero or past the dtype, both of which the spec documents."""
+    assert cli.main(["explain", "nf4"]) == 0
+    assert "-0.0 when double quantization rebuilds" in capsys.readouterr().out
+    assert cli.main(["explain", "dq"]) == 0
+    out = capsys.readouterr().out
+    assert "signs flipped" in out and "NegativeScaleWarning" in out and "ScaleRangeWarning" in out

@@ -19,10 +19,10 @@ and 1.
 
 Rules this module follows when writing, found by running safetensors 0.8.0 (tests pin them):
 
-* The entries are ordered by dtype, in the order I64, F64, F32, I32, BF16, F16, I16, I8, U8, BOOL
-  (the reverse of the order of the real package's ``Dtype`` enum; not simply by alignment: I64 comes
-  before F64 and I32 after F32), then by name (code point order). The data follows the same order, so
-  every tensor starts at a multiple of its itemsize.
+* The entries are ordered by dtype, in the order U64, I64, F64, F32, U32, I32, BF16, F16, U16, I16,
+  F8_E4M3, F8_E5M2, I8, U8, BOOL (the reverse of the order of the real package's ``Dtype`` enum; not
+  simply by alignment: I64 comes before F64 and I32 after F32), then by name (code point order). The
+  data follows the same order, so every tensor starts at a multiple of its itemsize.
 * ``"__metadata__"`` comes first, and only when metadata is given (an empty dict writes ``{}``).
 * The JSON is compact (``,`` and ``:`` without spaces), non-ASCII characters are written as UTF-8,
   and the header is padded with spaces to a multiple of 8 bytes.
@@ -31,7 +31,8 @@ The result is byte-identical to the real package's output with at most one metad
 or more, the real package writes them in an order that changes from call to call (a Rust hash map);
 this module writes them sorted, so its files equal the real package's in everything but that order.
 
-Never uses pickle: a file can only ever produce arrays of the ten dtypes below.
+Never uses pickle: a file can only ever produce arrays of the fifteen dtypes below (a checkpoint's
+4-bit weights are U8; an unrelated tensor of another of these dtypes no longer makes the file unreadable).
 """
 
 from __future__ import annotations
@@ -61,13 +62,18 @@ __all__ = [
 
 #: The dtypes this module reads and writes, by their safetensors name, in the order files list them.
 DTYPES: dict[str, np.dtype] = {
+    "U64": np.dtype("<u8"),
     "I64": np.dtype("<i8"),
     "F64": np.dtype("<f8"),
     "F32": np.dtype("<f4"),
+    "U32": np.dtype("<u4"),
     "I32": np.dtype("<i4"),
     "BF16": np.dtype(ml_dtypes.bfloat16),
     "F16": np.dtype("<f2"),
+    "U16": np.dtype("<u2"),
     "I16": np.dtype("<i2"),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
     "I8": np.dtype("i1"),
     "U8": np.dtype("u1"),
     "BOOL": np.dtype("?"),
