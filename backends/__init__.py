@@ -76,6 +76,12 @@ def _clash(name: str, target: str) -> str | None:
 _LOADING: set[str] = set()  # targets being loaded: a factory that loads itself again is no backend
 
 
+class _Reentered(BaseException):
+    """Raised where a target asks for itself while it is being made (``--backend reflora.cli:main`` runs
+    the command again). A BaseException, so that the inner command cannot catch and print it: it
+    unwinds to the outer :func:`_load`, which says once what happened."""
+
+
 def names() -> list[str]:
     """The names of the registered backends, sorted."""
     return sorted(_entry_points())
@@ -86,7 +92,7 @@ def _load(target: str) -> Backend:
     if not attr:
         raise BackendError(f"{target!r} is not of the form 'module:attr'")
     if target in _LOADING:  # `--backend reflora.cli:main`: calling it ran the command, which loads it again
-        raise BackendError(f"{target} is not a backend: calling it asked for {target} again")
+        raise _Reentered(target)
     obj = importlib.import_module(module)
     for part in attr.split("."):
         obj = getattr(obj, part)
@@ -94,6 +100,8 @@ def _load(target: str) -> Backend:
     _LOADING.add(target)
     try:
         backend = obj() if isinstance(obj, type) or (callable(obj) and not hasattr(obj, "dialect")) else obj
+    except _Reentered:
+        raise BackendError(f"{target} is not a backend: calling it asked for {target} again") from None
     finally:
         _LOADING.discard(target)
     missing = [m for m in ("name", "dialect", "supports", *OPS) if not hasattr(backend, m)]

@@ -208,16 +208,24 @@ class BitsandbytesBackend(BaseBackend):
 
     def arithmetic(self, op: str, dtype: str) -> bounds.Arithmetic:
         """The protocol's default; on CUDA a forward without gradients of one row takes bnb's inference
-        GEMV (``gemv_4bit``), which rebuilds a double-quantized absmax in one FMA (docs/dialects.md,
-        bnb-cuda rule 8): every CUDA qlora_forward declares ``fma_absmax`` (READ from source; no GPU run
-        yet), so its base weight may lie ``bounds.fma_dequant_error(state)`` from reflora's. Where
-        torch's bfloat16 matmul flushes subnormals (``_tensors.bf16_matmul_flushes``: AVX512_BF16 CPUs),
-        bfloat16 ops declare ``flush_to_zero``: the products around bnb's dequantize are torch's."""
+        GEMV (``gemv_4bit``, READ from source; no GPU run yet), declared for every CUDA qlora_forward:
+
+        * it rebuilds a double-quantized absmax in one FMA (docs/dialects.md, bnb-cuda rule 8):
+          ``fma_absmax``, so its base weight may lie ``bounds.fma_dequant_error(state)`` from reflora's;
+        * for 16-bit activations it forms the weight as T(T(c)·T(â)) (``__hmul2`` of the table value
+          and the scale, each rounded to T): three roundings in T where the reference has one after an
+          exact float32 product, so |Δ| <= (4·u_T + O(u_T²))·|w|, and a step of T at |w| exceeds
+          u_T·|w|: ``dequant_ulps = 5``;
+        * the build uses ``--use_fast_math`` (the bnb-cuda dialect's ``ftz``): ``flush_to_zero``.
+
+        Where torch's bfloat16 matmul flushes subnormals (``_tensors.bf16_matmul_flushes``:
+        AVX512_BF16 CPUs), bfloat16 ops declare ``flush_to_zero``: the products around bnb's dequantize
+        are torch's."""
         arith, dialect = super().arithmetic(op, dtype), self.dialect
         if dialect == "bnb-cpu":
             arith = torch_arithmetic(arith, dtype)
         if op == "qlora_forward" and dialect == "bnb-cuda":
-            arith = dataclasses.replace(arith, fma_absmax=True)
+            arith = dataclasses.replace(arith, fma_absmax=True, dequant_ulps=5, flush_to_zero=True)
         return arith
 
     def dialect_options(self) -> dict[str, Any]:

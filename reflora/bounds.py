@@ -289,19 +289,22 @@ def _spacing(v: np.ndarray, dtype) -> np.ndarray:
     return np.maximum(np.ldexp(1.0, e - 1 - int(fi.nmant)), float(fi.smallest_subnormal))
 
 
-def _input(v, daz: float = 0.0, ulps: int = 0, dtype="float32") -> _Tracked:
+def _input(v, daz: float = 0.0, ulps: int = 0, dtype="float32", extra=None) -> _Tracked:
     """An operand (float64 holding a number of the operand dtype), exact except where a backend may read
     it differently: a dequantized weight ``ulps`` steps of ``dtype`` away (:func:`dequant_ulps`), an
     error below e = ulps·spacing(|v|) while the steps stay in |v|'s binade: the first step up is
     spacing(|v|), each further one at most the spacing at |v| + 2·ulps·spacing(|v|) (n steps can cross
-    into the next binade, whose steps are twice as wide; downward steps are no wider); and, under
-    denormals-are-zero, a value below ``daz`` (the smallest normal number of the arithmetic) read as 0,
+    into the next binade, whose steps are twice as wide; downward steps are no wider); plus ``extra``
+    where given (an elementwise error: :func:`fma_dequant_error`); and, under denormals-are-zero, a
+    value that error may bring below ``daz`` (the smallest normal number of the arithmetic) read as 0,
     an error of |v|."""
     v = np.asarray(v, dtype=np.float64)
     e = np.zeros_like(v)
     if ulps:
         first = _spacing(v, dtype)
         e = first + (ulps - 1) * _spacing(np.abs(v) + 2 * ulps * first, dtype)
+    if extra is not None:
+        e = e + np.broadcast_to(np.asarray(extra, dtype=np.float64), v.shape)
     return _exact(v, np.where(np.abs(v) - e < daz, np.maximum(np.abs(v), e), e))
 
 
@@ -575,11 +578,13 @@ class Arithmetic:
         backend computing in the activations' dtype must (a float32 base under bfloat16 activations, a
         float16 base under bfloat16), except where that cast is exact: ``operand`` holds every number
         of ``base_dtype`` (bfloat16 or float16 under float32), or every entry of an exact Ŵ."""
-        w = _input(W, _tiny(self.accumulate) if self.flush_to_zero else 0.0, self.dequant_ulps, base_dtype)
-        exact = base_error is None
+        daz = _tiny(self.accumulate) if self.flush_to_zero else 0.0
+        w = _input(W, daz, self.dequant_ulps, base_dtype, base_error)
+        exact = base_error is None or not np.any(base_error)  # fma_dequant_error of a plain state is 0
         if not exact:
-            e = np.broadcast_to(np.asarray(base_error, dtype=np.float64), np.shape(W))
-            w = dataclasses.replace(w, eta=w.eta + e, overflow=w.overflow | np.isinf(e))
+            w = dataclasses.replace(
+                w, overflow=w.overflow | np.isinf(np.broadcast_to(base_error, np.shape(W)))
+            )
         if base_dtype == self.operand or base_dtype in _HOLDS.get(self.operand, ()):
             return w
         if (
@@ -1095,16 +1100,22 @@ def offset_bound(absmax: np.ndarray, offset_dtype: np.dtype | str) -> tuple[floa
     return mean, (theta * mean + underflow_eta(offset_dtype)) * (1 + 2.0**-20) + 2.0**-52 * mean
 
 
-def dequant_ulps(dtype="float32") -> int:
+def dequant_ulps(dtype="float32", *, fma_absmax: bool = False) -> int:
     """How many ulps of ``dtype`` a conforming dequantization may differ from the reference: 0.
 
     Dequantization dtype(fl32(code·absmax)) is one IEEE float32 multiply then one conversion, both
     correctly rounded and so deterministic: any backend that follows the rule matches bit for bit
     (0 ulp). A kernel that rebuilds a double-quantized absmax with a fused multiply-add does not
     follow it; how far its weight may lie is not a number of steps but :func:`fma_dequant_error`
-    (declared with ``Arithmetic(fma_absmax=True)``).
+    (declared with ``Arithmetic(fma_absmax=True)``). ``fma_absmax=True`` returned 2 (float32) or 1
+    until 2026-11-25; it now raises ValueError saying so, rather than a count that does not hold.
     """
     _dtype(dtype)
+    if check_flag("fma_absmax", fma_absmax):
+        raise ValueError(
+            "no number of steps bounds an FMA-rebuilt absmax (a block far below the offset moves by "
+            "hundreds): declare Arithmetic(fma_absmax=True), whose bound is bounds.fma_dequant_error(state)"
+        )
     return 0
 
 

@@ -135,7 +135,8 @@ def run(
     out: TextIO | None = None,
     err: TextIO | None = None,
 ) -> int:
-    """Inspect as ``reflora inspect`` does; returns the exit status (0 pass, 1 fail, 2 nothing inspected)."""
+    """Inspect as ``reflora inspect`` does; returns the exit status (0 pass, 1 fail, 2 nothing inspected,
+    or the report printed, with its PASS or FAIL, but the ``--json`` file not written)."""
     out, err = PipeSafe(out or sys.stdout), PipeSafe(err or sys.stderr)  # `| head`: status and JSON kept
     problem = output_problem({"--json": json_path}, {"the checkpoint": checkpoint, "--original": original})
     if problem:

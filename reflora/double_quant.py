@@ -14,8 +14,9 @@ Rules (names as in :class:`reflora.state.NestedState`):
    group, ``absmax_q`` = nearest map value to c/absmax2, ties to the lower index. A group whose c are
    all zero has absmax2 = 0 and codes 127 (the map's 0.0).
 4. Reconstruction: ``absmax = f32(f32(code2[absmax_q] * absmax2) + offset)``: a float32 multiply,
-   then a float32 add, two roundings in that order (a fused multiply-add would round once and can
-   differ by one ulp).
+   then a float32 add, two roundings in that order (a fused multiply-add would round once: one ulp
+   away on a few % of blocks of a normal weight, many ulps on a block far below the offset in a group
+   with a large absmax2; :func:`reflora.bounds.fma_dequant_error`).
 5. A rebuilt absmax can be **negative** (no clamp, as in bitsandbytes), and the block then dequantizes
    with every sign flipped. It is negative only if code2[absmax_q] * absmax2 < -offset exactly (the
    multiply's rounding can at most bring it to 0). Since c >= -offset, the 8-bit code must then round

@@ -1260,6 +1260,23 @@ def test_an_fma_rebuilt_absmax_stays_within_fma_dequant_error(dtype, weight):
     assert bounds.dequant_ulps(dtype) == 0
 
 
+def test_a_base_error_that_reaches_below_tiny_counts_under_flush_to_zero():
+    """Under flush_to_zero an operand below the smallest normal number is read as 0. A weight of 1.5·tiny
+    that its base_error (0.6·tiny) may bring below tiny may be read as 0; that was added after the
+    test and not covered (bound 2.5e6·tiny against an error of 6.3e6·tiny)."""
+    tiny = float(np.finfo(np.float32).tiny)
+    W = np.full((1, 4), 1.5 * tiny)
+    x = np.full((1, 4), 2.0**20)
+    A, B = np.zeros((1, 4)), np.zeros((1, 1))
+    ar = Arithmetic(flush_to_zero=True, fma_absmax=True)
+    read_as_zero = np.abs(x @ W.T)  # the backend's y is 0
+    bound = bounds.lora_forward_bound(x, W, A, B, 1.0, ar, base_error=np.full(W.shape, 0.6 * tiny))
+    assert np.all(read_as_zero <= bound)
+    assert bounds.dequant_ulps("float32") == 0
+    with pytest.raises(ValueError, match="no number of steps bounds an FMA-rebuilt absmax"):
+        bounds.dequant_ulps("float32", fma_absmax=True)
+
+
 def test_qlora_bounds_with_fma_absmax_cover_the_fused_kernels_weight():
     """A QLoRA forward and grad_x over the fused rebuild's weight, in float32. The state: 256 one-block
     rows N(0, 0.02), 16 with an outlier of 50, double-quantized, its offset then moved to where the small

@@ -355,19 +355,18 @@ def test_a_json_file_that_fails_late_keeps_the_printed_report(model, tmp_path, c
     """A --json path that passes the check before the run but fails when written (a full disk): the
     report is printed all the same, the failure said, exit 2, and no partial file is left."""
     import errno
+    import os
 
-    from reflora import checkpoint_cli
-
-    def full(files):
+    def full(fd):  # the disk fills while the file is written
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(checkpoint_cli, "write_files", full)
+    monkeypatch.setattr(os, "fsync", full)
     target = tmp_path / "r.json"
     assert run(str(model[0]), str(model[1]), json_path=str(target)) == 2
     out, err = capsys.readouterr()
     assert out.startswith("reflora inspect ") and "PASS" in out, out
     assert "the report above was not saved" in err and "No space left on device" in err
-    assert not target.exists()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("r.json")]  # nor a partial file
 
 
 def test_the_json_report_never_overwrites_what_it_inspects(model, tmp_path, capsys) -> None:

@@ -133,6 +133,8 @@ def test_a_callable_that_runs_the_command_again_is_no_backend(tmp_path):
     done = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert done.returncode == 2, done.stderr[-2000:]
     assert "reflora.cli:main is not a backend" in done.stderr and "RecursionError" not in done.stderr
+    # said once: the inner command neither prints an error of its own nor hands the outer one a result
+    assert done.stderr.count("installed backends:") == 1 and "Backend protocol" not in done.stderr
 
 
 def test_explain_states_the_rebuilt_scale_caveats(capsys):

@@ -166,7 +166,8 @@ def launch_options(ts: TorchQuantState | None = None) -> dict:
 
     ``enable_fp_fusion=False``: the double-quant reconstruction ``f32(f32(code2[q] * absmax2) + offset)``
     rounds twice; with fusion on, LLVM and ptxas may contract it into one FMA, which rounds once and
-    changes ~6.5% of absmax values by an ulp (docs/dialects.md, bnb-cuda). Turning fusion off per
+    changes ~6.5% of a normal weight's absmax values by an ulp (docs/dialects.md, bnb-cuda), and a block
+    far below the offset by many (docs/bounds.md §9). Turning fusion off per
     launch is Triton's own switch for this (it also passes ``--fmad=false`` to ptxas). It is passed
     explicitly on every launch so that the kernels do not depend on Triton's default, which changes in 3.10.
     """
