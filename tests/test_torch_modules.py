@@ -781,3 +781,45 @@ def test_inductor_on_cuda_keeps_the_dequantized_weight_exact(dtype) -> None:
     assert torch.equal(layer(x), oracle)
     torch._dynamo.reset()
     assert torch.equal(torch.compile(layer, fullgraph=True)(x), oracle)
+
+
+@pytest.mark.parametrize("compute", ["compute", "peft"])
+def test_four_bit_layers_run_under_inference_mode(compute) -> None:
+    """torch.inference_mode() (Lightning's validate/predict loops, serving stacks) raised "Inference
+    tensors do not track version counter" in every 4-bit layer: the forward read the state's version
+    counters for a backward check. Now the same output as under no_grad, merged or not."""
+    torch.manual_seed(0)
+    layers = nn.Sequential(nn.Linear(64, 48), nn.Linear(48, 8))
+    model = apply_lora(layers, r=2, alpha=4.0, target_modules=["0"], quantize="nf4", adapter_compute=compute,
+                       verbose=False)  # fmt: skip
+    with torch.no_grad():
+        nn.init.normal_(model[0].lora_B.weight)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        want = model(x)
+    with torch.inference_mode():
+        got = model(x)
+    assert torch.equal(got, want)
+    y = model(x)  # and training still checks the state afterwards
+    y.sum().backward()
+    assert model[0].lora_A.weight.grad is not None
+
+
+def test_apply_lora_refuses_what_would_adapt_nothing_or_read_a_flag_wrong() -> None:
+    # target_modules="" (or a regex matching only the model's own empty path) froze the whole model
+    # with nothing to train; rslora="no" is truthy and turned rsLoRA on
+    with pytest.raises(ValueError, match="matches no module"):
+        apply_lora(nn.Sequential(nn.Linear(4, 4)), r=2, alpha=4.0, target_modules="", verbose=False)
+    bare = nn.Linear(4, 4)
+    with pytest.raises(ValueError, match="matches no module"):
+        apply_lora(bare, r=2, alpha=4.0, target_modules=".*", verbose=False)
+    assert all(p.requires_grad for p in bare.parameters())
+    dtype_words = "adapter_dtype must be a floating torch.dtype"
+    for kw, words in (({"rslora": "no"}, "rslora must be True or False"),
+                      ({"quantize": "nf4", "double_quant": 1}, "double_quant must be True or False"),
+                      ({"adapter_dtype": torch.int32}, dtype_words),
+                      ({"adapter_dtype": "float16"}, dtype_words)):  # fmt: skip
+        with pytest.raises(TypeError, match=words):
+            apply_lora(
+                nn.Sequential(nn.Linear(4, 4)), r=2, alpha=4.0, target_modules=["0"], verbose=False, **kw
+            )

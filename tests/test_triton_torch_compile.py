@@ -207,3 +207,15 @@ def test_reduce_overhead_mode_replays_the_kernels_from_a_cuda_graph() -> None:
             y0, g0 = _run(functools.partial(model, x), *params)
             y1, g1 = _run(functools.partial(compiled, x), *params)
         assert _same(y1, y0) and all(_same(g, h) for g, h in zip(g1, g0, strict=True)), f"step {step}"
+
+
+def test_the_kernels_run_under_inference_mode() -> None:
+    """The Triton layer read the state's version counters as the torch path did, which inference tensors
+    do not have: under torch.inference_mode() it now gives no_grad's bits, on the kernels."""
+    model, layers, _ = _triton_model()
+    x = torch.randn(2, 48, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    with torch.no_grad():
+        want = model(x)
+    with torch.inference_mode():
+        got = model(x)
+    assert torch.equal(got, want) and [m.last_impl for m in layers] == ["triton", "triton"]

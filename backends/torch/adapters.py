@@ -143,8 +143,12 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
     """
     layers = lora_modules(model)
     config = getattr(model, "reflora_lora", None)
-    if not layers or config is None:
+    if not layers:
         raise ValueError("the model has no LoRA adapters (use apply_lora or load_adapter first)")
+    if config is None:  # adapters found, but apply_lora ran on a submodule: its config is held there
+        holders = [n for n, m in model.named_modules() if n and getattr(m, "reflora_lora", None) is not None]
+        where = f" (apply_lora ran on {holders[0]!r}: save that module)" if holders else ""
+        raise ValueError(f"the model has LoRA layers but no reflora_lora config of its own{where}")
     tensors: dict[str, np.ndarray] = {}
     for name, m in layers.items():
         tensors[f"{PREFIX}{name}.lora_A.weight"] = torch_to_numpy(m.lora_A.weight)
@@ -265,8 +269,9 @@ def load_adapter(
     model: either a model without adapters, which is first prepared by :func:`.modules.apply_lora`
         with the file's r, lora_alpha, target_modules, lora_dropout and use_rslora (``quantize``,
         ``double_quant`` and ``blocksize`` choose its base as there, ``adapter_compute`` its adapter
-        arithmetic); or a model already prepared with the same r, alpha, rsLoRA, dropout and adapted
-        layers (which keep their own adapter_compute).
+        arithmetic); or a model already prepared with the same r, alpha, rsLoRA and adapted layers
+        (which keep their own adapter_compute, and their dropout: another than the file's is kept, with
+        a warning, since it changes training only).
     New layers take the train/eval mode of the layers they wrap (:func:`.modules.apply_lora`).
     The tensors are copied into lora_A / lora_B (converted to the parameters' dtype).
     Raises :class:`AdapterError` naming the key for a missing, extra, non-float, wrongly shaped or
@@ -323,13 +328,19 @@ def _load_tensors(model: nn.Module, cfg: dict[str, Any], tensors: dict[str, np.n
     """Copy the file's lora_A / lora_B into the adapted layers, after checking they all fit."""
     layers = lora_modules(model)
     for name, m in layers.items():
-        agree = (("r", m.r), ("lora_alpha", m.lora_alpha), ("use_rslora", m.use_rslora),
-                 ("lora_dropout", m.lora_dropout))  # fmt: skip
+        agree = (("r", m.r), ("lora_alpha", m.lora_alpha), ("use_rslora", m.use_rslora))
         for field, value in agree:
             if cfg[field] != value:
                 raise AdapterError(
                     field, f"is {cfg[field]!r} in the file but {value!r} in the model's {name!r}"
                 )
+    dropouts = {m.lora_dropout for m in layers.values()}
+    if dropouts != {cfg["lora_dropout"]}:  # a training setting, not part of the adapter's function
+        warnings.warn(
+            f"lora_dropout is {cfg['lora_dropout']!r} in the file but {sorted(dropouts)} in the model: the "
+            "model's is kept (it changes training only; in eval mode no dropout is applied)",
+            stacklevel=3,
+        )
     expected = {}
     for name, m in layers.items():
         expected[f"{PREFIX}{name}.lora_A.weight"] = (m.lora_A.weight, (m.r, m.in_features))

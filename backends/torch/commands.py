@@ -32,7 +32,7 @@ def _run(args: argparse.Namespace) -> int:
     base = m["base_bytes"]
     ratio = m["estimate_vs_peak"]
     lines = [
-        f"loss (mean of {k} steps): {first:.4f} at the start -> {last:.4f} at the end",
+        f"loss (mean of {k} step{'s' if k != 1 else ''}): {first:.4f} at the start -> {last:.4f} at the end",
         f"accuracy on {m['eval_examples']} held-out pairs: {m['accuracy_before']:.1%} before -> "
         f"{m['accuracy_after']:.1%} after",
         f"best cosine threshold: {m['best_threshold_accuracy_before']:.1%} before -> "

@@ -35,6 +35,7 @@ from torch import nn
 
 from reflora.backends.torch import ops
 from reflora.backends.torch.quant_state import TorchQuantState, numpy_to_torch, torch_dtype, torch_to_numpy
+from reflora.checks import check_flag, check_real
 from reflora.double_quant import RebuiltScaleWarning
 
 __all__ = [
@@ -312,9 +313,11 @@ def _check_alpha(alpha: float) -> int | float:
 
 
 def scaling_for(alpha: float, r: int, rslora: bool = False) -> float:
-    """alpha / r, or alpha / sqrt(r) with rsLoRA: PEFT's ``scaling`` (see :func:`reflora.lora.scaling`)."""
+    """alpha / r, or alpha / sqrt(r) with rsLoRA: PEFT's ``scaling`` (see :func:`reflora.lora.scaling`).
+    TypeError for an rslora that is not True or False ("no" is truthy) or an alpha that is not a number."""
     r = _check_rank(r)
-    alpha = float(alpha)
+    rslora = check_flag("rslora", rslora)
+    alpha = check_real("alpha", alpha)
     if not math.isfinite(alpha):
         raise ValueError(f"alpha must be finite, got {alpha}")
     return alpha / math.sqrt(r) if rslora else alpha / r
@@ -611,8 +614,8 @@ def _output_embeddings(model: nn.Module) -> nn.Module | None:
 def _check_targets(target_modules: Sequence[str] | str, model: nn.Module) -> list[str] | str:
     """``target_modules`` (a regex, or a list of names) after checking its form and that each name,
     or the regex, matches some module of ``model`` (ValueError naming the linear layers otherwise)."""
-    if isinstance(target_modules, str):
-        if not any(_matches(n, target_modules) for n, _ in model.named_modules()):
+    if isinstance(target_modules, str):  # the model itself ("" or ".*" matched its empty path) is no target
+        if not any(n and _matches(n, target_modules) for n, _ in model.named_modules()):
             raise _no_match_error(target_modules, model)
         return target_modules
     targets = list(target_modules)
@@ -720,6 +723,10 @@ def apply_lora(
     r = _check_rank(r)
     alpha = _check_alpha(alpha)
     scaling_for(alpha, r, rslora)
+    check_flag("double_quant", double_quant)
+    if not (isinstance(adapter_dtype, torch.dtype) and adapter_dtype.is_floating_point):
+        raise TypeError(f"adapter_dtype must be a floating torch.dtype (torch.float32, torch.bfloat16, ...), "
+                        f"got {adapter_dtype!r}")  # fmt: skip
     check_adapter_compute(adapter_compute)
     if quantize not in (None, "nf4", "fp4"):
         raise ValueError(f"quantize must be None, 'nf4' or 'fp4', got {quantize!r}")
@@ -740,6 +747,8 @@ def apply_lora(
         chosen = [(n, model.get_submodule(n)) for n in targets]  # exactly these, recorded by full path
     else:
         chosen = [(n, m) for n, m in model.named_modules() if n and _matches(n, targets)]
+    if not chosen:  # nothing to adapt: the model would be frozen whole, with nothing to train
+        raise _no_match_error(target_modules if isinstance(target_modules, str) else targets[0], model)
     for n, m in chosen:
         _check_adaptable(n, m)
 

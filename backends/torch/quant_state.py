@@ -220,11 +220,16 @@ def versions(ts: TorchQuantState) -> tuple[int, ...] | None:
     them for the tensors a Function saves; a layer's state is held outside those, so the forward records
     them and the backward compares (:func:`check_unchanged`). None while torch.compile traces: a
     traced graph has no version counters to read (reading them there broke the trace with an internal
-    Dynamo error), so a compiled model goes without this check."""
-    if torch.compiler.is_compiling():
+    Dynamo error), so a compiled model goes without this check. None under ``torch.inference_mode()``
+    too, or for a state whose tensors were made there: inference tensors have no version counter (reading
+    one raised "Inference tensors do not track version counter", failing every 4-bit layer there), and
+    no backward can follow."""
+    if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():
         return None
-    fields = (ts.packed, ts.absmax, ts.absmax_q, ts.absmax2, ts.code, ts.code2)
-    return tuple(t._version for t in fields if t is not None)
+    fields = [t for t in (ts.packed, ts.absmax, ts.absmax_q, ts.absmax2, ts.code, ts.code2) if t is not None]
+    if any(t.is_inference() for t in fields):
+        return None
+    return tuple(t._version for t in fields)
 
 
 def check_unchanged(ts: TorchQuantState, recorded: tuple[int, ...] | None) -> None:
