@@ -263,13 +263,15 @@ def load_adapter(
     double_quant: bool = True,
     blocksize: int = 64,
     adapter_compute: str = "compute",
+    adapter_dtype: torch.dtype = torch.float32,
 ) -> nn.Module:
     """Load the PEFT-format adapter in ``directory`` into ``model``; returns the model.
 
     model: either a model without adapters, which is first prepared by :func:`.modules.apply_lora`
         with the file's r, lora_alpha, target_modules, lora_dropout and use_rslora (``quantize``,
         ``double_quant`` and ``blocksize`` choose its base as there, ``adapter_compute`` its adapter
-        arithmetic); or a model already prepared with the same r, alpha, rsLoRA and adapted layers
+        arithmetic, ``adapter_dtype`` the adapters' dtype: float64 keeps a float64 file's tensors
+        exactly); or a model already prepared with the same r, alpha, rsLoRA and adapted layers
         (which keep their own adapter_compute, and their dropout: another than the file's is kept, with
         a warning, since it changes training only).
     New layers take the train/eval mode of the layers they wrap (:func:`.modules.apply_lora`).
@@ -295,6 +297,7 @@ def load_adapter(
         model, cfg["r"], cfg["lora_alpha"], _peft_targets(cfg["target_modules"], model),
         dropout=float(cfg["lora_dropout"]), rslora=cfg["use_rslora"], quantize=quantize,
         double_quant=double_quant, blocksize=blocksize, adapter_compute=adapter_compute,
+        adapter_dtype=adapter_dtype,
         init="gaussian" if cfg["init_lora_weights"] == "gaussian" else "kaiming", verbose=False,
     )  # fmt: skip
     try:

@@ -710,7 +710,9 @@ def apply_lora(
     init: "kaiming" (A ~ U(±1/√in)) or "gaussian" (A ~ N(0, 1/r²)); B = 0 in both
         (:func:`reflora.lora.init_lora`), drawn from ``numpy.random.default_rng(seed)`` layer by layer in
         module order, so a seed fixes the adapter.
-    adapter_dtype: dtype of lora_A / lora_B (float32, as PEFT's default autocast_adapter_dtype).
+    adapter_dtype: dtype of lora_A / lora_B (float32: what PEFT's default autocast_adapter_dtype gives a
+        float16 or bfloat16 model; PEFT keeps a float64 model's adapters in float64, which here takes
+        ``adapter_dtype=torch.float64``).
     adapter_compute: "compute" or "peft", the dtype the adapter term is computed in when the adapters'
         dtype is not the compute dtype (:func:`check_adapter_compute`); settable later on each layer's
         ``adapter_compute``. verbose: print the :class:`LoRASummary`.
