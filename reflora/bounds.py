@@ -1145,10 +1145,10 @@ def fma_dequant_error(state) -> np.ndarray:
         return out
     u32, e32 = unit_roundoff("float32"), underflow_eta("float32")
     group = np.arange(nested.absmax_q.size) // nested.blocksize2
-    p = np.abs(nested.code2[nested.absmax_q].astype(np.float64) * nested.absmax2[group].astype(np.float64))
+    product = nested.code2[nested.absmax_q].astype(np.float64) * nested.absmax2[group].astype(np.float64)
+    p = np.abs(product)
     with np.errstate(over="ignore", invalid="ignore"):
-        s_abs = np.abs(nested.code2[nested.absmax_q].astype(np.float64)
-                       * nested.absmax2[group].astype(np.float64) + np.float64(nested.offset))  # fmt: skip
+        s_abs = np.abs(product + np.float64(nested.offset))
         t_abs = s_abs + u32 * p + e32
         delta = u32 * (t_abs + s_abs + p) + 2 * e32  # per block
         scale = np.abs(nf4.block_scales(state).astype(np.float64))

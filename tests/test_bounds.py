@@ -1214,12 +1214,12 @@ def _fma_f32(a, b, c):
 
 def _fma_dequantized(state) -> tuple[np.ndarray, np.ndarray]:
     """(dequantize(state) with the double-quant absmax rebuilt in one rounding, those scales)."""
+    from mutants import _dequant_with_scales  # the canonical dequantization with the scales given
+
     nested = state.nested
     group = np.arange(nested.absmax_q.size) // nested.blocksize2
     fused = _fma_f32(nested.code2[nested.absmax_q], nested.absmax2[group], np.full(group.size, nested.offset))
-    n = state.numel
-    v = state.code[nf4.unpack(state.packed, n)] * np.repeat(fused, state.blocksize)[:n]  # float32
-    return v.astype(state.dtype).reshape(state.shape), fused
+    return _dequant_with_scales(state, lambda s: fused, None), fused
 
 
 def _outlier_weight(dtype, rows=256):

@@ -4,13 +4,13 @@ Runs under the Triton CPU interpreter where tests/conftest.py chose it (no CUDA,
 TRITON_INTERPRET=1 set), else on CUDA.
 """
 
-import os
-
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton", reason="triton is not installed")
+
+from triton_helpers import kernel_device  # noqa: E402
 
 from reflora import nf4  # noqa: E402
 from reflora.backends.torch.quant_state import TorchQuantState, numpy_to_torch  # noqa: E402
@@ -18,10 +18,7 @@ from reflora.codebooks import DYNAMIC_MAP  # noqa: E402
 from reflora.dtypes import DTYPES  # noqa: E402
 from reflora.state import NestedState, QuantState  # noqa: E402
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if not INTERPRET and not torch.cuda.is_available():
-    pytest.skip("TRITON_INTERPRET is not 1 and there is no CUDA device", allow_module_level=True)
-DEVICE = "cpu" if INTERPRET else "cuda"
+DEVICE = kernel_device()
 
 from reflora.backends.triton import dequantize_nf4, launch_counts, reset_launch_counts  # noqa: E402
 from reflora.backends.triton.dequant import dequantize_launch  # noqa: E402

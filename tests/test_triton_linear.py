@@ -15,7 +15,6 @@ TRITON_INTERPRET=1 set), else on CUDA.
 
 import dataclasses
 import math
-import os
 
 import numpy as np
 import pytest
@@ -24,15 +23,13 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("triton", reason="triton is not installed")
 
 from bnb_helpers import bits  # noqa: E402  (the element bits of a tensor or array)
+from triton_helpers import INTERPRET, kernel_device  # noqa: E402
 
 from reflora import bounds, lora, nf4  # noqa: E402
 from reflora.backends.torch.quant_state import TorchQuantState  # noqa: E402
 from reflora.dtypes import as_dtype  # noqa: E402
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if not INTERPRET and not torch.cuda.is_available():
-    pytest.skip("TRITON_INTERPRET is not 1 and there is no CUDA device", allow_module_level=True)
-DEVICE = "cpu" if INTERPRET else "cuda"
+DEVICE = kernel_device()
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402

@@ -11,7 +11,6 @@ Runs under the Triton CPU interpreter where tests/conftest.py chose it (no CUDA)
 """
 
 import functools
-import os
 
 import numpy as np
 import pytest
@@ -20,6 +19,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("triton", reason="triton is not installed")
 
 from torch import nn  # noqa: E402
+from triton_helpers import kernel_device  # noqa: E402
 
 from reflora import nf4  # noqa: E402
 from reflora.backends.torch.backend import cpu_compiler  # noqa: E402
@@ -27,10 +27,7 @@ from reflora.backends.torch.modules import NF4Linear, QLoRALinear, apply_lora  #
 from reflora.backends.torch.quant_state import TorchQuantState  # noqa: E402
 from reflora.dtypes import as_dtype  # noqa: E402
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if not INTERPRET and not torch.cuda.is_available():
-    pytest.skip("TRITON_INTERPRET is not 1 and there is no CUDA device", allow_module_level=True)
-DEVICE = "cpu" if INTERPRET else "cuda"
+DEVICE = kernel_device()
 
 from reflora.backends.triton import launch_counts, nf4_matmul, qlora_linear, reset_launch_counts  # noqa: E402
 
