@@ -365,18 +365,37 @@ def test_saving_a_wrapper_of_the_adapted_module_says_where_the_config_is(tmp_pat
     save_adapter(outer.enc, tmp_path / "a")
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_default_adapter_dtype_is_peft_s(peft, dtype) -> None:
+    """apply_lora's default adapter dtype is the one PEFT's get_peft_model gives the same model, layer by
+    layer: float64 on a float64 model (it used to be float32 there), float32 otherwise (PEFT raises
+    16-bit adapters to float32 by its default autocast_adapter_dtype)."""
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"])
+    theirs = peft.get_peft_model(Toy().to(dtype), config)
+    ours = apply_lora(Toy().to(dtype), 2, 4, ["q_proj"], verbose=False)
+    (layer,) = lora_modules(ours).values()
+    want = theirs.base_model.model.q_proj.lora_A["default"].weight.dtype
+    assert layer.lora_A.weight.dtype == layer.lora_B.weight.dtype == want
+    asked = apply_lora(Toy().to(dtype), 2, 4, ["q_proj"], adapter_dtype=torch.bfloat16, verbose=False)
+    assert next(iter(lora_modules(asked).values())).lora_A.weight.dtype == torch.bfloat16
+
+
 def test_load_adapter_takes_the_adapters_dtype(tmp_path) -> None:
-    """A float64 adapter file loads exactly into float64 adapters (there was no way to ask: it was
-    rounded to float32 without a word); the default stays float32."""
-    model = apply_lora(Toy().double(), 2, 4, ["q_proj"], adapter_dtype=torch.float64, verbose=False)
+    """A float64 adapter file loads exactly into a float64 model's adapters (by default, as PEFT; it
+    used to be rounded to float32 without a word), and into a float32 model's when asked; a float32
+    model's default stays float32."""
+    model = apply_lora(Toy().double(), 2, 4, ["q_proj"], verbose=False)
     with torch.no_grad():
         for m in lora_modules(model).values():
             m.lora_B.weight.normal_(generator=torch.Generator().manual_seed(0))
     save_adapter(model, tmp_path / "a")
-    back = load_adapter(Toy().double(), tmp_path / "a", adapter_dtype=torch.float64)
-    for name, m in lora_modules(back).items():
-        assert m.lora_B.weight.dtype == torch.float64
-        assert torch.equal(m.lora_B.weight, lora_modules(model)[name].lora_B.weight)
+    for back in (
+        load_adapter(Toy().double(), tmp_path / "a"),
+        load_adapter(Toy(), tmp_path / "a", adapter_dtype=torch.float64),
+    ):
+        for name, m in lora_modules(back).items():
+            assert m.lora_B.weight.dtype == torch.float64
+            assert torch.equal(m.lora_B.weight, lora_modules(model)[name].lora_B.weight)
     assert (
         next(iter(lora_modules(load_adapter(Toy(), tmp_path / "a")).values())).lora_B.weight.dtype
         == torch.float32

@@ -814,7 +814,7 @@ def test_apply_lora_refuses_what_would_adapt_nothing_or_read_a_flag_wrong() -> N
     with pytest.raises(ValueError, match="matches no module"):
         apply_lora(bare, r=2, alpha=4.0, target_modules=".*", verbose=False)
     assert all(p.requires_grad for p in bare.parameters())
-    dtype_words = "adapter_dtype must be a floating torch.dtype"
+    dtype_words = "adapter_dtype must be None or a floating torch.dtype"
     for kw, words in (({"rslora": "no"}, "rslora must be True or False"),
                       ({"quantize": "nf4", "double_quant": 1}, "double_quant must be True or False"),
                       ({"adapter_dtype": torch.int32}, dtype_words),

@@ -263,17 +263,17 @@ def load_adapter(
     double_quant: bool = True,
     blocksize: int = 64,
     adapter_compute: str = "compute",
-    adapter_dtype: torch.dtype = torch.float32,
+    adapter_dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """Load the PEFT-format adapter in ``directory`` into ``model``; returns the model.
 
     model: either a model without adapters, which is first prepared by :func:`.modules.apply_lora`
         with the file's r, lora_alpha, target_modules, lora_dropout and use_rslora (``quantize``,
         ``double_quant`` and ``blocksize`` choose its base as there, ``adapter_compute`` its adapter
-        arithmetic, ``adapter_dtype`` the adapters' dtype: float64 keeps a float64 file's tensors
-        exactly); or a model already prepared with the same r, alpha, rsLoRA and adapted layers
-        (which keep their own adapter_compute, and their dropout: another than the file's is kept, with
-        a warning, since it changes training only).
+        arithmetic, ``adapter_dtype`` the adapters' dtype, by default PEFT's: float64 on a float64
+        model's layers, float32 otherwise); or a model already prepared with the same r, alpha,
+        rsLoRA and adapted layers (which keep their own adapter_compute, and their dropout: another
+        than the file's is kept, with a warning, since it changes training only).
     New layers take the train/eval mode of the layers they wrap (:func:`.modules.apply_lora`).
     The tensors are copied into lora_A / lora_B (converted to the parameters' dtype).
     Raises :class:`AdapterError` naming the key for a missing, extra, non-float, wrongly shaped or

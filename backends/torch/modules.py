@@ -686,7 +686,7 @@ def apply_lora(
     blocksize: int = 64,
     init: str = "kaiming",
     seed: int = 0,
-    adapter_dtype: torch.dtype = torch.float32,
+    adapter_dtype: torch.dtype | None = None,
     adapter_compute: str = "compute",
     verbose: bool = True,
     progress: bool | None = None,
@@ -710,9 +710,10 @@ def apply_lora(
     init: "kaiming" (A ~ U(±1/√in)) or "gaussian" (A ~ N(0, 1/r²)); B = 0 in both
         (:func:`reflora.lora.init_lora`), drawn from ``numpy.random.default_rng(seed)`` layer by layer in
         module order, so a seed fixes the adapter.
-    adapter_dtype: dtype of lora_A / lora_B (float32: what PEFT's default autocast_adapter_dtype gives a
-        float16 or bfloat16 model; PEFT keeps a float64 model's adapters in float64, which here takes
-        ``adapter_dtype=torch.float64``).
+    adapter_dtype: dtype of lora_A / lora_B. None (the default) is PEFT's rule, layer by layer: float64
+        where the base layer's weight is float64, float32 otherwise (PEFT gives adapters the base
+        weight's float dtype, then its default autocast_adapter_dtype raises float16 and bfloat16 to
+        float32; a 4-bit base's adapters are float32).
     adapter_compute: "compute" or "peft", the dtype the adapter term is computed in when the adapters'
         dtype is not the compute dtype (:func:`check_adapter_compute`); settable later on each layer's
         ``adapter_compute``. verbose: print the :class:`LoRASummary`.
@@ -726,9 +727,11 @@ def apply_lora(
     alpha = _check_alpha(alpha)
     scaling_for(alpha, r, rslora)
     check_flag("double_quant", double_quant)
-    if not (isinstance(adapter_dtype, torch.dtype) and adapter_dtype.is_floating_point):
-        raise TypeError(f"adapter_dtype must be a floating torch.dtype (torch.float32, torch.bfloat16, ...), "
-                        f"got {adapter_dtype!r}")  # fmt: skip
+    if adapter_dtype is not None and not (
+        isinstance(adapter_dtype, torch.dtype) and adapter_dtype.is_floating_point
+    ):
+        raise TypeError(f"adapter_dtype must be None or a floating torch.dtype (torch.float32, "
+                        f"torch.bfloat16, ...), got {adapter_dtype!r}")  # fmt: skip
     check_adapter_compute(adapter_compute)
     if quantize not in (None, "nf4", "fp4"):
         raise ValueError(f"quantize must be None, 'nf4' or 'fp4', got {quantize!r}")
@@ -763,7 +766,8 @@ def apply_lora(
         bar = progress if quantize is not None else False  # only quantizing takes long enough to show
         for name, m in progress_bar(chosen, "apply_lora: quantizing", bar):
             A, B = _init_adapter_weights(m.in_features, m.out_features, r, init, rng)
-            kw = {"A": A, "B": B, "dropout": dropout, "rslora": rslora, "dtype": adapter_dtype,
+            kw = {"A": A, "B": B, "dropout": dropout, "rslora": rslora,
+                  "dtype": _adapter_dtype_for(m) if adapter_dtype is None else adapter_dtype,
                   "adapter_compute": adapter_compute}  # fmt: skip
             if isinstance(m, NF4Linear):
                 wrapped: nn.Module = QLoRALinear(m, r, alpha, **kw)
@@ -788,6 +792,13 @@ def apply_lora(
     if verbose:
         print(model.reflora_summary)
     return model
+
+
+def _adapter_dtype_for(m: nn.Module) -> torch.dtype:
+    """PEFT's adapter dtype for base layer ``m``: float64 for a float64 weight, float32 otherwise."""
+    weight = getattr(m, "weight", None)
+    float64 = isinstance(weight, torch.Tensor) and weight.dtype == torch.float64
+    return torch.float64 if float64 else torch.float32
 
 
 def progress_bar(items: Sequence, desc: str, progress: bool | None):
