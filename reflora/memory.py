@@ -275,6 +275,16 @@ def _no_shape_note(params: float) -> str:
             f"({sizes}); give --layers and --hidden (and --intermediate, --heads) for its shape")  # fmt: skip
 
 
+def _rank_note(r: int, shape: dict) -> str | None:
+    """A note when the rank passes the hidden size: the estimate counts those adapters, which cost
+    memory but cannot raise any layer's update past rank h (every adapted layer has a side of h)."""
+    if r <= shape["hidden"]:
+        return None
+    return (f"note: r={r} is above the hidden size {shape['hidden']}: every adapted layer has a side of "
+            f"{shape['hidden']}, so no update can have rank above it; the estimate counts the adapters "
+            f"as allocated")  # fmt: skip
+
+
 def _report(args: argparse.Namespace) -> dict:
     P = args.params
     if P < 1:
@@ -318,7 +328,7 @@ def _report(args: argparse.Namespace) -> dict:
         "training": None
         if est is None
         else {"r": args.r, "batch": args.batch, "seq": args.seq, **est.as_dict()},
-        "training_note": _no_shape_note(P) if est is None else None,
+        "training_note": _no_shape_note(P) if est is None else _rank_note(args.r, found[1]),
         "_estimate": est,
     }
 
@@ -348,6 +358,8 @@ def _run(args: argparse.Namespace) -> int:
     print(f"training estimate, r={args.r}, batch {args.batch}, seq {args.seq}, {s['layers']} layers, "
           f"hidden {s['hidden']} ({s['source']}), checkpointing {ckpt}:")  # fmt: skip
     print(est)
+    if rep["training_note"]:
+        print(rep["training_note"])
     return 0
 
 

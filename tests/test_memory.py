@@ -180,3 +180,19 @@ def test_llama_7b_shape_without_its_mlp_width_says_which_option_is_missing(capsy
     assert "give --intermediate" in capsys.readouterr().err
     assert cli.main(["memory", "--params", "7e9", "--layers", "32", "--hidden", "4096", "--intermediate",
                      "11008"]) == 0  # fmt: skip
+
+
+def test_a_rank_above_the_hidden_size_is_noted(capsys):
+    """r above h is estimated as allocated (PEFT allocates it too), with a note that no update can use
+    it; a rank within h has no note, in the text or the JSON."""
+    shape = ["memory", "--params", "1e6", "--layers", "2", "--hidden", "64", "--intermediate", "256"]
+    assert cli.main([*shape, "--r", "128"]) == 0
+    out = capsys.readouterr().out
+    assert "note: r=128 is above the hidden size 64" in out and "total" in out
+    assert cli.main([*shape, "--r", "128", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["training"]["r"] == 128 and "r=128 is above the hidden size 64" in rep["training_note"]
+    assert cli.main([*shape, "--r", "64", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["training_note"] is None
+    assert cli.main([*shape, "--r", "64"]) == 0
+    assert "note:" not in capsys.readouterr().out
