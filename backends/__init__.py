@@ -14,8 +14,11 @@ refused until one is named by ``module:attr``.
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from dataclasses import dataclass
 from importlib.metadata import entry_points
+from typing import Any
 
 from reflora.backends.protocol import DTYPES, OPS, Backend, BaseBackend
 
@@ -49,10 +52,11 @@ class Status:
     available: bool
     reason: str = ""
 
-    def line(self) -> str:
+    def line(self, width: int = 14) -> str:
+        """The listing's line, the name padded to ``width``."""
         state = "available" if self.available else f"unavailable: {self.reason}"
         dialect = f" (dialect {self.dialect})" if self.dialect else ""
-        return f"{self.name:<14} {state}{dialect}  [{self.target}]"
+        return f"{self.name:<{width}} {state}{dialect}  [{self.target}]"
 
 
 def _entry_points() -> dict[str, str]:
@@ -87,13 +91,28 @@ def names() -> list[str]:
     return sorted(_entry_points())
 
 
+def _import(module: str) -> Any:
+    """``importlib.import_module``; a module the path lacks is then looked for in the current directory,
+    after everything installed, so that ``reflora conform --backend mymodule:Cls`` (and the replay line
+    it prints) finds a module there as ``python -m reflora`` does."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        here = os.getcwd()
+        if exc.name != module.partition(".")[0] or here in sys.path or "" in sys.path:
+            raise
+        sys.path.append(here)
+        importlib.invalidate_caches()
+        return importlib.import_module(module)
+
+
 def _load(target: str) -> Backend:
     module, _, attr = target.partition(":")
     if not attr:
         raise BackendError(f"{target!r} is not of the form 'module:attr'")
     if target in _LOADING:  # `--backend reflora.cli:main`: calling it ran the command, which loads it again
         raise _Reentered(target)
-    obj = importlib.import_module(module)
+    obj = _import(module)
     for part in attr.split("."):
         obj = getattr(obj, part)
     # A class or a factory is called to make the backend; an instance is used as it is.
@@ -111,9 +130,32 @@ def _load(target: str) -> Backend:
 
 
 def _availability(backend: Backend) -> tuple[bool, str]:
+    """(True, "") when the backend can run here, else (False, why): its ``available()`` reason, what it
+    raised, or what is wrong with what it returned."""
     check = getattr(backend, "available", None)
-    verdict = check() if callable(check) else True
-    return (True, "") if verdict is True else (False, str(verdict))
+    try:
+        verdict = check() if callable(check) else True
+    except Exception as exc:  # a probe that crashes (no driver, say) is a reason, not a crash of ours
+        return False, f"available() raised {type(exc).__name__}: {exc}"
+    if verdict is False:
+        return False, "available() returned False"
+    if isinstance(verdict, str) and verdict.strip():
+        return False, verdict
+    if verdict is not True:
+        return False, f"available() returned {verdict!r}: it must return True or a reason (a str)"
+    return True, ""
+
+
+def _dialect_problem(backend: Backend) -> str | None:
+    """Why the backend's dialect cannot be used (one reflora does not know), for the listing: the
+    suite refuses such a backend before any test."""
+    from reflora import dialects
+
+    try:
+        dialects.get(backend.dialect)
+    except (ValueError, TypeError) as exc:
+        return f"the suite cannot run it: {exc}"
+    return None
 
 
 def status() -> list[Status]:
@@ -127,6 +169,8 @@ def status() -> list[Status]:
         try:
             backend = _load(target)
             ok, reason = _availability(backend)
+            if ok and _dialect_problem(backend):
+                ok, reason = False, _dialect_problem(backend)
             rows.append(Status(name, target, backend.dialect, ok, reason))
         except Exception as exc:  # a broken plug-in is reported, not raised, in a listing
             rows.append(Status(name, target, None, False, f"{type(exc).__name__}: {exc}"))
@@ -135,7 +179,8 @@ def status() -> list[Status]:
 
 def _listing() -> str:
     rows = status()
-    body = "\n".join("  " + r.line() for r in rows) if rows else "  (none: is reflora installed?)"
+    width = max([14, *(len(r.name) for r in rows)])
+    body = "\n".join("  " + r.line(width) for r in rows) if rows else "  (none: is reflora installed?)"
     return f"installed backends:\n{body}"
 
 

@@ -14,8 +14,9 @@ def _run(args: argparse.Namespace) -> int:
     use_interpreter()  # as `reflora conform` does: without CUDA the triton backend runs interpreted
 
     rows = status()
+    width = max([14, *(len(r.name) for r in rows)])
     for row in rows:
-        print(row.line())
+        print(row.line(width))
     if not rows:
         print("no backends are registered: is reflora installed (pip install -e .)?")
     return 0

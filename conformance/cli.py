@@ -167,16 +167,17 @@ def conform(
 
     out = PipeSafe(out or sys.stdout)  # a reader that stops reading costs neither reports nor status
     err = PipeSafe(err or sys.stderr)
+    # the reports first: a report named as the deviations file would overwrite it, whatever it holds
+    outputs = {"--json": json_path, "--markdown": markdown_path}
+    problem = output_problem(outputs, {"--deviations": deviations}) or _bundle_dir_problem(bundle_dir)
+    if problem:
+        print(f"reflora conform: {problem}", file=err)
+        return 2
     try:
         prof = profiles.get(profile)
         entries = _deviations.load(deviations) if deviations else None
     except ValueError as exc:
         print(f"reflora conform: {exc}", file=err)
-        return 2
-    outputs = {"--json": json_path, "--markdown": markdown_path}
-    problem = output_problem(outputs, {"--deviations": deviations}) or _bundle_dir_problem(bundle_dir)
-    if problem:
-        print(f"reflora conform: {problem}", file=err)
         return 2
     missing = runner.unmatched(select or ())
     if missing:

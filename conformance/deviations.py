@@ -1,7 +1,8 @@
 """Known deviations: a backend's own list of the tests it is known to fail, each with a reason.
 
 A backend points to its file with the attribute ``deviations`` (a path; a relative path is taken
-relative to the file that defines the backend's class). The file is TOML::
+relative to the file of the class that sets it, so a subclass elsewhere inherits its parent's file; set
+on the instance, relative to the file of the backend's class). The file is TOML::
 
     # Known deviations of the "bitsandbytes" backend from the dialect it claims (bnb-cpu).
     [[deviation]]
@@ -135,10 +136,20 @@ def for_backend(backend: Any) -> list[Deviation]:
     path = Path(path)
     if not path.is_absolute():
         try:
-            path = Path(inspect.getfile(type(backend))).parent / path
+            path = Path(inspect.getfile(_owner(backend))).parent / path
         except TypeError:  # a class without a source file: take the path as given
             pass
     return load(path)
+
+
+def _owner(backend: Any) -> type:
+    """The class whose file a relative ``deviations`` path is taken from: the one that sets it (a
+    subclass elsewhere inherits its parent's file), or the backend's own class when the instance does."""
+    if "deviations" not in getattr(backend, "__dict__", {}):
+        for cls in type(backend).__mro__:
+            if "deviations" in vars(cls):
+                return cls
+    return type(backend)
 
 
 def condition(backend: Any, name: str, inputs: Any = None) -> bool:

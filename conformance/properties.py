@@ -47,7 +47,7 @@ from reflora.conformance.mismatch import Declined, Mismatch, Rejected, fmt_index
 from reflora.double_quant import BLOCKSIZE2, mean_f32
 from reflora.state import QuantState
 
-__all__ = ["CHECKS", "Context", "run_check"]
+__all__ = ["CHECKS", "Context", "ProtocolError", "run_check", "supported"]
 
 
 @dataclass
@@ -144,6 +144,33 @@ def _raised_at(backend: Any, exc: BaseException) -> str:
     mine = [f for f in frames if own and f.filename == own]
     f = (mine or frames)[-1]
     return f" (raised at {f.filename}:{f.lineno} in {f.name})"
+
+
+class ProtocolError(Exception):
+    """The backend broke the protocol outside an op: its ``supports`` raised, or returned neither True,
+    False nor a reason. The test it was asked for fails (other tests and backends still run)."""
+
+
+def supported(backend: Any, op: str, dtype: str) -> str | None:
+    """None when ``backend`` supports ``op`` in ``dtype``, else its reason; :class:`ProtocolError` for a
+    ``supports`` that raises or returns anything but True, False or a non-empty str (a missing
+    ``return`` gave None, which read as a reason "None")."""
+    check = getattr(backend, "supports", None)
+    if check is None:
+        return None
+    try:
+        verdict = check(op, dtype)
+    except Exception as exc:
+        raise ProtocolError(f"supports({op!r}, {dtype!r}) raised {type(exc).__name__}: {exc}") from exc
+    if verdict is True:
+        return None
+    if verdict is False:
+        return "supports() returned False"
+    if isinstance(verdict, str) and verdict.strip():
+        return verdict
+    raise ProtocolError(
+        f"supports({op!r}, {dtype!r}) returned {verdict!r}: it must return True, False or a reason (a str)"
+    )
 
 
 _FLOATS = ("float16", "bfloat16", "float32", "float64")
@@ -541,7 +568,10 @@ def _backward(ctx: Context, inputs: Inputs) -> None:
         )
     refs = lora.backward(o["grad_y"], o["x"], W, o["A"], o["B"], s, dropout_mask=o["dropout_mask"])
     if not isinstance(grads, (tuple, list)) or len(grads) != 3:
-        raise Mismatch(op, "result", None, type(grads).__name__, "(grad_x, grad_A, grad_B)", "EXACT", context)
+        got = type(grads).__name__
+        if isinstance(grads, (tuple, list)):
+            got = f"a {got} of {len(grads)}"
+        raise Mismatch(op, "result", None, got, "a tuple of 3: (grad_x, grad_A, grad_B)", "EXACT", context)
     arith = _arithmetic(ctx, op, inputs.dtype, context)
     limits = _bound(op, context, bounds.lora_backward_bound, o["grad_y"], o["x"], W, o["A"], o["B"], s, arith,
                     dropout_mask=o["dropout_mask"], base_dtype=_base_dtype(op, W, arith),

@@ -19,7 +19,7 @@ from typing import Any
 from reflora.conformance.bundle import load, matches_its_name
 from reflora.conformance.dialect import for_backend as dialect_for
 from reflora.conformance.mismatch import Declined, Mismatch, Rejected
-from reflora.conformance.properties import Context, run_check
+from reflora.conformance.properties import Context, ProtocolError, run_check, supported
 
 __all__ = ["ReplayResult", "replay", "replay_command"]
 
@@ -133,9 +133,12 @@ def replay(path: str | Path, backend: str | None = None) -> ReplayResult:
 
 def _check(path: str | Path, impl: Any, spec: str, inputs: Any, meta: dict[str, Any]) -> ReplayResult:
     for op in {inputs.op, *(("quantize_4bit",) if inputs.check == "roundtrip" else ())}:
-        verdict = impl.supports(op, inputs.dtype) if hasattr(impl, "supports") else True
-        if verdict is not True:
-            return ReplayResult("unsupported", spec, inputs.test_id, f"{op}: {verdict}", meta)
+        try:
+            reason = supported(impl, op, inputs.dtype)
+        except ProtocolError as exc:
+            return ReplayResult("fail", spec, inputs.test_id, f"{inputs.op}: {exc}", meta)
+        if reason is not None:
+            return ReplayResult("unsupported", spec, inputs.test_id, f"{op}: {reason}", meta)
     ctx = Context(impl, spec, dialect_for(impl), None)
     try:
         run_check(ctx, inputs)

@@ -42,7 +42,7 @@ from reflora.conformance.dialect import for_backend as dialect_for
 from reflora.conformance.draws import seed_only_draws
 from reflora.conformance.findings import Findings
 from reflora.conformance.mismatch import Declined, Mismatch, Rejected
-from reflora.conformance.properties import Context, _arithmetic, run_check
+from reflora.conformance.properties import Context, ProtocolError, _arithmetic, run_check, supported
 from reflora.conformance.replay import replay_command
 from reflora.conformance.strategies import INPUT_RULES, InputRules
 from reflora.conformance.suite import DTYPES, OPS, Test, tests
@@ -170,9 +170,9 @@ def _settings(profile: profiles.Profile):
 
 def _unsupported(backend: Any, test: Test) -> str | None:
     for op in test.requires:
-        verdict = backend.supports(op, test.dtype) if hasattr(backend, "supports") else True
-        if verdict is not True:
-            return f"{op}: {'supports() returned False' if verdict is False else verdict}"
+        reason = supported(backend, op, test.dtype)
+        if reason is not None:
+            return f"{op}: {reason}"
     return None
 
 
@@ -193,7 +193,12 @@ def _save(m: Mismatch, ctx: Context, profile: str, seed: int, bundle_dir: Path, 
 def run_test(ctx: Context, test: Test, profile: profiles.Profile, seed: int, bundle_dir: Path) -> TestResult:
     """Run one test against ``ctx.backend``; never raises for a backend's failure."""
     result = TestResult(test.id, test.op, test.dtype, test.kind, "pass")
-    reason = _unsupported(ctx.backend, test)
+    try:
+        reason = _unsupported(ctx.backend, test)
+    except ProtocolError as exc:
+        result.status, result.output = "fail", "supports()"
+        result.message = f"{test.op}: {exc}"
+        return result
     if reason:
         result.status, result.reason = "unsupported", reason
         return result
@@ -302,8 +307,22 @@ def _deviation_warnings(results: list[TestResult], entries: list[_deviations.Dev
         # counterexample (docs/findings) is what shows it still holds.
         declared_here = any(r.status == "declared" and r.deviation == d.as_dict() for r in ran)
         if ran and not d.when and not declared_here:
+            failed = [r for r in ran if r.status in FAILED]
+            if not failed:
+                others = sum(r.status == "declared" for r in ran)
+                tail = ", none of which failed"
+                if others:
+                    tail = f"; {others} failed, all declared by other entries"
+                warnings.append(f"deviation {d.test!r} ({d.source}) matched {len(ran)} tests{tail}")
+                continue
+            # they failed, but not as the entry says: a typo in `output` or `message` shows here
+            seen = sorted({r.output for r in failed})
+            wants = " and ".join(
+                f"{key} {value!r}" for key, value in (("output", d.output), ("message", d.message)) if value
+            )
             warnings.append(
-                f"deviation {d.test!r} ({d.source}) matched {len(ran)} tests, none of which failed"
+                f"deviation {d.test!r} ({d.source}) matched {len(ran)} tests; {len(failed)} failed, none "
+                f"with {wants} (their failures are in {', '.join(map(repr, seen))})"
             )
     return warnings
 
@@ -372,7 +391,10 @@ def _declared_arithmetic(ctx: Context, cells: set[tuple[str, str]]) -> dict[str,
         for dtype in DTYPES:
             if (op, dtype) not in cells or not op.startswith(("lora", "qlora")):
                 continue
-            if ctx.backend.supports(op, dtype) is not True:
+            try:
+                if supported(ctx.backend, op, dtype) is not None:
+                    continue
+            except ProtocolError:  # each of its tests already fails for it
                 continue
             try:
                 declared[f"{op} {dtype}"] = asdict(_arithmetic(ctx, op, dtype))
@@ -384,10 +406,15 @@ def _declared_arithmetic(ctx: Context, cells: set[tuple[str, str]]) -> dict[str,
 def _arithmetic_lines(report: Report) -> list[str]:
     """One line per distinct declaration, with the cells that share it."""
     groups: dict[str, list[str]] = {}
+    broken: dict[str, list[str]] = {}  # arithmetic() failed: the error, not a declaration
     for cell, a in report.arithmetic.items():
-        text = a if isinstance(a, str) else ", ".join(f"{k} {v}" for k, v in a.items())
-        groups.setdefault(text, []).append(cell)
-    return [f"{text}: {'; '.join(cells)}" for text, cells in groups.items()]
+        if isinstance(a, str):
+            broken.setdefault(a, []).append(cell)
+        else:
+            groups.setdefault(", ".join(f"{k} {v}" for k, v in a.items()), []).append(cell)
+    return [f"{text}: {'; '.join(cells)}" for text, cells in groups.items()] + [
+        f"{'; '.join(cells)}: nothing usable declared ({error})" for error, cells in broken.items()
+    ]
 
 
 def unusable(backend: Any, entries: list[_deviations.Deviation] | None = None) -> str | None:
@@ -476,8 +503,8 @@ def _cell_text(results: list[TestResult]) -> tuple[str, str]:
     if rejected:
         parts.append(f"{rejected} rejected")
     text = ", ".join(parts)
-    if unsupported:
-        text += f", {len(unsupported)} unsupported"
+    if unsupported:  # why, as for a wholly unsupported cell (the first reason; the JSON has each)
+        return f"{text}, {len(unsupported)} unsupported", unsupported[0].reason
     return text, ""
 
 

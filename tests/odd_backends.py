@@ -59,6 +59,49 @@ class UnknownDialect(ReferenceBackend):
     dialect = "bitsandbytes"
 
 
+class SupportsRaises(ReferenceBackend):
+    """supports() raises for lora_forward (a probe with a bug), supports the rest."""
+
+    name = "supports-raises"
+
+    def supports(self, op, dtype):
+        if op == "lora_forward":
+            raise RuntimeError("boom in supports")
+        return super().supports(op, dtype)
+
+
+class SupportsNone(ReferenceBackend):
+    """supports() with a missing return: None, which read as the reason "None"."""
+
+    name = "supports-none"
+
+    def supports(self, op, dtype):
+        super().supports(op, dtype)
+
+
+class AvailableRaises(ReferenceBackend):
+    name = "available-raises"
+
+    def available(self):
+        raise RuntimeError("driver probe crashed")
+
+
+class AvailableFalse(ReferenceBackend):
+    name = "available-false"
+
+    def available(self):
+        return False
+
+
+class TwoGradients(ReferenceBackend):
+    """lora_backward returns (grad_A, grad_B): no grad_x."""
+
+    name = "two-gradients"
+
+    def lora_backward(self, grad_y, x, W, A, B, scaling, *, dropout_mask=None):
+        return super().lora_backward(grad_y, x, W, A, B, scaling, dropout_mask=dropout_mask)[1:]
+
+
 class TorchTensors(ReferenceBackend):
     """Returns torch tensors where the protocol says numpy."""
 

@@ -1,5 +1,6 @@
 """The ``reflora`` command: plug-in subcommands and ``reflora explain``."""
 
+import re
 import shutil
 import subprocess
 from importlib.metadata import EntryPoint
@@ -145,3 +146,47 @@ def test_explain_states_the_rebuilt_scale_caveats(capsys):
     assert cli.main(["explain", "dq"]) == 0
     out = capsys.readouterr().out
     assert "signs flipped" in out and "NegativeScaleWarning" in out and "ScaleRangeWarning" in out
+
+
+def test_the_listing_marks_an_unknown_dialect_and_aligns_long_names(monkeypatch, capsys):
+    """`reflora backends` listed a backend of an unknown dialect as available (conform refuses it), and
+    a name longer than 14 characters pushed its row out of line."""
+    from reflora import backends
+
+    real = list(backends.entry_points(group=backends.GROUP))
+    odd = [
+        EntryPoint("unknown-dialect", "odd_backends:UnknownDialect", backends.GROUP),
+        EntryPoint("a-rather-long-backend-name", "odd_backends:AvailableRaises", backends.GROUP),
+    ]
+    monkeypatch.setattr(backends, "entry_points", lambda group: [*real, *odd])
+    rows = {s.name: s for s in backends.status()}
+    assert not rows["unknown-dialect"].available
+    assert rows["unknown-dialect"].reason.startswith(
+        "the suite cannot run it: unknown dialect 'bitsandbytes'"
+    )
+    assert (
+        rows["a-rather-long-backend-name"].reason == "available() raised RuntimeError: driver probe crashed"
+    )
+    assert cli.main(["backends"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    starts = {len(re.match(r"\S+ +", line).group()) for line in lines}
+    assert len(starts) == 1, lines  # every state starts in one column
+
+
+def test_a_module_in_the_current_directory_loads_from_the_script_too(tmp_path, monkeypatch):
+    """`reflora conform --backend mymodule:Cls` failed from the `reflora` script (which does not put
+    the current directory on the path, as `python -m` does), and so did the replay line it printed."""
+    import sys
+
+    from reflora import backends
+
+    (tmp_path / "here_only_backend.py").write_text(
+        "from reflora.backends.reference import ReferenceBackend\n\n"
+        "class Mine(ReferenceBackend):\n    name = 'mine'\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    assert backends.get("here_only_backend:Mine").name == "mine"
+    assert sys.path[-1] == str(tmp_path)  # after everything installed
+    with pytest.raises(backends.BackendError, match="No module named 'no_such_module_here'"):
+        backends.get("no_such_module_here:X")

@@ -152,6 +152,27 @@ def test_an_entry_with_an_output_declares_only_failures_in_that_output(tmp_path)
         deviations.load(path)
 
 
+def test_an_entry_whose_output_names_no_failure_says_where_the_failures_are(tmp_path):
+    # A typo in `output` ("Code") used to draw "matched N tests, none of which failed" while they failed.
+    failed = _run(TiesUp(), [], tmp_path).by_status("fail")
+    path = _file(tmp_path, f'[[deviation]]\ntest = "{TIES}"\nreason = "ties"\noutput = "Code"\n')
+    rep = _run(TiesUp(), deviations.load(path), tmp_path)
+    assert len(rep.by_status("fail")) == len(failed) and not rep.by_status("declared")
+    assert rep.warnings == [
+        f"deviation '{TIES}' ({path}) matched 6 tests; {len(failed)} failed, none with output 'Code' "
+        "(their failures are in 'code')"
+    ]
+    # an entry whose failures another entry declared first does not claim they passed
+    path = _file(
+        tmp_path,
+        f'[[deviation]]\ntest = "{TIES}"\nreason = "a"\n[[deviation]]\ntest = "{TIES}"\nreason = "b"\n',
+    )
+    rep = _run(TiesUp(), deviations.load(path), tmp_path)
+    assert rep.warnings == [
+        f"deviation '{TIES}' ({path}) matched 6 tests; {len(failed)} failed, all declared by other entries"
+    ]
+
+
 def test_an_entry_with_a_message_declares_only_that_error(tmp_path):
     # output = "result" names any exception of the op: a second bug raising another error was hidden.
     failed = {r.id: r.message.splitlines()[0] for r in _run(TiesUp(), [], tmp_path).by_status("fail")}
@@ -187,7 +208,7 @@ def test_a_long_matrix_cell_does_not_run_into_the_next():
     row = next(
         line for line in runner.matrix_text(rep).splitlines() if line.lstrip().startswith("quantize_4bit")
     )
-    cell = "pass 11/12, 1 declared, 1 unsupported"
+    cell = "pass 11/12, 1 declared, 1 unsupported [1]"  # [1]: the note saying why
     assert f"{cell}  {cell}" in row, row
 
 
@@ -258,3 +279,36 @@ def test_a_condition_that_raises_leaves_the_failure_undeclared_and_says_why(tmp_
     failed = rep.by_status("fail")
     assert failed and not rep.by_status("declared")
     assert all(f"(not declared by {TIES!r}" in r.message and "raised KeyError" in r.message for r in failed)
+
+
+def test_a_subclass_elsewhere_keeps_its_parents_deviations_file(tmp_path, monkeypatch):
+    # The relative path was taken from the subclass's own file, where no such file is.
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    _file(tmp_path / "a", GOOD)
+    (tmp_path / "a" / "parent_backend.py").write_text(
+        "from mutants import TiesUp\n\nclass Parent(TiesUp):\n    deviations = 'deviations.toml'\n"
+    )
+    (tmp_path / "b" / "child_backend.py").write_text(
+        "from parent_backend import Parent\n\nclass Child(Parent):\n    name = 'child'\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path / "a"))
+    monkeypatch.syspath_prepend(str(tmp_path / "b"))
+    from child_backend import Child
+
+    assert [e.test for e in deviations.for_backend(Child())] == [
+        e.test for e in deviations.load(_file(tmp_path / "a", GOOD))
+    ]
+    mine = Child()
+    mine.deviations = "deviations.toml"  # set on the instance: from the file of its class
+    with pytest.raises(deviations.DeviationsError, match=r"b/deviations\.toml"):
+        deviations.for_backend(mine)
+
+
+def test_a_report_named_as_the_deviations_file_is_refused_whatever_the_file_holds(tmp_path, capsys):
+    # A previous JSON report given as --deviations was read first: a TOML parse error, not the clash.
+    report = tmp_path / "report.json"
+    report.write_text('{"not": "toml"}')
+    rc = cli.main(["conform", "--backend", "reference", "-k", "lora_merge[rank 1, *]",
+                   "--deviations", str(report), "--json", str(report)])  # fmt: skip
+    assert rc == 2 and "is also --deviations's file: it would be overwritten" in capsys.readouterr().err

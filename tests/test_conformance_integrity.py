@@ -105,3 +105,63 @@ def test_a_difference_from_an_expected_zero_reads_as_infinitely_large():
         "Max absolute difference: 7 at [0]",
         "Max relative difference: inf at [0]",
     ]
+
+
+def test_a_supports_that_raises_or_returns_none_fails_its_tests_and_the_run_goes_on(capsys):
+    # Before: supports() raising ended `reflora conform` (every backend's run) with a traceback, and a
+    # missing return read as the reason "None", an unsupported op.
+    rc = cli.main(["conform", "--backend", "odd_backends:SupportsRaises", "--backend", "reference",
+                   "-k", "lora_forward[rank 1, *]", "-k", "lora_merge[rank 1, *]"])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert rc == 1 and "Traceback" not in out + err
+    assert "FAIL lora_forward[rank 1, float16]\nlora_forward: supports('lora_forward', 'float16') raised " \
+        "RuntimeError: boom in supports" in out  # fmt: skip
+    assert "odd_backends:SupportsRaises (dialect reflora): FAIL" in out
+    assert "  lora_merge      pass 1/1" in out  # its other op ran
+    assert "reference (dialect reflora): PASS" in out  # and so did the next backend
+    rep = _report("odd_backends:SupportsNone", "lora_merge[rank 1, float32]")
+    (r,) = rep.results
+    assert r.status == "fail" and r.output == "supports()"
+    assert r.message == (
+        "lora_merge: supports('lora_merge', 'float32') returned None: it must return True, False or a "
+        "reason (a str)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("spec", "words"),
+    [
+        ("odd_backends:AvailableRaises", "available() raised RuntimeError: driver probe crashed"),
+        ("odd_backends:AvailableFalse", "available() returned False"),
+    ],
+)
+def test_an_available_that_raises_or_says_false_is_a_clear_refusal(capsys, spec, words):
+    # Before: a traceback (exit 1) when named, and "is unavailable here: False".
+    rc = cli.main(["conform", "--backend", spec, "-k", "lora_merge[*"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"backend {spec!r} is unavailable here: {words}" in err and "Traceback" not in err
+
+
+def test_a_backward_with_the_wrong_number_of_gradients_says_how_many():
+    rep = _report("odd_backends:TwoGradients", "lora_backward[rank 1, float32]")
+    (r,) = rep.by_status("fail")
+    assert r.message.startswith(
+        "lora_backward: result = a tuple of 2, expected a tuple of 3: (grad_x, grad_A, grad_B) (EXACT)"
+    )
+
+
+def test_an_arithmetic_that_fails_is_not_shown_as_a_declaration():
+    rep = _report("odd_backends:BadArithmetic", "lora_forward[random, float32]")
+    text = runner.matrix_text(rep)
+    section = text.split("Declared arithmetic (what the BOUND tolerances are derived from):\n")[1]
+    assert section.startswith(
+        "  lora_forward float32: nothing usable declared (lora_forward: arithmetic() = TypeError: "
+    )
+
+
+def test_a_partly_unsupported_cell_says_why():
+    # "dequantize_4bit pass 20/20, 3 unsupported" gave no reason; a wholly unsupported cell did.
+    rep = _report("triton", "dequantize_4bit[random*, float32]")
+    text = runner.matrix_text(rep)
+    assert "  dequantize_4bit pass 1/1, 1 unsupported [1]" in text
+    assert "  [1] quantize_4bit: the Triton kernels do not quantize" in text
