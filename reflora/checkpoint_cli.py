@@ -84,6 +84,11 @@ def _summary(reports: list[ck.WeightReport], with_original: bool) -> list[str]:
             + ", ".join(f"{d} {k}" for d, k in per.items())
             + f"; by none {sum(not r.reproduced_by for r in compared)}"
         )
+        if len(compared) > 1 and not any(r.reproduced_by for r in compared):
+            lines.append(
+                "no weight is reproduced by any implementation: is --original the model this checkpoint "
+                "was quantized from (its weights, in the same order)?"
+            )
     flipped = [r for r in reports if r.negative_blocks]
     if flipped:
         blocks, weights = sum(r.negative_blocks for r in flipped), sum(r.flipped_weights for r in flipped)

@@ -392,6 +392,23 @@ def test_from_bitsandbytes_takes_a_model_loaded_in_4bit(tmp_path) -> None:
         from_bitsandbytes(tiny_bert())
 
 
+def test_from_bitsandbytes_leaves_a_model_transformers_trainer_accepts(tmp_path) -> None:
+    """The bitsandbytes quantizer stayed attached to the converted model, so transformers still took it
+    for a purely quantized model and its Trainer refused to train it (found on a Llama by an audit)."""
+    from transformers.trainer_utils import validate_quantization_for_training
+
+    theirs, _ = quantized_by_transformers(tiny_bert(), tmp_path)
+    assert theirs.is_quantized
+    with pytest.raises(ValueError, match="purely quantized"):
+        validate_quantization_for_training(theirs)
+    from_bitsandbytes(theirs)
+    apply_lora(theirs, 2, 4, ["query"], verbose=False)
+    # as transformers leaves a model it dequantized: no quantizer, no quantization_config
+    assert not theirs.is_quantized and getattr(theirs, "hf_quantizer", None) is None
+    assert not hasattr(theirs.config, "quantization_config")
+    validate_quantization_for_training(theirs)  # what Trainer(model=...) calls first
+
+
 def test_from_bitsandbytes_refuses_a_layer_its_cpu_forward_repacked(tmp_path) -> None:
     """bitsandbytes repacks a layer for its CPU kernel at the first forward (where it does: an AVX-512
     BF16 CPU), and its state dict then holds scales double-quantized again."""

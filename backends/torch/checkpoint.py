@@ -159,7 +159,26 @@ def from_bitsandbytes(model: nn.Module) -> list[str]:
         built.append(NF4Linear(TorchQuantState.from_state(state, layer.weight.device), bias))
     for name, q in zip(chosen, built, strict=True):
         _set_submodule(model, name, q.requires_grad_(False).train(model.get_submodule(name).training))
+    _detach_bnb_quantizer(model)
     return chosen
+
+
+def _detach_bnb_quantizer(model: nn.Module) -> None:
+    """Drop transformers' bitsandbytes quantizer once no bitsandbytes layer is left, as transformers
+    does after dequantizing a model (``remove_quantization_config``: the quantizer, the config's
+    ``quantization_config``, ``is_quantized``). It described layers that are gone, and kept the model
+    "purely quantized" to transformers, whose Trainer then refused to train it."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None or not type(quantizer).__name__.startswith("Bnb"):
+        return
+    if any(type(m).__module__.startswith("bitsandbytes") for m in model.modules()):
+        return  # 8-bit layers, say: still the quantizer's
+    remove = getattr(quantizer, "remove_quantization_config", None)
+    if callable(remove):
+        remove(model)
+    else:
+        model.hf_quantizer = None
+        model.is_quantized = False
 
 
 def _hf_path(name: str) -> str:

@@ -664,7 +664,10 @@ def _check_adaptable(name: str, m: nn.Module) -> None:
             )
         elif isinstance(m, nn.Linear):
             hint = "; a subclass of nn.Linear may compute its own forward, which the adapter would not run"
-        raise TypeError(f"target {name!r} is a {kind}; LoRA here adapts nn.Linear and NF4Linear only{hint}")
+        article = "an" if kind[:1].lower() in "aeiou" else "a"
+        raise TypeError(
+            f"target {name!r} is {article} {kind}; LoRA here adapts nn.Linear and NF4Linear only{hint}"
+        )
     if m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook"):
         raise TypeError(f"target {name!r} has forward hooks, which the adapted layer would not run")
     if m._backward_hooks or m._backward_pre_hooks:
