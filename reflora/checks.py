@@ -18,8 +18,11 @@ def check_flag(name: str, value: object) -> bool:
 def check_real(name: str, value: object) -> float:
     """``value`` as a float: TypeError unless it is a real number (an int or float, numpy's too, or a
     0-d array of one). A string ("0.5", which ``float`` and numpy parse) and a bool (True is 1) are
-    refused: either is a mistake, not a number."""
+    refused: either is a mistake, not a number. ValueError for an int beyond a float's range."""
     v = value.item() if isinstance(value, np.ndarray) and value.ndim == 0 else value
     if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
         raise TypeError(f"{name} must be a real number, got {value!r}")
-    return float(v)
+    try:
+        return float(v)
+    except OverflowError:  # an int past float's range (10**400): a bare "int too large to convert"
+        raise ValueError(f"{name} = {v} is beyond a float's range") from None

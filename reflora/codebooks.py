@@ -192,8 +192,9 @@ NF4_OFFSET = 0.9677083  # the largest probability used; norm.ppf(0.9677083) = 1.
 def torch_linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
     """float32 (steps,): torch.linspace(start, end, steps) as torch 2.x computes it on the CPU.
 
-    torch rounds ``step = (end - start)/(steps - 1)`` to float32, fills the first half forwards from
-    ``start`` and the second half backwards from ``end``, each point rounded once (a fused multiply-add).
+    torch forms ``step = (end - start)/(steps - 1)`` in float32, rounding twice (the difference, then
+    the quotient), fills the first half forwards from ``start`` and the second half backwards from
+    ``end``, each point rounded once (a fused multiply-add).
     numpy's linspace rounds differently, and that difference alone changes NF4 entries. steps: an
     int >= 0 (ValueError otherwise); 0 gives an empty array and 1 gives [start], as torch does.
     """
@@ -202,7 +203,7 @@ def torch_linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
     s, e = np.float32(start), np.float32(end)
     if steps <= 1:  # torch gives [] and [start]: there is no step to divide by
         return np.full(steps, s, dtype=np.float32)
-    step = np.float32((np.float64(e) - np.float64(s)) / (steps - 1))
+    step = np.float32(np.float64(e - s) / (steps - 1))  # e - s in float32: torch's first rounding
     # Each product step*i (24-bit by <= 12-bit integer) and the sum are exact in float64, so rounding
     # the float64 result to float32 is exactly one rounding, as an FMA does.
     i = np.arange(steps, dtype=np.float64)

@@ -101,9 +101,12 @@ def mean_f32(values: np.ndarray) -> np.float32:
     anything was cut off); rounding that to float32 (24 bits) is then a single correct rounding of the
     exact mean, because round-to-odd keeps the information a later rounding to fewer bits needs.
     """
-    v = np.asarray(values, dtype=np.float32).astype(np.float64)
+    v = _float32_values("values", values).astype(np.float64)
     if v.size == 0:
         raise ValueError("mean of an empty array")
+    bad = np.flatnonzero(~np.isfinite(v))
+    if bad.size:  # a NaN or inf went into the integer sum as garbage (-2.7e11 for [1, NaN])
+        raise ValueError(f"values[{int(bad[0])}] = {v[bad[0]]}; the mean is of finite values only")
     mant, exp = np.frexp(v)  # v = mant * 2**exp, 0.5 <= |mant| < 1 (or 0)
     ints = (mant * 2.0**24).astype(np.int64)  # exact: float32 has 24 significant bits
     exps = exp.astype(np.int64) - 24
@@ -122,6 +125,24 @@ def mean_f32(values: np.ndarray) -> np.float32:
     return np.float32(sign * math.ldexp(float(q), e_min - shift))  # float(q) is exact: q < 2**53
 
 
+def _float32_values(name: str, values) -> np.ndarray:
+    """``values`` as float32, refusing what a cast would change: TypeError for a dtype that is not a
+    real number (complex, bool, object, strings), ValueError for a value float32 cannot hold exactly
+    (a float64 1e-60 became 0 without a word)."""
+    a = np.asarray(values)
+    if a.dtype.kind not in "fiu" and a.dtype != as_dtype("bfloat16"):
+        raise TypeError(f"{name} must hold real numbers (float32), got dtype {a.dtype}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        f = a.astype(np.float32)
+        wide = a.astype(np.float64)
+        changed = (f.astype(np.float64) != wide) & ~(np.isnan(f) & np.isnan(wide))
+    bad = np.flatnonzero(changed.reshape(-1))
+    if bad.size:
+        i = tuple(int(k) for k in np.unravel_index(int(bad[0]), a.shape))
+        raise ValueError(f"{name}{list(i)} = {a[i]} is not a float32 value; {name} is float32")
+    return f
+
+
 def quantize(absmax: np.ndarray, blocksize2: int = BLOCKSIZE2, *, offset: float | None = None) -> NestedState:
     """Double-quantize ``absmax`` (float32 (n_blocks,), finite, >= 0). Returns a :class:`NestedState`.
 
@@ -130,11 +151,13 @@ def quantize(absmax: np.ndarray, blocksize2: int = BLOCKSIZE2, *, offset: float 
     state (bitsandbytes takes a float32 torch mean, which can differ from the exact one by an ulp). It
     must be finite and >= 0 in float32, as any mean of block scales is.
 
-    Raises ValueError for an empty or non-1-D absmax, a non-finite or negative absmax value (naming
-    the first), a bad blocksize2 or offset. Scales that rebuild negative (rule 5) are returned as
-    computed; :func:`negative_scales` lists them.
+    Raises ValueError for an empty or non-1-D absmax, a non-finite or negative absmax value or one
+    float32 cannot hold exactly (naming the first), a blocksize2 out of range or a bad offset; TypeError
+    for an absmax that does not hold real numbers (complex, bool, object) and for a blocksize2 or
+    offset of the wrong type. Scales that rebuild negative (rule 5) are returned as computed;
+    :func:`negative_scales` lists them.
     """
-    absmax = np.asarray(absmax, dtype=np.float32)
+    absmax = _float32_values("absmax", absmax)
     if absmax.ndim != 1 or absmax.size == 0:
         raise ValueError(f"absmax must be a non-empty 1-D array, got shape {absmax.shape}")
     bad = np.flatnonzero(~(np.isfinite(absmax) & (absmax >= 0)))
@@ -159,7 +182,8 @@ def dequantize(nested: NestedState) -> np.ndarray:
     """float32 (n_blocks,): the absmax values rebuilt by rule 4."""
     group = np.arange(nested.absmax_q.size) // nested.blocksize2
     scaled = nested.code2[nested.absmax_q] * nested.absmax2[group]  # float32 * float32 -> float32
-    return scaled + nested.offset  # float32 + float32 scalar -> float32, a second rounding
+    with np.errstate(over="ignore"):  # a rebuild past float32 is inf, as documented (ScaleRangeWarning)
+        return scaled + nested.offset  # float32 + float32 scalar -> float32, a second rounding
 
 
 def negative_scales(nested: NestedState) -> np.ndarray:

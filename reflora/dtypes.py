@@ -21,12 +21,20 @@ DTYPES: dict[str, np.dtype] = {
 
 
 def as_dtype(d: str | np.dtype | type) -> np.dtype:
-    """The numpy dtype for a name ("bfloat16", "float16", "float32") or a dtype-like object."""
+    """The numpy dtype for a name ("bfloat16", "float16", "float32") or a dtype-like object ("f4",
+    np.float32, ...). ValueError for a string that names no dtype; TypeError for a dtype reflora does
+    not work in ("float64" and np.float64 alike)."""
     if isinstance(d, str):
-        if d not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {d!r}")
-        return DTYPES[d]
-    dt = np.dtype(d)
+        if d in DTYPES:
+            return DTYPES[d]
+        try:
+            dt = np.dtype(d)
+        except TypeError:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {d!r}") from None
+    else:
+        dt = np.dtype(d)
+    if dt.byteorder not in "=|":  # ">f4" is float32 in the other byte order: results are native
+        dt = dt.newbyteorder("=")
     dtype_name(dt)
     return dt
 

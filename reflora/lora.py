@@ -22,7 +22,9 @@ The rules, each a guarantee of the functions below:
 * **Init.** PEFT's defaults from an explicit ``numpy.random.Generator``: A kaiming-uniform or
   gaussian, B exactly zero (:func:`init_lora`).
 * **Bad input.** Shapes that do not fit raise ValueError naming the shapes; non-finite values raise
-  ValueError naming the array and the first bad index; other dtypes raise TypeError.
+  ValueError naming the array and the first bad index; other dtypes raise TypeError. A result that
+  overflows float64 from finite input (values near 1e154) raises ValueError naming the output and
+  the index, as :func:`delta` and :func:`merge` do, rather than returning ±inf.
 """
 
 from __future__ import annotations
@@ -74,6 +76,8 @@ def as_float64(name: str, a: np.ndarray) -> np.ndarray:
     naming ``name`` and the first non-finite index.
     """
     a = np.asarray(a)
+    if a.dtype.byteorder not in "=|":  # big-endian float32 ('>f4') is float32, as nf4 takes it
+        a = a.astype(a.dtype.newbyteorder("="))
     if a.dtype not in _FLOATS:
         raise TypeError(f"{name} must be float64, float32, float16 or bfloat16, got {a.dtype}")
     a64 = a.astype(np.float64)
@@ -86,11 +90,22 @@ def as_float64(name: str, a: np.ndarray) -> np.ndarray:
 
 
 def _check_scaling(s: float) -> float:
-    if isinstance(s, bool) or not isinstance(s, (int, float, np.integer, np.floating)):
-        raise TypeError(f"scaling must be a real number, got {type(s).__name__}")
-    if not math.isfinite(float(s)):
+    """``scaling`` as a float, by the rules of :func:`scaling`'s alpha (a 0-d array too)."""
+    value = check_real("scaling", s)
+    if not math.isfinite(value):
         raise ValueError(f"scaling must be finite, got {s}")
-    return float(s)
+    return value
+
+
+def _finite(name: str, a: np.ndarray) -> np.ndarray:
+    """``a`` (a float64 result), or ValueError where finite inputs overflowed float64 (as
+    :func:`delta` refuses it): the reference never answers ±inf or NaN for finite input."""
+    bad = ~np.isfinite(a)
+    if bad.any():
+        flat = int(np.flatnonzero(bad.reshape(-1))[0])
+        where = tuple(int(i) for i in np.unravel_index(flat, a.shape))
+        raise ValueError(f"{name} overflows float64 at index {where}")
+    return a
 
 
 def check_shapes(x, W, A, B, bias=None, dropout_mask=None, grad_y=None) -> tuple[int, int, int]:
@@ -141,12 +156,15 @@ def forward(
     s = _check_scaling(scaling)
     x64, W64, A64, B64 = (as_float64(n, a) for n, a in (("x", x), ("W", W), ("A", A), ("B", B)))
     x_d = x64 if dropout_mask is None else x64 * as_float64("dropout_mask", dropout_mask)
-    t = x_d @ A64.T  # (..., in) @ (in, r) -> (..., r)
-    lora = s * (t @ B64.T)  # (..., r) @ (r, out) -> (..., out)
-    base = x64 @ W64.T  # (..., in) @ (in, out) -> (..., out); the base path sees the undropped x
-    if bias is not None:
-        base = base + as_float64("bias", bias)
-    return base + lora
+    bias64 = None if bias is None else as_float64("bias", bias)
+    with np.errstate(over="ignore", invalid="ignore"):  # refused just below, with its place
+        t = x_d @ A64.T  # (..., in) @ (in, r) -> (..., r)
+        lora = s * (t @ B64.T)  # (..., r) @ (r, out) -> (..., out)
+        base = x64 @ W64.T  # (..., in) @ (in, out) -> (..., out); the base path sees the undropped x
+        if bias64 is not None:
+            base = base + bias64
+        y = base + lora
+    return _finite("y", y)
 
 
 def backward(
@@ -194,16 +212,19 @@ def backward(
     W64, A64, B64 = as_float64("W", W), as_float64("A", A), as_float64("B", B)
     m = None if dropout_mask is None else as_float64("dropout_mask", dropout_mask).reshape(-1, n_in)
     x_d = x64 if m is None else x64 * m
-    t = x_d @ A64.T  # (N, in) @ (in, r) -> (N, r)
-    g_s = s * g  # (N, out)
-    grad_B = g_s.T @ t  # (out, N) @ (N, r) -> (out, r)
-    grad_t = g_s @ B64  # (N, out) @ (out, r) -> (N, r)
-    grad_A = grad_t.T @ x_d  # (r, N) @ (N, in) -> (r, in)
+    with np.errstate(over="ignore", invalid="ignore"):  # refused below, with its place
+        t = x_d @ A64.T  # (N, in) @ (in, r) -> (N, r)
+        g_s = s * g  # (N, out)
+        grad_B = g_s.T @ t  # (out, N) @ (N, r) -> (out, r)
+        grad_t = g_s @ B64  # (N, out) @ (out, r) -> (N, r)
+        grad_A = grad_t.T @ x_d  # (r, N) @ (N, in) -> (r, in)
+        if grad_x:
+            grad_xd = grad_t @ A64  # (N, r) @ (r, in) -> (N, in)
+            gx = g @ W64 + (grad_xd if m is None else grad_xd * m)  # (N, out) @ (out, in) -> (N, in)
+    _finite("grad_A", grad_A), _finite("grad_B", grad_B)
     if not grad_x:
         return None, grad_A, grad_B
-    grad_xd = grad_t @ A64  # (N, r) @ (r, in) -> (N, in)
-    gx = g @ W64 + (grad_xd if m is None else grad_xd * m)  # (N, out) @ (out, in) -> (N, in)
-    return gx.reshape(x_shape), grad_A, grad_B
+    return _finite("grad_x", gx).reshape(x_shape), grad_A, grad_B
 
 
 def delta(A: np.ndarray, B: np.ndarray, scaling: float, *, fan_in_fan_out: bool = False) -> np.ndarray:

@@ -69,17 +69,46 @@ def check_input(x: np.ndarray) -> np.ndarray:
 
 
 def pack(q: np.ndarray, pad: int) -> np.ndarray:
-    """uint8 (ceil(n/2),): codes q (uint8 (n,)) two a byte, element 2j high; an odd n pads with ``pad``."""
+    """uint8 (ceil(n/2),): codes q (uint8 (n,)) two a byte, element 2j high; an odd n pads with ``pad``.
+
+    TypeError unless q is a 1-D uint8 array and pad an int; ValueError for a code or pad above 15 (naming
+    the first code): a code of 16 corrupted its neighbour's nibble without a word."""
+    if not isinstance(q, np.ndarray) or q.dtype != np.uint8 or q.ndim != 1:
+        what = f"{q.dtype} array of shape {q.shape}" if isinstance(q, np.ndarray) else type(q).__name__
+        raise TypeError(f"q must be a 1-D uint8 array of codes, got a {what}")
+    if isinstance(pad, bool) or not isinstance(pad, (int, np.integer)) or not 0 <= pad <= 15:
+        raise TypeError(f"pad must be an int code in [0, 15], got {pad!r}")
+    bad = np.flatnonzero(q > 15)
+    if bad.size:
+        raise ValueError(f"q[{int(bad[0])}] = {int(q[bad[0]])}: a 4-bit code is at most 15")
+    return _pack(q, pad)
+
+
+def _pack(q: np.ndarray, pad: int) -> np.ndarray:
+    """:func:`pack` without its checks, for codes the quantizer made."""
     if q.size % 2:
         q = np.append(q, np.uint8(pad))
     return (q[0::2] << 4) | q[1::2]
 
 
 def unpack(packed: np.ndarray, n: int) -> np.ndarray:
-    """uint8 (n,): the codes of :func:`pack`, in element order, without the padding nibble."""
-    q = np.empty(packed.size * 2, dtype=np.uint8)
-    q[0::2] = packed >> 4
-    q[1::2] = packed & 0x0F
+    """uint8 (n,): the codes of :func:`pack`, in element order, without the padding nibble.
+
+    packed: uint8 bytes, read in row-major order whatever their shape (bitsandbytes stores (k, 1));
+    TypeError for another dtype (an int64 "byte" was silently cut to 8 bits). n: an int in
+    [0, 2·packed.size], else ValueError (a negative n sliced from the end; a larger one returned fewer
+    codes than asked for)."""
+    if not isinstance(packed, np.ndarray) or packed.dtype != np.uint8:
+        what = f"{packed.dtype} array" if isinstance(packed, np.ndarray) else type(packed).__name__
+        raise TypeError(f"packed must be a uint8 array of bytes, got a {what}")
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+        raise TypeError(f"n must be an int, got {n!r}")
+    if not 0 <= n <= 2 * packed.size:
+        raise ValueError(f"n = {n}: {packed.size} bytes hold 0 to {2 * packed.size} codes")
+    flat = packed.reshape(-1)
+    q = np.empty(flat.size * 2, dtype=np.uint8)
+    q[0::2] = flat >> 4
+    q[1::2] = flat & 0x0F
     return q[:n]
 
 
@@ -119,7 +148,7 @@ def quantize(
     if nested is not None:
         warn_lost_scales(nested, absmax, x.dtype, blocksize, flat.size)
     return QuantState(
-        packed=pack(q, codebook.zero_code),
+        packed=_pack(q, codebook.zero_code),
         absmax=None if double_quant else absmax,
         shape=x.shape,
         dtype=x.dtype,
@@ -131,11 +160,23 @@ def quantize(
 
 
 def block_scales(state: QuantState) -> np.ndarray:
-    """float32 (n_blocks,): the absmax of each block, rebuilt from the nested state if double-quantized."""
+    """float32 (n_blocks,): the absmax of each block, rebuilt from the nested state if double-quantized.
+    TypeError for anything but a :class:`QuantState`."""
+    if not isinstance(state, QuantState):
+        raise TypeError(f"state must be a reflora.QuantState, got {type(state).__name__}")
     return state.absmax if state.nested is None else dequantize_absmax(state.nested)
 
 
 def _check_scales(state: QuantState) -> None:
+    if not isinstance(state, QuantState):  # an ndarray failed with "no attribute 'nested'"
+        raise TypeError(f"state must be a reflora.QuantState, got {type(state).__name__}")
+    tables = {"code": state.code}
+    if state.nested is not None:
+        tables["nested.code2"] = state.nested.code2
+    for name, table in tables.items():
+        bad = np.flatnonzero(~np.isfinite(table))
+        if bad.size:  # a NaN table dequantized everything to NaN without a word
+            raise ValueError(f"{name}[{int(bad[0])}] = {table[bad[0]]}: a code table must be finite")
     if state.nested is None:
         stored = {"absmax": state.absmax}
     else:
@@ -158,7 +199,8 @@ def dequantize(state: QuantState, dtype: str | np.dtype | None = None) -> np.nda
     Returns an array of ``state.shape``.
 
     The stored scales must be finite, and absmax (or absmax2) >= 0 as the canonical rules store them,
-    else ValueError naming the first bad one. (A state can hold other values, such as a dialect's NaN
+    and the code tables finite, else ValueError naming the first bad one; TypeError for anything but a
+    :class:`QuantState`. (A state can hold other values, such as a dialect's NaN
     absmax: :mod:`reflora.dialects` dequantizes those.) Any finite offset is used as stored, and a
     double-quantized scale that rebuilds negative, or beyond the output dtype's largest value (giving
     ±inf, :func:`reflora.double_quant.scales_out_of_range`), is used as rebuilt.
@@ -172,6 +214,9 @@ def dequantize(state: QuantState, dtype: str | np.dtype | None = None) -> np.nda
     absmax = block_scales(state)
     whole = n // bs * bs
     block_view = values[:whole].reshape(-1, bs)  # (blocks, bs) *= (blocks, 1), in float32
-    np.multiply(block_view, absmax[: whole // bs, None], out=block_view)
-    values[whole:] *= absmax[-1]
-    return values.astype(out_dtype, copy=False).reshape(state.shape)
+    # A scale rebuilt past the dtype gives ±inf, and NaN where it meets a zero code: documented
+    # (docs/spec.md) and warned about when quantizing, so numpy's own warnings are not repeated here.
+    with np.errstate(over="ignore", invalid="ignore"):
+        np.multiply(block_view, absmax[: whole // bs, None], out=block_view)
+        values[whole:] *= absmax[-1]
+        return values.astype(out_dtype, copy=False).reshape(state.shape)

@@ -15,8 +15,8 @@ bit (NaN payloads included), which is what "byte-identical" means in reflora's t
 The constructors check structure: dtypes, sizes, ``shape`` (ints, none negative, at least one
 element), ``blocksize``, ``blocksize2``. They do not check the *values* of the scales, because a state
 also holds what other implementations store (a dialect's NaN absmax, :mod:`reflora.dialects`);
-:func:`reflora.nf4.dequantize` refuses a non-finite or negative absmax or absmax2 and a
-non-finite offset.
+:func:`reflora.nf4.dequantize` refuses a non-finite or negative absmax or absmax2, a non-finite
+offset and a non-finite code or code2 table.
 """
 
 from __future__ import annotations
@@ -44,14 +44,18 @@ def check_blocksize(blocksize: int) -> int:
     return int(blocksize)
 
 
+MAX_BLOCKSIZE2 = 2**31 - 1  # what bitsandbytes' int-typed blocksize fields hold
+
+
 def check_blocksize2(blocksize2: int) -> int:
     """``blocksize2`` (absmax values a double-quantization group) as an int: TypeError unless it is an
-    integer (True and 256.0 are not, as for ``blocksize``), ValueError unless it is positive."""
+    integer (True and 256.0 are not, as for ``blocksize``), ValueError unless it is in
+    [1, MAX_BLOCKSIZE2] (2**31 − 1: 10**20 failed deep in numpy)."""
     b2 = blocksize2
     if isinstance(b2, bool) or not isinstance(b2, (int, np.integer)):
         raise TypeError(f"blocksize2 must be a positive int, got {b2!r}")
-    if b2 < 1:
-        raise ValueError(f"blocksize2 must be a positive int, got {b2!r}")
+    if not 1 <= b2 <= MAX_BLOCKSIZE2:
+        raise ValueError(f"blocksize2 must be a positive int of at most 2**31 - 1, got {b2!r}")
     return int(b2)
 
 
@@ -116,8 +120,12 @@ class NestedState:
             raise ValueError(f"code2 must have 256 entries, got {self.code2.size}")
         if np.ndim(self.offset) != 0:  # an array would be applied block by block, silently
             raise ValueError(f"offset must be a scalar, got shape {np.shape(self.offset)}")
-        check_real("offset", self.offset)  # np.float32("0.5") parses a string
-        object.__setattr__(self, "offset", np.float32(self.offset))
+        given = check_real("offset", self.offset)  # np.float32("0.5") parses a string
+        with np.errstate(over="ignore"):
+            offset = np.float32(self.offset)
+        if math.isfinite(given) and not np.isfinite(offset):  # 1e39 was stored as inf, with a warning
+            raise ValueError(f"offset {given!r} is beyond float32's range")
+        object.__setattr__(self, "offset", offset)
         object.__setattr__(self, "blocksize2", check_blocksize2(self.blocksize2))
         expected = math.ceil(self.absmax_q.size / self.blocksize2)
         if self.absmax2.size != expected:
@@ -162,8 +170,12 @@ class QuantState:
         object.__setattr__(self, "dtype", np.dtype(self.dtype))
         dtype_name(self.dtype)  # raises for a dtype reflora does not quantize
         object.__setattr__(self, "blocksize", check_blocksize(self.blocksize))
+        if not isinstance(self.quant_type, str):  # np.array(["nf4"]) passed the membership test
+            raise TypeError(f"quant_type must be the str 'nf4' or 'fp4', got {self.quant_type!r}")
         if self.quant_type not in ("nf4", "fp4"):
             raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {self.quant_type!r}")
+        if self.nested is not None and not isinstance(self.nested, NestedState):
+            raise TypeError(f"nested must be a NestedState or None, got {type(self.nested).__name__}")
         n = math.prod(shape)
         object.__setattr__(self, "_n", n)
         object.__setattr__(self, "packed", _frozen(self.packed, np.uint8, "packed"))

@@ -348,3 +348,34 @@ def test_flags_must_be_bools():
                     fn(bad)
             fn(np.bool_(False))
     assert bounds.Arithmetic(fused=np.bool_(True)).fused is True  # stored as a plain bool
+
+
+def test_the_mean_and_the_scales_are_of_float32_values_only():
+    """mean_f32([1, NaN]) was -2.7e11; a float64 absmax of 1e-60 became 0, a complex one lost its
+    imaginary part, both without a word (an audit of the public API)."""
+    with pytest.raises(ValueError, match=r"values\[1\] = nan; the mean is of finite values only"):
+        double_quant.mean_f32(np.array([1.0, np.nan], np.float32))
+    with pytest.raises(ValueError, match=r"values\[0\] = inf"):
+        double_quant.mean_f32(np.array([np.inf], np.float32))
+    with pytest.raises(ValueError, match=r"absmax\[0\] = 1e-60 is not a float32 value"):
+        double_quant.quantize(np.array([1e-60, 1.0]))
+    for bad in (np.array([1 + 1j, 2.0]), np.array([True, False]), np.array([None, 1.0], dtype=object)):
+        with pytest.raises(TypeError, match="absmax must hold real numbers"):
+            double_quant.quantize(bad)
+    exact = double_quant.quantize(np.array([0.5, 2.0]))  # float64 values float32 holds: as float32
+    assert exact == double_quant.quantize(np.array([0.5, 2.0], np.float32))
+    assert double_quant.quantize(np.array([1, 3], np.int64)) == double_quant.quantize(
+        np.array([1, 3], np.float32)
+    )
+
+
+def test_a_scale_rebuilt_past_float32_is_inf_without_numpy_warnings():
+    x = np.full((256, 64), np.finfo(np.float32).max, np.float32)
+    x[:1] = 0  # docs/spec.md's array: 255 scales rebuild past float32
+    with pytest.warns(double_quant.ScaleRangeWarning):
+        state = nf4.quantize(x, 64, double_quant=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "overflow encountered in add/multiply/cast" were raised here
+        out = nf4.dequantize(state)
+        assert double_quant.scales_out_of_range(state.nested, "float32").size == 255
+    assert np.isinf(out[1:]).all()

@@ -443,3 +443,29 @@ def test_low_precision_inputs_are_widened_exactly(dtype):
     assert y.dtype == np.float64
     wide = lora.forward(*(a.astype(np.float64) for a in (x, W, A, B)), 0.5)
     assert np.array_equal(y, wide)
+
+
+def test_the_reference_refuses_a_float64_overflow_and_reads_scaling_as_alpha():
+    """forward and backward returned ±inf from finite input where float64 overflowed (delta and merge
+    refused it); forward refused a 0-d scaling that lora.scaling takes, and big-endian float32; a huge
+    int gave a bare OverflowError (an audit of the public API)."""
+    rng = np.random.default_rng(0)
+    x, W = rng.standard_normal((2, 3)) * 1e200, rng.standard_normal((4, 3)) * 1e200
+    A, B = rng.standard_normal((1, 3)), rng.standard_normal((4, 1))
+    with pytest.raises(ValueError, match=r"y overflows float64 at index \(0, 0\)"), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lora.forward(x, W, A, B, 1.0)
+    with pytest.raises(ValueError, match="grad_A overflows float64"):
+        lora.backward(np.ones((2, 4)) * 1e200, x, W, A, B, 1.0)
+    with pytest.raises(ValueError, match="grad_x overflows float64"):  # g W alone overflows
+        lora.backward(np.ones((2, 4)) * 1e200, x * 1e-200, W, A * 0, B, 1.0)
+    x, W = x * 1e-200, W * 1e-200
+    assert np.array_equal(lora.forward(x, W, A, B, np.array(0.5)), lora.forward(x, W, A, B, 0.5))
+    assert np.array_equal(
+        lora.forward(x.astype(">f4"), W, A, B, 0.5), lora.forward(x.astype(np.float32), W, A, B, 0.5)
+    )
+    for call in (lambda: lora.scaling(10**400, 8), lambda: lora.forward(x, W, A, B, 10**400)):
+        with pytest.raises(ValueError, match="is beyond a float's range"):
+            call()
+    with pytest.raises(TypeError, match="scaling must be a real number"):
+        lora.forward(x, W, A, B, "0.5")

@@ -365,3 +365,66 @@ def test_a_state_stays_a_value_through_pickle_and_copy() -> None:
             assert not a.flags.writeable
             with pytest.raises(ValueError, match="WRITEABLE"):
                 a.setflags(write=True)
+
+
+# ---- from an audit of the public API's edge cases (each once passed silently or failed obscurely) ----
+
+
+def test_pack_and_unpack_refuse_what_they_would_corrupt():
+    codes = np.array([1, 2, 3], np.uint8)
+    assert nf4.pack(codes, 7).tolist() == [0x12, 0x37]
+    with pytest.raises(ValueError, match=r"q\[0\] = 16: a 4-bit code is at most 15"):
+        nf4.pack(np.array([16, 1, 3], np.uint8), 7)  # was [1, 55]: 16 spilled into the next nibble
+    for bad in (np.array([1, 2, 3]), np.array([[1, 2], [3, 4]], np.uint8), [1, 2]):
+        with pytest.raises(TypeError, match="q must be a 1-D uint8 array of codes"):
+            nf4.pack(bad, 7)
+    for pad in (-1, 16, True, 7.0):
+        with pytest.raises(TypeError, match="pad must be an int code"):
+            nf4.pack(codes, pad)
+    packed = np.array([0x12, 0x34], np.uint8)
+    assert nf4.unpack(packed, 3).tolist() == [1, 2, 3] and nf4.unpack(packed.reshape(2, 1), 4).tolist() == [
+        1,
+        2,
+        3,
+        4,
+    ]
+    for n in (5, -1):  # 5 gave 4 codes; -1 sliced from the end
+        with pytest.raises(ValueError, match="2 bytes hold 0 to 4 codes"):
+            nf4.unpack(packed, n)
+    with pytest.raises(TypeError, match="packed must be a uint8 array"):
+        nf4.unpack(np.array([0x1FF]), 2)  # an int64 "byte" was cut to 8 bits
+    with pytest.raises(TypeError, match="n must be an int"):
+        nf4.unpack(packed, 2.0)
+
+
+def test_dequantize_refuses_a_non_finite_table_and_anything_but_a_state():
+    x = np.linspace(-1, 1, 96, dtype=np.float32)
+    plain, dq = nf4.quantize(x, 32), nf4.quantize(x, 32, double_quant=True)
+    with pytest.raises(ValueError, match=r"code\[0\] = nan: a code table must be finite"):
+        nf4.dequantize(dataclasses.replace(plain, code=np.full(16, np.nan, np.float32)))
+    bad2 = dataclasses.replace(dq.nested, code2=np.full(256, np.nan, np.float32))
+    with pytest.raises(ValueError, match=r"nested\.code2\[0\] = nan"):
+        nf4.dequantize(dataclasses.replace(dq, nested=bad2))
+    for f in (nf4.dequantize, nf4.block_scales):
+        with pytest.raises(TypeError, match=r"state must be a reflora\.QuantState, got ndarray"):
+            f(x)
+    with pytest.raises(TypeError, match="quant_type must be the str"):
+        dataclasses.replace(plain, quant_type=np.array(["nf4"]))
+    with pytest.raises(TypeError, match="nested must be a NestedState or None, got dict"):
+        dataclasses.replace(dq, nested={"absmax_q": 1})
+    with pytest.raises(ValueError, match="offset 1e\\+39 is beyond float32's range"):
+        dataclasses.replace(dq.nested, offset=1e39)  # was stored as inf, with a numpy warning
+    with pytest.raises(ValueError, match="blocksize2 must be a positive int of at most 2\\*\\*31 - 1"):
+        nf4.quantize(x, 32, double_quant=True, blocksize2=10**20)  # was "Maximum allowed dimension exceeded"
+
+
+def test_output_dtypes_are_read_as_numpy_reads_them():
+    state = nf4.quantize(np.linspace(-1, 1, 64, dtype=np.float32), 64)
+    for name in ("f4", "<f4", ">f4", np.float32, np.dtype(">f4")):
+        out = nf4.dequantize(state, name)
+        assert out.dtype == np.float32 and out.dtype.byteorder in "=|"
+    for d in ("float64", np.float64):  # the same refusal, whichever way it is named
+        with pytest.raises(TypeError, match="reflora works in float32, float16 and bfloat16, not float64"):
+            nf4.dequantize(state, d)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        nf4.dequantize(state, "f44")
