@@ -82,11 +82,10 @@ def _frozen(a: np.ndarray, dtype: type, name: str, ndim: int = 1) -> np.ndarray:
         raise TypeError(f"{name} must be {np.dtype(dtype).name}, got {a.dtype}")
     if a.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {a.shape}")
-    # Always a private copy: a read-only array can still be a view of memory its owner writes. Held
-    # through a view of it, so that setflags(write=True), which an owning array allows, is refused.
-    a = np.array(a, order="C", copy=True)
-    a.setflags(write=False)
-    return a.view()
+    # Always a private copy: a read-only array can still be a view of memory its owner writes. The copy
+    # lives in an immutable bytes object, so no array over it (its .base included: an owning array's
+    # setflags(write=True) was allowed) can be made writable.
+    return np.frombuffer(a.tobytes(), dtype=a.dtype).reshape(a.shape)
 
 
 def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:

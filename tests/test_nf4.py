@@ -365,6 +365,10 @@ def test_a_state_stays_a_value_through_pickle_and_copy() -> None:
             assert not a.flags.writeable
             with pytest.raises(ValueError, match="WRITEABLE"):
                 a.setflags(write=True)
+            # nor through the array it views: `s.packed.base.setflags(write=True)` then a write changed
+            # the state (an audit); the copy now lives in immutable bytes
+            with pytest.raises(ValueError, match="WRITEABLE"):
+                a.base.setflags(write=True)
 
 
 # ---- from an audit of the public API's edge cases (each once passed silently or failed obscurely) ----
