@@ -169,8 +169,9 @@ def status() -> list[Status]:
         try:
             backend = _load(target)
             ok, reason = _availability(backend)
-            if ok and _dialect_problem(backend):
-                ok, reason = False, _dialect_problem(backend)
+            problem = _dialect_problem(backend) if ok else None
+            if problem:
+                ok, reason = False, problem
             rows.append(Status(name, target, backend.dialect, ok, reason))
         except Exception as exc:  # a broken plug-in is reported, not raised, in a listing
             rows.append(Status(name, target, None, False, f"{type(exc).__name__}: {exc}"))

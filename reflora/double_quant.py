@@ -130,6 +130,8 @@ def _float32_values(name: str, values) -> np.ndarray:
     real number (complex, bool, object, strings), ValueError for a value float32 cannot hold exactly
     (a float64 1e-60 became 0 without a word)."""
     a = np.asarray(values)
+    if a.dtype == np.float32:
+        return a
     if a.dtype.kind not in "fiu" and a.dtype != as_dtype("bfloat16"):
         raise TypeError(f"{name} must hold real numbers (float32), got dtype {a.dtype}")
     with np.errstate(over="ignore", invalid="ignore"):

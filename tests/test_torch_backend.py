@@ -107,3 +107,37 @@ def test_bfloat16_declares_flush_to_zero_exactly_where_torch_flushes():
         assert backend.arithmetic(op, "bfloat16").flush_to_zero == flushed
         assert not backend.arithmetic(op, "float16").flush_to_zero
         assert not backend.arithmetic(op, "float32").flush_to_zero
+
+
+def test_a_nan_from_zero_times_an_infinite_scale_may_take_any_bits():
+    """The audit profile (seed 1343125675) failed the torch backend on dequantize_4bit[random, float32]:
+    a zero code meeting a double-quantized scale rebuilt to inf is NaN, which torch converts to bfloat16
+    as 0xffff and the oracle (ml_dtypes) as 0xffc0. The canonical rules define where a NaN is, not its
+    bits (IEEE 754 leaves them to the platform): the canonical dialect now declares any NaN."""
+    import warnings
+
+    import numpy as np
+
+    from reflora import nf4
+    from reflora.conformance.dialect import get as dialect
+
+    # the audit's minimal example: 33 values near float32's largest, blocksize 32, double quantization
+    bits = [2137432877, 4281741493, 2139095039, 4274040641, 4263315205, 2139095039, 4265211341, 2110464703,
+            4285653957, 2130824312, 2107391017, 4272839374, 2131995885, 4274620235, 4257118462, 4282080994,
+            4266028210, 4279751862, 4277363745, 2130718668, 4276149382, 2139095039, 2138448687, 2137808468,
+            2129014613, 2108218749, 4276385441, 2139095039, 2138085903, 2097390148, 4282690882, 2122115121,
+            2131601768]  # fmt: skip
+    x = np.array(bits, np.uint32).view(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        state = nf4.quantize(x, 32, double_quant=True)
+    want = nf4.dequantize(state, "bfloat16")
+    got = TorchBackend().dequantize_4bit(state, dtype="bfloat16")
+    assert np.isnan(want[29]) and np.isnan(got[29])
+    assert want.view(np.uint16)[29] != got.view(np.uint16)[29]  # 0xffc0 against torch's 0xffff
+    nan = np.isnan(want)
+    assert np.array_equal(want.view(np.uint16)[~nan], got.view(np.uint16)[~nan])
+    assert dialect("reflora").nan_encodings(state, "bfloat16") == "any"
+    rep = runner.run_backend(TorchBackend(), "torch", profiles.get("audit"), 1343125675,
+                             select=["dequantize_4bit[random, float32]"])  # fmt: skip
+    assert rep.ok, runner.matrix_text(rep)

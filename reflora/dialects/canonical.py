@@ -18,7 +18,7 @@ from reflora.double_quant import BLOCKSIZE2
 from reflora.double_quant import quantize as quantize_absmax
 from reflora.state import QuantState
 
-__all__ = ["DESCRIPTION", "NAME", "check_offset", "dequantize", "quantize"]
+__all__ = ["DESCRIPTION", "NAME", "check_offset", "dequantize", "nan_encodings", "quantize"]
 
 NAME = "reflora"
 DESCRIPTION = "the canonical oracle: exact-arithmetic nearest value, ties low, exactly rounded DQ mean"
@@ -47,6 +47,15 @@ def quantize(
 def dequantize(state: QuantState, dtype: str | np.dtype | None = None) -> np.ndarray:
     """:func:`reflora.nf4.dequantize`: ``dtype(f32(code[q] * absmax))`` in ``state.shape``."""
     return nf4.dequantize(state, dtype)
+
+
+def nan_encodings(state: QuantState, dtype: str | np.dtype | None = None) -> str:
+    """ "any": the rules say where a dequantized value is NaN (only where a zero code meets a scale
+    double quantization rebuilt to inf: 0 · inf, docs/spec.md) but not its bits. IEEE 754 leaves the
+    NaN an invalid operation makes to the platform (x86: 0xffc00000; CUDA: 0x7fffffff), and 16-bit
+    conversions of it differ too (numpy and ml_dtypes keep the sign: bfloat16 0xffc0; torch's CPU
+    bfloat16 conversion writes 0xffff). Found by the audit profile on reflora's own torch backend."""
+    return "any"
 
 
 def check_offset(offset: float | None, double_quant: bool) -> None:
