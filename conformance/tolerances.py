@@ -112,7 +112,7 @@ TABLE: tuple[Entry, ...] = (
     Entry("dequantize_4bit", "out of the backend's own state (round trip)", EXACT,
           "the backend's dequantize of its own state equals the oracle's dequantize of that state, "
           "bit for bit; a NaN may take any encoding its dialect declares (bnb-cpu's bfloat16 torch "
-          "fallback: 0x7fc0 or 0xffff; torchao and the canonical rules: any NaN)",
+          "fallback: 0x7fc0 or 0xffff; torchao, bnb-cuda and the canonical rules: any NaN)",
           "docs/bounds.md §9 (0 ulp), so bits: the same state must give the same bytes"),
     Entry("dequantize_4bit", "out of a finite input's own state (cases marked require_finite)", EXACT,
           "every value finite: finite weights must not dequantize to NaN or inf, whatever the dialect",

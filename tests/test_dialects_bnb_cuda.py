@@ -289,3 +289,9 @@ def test_dequantize_where_bnb_raises_keeps_the_state_shape():
         cu.output_shape((1, 1, 2))
     state = cu.quantize(np.ones((1, 1, 2), dtype=np.float32), 64)
     assert cu.dequantize(state).shape == (1, 1, 2)
+
+
+def test_nan_bits_are_not_modelled_on_the_cpu():
+    """The emulation's NaN is x86's; a GPU writes its own (PTX cvt: the canonical NaN), so any NaN."""
+    state = cu.quantize(np.ones(64, np.float32), 64)
+    assert cu.nan_encodings(state, "bfloat16") == "any"

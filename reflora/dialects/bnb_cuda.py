@@ -53,6 +53,7 @@ __all__ = [
     "block_scales",
     "dequantize",
     "fma_f32",
+    "nan_encodings",
     "output_shape",
     "quantize",
     "quantize_8bit",
@@ -276,6 +277,13 @@ def dequantize(state: QuantState, dtype: str | np.dtype | None = None, *, fma: b
     with np.errstate(invalid="ignore", over="ignore"):
         out = ftz(values * scales).astype(out_dtype)
     return in_returned_shape(out, state.shape, output_shape)
+
+
+def nan_encodings(state: QuantState, dtype: str | np.dtype | None = None) -> str:
+    """ "any": this emulation computes on the CPU, where an invalid operation's NaN is x86's 0xffc00000;
+    on the GPU it is 0x7fffffff, and ``cvt`` to a 16-bit type writes that type's canonical NaN (PTX
+    ISA, cvt), so the emulation models where a NaN is, not its bits."""
+    return "any"
 
 
 def output_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
