@@ -33,6 +33,7 @@ __all__ = [
     "get",
     "names",
     "status",
+    "status_lines",
 ]
 
 GROUP = "reflora.backends"
@@ -178,11 +179,17 @@ def status() -> list[Status]:
     return rows
 
 
+def status_lines(rows: list[Status]) -> list[str]:
+    """Each row's :meth:`Status.line`, the names padded to one width (at least 14): the listing of
+    ``reflora backends`` and of a backend error."""
+    width = max([14, *(len(r.name) for r in rows)])
+    return [r.line(width) for r in rows]
+
+
 def _listing() -> str:
     rows = status()
-    width = max([14, *(len(r.name) for r in rows)])
-    body = "\n".join("  " + r.line(width) for r in rows) if rows else "  (none: is reflora installed?)"
-    return f"installed backends:\n{body}"
+    body = [f"  {line}" for line in status_lines(rows)] or ["  (none: is reflora installed?)"]
+    return "installed backends:\n" + "\n".join(body)
 
 
 def get(name: str) -> Backend:

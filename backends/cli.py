@@ -8,15 +8,14 @@ __all__ = ["add_parser"]
 
 
 def _run(args: argparse.Namespace) -> int:
-    from reflora.backends import status
+    from reflora.backends import status, status_lines
     from reflora.backends.triton.backend import use_interpreter
 
     use_interpreter()  # as `reflora conform` does: without CUDA the triton backend runs interpreted
 
     rows = status()
-    width = max([14, *(len(r.name) for r in rows)])
-    for row in rows:
-        print(row.line(width))
+    for line in status_lines(rows):
+        print(line)
     if not rows:
         print("no backends are registered: is reflora installed (pip install -e .)?")
     return 0

@@ -81,12 +81,18 @@ def as_float64(name: str, a: np.ndarray) -> np.ndarray:
     if a.dtype not in _FLOATS:
         raise TypeError(f"{name} must be float64, float32, float16 or bfloat16, got {a.dtype}")
     a64 = a.astype(np.float64)
-    bad = ~np.isfinite(a64)
-    if bad.any():
-        flat = int(np.flatnonzero(bad.reshape(-1))[0])
-        where = tuple(int(i) for i in np.unravel_index(flat, a.shape)) if a.ndim else ()
-        raise ValueError(f"{name} is not finite at index {where}: {a64.reshape(-1)[flat]}")
+    where = _first_nonfinite(a64)
+    if where is not None:
+        raise ValueError(f"{name} is not finite at index {where}: {a64[where]}")
     return a64
+
+
+def _first_nonfinite(a: np.ndarray) -> tuple[int, ...] | None:
+    """The multi-index of the first (row-major) NaN or ±inf of ``a``, or None when all are finite."""
+    bad = ~np.isfinite(np.asarray(a, dtype=np.float64))
+    if not bad.any():
+        return None
+    return tuple(int(i) for i in np.unravel_index(int(np.flatnonzero(bad.reshape(-1))[0]), bad.shape))
 
 
 def _check_scaling(s: float) -> float:
@@ -100,10 +106,8 @@ def _check_scaling(s: float) -> float:
 def _finite(name: str, a: np.ndarray) -> np.ndarray:
     """``a`` (a float64 result), or ValueError where finite inputs overflowed float64 (as
     :func:`delta` refuses it): the reference never answers ±inf or NaN for finite input."""
-    bad = ~np.isfinite(a)
-    if bad.any():
-        flat = int(np.flatnonzero(bad.reshape(-1))[0])
-        where = tuple(int(i) for i in np.unravel_index(flat, a.shape))
+    where = _first_nonfinite(a)
+    if where is not None:
         raise ValueError(f"{name} overflows float64 at index {where}")
     return a
 
@@ -221,7 +225,8 @@ def backward(
         if grad_x:
             grad_xd = grad_t @ A64  # (N, r) @ (r, in) -> (N, in)
             gx = g @ W64 + (grad_xd if m is None else grad_xd * m)  # (N, out) @ (out, in) -> (N, in)
-    _finite("grad_A", grad_A), _finite("grad_B", grad_B)
+    _finite("grad_A", grad_A)
+    _finite("grad_B", grad_B)
     if not grad_x:
         return None, grad_A, grad_B
     return _finite("grad_x", gx).reshape(x_shape), grad_A, grad_B
@@ -240,9 +245,8 @@ def delta(A: np.ndarray, B: np.ndarray, scaling: float, *, fan_in_fan_out: bool 
     s = _check_scaling(scaling)
     with np.errstate(over="ignore", invalid="ignore"):  # reported just below, with its index
         d = s * (as_float64("B", B) @ as_float64("A", A))  # (out, r) @ (r, in) -> (out, in)
-    bad = ~np.isfinite(d)
-    if bad.any():
-        where = tuple(int(i) for i in np.unravel_index(int(np.flatnonzero(bad)[0]), d.shape))
+    where = _first_nonfinite(d)
+    if where is not None:
         raise ValueError(f"scaling · B A overflows float64 at index {where} of B A (out, in)")
     return d.T if fan_in_fan_out else d
 
@@ -258,9 +262,8 @@ def _merge(
         raise ValueError(f"W has shape {W.shape} but B A gives {d.shape}; W must be stored {layout}")
     with np.errstate(over="ignore"):  # an overflow is refused just below, with its place, not warned of
         merged = round_to(W64 + sign * d, W.dtype)  # (W ± ΔW) in float64, then one rounding
-    if not np.isfinite(merged).all():
-        flat = int(np.flatnonzero(~np.isfinite(merged.astype(np.float64)).reshape(-1))[0])
-        where = tuple(int(i) for i in np.unravel_index(flat, W.shape))
+    where = _first_nonfinite(merged)
+    if where is not None:
         raise ValueError(f"the merged weight overflows {W.dtype} at index {where}")
     return merged
 

@@ -162,14 +162,17 @@ def quantize(
 def block_scales(state: QuantState) -> np.ndarray:
     """float32 (n_blocks,): the absmax of each block, rebuilt from the nested state if double-quantized.
     TypeError for anything but a :class:`QuantState`."""
-    if not isinstance(state, QuantState):
-        raise TypeError(f"state must be a reflora.QuantState, got {type(state).__name__}")
+    _require_state(state)
     return state.absmax if state.nested is None else dequantize_absmax(state.nested)
 
 
-def _check_scales(state: QuantState) -> None:
+def _require_state(state: QuantState) -> None:
     if not isinstance(state, QuantState):  # an ndarray failed with "no attribute 'nested'"
         raise TypeError(f"state must be a reflora.QuantState, got {type(state).__name__}")
+
+
+def _check_scales(state: QuantState) -> None:
+    _require_state(state)
     tables = {"code": state.code}
     if state.nested is not None:
         tables["nested.code2"] = state.nested.code2
